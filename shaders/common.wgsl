@@ -1,0 +1,119 @@
+// common.wgsl: prepended to every shader of the crate (src/backend/wgpu/pipelines.rs).
+//
+// Layout of work: a workgroup of WG = 256 invocations is split into WG / TPR segments of TPR
+// invocations; each segment owns one row (softmax, losses) and its TPR "lanes" stride over the row's
+// columns (j = lane, lane + TPR, ...). TPR is a pipeline-overridable power of two chosen on the host
+// from the row length: 256 for long rows (one row per workgroup), down to 1 for tiny rows.
+// Reductions inside a segment are tree reductions in workgroup memory, in a fixed order, so results
+// are bit-identical run to run.
+
+const WG: u32 = 256u;
+// Finite stand-in for -inf as the running max of an empty set (WGSL has no infinity literal).
+const NEG_BIG: f32 = -3.4028235e38;
+
+override TPR: u32 = 256u;
+
+fn is_finite_f32(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+fn nan_f32() -> f32 {
+    return bitcast<f32>(0x7fc00000u);
+}
+
+fn inf_f32() -> f32 {
+    return bitcast<f32>(0x7f800000u);
+}
+
+// Linear workgroup index of a 2D dispatch (the host splits more than 65535 groups over y).
+fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+// Online softmax statistics of one row (or of the part of it one lane has seen).
+//   ms: running max of s;  zs: sum exp((s - ms) / T);  zs1: sum exp(s - ms)   (T = 1, for CE)
+//   mt: running max of t;  zt: sum exp((t - mt) / T)
+//   sum_s: sum of s (label smoothing);  bad: 1 when a non-finite input was seen.
+// The same max serves T and 1 because max(s / T) = max(s) / T for T > 0.
+struct RowStats {
+    ms: f32,
+    zs: f32,
+    zs1: f32,
+    mt: f32,
+    zt: f32,
+    sum_s: f32,
+    bad: f32,
+    pad: f32,
+}
+
+fn stats_empty() -> RowStats {
+    return RowStats(NEG_BIG, 0.0, 0.0, NEG_BIG, 0.0, 0.0, 0.0, 0.0);
+}
+
+// Adds student value s (and teacher logit t when with_t) to a lane's statistics.
+fn stats_push(st: RowStats, s: f32, t: f32, with_t: bool, inv_t: f32) -> RowStats {
+    var r = st;
+    if (!is_finite_f32(s) || (with_t && !is_finite_f32(t))) {
+        r.bad = 1.0;
+        return r;
+    }
+    let ms = max(r.ms, s);
+    // Rescale the sums to the new max before adding this element.
+    r.zs = r.zs * exp((r.ms - ms) * inv_t) + exp((s - ms) * inv_t);
+    r.zs1 = r.zs1 * exp(r.ms - ms) + exp(s - ms);
+    r.ms = ms;
+    r.sum_s = r.sum_s + s;
+    if (with_t) {
+        let mt = max(r.mt, t);
+        r.zt = r.zt * exp((r.mt - mt) * inv_t) + exp((t - mt) * inv_t);
+        r.mt = mt;
+    }
+    return r;
+}
+
+fn stats_combine(a: RowStats, b: RowStats, inv_t: f32) -> RowStats {
+    var r: RowStats;
+    r.ms = max(a.ms, b.ms);
+    r.zs = a.zs * exp((a.ms - r.ms) * inv_t) + b.zs * exp((b.ms - r.ms) * inv_t);
+    r.zs1 = a.zs1 * exp(a.ms - r.ms) + b.zs1 * exp(b.ms - r.ms);
+    r.mt = max(a.mt, b.mt);
+    r.zt = a.zt * exp((a.mt - r.mt) * inv_t) + b.zt * exp((b.mt - r.mt) * inv_t);
+    r.sum_s = a.sum_s + b.sum_s;
+    r.bad = max(a.bad, b.bad);
+    r.pad = 0.0;
+    return r;
+}
+
+var<workgroup> sh_stats: array<RowStats, 256>;
+var<workgroup> sh_sum: array<vec4<f32>, 256>;
+
+// Tree-reduces sh_stats within each segment of TPR invocations; the result is at the segment's
+// first slot. Must be called by the whole workgroup (it holds barriers).
+fn reduce_stats(lid: u32, inv_t: f32) -> RowStats {
+    let lane = lid % TPR;
+    workgroupBarrier();
+    for (var stride = TPR / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
+            sh_stats[lid] = stats_combine(sh_stats[lid], sh_stats[lid + stride], inv_t);
+        }
+        workgroupBarrier();
+    }
+    let r = sh_stats[lid - lane];
+    workgroupBarrier();
+    return r;
+}
+
+// Tree-reduces sh_sum within each segment; every lane gets the segment's total.
+fn reduce_sum(lid: u32) -> vec4<f32> {
+    let lane = lid % TPR;
+    workgroupBarrier();
+    for (var stride = TPR / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
+            sh_sum[lid] = sh_sum[lid] + sh_sum[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let r = sh_sum[lid - lane];
+    workgroupBarrier();
+    return r;
+}

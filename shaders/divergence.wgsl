@@ -1,0 +1,185 @@
+// divergence.wgsl: forward KL, reverse KL and JSD(beta) between softmax(s/T) and the teacher's
+// soft targets, with the loss and the gradients in one dispatch (spec/LOSSES.md section 2; CPU
+// reference src/ops/divergence.rs; CUDA kernels/divergence.cu).
+//
+// Per row (one segment of TPR lanes):
+//   pass 1: online softmax statistics of s (and of t when the teacher is logits), one read of each;
+//   pass 2: the divergence sum with the final statistics; the student gradient T(p - q) of forward
+//           KL does not depend on the row's loss, so it is written here (2 passes in all);
+//   pass 3: only when a gradient needs the row's divergence D_r (reverse KL, JSD, teacher gradient).
+// Row loss = T^2 D_r (0 for masked rows, NaN when an input is not finite or the label invalid).
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    inv_t: f32,
+    temperature: f32,
+    divergence: u32,   // 0 forward KL, 1 reverse KL, 2 JSD
+    teacher_form: u32, // 0 logits, 1 probs, 2 log-probs
+    beta: f32,
+    grad_scale: f32,
+    has_labels: u32,
+    ignore_index: i32,
+    reduction: u32,
+    grad_mode: u32,    // GRAD_NONE / GRAD_INTO / GRAD_IN_PLACE
+    want_grad_t: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Per element: ds = (s_j - ms)/T, so log p_j = ds - log Zs. For the teacher as logits,
+// dt = (t_j - mt)/T and log q_j = dt - log Zt. The divergences need log q_j - log p_j, which at high
+// T is a small difference of two numbers near -log C: it is formed as (dt - ds) + log(Zs / Zt), with
+// the per-row ratio taken before the log, so no f32 rounding of log Zs or log Zt enters.
+struct Elem {
+    lp: f32,   // log p_j
+    lq: f32,   // log q_j
+    p: f32,
+    q: f32,
+    diff: f32, // log q_j - log p_j
+}
+
+fn element(s: f32, t: f32, st: RowStats, lzs: f32, lzt: f32, dlz: f32) -> Elem {
+    var e: Elem;
+    let ds = (s - st.ms) * p.inv_t;
+    e.lp = ds - lzs;
+    if (p.teacher_form == 0u) {
+        let dt = (t - st.mt) * p.inv_t;
+        e.lq = dt - lzt;
+        e.diff = (dt - ds) + dlz;
+    } else {
+        e.lq = select(t, log(t), p.teacher_form == 1u);
+        e.diff = (e.lq - ds) + lzs;
+    }
+    e.p = exp(e.lp);
+    e.q = select(exp(e.lq), t, p.teacher_form == 1u);
+    return e;
+}
+
+// JSD's log q - log M = -log(beta + (1 - beta) p/q) and log p - log M = -log(1 - beta + beta q/p),
+// both from diff = log q - log p (precise where p and q are close).
+fn jsd_q_minus_m(diff: f32, beta: f32) -> f32 {
+    return -log(beta + (1.0 - beta) * exp(-diff));
+}
+
+fn jsd_p_minus_m(diff: f32, beta: f32) -> f32 {
+    return -log(1.0 - beta + beta * exp(diff));
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let lane = lid % TPR;
+    let row = group_index(wid, nwg) * (WG / TPR) + lid / TPR;
+    let in_range = row < p.rows;
+    let c = p.cols;
+    let base = row * c;
+    let logits = p.teacher_form == 0u;
+    var lstate = 0u;
+    if (in_range) {
+        lstate = label_state(p.has_labels != 0u, row, c, p.ignore_index);
+    }
+    let live = in_range && lstate != 1u;
+
+    // Pass 1: statistics.
+    var st = stats_empty();
+    if (live) {
+        for (var j = lane; j < c; j = j + TPR) {
+            let tv = teacher[base + j];
+            st = stats_push(st, student[base + j], tv, logits, p.inv_t);
+            if (!logits && !teacher_ok(p.teacher_form, tv)) {
+                st.bad = 1.0;
+            }
+        }
+    }
+    sh_stats[lid] = st;
+    let rs = reduce_stats(lid, p.inv_t);
+    let lzs = log(rs.zs);
+    let lzt = log(rs.zt);
+    let dlz = log(rs.zs / rs.zt);
+    let bad = rs.bad > 0.0 || lstate == 2u;
+    let k = gradient_scale(p.grad_scale, p.reduction) * p.temperature;
+    let beta = p.beta;
+    let want_gs = p.grad_mode != GRAD_NONE;
+    // Forward KL's student gradient needs no D_r: write it in pass 2 unless pass 3 runs anyway.
+    let early = p.divergence == 0u && p.want_grad_t == 0u;
+
+    // Pass 2: the divergence sums (x: KL(q||.) or RKL, y: KL(p||M) for JSD).
+    var acc = vec4<f32>(0.0);
+    if (live && !bad) {
+        for (var j = lane; j < c; j = j + TPR) {
+            let i = base + j;
+            let e = element(student[i], teacher[i], rs, lzs, lzt, dlz);
+            if (p.divergence == 0u) {
+                acc.x = acc.x + select(e.q * e.diff, 0.0, e.q == 0.0);
+                if (early && want_gs) {
+                    write_grad_student(p.grad_mode, i, k * (e.p - e.q));
+                }
+            } else if (p.divergence == 1u) {
+                // q_j = 0 exactly (a given probability) with p_j > 0: the divergence is +inf.
+                acc.x = acc.x + select(-e.p * e.diff, inf_f32(), e.diff == -inf_f32());
+            } else {
+                acc.x = acc.x + select(e.q * jsd_q_minus_m(e.diff, beta), 0.0, e.q == 0.0);
+                acc.y = acc.y + select(e.p * jsd_p_minus_m(e.diff, beta), 0.0, e.p == 0.0);
+            }
+        }
+    }
+    sh_sum[lid] = acc;
+    let tot = reduce_sum(lid);
+    var d = tot.x;
+    if (p.divergence == 2u) {
+        d = beta * tot.x + (1.0 - beta) * tot.y;
+    }
+
+    // Pass 3: gradients that need D_r (and every gradient of masked or bad rows).
+    if (in_range) {
+        let want_gt = p.want_grad_t != 0u;
+        let need_pass3 = (want_gs && (!early || !live || bad)) || want_gt;
+        if (need_pass3) {
+            for (var j = lane; j < c; j = j + TPR) {
+                let i = base + j;
+                var gs = 0.0;
+                var gt = 0.0;
+                if (bad && live) {
+                    gs = nan_f32();
+                    gt = nan_f32();
+                } else if (live) {
+                    let e = element(student[i], teacher[i], rs, lzs, lzt, dlz);
+                    if (p.divergence == 0u) {
+                        gs = k * (e.p - e.q);
+                        gt = select(k * e.q * (e.diff - d), 0.0, e.q == 0.0);
+                    } else if (p.divergence == 1u) {
+                        gs = select(k * e.p * (-e.diff - d), 0.0, e.p == 0.0);
+                        gt = k * (e.q - e.p);
+                    } else {
+                        let pm = jsd_p_minus_m(e.diff, beta);
+                        let qm = jsd_q_minus_m(e.diff, beta);
+                        gs = select(k * (1.0 - beta) * e.p * (pm - tot.y), 0.0, e.p == 0.0);
+                        gt = select(k * beta * e.q * (qm - tot.x), 0.0, e.q == 0.0);
+                    }
+                }
+                if (want_gs) {
+                    write_grad_student(p.grad_mode, i, gs);
+                }
+                if (want_gt) {
+                    grad_teacher[i] = gt;
+                }
+            }
+        }
+        if (lane == 0u) {
+            var loss = p.temperature * p.temperature * d;
+            if (!live) {
+                loss = 0.0;
+            } else if (bad) {
+                loss = nan_f32();
+            }
+            row_loss[row] = loss;
+        }
+    }
+}

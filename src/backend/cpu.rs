@@ -1,0 +1,203 @@
+//! The CPU backend: the reference every GPU result is checked against.
+//!
+//! Each kernel converts its inputs to f64, calls the op family's `reference` function in
+//! [`crate::ops`], and writes f32 results. It is written to be read, not to be fast.
+
+use std::cell::RefCell;
+
+use super::{Backend, GradOut, LossOut};
+use crate::error::{Error, Result};
+use crate::ops::divergence::RowLossResult;
+use crate::ops::{self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec};
+
+/// A host array standing in for a device buffer.
+#[derive(Debug, Default)]
+pub struct CpuBuffer(RefCell<Vec<f32>>);
+
+impl CpuBuffer {
+    fn to_f64(&self) -> Vec<f64> {
+        self.0.borrow().iter().map(|&v| v as f64).collect()
+    }
+
+    fn store(&self, what: &str, values: &[f64]) -> Result<()> {
+        let mut dst = self
+            .0
+            .try_borrow_mut()
+            .map_err(|_| Error::Alias(format!("{what} is borrowed elsewhere")))?;
+        for (d, &v) in dst.iter_mut().zip(values) {
+            *d = v as f32;
+        }
+        Ok(())
+    }
+}
+
+/// The reference backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+
+    fn write_loss_out(&self, student: &CpuBuffer, r: &RowLossResult, out: LossOut<'_, Self>) -> Result<()> {
+        out.loss.store("loss", &[r.loss])?;
+        if let Some(rows) = out.row_loss {
+            rows.store("row_loss", &r.row_loss)?;
+        }
+        match out.grad_student {
+            GradOut::None => {}
+            GradOut::Into(g) => g.store("grad_student", &r.grad_student)?,
+            GradOut::InPlace => student.store("student (in-place gradient)", &r.grad_student)?,
+        }
+        if let Some(g) = out.grad_teacher {
+            g.store("grad_teacher", &r.grad_teacher)?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+    type Labels = Vec<i32>;
+
+    fn name(&self) -> String {
+        "cpu (f64 reference)".into()
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(RefCell::new(data.to_vec())))
+    }
+
+    fn upload_labels(&self, labels: &[i32]) -> Result<Vec<i32>> {
+        Ok(labels.to_vec())
+    }
+
+    fn download(&self, buf: &CpuBuffer) -> Result<Vec<f32>> {
+        Ok(buf.0.borrow().clone())
+    }
+
+    fn len(&self, buf: &CpuBuffer) -> usize {
+        buf.0.borrow().len()
+    }
+
+    fn labels_len(&self, labels: &Vec<i32>) -> usize {
+        labels.len()
+    }
+
+    fn check_labels(&self, labels: &Vec<i32>, classes: usize, ignore_index: i32) -> Result<()> {
+        ops::check_labels(labels, classes, ignore_index)
+    }
+
+    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        let out = ops::softmax::reference_forward(
+            &x.to_f64(),
+            spec.shape.cols,
+            spec.temperature as f64,
+            spec.log,
+        );
+        y.store("y", &out)
+    }
+
+    fn softmax_backward_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        y: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        let out = ops::softmax::reference_backward(
+            &y.to_f64(),
+            &dy.to_f64(),
+            spec.shape.cols,
+            spec.temperature as f64,
+            spec.log,
+        );
+        dx.store("dx", &out)
+    }
+
+    fn divergence_unchecked(
+        &self,
+        spec: &DivergenceSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: Option<&Vec<i32>>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        if let Some(l) = labels {
+            ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
+        }
+        let r = ops::divergence::reference(
+            spec,
+            &student.to_f64(),
+            &teacher.to_f64(),
+            labels.map(|l| l.as_slice()),
+        );
+        self.write_loss_out(student, &r, out)
+    }
+
+    fn cross_entropy_unchecked(
+        &self,
+        spec: &CrossEntropySpec,
+        student: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
+        let r = ops::cross_entropy::reference(spec, &student.to_f64(), labels);
+        self.write_loss_out(student, &r, out)
+    }
+
+    fn hinton_unchecked(
+        &self,
+        spec: &HintonSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
+        let r = ops::hinton::reference(spec, &student.to_f64(), &teacher.to_f64(), labels);
+        self.write_loss_out(student, &r, out)
+    }
+
+    fn mse_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &CpuBuffer,
+        b: &CpuBuffer,
+        loss: &CpuBuffer,
+        grad_a: Option<&CpuBuffer>,
+        grad_b: Option<&CpuBuffer>,
+    ) -> Result<()> {
+        let (l, ga, gb) = ops::feature::mse_reference(spec, &a.to_f64(), &b.to_f64());
+        loss.store("loss", &[l])?;
+        if let Some(g) = grad_a {
+            g.store("grad_a", &ga)?;
+        }
+        if let Some(g) = grad_b {
+            g.store("grad_b", &gb)?;
+        }
+        Ok(())
+    }
+
+    fn attention_transfer_unchecked(
+        &self,
+        spec: &AttentionSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        loss: &CpuBuffer,
+        grad_student: Option<&CpuBuffer>,
+        grad_teacher: Option<&CpuBuffer>,
+    ) -> Result<()> {
+        let (l, gs, gt) = ops::feature::attention_reference(spec, &student.to_f64(), &teacher.to_f64());
+        loss.store("loss", &[l])?;
+        if let Some(g) = grad_student {
+            g.store("grad_student", &gs)?;
+        }
+        if let Some(g) = grad_teacher {
+            g.store("grad_teacher", &gt)?;
+        }
+        Ok(())
+    }
+}

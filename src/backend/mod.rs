@@ -1,0 +1,248 @@
+//! The one boundary every backend implements: a method per kernel, on the backend's own buffers.
+//!
+//! Nothing above this module knows which backend runs. Each kernel method is a provided method
+//! that validates its spec and the buffer lengths once, for every backend, then calls the backend's
+//! `*_unchecked` form; a backend only writes the kernels.
+//!
+//! Buffers are handles (`&Self::Buffer`, interior mutability on the CPU) so that the gradient can be
+//! written in place over the student logits ([`GradOut::InPlace`]).
+
+pub mod cpu;
+pub mod validate;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod wgpu;
+
+use crate::error::Result;
+use crate::ops::{AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec};
+
+/// Where the student's gradient goes.
+pub enum GradOut<'a, B: Backend + ?Sized> {
+    /// Not wanted: the kernel computes the loss only.
+    None,
+    /// Into this `[N, C]` buffer.
+    Into(&'a B::Buffer),
+    /// Over the student logits themselves (saves an `[N, C]` buffer).
+    InPlace,
+}
+
+impl<B: Backend + ?Sized> Clone for GradOut<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for GradOut<'_, B> {}
+
+impl<B: Backend + ?Sized> GradOut<'_, B> {
+    pub fn is_wanted(&self) -> bool {
+        !matches!(self, GradOut::None)
+    }
+}
+
+/// The outputs of a row loss (divergence, cross-entropy, Hinton).
+pub struct LossOut<'a, B: Backend + ?Sized> {
+    /// `[1]`: the reduced loss (for `Reduction::None`, the sum of the rows).
+    pub loss: &'a B::Buffer,
+    /// `[N]`, optional: each row's loss (masked rows 0).
+    pub row_loss: Option<&'a B::Buffer>,
+    /// The student's gradient.
+    pub grad_student: GradOut<'a, B>,
+    /// `[N, C]`, optional: the teacher's gradient (online distillation; teacher given as logits).
+    pub grad_teacher: Option<&'a B::Buffer>,
+}
+
+impl<'a, B: Backend + ?Sized> LossOut<'a, B> {
+    /// Loss and student gradient into `grad`.
+    pub fn with_grad(loss: &'a B::Buffer, grad: &'a B::Buffer) -> Self {
+        LossOut {
+            loss,
+            row_loss: None,
+            grad_student: GradOut::Into(grad),
+            grad_teacher: None,
+        }
+    }
+}
+
+/// A compute backend: buffers plus one method per kernel.
+pub trait Backend {
+    /// A device array of `f32`.
+    type Buffer;
+    /// A device array of `i32` labels.
+    type Labels;
+
+    /// A human-readable name, e.g. `wgpu (llvmpipe, Vulkan)`.
+    fn name(&self) -> String;
+
+    /// Copies host data into a new device buffer.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
+    /// Copies labels into a new device buffer.
+    fn upload_labels(&self, labels: &[i32]) -> Result<Self::Labels>;
+    /// A new buffer of `len` elements, each `value` (tests poison outputs with NaN this way).
+    fn filled(&self, len: usize, value: f32) -> Result<Self::Buffer> {
+        self.upload(&vec![value; len])
+    }
+    /// Copies a device buffer back to the host (waits for the device).
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
+    /// Number of `f32` elements in a buffer.
+    fn len(&self, buf: &Self::Buffer) -> usize;
+    /// Number of labels in a label buffer.
+    fn labels_len(&self, labels: &Self::Labels) -> usize;
+    /// Checks labels on the device against `0..classes` / `ignore_index`. Backends whose labels live on
+    /// the host check them directly; device backends read them back (only done when asked).
+    fn check_labels(&self, labels: &Self::Labels, classes: usize, ignore_index: i32) -> Result<()>;
+
+    /// `y = softmax(x / T)` or `log_softmax(x / T)` over rows (spec section 1).
+    fn softmax(&self, spec: &SoftmaxSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::softmax(self, spec, x, y)?;
+        self.softmax_unchecked(spec, x, y)
+    }
+
+    /// The input gradient of [`Backend::softmax`] from its output `y` and upstream `dy`.
+    fn softmax_backward(
+        &self,
+        spec: &SoftmaxSpec,
+        y: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()> {
+        validate::softmax_backward(self, spec, y, dy, dx)?;
+        self.softmax_backward_unchecked(spec, y, dy, dx)
+    }
+
+    /// Soft-target divergence with loss and gradients in one call (spec section 2). `labels`, when
+    /// given, mask rows whose label is `ignore_index`; other labels are not used (a label that is
+    /// neither a class nor `ignore_index` gives that row a NaN loss on device backends, an `Err` on
+    /// the CPU).
+    fn divergence(
+        &self,
+        spec: &DivergenceSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        labels: Option<&Self::Labels>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        validate::divergence(self, spec, student, teacher, labels, &out)?;
+        self.divergence_unchecked(spec, student, teacher, labels, out)
+    }
+
+    /// Cross-entropy with hard labels (spec section 3).
+    fn cross_entropy(
+        &self,
+        spec: &CrossEntropySpec,
+        student: &Self::Buffer,
+        labels: &Self::Labels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        validate::cross_entropy(self, spec, student, labels, &out)?;
+        self.cross_entropy_unchecked(spec, student, labels, out)
+    }
+
+    /// The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` (spec section 4).
+    fn hinton(
+        &self,
+        spec: &HintonSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        labels: &Self::Labels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        validate::hinton(self, spec, student, teacher, labels, &out)?;
+        self.hinton_unchecked(spec, student, teacher, labels, out)
+    }
+
+    /// Feature-map MSE (spec section 5): `loss[0]`, and `dL/da`, `dL/db` when given.
+    fn mse(
+        &self,
+        spec: &MseSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        loss: &Self::Buffer,
+        grad_a: Option<&Self::Buffer>,
+        grad_b: Option<&Self::Buffer>,
+    ) -> Result<()> {
+        validate::mse(self, spec, a, b, loss, grad_a, grad_b)?;
+        self.mse_unchecked(spec, a, b, loss, grad_a, grad_b)
+    }
+
+    /// Attention transfer (spec section 6).
+    fn attention_transfer(
+        &self,
+        spec: &AttentionSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        loss: &Self::Buffer,
+        grad_student: Option<&Self::Buffer>,
+        grad_teacher: Option<&Self::Buffer>,
+    ) -> Result<()> {
+        validate::attention(self, spec, student, teacher, loss, grad_student, grad_teacher)?;
+        self.attention_transfer_unchecked(spec, student, teacher, loss, grad_student, grad_teacher)
+    }
+
+    // ---- the kernels: each backend implements these; `validate` has checked the inputs ----
+
+    #[doc(hidden)]
+    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn softmax_backward_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        y: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn divergence_unchecked(
+        &self,
+        spec: &DivergenceSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        labels: Option<&Self::Labels>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn cross_entropy_unchecked(
+        &self,
+        spec: &CrossEntropySpec,
+        student: &Self::Buffer,
+        labels: &Self::Labels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn hinton_unchecked(
+        &self,
+        spec: &HintonSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        labels: &Self::Labels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn mse_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        loss: &Self::Buffer,
+        grad_a: Option<&Self::Buffer>,
+        grad_b: Option<&Self::Buffer>,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn attention_transfer_unchecked(
+        &self,
+        spec: &AttentionSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        loss: &Self::Buffer,
+        grad_student: Option<&Self::Buffer>,
+        grad_teacher: Option<&Self::Buffer>,
+    ) -> Result<()>;
+}
+
+
+/// Which backends the environment says must be present (`DISTILLATION_REQUIRE=wgpu,nvrtc,cuda`).
+/// Tests fail instead of skipping when a required backend is missing.
+pub fn required(backend: &str) -> bool {
+    std::env::var("DISTILLATION_REQUIRE")
+        .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(backend)))
+        .unwrap_or(false)
+}

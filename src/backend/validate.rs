@@ -1,0 +1,168 @@
+//! Input checks shared by every backend and by the record-into-encoder API: specs, buffer lengths,
+//! output combinations. Each returns an `Err` that says what to fix.
+
+use super::{Backend, GradOut, LossOut};
+use crate::error::{Error, Result};
+use crate::ops::{
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec, TeacherInput,
+};
+
+fn check_len<B: Backend + ?Sized>(
+    b: &B,
+    what: &'static str,
+    buf: &B::Buffer,
+    n: usize,
+    hint: &str,
+) -> Result<()> {
+    let got = b.len(buf);
+    if got != n {
+        return Err(Error::shape(what, got, n, hint));
+    }
+    Ok(())
+}
+
+fn check_labels_len<B: Backend + ?Sized>(b: &B, labels: &B::Labels, rows: usize) -> Result<()> {
+    let got = b.labels_len(labels);
+    if got != rows {
+        return Err(Error::shape("labels", got, rows, "one i32 label per row"));
+    }
+    Ok(())
+}
+
+fn loss_out<B: Backend + ?Sized>(b: &B, out: &LossOut<'_, B>, rows: usize, len: usize) -> Result<()> {
+    check_len(b, "loss", out.loss, 1, "the loss output holds one f32")?;
+    if let Some(r) = out.row_loss {
+        check_len(b, "row_loss", r, rows, "one f32 per row")?;
+    }
+    if let GradOut::Into(g) = out.grad_student {
+        check_len(b, "grad_student", g, len, "same shape as the student logits")?;
+    }
+    if let Some(g) = out.grad_teacher {
+        check_len(b, "grad_teacher", g, len, "same shape as the teacher logits")?;
+    }
+    Ok(())
+}
+
+pub fn softmax<B: Backend + ?Sized>(b: &B, spec: &SoftmaxSpec, x: &B::Buffer, y: &B::Buffer) -> Result<()> {
+    spec.validate()?;
+    let hint = "[rows, cols] row-major";
+    check_len(b, "x", x, spec.shape.len(), hint)?;
+    check_len(b, "y", y, spec.shape.len(), hint)
+}
+
+pub fn softmax_backward<B: Backend + ?Sized>(
+    b: &B,
+    spec: &SoftmaxSpec,
+    y: &B::Buffer,
+    dy: &B::Buffer,
+    dx: &B::Buffer,
+) -> Result<()> {
+    spec.validate()?;
+    let hint = "[rows, cols] row-major";
+    check_len(b, "y", y, spec.shape.len(), hint)?;
+    check_len(b, "dy", dy, spec.shape.len(), hint)?;
+    check_len(b, "dx", dx, spec.shape.len(), hint)
+}
+
+pub fn divergence<B: Backend + ?Sized>(
+    b: &B,
+    spec: &DivergenceSpec,
+    student: &B::Buffer,
+    teacher: &B::Buffer,
+    labels: Option<&B::Labels>,
+    out: &LossOut<'_, B>,
+) -> Result<()> {
+    spec.validate()?;
+    spec.shape.check_len("student", b.len(student))?;
+    spec.shape.check_len("teacher", b.len(teacher))?;
+    if let Some(l) = labels {
+        check_labels_len(b, l, spec.shape.rows)?;
+    }
+    if out.grad_teacher.is_some() && spec.teacher != TeacherInput::Logits {
+        return Err(Error::Unsupported(
+            "the teacher's gradient needs the teacher as logits (TeacherInput::Logits); \
+             probabilities and log-probabilities are constants"
+                .into(),
+        ));
+    }
+    loss_out(b, out, spec.shape.rows, spec.shape.len())
+}
+
+pub fn cross_entropy<B: Backend + ?Sized>(
+    b: &B,
+    spec: &CrossEntropySpec,
+    student: &B::Buffer,
+    labels: &B::Labels,
+    out: &LossOut<'_, B>,
+) -> Result<()> {
+    spec.validate()?;
+    spec.shape.check_len("student", b.len(student))?;
+    check_labels_len(b, labels, spec.shape.rows)?;
+    if out.grad_teacher.is_some() {
+        return Err(Error::Unsupported(
+            "cross-entropy has no teacher: pass grad_teacher: None".into(),
+        ));
+    }
+    loss_out(b, out, spec.shape.rows, spec.shape.len())
+}
+
+pub fn hinton<B: Backend + ?Sized>(
+    b: &B,
+    spec: &HintonSpec,
+    student: &B::Buffer,
+    teacher: &B::Buffer,
+    labels: &B::Labels,
+    out: &LossOut<'_, B>,
+) -> Result<()> {
+    spec.validate()?;
+    spec.shape.check_len("student", b.len(student))?;
+    spec.shape.check_len("teacher", b.len(teacher))?;
+    check_labels_len(b, labels, spec.shape.rows)?;
+    loss_out(b, out, spec.shape.rows, spec.shape.len())
+}
+
+pub fn mse<B: Backend + ?Sized>(
+    b: &B,
+    spec: &MseSpec,
+    a: &B::Buffer,
+    bb: &B::Buffer,
+    loss: &B::Buffer,
+    grad_a: Option<&B::Buffer>,
+    grad_b: Option<&B::Buffer>,
+) -> Result<()> {
+    spec.validate()?;
+    let hint = "both feature maps have the same number of elements";
+    check_len(b, "a", a, spec.len, hint)?;
+    check_len(b, "b", bb, spec.len, hint)?;
+    check_len(b, "loss", loss, 1, "the loss output holds one f32")?;
+    if let Some(g) = grad_a {
+        check_len(b, "grad_a", g, spec.len, hint)?;
+    }
+    if let Some(g) = grad_b {
+        check_len(b, "grad_b", g, spec.len, hint)?;
+    }
+    Ok(())
+}
+
+pub fn attention<B: Backend + ?Sized>(
+    b: &B,
+    spec: &AttentionSpec,
+    student: &B::Buffer,
+    teacher: &B::Buffer,
+    loss: &B::Buffer,
+    grad_student: Option<&B::Buffer>,
+    grad_teacher: Option<&B::Buffer>,
+) -> Result<()> {
+    spec.validate()?;
+    let hint = "[N, C, H*W] row-major; student and teacher share N and H*W";
+    check_len(b, "student", student, spec.student_len(), hint)?;
+    check_len(b, "teacher", teacher, spec.teacher_len(), hint)?;
+    check_len(b, "loss", loss, 1, "the loss output holds one f32")?;
+    if let Some(g) = grad_student {
+        check_len(b, "grad_student", g, spec.student_len(), hint)?;
+    }
+    if let Some(g) = grad_teacher {
+        check_len(b, "grad_teacher", g, spec.teacher_len(), hint)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,484 @@
+//! The wgpu backend: WGSL shaders from `shaders/` on Vulkan, Metal or DX12 (and on Mesa's lavapipe,
+//! a software Vulkan device, where there is no GPU).
+//!
+//! The device and queue are made once; each pipeline is compiled once and cached
+//! ([`pipelines::PipelineCache`]); small scratch buffers (valid-row counts, row losses, partial sums)
+//! are kept and reused. The kernels can also be recorded into a caller's `wgpu::CommandEncoder`
+//! on the caller's own buffers ([`record`]): no submit, no readback.
+
+pub mod pipelines;
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use super::{Backend, LossOut};
+use crate::error::{Error, Result};
+use crate::ops::{AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec};
+
+const BACKEND: &str = "wgpu";
+
+/// A wgpu storage buffer of `len` f32 values (the first `len * 4` bytes of `buffer`).
+#[derive(Clone, Debug)]
+pub struct WgpuBuffer {
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+/// A wgpu storage buffer of `len` i32 labels.
+#[derive(Clone, Debug)]
+pub struct WgpuLabels {
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+fn check_caller_buffer(buffer: &wgpu::Buffer, len: usize, what: &str) -> Result<()> {
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::Unsupported(format!(
+            "{what}: the buffer needs BufferUsages::STORAGE (add COPY_SRC too to download it)"
+        )));
+    }
+    if len == 0 || (len as u64) * 4 > buffer.size() {
+        return Err(Error::shape(
+            "caller buffer",
+            (buffer.size() / 4) as usize,
+            len.max(1),
+            format!("{what}: a wgpu buffer of at least {len} 4-byte elements (len >= 1)"),
+        ));
+    }
+    Ok(())
+}
+
+impl WgpuBuffer {
+    /// Wraps a caller's buffer (usage STORAGE) holding at least `len` f32 values.
+    pub fn from_buffer(buffer: wgpu::Buffer, len: usize) -> Result<Self> {
+        check_caller_buffer(&buffer, len, "f32 buffer")?;
+        Ok(WgpuBuffer { buffer, len })
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn bytes(&self) -> u64 {
+        self.len as u64 * 4
+    }
+}
+
+impl WgpuLabels {
+    /// Wraps a caller's buffer (usage STORAGE) holding at least `len` i32 labels.
+    pub fn from_buffer(buffer: wgpu::Buffer, len: usize) -> Result<Self> {
+        check_caller_buffer(&buffer, len, "label buffer")?;
+        Ok(WgpuLabels { buffer, len })
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Options for [`WgpuBackend::with_options`].
+#[derive(Clone, Debug, Default)]
+pub struct WgpuOptions {
+    /// Cap the storage binding size below the adapter's (bytes), e.g. to exercise the chunked path.
+    pub max_binding_bytes: Option<u64>,
+    /// Refuse software adapters (llvmpipe, WARP, SwiftShader).
+    pub hardware_only: bool,
+}
+
+/// The wgpu backend.
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    max_binding: u64,
+    pipelines: pipelines::PipelineCache,
+    /// One small buffer per binding slot, bound where a kernel's optional input or output is absent.
+    dummies: Vec<wgpu::Buffer>,
+    scratch: Mutex<HashMap<&'static str, wgpu::Buffer>>,
+}
+
+impl std::fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuBackend").field("adapter", &self.info.name).finish()
+    }
+}
+
+impl WgpuBackend {
+    /// The default adapter (high performance first); `Err` when there is none.
+    pub fn new() -> Result<Self> {
+        Self::with_options(WgpuOptions::default())
+    }
+
+    pub fn with_options(options: WgpuOptions) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Unavailable {
+            backend: BACKEND,
+            reason: format!(
+                "no wgpu adapter ({e}); install a Vulkan driver, e.g. `apt-get install \
+                 mesa-vulkan-drivers libvulkan1` for the software device lavapipe"
+            ),
+        })?;
+        let info = adapter.get_info();
+        if options.hardware_only && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(Error::Unavailable {
+                backend: BACKEND,
+                reason: format!("only a software adapter was found ({})", info.name),
+            });
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("distillation"),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Unavailable {
+            backend: BACKEND,
+            reason: format!("the adapter {} refused a device: {e}", info.name),
+        })?;
+        device.on_uncaptured_error(Arc::new(|e| {
+            eprintln!("distillation: uncaptured wgpu error: {e}");
+        }));
+        let max_binding = options
+            .max_binding_bytes
+            .map_or(limits.max_storage_buffer_binding_size, |m| {
+                m.min(limits.max_storage_buffer_binding_size)
+            })
+            .min(limits.max_buffer_size);
+        let dummies = (0..8)
+            .map(|i| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(["dummy0", "dummy1", "dummy2", "dummy3", "dummy4", "dummy5", "dummy6", "dummy7"][i]),
+                    size: 256,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        Ok(WgpuBackend {
+            device,
+            queue,
+            info,
+            limits,
+            max_binding,
+            pipelines: Default::default(),
+            dummies,
+            scratch: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// True for software adapters such as lavapipe.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The largest storage binding this backend uses, in bytes; larger row sets run in chunks.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Compiles every pipeline now (otherwise each compiles at first use).
+    pub fn warm_up(&self) -> Result<()> {
+        self.with_error_scope(|| {
+            for k in pipelines::Kernel::ALL {
+                self.pipelines.get(&self.device, k, 256);
+            }
+            Ok(())
+        })
+    }
+
+    /// A storage buffer of `len` f32 that can be copied from and to (for the caller's own use too).
+    pub fn create_buffer(&self, len: usize) -> Result<WgpuBuffer> {
+        let buffer = self.raw_buffer("buffer", len)?;
+        Ok(WgpuBuffer { buffer, len })
+    }
+
+    fn raw_buffer(&self, label: &str, len: usize) -> Result<wgpu::Buffer> {
+        let bytes = (len.max(1) as u64) * 4;
+        if bytes > self.limits.max_buffer_size {
+            return Err(Error::Limit(format!(
+                "a buffer of {len} elements ({bytes} bytes) exceeds the device's max_buffer_size \
+                 ({} bytes); split the batch",
+                self.limits.max_buffer_size
+            )));
+        }
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    fn upload_bytes(&self, label: &str, len: usize, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        let buffer = self.raw_buffer(label, len)?;
+        if !bytes.is_empty() {
+            self.queue.write_buffer(&buffer, 0, bytes);
+        }
+        Ok(buffer)
+    }
+
+    /// A reused scratch buffer of at least `bytes` bytes.
+    fn scratch(&self, name: &'static str, bytes: u64) -> Result<wgpu::Buffer> {
+        let bytes = bytes.max(256).next_power_of_two();
+        let mut map = self.scratch.lock().unwrap();
+        if let Some(b) = map.get(name) {
+            if b.size() >= bytes {
+                return Ok(b.clone());
+            }
+        }
+        if bytes > self.limits.max_buffer_size {
+            return Err(Error::Limit(format!(
+                "scratch buffer {name} of {bytes} bytes exceeds max_buffer_size"
+            )));
+        }
+        let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(name),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        map.insert(name, b.clone());
+        Ok(b)
+    }
+
+    fn uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// Runs `f` with validation and out-of-memory errors captured and returned as `Err`.
+    fn with_error_scope<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = v.or(o) {
+            return Err(Error::Device {
+                backend: BACKEND,
+                message: e.to_string(),
+            });
+        }
+        out
+    }
+
+    /// Records with `f` into a new encoder and submits it (no wait).
+    fn submit(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<()> {
+        self.with_error_scope(|| {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("distillation") });
+            f(&mut encoder)?;
+            self.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+
+    /// Blocks until the device has finished all submitted work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Device {
+                backend: BACKEND,
+                message: e.to_string(),
+            })
+    }
+
+    fn read_back(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("staging"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.submit(|enc| {
+            enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            Ok(())
+        })?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.synchronize()?;
+        rx.recv()
+            .map_err(|e| Error::Device {
+                backend: BACKEND,
+                message: format!("map callback lost: {e}"),
+            })?
+            .map_err(|e| Error::Device {
+                backend: BACKEND,
+                message: format!("map failed: {e}"),
+            })?;
+        let view = staging.get_mapped_range(..).map_err(|e| Error::Device {
+            backend: BACKEND,
+            message: format!("mapped range: {e}"),
+        })?;
+        let out = view.to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads a label buffer back (used by [`Backend::check_labels`]).
+    fn download_labels(&self, labels: &WgpuLabels) -> Result<Vec<i32>> {
+        let bytes = self.read_back(&labels.buffer, labels.len as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Buffer = WgpuBuffer;
+    type Labels = WgpuLabels;
+
+    fn name(&self) -> String {
+        format!("wgpu ({}, {:?})", self.info.name, self.info.backend)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<WgpuBuffer> {
+        let buffer = self.upload_bytes("f32", data.len(), bytemuck::cast_slice(data))?;
+        Ok(WgpuBuffer {
+            buffer,
+            len: data.len(),
+        })
+    }
+
+    fn upload_labels(&self, labels: &[i32]) -> Result<WgpuLabels> {
+        let buffer = self.upload_bytes("labels", labels.len(), bytemuck::cast_slice(labels))?;
+        Ok(WgpuLabels {
+            buffer,
+            len: labels.len(),
+        })
+    }
+
+    fn download(&self, buf: &WgpuBuffer) -> Result<Vec<f32>> {
+        let bytes = self.read_back(&buf.buffer, buf.bytes())?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn len(&self, buf: &WgpuBuffer) -> usize {
+        buf.len
+    }
+
+    fn labels_len(&self, labels: &WgpuLabels) -> usize {
+        labels.len
+    }
+
+    fn check_labels(&self, labels: &WgpuLabels, classes: usize, ignore_index: i32) -> Result<()> {
+        crate::ops::check_labels(&self.download_labels(labels)?, classes, ignore_index)
+    }
+
+    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        self.submit(|enc| self.encode_softmax(enc, spec, x, None, y))
+    }
+
+    fn softmax_backward_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        y: &WgpuBuffer,
+        dy: &WgpuBuffer,
+        dx: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_softmax(enc, spec, y, Some(dy), dx))
+    }
+
+    fn divergence_unchecked(
+        &self,
+        spec: &DivergenceSpec,
+        student: &WgpuBuffer,
+        teacher: &WgpuBuffer,
+        labels: Option<&WgpuLabels>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_divergence(enc, spec, student, teacher, labels, &out))
+    }
+
+    fn cross_entropy_unchecked(
+        &self,
+        spec: &CrossEntropySpec,
+        student: &WgpuBuffer,
+        labels: &WgpuLabels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_cross_entropy(enc, spec, student, labels, &out))
+    }
+
+    fn hinton_unchecked(
+        &self,
+        spec: &HintonSpec,
+        student: &WgpuBuffer,
+        teacher: &WgpuBuffer,
+        labels: &WgpuLabels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_hinton(enc, spec, student, teacher, labels, &out))
+    }
+
+    fn mse_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &WgpuBuffer,
+        b: &WgpuBuffer,
+        loss: &WgpuBuffer,
+        grad_a: Option<&WgpuBuffer>,
+        grad_b: Option<&WgpuBuffer>,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b))
+    }
+
+    fn attention_transfer_unchecked(
+        &self,
+        spec: &AttentionSpec,
+        student: &WgpuBuffer,
+        teacher: &WgpuBuffer,
+        loss: &WgpuBuffer,
+        grad_student: Option<&WgpuBuffer>,
+        grad_teacher: Option<&WgpuBuffer>,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_attention(enc, spec, student, teacher, loss, grad_student, grad_teacher))
+    }
+}

@@ -1,0 +1,33 @@
+//! # distillation
+//!
+//! Hand-written GPU kernels for knowledge distillation: fused temperature softmax, forward and
+//! reverse KL, JSD, cross-entropy, the fused Hinton loss, feature-map MSE and attention transfer,
+//! each with its backward pass, on three backends behind one boundary ([`backend::Backend`]):
+//!
+//! - [`CpuBackend`]: the f64 reference every GPU result is checked against;
+//! - [`WgpuBackend`]: WGSL shaders (`shaders/`) through wgpu (Vulkan, Metal, DX12);
+//! - `CudaBackend` (feature `cuda`): CUDA kernels (`kernels/`) compiled at run time by NVRTC.
+//!
+//! The math every backend meets is `spec/LOSSES.md`; the op families live in [`ops`], each with its
+//! spec type and CPU reference, and each names its WGSL and CUDA forms.
+//!
+//! Trainers use [`KdLoss`] (host slices in, loss and gradient out), or the backends' kernel methods on
+//! their own device buffers ([`backend::Backend`], and [`backend::wgpu::record`] to record into a
+//! caller's `wgpu::CommandEncoder`).
+
+pub mod backend;
+pub mod error;
+pub mod loss;
+pub mod ops;
+
+pub use backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use backend::cuda::CudaBackend;
+pub use backend::wgpu::WgpuBackend;
+pub use backend::{Backend, GradOut, LossOut};
+pub use error::{Error, Result};
+pub use loss::{CrossEntropyLoss, KdLoss, LossAndGrad, SoftTargetLoss};
+pub use ops::{
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, MseSpec, Reduction,
+    RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+};
