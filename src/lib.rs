@@ -25,9 +25,14 @@ pub use backend::cpu::CpuBackend;
 pub use backend::cuda::CudaBackend;
 pub use backend::wgpu::WgpuBackend;
 pub use backend::{Backend, GradOut, LossOut};
+#[cfg(feature = "cuda")]
+/// The cudarc version of the CUDA backend, for callers that bring their own device memory.
+pub use cudarc;
 pub use error::{Error, Result};
 pub use loss::{CrossEntropyLoss, KdLoss, LossAndGrad, SoftTargetLoss};
 pub use ops::{
     AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, MseSpec, Reduction,
     RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
+/// The wgpu version this crate records into, for callers that bring their own buffers and encoders.
+pub use wgpu;

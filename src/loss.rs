@@ -95,9 +95,15 @@ impl KdLoss {
             check_finite("student", student)?;
             check_finite("teacher", teacher)?;
         }
-        run(backend, student, Some(teacher), Some(labels), shape, self.teacher_grad, |b, s, t, l, out| {
-            b.hinton(&spec, s, t.expect("teacher"), l.expect("labels"), out)
-        })
+        run(
+            backend,
+            student,
+            Some(teacher),
+            Some(labels),
+            shape,
+            self.teacher_grad,
+            |b, s, t, l, out| b.hinton(&spec, s, t.expect("teacher"), l.expect("labels"), out),
+        )
     }
 }
 
@@ -155,9 +161,15 @@ impl SoftTargetLoss {
             check_finite("student", student)?;
             check_finite("teacher", teacher)?;
         }
-        run(backend, student, Some(teacher), labels, shape, self.teacher_grad, |b, s, t, l, out| {
-            b.divergence(&spec, s, t.expect("teacher"), l, out)
-        })
+        run(
+            backend,
+            student,
+            Some(teacher),
+            labels,
+            shape,
+            self.teacher_grad,
+            |b, s, t, l, out| b.divergence(&spec, s, t.expect("teacher"), l, out),
+        )
     }
 }
 
@@ -202,9 +214,15 @@ impl CrossEntropyLoss {
         if self.check_finite {
             check_finite("student", student)?;
         }
-        run(backend, student, None, Some(labels), shape, false, |b, s, _, l, out| {
-            b.cross_entropy(&spec, s, l.expect("labels"), out)
-        })
+        run(
+            backend,
+            student,
+            None,
+            Some(labels),
+            shape,
+            false,
+            |b, s, _, l, out| b.cross_entropy(&spec, s, l.expect("labels"), out),
+        )
     }
 }
 
@@ -212,7 +230,7 @@ fn shape_of(len: usize, classes: usize) -> Result<RowShape> {
     if classes == 0 {
         return Err(Error::Unsupported("classes must be at least 1".into()));
     }
-    if len == 0 || len % classes != 0 {
+    if len == 0 || !len.is_multiple_of(classes) {
         return Err(Error::shape(
             "student",
             len,
@@ -225,7 +243,12 @@ fn shape_of(len: usize, classes: usize) -> Result<RowShape> {
 
 fn check_host_labels(labels: &[i32], shape: RowShape, ignore_index: i32) -> Result<()> {
     if labels.len() != shape.rows {
-        return Err(Error::shape("labels", labels.len(), shape.rows, "one i32 label per row"));
+        return Err(Error::shape(
+            "labels",
+            labels.len(),
+            shape.rows,
+            "one i32 label per row",
+        ));
     }
     check_labels(labels, shape.cols, ignore_index)
 }
@@ -238,7 +261,13 @@ fn run<B: Backend>(
     labels: Option<&[i32]>,
     shape: RowShape,
     teacher_grad: bool,
-    kernel: impl Fn(&B, &B::Buffer, Option<&B::Buffer>, Option<&B::Labels>, LossOut<'_, B>) -> Result<()>,
+    kernel: impl Fn(
+        &B,
+        &B::Buffer,
+        Option<&B::Buffer>,
+        Option<&B::Labels>,
+        LossOut<'_, B>,
+    ) -> Result<()>,
 ) -> Result<LossAndGrad> {
     let s = backend.upload(student)?;
     let t = teacher.map(|t| backend.upload(t)).transpose()?;
@@ -246,7 +275,11 @@ fn run<B: Backend>(
     let loss = backend.filled(1, f32::NAN)?;
     let rows = backend.filled(shape.rows, f32::NAN)?;
     let grad = backend.filled(shape.len(), f32::NAN)?;
-    let grad_t = if teacher_grad { Some(backend.filled(shape.len(), f32::NAN)?) } else { None };
+    let grad_t = if teacher_grad {
+        Some(backend.filled(shape.len(), f32::NAN)?)
+    } else {
+        None
+    };
     kernel(
         backend,
         &s,

@@ -41,8 +41,15 @@ fn classes() -> impl Strategy<Value = usize> {
 /// Rows with a log-uniform temperature in [0.05, 100]; `extreme` puts ~5% of logits up to |1e4|;
 /// `mask` 0: no masked row, 1: ~25% masked, 2: every row masked.
 fn rows() -> impl Strategy<Value = Rows> {
-    (1usize..70, classes(), (0.05f64.ln()..100f64.ln()), any::<bool>(), 0u8..3, any::<u64>()).prop_map(
-        |(n, c, lt, extreme, mask, seed)| {
+    (
+        1usize..70,
+        classes(),
+        (0.05f64.ln()..100f64.ln()),
+        any::<bool>(),
+        0u8..3,
+        any::<u64>(),
+    )
+        .prop_map(|(n, c, lt, extreme, mask, seed)| {
             let mut g = Lcg(seed);
             let draw = |g: &mut Lcg| {
                 let mut v = g.vec(n * c, 5.0);
@@ -80,15 +87,17 @@ fn rows() -> impl Strategy<Value = Rows> {
                 t,
                 labels,
             }
-        },
-    )
+        })
 }
 
 fn run_cases<S: Strategy>(strategy: S, check: impl Fn(S::Value) -> Result<(), String>)
 where
     S::Value: std::fmt::Debug,
 {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(CASES);
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES);
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
@@ -160,7 +169,13 @@ fn compare(
 ) -> Result<(), String> {
     let t2 = (rows.temperature as f64).powi(2).max(1.0);
     let row_atol = 4e-7 * t2 * (1.0 + (rows.c as f64).ln());
-    assert_close_abs("loss", &[got.loss], &[want.loss], TOL, row_atol * rows.n as f64)?;
+    assert_close_abs(
+        "loss",
+        &[got.loss],
+        &[want.loss],
+        TOL,
+        row_atol * rows.n as f64,
+    )?;
     assert_close_abs("row_loss", &got.rows, &want.row_loss, TOL, row_atol)?;
     if want.loss.is_infinite() {
         // A teacher probability of exactly 0 where the student's is not: reverse KL is +inf and
@@ -170,7 +185,13 @@ fn compare(
     let atol = 1e-6 * grad_unit;
     assert_close_abs("grad_student", &got.grad_s, &want.grad_student, TOL, atol)?;
     if want_gt {
-        assert_close_abs("grad_teacher", got.grad_t.as_ref().unwrap(), &want.grad_teacher, TOL, atol)?;
+        assert_close_abs(
+            "grad_teacher",
+            got.grad_t.as_ref().unwrap(),
+            &want.grad_teacher,
+            TOL,
+            atol,
+        )?;
     }
     Ok(())
 }
@@ -180,7 +201,11 @@ fn compare(
 /// f32 resolves them only to about 1e-7 of it.
 fn grad_unit(r: &Rows, g: f32, t: f32, reduction: Reduction, labels: Option<&[i32]>) -> f64 {
     let n = r.n;
-    let range = r.s.iter().chain(&r.t).fold(0f64, |m, v| m.max(v.abs() as f64)) / t as f64;
+    let range =
+        r.s.iter()
+            .chain(&r.t)
+            .fold(0f64, |m, v| m.max(v.abs() as f64))
+            / t as f64;
     let valid = labels.map_or(n, |l| l.iter().filter(|&&y| y != IGNORE_INDEX).count());
     let r = match reduction {
         Reduction::BatchMean => 1.0 / valid.max(1) as f64,
@@ -198,7 +223,13 @@ fn teacher_as(form: TeacherInput, t: &[f32], c: usize, temperature: f32) -> Vec<
             // given as exact zeros (documented in docs/ARCHITECTURE.md, numerics).
             let flush = |v: f32| if v < f32::MIN_POSITIVE { 0.0 } else { v };
             lq.iter()
-                .map(|&l| if form == TeacherInput::Probs { flush(l.exp() as f32) } else { l as f32 })
+                .map(|&l| {
+                    if form == TeacherInput::Probs {
+                        flush(l.exp() as f32)
+                    } else {
+                        l as f32
+                    }
+                })
                 .collect()
         }
     }
@@ -220,75 +251,128 @@ fn softmax_matches_reference<B: Backend>(b: &B) {
         // Backward from the reference output (rounded to f32) and a random upstream gradient.
         let y32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
         let dy = r.t.iter().map(|v| v * 0.1).collect::<Vec<_>>();
-        let (yb, dyb, dx) = (b.upload(&y32).unwrap(), b.upload(&dy).unwrap(), poisoned(b, r.s.len()));
-        b.softmax_backward(&spec, &yb, &dyb, &dx).map_err(|e| e.to_string())?;
-        let want = softmax::reference_backward(&to_f64(&y32), &to_f64(&dy), r.c, r.temperature as f64, log);
+        let (yb, dyb, dx) = (
+            b.upload(&y32).unwrap(),
+            b.upload(&dy).unwrap(),
+            poisoned(b, r.s.len()),
+        );
+        b.softmax_backward(&spec, &yb, &dyb, &dx)
+            .map_err(|e| e.to_string())?;
+        let want = softmax::reference_backward(
+            &to_f64(&y32),
+            &to_f64(&dy),
+            r.c,
+            r.temperature as f64,
+            log,
+        );
         // One-hot rows give exact zeros: compare them on the scale of dy / T.
-        let atol = 1e-6 * dy.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) / (r.temperature as f64).min(1.0);
-        assert_close_abs("softmax backward", &b.download(&dx).unwrap(), &want, TOL, atol)
+        let atol = 1e-6 * dy.iter().fold(0f64, |m, v| m.max(v.abs() as f64))
+            / (r.temperature as f64).min(1.0);
+        assert_close_abs(
+            "softmax backward",
+            &b.download(&dx).unwrap(),
+            &want,
+            TOL,
+            atol,
+        )
     });
 }
 
 fn divergence_matches_reference<B: Backend>(b: &B) {
-    let options = (0u8..3, 0.05f32..0.95, 0u8..3, 0u8..3, any::<bool>(), any::<bool>(), any::<bool>());
-    run_cases((rows(), options), |(r, (div, beta, form, red, use_labels, in_place, gt))| {
-        let divergence = [Divergence::ForwardKl, Divergence::ReverseKl, Divergence::Jsd { beta }][div as usize];
-        let teacher = [TeacherInput::Logits, TeacherInput::Probs, TeacherInput::LogProbs][form as usize];
-        let want_gt = gt && teacher == TeacherInput::Logits;
-        let spec = DivergenceSpec {
-            divergence,
-            teacher,
-            reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize],
-            grad_scale: 0.75,
-            ..DivergenceSpec::new(RowShape::new(r.n, r.c), r.temperature)
-        };
-        let t = teacher_as(teacher, &r.t, r.c, r.temperature);
-        let labels = use_labels.then_some(r.labels.as_slice());
-        let tb = b.upload(&t).unwrap();
-        let lb = labels.map(|l| b.upload_labels(l).unwrap());
-        let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
-            b.divergence(&spec, s, &tb, lb.as_ref(), out)
-        })?;
-        let want = ops::divergence::reference(&spec, &to_f64(&r.s), &to_f64(&t), labels);
-        let unit = grad_unit(&r, spec.grad_scale, r.temperature, spec.reduction, labels);
-        compare(&got, &want, want_gt, unit, &r)
-    });
+    let options = (
+        0u8..3,
+        0.05f32..0.95,
+        0u8..3,
+        0u8..3,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    run_cases(
+        (rows(), options),
+        |(r, (div, beta, form, red, use_labels, in_place, gt))| {
+            let divergence = [
+                Divergence::ForwardKl,
+                Divergence::ReverseKl,
+                Divergence::Jsd { beta },
+            ][div as usize];
+            let teacher = [
+                TeacherInput::Logits,
+                TeacherInput::Probs,
+                TeacherInput::LogProbs,
+            ][form as usize];
+            let want_gt = gt && teacher == TeacherInput::Logits;
+            let spec = DivergenceSpec {
+                divergence,
+                teacher,
+                reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize],
+                grad_scale: 0.75,
+                ..DivergenceSpec::new(RowShape::new(r.n, r.c), r.temperature)
+            };
+            let t = teacher_as(teacher, &r.t, r.c, r.temperature);
+            let labels = use_labels.then_some(r.labels.as_slice());
+            let tb = b.upload(&t).unwrap();
+            let lb = labels.map(|l| b.upload_labels(l).unwrap());
+            let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
+                b.divergence(&spec, s, &tb, lb.as_ref(), out)
+            })?;
+            let want = ops::divergence::reference(&spec, &to_f64(&r.s), &to_f64(&t), labels);
+            let unit = grad_unit(&r, spec.grad_scale, r.temperature, spec.reduction, labels);
+            compare(&got, &want, want_gt, unit, &r)
+        },
+    );
 }
 
 fn cross_entropy_matches_reference<B: Backend>(b: &B) {
-    run_cases((rows(), 0f32..0.5, any::<bool>(), any::<bool>()), |(r, eps, smooth, in_place)| {
-        let spec = CrossEntropySpec {
-            label_smoothing: if smooth { eps } else { 0.0 },
-            grad_scale: 1.5,
-            ..CrossEntropySpec::new(RowShape::new(r.n, r.c))
-        };
-        let lb = b.upload_labels(&r.labels).unwrap();
-        let got = run_row_loss(b, &r.s, r.n, in_place, false, |b, s, out| {
-            b.cross_entropy(&spec, s, &lb, out)
-        })?;
-        let want = ops::cross_entropy::reference(&spec, &to_f64(&r.s), &r.labels);
-        let unit = grad_unit(&r, spec.grad_scale, 1.0, spec.reduction, Some(&r.labels));
-        compare(&got, &want, false, unit, &r)
-    });
+    run_cases(
+        (rows(), 0f32..0.5, any::<bool>(), any::<bool>()),
+        |(r, eps, smooth, in_place)| {
+            let spec = CrossEntropySpec {
+                label_smoothing: if smooth { eps } else { 0.0 },
+                grad_scale: 1.5,
+                ..CrossEntropySpec::new(RowShape::new(r.n, r.c))
+            };
+            let lb = b.upload_labels(&r.labels).unwrap();
+            let got = run_row_loss(b, &r.s, r.n, in_place, false, |b, s, out| {
+                b.cross_entropy(&spec, s, &lb, out)
+            })?;
+            let want = ops::cross_entropy::reference(&spec, &to_f64(&r.s), &r.labels);
+            let unit = grad_unit(&r, spec.grad_scale, 1.0, spec.reduction, Some(&r.labels));
+            compare(&got, &want, false, unit, &r)
+        },
+    );
 }
 
 fn hinton_matches_reference<B: Backend>(b: &B) {
-    let options = (0f32..=1.0, 0f32..0.3, any::<bool>(), any::<bool>(), any::<bool>());
-    run_cases((rows(), options), |(r, (alpha, eps, sum, in_place, want_gt))| {
-        let spec = HintonSpec {
-            label_smoothing: eps,
-            reduction: if sum { Reduction::Sum } else { Reduction::BatchMean },
-            ..HintonSpec::new(RowShape::new(r.n, r.c), r.temperature, alpha)
-        };
-        let tb = b.upload(&r.t).unwrap();
-        let lb = b.upload_labels(&r.labels).unwrap();
-        let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
-            b.hinton(&spec, s, &tb, &lb, out)
-        })?;
-        let want = ops::hinton::reference(&spec, &to_f64(&r.s), &to_f64(&r.t), &r.labels);
-        let unit = grad_unit(&r, 1.0, r.temperature, spec.reduction, Some(&r.labels));
-        compare(&got, &want, want_gt, unit, &r)
-    });
+    let options = (
+        0f32..=1.0,
+        0f32..0.3,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    run_cases(
+        (rows(), options),
+        |(r, (alpha, eps, sum, in_place, want_gt))| {
+            let spec = HintonSpec {
+                label_smoothing: eps,
+                reduction: if sum {
+                    Reduction::Sum
+                } else {
+                    Reduction::BatchMean
+                },
+                ..HintonSpec::new(RowShape::new(r.n, r.c), r.temperature, alpha)
+            };
+            let tb = b.upload(&r.t).unwrap();
+            let lb = b.upload_labels(&r.labels).unwrap();
+            let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
+                b.hinton(&spec, s, &tb, &lb, out)
+            })?;
+            let want = ops::hinton::reference(&spec, &to_f64(&r.s), &to_f64(&r.t), &r.labels);
+            let unit = grad_unit(&r, 1.0, r.temperature, spec.reduction, Some(&r.labels));
+            compare(&got, &want, want_gt, unit, &r)
+        },
+    );
 }
 
 fn mse_matches_reference<B: Backend>(b: &B) {
@@ -303,8 +387,15 @@ fn mse_matches_reference<B: Backend>(b: &B) {
         let (loss, ga, gb) = (poisoned(b, 1), poisoned(b, m), poisoned(b, m));
         let want_a = mode & 1 != 0;
         let want_b = mode & 2 != 0;
-        b.mse(&spec, &ab, &bbuf, &loss, want_a.then_some(&ga), want_b.then_some(&gb))
-            .map_err(|e| e.to_string())?;
+        b.mse(
+            &spec,
+            &ab,
+            &bbuf,
+            &loss,
+            want_a.then_some(&ga),
+            want_b.then_some(&gb),
+        )
+        .map_err(|e| e.to_string())?;
         let (l, wa, wb) = feature::mse_reference(&spec, &to_f64(&a), &to_f64(&bb));
         assert_close("mse loss", &b.download(&loss).unwrap(), &[l], TOL)?;
         if want_a {
@@ -318,26 +409,34 @@ fn mse_matches_reference<B: Backend>(b: &B) {
 }
 
 fn attention_matches_reference<B: Backend>(b: &B) {
-    let shape = (1usize..9, 1usize..12, 1usize..12, prop_oneof![1usize..=20, 20usize..700]);
-    run_cases((shape, any::<u64>(), any::<bool>()), |((n, cs, ct, hw), seed, zero)| {
-        let mut g = Lcg(seed);
-        let spec = AttentionSpec::new(n, cs, ct, hw);
-        let mut s = g.vec(spec.student_len(), 2.0);
-        let t = g.vec(spec.teacher_len(), 2.0);
-        if zero {
-            // An all-zero map exercises the norm floor (1e-12) of F.normalize.
-            s[..cs * hw].fill(0.0);
-        }
-        let (sb, tb) = (b.upload(&s).unwrap(), b.upload(&t).unwrap());
-        let (loss, gs, gt) = (poisoned(b, 1), poisoned(b, s.len()), poisoned(b, t.len()));
-        b.attention_transfer(&spec, &sb, &tb, &loss, Some(&gs), Some(&gt))
-            .map_err(|e| e.to_string())?;
-        let (l, ws, wt) = feature::attention_reference(&spec, &to_f64(&s), &to_f64(&t));
-        assert_close("at loss", &b.download(&loss).unwrap(), &[l], TOL)?;
-        // Exact zeros (a map equal to its own normalisation) compare absolutely.
-        assert_close_abs("at grad_student", &b.download(&gs).unwrap(), &ws, TOL, 1e-6)?;
-        assert_close_abs("at grad_teacher", &b.download(&gt).unwrap(), &wt, TOL, 1e-6)
-    });
+    let shape = (
+        1usize..9,
+        1usize..12,
+        1usize..12,
+        prop_oneof![1usize..=20, 20usize..700],
+    );
+    run_cases(
+        (shape, any::<u64>(), any::<bool>()),
+        |((n, cs, ct, hw), seed, zero)| {
+            let mut g = Lcg(seed);
+            let spec = AttentionSpec::new(n, cs, ct, hw);
+            let mut s = g.vec(spec.student_len(), 2.0);
+            let t = g.vec(spec.teacher_len(), 2.0);
+            if zero {
+                // An all-zero map exercises the norm floor (1e-12) of F.normalize.
+                s[..cs * hw].fill(0.0);
+            }
+            let (sb, tb) = (b.upload(&s).unwrap(), b.upload(&t).unwrap());
+            let (loss, gs, gt) = (poisoned(b, 1), poisoned(b, s.len()), poisoned(b, t.len()));
+            b.attention_transfer(&spec, &sb, &tb, &loss, Some(&gs), Some(&gt))
+                .map_err(|e| e.to_string())?;
+            let (l, ws, wt) = feature::attention_reference(&spec, &to_f64(&s), &to_f64(&t));
+            assert_close("at loss", &b.download(&loss).unwrap(), &[l], TOL)?;
+            // Exact zeros (a map equal to its own normalisation) compare absolutely.
+            assert_close_abs("at grad_student", &b.download(&gs).unwrap(), &ws, TOL, 1e-6)?;
+            assert_close_abs("at grad_teacher", &b.download(&gt).unwrap(), &wt, TOL, 1e-6)
+        },
+    );
 }
 
 backend_tests!(

@@ -8,7 +8,9 @@ use std::cell::RefCell;
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::divergence::RowLossResult;
-use crate::ops::{self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec};
+use crate::ops::{
+    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+};
 
 /// A host array standing in for a device buffer.
 #[derive(Debug, Default)]
@@ -40,7 +42,12 @@ impl CpuBackend {
         CpuBackend
     }
 
-    fn write_loss_out(&self, student: &CpuBuffer, r: &RowLossResult, out: LossOut<'_, Self>) -> Result<()> {
+    fn write_loss_out(
+        &self,
+        student: &CpuBuffer,
+        r: &RowLossResult,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
         out.loss.store("loss", &[r.loss])?;
         if let Some(rows) = out.row_loss {
             rows.store("row_loss", &r.row_loss)?;
@@ -190,7 +197,8 @@ impl Backend for CpuBackend {
         grad_student: Option<&CpuBuffer>,
         grad_teacher: Option<&CpuBuffer>,
     ) -> Result<()> {
-        let (l, gs, gt) = ops::feature::attention_reference(spec, &student.to_f64(), &teacher.to_f64());
+        let (l, gs, gt) =
+            ops::feature::attention_reference(spec, &student.to_f64(), &teacher.to_f64());
         loss.store("loss", &[l])?;
         if let Some(g) = grad_student {
             g.store("grad_student", &gs)?;

@@ -8,13 +8,15 @@
 //! written in place over the student logits ([`GradOut::InPlace`]).
 
 pub mod cpu;
-pub mod validate;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod validate;
 pub mod wgpu;
 
 use crate::error::Result;
-use crate::ops::{AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec};
+use crate::ops::{
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+};
 
 /// Where the student's gradient goes.
 pub enum GradOut<'a, B: Backend + ?Sized> {
@@ -174,14 +176,27 @@ pub trait Backend {
         grad_student: Option<&Self::Buffer>,
         grad_teacher: Option<&Self::Buffer>,
     ) -> Result<()> {
-        validate::attention(self, spec, student, teacher, loss, grad_student, grad_teacher)?;
+        validate::attention(
+            self,
+            spec,
+            student,
+            teacher,
+            loss,
+            grad_student,
+            grad_teacher,
+        )?;
         self.attention_transfer_unchecked(spec, student, teacher, loss, grad_student, grad_teacher)
     }
 
     // ---- the kernels: each backend implements these; `validate` has checked the inputs ----
 
     #[doc(hidden)]
-    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    fn softmax_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        x: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()>;
     #[doc(hidden)]
     fn softmax_backward_unchecked(
         &self,
@@ -237,7 +252,6 @@ pub trait Backend {
         grad_teacher: Option<&Self::Buffer>,
     ) -> Result<()>;
 }
-
 
 /// Which backends the environment says must be present (`DISTILLATION_REQUIRE=wgpu,nvrtc,cuda`).
 /// Tests fail instead of skipping when a required backend is missing.

@@ -29,21 +29,43 @@ fn check_labels_len<B: Backend + ?Sized>(b: &B, labels: &B::Labels, rows: usize)
     Ok(())
 }
 
-fn loss_out<B: Backend + ?Sized>(b: &B, out: &LossOut<'_, B>, rows: usize, len: usize) -> Result<()> {
+fn loss_out<B: Backend + ?Sized>(
+    b: &B,
+    out: &LossOut<'_, B>,
+    rows: usize,
+    len: usize,
+) -> Result<()> {
     check_len(b, "loss", out.loss, 1, "the loss output holds one f32")?;
     if let Some(r) = out.row_loss {
         check_len(b, "row_loss", r, rows, "one f32 per row")?;
     }
     if let GradOut::Into(g) = out.grad_student {
-        check_len(b, "grad_student", g, len, "same shape as the student logits")?;
+        check_len(
+            b,
+            "grad_student",
+            g,
+            len,
+            "same shape as the student logits",
+        )?;
     }
     if let Some(g) = out.grad_teacher {
-        check_len(b, "grad_teacher", g, len, "same shape as the teacher logits")?;
+        check_len(
+            b,
+            "grad_teacher",
+            g,
+            len,
+            "same shape as the teacher logits",
+        )?;
     }
     Ok(())
 }
 
-pub fn softmax<B: Backend + ?Sized>(b: &B, spec: &SoftmaxSpec, x: &B::Buffer, y: &B::Buffer) -> Result<()> {
+pub fn softmax<B: Backend + ?Sized>(
+    b: &B,
+    spec: &SoftmaxSpec,
+    x: &B::Buffer,
+    y: &B::Buffer,
+) -> Result<()> {
     spec.validate()?;
     let hint = "[rows, cols] row-major";
     check_len(b, "x", x, spec.shape.len(), hint)?;

@@ -13,7 +13,9 @@ use super::CrossEntropySpec;
 pub fn reference(spec: &CrossEntropySpec, s: &[f64], labels: &[i32]) -> RowLossResult {
     let (n, c) = (spec.shape.rows, spec.shape.cols);
     let eps = spec.label_smoothing as f64;
-    let valid = (0..n).filter(|&r| !masked(Some(labels), r, spec.ignore_index)).count();
+    let valid = (0..n)
+        .filter(|&r| !masked(Some(labels), r, spec.ignore_index))
+        .count();
     let scale = reduction_factor(spec.reduction, valid);
     let k = spec.grad_scale as f64 * scale;
     let mut out = RowLossResult {

@@ -84,10 +84,17 @@ fn log_add_exp(x: f64, y: f64) -> f64 {
 }
 
 /// The CPU reference: loss, per-row losses and gradients (teacher gradient only for logits).
-pub fn reference(spec: &DivergenceSpec, s: &[f64], t: &[f64], labels: Option<&[i32]>) -> RowLossResult {
+pub fn reference(
+    spec: &DivergenceSpec,
+    s: &[f64],
+    t: &[f64],
+    labels: Option<&[i32]>,
+) -> RowLossResult {
     let (n, c) = (spec.shape.rows, spec.shape.cols);
     let temp = spec.temperature as f64;
-    let valid = (0..n).filter(|&r| !masked(labels, r, spec.ignore_index)).count();
+    let valid = (0..n)
+        .filter(|&r| !masked(labels, r, spec.ignore_index))
+        .count();
     let scale = reduction_factor(spec.reduction, valid);
     let g = spec.grad_scale as f64;
     let mut out = RowLossResult {
@@ -118,7 +125,11 @@ pub fn reference(spec: &DivergenceSpec, s: &[f64], t: &[f64], labels: Option<&[i
                 for j in 0..c {
                     let (p, q) = (lp[j].exp(), lq[j].exp());
                     gs[j] = k * (p - q);
-                    gt[j] = if q == 0.0 { 0.0 } else { k * q * (lq[j] - lp[j] - d) };
+                    gt[j] = if q == 0.0 {
+                        0.0
+                    } else {
+                        k * q * (lq[j] - lp[j] - d)
+                    };
                 }
                 d
             }
@@ -126,7 +137,11 @@ pub fn reference(spec: &DivergenceSpec, s: &[f64], t: &[f64], labels: Option<&[i
                 let d = kl(&lp, &lq);
                 for j in 0..c {
                     let (p, q) = (lp[j].exp(), lq[j].exp());
-                    gs[j] = if p == 0.0 { 0.0 } else { k * p * (lp[j] - lq[j] - d) };
+                    gs[j] = if p == 0.0 {
+                        0.0
+                    } else {
+                        k * p * (lp[j] - lq[j] - d)
+                    };
                     gt[j] = k * (q - p);
                 }
                 d
@@ -139,8 +154,16 @@ pub fn reference(spec: &DivergenceSpec, s: &[f64], t: &[f64], labels: Option<&[i
                 let (kl_q, kl_p) = (kl(&lq, &lm), kl(&lp, &lm));
                 for j in 0..c {
                     let (p, q) = (lp[j].exp(), lq[j].exp());
-                    gs[j] = if p == 0.0 { 0.0 } else { k * (1.0 - beta) * p * (lp[j] - lm[j] - kl_p) };
-                    gt[j] = if q == 0.0 { 0.0 } else { k * beta * q * (lq[j] - lm[j] - kl_q) };
+                    gs[j] = if p == 0.0 {
+                        0.0
+                    } else {
+                        k * (1.0 - beta) * p * (lp[j] - lm[j] - kl_p)
+                    };
+                    gt[j] = if q == 0.0 {
+                        0.0
+                    } else {
+                        k * beta * q * (lq[j] - lm[j] - kl_q)
+                    };
                 }
                 beta * kl_q + (1.0 - beta) * kl_p
             }

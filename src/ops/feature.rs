@@ -34,11 +34,21 @@ fn attention_map(a: &[f64], channels: usize, hw: usize) -> (Vec<f64>, f64) {
 }
 
 /// Backpropagates `dL/du` through `u = normalize(mean_c A^2)` into `dL/dA` for one sample.
-fn attention_backward(a: &[f64], u: &[f64], norm: f64, du: &[f64], channels: usize, out: &mut [f64]) {
+fn attention_backward(
+    a: &[f64],
+    u: &[f64],
+    norm: f64,
+    du: &[f64],
+    channels: usize,
+    out: &mut [f64],
+) {
     let hw = u.len();
     let dq: Vec<f64> = if norm > AT_EPS {
         let dot: f64 = u.iter().zip(du).map(|(x, y)| x * y).sum();
-        du.iter().zip(u).map(|(d, x)| (d - x * dot) / norm).collect()
+        du.iter()
+            .zip(u)
+            .map(|(d, x)| (d - x * dot) / norm)
+            .collect()
     } else {
         du.iter().map(|d| d / norm).collect()
     };
@@ -50,8 +60,17 @@ fn attention_backward(a: &[f64], u: &[f64], norm: f64, du: &[f64], channels: usi
 }
 
 /// Attention-transfer reference: `(loss, dL/dstudent, dL/dteacher)`, gradients times `grad_scale`.
-pub fn attention_reference(spec: &AttentionSpec, s: &[f64], t: &[f64]) -> (f64, Vec<f64>, Vec<f64>) {
-    let (n, hw, cs, ct) = (spec.n, spec.hw, spec.student_channels, spec.teacher_channels);
+pub fn attention_reference(
+    spec: &AttentionSpec,
+    s: &[f64],
+    t: &[f64],
+) -> (f64, Vec<f64>, Vec<f64>) {
+    let (n, hw, cs, ct) = (
+        spec.n,
+        spec.hw,
+        spec.student_channels,
+        spec.teacher_channels,
+    );
     let denom = (n * hw) as f64;
     let mut loss = 0.0;
     let mut gs = vec![0.0; s.len()];
@@ -61,15 +80,33 @@ pub fn attention_reference(spec: &AttentionSpec, s: &[f64], t: &[f64]) -> (f64, 
         let ta = &t[k * ct * hw..(k + 1) * ct * hw];
         let (us, ns) = attention_map(sa, cs, hw);
         let (ut, nt) = attention_map(ta, ct, hw);
-        loss += us.iter().zip(&ut).map(|(x, y)| (x - y) * (x - y)).sum::<f64>();
+        loss += us
+            .iter()
+            .zip(&ut)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>();
         let du: Vec<f64> = us
             .iter()
             .zip(&ut)
             .map(|(x, y)| spec.grad_scale as f64 * 2.0 * (x - y) / denom)
             .collect();
         let dut: Vec<f64> = du.iter().map(|d| -d).collect();
-        attention_backward(sa, &us, ns, &du, cs, &mut gs[k * cs * hw..(k + 1) * cs * hw]);
-        attention_backward(ta, &ut, nt, &dut, ct, &mut gt[k * ct * hw..(k + 1) * ct * hw]);
+        attention_backward(
+            sa,
+            &us,
+            ns,
+            &du,
+            cs,
+            &mut gs[k * cs * hw..(k + 1) * cs * hw],
+        );
+        attention_backward(
+            ta,
+            &ut,
+            nt,
+            &dut,
+            ct,
+            &mut gt[k * ct * hw..(k + 1) * ct * hw],
+        );
     }
     (loss / denom, gs, gt)
 }

@@ -26,7 +26,9 @@ pub fn reference(spec: &HintonSpec, s: &[f64], t: &[f64], labels: &[i32]) -> Row
         t,
         Some(labels),
     );
-    let valid = (0..n).filter(|&r| !masked(Some(labels), r, spec.ignore_index)).count();
+    let valid = (0..n)
+        .filter(|&r| !masked(Some(labels), r, spec.ignore_index))
+        .count();
     let k = spec.grad_scale as f64 * reduction_factor(spec.reduction, valid);
     let mut out = RowLossResult {
         row_loss: vec![0.0; n],
@@ -41,9 +43,13 @@ pub fn reference(spec: &HintonSpec, s: &[f64], t: &[f64], labels: &[i32]) -> Row
         let sr = &s[r * c..(r + 1) * c];
         let (ce, ce_grad) = smoothed_ce_row(sr, labels[r] as usize, spec.label_smoothing as f64);
         out.row_loss[r] = alpha * ce + (1.0 - alpha) * kl.row_loss[r];
-        for j in 0..c {
-            out.grad_student[r * c + j] =
-                alpha * k * ce_grad[j] + (1.0 - alpha) * kl.grad_student[r * c + j];
+        let row = r * c..(r + 1) * c;
+        for ((g, ce), kd) in out.grad_student[row.clone()]
+            .iter_mut()
+            .zip(&ce_grad)
+            .zip(&kl.grad_student[row])
+        {
+            *g = alpha * k * ce + (1.0 - alpha) * kd;
         }
     }
     out.loss = out.row_loss.iter().sum::<f64>() * reduction_factor(spec.reduction, valid);

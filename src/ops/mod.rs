@@ -157,7 +157,8 @@ pub(crate) fn check_temperature(t: f32) -> Result<()> {
         return Err(Error::Param {
             name: "temperature",
             value: t as f64,
-            hint: "the temperature must be finite and in [1e-3, 1e4] (T > 0; typical KD uses 1..20)",
+            hint:
+                "the temperature must be finite and in [1e-3, 1e4] (T > 0; typical KD uses 1..20)",
         });
     }
     Ok(())
@@ -168,13 +169,20 @@ pub(crate) fn check_grad_scale(g: f32) -> Result<()> {
         return Err(Error::Param {
             name: "grad_scale",
             value: g as f64,
-            hint: "the upstream gradient must be finite (use 1.0 for the gradient of the loss itself)",
+            hint:
+                "the upstream gradient must be finite (use 1.0 for the gradient of the loss itself)",
         });
     }
     Ok(())
 }
 
-fn check_unit(name: &'static str, v: f32, open_low: bool, open_high: bool, hint: &'static str) -> Result<()> {
+fn check_unit(
+    name: &'static str,
+    v: f32,
+    open_low: bool,
+    open_high: bool,
+    hint: &'static str,
+) -> Result<()> {
     let ok = v.is_finite()
         && (if open_low { v > 0.0 } else { v >= 0.0 })
         && (if open_high { v < 1.0 } else { v <= 1.0 });
@@ -423,7 +431,9 @@ impl AttentionSpec {
             )));
         }
         if self.student_len().max(self.teacher_len()) > u32::MAX as usize {
-            return Err(Error::Limit("attention transfer over more than 2^32 elements".into()));
+            return Err(Error::Limit(
+                "attention transfer over more than 2^32 elements".into(),
+            ));
         }
         check_grad_scale(self.grad_scale)
     }

@@ -41,7 +41,11 @@ pub fn reference_backward(y: &[f64], dy: &[f64], cols: usize, t: f64, log: bool)
     for (yr, dyr) in y.chunks(cols).zip(dy.chunks(cols)) {
         if log {
             let sum_dy: f64 = dyr.iter().sum();
-            dx.extend(yr.iter().zip(dyr).map(|(&l, &d)| (d - l.exp() * sum_dy) / t));
+            dx.extend(
+                yr.iter()
+                    .zip(dyr)
+                    .map(|(&l, &d)| (d - l.exp() * sum_dy) / t),
+            );
         } else {
             let dot: f64 = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
             dx.extend(yr.iter().zip(dyr).map(|(&p, &d)| p * (d - dot) / t));

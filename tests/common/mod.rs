@@ -17,12 +17,17 @@ pub fn wgpu() -> Option<&'static WgpuBackend> {
             Some(b)
         }
         Err(e) => {
-            assert!(!required("wgpu"), "DISTILLATION_REQUIRE lists wgpu, but: {e}");
+            assert!(
+                !required("wgpu"),
+                "DISTILLATION_REQUIRE lists wgpu, but: {e}"
+            );
             None
         }
     });
     if b.is_none() {
-        eprintln!("skipped: no wgpu adapter (set DISTILLATION_REQUIRE=wgpu to make this a failure)");
+        eprintln!(
+            "skipped: no wgpu adapter (set DISTILLATION_REQUIRE=wgpu to make this a failure)"
+        );
     }
     b.as_ref()
 }
@@ -41,7 +46,10 @@ pub fn cuda() -> Option<&'static distillation::CudaBackend> {
             Some(b)
         }
         Err(e) => {
-            assert!(!required("cuda"), "DISTILLATION_REQUIRE lists cuda, but: {e}");
+            assert!(
+                !required("cuda"),
+                "DISTILLATION_REQUIRE lists cuda, but: {e}"
+            );
             None
         }
     });
@@ -88,7 +96,11 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> Result<f64, String> {
         num += (g as f64 - w).powi(2);
         den += w * w;
     }
-    Ok(if den == 0.0 { num.sqrt() } else { (num / den).sqrt() })
+    Ok(if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    })
 }
 
 /// Asserts `got` matches `want` within relative error of the norm `tol` (absolute when `want` is 0).
@@ -98,14 +110,24 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) -> Result<(
 
 /// `||got - want|| <= tol ||want|| + atol sqrt(len)`: `atol` is a per-element floor for values whose
 /// exact result is 0 or far below the f32 resolution of the quantities they are computed from.
-pub fn assert_close_abs(what: &str, got: &[f32], want: &[f64], tol: f64, atol: f64) -> Result<(), String> {
+pub fn assert_close_abs(
+    what: &str,
+    got: &[f32],
+    want: &[f64],
+    tol: f64,
+    atol: f64,
+) -> Result<(), String> {
     rel_err(got, want).map_err(|m| format!("{what}: {m}"))?;
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&g, &w) in got.iter().zip(want).filter(|(_, w)| w.is_finite()) {
         num += (g as f64 - w).powi(2);
         den += w * w;
     }
-    let e = if den == 0.0 { num.sqrt() } else { (num / den).sqrt() };
+    let e = if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    };
     if num.sqrt() > tol * den.sqrt() + atol * (got.len() as f64).sqrt() {
         let worst = got
             .iter()
@@ -118,7 +140,9 @@ pub fn assert_close_abs(what: &str, got: &[f32], want: &[f64], tol: f64, atol: f
             })
             .map(|(i, (g, w))| format!("worst at {i}: got {g}, want {w}"))
             .unwrap_or_default();
-        return Err(format!("{what}: relative error {e:.3e} > {tol:.0e} ({worst})"));
+        return Err(format!(
+            "{what}: relative error {e:.3e} > {tol:.0e} ({worst})"
+        ));
     }
     Ok(())
 }
@@ -132,7 +156,10 @@ pub struct Lcg(pub u64);
 
 impl Lcg {
     pub fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 

@@ -16,7 +16,9 @@ use wgpu::util::DeviceExt;
 
 use super::{Backend, LossOut};
 use crate::error::{Error, Result};
-use crate::ops::{AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec};
+use crate::ops::{
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+};
 
 const BACKEND: &str = "wgpu";
 
@@ -119,7 +121,9 @@ pub struct WgpuBackend {
 
 impl std::fmt::Debug for WgpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgpuBackend").field("adapter", &self.info.name).finish()
+        f.debug_struct("WgpuBackend")
+            .field("adapter", &self.info.name)
+            .finish()
     }
 }
 
@@ -130,7 +134,8 @@ impl WgpuBackend {
     }
 
     pub fn with_options(options: WgpuOptions) -> Result<Self> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
             force_fallback_adapter: false,
@@ -173,7 +178,12 @@ impl WgpuBackend {
         let dummies = (0..8)
             .map(|i| {
                 device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(["dummy0", "dummy1", "dummy2", "dummy3", "dummy4", "dummy5", "dummy6", "dummy7"][i]),
+                    label: Some(
+                        [
+                            "dummy0", "dummy1", "dummy2", "dummy3", "dummy4", "dummy5", "dummy6",
+                            "dummy7",
+                        ][i],
+                    ),
                     size: 256,
                     usage: wgpu::BufferUsages::STORAGE,
                     mapped_at_creation: false,
@@ -242,7 +252,9 @@ impl WgpuBackend {
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         }))
     }
@@ -280,11 +292,12 @@ impl WgpuBackend {
     }
 
     fn uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytes,
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     /// Runs `f` with validation and out-of-memory errors captured and returned as `Err`.
@@ -308,7 +321,9 @@ impl WgpuBackend {
         self.with_error_scope(|| {
             let mut encoder = self
                 .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("distillation") });
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("distillation"),
+                });
             f(&mut encoder)?;
             self.queue.submit([encoder.finish()]);
             Ok(())
@@ -479,6 +494,16 @@ impl Backend for WgpuBackend {
         grad_student: Option<&WgpuBuffer>,
         grad_teacher: Option<&WgpuBuffer>,
     ) -> Result<()> {
-        self.submit(|enc| self.encode_attention(enc, spec, student, teacher, loss, grad_student, grad_teacher))
+        self.submit(|enc| {
+            self.encode_attention(
+                enc,
+                spec,
+                student,
+                teacher,
+                loss,
+                grad_student,
+                grad_teacher,
+            )
+        })
     }
 }

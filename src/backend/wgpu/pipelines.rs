@@ -67,7 +67,9 @@ impl Kernel {
     /// The shader's file name (for messages) and full source (preludes included).
     pub fn source(self) -> (&'static str, String) {
         let (name, body, row_io) = match self {
-            Kernel::SoftmaxForward | Kernel::SoftmaxBackward => ("softmax.wgsl", SOFTMAX_WGSL, false),
+            Kernel::SoftmaxForward | Kernel::SoftmaxBackward => {
+                ("softmax.wgsl", SOFTMAX_WGSL, false)
+            }
             Kernel::Divergence => ("divergence.wgsl", DIVERGENCE_WGSL, true),
             Kernel::CrossEntropy => ("cross_entropy.wgsl", CROSS_ENTROPY_WGSL, true),
             Kernel::Hinton => ("hinton.wgsl", HINTON_WGSL, true),

@@ -17,7 +17,8 @@ use super::{WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::{validate, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, Reduction, RowShape, SoftmaxSpec,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, Reduction, RowShape,
+    SoftmaxSpec,
 };
 
 const WG: u32 = 256;
@@ -39,7 +40,11 @@ struct Window<'a> {
 
 impl<'a> Window<'a> {
     fn whole(buffer: &'a wgpu::Buffer, size: u64) -> Self {
-        Window { buffer, offset: 0, size }
+        Window {
+            buffer,
+            offset: 0,
+            size,
+        }
     }
 
     /// Elements `first..first + count` of an f32 or i32 buffer.
@@ -181,7 +186,10 @@ impl WgpuBackend {
                 self.max_binding
             )));
         }
-        Ok((0..rows).step_by(chunk).map(|r0| (r0, chunk.min(rows - r0))).collect())
+        Ok((0..rows)
+            .step_by(chunk)
+            .map(|r0| (r0, chunk.min(rows - r0)))
+            .collect())
     }
 
     /// Records one dispatch of `kernel` with `groups` workgroups (split over x and y).
@@ -309,7 +317,11 @@ impl WgpuBackend {
                 rows.div_ceil(rows_per_group) as u32,
             )?;
         }
-        let mode = if reduction == Reduction::BatchMean { 0 } else { 1 };
+        let mode = if reduction == Reduction::BatchMean {
+            0
+        } else {
+            1
+        };
         self.dispatch(
             encoder,
             Kernel::ReduceRows,
@@ -360,7 +372,11 @@ impl WgpuBackend {
                 kernel,
                 tpr,
                 bytemuck::bytes_of(&params),
-                &[Some(mat(&x.buffer)), dy.map(|d| mat(&d.buffer)), Some(mat(&out.buffer))],
+                &[
+                    Some(mat(&x.buffer)),
+                    dy.map(|d| mat(&d.buffer)),
+                    Some(mat(&out.buffer)),
+                ],
                 rows.div_ceil((WG / tpr) as usize) as u32,
             )?;
         }
@@ -517,14 +533,17 @@ impl WgpuBackend {
         let groups_total = m.div_ceil(MSE_ELEMS_PER_GROUP);
         let partial = self.scratch("mse_partial", groups_total * 4)?;
         // Chunks of whole workgroups whose partial-sum offsets stay 256-byte aligned.
-        let align = MSE_ELEMS_PER_GROUP * (self.limits.min_storage_buffer_offset_alignment as u64 / 4).max(1);
+        let align = MSE_ELEMS_PER_GROUP
+            * (self.limits.min_storage_buffer_offset_alignment as u64 / 4).max(1);
         let chunk = if m * 4 <= self.max_binding {
             m
         } else {
             (self.max_binding / 4) / align * align
         };
         if chunk == 0 {
-            return Err(Error::Limit("the storage binding limit is too small for MSE".into()));
+            return Err(Error::Limit(
+                "the storage binding limit is too small for MSE".into(),
+            ));
         }
         let mode = grad_a.is_some() as u32 | (grad_b.is_some() as u32) << 1;
         let mut e0 = 0u64;
@@ -558,7 +577,13 @@ impl WgpuBackend {
             )?;
             e0 += len;
         }
-        self.encode_scaled_sum(encoder, &partial, groups_total as usize, (1.0 / m as f64) as f32, loss)
+        self.encode_scaled_sum(
+            encoder,
+            &partial,
+            groups_total as usize,
+            (1.0 / m as f64) as f32,
+            loss,
+        )
     }
 
     /// `loss[0] = scale * sum(values[..n])` in a fixed order.
@@ -674,7 +699,9 @@ impl WgpuBackend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         validate::divergence(self, spec, student, teacher, labels, &out)?;
-        self.with_error_scope(|| self.encode_divergence(encoder, spec, student, teacher, labels, &out))
+        self.with_error_scope(|| {
+            self.encode_divergence(encoder, spec, student, teacher, labels, &out)
+        })
     }
 
     /// Records cross-entropy into `encoder` (see [`crate::Backend::cross_entropy`]).
