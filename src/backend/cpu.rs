@@ -7,7 +7,9 @@ use std::cell::RefCell;
 
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
+use crate::ops::dense::{self, MatmulSpec};
 use crate::ops::divergence::RowLossResult;
+use crate::ops::optim::{self as optim_ops, AdamSpec, SgdSpec};
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
@@ -207,5 +209,77 @@ impl Backend for CpuBackend {
             g.store("grad_teacher", &gt)?;
         }
         Ok(())
+    }
+
+    fn matmul_unchecked(
+        &self,
+        spec: &MatmulSpec,
+        a: &CpuBuffer,
+        b: &CpuBuffer,
+        c: &CpuBuffer,
+    ) -> Result<()> {
+        let mut out = c.to_f64();
+        dense::matmul_reference(spec, &a.to_f64(), &b.to_f64(), &mut out);
+        c.store("c", &out)
+    }
+
+    fn bias_add_unchecked(&self, x: &CpuBuffer, bias: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        y.store("y", &dense::bias_add_reference(&x.to_f64(), &bias.to_f64()))
+    }
+
+    fn sum_rows_unchecked(&self, x: &CpuBuffer, out: &CpuBuffer, accumulate: bool) -> Result<()> {
+        let mut o = out.to_f64();
+        let cols = o.len();
+        dense::sum_rows_reference(&x.to_f64(), cols, &mut o, accumulate);
+        out.store("out", &o)
+    }
+
+    fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        y.store("y", &dense::relu_reference(&x.to_f64()))
+    }
+
+    fn relu_backward_unchecked(&self, y: &CpuBuffer, dy: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+        dx.store(
+            "dx",
+            &dense::relu_backward_reference(&y.to_f64(), &dy.to_f64()),
+        )
+    }
+
+    fn axpy_unchecked(&self, alpha: f32, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        let out: Vec<f64> = y
+            .to_f64()
+            .iter()
+            .zip(x.to_f64())
+            .map(|(y, x)| y + alpha as f64 * x)
+            .collect();
+        y.store("y", &out)
+    }
+
+    fn adam_step_unchecked(
+        &self,
+        spec: &AdamSpec,
+        w: &CpuBuffer,
+        grad: &CpuBuffer,
+        m: &CpuBuffer,
+        v: &CpuBuffer,
+    ) -> Result<()> {
+        let (mut wv, mut mv, mut vv) = (w.to_f64(), m.to_f64(), v.to_f64());
+        optim_ops::adam_reference(spec, &mut wv, &grad.to_f64(), &mut mv, &mut vv);
+        w.store("w", &wv)?;
+        m.store("m", &mv)?;
+        v.store("v", &vv)
+    }
+
+    fn sgd_step_unchecked(
+        &self,
+        spec: &SgdSpec,
+        w: &CpuBuffer,
+        grad: &CpuBuffer,
+        velocity: &CpuBuffer,
+    ) -> Result<()> {
+        let (mut wv, mut vel) = (w.to_f64(), velocity.to_f64());
+        optim_ops::sgd_reference(spec, &mut wv, &grad.to_f64(), &mut vel);
+        w.store("w", &wv)?;
+        velocity.store("velocity", &vel)
     }
 }

@@ -14,6 +14,8 @@ pub mod validate;
 pub mod wgpu;
 
 use crate::error::Result;
+use crate::ops::dense::MatmulSpec;
+use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
@@ -188,6 +190,77 @@ pub trait Backend {
         self.attention_transfer_unchecked(spec, student, teacher, loss, grad_student, grad_teacher)
     }
 
+    // ---- dense ops of the autograd tape (src/ops/dense.rs, src/ops/optim.rs) ----
+
+    /// `C[m, n] (+)= op(A)[m, k] op(B)[k, n]` (see [`MatmulSpec`]).
+    fn matmul(
+        &self,
+        spec: &MatmulSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        c: &Self::Buffer,
+    ) -> Result<()> {
+        validate::matmul(self, spec, a, b, c)?;
+        self.matmul_unchecked(spec, a, b, c)
+    }
+
+    /// `y[i, j] = x[i, j] + bias[j]` over `rows` rows of `bias.len()` columns.
+    fn bias_add(&self, x: &Self::Buffer, bias: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::bias_add(self, x, bias, y)?;
+        self.bias_add_unchecked(x, bias, y)
+    }
+
+    /// `out[j] (+)= sum_i x[i, j]` over `[rows, out.len()]` (the bias gradient).
+    fn sum_rows(&self, x: &Self::Buffer, out: &Self::Buffer, accumulate: bool) -> Result<()> {
+        validate::sum_rows(self, x, out)?;
+        self.sum_rows_unchecked(x, out, accumulate)
+    }
+
+    /// `y = max(x, 0)`.
+    fn relu(&self, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::same_len(self, &[("x", x), ("y", y)])?;
+        self.relu_unchecked(x, y)
+    }
+
+    /// `dx = dy * (y > 0)` from the forward output `y`.
+    fn relu_backward(&self, y: &Self::Buffer, dy: &Self::Buffer, dx: &Self::Buffer) -> Result<()> {
+        validate::same_len(self, &[("y", y), ("dy", dy), ("dx", dx)])?;
+        self.relu_backward_unchecked(y, dy, dx)
+    }
+
+    /// `y += alpha x`.
+    fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::same_len(self, &[("x", x), ("y", y)])?;
+        self.axpy_unchecked(alpha, x, y)
+    }
+
+    /// One Adam step on `w` with its moments `m` and `v`.
+    fn adam_step(
+        &self,
+        spec: &AdamSpec,
+        w: &Self::Buffer,
+        grad: &Self::Buffer,
+        m: &Self::Buffer,
+        v: &Self::Buffer,
+    ) -> Result<()> {
+        spec.validate()?;
+        validate::same_len(self, &[("w", w), ("grad", grad), ("m", m), ("v", v)])?;
+        self.adam_step_unchecked(spec, w, grad, m, v)
+    }
+
+    /// One SGD step on `w` with its velocity.
+    fn sgd_step(
+        &self,
+        spec: &SgdSpec,
+        w: &Self::Buffer,
+        grad: &Self::Buffer,
+        velocity: &Self::Buffer,
+    ) -> Result<()> {
+        spec.validate()?;
+        validate::same_len(self, &[("w", w), ("grad", grad), ("velocity", velocity)])?;
+        self.sgd_step_unchecked(spec, w, grad, velocity)
+    }
+
     // ---- the kernels: each backend implements these; `validate` has checked the inputs ----
 
     #[doc(hidden)]
@@ -250,6 +323,56 @@ pub trait Backend {
         loss: &Self::Buffer,
         grad_student: Option<&Self::Buffer>,
         grad_teacher: Option<&Self::Buffer>,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn matmul_unchecked(
+        &self,
+        spec: &MatmulSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        c: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn bias_add_unchecked(
+        &self,
+        x: &Self::Buffer,
+        bias: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn sum_rows_unchecked(
+        &self,
+        x: &Self::Buffer,
+        out: &Self::Buffer,
+        accumulate: bool,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn relu_unchecked(&self, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn relu_backward_unchecked(
+        &self,
+        y: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn axpy_unchecked(&self, alpha: f32, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn adam_step_unchecked(
+        &self,
+        spec: &AdamSpec,
+        w: &Self::Buffer,
+        grad: &Self::Buffer,
+        m: &Self::Buffer,
+        v: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn sgd_step_unchecked(
+        &self,
+        spec: &SgdSpec,
+        w: &Self::Buffer,
+        grad: &Self::Buffer,
+        velocity: &Self::Buffer,
     ) -> Result<()>;
 }
 

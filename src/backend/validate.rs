@@ -3,6 +3,7 @@
 
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
+use crate::ops::dense::MatmulSpec;
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec, TeacherInput,
 };
@@ -185,6 +186,73 @@ pub fn attention<B: Backend + ?Sized>(
     }
     if let Some(g) = grad_teacher {
         check_len(b, "grad_teacher", g, spec.teacher_len(), hint)?;
+    }
+    Ok(())
+}
+
+pub fn matmul<B: Backend + ?Sized>(
+    b: &B,
+    spec: &MatmulSpec,
+    a: &B::Buffer,
+    bb: &B::Buffer,
+    c: &B::Buffer,
+) -> Result<()> {
+    spec.validate()?;
+    let (m, k, n) = (spec.m, spec.k, spec.n);
+    let la = if spec.trans_a {
+        format!("A^T: A stored [{k}, {m}]")
+    } else {
+        format!("A stored [{m}, {k}]")
+    };
+    let lb = if spec.trans_b {
+        format!("B^T: B stored [{n}, {k}]")
+    } else {
+        format!("B stored [{k}, {n}]")
+    };
+    check_len(b, "a", a, m * k, &la)?;
+    check_len(b, "b", bb, k * n, &lb)?;
+    check_len(b, "c", c, m * n, &format!("C is [{m}, {n}]"))
+}
+
+pub fn bias_add<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Buffer,
+    bias: &B::Buffer,
+    y: &B::Buffer,
+) -> Result<()> {
+    let (lx, lb) = (b.len(x), b.len(bias));
+    if lb == 0 || lx == 0 || lx % lb != 0 {
+        return Err(Error::shape(
+            "x",
+            lx,
+            lx.div_ceil(lb.max(1)) * lb,
+            "x is [rows, bias.len()] with rows >= 1",
+        ));
+    }
+    check_len(b, "y", y, lx, "same shape as x")
+}
+
+pub fn sum_rows<B: Backend + ?Sized>(b: &B, x: &B::Buffer, out: &B::Buffer) -> Result<()> {
+    let (lx, lo) = (b.len(x), b.len(out));
+    if lo == 0 || lx == 0 || lx % lo != 0 {
+        return Err(Error::shape(
+            "x",
+            lx,
+            lx.div_ceil(lo.max(1)) * lo,
+            "x is [rows, out.len()] with rows >= 1",
+        ));
+    }
+    Ok(())
+}
+
+/// Every buffer has the length of the first, which is at least 1.
+pub fn same_len<B: Backend + ?Sized>(b: &B, bufs: &[(&'static str, &B::Buffer)]) -> Result<()> {
+    let n = b.len(bufs[0].1);
+    if n == 0 {
+        return Err(Error::Unsupported(format!("{} is empty", bufs[0].0)));
+    }
+    for (what, buf) in &bufs[1..] {
+        check_len(b, what, buf, n, &format!("same length as {}", bufs[0].0))?;
     }
     Ok(())
 }

@@ -12,9 +12,11 @@
 //! | row-loss count and reduction | 2-4 | (inline) | `shaders/reduce.wgsl` | `kernels/reduce.cu` |
 
 pub mod cross_entropy;
+pub mod dense;
 pub mod divergence;
 pub mod feature;
 pub mod hinton;
+pub mod optim;
 pub mod softmax;
 
 use crate::error::{Error, Result};

@@ -6,6 +6,7 @@
 //! are kept and reused. The kernels can also be recorded into a caller's `wgpu::CommandEncoder`
 //! on the caller's own buffers ([`record`]): no submit, no readback.
 
+mod dense;
 pub mod pipelines;
 pub mod record;
 
@@ -16,6 +17,8 @@ use wgpu::util::DeviceExt;
 
 use super::{Backend, LossOut};
 use crate::error::{Error, Result};
+use crate::ops::dense::MatmulSpec;
+use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
@@ -505,5 +508,63 @@ impl Backend for WgpuBackend {
                 grad_teacher,
             )
         })
+    }
+
+    fn matmul_unchecked(
+        &self,
+        spec: &MatmulSpec,
+        a: &WgpuBuffer,
+        b: &WgpuBuffer,
+        c: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_matmul(enc, spec, a, b, c))
+    }
+
+    fn bias_add_unchecked(&self, x: &WgpuBuffer, bias: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        self.submit(|enc| self.encode_bias_add(enc, x, bias, y))
+    }
+
+    fn sum_rows_unchecked(&self, x: &WgpuBuffer, out: &WgpuBuffer, accumulate: bool) -> Result<()> {
+        self.submit(|enc| self.encode_sum_rows(enc, x, out, accumulate))
+    }
+
+    fn relu_unchecked(&self, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        self.submit(|enc| self.encode_elementwise(enc, pipelines::Kernel::Relu, x, None, y, 0.0))
+    }
+
+    fn relu_backward_unchecked(
+        &self,
+        y: &WgpuBuffer,
+        dy: &WgpuBuffer,
+        dx: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| {
+            self.encode_elementwise(enc, pipelines::Kernel::ReluBackward, y, Some(dy), dx, 0.0)
+        })
+    }
+
+    fn axpy_unchecked(&self, alpha: f32, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        self.submit(|enc| self.encode_elementwise(enc, pipelines::Kernel::Axpy, x, None, y, alpha))
+    }
+
+    fn adam_step_unchecked(
+        &self,
+        spec: &AdamSpec,
+        w: &WgpuBuffer,
+        grad: &WgpuBuffer,
+        m: &WgpuBuffer,
+        v: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_adam(enc, spec, w, grad, m, v))
+    }
+
+    fn sgd_step_unchecked(
+        &self,
+        spec: &SgdSpec,
+        w: &WgpuBuffer,
+        grad: &WgpuBuffer,
+        velocity: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_sgd(enc, spec, w, grad, velocity))
     }
 }

@@ -15,6 +15,8 @@ pub const HINTON_WGSL: &str = include_str!("../../../shaders/hinton.wgsl");
 pub const REDUCE_WGSL: &str = include_str!("../../../shaders/reduce.wgsl");
 pub const MSE_WGSL: &str = include_str!("../../../shaders/mse.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("../../../shaders/attention.wgsl");
+pub const DENSE_WGSL: &str = include_str!("../../../shaders/dense.wgsl");
+pub const OPTIM_WGSL: &str = include_str!("../../../shaders/optim.wgsl");
 
 /// One entry point of one shader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,6 +30,14 @@ pub enum Kernel {
     ReduceRows,
     Mse,
     Attention,
+    Matmul,
+    BiasAdd,
+    SumRows,
+    Relu,
+    ReluBackward,
+    Axpy,
+    Adam,
+    Sgd,
 }
 
 /// How a binding is used: the uniform parameters, a read-only or a read-write storage buffer.
@@ -52,7 +62,7 @@ const ROW_LOSS_BINDINGS: &[Bind] = &[
 ];
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::SoftmaxForward,
         Kernel::SoftmaxBackward,
         Kernel::Divergence,
@@ -62,6 +72,14 @@ impl Kernel {
         Kernel::ReduceRows,
         Kernel::Mse,
         Kernel::Attention,
+        Kernel::Matmul,
+        Kernel::BiasAdd,
+        Kernel::SumRows,
+        Kernel::Relu,
+        Kernel::ReluBackward,
+        Kernel::Axpy,
+        Kernel::Adam,
+        Kernel::Sgd,
     ];
 
     /// The shader's file name (for messages) and full source (preludes included).
@@ -76,6 +94,13 @@ impl Kernel {
             Kernel::CountValid | Kernel::ReduceRows => ("reduce.wgsl", REDUCE_WGSL, false),
             Kernel::Mse => ("mse.wgsl", MSE_WGSL, false),
             Kernel::Attention => ("attention.wgsl", ATTENTION_WGSL, false),
+            Kernel::Matmul
+            | Kernel::BiasAdd
+            | Kernel::SumRows
+            | Kernel::Relu
+            | Kernel::ReluBackward
+            | Kernel::Axpy => ("dense.wgsl", DENSE_WGSL, false),
+            Kernel::Adam | Kernel::Sgd => ("optim.wgsl", OPTIM_WGSL, false),
         };
         let mut src = String::with_capacity(COMMON_WGSL.len() + ROW_IO_WGSL.len() + body.len());
         src.push_str(COMMON_WGSL);
@@ -92,6 +117,14 @@ impl Kernel {
             Kernel::SoftmaxBackward => "backward",
             Kernel::CountValid => "count_valid",
             Kernel::ReduceRows => "reduce_rows",
+            Kernel::Matmul => "matmul",
+            Kernel::BiasAdd => "bias_add",
+            Kernel::SumRows => "sum_rows",
+            Kernel::Relu => "relu",
+            Kernel::ReluBackward => "relu_backward",
+            Kernel::Axpy => "axpy",
+            Kernel::Adam => "adam",
+            Kernel::Sgd => "sgd",
             _ => "main",
         }
     }
@@ -103,6 +136,13 @@ impl Kernel {
             Kernel::CountValid | Kernel::ReduceRows => &[Uniform, Read, ReadWrite, Read, ReadWrite],
             Kernel::Mse => &[Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite],
             Kernel::Attention => &[Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+            Kernel::Matmul
+            | Kernel::BiasAdd
+            | Kernel::SumRows
+            | Kernel::Relu
+            | Kernel::ReluBackward
+            | Kernel::Axpy => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Adam | Kernel::Sgd => &[Uniform, Read, ReadWrite, ReadWrite, ReadWrite],
         }
     }
 }

@@ -32,14 +32,14 @@ pub fn threads_per_row(cols: usize) -> u32 {
 
 /// A window of a buffer to bind.
 #[derive(Clone, Copy)]
-struct Window<'a> {
+pub(super) struct Window<'a> {
     buffer: &'a wgpu::Buffer,
     offset: u64,
     size: u64,
 }
 
 impl<'a> Window<'a> {
-    fn whole(buffer: &'a wgpu::Buffer, size: u64) -> Self {
+    pub(super) fn whole(buffer: &'a wgpu::Buffer, size: u64) -> Self {
         Window {
             buffer,
             offset: 0,
@@ -193,7 +193,7 @@ impl WgpuBackend {
     }
 
     /// Records one dispatch of `kernel` with `groups` workgroups (split over x and y).
-    fn dispatch(
+    pub(super) fn dispatch(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         kernel: Kernel,
@@ -201,6 +201,45 @@ impl WgpuBackend {
         params: &[u8],
         windows: &[Option<Window<'_>>],
         groups: u32,
+    ) -> Result<()> {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        let groups = groups.max(1);
+        let (x, y) = if groups <= max {
+            (groups, 1)
+        } else {
+            (max, groups.div_ceil(max))
+        };
+        if y > max {
+            return Err(Error::Limit(format!(
+                "{groups} workgroups exceed the device's dispatch limit ({max} x {max})"
+            )));
+        }
+        self.dispatch_grid(encoder, kernel, tpr, params, windows, x, y)
+    }
+
+    /// Records one dispatch of a kernel with a 2D grid (`shaders/dense.wgsl`'s matmul).
+    pub(super) fn dispatch_2d(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        params: &[u8],
+        windows: &[Option<Window<'_>>],
+        x: u32,
+        y: u32,
+    ) -> Result<()> {
+        self.dispatch_grid(encoder, kernel, WG, params, windows, x.max(1), y.max(1))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_grid(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        tpr: u32,
+        params: &[u8],
+        windows: &[Option<Window<'_>>],
+        x: u32,
+        y: u32,
     ) -> Result<()> {
         let compiled = self.pipelines.get(&self.device, kernel, tpr);
         let uniform = self.uniform(params);
@@ -228,18 +267,6 @@ impl WgpuBackend {
             layout: &compiled.layout,
             entries: &entries,
         });
-        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
-        let groups = groups.max(1);
-        let (x, y) = if groups <= max {
-            (groups, 1)
-        } else {
-            (max, groups.div_ceil(max))
-        };
-        if y > max {
-            return Err(Error::Limit(format!(
-                "{groups} workgroups exceed the device's dispatch limit ({max} x {max})"
-            )));
-        }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(kernel.entry_point()),
             timestamp_writes: None,
