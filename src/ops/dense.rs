@@ -80,9 +80,9 @@ pub fn bias_add_reference(x: &[f64], bias: &[f64]) -> Vec<f64> {
 
 /// `out[j] (+)= sum_i x[i, j]` (the bias gradient).
 pub fn sum_rows_reference(x: &[f64], cols: usize, out: &mut [f64], accumulate: bool) {
-    for j in 0..cols {
+    for (j, o) in out.iter_mut().enumerate().take(cols) {
         let s: f64 = x.iter().skip(j).step_by(cols).sum();
-        out[j] = if accumulate { out[j] + s } else { s };
+        *o = if accumulate { *o + s } else { s };
     }
 }
 
