@@ -18,7 +18,10 @@
 pub mod backend;
 pub mod error;
 pub mod loss;
+pub mod nn;
 pub mod ops;
+pub mod rng;
+pub mod tape;
 
 pub use backend::cpu::CpuBackend;
 #[cfg(feature = "cuda")]

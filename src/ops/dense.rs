@@ -46,25 +46,34 @@ impl MatmulSpec {
     }
 }
 
-/// `C (+)= op(A) op(B)`.
+/// `C (+)= op(A) op(B)`: the operands are laid out row-major as `op(A)` `[m, k]` and `op(B)`
+/// `[k, n]` first, then each row of C accumulates `A[i, p] * B[p, :]` in f64 (an order that reads
+/// memory contiguously, so the reference is usable as the CPU backend's training path).
 pub fn matmul_reference(spec: &MatmulSpec, a: &[f64], b: &[f64], c: &mut [f64]) {
-    let MatmulSpec {
-        m,
-        k,
-        n,
-        trans_a,
-        trans_b,
-        accumulate,
-    } = *spec;
-    for i in 0..m {
-        for j in 0..n {
-            let mut acc = 0.0;
-            for p in 0..k {
-                let av = if trans_a { a[p * m + i] } else { a[i * k + p] };
-                let bv = if trans_b { b[j * k + p] } else { b[p * n + j] };
-                acc += av * bv;
+    let MatmulSpec { m, k, n, trans_a, trans_b, accumulate } = *spec;
+    let transpose = |x: &[f64], rows: usize, cols: usize| -> Vec<f64> {
+        // x is [rows, cols]; returns [cols, rows].
+        let mut t = vec![0.0; rows * cols];
+        for r in 0..rows {
+            for q in 0..cols {
+                t[q * rows + r] = x[r * cols + q];
             }
-            c[i * n + j] = if accumulate { c[i * n + j] + acc } else { acc };
+        }
+        t
+    };
+    let a_rows = if trans_a { transpose(a, k, m) } else { a.to_vec() };
+    let b_rows = if trans_b { transpose(b, n, k) } else { b.to_vec() };
+    let mut acc = vec![0.0; n];
+    for i in 0..m {
+        acc.fill(0.0);
+        for p in 0..k {
+            let aip = a_rows[i * k + p];
+            for (o, &bv) in acc.iter_mut().zip(&b_rows[p * n..(p + 1) * n]) {
+                *o += aip * bv;
+            }
+        }
+        for (cij, &v) in c[i * n..(i + 1) * n].iter_mut().zip(&acc) {
+            *cij = if accumulate { *cij + v } else { v };
         }
     }
 }

@@ -1,0 +1,386 @@
+//! A small autograd tape (after micrograd): values live on the backend, each op records its backward
+//! on the tape in push order, and [`Tape::backward`] walks the tape in reverse, accumulating
+//! gradients into each input.
+//!
+//! Losses are roots: a loss op computes its gradient in the same fused kernel as its value, scaled
+//! by the `grad_scale` (weight) given when it is recorded; `backward(&[loss, ..])` starts from
+//! those gradients. Every other op's backward receives the gradient of its output.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::backend::{Backend, GradOut, LossOut};
+use crate::error::{Error, Result};
+use crate::ops::dense::MatmulSpec;
+use crate::ops::{AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, RowShape};
+
+/// A device buffer and its shape (row-major). Cloning shares the buffer.
+pub struct Tensor<B: Backend> {
+    pub buf: Rc<B::Buffer>,
+    pub shape: Vec<usize>,
+}
+
+impl<B: Backend> Clone for Tensor<B> {
+    fn clone(&self) -> Self {
+        Tensor { buf: self.buf.clone(), shape: self.shape.clone() }
+    }
+}
+
+impl<B: Backend> Tensor<B> {
+    pub fn new(buf: B::Buffer, shape: &[usize]) -> Self {
+        Tensor { buf: Rc::new(buf), shape: shape.to_vec() }
+    }
+
+    pub fn from_host(backend: &B, data: &[f32], shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::shape("tensor data", data.len(), n, format!("shape {shape:?}")));
+        }
+        Ok(Tensor::new(backend.upload(data)?, shape))
+    }
+
+    pub fn zeros(backend: &B, shape: &[usize]) -> Result<Self> {
+        Ok(Tensor::new(backend.filled(shape.iter().product(), 0.0)?, shape))
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `[rows, cols]` of a matrix (a 1-D tensor is one row).
+    pub fn rows_cols(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [c] => (1, *c),
+            [r, rest @ ..] => (*r, rest.iter().product()),
+            [] => (1, 1),
+        }
+    }
+
+    pub fn to_host(&self, backend: &B) -> Result<Vec<f32>> {
+        backend.download(&self.buf)
+    }
+}
+
+/// A value recorded on a tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Var(usize);
+
+type Backward<'a, B> = Box<dyn Fn(&Tape<'a, B>, &Tensor<B>) -> Result<()> + 'a>;
+
+struct Node<'a, B: Backend> {
+    value: Tensor<B>,
+    requires_grad: bool,
+    /// Given the gradient of this node's value, adds the gradients of its inputs.
+    backward: Option<Backward<'a, B>>,
+    /// For loss roots: the gradient of the loss w.r.t. its inputs, computed in the forward kernel.
+    is_loss: bool,
+}
+
+/// The tape of one forward pass.
+pub struct Tape<'a, B: Backend> {
+    backend: &'a B,
+    nodes: RefCell<Vec<Node<'a, B>>>,
+    grads: RefCell<Vec<Option<Tensor<B>>>>,
+}
+
+impl<'a, B: Backend + 'a> Tape<'a, B> {
+    pub fn new(backend: &'a B) -> Self {
+        Tape { backend, nodes: RefCell::new(Vec::new()), grads: RefCell::new(Vec::new()) }
+    }
+
+    pub fn backend(&self) -> &'a B {
+        self.backend
+    }
+
+    fn push(&self, value: Tensor<B>, requires_grad: bool, backward: Option<Backward<'a, B>>, is_loss: bool) -> Var {
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node { value, requires_grad, backward, is_loss });
+        self.grads.borrow_mut().push(None);
+        Var(nodes.len() - 1)
+    }
+
+    /// A constant input (no gradient).
+    pub fn constant(&self, value: Tensor<B>) -> Var {
+        self.push(value, false, None, false)
+    }
+
+    /// A trainable leaf (a parameter): its gradient is kept for [`Tape::grad`].
+    pub fn leaf(&self, value: Tensor<B>) -> Var {
+        self.push(value, true, None, false)
+    }
+
+    pub fn value(&self, v: Var) -> Tensor<B> {
+        self.nodes.borrow()[v.0].value.clone()
+    }
+
+    fn requires_grad(&self, v: Var) -> bool {
+        self.nodes.borrow()[v.0].requires_grad
+    }
+
+    /// The accumulated gradient of `v` after [`Tape::backward`].
+    pub fn grad(&self, v: Var) -> Option<Tensor<B>> {
+        self.grads.borrow()[v.0].clone()
+    }
+
+    /// Adds a gradient into `v` through `write(dst, accumulate)`: the first gradient gets a new
+    /// buffer (`accumulate = false`), later ones add into it.
+    fn add_grad(&self, v: Var, write: impl FnOnce(&B::Buffer, bool) -> Result<()>) -> Result<()> {
+        if !self.requires_grad(v) {
+            return Ok(());
+        }
+        let existing = self.grads.borrow()[v.0].clone();
+        match existing {
+            Some(g) => write(&g.buf, true),
+            None => {
+                let shape = self.nodes.borrow()[v.0].value.shape.clone();
+                let g = Tensor::new(self.backend.filled(shape.iter().product(), 0.0)?, &shape);
+                write(&g.buf, false)?;
+                self.grads.borrow_mut()[v.0] = Some(g);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a whole gradient tensor into `v` (shares it when `v` has none yet).
+    fn add_grad_tensor(&self, v: Var, g: &Tensor<B>) -> Result<()> {
+        if !self.requires_grad(v) {
+            return Ok(());
+        }
+        let existing = self.grads.borrow()[v.0].clone();
+        match existing {
+            Some(acc) => self.backend.axpy(1.0, &g.buf, &acc.buf),
+            None => {
+                self.grads.borrow_mut()[v.0] = Some(g.clone());
+                Ok(())
+            }
+        }
+    }
+
+    // ---- ops ----
+
+    /// `x [m, k] @ w [k, n]`.
+    pub fn matmul(&self, x: Var, w: Var) -> Result<Var> {
+        let (xv, wv) = (self.value(x), self.value(w));
+        let ((m, k), (k2, n)) = (xv.rows_cols(), wv.rows_cols());
+        if k != k2 {
+            return Err(Error::shape("matmul right operand rows", k2, k, format!("[{m}, {k}] @ [{k}, n]")));
+        }
+        let out = Tensor::new(self.backend.filled(m * n, 0.0)?, &[m, n]);
+        self.backend.matmul(&MatmulSpec::new(m, k, n), &xv.buf, &wv.buf, &out.buf)?;
+        let needs = self.requires_grad(x) || self.requires_grad(w);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                // dx = dy w^T: [m, n] x [n, k]; dw = x^T dy: [k, m] x [m, n].
+                t.add_grad(x, |dst, acc| {
+                    let spec = MatmulSpec { trans_b: true, accumulate: acc, ..MatmulSpec::new(m, n, k) };
+                    t.backend.matmul(&spec, &dy.buf, &wv.buf, dst)
+                })?;
+                t.add_grad(w, |dst, acc| {
+                    let spec = MatmulSpec { trans_a: true, accumulate: acc, ..MatmulSpec::new(k, m, n) };
+                    t.backend.matmul(&spec, &xv.buf, &dy.buf, dst)
+                })
+            })),
+            false,
+        ))
+    }
+
+    /// `x [m, n] + b [n]` on every row.
+    pub fn bias_add(&self, x: Var, b: Var) -> Result<Var> {
+        let (xv, bv) = (self.value(x), self.value(b));
+        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
+        self.backend.bias_add(&xv.buf, &bv.buf, &out.buf)?;
+        let needs = self.requires_grad(x) || self.requires_grad(b);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                t.add_grad_tensor(x, dy)?;
+                t.add_grad(b, |dst, acc| t.backend.sum_rows(&dy.buf, dst, acc))
+            })),
+            false,
+        ))
+    }
+
+    /// `max(x, 0)`.
+    pub fn relu(&self, x: Var) -> Result<Var> {
+        let xv = self.value(x);
+        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
+        self.backend.relu(&xv.buf, &out.buf)?;
+        let y = out.clone();
+        let needs = self.requires_grad(x);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &dy.shape);
+                t.backend.relu_backward(&y.buf, &dy.buf, &dx.buf)?;
+                t.add_grad_tensor(x, &dx)
+            })),
+            false,
+        ))
+    }
+
+    /// The same values under another shape with as many elements (e.g. flatten).
+    pub fn reshape(&self, x: Var, shape: &[usize]) -> Result<Var> {
+        let xv = self.value(x);
+        let n: usize = shape.iter().product();
+        if n != xv.len() {
+            return Err(Error::shape("reshape", n, xv.len(), format!("{:?} -> {shape:?}", xv.shape)));
+        }
+        let out = Tensor { buf: xv.buf.clone(), shape: shape.to_vec() };
+        let needs = self.requires_grad(x);
+        let in_shape = xv.shape.clone();
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| t.add_grad_tensor(x, &Tensor { buf: dy.buf.clone(), shape: in_shape.clone() }))),
+            false,
+        ))
+    }
+
+    // ---- losses (roots) ----
+
+    /// Records a loss whose kernel has already produced its value and its input gradients.
+    fn push_loss(&self, loss: B::Buffer, grads: Vec<(Var, Tensor<B>)>) -> Var {
+        let value = Tensor::new(loss, &[1]);
+        self.push(
+            value,
+            true,
+            Some(Box::new(move |t, _| {
+                for (v, g) in &grads {
+                    t.add_grad_tensor(*v, g)?;
+                }
+                Ok(())
+            })),
+            true,
+        )
+    }
+
+    fn grad_buffer(&self, v: Var, wanted: bool) -> Result<Option<Tensor<B>>> {
+        if !wanted {
+            return Ok(None);
+        }
+        let shape = self.value(v).shape;
+        Ok(Some(Tensor::new(self.backend.filled(shape.iter().product(), 0.0)?, &shape)))
+    }
+
+    fn row_shape(&self, logits: Var) -> RowShape {
+        let (r, c) = self.value(logits).rows_cols();
+        RowShape::new(r, c)
+    }
+
+    /// The fused Hinton loss of student logits against teacher logits (a constant, or a variable
+    /// whose gradient is wanted: online distillation). `spec.shape` is taken from the logits.
+    pub fn hinton(&self, student: Var, teacher: Var, labels: &B::Labels, spec: HintonSpec) -> Result<Var> {
+        let spec = HintonSpec { shape: self.row_shape(student), ..spec };
+        let gs = self.grad_buffer(student, self.requires_grad(student))?;
+        let gt = self.grad_buffer(teacher, self.requires_grad(teacher))?;
+        let loss = self.backend.filled(1, 0.0)?;
+        let out = LossOut {
+            loss: &loss,
+            row_loss: None,
+            grad_student: gs.as_ref().map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
+            grad_teacher: gt.as_ref().map(|g| &*g.buf),
+        };
+        self.backend.hinton(&spec, &self.value(student).buf, &self.value(teacher).buf, labels, out)?;
+        Ok(self.push_loss(loss, gs.map(|g| (student, g)).into_iter().chain(gt.map(|g| (teacher, g))).collect()))
+    }
+
+    /// A soft-target divergence (forward KL, reverse KL, JSD) of student logits against a teacher.
+    pub fn divergence(&self, student: Var, teacher: Var, labels: Option<&B::Labels>, spec: DivergenceSpec) -> Result<Var> {
+        let spec = DivergenceSpec { shape: self.row_shape(student), ..spec };
+        let want_t = self.requires_grad(teacher) && spec.teacher == crate::ops::TeacherInput::Logits;
+        let gs = self.grad_buffer(student, self.requires_grad(student))?;
+        let gt = self.grad_buffer(teacher, want_t)?;
+        let loss = self.backend.filled(1, 0.0)?;
+        let out = LossOut {
+            loss: &loss,
+            row_loss: None,
+            grad_student: gs.as_ref().map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
+            grad_teacher: gt.as_ref().map(|g| &*g.buf),
+        };
+        self.backend.divergence(&spec, &self.value(student).buf, &self.value(teacher).buf, labels, out)?;
+        Ok(self.push_loss(loss, gs.map(|g| (student, g)).into_iter().chain(gt.map(|g| (teacher, g))).collect()))
+    }
+
+    /// Cross-entropy of logits against hard labels.
+    pub fn cross_entropy(&self, logits: Var, labels: &B::Labels, spec: CrossEntropySpec) -> Result<Var> {
+        let spec = CrossEntropySpec { shape: self.row_shape(logits), ..spec };
+        let gs = self.grad_buffer(logits, self.requires_grad(logits))?;
+        let loss = self.backend.filled(1, 0.0)?;
+        let out = LossOut {
+            loss: &loss,
+            row_loss: None,
+            grad_student: gs.as_ref().map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
+            grad_teacher: None,
+        };
+        self.backend.cross_entropy(&spec, &self.value(logits).buf, labels, out)?;
+        Ok(self.push_loss(loss, gs.map(|g| (logits, g)).into_iter().collect()))
+    }
+
+    /// Feature MSE between two equal-shape values, times `weight` in the gradients.
+    pub fn mse(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
+        let spec = MseSpec { len: self.value(a).len(), grad_scale: weight };
+        let ga = self.grad_buffer(a, self.requires_grad(a))?;
+        let gb = self.grad_buffer(b, self.requires_grad(b))?;
+        let loss = self.backend.filled(1, 0.0)?;
+        self.backend.mse(&spec, &self.value(a).buf, &self.value(b).buf, &loss, ga.as_ref().map(|g| &*g.buf), gb.as_ref().map(|g| &*g.buf))?;
+        Ok(self.push_loss(loss, ga.map(|g| (a, g)).into_iter().chain(gb.map(|g| (b, g))).collect()))
+    }
+
+    /// Attention transfer between `[N, C, H, W]` feature maps (channels may differ).
+    pub fn attention_transfer(&self, s: Var, t: Var, weight: f32) -> Result<Var> {
+        let (sv, tv) = (self.value(s), self.value(t));
+        if sv.shape.len() != 4 || tv.shape.len() != 4 || sv.shape[0] != tv.shape[0] || sv.shape[2..] != tv.shape[2..] {
+            return Err(Error::Unsupported(format!(
+                "attention transfer needs [N, C, H, W] maps with the same N, H, W; got {:?} and {:?}",
+                sv.shape, tv.shape
+            )));
+        }
+        let spec = AttentionSpec {
+            grad_scale: weight,
+            ..AttentionSpec::new(sv.shape[0], sv.shape[1], tv.shape[1], sv.shape[2] * sv.shape[3])
+        };
+        let gs = self.grad_buffer(s, self.requires_grad(s))?;
+        let gt = self.grad_buffer(t, self.requires_grad(t))?;
+        let loss = self.backend.filled(1, 0.0)?;
+        self.backend.attention_transfer(&spec, &sv.buf, &tv.buf, &loss, gs.as_ref().map(|g| &*g.buf), gt.as_ref().map(|g| &*g.buf))?;
+        Ok(self.push_loss(loss, gs.map(|g| (s, g)).into_iter().chain(gt.map(|g| (t, g))).collect()))
+    }
+
+    /// Back-propagates from the given loss roots, in reverse push order.
+    pub fn backward(&self, losses: &[Var]) -> Result<()> {
+        let len = self.nodes.borrow().len();
+        let mut active = vec![false; len];
+        for l in losses {
+            if !self.nodes.borrow()[l.0].is_loss {
+                return Err(Error::Unsupported("backward starts from loss values (hinton, divergence, cross_entropy, mse, attention_transfer)".into()));
+            }
+            active[l.0] = true;
+        }
+        for i in (0..len).rev() {
+            let dy = if active[i] {
+                self.value(Var(i)) // a loss root ignores its incoming gradient
+            } else {
+                match self.grads.borrow()[i].clone() {
+                    Some(g) => g,
+                    None => continue,
+                }
+            };
+            let nodes = self.nodes.borrow();
+            if let Some(f) = &nodes[i].backward {
+                if nodes[i].is_loss && !active[i] {
+                    continue; // a loss not asked for contributes nothing
+                }
+                f(self, &dy)?;
+            }
+        }
+        Ok(())
+    }
+}
