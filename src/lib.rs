@@ -16,10 +16,13 @@
 //! caller's `wgpu::CommandEncoder`).
 
 pub mod backend;
+pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod loss;
 pub mod nn;
 pub mod ops;
+pub mod report;
 pub mod rng;
 pub mod tape;
 

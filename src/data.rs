@@ -1,0 +1,223 @@
+//! Data: the handwritten digits set shipped in the repository, a loader for the MNIST IDX format,
+//! seeded shuffling and batching, k-fold splits, and augmentation (random shifts of +-1 pixel and
+//! Gaussian noise).
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// The UCI "Optical Recognition of Handwritten Digits" set (Alpaydin and Kaynak, 1998; CC BY 4.0),
+/// as scikit-learn ships it: 1797 8x8 images with labels 0..=9.
+const DIGITS_CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+
+/// Examples as rows of `dim` features with class labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    /// `[n, dim]` row-major features.
+    pub x: Vec<f32>,
+    pub y: Vec<i32>,
+    pub dim: usize,
+    pub classes: usize,
+    /// `(channels, height, width)` when the rows are images.
+    pub image: Option<(usize, usize, usize)>,
+}
+
+fn data_error(what: impl Into<String>) -> Error {
+    Error::Unsupported(what.into())
+}
+
+impl Dataset {
+    /// Checks sizes and labels.
+    pub fn new(x: Vec<f32>, y: Vec<i32>, dim: usize, classes: usize, image: Option<(usize, usize, usize)>) -> Result<Self> {
+        if y.is_empty() || dim == 0 {
+            return Err(data_error("empty data set: it needs at least one example with at least one feature"));
+        }
+        if x.len() != y.len() * dim {
+            return Err(Error::shape("features", x.len(), y.len() * dim, format!("{} examples of {dim} features", y.len())));
+        }
+        if let Some((c, h, w)) = image {
+            if c * h * w != dim {
+                return Err(data_error(format!("image shape {c}x{h}x{w} does not hold {dim} features")));
+            }
+        }
+        crate::ops::check_labels(&y, classes, i32::MIN)?;
+        Ok(Dataset { x, y, dim, classes, image })
+    }
+
+    /// The digits set shipped with the crate, pixels scaled by 1/16 to [0, 1].
+    pub fn digits() -> Result<Self> {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(DIGITS_CSV_GZ)
+            .read_to_string(&mut text)
+            .map_err(|e| data_error(format!("digits.csv.gz: {e}")))?;
+        Self::from_csv(&text, 64, 10, 1.0 / 16.0, Some((1, 8, 8)))
+    }
+
+    /// Parses CSV rows of `dim` numbers then an integer label, scaling the features by `scale`.
+    pub fn from_csv(text: &str, dim: usize, classes: usize, scale: f32, image: Option<(usize, usize, usize)>) -> Result<Self> {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            if fields.len() != dim + 1 {
+                return Err(data_error(format!("CSV line {}: {} fields, expected {} features and a label", i + 1, fields.len(), dim)));
+            }
+            for f in &fields[..dim] {
+                let v: f32 = f.parse().map_err(|_| data_error(format!("CSV line {}: {f:?} is not a number", i + 1)))?;
+                x.push(v * scale);
+            }
+            y.push(fields[dim].parse().map_err(|_| data_error(format!("CSV line {}: label {:?} is not an integer", i + 1, fields[dim])))?);
+        }
+        Self::new(x, y, dim, classes, image)
+    }
+
+    /// MNIST-format IDX files (images `0x00000803`, labels `0x00000801`; `.gz` is read too), pixels
+    /// scaled by 1/255. For MNIST and Fashion-MNIST, which users bring themselves.
+    pub fn from_idx(images: &Path, labels: &Path) -> Result<Self> {
+        let img = read_maybe_gz(images)?;
+        let lab = read_maybe_gz(labels)?;
+        let be = |b: &[u8], at: usize| -> Result<usize> {
+            b.get(at..at + 4)
+                .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+                .ok_or_else(|| data_error("IDX file shorter than its header"))
+        };
+        if be(&img, 0)? != 0x0803 {
+            return Err(data_error(format!("{}: not an IDX image file (magic {:#010x}, expected 0x00000803)", images.display(), be(&img, 0)?)));
+        }
+        if be(&lab, 0)? != 0x0801 {
+            return Err(data_error(format!("{}: not an IDX label file (magic {:#010x}, expected 0x00000801)", labels.display(), be(&lab, 0)?)));
+        }
+        let (n, rows, cols) = (be(&img, 4)?, be(&img, 8)?, be(&img, 12)?);
+        let nl = be(&lab, 4)?;
+        if n != nl {
+            return Err(data_error(format!("{n} images but {nl} labels")));
+        }
+        let dim = rows * cols;
+        let pixels = img.get(16..16 + n * dim).ok_or_else(|| data_error(format!("{}: truncated: {n} images of {rows}x{cols} need {} bytes", images.display(), 16 + n * dim)))?;
+        let ys = lab.get(8..8 + n).ok_or_else(|| data_error(format!("{}: truncated", labels.display())))?;
+        let classes = ys.iter().map(|&v| v as usize + 1).max().unwrap_or(1).max(10);
+        Self::new(
+            pixels.iter().map(|&p| p as f32 / 255.0).collect(),
+            ys.iter().map(|&v| v as i32).collect(),
+            dim,
+            classes,
+            Some((1, rows, cols)),
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// The rows at `idx`, in that order.
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        let mut x = Vec::with_capacity(idx.len() * self.dim);
+        for &i in idx {
+            x.extend_from_slice(&self.x[i * self.dim..(i + 1) * self.dim]);
+        }
+        Dataset { x, y: idx.iter().map(|&i| self.y[i]).collect(), dim: self.dim, classes: self.classes, image: self.image }
+    }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| data_error(format!("cannot read {}: {e}", path.display())))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| data_error(format!("{}: bad gzip data: {e}", path.display())))?;
+        return Ok(out);
+    }
+    Ok(raw)
+}
+
+/// `k` shuffled folds of `0..n`: `(train, test)` index lists, each example tested once.
+pub fn kfold(n: usize, k: usize, rng: &mut Rng) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
+    if k < 2 || k > n {
+        return Err(data_error(format!("{k} folds of {n} examples: the number of folds must be in 2..={n}")));
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut idx);
+    Ok((0..k)
+        .map(|f| {
+            let (lo, hi) = (f * n / k, (f + 1) * n / k);
+            let test = idx[lo..hi].to_vec();
+            let train = idx[..lo].iter().chain(&idx[hi..]).copied().collect();
+            (train, test)
+        })
+        .collect())
+}
+
+/// Splits `idx` into a labelled part of `fraction` (at least one example per class where the
+/// class is present, rounded) and the unlabelled rest, after a seeded shuffle.
+pub fn label_split(data: &Dataset, idx: &[usize], fraction: f64, rng: &mut Rng) -> Result<(Vec<usize>, Vec<usize>)> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(Error::Param { name: "label_fraction", value: fraction, hint: "the labelled fraction must be in (0, 1]" });
+    }
+    let mut idx = idx.to_vec();
+    rng.shuffle(&mut idx);
+    let want = ((idx.len() as f64 * fraction).round() as usize).clamp(1, idx.len());
+    // Take the first example of each class first, so every class has a label.
+    let mut labelled = Vec::with_capacity(want);
+    let mut seen = vec![false; data.classes];
+    for &i in &idx {
+        let c = data.y[i] as usize;
+        if !seen[c] && labelled.len() < want {
+            seen[c] = true;
+            labelled.push(i);
+        }
+    }
+    for &i in &idx {
+        if labelled.len() >= want {
+            break;
+        }
+        if !labelled.contains(&i) {
+            labelled.push(i);
+        }
+    }
+    let rest = idx.into_iter().filter(|i| !labelled.contains(i)).collect();
+    Ok((labelled, rest))
+}
+
+/// Seeded mini-batches of `idx`, reshuffled each epoch; the last batch may be short.
+pub fn batches(idx: &[usize], batch: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    let mut v = idx.to_vec();
+    rng.shuffle(&mut v);
+    v.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
+}
+
+/// Augmentation of image rows in place: each image shifted by -1, 0 or +1 pixel in each direction
+/// (zeros shifted in), then Gaussian noise of standard deviation `noise` added.
+pub fn augment(x: &mut [f32], image: (usize, usize, usize), shift: bool, noise: f32, rng: &mut Rng) {
+    let (c, h, w) = image;
+    let dim = c * h * w;
+    for img in x.chunks_mut(dim) {
+        if shift {
+            let (dy, dx) = (rng.below(3) as isize - 1, rng.below(3) as isize - 1);
+            let src = img.to_vec();
+            for ch in 0..c {
+                for r in 0..h as isize {
+                    for q in 0..w as isize {
+                        let (sr, sq) = (r - dy, q - dx);
+                        let v = if sr >= 0 && sr < h as isize && sq >= 0 && sq < w as isize {
+                            src[ch * h * w + sr as usize * w + sq as usize]
+                        } else {
+                            0.0
+                        };
+                        img[ch * h * w + r as usize * w + q as usize] = v;
+                    }
+                }
+            }
+        }
+        if noise > 0.0 {
+            for v in img.iter_mut() {
+                *v += noise * rng.normal() as f32;
+            }
+        }
+    }
+}

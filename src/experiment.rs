@@ -1,0 +1,576 @@
+//! The teacher-student pipeline: train a teacher on the training fold, distil a student from it,
+//! train the same student architecture without a teacher ("simple") on the same labelled data and
+//! steps, optionally fine-tune the student on hard labels, evaluate all three on the held-out fold;
+//! repeat over k folds and report mean and standard deviation of accuracy, parameter counts and
+//! inference latency per example.
+//!
+//! The default mirrors a PyTorch run: teacher MLP 64-256-256-10, student 64-32-10, ReLU, Adam lr
+//! 1e-3, batch 32; the student sees 5% of each training fold with labels, and each step adds a batch
+//! of the same size from the unlabelled rest, which gets only the soft-target term:
+//! `alpha * CE(labelled) + (1 - alpha) * T^2 * KL(teacher || student)(labelled and unlabelled)`.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::data::{self, Dataset};
+use crate::error::{Error, Result};
+use crate::nn::{Mlp, Optimizer};
+use crate::ops::softmax;
+use crate::ops::{CrossEntropySpec, DivergenceSpec, RowShape, TeacherInput, IGNORE_INDEX};
+use crate::rng::Rng;
+use crate::tape::{Tape, Tensor};
+
+/// How the student learns from the teacher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Method {
+    /// Response-based KD (Hinton): soft targets of a frozen teacher.
+    Kd,
+    /// FitNets: also match the teacher's first hidden layer through a learned regressor (MSE).
+    FitNets,
+    /// A teacher ensemble: the target is the mean of several teachers' `softmax(t/T)`.
+    Ensemble,
+    /// Deep mutual learning: two students learn together, each distilling from the other, with the
+    /// gradient flowing through both sides of the divergence.
+    Mutual,
+    /// Born-again networks: the student has the teacher's architecture, over several generations.
+    BornAgain,
+    /// Offline distillation from the teacher's soft targets, written to disk once and read back.
+    Cached,
+}
+
+/// Everything a run depends on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub teacher_hidden: Vec<usize>,
+    pub student_hidden: Vec<usize>,
+    pub method: Method,
+    pub temperature: f32,
+    pub alpha: f32,
+    /// Fraction of each training fold whose labels the student (and the simple model) see.
+    pub label_fraction: f64,
+    /// Epochs over the labelled part for the student and the simple model.
+    pub epochs: usize,
+    /// Epochs over the whole training fold for the teacher.
+    pub teacher_epochs: usize,
+    /// Extra epochs of hard-label training for the distilled student (0: none).
+    pub finetune_epochs: usize,
+    pub folds: usize,
+    /// Run only the first this-many folds (all when `None`): for quick runs and tests.
+    pub run_folds: Option<usize>,
+    pub batch: usize,
+    pub lr: f32,
+    pub seed: u64,
+    /// Random +-1 pixel shifts and Gaussian noise on the student's inputs (the teacher labels the
+    /// augmented inputs itself).
+    pub augment: bool,
+    pub noise: f32,
+    /// Teachers in an ensemble; generations of born-again networks.
+    pub teachers: usize,
+    pub generations: usize,
+    /// Weight of the FitNets hint.
+    pub hint_weight: f32,
+    /// Where `Method::Cached` writes the soft targets.
+    pub cache_dir: std::path::PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            teacher_hidden: vec![256, 256],
+            student_hidden: vec![32],
+            method: Method::Kd,
+            temperature: 4.0,
+            alpha: 0.2,
+            label_fraction: 0.05,
+            epochs: 200,
+            teacher_epochs: 200,
+            finetune_epochs: 0,
+            folds: 5,
+            run_folds: None,
+            batch: 32,
+            lr: 1e-3,
+            seed: 0,
+            augment: false,
+            noise: 0.05,
+            teachers: 3,
+            generations: 2,
+            hint_weight: 1.0,
+            cache_dir: std::env::temp_dir().join("distillation-cache"),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self, data: &Dataset) -> Result<()> {
+        crate::ops::check_temperature(self.temperature)?;
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(Error::Param { name: "alpha", value: self.alpha as f64, hint: "alpha must be in [0, 1]" });
+        }
+        if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
+            return Err(Error::Param { name: "label_fraction", value: self.label_fraction, hint: "must be in (0, 1]" });
+        }
+        if self.batch == 0 || self.epochs == 0 || self.teacher_epochs == 0 {
+            return Err(Error::Unsupported("batch size, epochs and teacher epochs must be at least 1".into()));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Param { name: "lr", value: self.lr as f64, hint: "the learning rate must be > 0" });
+        }
+        if self.folds < 2 || self.folds > data.len() {
+            return Err(Error::Unsupported(format!(
+                "{} folds of {} examples: folds must be in 2..={}",
+                self.folds,
+                data.len(),
+                data.len()
+            )));
+        }
+        if self.method == Method::Ensemble && self.teachers < 2 {
+            return Err(Error::Unsupported("an ensemble needs at least 2 teachers".into()));
+        }
+        if self.method == Method::BornAgain && self.generations < 1 {
+            return Err(Error::Unsupported("born-again training needs at least 1 generation".into()));
+        }
+        if self.augment && data.image.is_none() {
+            return Err(Error::Unsupported("augmentation shifts images: this data set has no image shape".into()));
+        }
+        Ok(())
+    }
+
+    fn teacher_sizes(&self, data: &Dataset) -> Vec<usize> {
+        [vec![data.dim], self.teacher_hidden.clone(), vec![data.classes]].concat()
+    }
+
+    fn student_sizes(&self, data: &Dataset) -> Vec<usize> {
+        if self.method == Method::BornAgain {
+            return self.teacher_sizes(data);
+        }
+        [vec![data.dim], self.student_hidden.clone(), vec![data.classes]].concat()
+    }
+}
+
+/// Accuracies of one fold, and the training curves (mean loss per epoch).
+#[derive(Clone, Debug, Serialize)]
+pub struct FoldResult {
+    pub fold: usize,
+    pub teacher: f64,
+    pub student: f64,
+    pub simple: f64,
+    pub teacher_curve: Vec<f64>,
+    pub student_curve: Vec<f64>,
+    pub simple_curve: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub mean: f64,
+    pub std: f64,
+}
+
+fn summary(v: &[f64]) -> Summary {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64;
+    Summary { mean, std: var.sqrt() }
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub backend: String,
+    pub config: Config,
+    pub folds: Vec<FoldResult>,
+    pub teacher: Summary,
+    pub student: Summary,
+    pub simple: Summary,
+    pub teacher_params: usize,
+    pub student_params: usize,
+    /// Inference time per example (batch of the test fold), seconds.
+    pub teacher_latency: f64,
+    pub student_latency: f64,
+    pub seconds: f64,
+}
+
+/// Progress events for a caller's display.
+pub enum Progress<'a> {
+    /// A model starts training: name, fold, total steps.
+    Start(&'a str, usize, usize),
+    /// One step done.
+    Step,
+    /// A fold finished.
+    Fold(&'a FoldResult),
+}
+
+/// The trained student of the last fold, for saving.
+pub struct Outcome<B: Backend> {
+    pub report: Report,
+    pub student: Mlp<B>,
+}
+
+/// Runs the experiment on `backend`.
+pub fn run<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Outcome<B>> {
+    cfg.validate(data)?;
+    let start = Instant::now();
+    let root = Rng::new(cfg.seed);
+    let folds = data::kfold(data.len(), cfg.folds, &mut root.fork(1))?;
+    let take = cfg.run_folds.unwrap_or(cfg.folds).clamp(1, cfg.folds);
+    let mut results = Vec::new();
+    let mut last_student = None;
+    let (mut t_lat, mut s_lat, mut t_params, mut s_params) = (0.0, 0.0, 0, 0);
+    for (f, (train, test)) in folds.into_iter().take(take).enumerate() {
+        let mut rng = root.fork(100 + f as u64);
+        let (labelled, unlabelled) = data::label_split(data, &train, cfg.label_fraction, &mut rng.fork(2))?;
+
+        // Teacher(s): every label of the training fold.
+        let n_teachers = if cfg.method == Method::Ensemble { cfg.teachers } else { 1 };
+        let mut teachers = Vec::new();
+        let mut teacher_curve = Vec::new();
+        for k in 0..n_teachers {
+            let mut t = Mlp::new(backend, &cfg.teacher_sizes(data), &mut rng.fork(10 + k as u64))?;
+            progress(Progress::Start("teacher", f, cfg.teacher_epochs * train.len().div_ceil(cfg.batch)));
+            let curve = train_supervised(backend, &mut t, data, &train, cfg.teacher_epochs, cfg, &mut rng.fork(20 + k as u64), progress)?;
+            if k == 0 {
+                teacher_curve = curve;
+            }
+            teachers.push(t);
+        }
+        let teacher_acc = accuracy(backend, &teachers[0], data, &test)?;
+
+        // Simple: the student's architecture on the labelled part only, same epochs.
+        let mut simple = Mlp::new(backend, &cfg.student_sizes(data), &mut rng.fork(30))?;
+        progress(Progress::Start("simple", f, cfg.epochs * labelled.len().div_ceil(cfg.batch)));
+        let simple_curve = train_supervised(backend, &mut simple, data, &labelled, cfg.epochs, cfg, &mut rng.fork(31), progress)?;
+        let simple_acc = accuracy(backend, &simple, data, &test)?;
+
+        // Distilled student, same initialisation as the simple model.
+        let (mut student, student_curve) = distil(backend, data, cfg, &teachers, &labelled, &unlabelled, f, &mut rng, progress)?;
+        if cfg.finetune_epochs > 0 {
+            progress(Progress::Start("fine-tune", f, cfg.finetune_epochs * labelled.len().div_ceil(cfg.batch)));
+            train_supervised(backend, &mut student, data, &labelled, cfg.finetune_epochs, cfg, &mut rng.fork(50), progress)?;
+        }
+        let student_acc = accuracy(backend, &student, data, &test)?;
+
+        t_lat = latency(backend, &teachers[0], data, &test)?;
+        s_lat = latency(backend, &student, data, &test)?;
+        t_params = teachers[0].parameter_count();
+        s_params = student.parameter_count();
+        let r = FoldResult {
+            fold: f,
+            teacher: teacher_acc,
+            student: student_acc,
+            simple: simple_acc,
+            teacher_curve,
+            student_curve,
+            simple_curve,
+        };
+        progress(Progress::Fold(&r));
+        results.push(r);
+        last_student = Some(student);
+    }
+    let pick = |g: fn(&FoldResult) -> f64| summary(&results.iter().map(g).collect::<Vec<_>>());
+    let report = Report {
+        backend: backend.name(),
+        config: cfg.clone(),
+        teacher: pick(|r| r.teacher),
+        student: pick(|r| r.student),
+        simple: pick(|r| r.simple),
+        folds: results,
+        teacher_params: t_params,
+        student_params: s_params,
+        teacher_latency: t_lat,
+        student_latency: s_lat,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok(Outcome { report, student: last_student.expect("at least one fold") })
+}
+
+/// One batch on the device: inputs `[b, dim]` and labels.
+struct Batch<B: Backend> {
+    x: Tensor<B>,
+    labels: B::Labels,
+    rows: usize,
+}
+
+fn gather<B: Backend>(backend: &B, data: &Dataset, idx: &[usize], labelled: usize, augment: Option<&mut Rng>, cfg: &Config) -> Result<(Batch<B>, Vec<f32>)> {
+    let mut x = Vec::with_capacity(idx.len() * data.dim);
+    for &i in idx {
+        x.extend_from_slice(&data.x[i * data.dim..(i + 1) * data.dim]);
+    }
+    if let (Some(rng), Some(image)) = (augment, data.image) {
+        data::augment(&mut x, image, true, cfg.noise, rng);
+    }
+    // Rows past `labelled` are unlabelled: masked for cross-entropy.
+    let y: Vec<i32> = idx.iter().enumerate().map(|(r, &i)| if r < labelled { data.y[i] } else { IGNORE_INDEX }).collect();
+    Ok((Batch { x: Tensor::from_host(backend, &x, &[idx.len(), data.dim])?, labels: backend.upload_labels(&y)?, rows: idx.len() }, x))
+}
+
+/// Hard-label training with cross-entropy; returns the mean loss of each epoch.
+fn train_supervised<B: Backend>(
+    backend: &B,
+    model: &mut Mlp<B>,
+    data: &Dataset,
+    idx: &[usize],
+    epochs: usize,
+    cfg: &Config,
+    rng: &mut Rng,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Vec<f64>> {
+    let mut curve = Vec::with_capacity(epochs);
+    let mut step = 0u32;
+    let opt = Optimizer::adam(cfg.lr);
+    for _ in 0..epochs {
+        let total = Tensor::zeros(backend, &[1])?;
+        let batches = data::batches(idx, cfg.batch, rng);
+        for b in &batches {
+            let (batch, _) = gather(backend, data, b, b.len(), None, cfg)?;
+            let tape = Tape::new(backend);
+            let x = tape.constant(batch.x);
+            let fwd = model.forward(&tape, x)?;
+            let spec = CrossEntropySpec::new(RowShape::new(batch.rows, data.classes));
+            let loss = tape.cross_entropy(fwd.logits, &batch.labels, spec)?;
+            tape.backward(&[loss])?;
+            step += 1;
+            opt.step(&tape, model.params_mut().into_iter().zip(fwd.params), step)?;
+            backend.axpy(1.0, &tape.value(loss).buf, &total.buf)?;
+            progress(Progress::Step);
+        }
+        curve.push(total.to_host(backend)?[0] as f64 / batches.len() as f64);
+    }
+    Ok(curve)
+}
+
+/// The teacher's logits for `idx`, on the host (the frozen teacher's soft targets are cached).
+fn predict<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(idx.len() * data.classes);
+    for chunk in idx.chunks(1024) {
+        let (batch, _) = gather(backend, data, chunk, 0, None, &Config::default())?;
+        let tape = Tape::new(backend);
+        let x = tape.constant(batch.x);
+        let logits = model.forward(&tape, x)?.logits;
+        out.extend(tape.value(logits).to_host(backend)?);
+    }
+    Ok(out)
+}
+
+fn logits_of<B: Backend>(backend: &B, model: &Mlp<B>, x: &[f32], rows: usize, dim: usize) -> Result<Vec<f32>> {
+    let tape = Tape::new(backend);
+    let xv = tape.constant(Tensor::from_host(backend, x, &[rows, dim])?);
+    let logits = model.forward(&tape, xv)?.logits;
+    tape.value(logits).to_host(backend)
+}
+
+/// Accuracy of `model` on `idx`.
+pub fn accuracy<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize]) -> Result<f64> {
+    let logits = predict(backend, model, data, idx)?;
+    let correct = logits
+        .chunks(data.classes)
+        .zip(idx)
+        .filter(|(row, &i)| {
+            let arg = row.iter().enumerate().fold(0, |best, (j, &v)| if v > row[best] { j } else { best });
+            arg as i32 == data.y[i]
+        })
+        .count();
+    Ok(correct as f64 / idx.len() as f64)
+}
+
+/// Seconds per example of a batched forward pass over `idx` (median of 5 after a warm-up).
+pub fn latency<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize]) -> Result<f64> {
+    predict(backend, model, data, idx)?;
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            predict(backend, model, data, idx).map(|_| t.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[2] / idx.len() as f64)
+}
+
+/// Soft targets `mean_k softmax(t_k / T)` of an ensemble, `[n, C]`.
+fn ensemble_probs(logits: &[Vec<f32>], classes: usize, t: f32) -> Vec<f32> {
+    let k = logits.len() as f64;
+    let mut acc = vec![0.0f64; logits[0].len()];
+    for l in logits {
+        let p = softmax::reference_forward(&l.iter().map(|&v| v as f64).collect::<Vec<_>>(), classes, t as f64, false);
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v / k;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+/// Writes soft targets to `dir/fold{f}.f32` (little-endian f32) and reads them back.
+fn cache_round_trip(dir: &std::path::Path, fold: usize, probs: &[f32]) -> Result<Vec<f32>> {
+    let io = |e: std::io::Error| Error::Unsupported(format!("soft-target cache in {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join(format!("fold{fold}.f32"));
+    std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(probs)).map_err(io)?;
+    let bytes = std::fs::read(&path).map_err(io)?;
+    if bytes.len() != probs.len() * 4 {
+        return Err(Error::Unsupported(format!("{}: {} bytes, expected {}", path.display(), bytes.len(), probs.len() * 4)));
+    }
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
+}
+
+/// Distils a student (or, for born-again, several generations) and returns it with its curve.
+#[allow(clippy::too_many_arguments)]
+fn distil<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    teachers: &[Mlp<B>],
+    labelled: &[usize],
+    unlabelled: &[usize],
+    fold: usize,
+    rng: &mut Rng,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Mlp<B>, Vec<f64>)> {
+    let generations = if cfg.method == Method::BornAgain { cfg.generations } else { 1 };
+    let mut teacher_ref: Option<Mlp<B>> = None;
+    let mut result = None;
+    for g in 0..generations {
+        let current_teachers: Vec<&Mlp<B>> = match &teacher_ref {
+            Some(t) => vec![t],
+            None => teachers.iter().collect(),
+        };
+        let out = distil_once(backend, data, cfg, &current_teachers, labelled, unlabelled, fold, &mut rng.fork(60 + g as u64), progress)?;
+        if g + 1 < generations {
+            teacher_ref = Some(out.0);
+        } else {
+            result = Some(out);
+        }
+    }
+    Ok(result.expect("one generation"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn distil_once<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    teachers: &[&Mlp<B>],
+    labelled: &[usize],
+    unlabelled: &[usize],
+    fold: usize,
+    rng: &mut Rng,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Mlp<B>, Vec<f64>)> {
+    let classes = data.classes;
+    // The same initialisation as the fold's simple model, so the comparison isolates the teacher.
+    let mut student = Mlp::new(backend, &cfg.student_sizes(data), &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30))?;
+    // The second network of mutual learning, and the FitNets regressor (student hidden -> teacher
+    // hidden), trained with the student.
+    let mut peer = if cfg.method == Method::Mutual { Some(Mlp::new(backend, &cfg.student_sizes(data), &mut rng.fork(33))?) } else { None };
+    let mut regressor = if cfg.method == Method::FitNets {
+        let sh = *cfg.student_hidden.first().ok_or_else(|| Error::Unsupported("FitNets needs a student hidden layer".into()))?;
+        let th = *cfg.teacher_hidden.first().ok_or_else(|| Error::Unsupported("FitNets needs a teacher hidden layer".into()))?;
+        Some(Mlp::new(backend, &[sh, th], &mut rng.fork(34))?)
+    } else {
+        None
+    };
+
+    // Cached soft targets for every example of the fold (the teacher is frozen), as logits, or
+    // as probabilities for ensembles and the on-disk cache.
+    let fold_idx: Vec<usize> = labelled.iter().chain(unlabelled).copied().collect();
+    let mut position = vec![usize::MAX; data.len()];
+    for (p, &i) in fold_idx.iter().enumerate() {
+        position[i] = p;
+    }
+    let (targets, form) = match cfg.method {
+        Method::Ensemble => {
+            let all: Vec<Vec<f32>> = teachers.iter().map(|t| predict(backend, t, data, &fold_idx)).collect::<Result<_>>()?;
+            (ensemble_probs(&all, classes, cfg.temperature), TeacherInput::Probs)
+        }
+        Method::Cached => {
+            let logits = predict(backend, teachers[0], data, &fold_idx)?;
+            let probs = ensemble_probs(&[logits], classes, cfg.temperature);
+            (cache_round_trip(&cfg.cache_dir, fold, &probs)?, TeacherInput::Probs)
+        }
+        _ => (predict(backend, teachers[0], data, &fold_idx)?, TeacherInput::Logits),
+    };
+
+    let opt = Optimizer::adam(cfg.lr);
+    let mut curve = Vec::with_capacity(cfg.epochs);
+    let mut step = 0u32;
+    let mut pool = data::batches(unlabelled, usize::MAX, rng).concat();
+    let mut cursor = 0usize;
+    let steps = cfg.epochs * labelled.len().div_ceil(cfg.batch);
+    progress(Progress::Start("student", fold, steps));
+    let mut aug_rng = rng.fork(77);
+    for _ in 0..cfg.epochs {
+        let total = Tensor::zeros(backend, &[1])?;
+        let batches = data::batches(labelled, cfg.batch, rng);
+        for b in &batches {
+            // The labelled batch, then as many unlabelled examples (cycling through the pool).
+            let mut idx = b.clone();
+            for _ in 0..b.len().min(pool.len()) {
+                if cursor == pool.len() {
+                    rng.shuffle(&mut pool);
+                    cursor = 0;
+                }
+                idx.push(pool[cursor]);
+                cursor += 1;
+            }
+            let augment = cfg.augment.then_some(&mut aug_rng);
+            let (batch, x_host) = gather(backend, data, &idx, b.len(), augment, cfg)?;
+            let rows = batch.rows;
+            let shape = RowShape::new(rows, classes);
+            // Teacher soft targets: from the cache, or (augmented inputs) from the teacher itself.
+            let t_host: Vec<f32> = if cfg.augment && form == TeacherInput::Logits {
+                logits_of(backend, teachers[0], &x_host, rows, data.dim)?
+            } else {
+                idx.iter().flat_map(|&i| targets[position[i] * classes..(position[i] + 1) * classes].iter().copied()).collect()
+            };
+            let tape = Tape::new(backend);
+            let x = tape.constant(batch.x);
+            let fwd = student.forward(&tape, x)?;
+            let ce = CrossEntropySpec { grad_scale: cfg.alpha, ..CrossEntropySpec::new(shape) };
+            let kd = DivergenceSpec { teacher: form, grad_scale: 1.0 - cfg.alpha, ..DivergenceSpec::new(shape, cfg.temperature) };
+            let mut losses = vec![tape.cross_entropy(fwd.logits, &batch.labels, ce)?];
+            let mut extra_params = Vec::new();
+            if let Some(peer) = &peer {
+                // Mutual learning: each network distils from the other; the divergence's teacher-side
+                // gradient trains the peer through the same term.
+                let pf = peer.forward(&tape, x)?;
+                losses.push(tape.cross_entropy(pf.logits, &batch.labels, ce)?);
+                losses.push(tape.divergence(fwd.logits, pf.logits, None, kd)?);
+                losses.push(tape.divergence(pf.logits, fwd.logits, None, kd)?);
+                extra_params = pf.params;
+            } else {
+                let t = tape.constant(Tensor::from_host(backend, &t_host, &[rows, classes])?);
+                losses.push(tape.divergence(fwd.logits, t, None, kd)?);
+            }
+            if let Some(reg) = &regressor {
+                // FitNets hint: regressor(student hidden) ~ teacher hidden.
+                let th = teacher_hidden(backend, &tape, teachers[0], x)?;
+                let rf = reg.forward(&tape, fwd.hidden[0])?;
+                losses.push(tape.mse(rf.logits, th, cfg.hint_weight)?);
+                extra_params = rf.params;
+            }
+            tape.backward(&losses)?;
+            step += 1;
+            opt.step(&tape, student.params_mut().into_iter().zip(fwd.params), step)?;
+            if let Some(peer) = peer.as_mut() {
+                opt.step(&tape, peer.params_mut().into_iter().zip(extra_params.iter().copied()), step)?;
+            } else if let Some(reg) = regressor.as_mut() {
+                opt.step(&tape, reg.params_mut().into_iter().zip(extra_params.iter().copied()), step)?;
+            }
+            // The student's objective: alpha CE + (1 - alpha) T^2 KL (losses[0] and the first
+            // divergence on the student's logits).
+            let kd_loss = if peer.is_some() { losses[2] } else { losses[1] };
+            backend.axpy(cfg.alpha, &tape.value(losses[0]).buf, &total.buf)?;
+            backend.axpy(1.0 - cfg.alpha, &tape.value(kd_loss).buf, &total.buf)?;
+            progress(Progress::Step);
+        }
+        curve.push(total.to_host(backend)?[0] as f64 / batches.len() as f64);
+    }
+    Ok((student, curve))
+}
+
+/// The frozen teacher's first hidden activation for the batch already on the tape.
+fn teacher_hidden<'a, B: Backend + 'a>(backend: &B, tape: &Tape<'a, B>, teacher: &Mlp<B>, x: crate::tape::Var) -> Result<crate::tape::Var> {
+    let inner = Tape::new(backend);
+    let xv = inner.constant(tape.value(x));
+    let f = teacher.forward(&inner, xv)?;
+    let h = inner.value(f.hidden[0]);
+    Ok(tape.constant(h))
+}

@@ -1,0 +1,319 @@
+//! `distill`: the teacher-student comparison on the best backend, and a T x alpha sweep.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use distillation::data::Dataset;
+use distillation::experiment::{self, Config, Method, Progress, Report};
+use distillation::nn::Mlp;
+use distillation::{Backend, CpuBackend, Error, Result, WgpuBackend};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser, Debug)]
+#[command(name = "distill", version, about = "Knowledge distillation: teacher vs distilled student vs the same student trained alone")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The teacher / distilled / simple comparison with k-fold cross-validation (the default).
+    Run,
+    /// Cross-validated student accuracy over a grid of temperatures and alphas.
+    Sweep {
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        temperatures: Vec<f32>,
+        #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.5")]
+        alphas: Vec<f32>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendChoice {
+    /// CUDA, else a hardware wgpu adapter, else the CPU.
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModelChoice {
+    Mlp,
+    Cnn,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodChoice {
+    Kd,
+    Fitnets,
+    Ensemble,
+    Mutual,
+    BornAgain,
+    Cached,
+}
+
+#[derive(clap::Args, Debug)]
+struct Opts {
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    backend: BackendChoice,
+    #[arg(long, value_enum, default_value = "mlp", global = true)]
+    model: ModelChoice,
+    #[arg(long, value_enum, default_value = "kd", global = true)]
+    method: MethodChoice,
+    /// Softmax temperature of the soft targets.
+    #[arg(long, default_value_t = 4.0, global = true)]
+    temperature: f32,
+    /// Weight of the hard-label cross-entropy (1 - alpha weighs the soft targets).
+    #[arg(long, default_value_t = 0.2, global = true)]
+    alpha: f32,
+    /// Fraction of each training fold the student sees with labels.
+    #[arg(long, default_value_t = 0.05, global = true)]
+    label_fraction: f64,
+    /// Epochs over the labelled part (student and simple model).
+    #[arg(long, default_value_t = 200, global = true)]
+    epochs: usize,
+    /// Epochs over the whole training fold for the teacher.
+    #[arg(long, default_value_t = 200, global = true)]
+    teacher_epochs: usize,
+    /// Hard-label fine-tuning epochs for the distilled student after distillation.
+    #[arg(long, default_value_t = 0, global = true)]
+    finetune_epochs: usize,
+    #[arg(long, default_value_t = 5, global = true)]
+    folds: usize,
+    /// Run only the first N folds.
+    #[arg(long, global = true)]
+    run_folds: Option<usize>,
+    #[arg(long, default_value_t = 0, global = true)]
+    seed: u64,
+    #[arg(long, default_value_t = 32, global = true)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3, global = true)]
+    lr: f32,
+    /// Random +-1 pixel shifts and Gaussian noise on the student's inputs.
+    #[arg(long, global = true)]
+    augment: bool,
+    /// Output folder for results.json, curves.svg and student.safetensors.
+    #[arg(long, default_value = "out", global = true)]
+    out: PathBuf,
+    /// MNIST-format IDX images (with --idx-labels) instead of the shipped digits set.
+    #[arg(long, requires = "idx_labels", global = true)]
+    idx_images: Option<PathBuf>,
+    #[arg(long, requires = "idx_images", global = true)]
+    idx_labels: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config(o: &Opts) -> Config {
+    Config {
+        method: match o.method {
+            MethodChoice::Kd => Method::Kd,
+            MethodChoice::Fitnets => Method::FitNets,
+            MethodChoice::Ensemble => Method::Ensemble,
+            MethodChoice::Mutual => Method::Mutual,
+            MethodChoice::BornAgain => Method::BornAgain,
+            MethodChoice::Cached => Method::Cached,
+        },
+        temperature: o.temperature,
+        alpha: o.alpha,
+        label_fraction: o.label_fraction,
+        epochs: o.epochs,
+        teacher_epochs: o.teacher_epochs,
+        finetune_epochs: o.finetune_epochs,
+        folds: o.folds,
+        run_folds: o.run_folds,
+        seed: o.seed,
+        batch: o.batch,
+        lr: o.lr,
+        augment: o.augment,
+        cache_dir: o.out.join("soft-targets"),
+        ..Config::default()
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let o = &cli.opts;
+    if let ModelChoice::Cnn = o.model {
+        return Err(Error::Unsupported(
+            "--model cnn needs the Conv2d and pooling ops, which this version does not have yet; use --model mlp".into(),
+        ));
+    }
+    let data = match (&o.idx_images, &o.idx_labels) {
+        (Some(i), Some(l)) => Dataset::from_idx(i, l)?,
+        _ => Dataset::digits()?,
+    };
+    let cfg = config(o);
+    cfg.validate(&data)?;
+    let command = cli.command.unwrap_or(Command::Run);
+    match o.backend {
+        BackendChoice::Cpu => dispatch(&CpuBackend::new(), &data, &cfg, &command, o),
+        BackendChoice::Wgpu => dispatch(&WgpuBackend::new()?, &data, &cfg, &command, o),
+        BackendChoice::Cuda => cuda(&data, &cfg, &command, o),
+        BackendChoice::Auto => {
+            #[cfg(feature = "cuda")]
+            match distillation::CudaBackend::new() {
+                Ok(b) => return dispatch(&b, &data, &cfg, &command, o),
+                Err(e) => eprintln!("auto: {e}"),
+            }
+            let hw = distillation::backend::wgpu::WgpuOptions { hardware_only: true, ..Default::default() };
+            match WgpuBackend::with_options(hw) {
+                Ok(b) => dispatch(&b, &data, &cfg, &command, o),
+                Err(e) => {
+                    eprintln!("auto: {e}; using the CPU backend");
+                    dispatch(&CpuBackend::new(), &data, &cfg, &command, o)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(data: &Dataset, cfg: &Config, command: &Command, o: &Opts) -> Result<()> {
+    dispatch(&distillation::CudaBackend::new()?, data, cfg, command, o)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: &Dataset, _: &Config, _: &Command, _: &Opts) -> Result<()> {
+    Err(Error::Unavailable { backend: "cuda", reason: "built without the `cuda` feature".into() })
+}
+
+fn dispatch<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, command: &Command, o: &Opts) -> Result<()> {
+    eprintln!("backend: {}", backend.name());
+    match command {
+        Command::Run => {
+            let outcome = experiment::run(backend, data, cfg, &mut progress_printer(o.quiet))?;
+            print_table(&outcome.report);
+            write_outputs(&o.out, &outcome.report, backend, &outcome.student)
+        }
+        Command::Sweep { temperatures, alphas } => sweep(backend, data, cfg, temperatures, alphas, o),
+    }
+}
+
+fn progress_printer(quiet: bool) -> impl FnMut(Progress<'_>) {
+    let mut bar: Option<ProgressBar> = None;
+    move |p| match p {
+        Progress::Start(name, fold, steps) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            if !quiet {
+                let b = ProgressBar::new(steps as u64);
+                b.set_style(ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} steps {elapsed}").unwrap().progress_chars("=> "));
+                b.set_message(format!("fold {} {name}", fold + 1));
+                bar = Some(b);
+            }
+        }
+        Progress::Step => {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+        Progress::Fold(r) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "fold {}: teacher {:.2}%  distilled {:.2}%  simple {:.2}%",
+                r.fold + 1,
+                100.0 * r.teacher,
+                100.0 * r.student,
+                100.0 * r.simple
+            );
+        }
+    }
+}
+
+fn print_table(r: &Report) {
+    let c = &r.config;
+    println!();
+    println!(
+        "{} folds, method {:?}, T = {}, alpha = {}, {}% labelled, {} epochs ({} for the teacher), backend {}",
+        r.folds.len(),
+        c.method,
+        c.temperature,
+        c.alpha,
+        100.0 * c.label_fraction,
+        c.epochs,
+        c.teacher_epochs,
+        r.backend
+    );
+    println!("{:<10} {:>18} {:>12} {:>20}", "model", "accuracy", "parameters", "latency / example");
+    let row = |name: &str, s: &experiment::Summary, params: usize, lat: Option<f64>| {
+        let lat = lat.map_or("-".to_string(), |l| format!("{:.2} us", l * 1e6));
+        println!("{name:<10} {:>10.2}% +- {:<4.2} {params:>12} {lat:>20}", 100.0 * s.mean, 100.0 * s.std);
+    };
+    row("teacher", &r.teacher, r.teacher_params, Some(r.teacher_latency));
+    row("distilled", &r.student, r.student_params, Some(r.student_latency));
+    row("simple", &r.simple, r.student_params, None);
+    let gain = 100.0 * (r.student.mean - r.simple.mean);
+    println!(
+        "distillation {} the student by {:.2} points; the student has {:.1}x fewer parameters and runs {:.1}x faster per example; {:.1} s in all",
+        if gain >= 0.0 { "helped" } else { "did NOT help" },
+        gain.abs(),
+        r.teacher_params as f64 / r.student_params as f64,
+        r.teacher_latency / r.student_latency,
+        r.seconds
+    );
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Unsupported(format!("cannot write {}: {e}", path.display()))
+}
+
+fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Mlp<B>) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let json = out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(r).map_err(|e| io_err(&json, e))?).map_err(|e| io_err(&json, e))?;
+    let svg = out.join("curves.svg");
+    std::fs::write(&svg, distillation::report::curves_svg(r)).map_err(|e| io_err(&svg, e))?;
+    let st = out.join("student.safetensors");
+    distillation::report::save_mlp(student, backend, &st)?;
+    println!("wrote {}, {}, {}", json.display(), svg.display(), st.display());
+    Ok(())
+}
+
+fn sweep<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, temperatures: &[f32], alphas: &[f32], o: &Opts) -> Result<()> {
+    let mut rows = Vec::new();
+    for &t in temperatures {
+        for &a in alphas {
+            let c = Config { temperature: t, alpha: a, ..cfg.clone() };
+            c.validate(data)?;
+            eprintln!("sweep: T = {t}, alpha = {a}");
+            let r = experiment::run(backend, data, &c, &mut progress_printer(o.quiet))?.report;
+            rows.push((t, a, r));
+        }
+    }
+    println!("\n{:>6} {:>6} {:>20} {:>20}", "T", "alpha", "distilled", "simple");
+    for (t, a, r) in &rows {
+        println!(
+            "{t:>6} {a:>6} {:>12.2}% +- {:<4.2} {:>12.2}% +- {:<4.2}",
+            100.0 * r.student.mean,
+            100.0 * r.student.std,
+            100.0 * r.simple.mean,
+            100.0 * r.simple.std
+        );
+    }
+    std::fs::create_dir_all(&o.out).map_err(|e| io_err(&o.out, e))?;
+    let path = o.out.join("sweep.json");
+    let json: Vec<_> = rows.iter().map(|(t, a, r)| serde_json::json!({"temperature": t, "alpha": a, "report": r})).collect();
+    std::fs::write(&path, serde_json::to_string_pretty(&json).map_err(|e| io_err(&path, e))?).map_err(|e| io_err(&path, e))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
