@@ -30,20 +30,41 @@ fn data_error(what: impl Into<String>) -> Error {
 
 impl Dataset {
     /// Checks sizes and labels.
-    pub fn new(x: Vec<f32>, y: Vec<i32>, dim: usize, classes: usize, image: Option<(usize, usize, usize)>) -> Result<Self> {
+    pub fn new(
+        x: Vec<f32>,
+        y: Vec<i32>,
+        dim: usize,
+        classes: usize,
+        image: Option<(usize, usize, usize)>,
+    ) -> Result<Self> {
         if y.is_empty() || dim == 0 {
-            return Err(data_error("empty data set: it needs at least one example with at least one feature"));
+            return Err(data_error(
+                "empty data set: it needs at least one example with at least one feature",
+            ));
         }
         if x.len() != y.len() * dim {
-            return Err(Error::shape("features", x.len(), y.len() * dim, format!("{} examples of {dim} features", y.len())));
+            return Err(Error::shape(
+                "features",
+                x.len(),
+                y.len() * dim,
+                format!("{} examples of {dim} features", y.len()),
+            ));
         }
         if let Some((c, h, w)) = image {
             if c * h * w != dim {
-                return Err(data_error(format!("image shape {c}x{h}x{w} does not hold {dim} features")));
+                return Err(data_error(format!(
+                    "image shape {c}x{h}x{w} does not hold {dim} features"
+                )));
             }
         }
         crate::ops::check_labels(&y, classes, i32::MIN)?;
-        Ok(Dataset { x, y, dim, classes, image })
+        Ok(Dataset {
+            x,
+            y,
+            dim,
+            classes,
+            image,
+        })
     }
 
     /// The digits set shipped with the crate, pixels scaled by 1/16 to [0, 1].
@@ -56,18 +77,41 @@ impl Dataset {
     }
 
     /// Parses CSV rows of `dim` numbers then an integer label, scaling the features by `scale`.
-    pub fn from_csv(text: &str, dim: usize, classes: usize, scale: f32, image: Option<(usize, usize, usize)>) -> Result<Self> {
+    pub fn from_csv(
+        text: &str,
+        dim: usize,
+        classes: usize,
+        scale: f32,
+        image: Option<(usize, usize, usize)>,
+    ) -> Result<Self> {
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             if fields.len() != dim + 1 {
-                return Err(data_error(format!("CSV line {}: {} fields, expected {} features and a label", i + 1, fields.len(), dim)));
+                return Err(data_error(format!(
+                    "CSV line {}: {} fields, expected {} features and a label",
+                    i + 1,
+                    fields.len(),
+                    dim
+                )));
             }
             for f in &fields[..dim] {
-                let v: f32 = f.parse().map_err(|_| data_error(format!("CSV line {}: {f:?} is not a number", i + 1)))?;
+                let v: f32 = f.parse().map_err(|_| {
+                    data_error(format!("CSV line {}: {f:?} is not a number", i + 1))
+                })?;
                 x.push(v * scale);
             }
-            y.push(fields[dim].parse().map_err(|_| data_error(format!("CSV line {}: label {:?} is not an integer", i + 1, fields[dim])))?);
+            y.push(fields[dim].parse().map_err(|_| {
+                data_error(format!(
+                    "CSV line {}: label {:?} is not an integer",
+                    i + 1,
+                    fields[dim]
+                ))
+            })?);
         }
         Self::new(x, y, dim, classes, image)
     }
@@ -83,10 +127,18 @@ impl Dataset {
                 .ok_or_else(|| data_error("IDX file shorter than its header"))
         };
         if be(&img, 0)? != 0x0803 {
-            return Err(data_error(format!("{}: not an IDX image file (magic {:#010x}, expected 0x00000803)", images.display(), be(&img, 0)?)));
+            return Err(data_error(format!(
+                "{}: not an IDX image file (magic {:#010x}, expected 0x00000803)",
+                images.display(),
+                be(&img, 0)?
+            )));
         }
         if be(&lab, 0)? != 0x0801 {
-            return Err(data_error(format!("{}: not an IDX label file (magic {:#010x}, expected 0x00000801)", labels.display(), be(&lab, 0)?)));
+            return Err(data_error(format!(
+                "{}: not an IDX label file (magic {:#010x}, expected 0x00000801)",
+                labels.display(),
+                be(&lab, 0)?
+            )));
         }
         let (n, rows, cols) = (be(&img, 4)?, be(&img, 8)?, be(&img, 12)?);
         let nl = be(&lab, 4)?;
@@ -94,9 +146,22 @@ impl Dataset {
             return Err(data_error(format!("{n} images but {nl} labels")));
         }
         let dim = rows * cols;
-        let pixels = img.get(16..16 + n * dim).ok_or_else(|| data_error(format!("{}: truncated: {n} images of {rows}x{cols} need {} bytes", images.display(), 16 + n * dim)))?;
-        let ys = lab.get(8..8 + n).ok_or_else(|| data_error(format!("{}: truncated", labels.display())))?;
-        let classes = ys.iter().map(|&v| v as usize + 1).max().unwrap_or(1).max(10);
+        let pixels = img.get(16..16 + n * dim).ok_or_else(|| {
+            data_error(format!(
+                "{}: truncated: {n} images of {rows}x{cols} need {} bytes",
+                images.display(),
+                16 + n * dim
+            ))
+        })?;
+        let ys = lab
+            .get(8..8 + n)
+            .ok_or_else(|| data_error(format!("{}: truncated", labels.display())))?;
+        let classes = ys
+            .iter()
+            .map(|&v| v as usize + 1)
+            .max()
+            .unwrap_or(1)
+            .max(10);
         Self::new(
             pixels.iter().map(|&p| p as f32 / 255.0).collect(),
             ys.iter().map(|&v| v as i32).collect(),
@@ -120,12 +185,19 @@ impl Dataset {
         for &i in idx {
             x.extend_from_slice(&self.x[i * self.dim..(i + 1) * self.dim]);
         }
-        Dataset { x, y: idx.iter().map(|&i| self.y[i]).collect(), dim: self.dim, classes: self.classes, image: self.image }
+        Dataset {
+            x,
+            y: idx.iter().map(|&i| self.y[i]).collect(),
+            dim: self.dim,
+            classes: self.classes,
+            image: self.image,
+        }
     }
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| data_error(format!("cannot read {}: {e}", path.display())))?;
+    let raw = std::fs::read(path)
+        .map_err(|e| data_error(format!("cannot read {}: {e}", path.display())))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
@@ -139,7 +211,9 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 /// `k` shuffled folds of `0..n`: `(train, test)` index lists, each example tested once.
 pub fn kfold(n: usize, k: usize, rng: &mut Rng) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
     if k < 2 || k > n {
-        return Err(data_error(format!("{k} folds of {n} examples: the number of folds must be in 2..={n}")));
+        return Err(data_error(format!(
+            "{k} folds of {n} examples: the number of folds must be in 2..={n}"
+        )));
     }
     let mut idx: Vec<usize> = (0..n).collect();
     rng.shuffle(&mut idx);
@@ -153,34 +227,37 @@ pub fn kfold(n: usize, k: usize, rng: &mut Rng) -> Result<Vec<(Vec<usize>, Vec<u
         .collect())
 }
 
-/// Splits `idx` into a labelled part of `fraction` (at least one example per class where the
-/// class is present, rounded) and the unlabelled rest, after a seeded shuffle.
-pub fn label_split(data: &Dataset, idx: &[usize], fraction: f64, rng: &mut Rng) -> Result<(Vec<usize>, Vec<usize>)> {
+/// Splits `idx` into a labelled part of about `fraction` of it, stratified by class (each class
+/// present keeps `round(fraction * its count)` labels, at least one), and the unlabelled rest,
+/// after a seeded shuffle.
+pub fn label_split(
+    data: &Dataset,
+    idx: &[usize],
+    fraction: f64,
+    rng: &mut Rng,
+) -> Result<(Vec<usize>, Vec<usize>)> {
     if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(Error::Param { name: "label_fraction", value: fraction, hint: "the labelled fraction must be in (0, 1]" });
+        return Err(Error::Param {
+            name: "label_fraction",
+            value: fraction,
+            hint: "the labelled fraction must be in (0, 1]",
+        });
     }
     let mut idx = idx.to_vec();
     rng.shuffle(&mut idx);
-    let want = ((idx.len() as f64 * fraction).round() as usize).clamp(1, idx.len());
-    // Take the first example of each class first, so every class has a label.
-    let mut labelled = Vec::with_capacity(want);
-    let mut seen = vec![false; data.classes];
+    let mut by_class = vec![Vec::new(); data.classes];
     for &i in &idx {
-        let c = data.y[i] as usize;
-        if !seen[c] && labelled.len() < want {
-            seen[c] = true;
-            labelled.push(i);
-        }
+        by_class[data.y[i] as usize].push(i);
     }
-    for &i in &idx {
-        if labelled.len() >= want {
-            break;
-        }
-        if !labelled.contains(&i) {
-            labelled.push(i);
-        }
+    let mut labelled = Vec::new();
+    let mut rest = Vec::new();
+    for members in by_class.iter().filter(|m| !m.is_empty()) {
+        let k = ((members.len() as f64 * fraction).round() as usize).clamp(1, members.len());
+        labelled.extend_from_slice(&members[..k]);
+        rest.extend_from_slice(&members[k..]);
     }
-    let rest = idx.into_iter().filter(|i| !labelled.contains(i)).collect();
+    rng.shuffle(&mut labelled);
+    rng.shuffle(&mut rest);
     Ok((labelled, rest))
 }
 
@@ -193,7 +270,13 @@ pub fn batches(idx: &[usize], batch: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
 
 /// Augmentation of image rows in place: each image shifted by -1, 0 or +1 pixel in each direction
 /// (zeros shifted in), then Gaussian noise of standard deviation `noise` added.
-pub fn augment(x: &mut [f32], image: (usize, usize, usize), shift: bool, noise: f32, rng: &mut Rng) {
+pub fn augment(
+    x: &mut [f32],
+    image: (usize, usize, usize),
+    shift: bool,
+    noise: f32,
+    rng: &mut Rng,
+) {
     let (c, h, w) = image;
     let dim = c * h * w;
     for img in x.chunks_mut(dim) {

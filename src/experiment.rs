@@ -106,16 +106,30 @@ impl Config {
     pub fn validate(&self, data: &Dataset) -> Result<()> {
         crate::ops::check_temperature(self.temperature)?;
         if !(0.0..=1.0).contains(&self.alpha) {
-            return Err(Error::Param { name: "alpha", value: self.alpha as f64, hint: "alpha must be in [0, 1]" });
+            return Err(Error::Param {
+                name: "alpha",
+                value: self.alpha as f64,
+                hint: "alpha must be in [0, 1]",
+            });
         }
         if !(self.label_fraction > 0.0 && self.label_fraction <= 1.0) {
-            return Err(Error::Param { name: "label_fraction", value: self.label_fraction, hint: "must be in (0, 1]" });
+            return Err(Error::Param {
+                name: "label_fraction",
+                value: self.label_fraction,
+                hint: "must be in (0, 1]",
+            });
         }
         if self.batch == 0 || self.epochs == 0 || self.teacher_epochs == 0 {
-            return Err(Error::Unsupported("batch size, epochs and teacher epochs must be at least 1".into()));
+            return Err(Error::Unsupported(
+                "batch size, epochs and teacher epochs must be at least 1".into(),
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::Param { name: "lr", value: self.lr as f64, hint: "the learning rate must be > 0" });
+            return Err(Error::Param {
+                name: "lr",
+                value: self.lr as f64,
+                hint: "the learning rate must be > 0",
+            });
         }
         if self.folds < 2 || self.folds > data.len() {
             return Err(Error::Unsupported(format!(
@@ -126,26 +140,42 @@ impl Config {
             )));
         }
         if self.method == Method::Ensemble && self.teachers < 2 {
-            return Err(Error::Unsupported("an ensemble needs at least 2 teachers".into()));
+            return Err(Error::Unsupported(
+                "an ensemble needs at least 2 teachers".into(),
+            ));
         }
         if self.method == Method::BornAgain && self.generations < 1 {
-            return Err(Error::Unsupported("born-again training needs at least 1 generation".into()));
+            return Err(Error::Unsupported(
+                "born-again training needs at least 1 generation".into(),
+            ));
         }
         if self.augment && data.image.is_none() {
-            return Err(Error::Unsupported("augmentation shifts images: this data set has no image shape".into()));
+            return Err(Error::Unsupported(
+                "augmentation shifts images: this data set has no image shape".into(),
+            ));
         }
         Ok(())
     }
 
     fn teacher_sizes(&self, data: &Dataset) -> Vec<usize> {
-        [vec![data.dim], self.teacher_hidden.clone(), vec![data.classes]].concat()
+        [
+            vec![data.dim],
+            self.teacher_hidden.clone(),
+            vec![data.classes],
+        ]
+        .concat()
     }
 
     fn student_sizes(&self, data: &Dataset) -> Vec<usize> {
         if self.method == Method::BornAgain {
             return self.teacher_sizes(data);
         }
-        [vec![data.dim], self.student_hidden.clone(), vec![data.classes]].concat()
+        [
+            vec![data.dim],
+            self.student_hidden.clone(),
+            vec![data.classes],
+        ]
+        .concat()
     }
 }
 
@@ -170,7 +200,10 @@ pub struct Summary {
 fn summary(v: &[f64]) -> Summary {
     let mean = v.iter().sum::<f64>() / v.len() as f64;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64;
-    Summary { mean, std: var.sqrt() }
+    Summary {
+        mean,
+        std: var.sqrt(),
+    }
 }
 
 /// The whole run.
@@ -207,7 +240,12 @@ pub struct Outcome<B: Backend> {
 }
 
 /// Runs the experiment on `backend`.
-pub fn run<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, progress: &mut dyn FnMut(Progress<'_>)) -> Result<Outcome<B>> {
+pub fn run<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Outcome<B>> {
     cfg.validate(data)?;
     let start = Instant::now();
     let root = Rng::new(cfg.seed);
@@ -218,16 +256,38 @@ pub fn run<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, progress: &mut
     let (mut t_lat, mut s_lat, mut t_params, mut s_params) = (0.0, 0.0, 0, 0);
     for (f, (train, test)) in folds.into_iter().take(take).enumerate() {
         let mut rng = root.fork(100 + f as u64);
-        let (labelled, unlabelled) = data::label_split(data, &train, cfg.label_fraction, &mut rng.fork(2))?;
+        let (labelled, unlabelled) =
+            data::label_split(data, &train, cfg.label_fraction, &mut rng.fork(2))?;
 
         // Teacher(s): every label of the training fold.
-        let n_teachers = if cfg.method == Method::Ensemble { cfg.teachers } else { 1 };
+        let n_teachers = if cfg.method == Method::Ensemble {
+            cfg.teachers
+        } else {
+            1
+        };
         let mut teachers = Vec::new();
         let mut teacher_curve = Vec::new();
         for k in 0..n_teachers {
-            let mut t = Mlp::new(backend, &cfg.teacher_sizes(data), &mut rng.fork(10 + k as u64))?;
-            progress(Progress::Start("teacher", f, cfg.teacher_epochs * train.len().div_ceil(cfg.batch)));
-            let curve = train_supervised(backend, &mut t, data, &train, cfg.teacher_epochs, cfg, &mut rng.fork(20 + k as u64), progress)?;
+            let mut t = Mlp::new(
+                backend,
+                &cfg.teacher_sizes(data),
+                &mut rng.fork(10 + k as u64),
+            )?;
+            progress(Progress::Start(
+                "teacher",
+                f,
+                cfg.teacher_epochs * train.len().div_ceil(cfg.batch),
+            ));
+            let curve = train_supervised(
+                backend,
+                &mut t,
+                data,
+                &train,
+                cfg.teacher_epochs,
+                cfg,
+                &mut rng.fork(20 + k as u64),
+                progress,
+            )?;
             if k == 0 {
                 teacher_curve = curve;
             }
@@ -237,15 +297,51 @@ pub fn run<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, progress: &mut
 
         // Simple: the student's architecture on the labelled part only, same epochs.
         let mut simple = Mlp::new(backend, &cfg.student_sizes(data), &mut rng.fork(30))?;
-        progress(Progress::Start("simple", f, cfg.epochs * labelled.len().div_ceil(cfg.batch)));
-        let simple_curve = train_supervised(backend, &mut simple, data, &labelled, cfg.epochs, cfg, &mut rng.fork(31), progress)?;
+        progress(Progress::Start(
+            "simple",
+            f,
+            cfg.epochs * labelled.len().div_ceil(cfg.batch),
+        ));
+        let simple_curve = train_supervised(
+            backend,
+            &mut simple,
+            data,
+            &labelled,
+            cfg.epochs,
+            cfg,
+            &mut rng.fork(31),
+            progress,
+        )?;
         let simple_acc = accuracy(backend, &simple, data, &test)?;
 
         // Distilled student, same initialisation as the simple model.
-        let (mut student, student_curve) = distil(backend, data, cfg, &teachers, &labelled, &unlabelled, f, &mut rng, progress)?;
+        let (mut student, student_curve) = distil(
+            backend,
+            data,
+            cfg,
+            &teachers,
+            &labelled,
+            &unlabelled,
+            f,
+            &mut rng,
+            progress,
+        )?;
         if cfg.finetune_epochs > 0 {
-            progress(Progress::Start("fine-tune", f, cfg.finetune_epochs * labelled.len().div_ceil(cfg.batch)));
-            train_supervised(backend, &mut student, data, &labelled, cfg.finetune_epochs, cfg, &mut rng.fork(50), progress)?;
+            progress(Progress::Start(
+                "fine-tune",
+                f,
+                cfg.finetune_epochs * labelled.len().div_ceil(cfg.batch),
+            ));
+            train_supervised(
+                backend,
+                &mut student,
+                data,
+                &labelled,
+                cfg.finetune_epochs,
+                cfg,
+                &mut rng.fork(50),
+                progress,
+            )?;
         }
         let student_acc = accuracy(backend, &student, data, &test)?;
 
@@ -280,7 +376,10 @@ pub fn run<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, progress: &mut
         student_latency: s_lat,
         seconds: start.elapsed().as_secs_f64(),
     };
-    Ok(Outcome { report, student: last_student.expect("at least one fold") })
+    Ok(Outcome {
+        report,
+        student: last_student.expect("at least one fold"),
+    })
 }
 
 /// One batch on the device: inputs `[b, dim]` and labels.
@@ -290,7 +389,14 @@ struct Batch<B: Backend> {
     rows: usize,
 }
 
-fn gather<B: Backend>(backend: &B, data: &Dataset, idx: &[usize], labelled: usize, augment: Option<&mut Rng>, cfg: &Config) -> Result<(Batch<B>, Vec<f32>)> {
+fn gather<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    idx: &[usize],
+    labelled: usize,
+    augment: Option<&mut Rng>,
+    cfg: &Config,
+) -> Result<(Batch<B>, Vec<f32>)> {
     let mut x = Vec::with_capacity(idx.len() * data.dim);
     for &i in idx {
         x.extend_from_slice(&data.x[i * data.dim..(i + 1) * data.dim]);
@@ -299,11 +405,29 @@ fn gather<B: Backend>(backend: &B, data: &Dataset, idx: &[usize], labelled: usiz
         data::augment(&mut x, image, true, cfg.noise, rng);
     }
     // Rows past `labelled` are unlabelled: masked for cross-entropy.
-    let y: Vec<i32> = idx.iter().enumerate().map(|(r, &i)| if r < labelled { data.y[i] } else { IGNORE_INDEX }).collect();
-    Ok((Batch { x: Tensor::from_host(backend, &x, &[idx.len(), data.dim])?, labels: backend.upload_labels(&y)?, rows: idx.len() }, x))
+    let y: Vec<i32> = idx
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| {
+            if r < labelled {
+                data.y[i]
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    Ok((
+        Batch {
+            x: Tensor::from_host(backend, &x, &[idx.len(), data.dim])?,
+            labels: backend.upload_labels(&y)?,
+            rows: idx.len(),
+        },
+        x,
+    ))
 }
 
 /// Hard-label training with cross-entropy; returns the mean loss of each epoch.
+#[allow(clippy::too_many_arguments)]
 fn train_supervised<B: Backend>(
     backend: &B,
     model: &mut Mlp<B>,
@@ -339,7 +463,12 @@ fn train_supervised<B: Backend>(
 }
 
 /// The teacher's logits for `idx`, on the host (the frozen teacher's soft targets are cached).
-fn predict<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize]) -> Result<Vec<f32>> {
+fn predict<B: Backend>(
+    backend: &B,
+    model: &Mlp<B>,
+    data: &Dataset,
+    idx: &[usize],
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(idx.len() * data.classes);
     for chunk in idx.chunks(1024) {
         let (batch, _) = gather(backend, data, chunk, 0, None, &Config::default())?;
@@ -351,7 +480,13 @@ fn predict<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize
     Ok(out)
 }
 
-fn logits_of<B: Backend>(backend: &B, model: &Mlp<B>, x: &[f32], rows: usize, dim: usize) -> Result<Vec<f32>> {
+fn logits_of<B: Backend>(
+    backend: &B,
+    model: &Mlp<B>,
+    x: &[f32],
+    rows: usize,
+    dim: usize,
+) -> Result<Vec<f32>> {
     let tape = Tape::new(backend);
     let xv = tape.constant(Tensor::from_host(backend, x, &[rows, dim])?);
     let logits = model.forward(&tape, xv)?.logits;
@@ -359,13 +494,21 @@ fn logits_of<B: Backend>(backend: &B, model: &Mlp<B>, x: &[f32], rows: usize, di
 }
 
 /// Accuracy of `model` on `idx`.
-pub fn accuracy<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize]) -> Result<f64> {
+pub fn accuracy<B: Backend>(
+    backend: &B,
+    model: &Mlp<B>,
+    data: &Dataset,
+    idx: &[usize],
+) -> Result<f64> {
     let logits = predict(backend, model, data, idx)?;
     let correct = logits
         .chunks(data.classes)
         .zip(idx)
         .filter(|(row, &i)| {
-            let arg = row.iter().enumerate().fold(0, |best, (j, &v)| if v > row[best] { j } else { best });
+            let arg = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (j, &v)| if v > row[best] { j } else { best });
             arg as i32 == data.y[i]
         })
         .count();
@@ -373,7 +516,12 @@ pub fn accuracy<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[
 }
 
 /// Seconds per example of a batched forward pass over `idx` (median of 5 after a warm-up).
-pub fn latency<B: Backend>(backend: &B, model: &Mlp<B>, data: &Dataset, idx: &[usize]) -> Result<f64> {
+pub fn latency<B: Backend>(
+    backend: &B,
+    model: &Mlp<B>,
+    data: &Dataset,
+    idx: &[usize],
+) -> Result<f64> {
     predict(backend, model, data, idx)?;
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
@@ -390,7 +538,12 @@ fn ensemble_probs(logits: &[Vec<f32>], classes: usize, t: f32) -> Vec<f32> {
     let k = logits.len() as f64;
     let mut acc = vec![0.0f64; logits[0].len()];
     for l in logits {
-        let p = softmax::reference_forward(&l.iter().map(|&v| v as f64).collect::<Vec<_>>(), classes, t as f64, false);
+        let p = softmax::reference_forward(
+            &l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            classes,
+            t as f64,
+            false,
+        );
         for (a, v) in acc.iter_mut().zip(p) {
             *a += v / k;
         }
@@ -400,13 +553,20 @@ fn ensemble_probs(logits: &[Vec<f32>], classes: usize, t: f32) -> Vec<f32> {
 
 /// Writes soft targets to `dir/fold{f}.f32` (little-endian f32) and reads them back.
 fn cache_round_trip(dir: &std::path::Path, fold: usize, probs: &[f32]) -> Result<Vec<f32>> {
-    let io = |e: std::io::Error| Error::Unsupported(format!("soft-target cache in {}: {e}", dir.display()));
+    let io = |e: std::io::Error| {
+        Error::Unsupported(format!("soft-target cache in {}: {e}", dir.display()))
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     let path = dir.join(format!("fold{fold}.f32"));
     std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(probs)).map_err(io)?;
     let bytes = std::fs::read(&path).map_err(io)?;
     if bytes.len() != probs.len() * 4 {
-        return Err(Error::Unsupported(format!("{}: {} bytes, expected {}", path.display(), bytes.len(), probs.len() * 4)));
+        return Err(Error::Unsupported(format!(
+            "{}: {} bytes, expected {}",
+            path.display(),
+            bytes.len(),
+            probs.len() * 4
+        )));
     }
     Ok(bytemuck::pod_collect_to_vec(&bytes))
 }
@@ -424,7 +584,11 @@ fn distil<B: Backend>(
     rng: &mut Rng,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Mlp<B>, Vec<f64>)> {
-    let generations = if cfg.method == Method::BornAgain { cfg.generations } else { 1 };
+    let generations = if cfg.method == Method::BornAgain {
+        cfg.generations
+    } else {
+        1
+    };
     let mut teacher_ref: Option<Mlp<B>> = None;
     let mut result = None;
     for g in 0..generations {
@@ -432,7 +596,17 @@ fn distil<B: Backend>(
             Some(t) => vec![t],
             None => teachers.iter().collect(),
         };
-        let out = distil_once(backend, data, cfg, &current_teachers, labelled, unlabelled, fold, &mut rng.fork(60 + g as u64), progress)?;
+        let out = distil_once(
+            backend,
+            data,
+            cfg,
+            &current_teachers,
+            labelled,
+            unlabelled,
+            fold,
+            &mut rng.fork(60 + g as u64),
+            progress,
+        )?;
         if g + 1 < generations {
             teacher_ref = Some(out.0);
         } else {
@@ -456,13 +630,31 @@ fn distil_once<B: Backend>(
 ) -> Result<(Mlp<B>, Vec<f64>)> {
     let classes = data.classes;
     // The same initialisation as the fold's simple model, so the comparison isolates the teacher.
-    let mut student = Mlp::new(backend, &cfg.student_sizes(data), &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30))?;
+    let mut student = Mlp::new(
+        backend,
+        &cfg.student_sizes(data),
+        &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30),
+    )?;
     // The second network of mutual learning, and the FitNets regressor (student hidden -> teacher
     // hidden), trained with the student.
-    let mut peer = if cfg.method == Method::Mutual { Some(Mlp::new(backend, &cfg.student_sizes(data), &mut rng.fork(33))?) } else { None };
+    let mut peer = if cfg.method == Method::Mutual {
+        Some(Mlp::new(
+            backend,
+            &cfg.student_sizes(data),
+            &mut rng.fork(33),
+        )?)
+    } else {
+        None
+    };
     let mut regressor = if cfg.method == Method::FitNets {
-        let sh = *cfg.student_hidden.first().ok_or_else(|| Error::Unsupported("FitNets needs a student hidden layer".into()))?;
-        let th = *cfg.teacher_hidden.first().ok_or_else(|| Error::Unsupported("FitNets needs a teacher hidden layer".into()))?;
+        let sh = *cfg
+            .student_hidden
+            .first()
+            .ok_or_else(|| Error::Unsupported("FitNets needs a student hidden layer".into()))?;
+        let th = *cfg
+            .teacher_hidden
+            .first()
+            .ok_or_else(|| Error::Unsupported("FitNets needs a teacher hidden layer".into()))?;
         Some(Mlp::new(backend, &[sh, th], &mut rng.fork(34))?)
     } else {
         None
@@ -477,15 +669,27 @@ fn distil_once<B: Backend>(
     }
     let (targets, form) = match cfg.method {
         Method::Ensemble => {
-            let all: Vec<Vec<f32>> = teachers.iter().map(|t| predict(backend, t, data, &fold_idx)).collect::<Result<_>>()?;
-            (ensemble_probs(&all, classes, cfg.temperature), TeacherInput::Probs)
+            let all: Vec<Vec<f32>> = teachers
+                .iter()
+                .map(|t| predict(backend, t, data, &fold_idx))
+                .collect::<Result<_>>()?;
+            (
+                ensemble_probs(&all, classes, cfg.temperature),
+                TeacherInput::Probs,
+            )
         }
         Method::Cached => {
             let logits = predict(backend, teachers[0], data, &fold_idx)?;
             let probs = ensemble_probs(&[logits], classes, cfg.temperature);
-            (cache_round_trip(&cfg.cache_dir, fold, &probs)?, TeacherInput::Probs)
+            (
+                cache_round_trip(&cfg.cache_dir, fold, &probs)?,
+                TeacherInput::Probs,
+            )
         }
-        _ => (predict(backend, teachers[0], data, &fold_idx)?, TeacherInput::Logits),
+        _ => (
+            predict(backend, teachers[0], data, &fold_idx)?,
+            TeacherInput::Logits,
+        ),
     };
 
     let opt = Optimizer::adam(cfg.lr);
@@ -518,13 +722,26 @@ fn distil_once<B: Backend>(
             let t_host: Vec<f32> = if cfg.augment && form == TeacherInput::Logits {
                 logits_of(backend, teachers[0], &x_host, rows, data.dim)?
             } else {
-                idx.iter().flat_map(|&i| targets[position[i] * classes..(position[i] + 1) * classes].iter().copied()).collect()
+                idx.iter()
+                    .flat_map(|&i| {
+                        targets[position[i] * classes..(position[i] + 1) * classes]
+                            .iter()
+                            .copied()
+                    })
+                    .collect()
             };
             let tape = Tape::new(backend);
             let x = tape.constant(batch.x);
             let fwd = student.forward(&tape, x)?;
-            let ce = CrossEntropySpec { grad_scale: cfg.alpha, ..CrossEntropySpec::new(shape) };
-            let kd = DivergenceSpec { teacher: form, grad_scale: 1.0 - cfg.alpha, ..DivergenceSpec::new(shape, cfg.temperature) };
+            let ce = CrossEntropySpec {
+                grad_scale: cfg.alpha,
+                ..CrossEntropySpec::new(shape)
+            };
+            let kd = DivergenceSpec {
+                teacher: form,
+                grad_scale: 1.0 - cfg.alpha,
+                ..DivergenceSpec::new(shape, cfg.temperature)
+            };
             let mut losses = vec![tape.cross_entropy(fwd.logits, &batch.labels, ce)?];
             let mut extra_params = Vec::new();
             if let Some(peer) = &peer {
@@ -548,11 +765,27 @@ fn distil_once<B: Backend>(
             }
             tape.backward(&losses)?;
             step += 1;
-            opt.step(&tape, student.params_mut().into_iter().zip(fwd.params), step)?;
+            opt.step(
+                &tape,
+                student.params_mut().into_iter().zip(fwd.params),
+                step,
+            )?;
             if let Some(peer) = peer.as_mut() {
-                opt.step(&tape, peer.params_mut().into_iter().zip(extra_params.iter().copied()), step)?;
+                opt.step(
+                    &tape,
+                    peer.params_mut()
+                        .into_iter()
+                        .zip(extra_params.iter().copied()),
+                    step,
+                )?;
             } else if let Some(reg) = regressor.as_mut() {
-                opt.step(&tape, reg.params_mut().into_iter().zip(extra_params.iter().copied()), step)?;
+                opt.step(
+                    &tape,
+                    reg.params_mut()
+                        .into_iter()
+                        .zip(extra_params.iter().copied()),
+                    step,
+                )?;
             }
             // The student's objective: alpha CE + (1 - alpha) T^2 KL (losses[0] and the first
             // divergence on the student's logits).
@@ -567,7 +800,12 @@ fn distil_once<B: Backend>(
 }
 
 /// The frozen teacher's first hidden activation for the batch already on the tape.
-fn teacher_hidden<'a, B: Backend + 'a>(backend: &B, tape: &Tape<'a, B>, teacher: &Mlp<B>, x: crate::tape::Var) -> Result<crate::tape::Var> {
+fn teacher_hidden<'a, B: Backend + 'a>(
+    backend: &B,
+    tape: &Tape<'a, B>,
+    teacher: &Mlp<B>,
+    x: crate::tape::Var,
+) -> Result<crate::tape::Var> {
     let inner = Tape::new(backend);
     let xv = inner.constant(tape.value(x));
     let f = teacher.forward(&inner, xv)?;

@@ -11,7 +11,11 @@ use distillation::{Backend, CpuBackend, Error, Result, WgpuBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
-#[command(name = "distill", version, about = "Knowledge distillation: teacher vs distilled student vs the same student trained alone")]
+#[command(
+    name = "distill",
+    version,
+    about = "Knowledge distillation: teacher vs distilled student vs the same student trained alone"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -172,7 +176,10 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(b) => return dispatch(&b, &data, &cfg, &command, o),
                 Err(e) => eprintln!("auto: {e}"),
             }
-            let hw = distillation::backend::wgpu::WgpuOptions { hardware_only: true, ..Default::default() };
+            let hw = distillation::backend::wgpu::WgpuOptions {
+                hardware_only: true,
+                ..Default::default()
+            };
             match WgpuBackend::with_options(hw) {
                 Ok(b) => dispatch(&b, &data, &cfg, &command, o),
                 Err(e) => {
@@ -191,10 +198,19 @@ fn cuda(data: &Dataset, cfg: &Config, command: &Command, o: &Opts) -> Result<()>
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: &Dataset, _: &Config, _: &Command, _: &Opts) -> Result<()> {
-    Err(Error::Unavailable { backend: "cuda", reason: "built without the `cuda` feature".into() })
+    Err(Error::Unavailable {
+        backend: "cuda",
+        reason: "built without the `cuda` feature".into(),
+    })
 }
 
-fn dispatch<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, command: &Command, o: &Opts) -> Result<()> {
+fn dispatch<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    command: &Command,
+    o: &Opts,
+) -> Result<()> {
     eprintln!("backend: {}", backend.name());
     match command {
         Command::Run => {
@@ -202,7 +218,10 @@ fn dispatch<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, command: &Com
             print_table(&outcome.report);
             write_outputs(&o.out, &outcome.report, backend, &outcome.student)
         }
-        Command::Sweep { temperatures, alphas } => sweep(backend, data, cfg, temperatures, alphas, o),
+        Command::Sweep {
+            temperatures,
+            alphas,
+        } => sweep(backend, data, cfg, temperatures, alphas, o),
     }
 }
 
@@ -215,7 +234,13 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress<'_>) {
             }
             if !quiet {
                 let b = ProgressBar::new(steps as u64);
-                b.set_style(ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} steps {elapsed}").unwrap().progress_chars("=> "));
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg:>18} [{bar:30}] {pos}/{len} steps {elapsed}",
+                    )
+                    .unwrap()
+                    .progress_chars("=> "),
+                );
                 b.set_message(format!("fold {} {name}", fold + 1));
                 bar = Some(b);
             }
@@ -254,13 +279,30 @@ fn print_table(r: &Report) {
         c.teacher_epochs,
         r.backend
     );
-    println!("{:<10} {:>18} {:>12} {:>20}", "model", "accuracy", "parameters", "latency / example");
+    println!(
+        "{:<10} {:>18} {:>12} {:>20}",
+        "model", "accuracy", "parameters", "latency / example"
+    );
     let row = |name: &str, s: &experiment::Summary, params: usize, lat: Option<f64>| {
         let lat = lat.map_or("-".to_string(), |l| format!("{:.2} us", l * 1e6));
-        println!("{name:<10} {:>10.2}% +- {:<4.2} {params:>12} {lat:>20}", 100.0 * s.mean, 100.0 * s.std);
+        println!(
+            "{name:<10} {:>10.2}% +- {:<4.2} {params:>12} {lat:>20}",
+            100.0 * s.mean,
+            100.0 * s.std
+        );
     };
-    row("teacher", &r.teacher, r.teacher_params, Some(r.teacher_latency));
-    row("distilled", &r.student, r.student_params, Some(r.student_latency));
+    row(
+        "teacher",
+        &r.teacher,
+        r.teacher_params,
+        Some(r.teacher_latency),
+    );
+    row(
+        "distilled",
+        &r.student,
+        r.student_params,
+        Some(r.student_latency),
+    );
     row("simple", &r.simple, r.student_params, None);
     let gain = 100.0 * (r.student.mean - r.simple.mean);
     println!(
@@ -280,27 +322,50 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Mlp<B>) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let json = out.join("results.json");
-    std::fs::write(&json, serde_json::to_string_pretty(r).map_err(|e| io_err(&json, e))?).map_err(|e| io_err(&json, e))?;
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(r).map_err(|e| io_err(&json, e))?,
+    )
+    .map_err(|e| io_err(&json, e))?;
     let svg = out.join("curves.svg");
     std::fs::write(&svg, distillation::report::curves_svg(r)).map_err(|e| io_err(&svg, e))?;
     let st = out.join("student.safetensors");
     distillation::report::save_mlp(student, backend, &st)?;
-    println!("wrote {}, {}, {}", json.display(), svg.display(), st.display());
+    println!(
+        "wrote {}, {}, {}",
+        json.display(),
+        svg.display(),
+        st.display()
+    );
     Ok(())
 }
 
-fn sweep<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, temperatures: &[f32], alphas: &[f32], o: &Opts) -> Result<()> {
+fn sweep<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    temperatures: &[f32],
+    alphas: &[f32],
+    o: &Opts,
+) -> Result<()> {
     let mut rows = Vec::new();
     for &t in temperatures {
         for &a in alphas {
-            let c = Config { temperature: t, alpha: a, ..cfg.clone() };
+            let c = Config {
+                temperature: t,
+                alpha: a,
+                ..cfg.clone()
+            };
             c.validate(data)?;
             eprintln!("sweep: T = {t}, alpha = {a}");
             let r = experiment::run(backend, data, &c, &mut progress_printer(o.quiet))?.report;
             rows.push((t, a, r));
         }
     }
-    println!("\n{:>6} {:>6} {:>20} {:>20}", "T", "alpha", "distilled", "simple");
+    println!(
+        "\n{:>6} {:>6} {:>20} {:>20}",
+        "T", "alpha", "distilled", "simple"
+    );
     for (t, a, r) in &rows {
         println!(
             "{t:>6} {a:>6} {:>12.2}% +- {:<4.2} {:>12.2}% +- {:<4.2}",
@@ -312,8 +377,15 @@ fn sweep<B: Backend>(backend: &B, data: &Dataset, cfg: &Config, temperatures: &[
     }
     std::fs::create_dir_all(&o.out).map_err(|e| io_err(&o.out, e))?;
     let path = o.out.join("sweep.json");
-    let json: Vec<_> = rows.iter().map(|(t, a, r)| serde_json::json!({"temperature": t, "alpha": a, "report": r})).collect();
-    std::fs::write(&path, serde_json::to_string_pretty(&json).map_err(|e| io_err(&path, e))?).map_err(|e| io_err(&path, e))?;
+    let json: Vec<_> = rows
+        .iter()
+        .map(|(t, a, r)| serde_json::json!({"temperature": t, "alpha": a, "report": r}))
+        .collect();
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).map_err(|e| io_err(&path, e))?,
+    )
+    .map_err(|e| io_err(&path, e))?;
     println!("wrote {}", path.display());
     Ok(())
 }

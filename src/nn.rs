@@ -19,7 +19,12 @@ pub struct Param<B: Backend> {
 
 impl<B: Backend> Param<B> {
     pub fn new(name: impl Into<String>, value: Tensor<B>) -> Self {
-        Param { name: name.into(), value, state1: None, state2: None }
+        Param {
+            name: name.into(),
+            value,
+            state1: None,
+            state2: None,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -40,16 +45,34 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Kaiming-uniform with `a = sqrt(5)` (PyTorch's `nn.Linear` default): weights and biases
     /// uniform in `+-1/sqrt(in)`.
-    pub fn new(backend: &B, name: &str, inputs: usize, outputs: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         if inputs == 0 || outputs == 0 {
-            return Err(Error::Unsupported(format!("Linear({inputs}, {outputs}): sizes must be >= 1")));
+            return Err(Error::Unsupported(format!(
+                "Linear({inputs}, {outputs}): sizes must be >= 1"
+            )));
         }
         let bound = 1.0 / (inputs as f64).sqrt();
-        let w: Vec<f32> = (0..inputs * outputs).map(|_| rng.range(-bound, bound) as f32).collect();
-        let b: Vec<f32> = (0..outputs).map(|_| rng.range(-bound, bound) as f32).collect();
+        let w: Vec<f32> = (0..inputs * outputs)
+            .map(|_| rng.range(-bound, bound) as f32)
+            .collect();
+        let b: Vec<f32> = (0..outputs)
+            .map(|_| rng.range(-bound, bound) as f32)
+            .collect();
         Ok(Linear {
-            weight: Param::new(format!("{name}.weight"), Tensor::from_host(backend, &w, &[inputs, outputs])?),
-            bias: Param::new(format!("{name}.bias"), Tensor::from_host(backend, &b, &[outputs])?),
+            weight: Param::new(
+                format!("{name}.weight"),
+                Tensor::from_host(backend, &w, &[inputs, outputs])?,
+            ),
+            bias: Param::new(
+                format!("{name}.bias"),
+                Tensor::from_host(backend, &b, &[outputs])?,
+            ),
         })
     }
 
@@ -89,7 +112,9 @@ impl<B: Backend> Mlp<B> {
     /// Sizes `[in, hidden.., out]`, e.g. `[64, 256, 256, 10]`.
     pub fn new(backend: &B, sizes: &[usize], rng: &mut Rng) -> Result<Self> {
         if sizes.len() < 2 {
-            return Err(Error::Unsupported(format!("an MLP needs at least [in, out] sizes, got {sizes:?}")));
+            return Err(Error::Unsupported(format!(
+                "an MLP needs at least [in, out] sizes, got {sizes:?}"
+            )));
         }
         let layers = sizes
             .windows(2)
@@ -123,15 +148,25 @@ impl<B: Backend> Mlp<B> {
                 y
             };
         }
-        Ok(MlpForward { logits: h, hidden, params })
+        Ok(MlpForward {
+            logits: h,
+            hidden,
+            params,
+        })
     }
 
     pub fn params(&self) -> Vec<&Param<B>> {
-        self.layers.iter().flat_map(|l| [&l.weight, &l.bias]).collect()
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.weight, &l.bias])
+            .collect()
     }
 
     pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        self.layers.iter_mut().flat_map(|l| [&mut l.weight, &mut l.bias]).collect()
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.weight, &mut l.bias])
+            .collect()
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -142,25 +177,35 @@ impl<B: Backend> Mlp<B> {
 /// Which optimizer, and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Optimizer {
-    Adam { lr: f32, weight_decay: f32 },
-    Sgd { lr: f32, momentum: f32, weight_decay: f32 },
+    Adam {
+        lr: f32,
+        weight_decay: f32,
+    },
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    },
 }
 
 impl Optimizer {
     /// Adam with PyTorch's defaults (beta1 0.9, beta2 0.999, eps 1e-8).
     pub fn adam(lr: f32) -> Self {
-        Optimizer::Adam { lr, weight_decay: 0.0 }
+        Optimizer::Adam {
+            lr,
+            weight_decay: 0.0,
+        }
     }
 
     /// Applies one step (`step` counts from 1) to each parameter with its gradient from `tape`.
-    pub fn step<'p, 'a, B: Backend + 'a>(
+    pub fn step<'p, 'a, B>(
         &self,
         tape: &Tape<'a, B>,
         params: impl IntoIterator<Item = (&'p mut Param<B>, Var)>,
         step: u32,
     ) -> Result<()>
     where
-        B: 'p,
+        B: Backend + 'a + 'p,
     {
         let backend = tape.backend();
         for (p, v) in params {
@@ -174,13 +219,30 @@ impl Optimizer {
                     if p.state2.is_none() {
                         p.state2 = Some(Tensor::zeros(backend, &shape)?);
                     }
-                    let spec = AdamSpec { weight_decay, step, ..AdamSpec::new(lr) };
+                    let spec = AdamSpec {
+                        weight_decay,
+                        step,
+                        ..AdamSpec::new(lr)
+                    };
                     let (m, v) = (p.state1.as_ref().unwrap(), p.state2.as_ref().unwrap());
                     backend.adam_step(&spec, &p.value.buf, &g.buf, &m.buf, &v.buf)?;
                 }
-                Optimizer::Sgd { lr, momentum, weight_decay } => {
-                    let spec = SgdSpec { lr, momentum, weight_decay };
-                    backend.sgd_step(&spec, &p.value.buf, &g.buf, &p.state1.as_ref().unwrap().buf)?;
+                Optimizer::Sgd {
+                    lr,
+                    momentum,
+                    weight_decay,
+                } => {
+                    let spec = SgdSpec {
+                        lr,
+                        momentum,
+                        weight_decay,
+                    };
+                    backend.sgd_step(
+                        &spec,
+                        &p.value.buf,
+                        &g.buf,
+                        &p.state1.as_ref().unwrap().buf,
+                    )?;
                 }
             }
         }

@@ -22,25 +22,39 @@ pub struct Tensor<B: Backend> {
 
 impl<B: Backend> Clone for Tensor<B> {
     fn clone(&self) -> Self {
-        Tensor { buf: self.buf.clone(), shape: self.shape.clone() }
+        Tensor {
+            buf: self.buf.clone(),
+            shape: self.shape.clone(),
+        }
     }
 }
 
 impl<B: Backend> Tensor<B> {
     pub fn new(buf: B::Buffer, shape: &[usize]) -> Self {
-        Tensor { buf: Rc::new(buf), shape: shape.to_vec() }
+        Tensor {
+            buf: Rc::new(buf),
+            shape: shape.to_vec(),
+        }
     }
 
     pub fn from_host(backend: &B, data: &[f32], shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != data.len() {
-            return Err(Error::shape("tensor data", data.len(), n, format!("shape {shape:?}")));
+            return Err(Error::shape(
+                "tensor data",
+                data.len(),
+                n,
+                format!("shape {shape:?}"),
+            ));
         }
         Ok(Tensor::new(backend.upload(data)?, shape))
     }
 
     pub fn zeros(backend: &B, shape: &[usize]) -> Result<Self> {
-        Ok(Tensor::new(backend.filled(shape.iter().product(), 0.0)?, shape))
+        Ok(Tensor::new(
+            backend.filled(shape.iter().product(), 0.0)?,
+            shape,
+        ))
     }
 
     pub fn len(&self) -> usize {
@@ -89,16 +103,31 @@ pub struct Tape<'a, B: Backend> {
 
 impl<'a, B: Backend + 'a> Tape<'a, B> {
     pub fn new(backend: &'a B) -> Self {
-        Tape { backend, nodes: RefCell::new(Vec::new()), grads: RefCell::new(Vec::new()) }
+        Tape {
+            backend,
+            nodes: RefCell::new(Vec::new()),
+            grads: RefCell::new(Vec::new()),
+        }
     }
 
     pub fn backend(&self) -> &'a B {
         self.backend
     }
 
-    fn push(&self, value: Tensor<B>, requires_grad: bool, backward: Option<Backward<'a, B>>, is_loss: bool) -> Var {
+    fn push(
+        &self,
+        value: Tensor<B>,
+        requires_grad: bool,
+        backward: Option<Backward<'a, B>>,
+        is_loss: bool,
+    ) -> Var {
         let mut nodes = self.nodes.borrow_mut();
-        nodes.push(Node { value, requires_grad, backward, is_loss });
+        nodes.push(Node {
+            value,
+            requires_grad,
+            backward,
+            is_loss,
+        });
         self.grads.borrow_mut().push(None);
         Var(nodes.len() - 1)
     }
@@ -167,10 +196,16 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         let (xv, wv) = (self.value(x), self.value(w));
         let ((m, k), (k2, n)) = (xv.rows_cols(), wv.rows_cols());
         if k != k2 {
-            return Err(Error::shape("matmul right operand rows", k2, k, format!("[{m}, {k}] @ [{k}, n]")));
+            return Err(Error::shape(
+                "matmul right operand rows",
+                k2,
+                k,
+                format!("[{m}, {k}] @ [{k}, n]"),
+            ));
         }
         let out = Tensor::new(self.backend.filled(m * n, 0.0)?, &[m, n]);
-        self.backend.matmul(&MatmulSpec::new(m, k, n), &xv.buf, &wv.buf, &out.buf)?;
+        self.backend
+            .matmul(&MatmulSpec::new(m, k, n), &xv.buf, &wv.buf, &out.buf)?;
         let needs = self.requires_grad(x) || self.requires_grad(w);
         Ok(self.push(
             out,
@@ -178,11 +213,19 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             Some(Box::new(move |t, dy| {
                 // dx = dy w^T: [m, n] x [n, k]; dw = x^T dy: [k, m] x [m, n].
                 t.add_grad(x, |dst, acc| {
-                    let spec = MatmulSpec { trans_b: true, accumulate: acc, ..MatmulSpec::new(m, n, k) };
+                    let spec = MatmulSpec {
+                        trans_b: true,
+                        accumulate: acc,
+                        ..MatmulSpec::new(m, n, k)
+                    };
                     t.backend.matmul(&spec, &dy.buf, &wv.buf, dst)
                 })?;
                 t.add_grad(w, |dst, acc| {
-                    let spec = MatmulSpec { trans_a: true, accumulate: acc, ..MatmulSpec::new(k, m, n) };
+                    let spec = MatmulSpec {
+                        trans_a: true,
+                        accumulate: acc,
+                        ..MatmulSpec::new(k, m, n)
+                    };
                     t.backend.matmul(&spec, &xv.buf, &dy.buf, dst)
                 })
             })),
@@ -231,15 +274,31 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         let xv = self.value(x);
         let n: usize = shape.iter().product();
         if n != xv.len() {
-            return Err(Error::shape("reshape", n, xv.len(), format!("{:?} -> {shape:?}", xv.shape)));
+            return Err(Error::shape(
+                "reshape",
+                n,
+                xv.len(),
+                format!("{:?} -> {shape:?}", xv.shape),
+            ));
         }
-        let out = Tensor { buf: xv.buf.clone(), shape: shape.to_vec() };
+        let out = Tensor {
+            buf: xv.buf.clone(),
+            shape: shape.to_vec(),
+        };
         let needs = self.requires_grad(x);
         let in_shape = xv.shape.clone();
         Ok(self.push(
             out,
             needs,
-            Some(Box::new(move |t, dy| t.add_grad_tensor(x, &Tensor { buf: dy.buf.clone(), shape: in_shape.clone() }))),
+            Some(Box::new(move |t, dy| {
+                t.add_grad_tensor(
+                    x,
+                    &Tensor {
+                        buf: dy.buf.clone(),
+                        shape: in_shape.clone(),
+                    },
+                )
+            })),
             false,
         ))
     }
@@ -267,7 +326,10 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             return Ok(None);
         }
         let shape = self.value(v).shape;
-        Ok(Some(Tensor::new(self.backend.filled(shape.iter().product(), 0.0)?, &shape)))
+        Ok(Some(Tensor::new(
+            self.backend.filled(shape.iter().product(), 0.0)?,
+            &shape,
+        )))
     }
 
     fn row_shape(&self, logits: Var) -> RowShape {
@@ -277,67 +339,145 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 
     /// The fused Hinton loss of student logits against teacher logits (a constant, or a variable
     /// whose gradient is wanted: online distillation). `spec.shape` is taken from the logits.
-    pub fn hinton(&self, student: Var, teacher: Var, labels: &B::Labels, spec: HintonSpec) -> Result<Var> {
-        let spec = HintonSpec { shape: self.row_shape(student), ..spec };
+    pub fn hinton(
+        &self,
+        student: Var,
+        teacher: Var,
+        labels: &B::Labels,
+        spec: HintonSpec,
+    ) -> Result<Var> {
+        let spec = HintonSpec {
+            shape: self.row_shape(student),
+            ..spec
+        };
         let gs = self.grad_buffer(student, self.requires_grad(student))?;
         let gt = self.grad_buffer(teacher, self.requires_grad(teacher))?;
         let loss = self.backend.filled(1, 0.0)?;
         let out = LossOut {
             loss: &loss,
             row_loss: None,
-            grad_student: gs.as_ref().map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
+            grad_student: gs
+                .as_ref()
+                .map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
             grad_teacher: gt.as_ref().map(|g| &*g.buf),
         };
-        self.backend.hinton(&spec, &self.value(student).buf, &self.value(teacher).buf, labels, out)?;
-        Ok(self.push_loss(loss, gs.map(|g| (student, g)).into_iter().chain(gt.map(|g| (teacher, g))).collect()))
+        self.backend.hinton(
+            &spec,
+            &self.value(student).buf,
+            &self.value(teacher).buf,
+            labels,
+            out,
+        )?;
+        Ok(self.push_loss(
+            loss,
+            gs.map(|g| (student, g))
+                .into_iter()
+                .chain(gt.map(|g| (teacher, g)))
+                .collect(),
+        ))
     }
 
     /// A soft-target divergence (forward KL, reverse KL, JSD) of student logits against a teacher.
-    pub fn divergence(&self, student: Var, teacher: Var, labels: Option<&B::Labels>, spec: DivergenceSpec) -> Result<Var> {
-        let spec = DivergenceSpec { shape: self.row_shape(student), ..spec };
-        let want_t = self.requires_grad(teacher) && spec.teacher == crate::ops::TeacherInput::Logits;
+    pub fn divergence(
+        &self,
+        student: Var,
+        teacher: Var,
+        labels: Option<&B::Labels>,
+        spec: DivergenceSpec,
+    ) -> Result<Var> {
+        let spec = DivergenceSpec {
+            shape: self.row_shape(student),
+            ..spec
+        };
+        let want_t =
+            self.requires_grad(teacher) && spec.teacher == crate::ops::TeacherInput::Logits;
         let gs = self.grad_buffer(student, self.requires_grad(student))?;
         let gt = self.grad_buffer(teacher, want_t)?;
         let loss = self.backend.filled(1, 0.0)?;
         let out = LossOut {
             loss: &loss,
             row_loss: None,
-            grad_student: gs.as_ref().map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
+            grad_student: gs
+                .as_ref()
+                .map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
             grad_teacher: gt.as_ref().map(|g| &*g.buf),
         };
-        self.backend.divergence(&spec, &self.value(student).buf, &self.value(teacher).buf, labels, out)?;
-        Ok(self.push_loss(loss, gs.map(|g| (student, g)).into_iter().chain(gt.map(|g| (teacher, g))).collect()))
+        self.backend.divergence(
+            &spec,
+            &self.value(student).buf,
+            &self.value(teacher).buf,
+            labels,
+            out,
+        )?;
+        Ok(self.push_loss(
+            loss,
+            gs.map(|g| (student, g))
+                .into_iter()
+                .chain(gt.map(|g| (teacher, g)))
+                .collect(),
+        ))
     }
 
     /// Cross-entropy of logits against hard labels.
-    pub fn cross_entropy(&self, logits: Var, labels: &B::Labels, spec: CrossEntropySpec) -> Result<Var> {
-        let spec = CrossEntropySpec { shape: self.row_shape(logits), ..spec };
+    pub fn cross_entropy(
+        &self,
+        logits: Var,
+        labels: &B::Labels,
+        spec: CrossEntropySpec,
+    ) -> Result<Var> {
+        let spec = CrossEntropySpec {
+            shape: self.row_shape(logits),
+            ..spec
+        };
         let gs = self.grad_buffer(logits, self.requires_grad(logits))?;
         let loss = self.backend.filled(1, 0.0)?;
         let out = LossOut {
             loss: &loss,
             row_loss: None,
-            grad_student: gs.as_ref().map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
+            grad_student: gs
+                .as_ref()
+                .map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
             grad_teacher: None,
         };
-        self.backend.cross_entropy(&spec, &self.value(logits).buf, labels, out)?;
+        self.backend
+            .cross_entropy(&spec, &self.value(logits).buf, labels, out)?;
         Ok(self.push_loss(loss, gs.map(|g| (logits, g)).into_iter().collect()))
     }
 
     /// Feature MSE between two equal-shape values, times `weight` in the gradients.
     pub fn mse(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
-        let spec = MseSpec { len: self.value(a).len(), grad_scale: weight };
+        let spec = MseSpec {
+            len: self.value(a).len(),
+            grad_scale: weight,
+        };
         let ga = self.grad_buffer(a, self.requires_grad(a))?;
         let gb = self.grad_buffer(b, self.requires_grad(b))?;
         let loss = self.backend.filled(1, 0.0)?;
-        self.backend.mse(&spec, &self.value(a).buf, &self.value(b).buf, &loss, ga.as_ref().map(|g| &*g.buf), gb.as_ref().map(|g| &*g.buf))?;
-        Ok(self.push_loss(loss, ga.map(|g| (a, g)).into_iter().chain(gb.map(|g| (b, g))).collect()))
+        self.backend.mse(
+            &spec,
+            &self.value(a).buf,
+            &self.value(b).buf,
+            &loss,
+            ga.as_ref().map(|g| &*g.buf),
+            gb.as_ref().map(|g| &*g.buf),
+        )?;
+        Ok(self.push_loss(
+            loss,
+            ga.map(|g| (a, g))
+                .into_iter()
+                .chain(gb.map(|g| (b, g)))
+                .collect(),
+        ))
     }
 
     /// Attention transfer between `[N, C, H, W]` feature maps (channels may differ).
     pub fn attention_transfer(&self, s: Var, t: Var, weight: f32) -> Result<Var> {
         let (sv, tv) = (self.value(s), self.value(t));
-        if sv.shape.len() != 4 || tv.shape.len() != 4 || sv.shape[0] != tv.shape[0] || sv.shape[2..] != tv.shape[2..] {
+        if sv.shape.len() != 4
+            || tv.shape.len() != 4
+            || sv.shape[0] != tv.shape[0]
+            || sv.shape[2..] != tv.shape[2..]
+        {
             return Err(Error::Unsupported(format!(
                 "attention transfer needs [N, C, H, W] maps with the same N, H, W; got {:?} and {:?}",
                 sv.shape, tv.shape
@@ -345,13 +485,31 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         }
         let spec = AttentionSpec {
             grad_scale: weight,
-            ..AttentionSpec::new(sv.shape[0], sv.shape[1], tv.shape[1], sv.shape[2] * sv.shape[3])
+            ..AttentionSpec::new(
+                sv.shape[0],
+                sv.shape[1],
+                tv.shape[1],
+                sv.shape[2] * sv.shape[3],
+            )
         };
         let gs = self.grad_buffer(s, self.requires_grad(s))?;
         let gt = self.grad_buffer(t, self.requires_grad(t))?;
         let loss = self.backend.filled(1, 0.0)?;
-        self.backend.attention_transfer(&spec, &sv.buf, &tv.buf, &loss, gs.as_ref().map(|g| &*g.buf), gt.as_ref().map(|g| &*g.buf))?;
-        Ok(self.push_loss(loss, gs.map(|g| (s, g)).into_iter().chain(gt.map(|g| (t, g))).collect()))
+        self.backend.attention_transfer(
+            &spec,
+            &sv.buf,
+            &tv.buf,
+            &loss,
+            gs.as_ref().map(|g| &*g.buf),
+            gt.as_ref().map(|g| &*g.buf),
+        )?;
+        Ok(self.push_loss(
+            loss,
+            gs.map(|g| (s, g))
+                .into_iter()
+                .chain(gt.map(|g| (t, g)))
+                .collect(),
+        ))
     }
 
     /// Back-propagates from the given loss roots, in reverse push order.

@@ -28,9 +28,19 @@ fn total_loss<'a, B: Backend>(
     let t = tape.constant(Tensor::from_host(b, teacher, &[n, SIZES[3]]).unwrap());
     let h = tape.constant(Tensor::from_host(b, hint, &[n, SIZES[1]]).unwrap());
     let shape = RowShape::new(n, SIZES[3]);
-    let l1 = tape.hinton(f.logits, t, labels, HintonSpec::new(shape, 2.0, 0.3)).unwrap();
+    let l1 = tape
+        .hinton(f.logits, t, labels, HintonSpec::new(shape, 2.0, 0.3))
+        .unwrap();
     let l2 = tape
-        .cross_entropy(f.logits, labels, CrossEntropySpec { label_smoothing: 0.1, grad_scale: 0.5, ..CrossEntropySpec::new(shape) })
+        .cross_entropy(
+            f.logits,
+            labels,
+            CrossEntropySpec {
+                label_smoothing: 0.1,
+                grad_scale: 0.5,
+                ..CrossEntropySpec::new(shape)
+            },
+        )
         .unwrap();
     let rkl = DivergenceSpec {
         divergence: distillation::Divergence::ReverseKl,
@@ -44,7 +54,11 @@ fn total_loss<'a, B: Backend>(
 
 fn weighted_value<B: Backend>(tape: &Tape<'_, B>, losses: &[distillation::tape::Var]) -> f64 {
     let w = [1.0, 0.5, 0.25, 0.7];
-    losses.iter().zip(w).map(|(l, w)| w * tape.value(*l).to_host(tape.backend()).unwrap()[0] as f64).sum()
+    losses
+        .iter()
+        .zip(w)
+        .map(|(l, w)| w * tape.value(*l).to_host(tape.backend()).unwrap()[0] as f64)
+        .sum()
 }
 
 struct Data {
@@ -60,7 +74,9 @@ fn data(n: usize) -> Data {
         x: g.vec(n * SIZES[0], 1.5),
         teacher: g.vec(n * SIZES[3], 3.0),
         hint: g.vec(n * SIZES[1], 1.0),
-        labels: (0..n as i32).map(|i| if i == 2 { -100 } else { i % SIZES[3] as i32 }).collect(),
+        labels: (0..n as i32)
+            .map(|i| if i == 2 { -100 } else { i % SIZES[3] as i32 })
+            .collect(),
     }
 }
 
@@ -73,9 +89,15 @@ fn parameter_gradients_match_finite_differences() {
     let tape = Tape::new(&b);
     let (losses, params) = total_loss(&tape, &mlp, &d.x, &d.teacher, &d.hint, &labels);
     tape.backward(&losses).unwrap();
-    let grads: Vec<Vec<f32>> = params.iter().map(|p| tape.grad(*p).unwrap().to_host(&b).unwrap()).collect();
+    let grads: Vec<Vec<f32>> = params
+        .iter()
+        .map(|p| tape.grad(*p).unwrap().to_host(&b).unwrap())
+        .collect();
     drop(tape);
-    let h: f32 = std::env::var("FD_H").ok().and_then(|v| v.parse().ok()).unwrap_or(3e-3);
+    let h: f32 = std::env::var("FD_H")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3e-3);
     let mut checked = 0;
     for (pi, grad) in grads.iter().enumerate() {
         let base = mlp.params()[pi].value.to_host(&b).unwrap();
@@ -113,8 +135,13 @@ fn one_step<B: Backend>(backend: &B, d: &Data) -> Vec<Vec<f32>> {
     let tape = Tape::new(backend);
     let (losses, params) = total_loss(&tape, &mlp, &d.x, &d.teacher, &d.hint, &labels);
     tape.backward(&losses).unwrap();
-    Optimizer::adam(1e-2).step(&tape, mlp.params_mut().into_iter().zip(params), 1).unwrap();
-    mlp.params().iter().map(|p| p.value.to_host(backend).unwrap()).collect()
+    Optimizer::adam(1e-2)
+        .step(&tape, mlp.params_mut().into_iter().zip(params), 1)
+        .unwrap();
+    mlp.params()
+        .iter()
+        .map(|p| p.value.to_host(backend).unwrap())
+        .collect()
 }
 
 /// One training step gives the same parameters on every backend as on the CPU.

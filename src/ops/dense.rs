@@ -50,7 +50,14 @@ impl MatmulSpec {
 /// `[k, n]` first, then each row of C accumulates `A[i, p] * B[p, :]` in f64 (an order that reads
 /// memory contiguously, so the reference is usable as the CPU backend's training path).
 pub fn matmul_reference(spec: &MatmulSpec, a: &[f64], b: &[f64], c: &mut [f64]) {
-    let MatmulSpec { m, k, n, trans_a, trans_b, accumulate } = *spec;
+    let MatmulSpec {
+        m,
+        k,
+        n,
+        trans_a,
+        trans_b,
+        accumulate,
+    } = *spec;
     let transpose = |x: &[f64], rows: usize, cols: usize| -> Vec<f64> {
         // x is [rows, cols]; returns [cols, rows].
         let mut t = vec![0.0; rows * cols];
@@ -61,8 +68,16 @@ pub fn matmul_reference(spec: &MatmulSpec, a: &[f64], b: &[f64], c: &mut [f64]) 
         }
         t
     };
-    let a_rows = if trans_a { transpose(a, k, m) } else { a.to_vec() };
-    let b_rows = if trans_b { transpose(b, n, k) } else { b.to_vec() };
+    let a_rows = if trans_a {
+        transpose(a, k, m)
+    } else {
+        a.to_vec()
+    };
+    let b_rows = if trans_b {
+        transpose(b, n, k)
+    } else {
+        b.to_vec()
+    };
     let mut acc = vec![0.0; n];
     for i in 0..m {
         acc.fill(0.0);
