@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::data::{self, Dataset};
 use crate::error::{Error, Result};
-use crate::nn::{Mlp, Optimizer};
+use crate::nn::{Cnn, Conv2d, Mlp, Net, Optimizer};
 use crate::ops::softmax;
 use crate::ops::{CrossEntropySpec, DivergenceSpec, RowShape, TeacherInput, IGNORE_INDEX};
 use crate::rng::Rng;
@@ -38,13 +38,28 @@ pub enum Method {
     BornAgain,
     /// Offline distillation from the teacher's soft targets, written to disk once and read back.
     Cached,
+    /// Attention transfer (CNN): also match the normalised spatial attention maps of the first
+    /// conv block (Zagoruyko and Komodakis 2017).
+    AttentionTransfer,
+}
+
+/// The networks' family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ModelKind {
+    /// MLPs of `teacher_hidden` / `student_hidden` layers.
+    Mlp,
+    /// CNNs of `teacher_channels` / `student_channels` conv blocks (3x3 conv, ReLU, 2x2 max-pool).
+    Cnn,
 }
 
 /// Everything a run depends on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
+    pub model: ModelKind,
     pub teacher_hidden: Vec<usize>,
     pub student_hidden: Vec<usize>,
+    pub teacher_channels: Vec<usize>,
+    pub student_channels: Vec<usize>,
     pub method: Method,
     pub temperature: f32,
     pub alpha: f32,
@@ -71,6 +86,8 @@ pub struct Config {
     pub generations: usize,
     /// Weight of the FitNets hint.
     pub hint_weight: f32,
+    /// Weight of the attention-transfer term.
+    pub at_weight: f32,
     /// Where `Method::Cached` writes the soft targets.
     pub cache_dir: std::path::PathBuf,
 }
@@ -78,8 +95,11 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            model: ModelKind::Mlp,
             teacher_hidden: vec![256, 256],
             student_hidden: vec![32],
+            teacher_channels: vec![32, 64],
+            student_channels: vec![8, 16],
             method: Method::Kd,
             temperature: 4.0,
             alpha: 0.2,
@@ -97,6 +117,7 @@ impl Default for Config {
             teachers: 3,
             generations: 2,
             hint_weight: 1.0,
+            at_weight: 100.0,
             cache_dir: std::env::temp_dir().join("distillation-cache"),
         }
     }
@@ -149,6 +170,16 @@ impl Config {
                 "born-again training needs at least 1 generation".into(),
             ));
         }
+        if self.model == ModelKind::Cnn && data.image.is_none() {
+            return Err(Error::Unsupported("the CNN needs image data (a data set with an image shape)".into()));
+        }
+        if self.method == Method::AttentionTransfer && self.model != ModelKind::Cnn {
+            return Err(Error::Unsupported("attention transfer matches conv feature maps: use the CNN model".into()));
+        }
+        let layers = if self.model == ModelKind::Cnn { &self.student_channels } else { &self.student_hidden };
+        if self.method == Method::FitNets && layers.is_empty() {
+            return Err(Error::Unsupported("FitNets needs a hidden layer in the student and the teacher".into()));
+        }
         if self.augment && data.image.is_none() {
             return Err(Error::Unsupported(
                 "augmentation shifts images: this data set has no image shape".into(),
@@ -158,24 +189,27 @@ impl Config {
     }
 
     fn teacher_sizes(&self, data: &Dataset) -> Vec<usize> {
-        [
-            vec![data.dim],
-            self.teacher_hidden.clone(),
-            vec![data.classes],
-        ]
-        .concat()
+        [vec![data.dim], self.teacher_hidden.clone(), vec![data.classes]].concat()
     }
 
     fn student_sizes(&self, data: &Dataset) -> Vec<usize> {
-        if self.method == Method::BornAgain {
-            return self.teacher_sizes(data);
+        [vec![data.dim], self.student_hidden.clone(), vec![data.classes]].concat()
+    }
+
+    /// A new network for `role` (born-again students take the teacher's architecture).
+    fn build<B: Backend>(&self, backend: &B, data: &Dataset, teacher: bool, rng: &mut Rng) -> Result<Net<B>> {
+        let teacher = teacher || self.method == Method::BornAgain;
+        match self.model {
+            ModelKind::Mlp => {
+                let sizes = if teacher { self.teacher_sizes(data) } else { self.student_sizes(data) };
+                Ok(Net::Mlp(Mlp::new(backend, &sizes, rng)?))
+            }
+            ModelKind::Cnn => {
+                let image = data.image.ok_or_else(|| Error::Unsupported("the CNN needs image data".into()))?;
+                let ch = if teacher { &self.teacher_channels } else { &self.student_channels };
+                Ok(Net::Cnn(Cnn::new(backend, image, ch, data.classes, rng)?))
+            }
         }
-        [
-            vec![data.dim],
-            self.student_hidden.clone(),
-            vec![data.classes],
-        ]
-        .concat()
     }
 }
 
@@ -236,7 +270,7 @@ pub enum Progress<'a> {
 /// The trained student of the last fold, for saving.
 pub struct Outcome<B: Backend> {
     pub report: Report,
-    pub student: Mlp<B>,
+    pub student: Net<B>,
 }
 
 /// Runs the experiment on `backend`.
@@ -268,11 +302,7 @@ pub fn run<B: Backend>(
         let mut teachers = Vec::new();
         let mut teacher_curve = Vec::new();
         for k in 0..n_teachers {
-            let mut t = Mlp::new(
-                backend,
-                &cfg.teacher_sizes(data),
-                &mut rng.fork(10 + k as u64),
-            )?;
+            let mut t = cfg.build(backend, data, true, &mut rng.fork(10 + k as u64))?;
             progress(Progress::Start(
                 "teacher",
                 f,
@@ -296,7 +326,7 @@ pub fn run<B: Backend>(
         let teacher_acc = accuracy(backend, &teachers[0], data, &test)?;
 
         // Simple: the student's architecture on the labelled part only, same epochs.
-        let mut simple = Mlp::new(backend, &cfg.student_sizes(data), &mut rng.fork(30))?;
+        let mut simple = cfg.build(backend, data, false, &mut rng.fork(30))?;
         progress(Progress::Start(
             "simple",
             f,
@@ -430,7 +460,7 @@ fn gather<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn train_supervised<B: Backend>(
     backend: &B,
-    model: &mut Mlp<B>,
+    model: &mut Net<B>,
     data: &Dataset,
     idx: &[usize],
     epochs: usize,
@@ -465,7 +495,7 @@ fn train_supervised<B: Backend>(
 /// The teacher's logits for `idx`, on the host (the frozen teacher's soft targets are cached).
 fn predict<B: Backend>(
     backend: &B,
-    model: &Mlp<B>,
+    model: &Net<B>,
     data: &Dataset,
     idx: &[usize],
 ) -> Result<Vec<f32>> {
@@ -482,7 +512,7 @@ fn predict<B: Backend>(
 
 fn logits_of<B: Backend>(
     backend: &B,
-    model: &Mlp<B>,
+    model: &Net<B>,
     x: &[f32],
     rows: usize,
     dim: usize,
@@ -496,7 +526,7 @@ fn logits_of<B: Backend>(
 /// Accuracy of `model` on `idx`.
 pub fn accuracy<B: Backend>(
     backend: &B,
-    model: &Mlp<B>,
+    model: &Net<B>,
     data: &Dataset,
     idx: &[usize],
 ) -> Result<f64> {
@@ -518,7 +548,7 @@ pub fn accuracy<B: Backend>(
 /// Seconds per example of a batched forward pass over `idx` (median of 5 after a warm-up).
 pub fn latency<B: Backend>(
     backend: &B,
-    model: &Mlp<B>,
+    model: &Net<B>,
     data: &Dataset,
     idx: &[usize],
 ) -> Result<f64> {
@@ -577,22 +607,22 @@ fn distil<B: Backend>(
     backend: &B,
     data: &Dataset,
     cfg: &Config,
-    teachers: &[Mlp<B>],
+    teachers: &[Net<B>],
     labelled: &[usize],
     unlabelled: &[usize],
     fold: usize,
     rng: &mut Rng,
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<(Mlp<B>, Vec<f64>)> {
+) -> Result<(Net<B>, Vec<f64>)> {
     let generations = if cfg.method == Method::BornAgain {
         cfg.generations
     } else {
         1
     };
-    let mut teacher_ref: Option<Mlp<B>> = None;
+    let mut teacher_ref: Option<Net<B>> = None;
     let mut result = None;
     for g in 0..generations {
-        let current_teachers: Vec<&Mlp<B>> = match &teacher_ref {
+        let current_teachers: Vec<&Net<B>> = match &teacher_ref {
             Some(t) => vec![t],
             None => teachers.iter().collect(),
         };
@@ -621,41 +651,24 @@ fn distil_once<B: Backend>(
     backend: &B,
     data: &Dataset,
     cfg: &Config,
-    teachers: &[&Mlp<B>],
+    teachers: &[&Net<B>],
     labelled: &[usize],
     unlabelled: &[usize],
     fold: usize,
     rng: &mut Rng,
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<(Mlp<B>, Vec<f64>)> {
+) -> Result<(Net<B>, Vec<f64>)> {
     let classes = data.classes;
     // The same initialisation as the fold's simple model, so the comparison isolates the teacher.
-    let mut student = Mlp::new(
-        backend,
-        &cfg.student_sizes(data),
-        &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30),
-    )?;
+    let mut student = cfg.build(backend, data, false, &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30))?;
     // The second network of mutual learning, and the FitNets regressor (student hidden -> teacher
-    // hidden), trained with the student.
-    let mut peer = if cfg.method == Method::Mutual {
-        Some(Mlp::new(
-            backend,
-            &cfg.student_sizes(data),
-            &mut rng.fork(33),
-        )?)
-    } else {
-        None
-    };
+    // hidden: a Linear for MLPs, a 1x1 convolution for CNNs), trained with the student.
+    let mut peer = if cfg.method == Method::Mutual { Some(cfg.build(backend, data, false, &mut rng.fork(33))?) } else { None };
     let mut regressor = if cfg.method == Method::FitNets {
-        let sh = *cfg
-            .student_hidden
-            .first()
-            .ok_or_else(|| Error::Unsupported("FitNets needs a student hidden layer".into()))?;
-        let th = *cfg
-            .teacher_hidden
-            .first()
-            .ok_or_else(|| Error::Unsupported("FitNets needs a teacher hidden layer".into()))?;
-        Some(Mlp::new(backend, &[sh, th], &mut rng.fork(34))?)
+        Some(match cfg.model {
+            ModelKind::Mlp => Regressor::Linear(Mlp::new(backend, &[cfg.student_hidden[0], cfg.teacher_hidden[0]], &mut rng.fork(34))?),
+            ModelKind::Cnn => Regressor::Conv(Conv2d::new(backend, "regressor", cfg.student_channels[0], cfg.teacher_channels[0], 1, &mut rng.fork(34))?),
+        })
     } else {
         None
     };
@@ -757,11 +770,15 @@ fn distil_once<B: Backend>(
                 losses.push(tape.divergence(fwd.logits, t, None, kd)?);
             }
             if let Some(reg) = &regressor {
-                // FitNets hint: regressor(student hidden) ~ teacher hidden.
-                let th = teacher_hidden(backend, &tape, teachers[0], x)?;
-                let rf = reg.forward(&tape, fwd.hidden[0])?;
-                losses.push(tape.mse(rf.logits, th, cfg.hint_weight)?);
-                extra_params = rf.params;
+                // FitNets hint: regressor(student hidden) ~ teacher hidden (first layer or block).
+                let th = teacher_features(backend, &tape, teachers[0], x, false)?;
+                let (r, p) = reg.forward(&tape, fwd.hidden[0])?;
+                losses.push(tape.mse(r, th, cfg.hint_weight)?);
+                extra_params = p;
+            }
+            if cfg.method == Method::AttentionTransfer {
+                let tm = teacher_features(backend, &tape, teachers[0], x, true)?;
+                losses.push(tape.attention_transfer(fwd.maps[0], tm, cfg.at_weight)?);
             }
             tape.backward(&losses)?;
             step += 1;
@@ -799,16 +816,49 @@ fn distil_once<B: Backend>(
     Ok((student, curve))
 }
 
-/// The frozen teacher's first hidden activation for the batch already on the tape.
-fn teacher_hidden<'a, B: Backend + 'a>(
+/// The frozen teacher's first hidden activation (or, `maps`, its first `[N, C, H, W]` feature
+/// map) for the batch already on the tape, as a constant.
+fn teacher_features<'a, B: Backend + 'a>(
     backend: &B,
     tape: &Tape<'a, B>,
-    teacher: &Mlp<B>,
+    teacher: &Net<B>,
     x: crate::tape::Var,
+    maps: bool,
 ) -> Result<crate::tape::Var> {
     let inner = Tape::new(backend);
     let xv = inner.constant(tape.value(x));
     let f = teacher.forward(&inner, xv)?;
-    let h = inner.value(f.hidden[0]);
-    Ok(tape.constant(h))
+    let v = if maps { f.maps[0] } else { f.hidden[0] };
+    Ok(tape.constant(inner.value(v)))
+}
+
+/// The FitNets regressor from the student's hint layer to the teacher's.
+enum Regressor<B: Backend> {
+    Linear(Mlp<B>),
+    Conv(Conv2d<B>),
+}
+
+impl<B: Backend> Regressor<B> {
+    fn forward<'a>(&self, tape: &Tape<'a, B>, h: crate::tape::Var) -> Result<(crate::tape::Var, Vec<crate::tape::Var>)>
+    where
+        B: 'a,
+    {
+        match self {
+            Regressor::Linear(m) => {
+                let f = m.forward(tape, h)?;
+                Ok((f.logits, f.params))
+            }
+            Regressor::Conv(c) => {
+                let (y, p) = c.forward(tape, h)?;
+                Ok((y, p.to_vec()))
+            }
+        }
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut crate::nn::Param<B>> {
+        match self {
+            Regressor::Linear(m) => m.params_mut(),
+            Regressor::Conv(c) => vec![&mut c.weight, &mut c.bias],
+        }
+    }
 }

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use distillation::data::Dataset;
-use distillation::experiment::{self, Config, Method, Progress, Report};
-use distillation::nn::Mlp;
+use distillation::experiment::{self, Config, Method, ModelKind, Progress, Report};
+use distillation::nn::Net;
 use distillation::{Backend, CpuBackend, Error, Result, WgpuBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -59,6 +59,8 @@ enum MethodChoice {
     Mutual,
     BornAgain,
     Cached,
+    /// Attention transfer between the first conv blocks (needs --model cnn).
+    At,
 }
 
 #[derive(clap::Args, Debug)]
@@ -134,6 +136,11 @@ fn config(o: &Opts) -> Config {
             MethodChoice::Mutual => Method::Mutual,
             MethodChoice::BornAgain => Method::BornAgain,
             MethodChoice::Cached => Method::Cached,
+            MethodChoice::At => Method::AttentionTransfer,
+        },
+        model: match o.model {
+            ModelChoice::Mlp => ModelKind::Mlp,
+            ModelChoice::Cnn => ModelKind::Cnn,
         },
         temperature: o.temperature,
         alpha: o.alpha,
@@ -154,11 +161,6 @@ fn config(o: &Opts) -> Config {
 
 fn run(cli: Cli) -> Result<()> {
     let o = &cli.opts;
-    if let ModelChoice::Cnn = o.model {
-        return Err(Error::Unsupported(
-            "--model cnn needs the Conv2d and pooling ops, which this version does not have yet; use --model mlp".into(),
-        ));
-    }
     let data = match (&o.idx_images, &o.idx_labels) {
         (Some(i), Some(l)) => Dataset::from_idx(i, l)?,
         _ => Dataset::digits()?,
@@ -319,7 +321,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Unsupported(format!("cannot write {}: {e}", path.display()))
 }
 
-fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Mlp<B>) -> Result<()> {
+fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Net<B>) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let json = out.join("results.json");
     std::fs::write(
@@ -330,7 +332,7 @@ fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Mlp<
     let svg = out.join("curves.svg");
     std::fs::write(&svg, distillation::report::curves_svg(r)).map_err(|e| io_err(&svg, e))?;
     let st = out.join("student.safetensors");
-    distillation::report::save_mlp(student, backend, &st)?;
+    distillation::report::save_net(student, backend, &st)?;
     println!(
         "wrote {}, {}, {}",
         json.display(),

@@ -174,6 +174,162 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+/// A 2-D convolution, channels-last: `weight` `[K*K*C_in, C_out]` (rows ordered `(ky, kx, c)`),
+/// `bias` `[C_out]`, stride 1, padding `k / 2` ("same").
+pub struct Conv2d<B: Backend> {
+    pub weight: Param<B>,
+    pub bias: Param<B>,
+    pub k: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// Kaiming-uniform (`a = sqrt(5)`, PyTorch's `nn.Conv2d` default): uniform in
+    /// `+-1/sqrt(C_in K K)`.
+    pub fn new(backend: &B, name: &str, cin: usize, cout: usize, k: usize, rng: &mut Rng) -> Result<Self> {
+        if cin == 0 || cout == 0 || k == 0 {
+            return Err(Error::Unsupported(format!("Conv2d({cin}, {cout}, {k}): sizes must be >= 1")));
+        }
+        let fan_in = cin * k * k;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let w: Vec<f32> = (0..fan_in * cout).map(|_| rng.range(-bound, bound) as f32).collect();
+        let b: Vec<f32> = (0..cout).map(|_| rng.range(-bound, bound) as f32).collect();
+        Ok(Conv2d {
+            weight: Param::new(format!("{name}.weight"), Tensor::from_host(backend, &w, &[fan_in, cout])?),
+            bias: Param::new(format!("{name}.bias"), Tensor::from_host(backend, &b, &[cout])?),
+            k,
+        })
+    }
+
+    pub fn forward<'a>(&self, tape: &Tape<'a, B>, x: Var) -> Result<(Var, [Var; 2])>
+    where
+        B: 'a,
+    {
+        let w = tape.leaf(self.weight.value.clone());
+        let b = tape.leaf(self.bias.value.clone());
+        Ok((tape.conv2d(x, w, b, self.k, 1, self.k / 2)?, [w, b]))
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.value.shape[1]
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.weight.value.shape[0] / (self.k * self.k)
+    }
+}
+
+/// A small CNN: blocks of 3x3 conv, ReLU and 2x2 max-pooling (while the image is at least 2x2),
+/// then a Linear head on the flattened maps.
+pub struct Cnn<B: Backend> {
+    pub convs: Vec<Conv2d<B>>,
+    pub head: Linear<B>,
+    /// `(channels, height, width)` of the input images.
+    pub image: (usize, usize, usize),
+}
+
+impl<B: Backend> Cnn<B> {
+    pub fn new(backend: &B, image: (usize, usize, usize), channels: &[usize], classes: usize, rng: &mut Rng) -> Result<Self> {
+        let (mut c, mut h, mut w) = image;
+        let mut convs = Vec::new();
+        for (i, &oc) in channels.iter().enumerate() {
+            convs.push(Conv2d::new(backend, &format!("convs.{i}"), c, oc, 3, rng)?);
+            c = oc;
+            if h >= 2 && w >= 2 {
+                h /= 2;
+                w /= 2;
+            }
+        }
+        let head = Linear::new(backend, "head", c * h * w, classes, rng)?;
+        Ok(Cnn { convs, head, image })
+    }
+
+    pub fn forward<'a>(&self, tape: &Tape<'a, B>, x: Var) -> Result<NetForward>
+    where
+        B: 'a,
+    {
+        let (c, h, w) = self.image;
+        let n = tape.value(x).rows_cols().0;
+        // Rows hold [C, H, W] images; the convolutions are channels-last.
+        let mut a = tape.reshape(x, &[n, c, h * w])?;
+        a = if c > 1 {
+            let t = tape.to_channels_first(tape.reshape(a, &[n, c, 1, h * w])?)?; // [n, hw, 1, c]
+            tape.reshape(t, &[n, h, w, c])?
+        } else {
+            tape.reshape(a, &[n, h, w, c])?
+        };
+        let (mut hidden, mut maps, mut params) = (Vec::new(), Vec::new(), Vec::new());
+        for conv in &self.convs {
+            let (y, p) = conv.forward(tape, a)?;
+            params.extend(p);
+            let y = tape.relu(y)?;
+            maps.push(tape.to_channels_first(y)?);
+            hidden.push(y);
+            let s = tape.value(y).shape.clone();
+            a = if s[1] >= 2 && s[2] >= 2 { tape.pool(y, 2, true)? } else { y };
+        }
+        let len = tape.value(a).len() / n;
+        let flat = tape.reshape(a, &[n, len])?;
+        let (logits, p) = self.head.forward(tape, flat)?;
+        params.extend(p);
+        Ok(NetForward { logits, hidden, maps, params })
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        let mut v: Vec<&mut Param<B>> = self.convs.iter_mut().flat_map(|c| [&mut c.weight, &mut c.bias]).collect();
+        v.extend([&mut self.head.weight, &mut self.head.bias]);
+        v
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.convs.iter().map(|c| c.weight.len() + c.bias.len()).sum::<usize>() + self.head.weight.len() + self.head.bias.len()
+    }
+}
+
+/// The variables of one forward pass of a [`Net`]: logits; the hidden activations (an MLP's layers
+/// after ReLU, a CNN's conv blocks after ReLU, channels-last); the CNN's maps `[N, C, H, W]` for
+/// attention transfer; and the parameters in the order of `params_mut`.
+pub struct NetForward {
+    pub logits: Var,
+    pub hidden: Vec<Var>,
+    pub maps: Vec<Var>,
+    pub params: Vec<Var>,
+}
+
+/// A network the pipeline trains.
+pub enum Net<B: Backend> {
+    Mlp(Mlp<B>),
+    Cnn(Cnn<B>),
+}
+
+impl<B: Backend> Net<B> {
+    pub fn forward<'a>(&self, tape: &Tape<'a, B>, x: Var) -> Result<NetForward>
+    where
+        B: 'a,
+    {
+        match self {
+            Net::Mlp(m) => {
+                let f = m.forward(tape, x)?;
+                Ok(NetForward { logits: f.logits, hidden: f.hidden, maps: Vec::new(), params: f.params })
+            }
+            Net::Cnn(c) => c.forward(tape, x),
+        }
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        match self {
+            Net::Mlp(m) => m.params_mut(),
+            Net::Cnn(c) => c.params_mut(),
+        }
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        match self {
+            Net::Mlp(m) => m.parameter_count(),
+            Net::Cnn(c) => c.parameter_count(),
+        }
+    }
+}
+
 /// Which optimizer, and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Optimizer {

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::experiment::Report;
-use crate::nn::Mlp;
+use crate::nn::{Cnn, Mlp, Net};
 
 /// Mean training loss per epoch: one panel each for the teacher (cross-entropy), the distilled
 /// student (its objective `alpha CE + (1 - alpha) T^2 KL`) and the simple model (cross-entropy),
@@ -88,33 +88,69 @@ pub fn curves_svg(r: &Report) -> String {
     out + "</svg>\n"
 }
 
-/// Saves an MLP as safetensors: `{2i}.weight` `[out, in]` and `{2i}.bias` for layer `i`, the keys
-/// of `nn.Sequential(Linear, ReLU, Linear, ...)`, so `model.load_state_dict(load_file(path))`
-/// works in PyTorch. Metadata records the layer sizes.
-pub fn save_mlp<B: Backend>(mlp: &Mlp<B>, backend: &B, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+/// A tensor to save: name, PyTorch shape, f32 data in PyTorch's layout.
+type Named = (String, Vec<usize>, Vec<f32>);
+
+/// `[in, out]` (ours) to `[out, in]` (PyTorch's `nn.Linear`).
+fn linear_weight(w: &[f32], inp: usize, out: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for r in 0..inp {
+        for c in 0..out {
+            t[c * inp + r] = w[r * out + c];
+        }
+    }
+    t
+}
+
+fn mlp_tensors<B: Backend>(mlp: &Mlp<B>, backend: &B) -> Result<Vec<Named>> {
+    let mut v = Vec::new();
     for (i, layer) in mlp.layers.iter().enumerate() {
         let (inp, out) = (layer.inputs(), layer.outputs());
-        let w = layer.weight.value.to_host(backend)?;
-        let mut wt = vec![0f32; w.len()];
-        for r in 0..inp {
-            for c in 0..out {
-                wt[c * inp + r] = w[r * out + c]; // ours [in, out] -> PyTorch [out, in]
+        v.push((format!("{}.weight", 2 * i), vec![out, inp], linear_weight(&layer.weight.value.to_host(backend)?, inp, out)));
+        v.push((format!("{}.bias", 2 * i), vec![out], layer.bias.value.to_host(backend)?));
+    }
+    Ok(v)
+}
+
+/// CNN keys `convs.{i}.weight` `[C_out, C_in, K, K]` (PyTorch's `nn.Conv2d` layout; ours is
+/// `[(ky, kx, C_in), C_out]`), `convs.{i}.bias`, `head.weight` `[out, in]`, `head.bias`. The head's
+/// inputs are our channels-last flattening `(h, w, c)` of the last block.
+fn cnn_tensors<B: Backend>(cnn: &Cnn<B>, backend: &B) -> Result<Vec<Named>> {
+    let mut v = Vec::new();
+    for (i, conv) in cnn.convs.iter().enumerate() {
+        let (cin, cout, k) = (conv.in_channels(), conv.out_channels(), conv.k);
+        let w = conv.weight.value.to_host(backend)?;
+        let mut t = vec![0f32; w.len()];
+        for ky in 0..k {
+            for kx in 0..k {
+                for ci in 0..cin {
+                    for co in 0..cout {
+                        t[((co * cin + ci) * k + ky) * k + kx] = w[((ky * k + kx) * cin + ci) * cout + co];
+                    }
+                }
             }
         }
-        let b = layer.bias.value.to_host(backend)?;
-        tensors.push((
-            format!("{}.weight", 2 * i),
-            vec![out, inp],
-            bytemuck::cast_slice(&wt).to_vec(),
-        ));
-        tensors.push((
-            format!("{}.bias", 2 * i),
-            vec![out],
-            bytemuck::cast_slice(&b).to_vec(),
-        ));
+        v.push((format!("convs.{i}.weight"), vec![cout, cin, k, k], t));
+        v.push((format!("convs.{i}.bias"), vec![cout], conv.bias.value.to_host(backend)?));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+    let (inp, out) = (cnn.head.inputs(), cnn.head.outputs());
+    v.push(("head.weight".into(), vec![out, inp], linear_weight(&cnn.head.weight.value.to_host(backend)?, inp, out)));
+    v.push(("head.bias".into(), vec![out], cnn.head.bias.value.to_host(backend)?));
+    Ok(v)
+}
+
+/// Saves a network as safetensors. An MLP's keys are those of PyTorch's
+/// `nn.Sequential(Linear, ReLU, Linear, ...)` (`0.weight` `[out, in]`, `0.bias`, `2.weight`, ...), so
+/// `model.load_state_dict(load_file(path))` works; a CNN's are described at `cnn_tensors`.
+/// Metadata records the architecture.
+pub fn save_net<B: Backend>(net: &Net<B>, backend: &B, path: &Path) -> Result<()> {
+    let (tensors, arch) = match net {
+        Net::Mlp(m) => (mlp_tensors(m, backend)?, format!("mlp {:?}", m.sizes())),
+        Net::Cnn(c) => (cnn_tensors(c, backend)?, format!("cnn image {:?}, channels {:?}", c.image, c.convs.iter().map(|c| c.out_channels()).collect::<Vec<_>>())),
+    };
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, s, d)| (n, s, bytemuck::cast_slice(&d).to_vec())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(name, shape, data)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
@@ -122,16 +158,6 @@ pub fn save_mlp<B: Backend>(mlp: &Mlp<B>, backend: &B, path: &Path) -> Result<()
                 .map_err(|e| Error::Unsupported(format!("safetensors: {e}")))
         })
         .collect::<Result<_>>()?;
-    let sizes = mlp
-        .sizes()
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let meta = HashMap::from([
-        ("sizes".to_string(), sizes),
-        ("format".to_string(), "pt".to_string()),
-    ]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| Error::Unsupported(format!("cannot write {}: {e}", path.display())))
+    let meta = HashMap::from([("architecture".to_string(), arch), ("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Unsupported(format!("cannot write {}: {e}", path.display())))
 }

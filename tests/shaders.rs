@@ -28,5 +28,5 @@ fn every_shader_validates() {
     }
     checked.dedup();
     println!("validated: {}", checked.join(", "));
-    assert_eq!(checked.len(), 7);
+    assert_eq!(checked.len(), 10);
 }

@@ -7,6 +7,7 @@ use std::cell::RefCell;
 
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
+use crate::ops::conv::{self, ConvSpec, PoolSpec};
 use crate::ops::dense::{self, MatmulSpec};
 use crate::ops::divergence::RowLossResult;
 use crate::ops::optim::{self as optim_ops, AdamSpec, SgdSpec};
@@ -281,5 +282,25 @@ impl Backend for CpuBackend {
         optim_ops::sgd_reference(spec, &mut wv, &grad.to_f64(), &mut vel);
         w.store("w", &wv)?;
         velocity.store("velocity", &vel)
+    }
+
+    fn im2col_unchecked(&self, spec: &ConvSpec, x: &CpuBuffer, cols: &CpuBuffer) -> Result<()> {
+        cols.store("cols", &conv::im2col_reference(spec, &x.to_f64()))
+    }
+
+    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+        dx.store("dx", &conv::col2im_reference(spec, &dcols.to_f64()))
+    }
+
+    fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        y.store("y", &conv::pool_reference(spec, &x.to_f64()))
+    }
+
+    fn pool_backward_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, dy: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+        dx.store("dx", &conv::pool_backward_reference(spec, &x.to_f64(), &dy.to_f64()))
+    }
+
+    fn transpose_unchecked(&self, batch: usize, rows: usize, cols: usize, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        y.store("y", &conv::transpose_reference(&x.to_f64(), batch, rows, cols))
     }
 }

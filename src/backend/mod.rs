@@ -14,6 +14,7 @@ pub mod validate;
 pub mod wgpu;
 
 use crate::error::Result;
+use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
@@ -261,6 +262,37 @@ pub trait Backend {
         self.sgd_step_unchecked(spec, w, grad, velocity)
     }
 
+    /// im2col of a channels-last image batch: `cols` is `[N*OH*OW, K*K*C]` (see [`ConvSpec`]).
+    fn im2col(&self, spec: &ConvSpec, x: &Self::Buffer, cols: &Self::Buffer) -> Result<()> {
+        validate::im2col(self, spec, x, cols)?;
+        self.im2col_unchecked(spec, x, cols)
+    }
+
+    /// The adjoint of im2col: the input gradient from the columns' gradient.
+    fn col2im(&self, spec: &ConvSpec, dcols: &Self::Buffer, dx: &Self::Buffer) -> Result<()> {
+        validate::im2col(self, spec, dx, dcols)?;
+        self.col2im_unchecked(spec, dcols, dx)
+    }
+
+    /// Max or average pooling, `k x k` windows with stride `k`, channels-last.
+    fn pool(&self, spec: &PoolSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::pool(self, spec, x, y)?;
+        self.pool_unchecked(spec, x, y)
+    }
+
+    /// The input gradient of [`Backend::pool`] from its input `x` and the output gradient `dy`.
+    fn pool_backward(&self, spec: &PoolSpec, x: &Self::Buffer, dy: &Self::Buffer, dx: &Self::Buffer) -> Result<()> {
+        validate::pool(self, spec, x, dy)?;
+        validate::same_len(self, &[("x", x), ("dx", dx)])?;
+        self.pool_backward_unchecked(spec, x, dy, dx)
+    }
+
+    /// `y[b, j, i] = x[b, i, j]` for `batch` matrices of `[rows, cols]`.
+    fn transpose(&self, batch: usize, rows: usize, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::transpose(self, batch, rows, cols, x, y)?;
+        self.transpose_unchecked(batch, rows, cols, x, y)
+    }
+
     // ---- the kernels: each backend implements these; `validate` has checked the inputs ----
 
     #[doc(hidden)]
@@ -374,6 +406,16 @@ pub trait Backend {
         grad: &Self::Buffer,
         velocity: &Self::Buffer,
     ) -> Result<()>;
+    #[doc(hidden)]
+    fn im2col_unchecked(&self, spec: &ConvSpec, x: &Self::Buffer, cols: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &Self::Buffer, dx: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn pool_unchecked(&self, spec: &PoolSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn pool_backward_unchecked(&self, spec: &PoolSpec, x: &Self::Buffer, dy: &Self::Buffer, dx: &Self::Buffer) -> Result<()>;
+    #[doc(hidden)]
+    fn transpose_unchecked(&self, batch: usize, rows: usize, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
 }
 
 /// Which backends the environment says must be present (`DISTILLATION_REQUIRE=wgpu,nvrtc,cuda`).

@@ -3,6 +3,7 @@
 
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
+use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec, TeacherInput,
@@ -255,4 +256,27 @@ pub fn same_len<B: Backend + ?Sized>(b: &B, bufs: &[(&'static str, &B::Buffer)])
         check_len(b, what, buf, n, &format!("same length as {}", bufs[0].0))?;
     }
     Ok(())
+}
+
+pub fn im2col<B: Backend + ?Sized>(b: &B, spec: &ConvSpec, x: &B::Buffer, cols: &B::Buffer) -> Result<()> {
+    spec.validate()?;
+    let (r, c) = spec.cols_shape();
+    check_len(b, "image", x, spec.input_len(), &format!("[N, H, W, C] = [{}, {}, {}, {}]", spec.n, spec.h, spec.w, spec.c))?;
+    check_len(b, "cols", cols, r * c, &format!("[N*OH*OW, K*K*C] = [{r}, {c}]"))
+}
+
+pub fn pool<B: Backend + ?Sized>(b: &B, spec: &PoolSpec, x: &B::Buffer, y: &B::Buffer) -> Result<()> {
+    spec.validate()?;
+    let (oh, ow) = spec.out_hw();
+    check_len(b, "x", x, spec.input_len(), &format!("[N, H, W, C] = [{}, {}, {}, {}]", spec.n, spec.h, spec.w, spec.c))?;
+    check_len(b, "y", y, spec.output_len(), &format!("[N, H/k, W/k, C] = [{}, {oh}, {ow}, {}]", spec.n, spec.c))
+}
+
+pub fn transpose<B: Backend + ?Sized>(b: &B, batch: usize, rows: usize, cols: usize, x: &B::Buffer, y: &B::Buffer) -> Result<()> {
+    let n = batch * rows * cols;
+    if n == 0 {
+        return Err(Error::Unsupported("transpose of an empty tensor".into()));
+    }
+    check_len(b, "x", x, n, &format!("[{batch}, {rows}, {cols}]"))?;
+    check_len(b, "y", y, n, &format!("[{batch}, {cols}, {rows}]"))
 }

@@ -11,6 +11,7 @@
 //! | attention transfer | 6 | [`feature`] | `shaders/attention.wgsl` | `kernels/feature.cu` |
 //! | row-loss count and reduction | 2-4 | (inline) | `shaders/reduce.wgsl` | `kernels/reduce.cu` |
 
+pub mod conv;
 pub mod cross_entropy;
 pub mod dense;
 pub mod divergence;

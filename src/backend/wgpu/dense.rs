@@ -6,6 +6,7 @@ use super::pipelines::Kernel;
 use super::record::Window;
 use super::{WgpuBackend, WgpuBuffer};
 use crate::error::{Error, Result};
+use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 
@@ -33,6 +34,61 @@ struct OptimParams {
     eps: f32,
     weight_decay: f32,
     pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct ConvParams {
+    n: u32,
+    h: u32,
+    w: u32,
+    c: u32,
+    k: u32,
+    stride: u32,
+    pad: u32,
+    oh: u32,
+    ow: u32,
+    max_pool: u32,
+    len: u32,
+    rows: u32,
+    cols: u32,
+    pad0: [u32; 3],
+}
+
+impl ConvParams {
+    fn conv(s: &ConvSpec, len: usize) -> Self {
+        let (oh, ow) = s.out_hw();
+        ConvParams {
+            n: s.n as u32,
+            h: s.h as u32,
+            w: s.w as u32,
+            c: s.c as u32,
+            k: s.k as u32,
+            stride: s.stride as u32,
+            pad: s.pad as u32,
+            oh: oh as u32,
+            ow: ow as u32,
+            len: len as u32,
+            ..Default::default()
+        }
+    }
+
+    fn pool(s: &PoolSpec, len: usize) -> Self {
+        let (oh, ow) = s.out_hw();
+        ConvParams {
+            n: s.n as u32,
+            h: s.h as u32,
+            w: s.w as u32,
+            c: s.c as u32,
+            k: s.k as u32,
+            stride: s.k as u32,
+            oh: oh as u32,
+            ow: ow as u32,
+            max_pool: s.max as u32,
+            len: len as u32,
+            ..Default::default()
+        }
+    }
 }
 
 fn whole(b: &WgpuBuffer) -> Option<Window<'_>> {
@@ -217,4 +273,40 @@ impl WgpuBackend {
             w.len.div_ceil(256) as u32,
         )
     }
+
+    /// One invocation per element of `out` for a conv.wgsl entry point.
+    pub(super) fn encode_conv(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        params: ConvParamsBytes,
+        a: &WgpuBuffer,
+        b: Option<&WgpuBuffer>,
+        out: &WgpuBuffer,
+    ) -> Result<()> {
+        self.check_binding(&[a, out])?;
+        self.dispatch(enc, kernel, 256, &params.0, &[whole(a), b.and_then(whole), whole(out)], out.len.div_ceil(256) as u32)
+    }
+
+    pub(super) fn conv_params(spec: &ConvSpec, len: usize) -> ConvParamsBytes {
+        ConvParamsBytes(bytemuck::bytes_of(&ConvParams::conv(spec, len)).to_vec())
+    }
+
+    pub(super) fn pool_params(spec: &PoolSpec, len: usize) -> ConvParamsBytes {
+        ConvParamsBytes(bytemuck::bytes_of(&ConvParams::pool(spec, len)).to_vec())
+    }
+
+    pub(super) fn transpose_params(batch: usize, rows: usize, cols: usize) -> ConvParamsBytes {
+        let p = ConvParams {
+            n: batch as u32,
+            rows: rows as u32,
+            cols: cols as u32,
+            len: (batch * rows * cols) as u32,
+            ..Default::default()
+        };
+        ConvParamsBytes(bytemuck::bytes_of(&p).to_vec())
+    }
 }
+
+/// The uniform bytes of a conv.wgsl dispatch.
+pub(super) struct ConvParamsBytes(Vec<u8>);

@@ -17,6 +17,7 @@ use wgpu::util::DeviceExt;
 
 use super::{Backend, LossOut};
 use crate::error::{Error, Result};
+use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
@@ -566,5 +567,30 @@ impl Backend for WgpuBackend {
         velocity: &WgpuBuffer,
     ) -> Result<()> {
         self.submit(|enc| self.encode_sgd(enc, spec, w, grad, velocity))
+    }
+
+    fn im2col_unchecked(&self, spec: &ConvSpec, x: &WgpuBuffer, cols: &WgpuBuffer) -> Result<()> {
+        let p = Self::conv_params(spec, cols.len);
+        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Im2col, p, x, None, cols))
+    }
+
+    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &WgpuBuffer, dx: &WgpuBuffer) -> Result<()> {
+        let p = Self::conv_params(spec, dx.len);
+        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Col2im, p, dcols, None, dx))
+    }
+
+    fn pool_unchecked(&self, spec: &PoolSpec, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        let p = Self::pool_params(spec, y.len);
+        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Pool, p, x, None, y))
+    }
+
+    fn pool_backward_unchecked(&self, spec: &PoolSpec, x: &WgpuBuffer, dy: &WgpuBuffer, dx: &WgpuBuffer) -> Result<()> {
+        let p = Self::pool_params(spec, dx.len);
+        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::PoolBackward, p, x, Some(dy), dx))
+    }
+
+    fn transpose_unchecked(&self, batch: usize, rows: usize, cols: usize, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        let p = Self::transpose_params(batch, rows, cols);
+        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Transpose, p, x, None, y))
     }
 }

@@ -17,6 +17,7 @@ pub const MSE_WGSL: &str = include_str!("../../../shaders/mse.wgsl");
 pub const ATTENTION_WGSL: &str = include_str!("../../../shaders/attention.wgsl");
 pub const DENSE_WGSL: &str = include_str!("../../../shaders/dense.wgsl");
 pub const OPTIM_WGSL: &str = include_str!("../../../shaders/optim.wgsl");
+pub const CONV_WGSL: &str = include_str!("../../../shaders/conv.wgsl");
 
 /// One entry point of one shader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,6 +39,11 @@ pub enum Kernel {
     Axpy,
     Adam,
     Sgd,
+    Im2col,
+    Col2im,
+    Pool,
+    PoolBackward,
+    Transpose,
 }
 
 /// How a binding is used: the uniform parameters, a read-only or a read-write storage buffer.
@@ -62,7 +68,7 @@ const ROW_LOSS_BINDINGS: &[Bind] = &[
 ];
 
 impl Kernel {
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::SoftmaxForward,
         Kernel::SoftmaxBackward,
         Kernel::Divergence,
@@ -80,6 +86,11 @@ impl Kernel {
         Kernel::Axpy,
         Kernel::Adam,
         Kernel::Sgd,
+        Kernel::Im2col,
+        Kernel::Col2im,
+        Kernel::Pool,
+        Kernel::PoolBackward,
+        Kernel::Transpose,
     ];
 
     /// The shader's file name (for messages) and full source (preludes included).
@@ -101,6 +112,9 @@ impl Kernel {
             | Kernel::ReluBackward
             | Kernel::Axpy => ("dense.wgsl", DENSE_WGSL, false),
             Kernel::Adam | Kernel::Sgd => ("optim.wgsl", OPTIM_WGSL, false),
+            Kernel::Im2col | Kernel::Col2im | Kernel::Pool | Kernel::PoolBackward | Kernel::Transpose => {
+                ("conv.wgsl", CONV_WGSL, false)
+            }
         };
         let mut src = String::with_capacity(COMMON_WGSL.len() + ROW_IO_WGSL.len() + body.len());
         src.push_str(COMMON_WGSL);
@@ -125,6 +139,11 @@ impl Kernel {
             Kernel::Axpy => "axpy",
             Kernel::Adam => "adam",
             Kernel::Sgd => "sgd",
+            Kernel::Im2col => "im2col",
+            Kernel::Col2im => "col2im",
+            Kernel::Pool => "pool",
+            Kernel::PoolBackward => "pool_backward",
+            Kernel::Transpose => "transpose",
             _ => "main",
         }
     }
@@ -143,6 +162,9 @@ impl Kernel {
             | Kernel::ReluBackward
             | Kernel::Axpy => &[Uniform, Read, Read, ReadWrite],
             Kernel::Adam | Kernel::Sgd => &[Uniform, Read, ReadWrite, ReadWrite, ReadWrite],
+            Kernel::Im2col | Kernel::Col2im | Kernel::Pool | Kernel::PoolBackward | Kernel::Transpose => {
+                &[Uniform, Read, Read, ReadWrite]
+            }
         }
     }
 }
