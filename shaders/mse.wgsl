@@ -1,7 +1,8 @@
-// mse.wgsl: feature-map MSE (FitNets hint), spec/LOSSES.md section 5; CPU reference
-// src/ops/feature.rs; CUDA kernels/feature.cu.
+// mse.wgsl: pointwise regression losses, mean over M elements: feature-map MSE (FitNets hint,
+// spec/LOSSES.md section 5; CPU reference src/ops/feature.rs) and smooth L1 (Huber, delta 1; the
+// RKD comparison, section 7; src/ops/relational.rs). CUDA kernels/feature.cu.
 // Each workgroup owns ELEMS = 256 * 16 consecutive elements: it writes their gradients
-// dL/da = g 2 (a - b) / M (and dL/db = -dL/da) and one partial sum of (a - b)^2, reduced in a
+// dL/da = g 2 (a - b) / M, or g clamp(a - b, -1, 1) / M for smooth L1 (and dL/db = -dL/da) and one partial sum of (a - b)^2, reduced in a
 // fixed order; reduce.wgsl's reduce_rows then sums the partials and divides by M.
 
 const PER_LANE: u32 = 16u;
@@ -9,8 +10,8 @@ const PER_LANE: u32 = 16u;
 struct Params {
     len: u32,       // elements in this window
     grad_mode: u32, // bit 0: write grad_a, bit 1: write grad_b
-    grad_k: f32,    // g * 2 / M
-    pad0: u32,
+    grad_k: f32,    // MSE: g * 2 / M; smooth L1: g / M
+    mode: u32,      // 0 squared error, 1 smooth L1
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,8 +37,14 @@ fn main(
         let i = start + k * WG + lid;
         if (i < p.len) {
             let d = a[i] - b[i];
-            acc = acc + d * d;
-            let g = p.grad_k * d;
+            var g = p.grad_k * d;
+            if (p.mode == 0u) {
+                acc = acc + d * d;
+            } else {
+                let ad = abs(d);
+                acc = acc + select(ad - 0.5, 0.5 * d * d, ad < 1.0);
+                g = p.grad_k * clamp(d, -1.0, 1.0);
+            }
             if ((p.grad_mode & 1u) != 0u) {
                 grad_a[i] = g;
             }

@@ -41,6 +41,10 @@ pub enum Method {
     /// Attention transfer (CNN): also match the normalised spatial attention maps of the first
     /// conv block (Zagoruyko and Komodakis 2017).
     AttentionTransfer,
+    /// Similarity-preserving KD (Tung and Mori 2019) on the last hidden features.
+    SimilarityPreserving,
+    /// RKD distance (Park et al. 2019) on the last hidden features.
+    RkdDistance,
 }
 
 /// The networks' family.
@@ -88,6 +92,9 @@ pub struct Config {
     pub hint_weight: f32,
     /// Weight of the attention-transfer term.
     pub at_weight: f32,
+    /// Weights of the similarity-preserving and RKD-distance terms (the papers' 3000 and 25).
+    pub sp_weight: f32,
+    pub rkd_weight: f32,
     /// Where `Method::Cached` writes the soft targets.
     pub cache_dir: std::path::PathBuf,
 }
@@ -118,6 +125,8 @@ impl Default for Config {
             generations: 2,
             hint_weight: 1.0,
             at_weight: 100.0,
+            sp_weight: 3000.0,
+            rkd_weight: 25.0,
             cache_dir: std::env::temp_dir().join("distillation-cache"),
         }
     }
@@ -171,14 +180,24 @@ impl Config {
             ));
         }
         if self.model == ModelKind::Cnn && data.image.is_none() {
-            return Err(Error::Unsupported("the CNN needs image data (a data set with an image shape)".into()));
+            return Err(Error::Unsupported(
+                "the CNN needs image data (a data set with an image shape)".into(),
+            ));
         }
         if self.method == Method::AttentionTransfer && self.model != ModelKind::Cnn {
-            return Err(Error::Unsupported("attention transfer matches conv feature maps: use the CNN model".into()));
+            return Err(Error::Unsupported(
+                "attention transfer matches conv feature maps: use the CNN model".into(),
+            ));
         }
-        let layers = if self.model == ModelKind::Cnn { &self.student_channels } else { &self.student_hidden };
+        let layers = if self.model == ModelKind::Cnn {
+            &self.student_channels
+        } else {
+            &self.student_hidden
+        };
         if self.method == Method::FitNets && layers.is_empty() {
-            return Err(Error::Unsupported("FitNets needs a hidden layer in the student and the teacher".into()));
+            return Err(Error::Unsupported(
+                "FitNets needs a hidden layer in the student and the teacher".into(),
+            ));
         }
         if self.augment && data.image.is_none() {
             return Err(Error::Unsupported(
@@ -189,25 +208,51 @@ impl Config {
     }
 
     fn teacher_sizes(&self, data: &Dataset) -> Vec<usize> {
-        [vec![data.dim], self.teacher_hidden.clone(), vec![data.classes]].concat()
+        [
+            vec![data.dim],
+            self.teacher_hidden.clone(),
+            vec![data.classes],
+        ]
+        .concat()
     }
 
     fn student_sizes(&self, data: &Dataset) -> Vec<usize> {
-        [vec![data.dim], self.student_hidden.clone(), vec![data.classes]].concat()
+        [
+            vec![data.dim],
+            self.student_hidden.clone(),
+            vec![data.classes],
+        ]
+        .concat()
     }
 
     /// A new network for `role` (born-again students take the teacher's architecture).
-    fn build<B: Backend>(&self, backend: &B, data: &Dataset, teacher: bool, rng: &mut Rng) -> Result<Net<B>> {
+    fn build<B: Backend>(
+        &self,
+        backend: &B,
+        data: &Dataset,
+        teacher: bool,
+        rng: &mut Rng,
+    ) -> Result<Net<B>> {
         let teacher = teacher || self.method == Method::BornAgain;
         match self.model {
             ModelKind::Mlp => {
-                let sizes = if teacher { self.teacher_sizes(data) } else { self.student_sizes(data) };
+                let sizes = if teacher {
+                    self.teacher_sizes(data)
+                } else {
+                    self.student_sizes(data)
+                };
                 Ok(Net::Mlp(Mlp::new(backend, &sizes, rng)?))
             }
             ModelKind::Cnn => {
-                let image = data.image.ok_or_else(|| Error::Unsupported("the CNN needs image data".into()))?;
-                let ch = if teacher { &self.teacher_channels } else { &self.student_channels };
-                Ok(Net::Cnn(Cnn::new(backend, image, ch, data.classes, rng)?))
+                let image = data
+                    .image
+                    .ok_or_else(|| Error::Unsupported("the CNN needs image data".into()))?;
+                let ch = if teacher {
+                    &self.teacher_channels
+                } else {
+                    &self.student_channels
+                };
+                Ok(Net::Cnn(Box::new(Cnn::new(backend, image, ch, data.classes, rng)?)))
             }
         }
     }
@@ -660,14 +705,34 @@ fn distil_once<B: Backend>(
 ) -> Result<(Net<B>, Vec<f64>)> {
     let classes = data.classes;
     // The same initialisation as the fold's simple model, so the comparison isolates the teacher.
-    let mut student = cfg.build(backend, data, false, &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30))?;
+    let mut student = cfg.build(
+        backend,
+        data,
+        false,
+        &mut Rng::new(cfg.seed).fork(100 + fold as u64).fork(30),
+    )?;
     // The second network of mutual learning, and the FitNets regressor (student hidden -> teacher
     // hidden: a Linear for MLPs, a 1x1 convolution for CNNs), trained with the student.
-    let mut peer = if cfg.method == Method::Mutual { Some(cfg.build(backend, data, false, &mut rng.fork(33))?) } else { None };
+    let mut peer = if cfg.method == Method::Mutual {
+        Some(cfg.build(backend, data, false, &mut rng.fork(33))?)
+    } else {
+        None
+    };
     let mut regressor = if cfg.method == Method::FitNets {
         Some(match cfg.model {
-            ModelKind::Mlp => Regressor::Linear(Mlp::new(backend, &[cfg.student_hidden[0], cfg.teacher_hidden[0]], &mut rng.fork(34))?),
-            ModelKind::Cnn => Regressor::Conv(Conv2d::new(backend, "regressor", cfg.student_channels[0], cfg.teacher_channels[0], 1, &mut rng.fork(34))?),
+            ModelKind::Mlp => Regressor::Linear(Mlp::new(
+                backend,
+                &[cfg.student_hidden[0], cfg.teacher_hidden[0]],
+                &mut rng.fork(34),
+            )?),
+            ModelKind::Cnn => Regressor::Conv(Box::new(Conv2d::new(
+                backend,
+                "regressor",
+                cfg.student_channels[0],
+                cfg.teacher_channels[0],
+                1,
+                &mut rng.fork(34),
+            )?)),
         })
     } else {
         None
@@ -771,14 +836,30 @@ fn distil_once<B: Backend>(
             }
             if let Some(reg) = &regressor {
                 // FitNets hint: regressor(student hidden) ~ teacher hidden (first layer or block).
-                let th = teacher_features(backend, &tape, teachers[0], x, false)?;
+                let th = teacher_features(backend, &tape, teachers[0], x, Features::FirstHidden)?;
                 let (r, p) = reg.forward(&tape, fwd.hidden[0])?;
                 losses.push(tape.mse(r, th, cfg.hint_weight)?);
                 extra_params = p;
             }
-            if cfg.method == Method::AttentionTransfer {
-                let tm = teacher_features(backend, &tape, teachers[0], x, true)?;
-                losses.push(tape.attention_transfer(fwd.maps[0], tm, cfg.at_weight)?);
+            match cfg.method {
+                Method::AttentionTransfer => {
+                    let tm = teacher_features(backend, &tape, teachers[0], x, Features::FirstMap)?;
+                    losses.push(tape.attention_transfer(fwd.maps[0], tm, cfg.at_weight)?);
+                }
+                Method::SimilarityPreserving | Method::RkdDistance => {
+                    let tf =
+                        teacher_features(backend, &tape, teachers[0], x, Features::LastHidden)?;
+                    let last = *fwd.hidden.last().ok_or_else(|| {
+                        Error::Unsupported("relation-based KD needs a hidden layer".into())
+                    })?;
+                    let sf = flatten(&tape, last)?;
+                    losses.push(if cfg.method == Method::RkdDistance {
+                        tape.rkd_distance(sf, tf, cfg.rkd_weight)?
+                    } else {
+                        tape.similarity_preserving(sf, tf, cfg.sp_weight)?
+                    });
+                }
+                _ => {}
             }
             tape.backward(&losses)?;
             step += 1;
@@ -816,30 +897,59 @@ fn distil_once<B: Backend>(
     Ok((student, curve))
 }
 
-/// The frozen teacher's first hidden activation (or, `maps`, its first `[N, C, H, W]` feature
-/// map) for the batch already on the tape, as a constant.
+/// Which of the frozen teacher's features a method matches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Features {
+    /// The first hidden activation (FitNets).
+    FirstHidden,
+    /// The first `[N, C, H, W]` feature map (attention transfer).
+    FirstMap,
+    /// The last hidden activation, flattened to `[N, D]` (relation-based methods).
+    LastHidden,
+}
+
+/// `[N, ...]` to `[N, D]`.
+fn flatten<'a, B: Backend + 'a>(
+    tape: &Tape<'a, B>,
+    v: crate::tape::Var,
+) -> Result<crate::tape::Var> {
+    let t = tape.value(v);
+    let n = t.shape[0];
+    tape.reshape(v, &[n, t.len() / n])
+}
+
+/// The frozen teacher's features for the batch already on the tape, as a constant.
 fn teacher_features<'a, B: Backend + 'a>(
     backend: &B,
     tape: &Tape<'a, B>,
     teacher: &Net<B>,
     x: crate::tape::Var,
-    maps: bool,
+    which: Features,
 ) -> Result<crate::tape::Var> {
     let inner = Tape::new(backend);
     let xv = inner.constant(tape.value(x));
     let f = teacher.forward(&inner, xv)?;
-    let v = if maps { f.maps[0] } else { f.hidden[0] };
+    let missing = || Error::Unsupported("the teacher has no hidden layer to match".into());
+    let v = match which {
+        Features::FirstHidden => *f.hidden.first().ok_or_else(missing)?,
+        Features::FirstMap => *f.maps.first().ok_or_else(missing)?,
+        Features::LastHidden => flatten(&inner, *f.hidden.last().ok_or_else(missing)?)?,
+    };
     Ok(tape.constant(inner.value(v)))
 }
 
 /// The FitNets regressor from the student's hint layer to the teacher's.
 enum Regressor<B: Backend> {
     Linear(Mlp<B>),
-    Conv(Conv2d<B>),
+    Conv(Box<Conv2d<B>>),
 }
 
 impl<B: Backend> Regressor<B> {
-    fn forward<'a>(&self, tape: &Tape<'a, B>, h: crate::tape::Var) -> Result<(crate::tape::Var, Vec<crate::tape::Var>)>
+    fn forward<'a>(
+        &self,
+        tape: &Tape<'a, B>,
+        h: crate::tape::Var,
+    ) -> Result<(crate::tape::Var, Vec<crate::tape::Var>)>
     where
         B: 'a,
     {

@@ -61,6 +61,10 @@ enum MethodChoice {
     Cached,
     /// Attention transfer between the first conv blocks (needs --model cnn).
     At,
+    /// Similarity-preserving KD on the last hidden features.
+    Sp,
+    /// RKD distance on the last hidden features.
+    Rkd,
 }
 
 #[derive(clap::Args, Debug)]
@@ -137,6 +141,8 @@ fn config(o: &Opts) -> Config {
             MethodChoice::BornAgain => Method::BornAgain,
             MethodChoice::Cached => Method::Cached,
             MethodChoice::At => Method::AttentionTransfer,
+            MethodChoice::Sp => Method::SimilarityPreserving,
+            MethodChoice::Rkd => Method::RkdDistance,
         },
         model: match o.model {
             ModelChoice::Mlp => ModelKind::Mlp,

@@ -185,17 +185,34 @@ pub struct Conv2d<B: Backend> {
 impl<B: Backend> Conv2d<B> {
     /// Kaiming-uniform (`a = sqrt(5)`, PyTorch's `nn.Conv2d` default): uniform in
     /// `+-1/sqrt(C_in K K)`.
-    pub fn new(backend: &B, name: &str, cin: usize, cout: usize, k: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         if cin == 0 || cout == 0 || k == 0 {
-            return Err(Error::Unsupported(format!("Conv2d({cin}, {cout}, {k}): sizes must be >= 1")));
+            return Err(Error::Unsupported(format!(
+                "Conv2d({cin}, {cout}, {k}): sizes must be >= 1"
+            )));
         }
         let fan_in = cin * k * k;
         let bound = 1.0 / (fan_in as f64).sqrt();
-        let w: Vec<f32> = (0..fan_in * cout).map(|_| rng.range(-bound, bound) as f32).collect();
+        let w: Vec<f32> = (0..fan_in * cout)
+            .map(|_| rng.range(-bound, bound) as f32)
+            .collect();
         let b: Vec<f32> = (0..cout).map(|_| rng.range(-bound, bound) as f32).collect();
         Ok(Conv2d {
-            weight: Param::new(format!("{name}.weight"), Tensor::from_host(backend, &w, &[fan_in, cout])?),
-            bias: Param::new(format!("{name}.bias"), Tensor::from_host(backend, &b, &[cout])?),
+            weight: Param::new(
+                format!("{name}.weight"),
+                Tensor::from_host(backend, &w, &[fan_in, cout])?,
+            ),
+            bias: Param::new(
+                format!("{name}.bias"),
+                Tensor::from_host(backend, &b, &[cout])?,
+            ),
             k,
         })
     }
@@ -228,7 +245,13 @@ pub struct Cnn<B: Backend> {
 }
 
 impl<B: Backend> Cnn<B> {
-    pub fn new(backend: &B, image: (usize, usize, usize), channels: &[usize], classes: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        image: (usize, usize, usize),
+        channels: &[usize],
+        classes: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         let (mut c, mut h, mut w) = image;
         let mut convs = Vec::new();
         for (i, &oc) in channels.iter().enumerate() {
@@ -265,23 +288,41 @@ impl<B: Backend> Cnn<B> {
             maps.push(tape.to_channels_first(y)?);
             hidden.push(y);
             let s = tape.value(y).shape.clone();
-            a = if s[1] >= 2 && s[2] >= 2 { tape.pool(y, 2, true)? } else { y };
+            a = if s[1] >= 2 && s[2] >= 2 {
+                tape.pool(y, 2, true)?
+            } else {
+                y
+            };
         }
         let len = tape.value(a).len() / n;
         let flat = tape.reshape(a, &[n, len])?;
         let (logits, p) = self.head.forward(tape, flat)?;
         params.extend(p);
-        Ok(NetForward { logits, hidden, maps, params })
+        Ok(NetForward {
+            logits,
+            hidden,
+            maps,
+            params,
+        })
     }
 
     pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        let mut v: Vec<&mut Param<B>> = self.convs.iter_mut().flat_map(|c| [&mut c.weight, &mut c.bias]).collect();
+        let mut v: Vec<&mut Param<B>> = self
+            .convs
+            .iter_mut()
+            .flat_map(|c| [&mut c.weight, &mut c.bias])
+            .collect();
         v.extend([&mut self.head.weight, &mut self.head.bias]);
         v
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.convs.iter().map(|c| c.weight.len() + c.bias.len()).sum::<usize>() + self.head.weight.len() + self.head.bias.len()
+        self.convs
+            .iter()
+            .map(|c| c.weight.len() + c.bias.len())
+            .sum::<usize>()
+            + self.head.weight.len()
+            + self.head.bias.len()
     }
 }
 
@@ -298,7 +339,7 @@ pub struct NetForward {
 /// A network the pipeline trains.
 pub enum Net<B: Backend> {
     Mlp(Mlp<B>),
-    Cnn(Cnn<B>),
+    Cnn(Box<Cnn<B>>),
 }
 
 impl<B: Backend> Net<B> {
@@ -309,7 +350,12 @@ impl<B: Backend> Net<B> {
         match self {
             Net::Mlp(m) => {
                 let f = m.forward(tape, x)?;
-                Ok(NetForward { logits: f.logits, hidden: f.hidden, maps: Vec::new(), params: f.params })
+                Ok(NetForward {
+                    logits: f.logits,
+                    hidden: f.hidden,
+                    maps: Vec::new(),
+                    params: f.params,
+                })
             }
             Net::Cnn(c) => c.forward(tape, x),
         }

@@ -106,8 +106,16 @@ fn mlp_tensors<B: Backend>(mlp: &Mlp<B>, backend: &B) -> Result<Vec<Named>> {
     let mut v = Vec::new();
     for (i, layer) in mlp.layers.iter().enumerate() {
         let (inp, out) = (layer.inputs(), layer.outputs());
-        v.push((format!("{}.weight", 2 * i), vec![out, inp], linear_weight(&layer.weight.value.to_host(backend)?, inp, out)));
-        v.push((format!("{}.bias", 2 * i), vec![out], layer.bias.value.to_host(backend)?));
+        v.push((
+            format!("{}.weight", 2 * i),
+            vec![out, inp],
+            linear_weight(&layer.weight.value.to_host(backend)?, inp, out),
+        ));
+        v.push((
+            format!("{}.bias", 2 * i),
+            vec![out],
+            layer.bias.value.to_host(backend)?,
+        ));
     }
     Ok(v)
 }
@@ -125,17 +133,30 @@ fn cnn_tensors<B: Backend>(cnn: &Cnn<B>, backend: &B) -> Result<Vec<Named>> {
             for kx in 0..k {
                 for ci in 0..cin {
                     for co in 0..cout {
-                        t[((co * cin + ci) * k + ky) * k + kx] = w[((ky * k + kx) * cin + ci) * cout + co];
+                        t[((co * cin + ci) * k + ky) * k + kx] =
+                            w[((ky * k + kx) * cin + ci) * cout + co];
                     }
                 }
             }
         }
         v.push((format!("convs.{i}.weight"), vec![cout, cin, k, k], t));
-        v.push((format!("convs.{i}.bias"), vec![cout], conv.bias.value.to_host(backend)?));
+        v.push((
+            format!("convs.{i}.bias"),
+            vec![cout],
+            conv.bias.value.to_host(backend)?,
+        ));
     }
     let (inp, out) = (cnn.head.inputs(), cnn.head.outputs());
-    v.push(("head.weight".into(), vec![out, inp], linear_weight(&cnn.head.weight.value.to_host(backend)?, inp, out)));
-    v.push(("head.bias".into(), vec![out], cnn.head.bias.value.to_host(backend)?));
+    v.push((
+        "head.weight".into(),
+        vec![out, inp],
+        linear_weight(&cnn.head.weight.value.to_host(backend)?, inp, out),
+    ));
+    v.push((
+        "head.bias".into(),
+        vec![out],
+        cnn.head.bias.value.to_host(backend)?,
+    ));
     Ok(v)
 }
 
@@ -146,10 +167,19 @@ fn cnn_tensors<B: Backend>(cnn: &Cnn<B>, backend: &B) -> Result<Vec<Named>> {
 pub fn save_net<B: Backend>(net: &Net<B>, backend: &B, path: &Path) -> Result<()> {
     let (tensors, arch) = match net {
         Net::Mlp(m) => (mlp_tensors(m, backend)?, format!("mlp {:?}", m.sizes())),
-        Net::Cnn(c) => (cnn_tensors(c, backend)?, format!("cnn image {:?}, channels {:?}", c.image, c.convs.iter().map(|c| c.out_channels()).collect::<Vec<_>>())),
+        Net::Cnn(c) => (
+            cnn_tensors(c, backend)?,
+            format!(
+                "cnn image {:?}, channels {:?}",
+                c.image,
+                c.convs.iter().map(|c| c.out_channels()).collect::<Vec<_>>()
+            ),
+        ),
     };
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|(n, s, d)| (n, s, bytemuck::cast_slice(&d).to_vec())).collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, d)| (n, s, bytemuck::cast_slice(&d).to_vec()))
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(name, shape, data)| {
@@ -158,6 +188,10 @@ pub fn save_net<B: Backend>(net: &Net<B>, backend: &B, path: &Path) -> Result<()
                 .map_err(|e| Error::Unsupported(format!("safetensors: {e}")))
         })
         .collect::<Result<_>>()?;
-    let meta = HashMap::from([("architecture".to_string(), arch), ("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Unsupported(format!("cannot write {}: {e}", path.display())))
+    let meta = HashMap::from([
+        ("architecture".to_string(), arch),
+        ("format".to_string(), "pt".to_string()),
+    ]);
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| Error::Unsupported(format!("cannot write {}: {e}", path.display())))
 }

@@ -326,12 +326,30 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 
     /// 2-D convolution of `x` `[N, H, W, C]` with `w` `[K*K*C, OC]` and bias `b` `[OC]`:
     /// `[N, OH, OW, OC]`, as im2col, matmul and bias add on the tape.
-    pub fn conv2d(&self, x: Var, w: Var, b: Var, k: usize, stride: usize, pad: usize) -> Result<Var> {
+    pub fn conv2d(
+        &self,
+        x: Var,
+        w: Var,
+        b: Var,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Var> {
         let xs = self.value(x).shape;
         let [n, h, wd, c] = xs[..] else {
-            return Err(Error::Unsupported(format!("conv2d takes [N, H, W, C] input, got {xs:?}")));
+            return Err(Error::Unsupported(format!(
+                "conv2d takes [N, H, W, C] input, got {xs:?}"
+            )));
         };
-        let spec = ConvSpec { n, h, w: wd, c, k, stride, pad };
+        let spec = ConvSpec {
+            n,
+            h,
+            w: wd,
+            c,
+            k,
+            stride,
+            pad,
+        };
         spec.validate()?;
         let (oh, ow) = spec.out_hw();
         let cols = self.im2col(x, spec)?;
@@ -345,12 +363,18 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     pub fn pool(&self, x: Var, k: usize, max: bool) -> Result<Var> {
         let xv = self.value(x);
         let [n, h, w, c] = xv.shape[..] else {
-            return Err(Error::Unsupported(format!("pooling takes [N, H, W, C] input, got {:?}", xv.shape)));
+            return Err(Error::Unsupported(format!(
+                "pooling takes [N, H, W, C] input, got {:?}",
+                xv.shape
+            )));
         };
         let spec = PoolSpec { n, h, w, c, k, max };
         spec.validate()?;
         let (oh, ow) = spec.out_hw();
-        let out = Tensor::new(self.backend.filled(spec.output_len(), 0.0)?, &[n, oh, ow, c]);
+        let out = Tensor::new(
+            self.backend.filled(spec.output_len(), 0.0)?,
+            &[n, oh, ow, c],
+        );
         self.backend.pool(&spec, &xv.buf, &out.buf)?;
         let needs = self.requires_grad(x);
         Ok(self.push(
@@ -369,7 +393,10 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     pub fn to_channels_first(&self, x: Var) -> Result<Var> {
         let xv = self.value(x);
         let [n, h, w, c] = xv.shape[..] else {
-            return Err(Error::Unsupported(format!("to_channels_first takes [N, H, W, C], got {:?}", xv.shape)));
+            return Err(Error::Unsupported(format!(
+                "to_channels_first takes [N, H, W, C], got {:?}",
+                xv.shape
+            )));
         };
         let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &[n, c, h, w]);
         self.backend.transpose(n, h * w, c, &xv.buf, &out.buf)?;
@@ -381,6 +408,115 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                 let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &[n, h, w, c]);
                 t.backend.transpose(n, c, h * w, &dy.buf, &dx.buf)?;
                 t.add_grad_tensor(x, &dx)
+            })),
+            false,
+        ))
+    }
+
+    /// `a [m, k] @ b^T` with `b` `[n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`).
+    pub fn matmul_nt(&self, a: Var, b: Var) -> Result<Var> {
+        let (av, bv) = (self.value(a), self.value(b));
+        let ((m, k), (n, k2)) = (av.rows_cols(), bv.rows_cols());
+        if k != k2 {
+            return Err(Error::shape(
+                "matmul_nt right operand columns",
+                k2,
+                k,
+                format!("[{m}, {k}] @ [n, {k}]^T"),
+            ));
+        }
+        let out = Tensor::new(self.backend.filled(m * n, 0.0)?, &[m, n]);
+        let spec = MatmulSpec {
+            trans_b: true,
+            ..MatmulSpec::new(m, k, n)
+        };
+        self.backend.matmul(&spec, &av.buf, &bv.buf, &out.buf)?;
+        let needs = self.requires_grad(a) || self.requires_grad(b);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                // da = dy b: [m, n] x [n, k]; db = dy^T a: [n, m] x [m, k].
+                t.add_grad(a, |dst, acc| {
+                    t.backend.matmul(
+                        &MatmulSpec {
+                            accumulate: acc,
+                            ..MatmulSpec::new(m, n, k)
+                        },
+                        &dy.buf,
+                        &bv.buf,
+                        dst,
+                    )
+                })?;
+                t.add_grad(b, |dst, acc| {
+                    let spec = MatmulSpec {
+                        trans_a: true,
+                        accumulate: acc,
+                        ..MatmulSpec::new(n, m, k)
+                    };
+                    t.backend.matmul(&spec, &dy.buf, &av.buf, dst)
+                })
+            })),
+            false,
+        ))
+    }
+
+    /// Each row divided by its L2 norm (floored at 1e-12).
+    pub fn row_normalize(&self, x: Var) -> Result<Var> {
+        let xv = self.value(x);
+        let (_, cols) = xv.rows_cols();
+        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
+        self.backend.row_normalize(cols, &xv.buf, &out.buf)?;
+        let needs = self.requires_grad(x);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &dy.shape);
+                t.backend
+                    .row_normalize_backward(cols, &xv.buf, &dy.buf, &dx.buf)?;
+                t.add_grad_tensor(x, &dx)
+            })),
+            false,
+        ))
+    }
+
+    /// Pairwise Euclidean distances `[n, n]` between the rows of `f` `[n, dim]`.
+    pub fn pairwise_distance(&self, f: Var) -> Result<Var> {
+        let fv = self.value(f);
+        let (n, dim) = fv.rows_cols();
+        let out = Tensor::new(self.backend.filled(n * n, 0.0)?, &[n, n]);
+        self.backend.pairwise_distance(n, dim, &fv.buf, &out.buf)?;
+        let d = out.clone();
+        let needs = self.requires_grad(f);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                let df = Tensor::new(t.backend.filled(n * dim, 0.0)?, &fv.shape);
+                t.backend
+                    .pairwise_distance_backward(n, dim, &fv.buf, &d.buf, &dy.buf, &df.buf)?;
+                t.add_grad_tensor(f, &df)
+            })),
+            false,
+        ))
+    }
+
+    /// An `[n, n]` matrix divided by the mean of its off-diagonal entries.
+    pub fn offdiag_normalize(&self, d: Var) -> Result<Var> {
+        let dv = self.value(d);
+        let (n, _) = dv.rows_cols();
+        let out = Tensor::new(self.backend.filled(n * n, 0.0)?, &[n, n]);
+        self.backend.offdiag_normalize(n, &dv.buf, &out.buf)?;
+        let needs = self.requires_grad(d);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                let dd = Tensor::new(t.backend.filled(n * n, 0.0)?, &[n, n]);
+                t.backend
+                    .offdiag_normalize_backward(n, &dv.buf, &dy.buf, &dd.buf)?;
+                t.add_grad_tensor(d, &dd)
             })),
             false,
         ))
@@ -595,13 +731,62 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         ))
     }
 
+    /// Smooth L1 (Huber, delta 1) between two equal-shape values, mean over elements.
+    pub fn smooth_l1(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
+        let spec = MseSpec {
+            len: self.value(a).len(),
+            grad_scale: weight,
+        };
+        let ga = self.grad_buffer(a, self.requires_grad(a))?;
+        let gb = self.grad_buffer(b, self.requires_grad(b))?;
+        let loss = self.backend.filled(1, 0.0)?;
+        self.backend.smooth_l1(
+            &spec,
+            &self.value(a).buf,
+            &self.value(b).buf,
+            &loss,
+            ga.as_ref().map(|g| &*g.buf),
+            gb.as_ref().map(|g| &*g.buf),
+        )?;
+        Ok(self.push_loss(
+            loss,
+            ga.map(|g| (a, g))
+                .into_iter()
+                .chain(gb.map(|g| (b, g)))
+                .collect(),
+        ))
+    }
+
+    /// Similarity-preserving KD (Tung and Mori 2019) between `[N, Ds]` and `[N, Dt]` features:
+    /// `(1/N^2) ||normalize(Fs Fs^T) - normalize(Ft Ft^T)||^2` (`spec/LOSSES.md` section 7), built
+    /// from matmul, row normalisation and MSE on the tape.
+    pub fn similarity_preserving(&self, fs: Var, ft: Var, weight: f32) -> Result<Var> {
+        let gs = self.matmul_nt(fs, fs)?;
+        let gt = self.matmul_nt(ft, ft)?;
+        let (ns, nt) = (self.row_normalize(gs)?, self.row_normalize(gt)?);
+        self.mse(ns, nt, weight)
+    }
+
+    /// RKD distance (Park et al. 2019): pairwise distances of each side divided by their
+    /// off-diagonal mean, compared with smooth L1, mean over `N*N` (`spec/LOSSES.md` section 7).
+    pub fn rkd_distance(&self, fs: Var, ft: Var, weight: f32) -> Result<Var> {
+        let ds = self.pairwise_distance(fs)?;
+        let dt = self.pairwise_distance(ft)?;
+        let (ys, yt) = (self.offdiag_normalize(ds)?, self.offdiag_normalize(dt)?);
+        self.smooth_l1(ys, yt, weight)
+    }
+
     /// Back-propagates from the given loss roots, in reverse push order.
     pub fn backward(&self, losses: &[Var]) -> Result<()> {
         let len = self.nodes.borrow().len();
         let mut active = vec![false; len];
         for l in losses {
             if !self.nodes.borrow()[l.0].is_loss {
-                return Err(Error::Unsupported("backward starts from loss values (hinton, divergence, cross_entropy, mse, attention_transfer)".into()));
+                return Err(Error::Unsupported(
+                    "backward starts from loss values (hinton, divergence, cross_entropy, mse, smooth_l1, \
+                     attention_transfer, similarity_preserving, rkd_distance)"
+                        .into(),
+                ));
             }
             active[l.0] = true;
         }

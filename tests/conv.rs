@@ -13,14 +13,34 @@ fn run<S: Strategy>(s: S, f: impl Fn(S::Value) -> Result<(), String>)
 where
     S::Value: std::fmt::Debug,
 {
-    let mut r = TestRunner::new(Config { cases: 32, failure_persistence: None, ..Config::default() });
+    let mut r = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
     r.run(&s, |v| f(v).map_err(TestCaseError::fail)).unwrap();
 }
 
 fn conv_spec() -> impl Strategy<Value = ConvSpec> {
-    (1usize..4, 1usize..10, 1usize..10, 1usize..6, 1usize..4, 1usize..3, 0usize..2)
+    (
+        1usize..4,
+        1usize..10,
+        1usize..10,
+        1usize..6,
+        1usize..4,
+        1usize..3,
+        0usize..2,
+    )
         .prop_filter_map("kernel fits", |(n, h, w, c, k, stride, pad)| {
-            let s = ConvSpec { n, h, w, c, k, stride, pad };
+            let s = ConvSpec {
+                n,
+                h,
+                w,
+                c,
+                k,
+                stride,
+                pad,
+            };
             s.validate().ok().map(|_| s)
         })
 }
@@ -31,50 +51,115 @@ fn im2col_and_col2im_match_reference<B: Backend>(b: &B) {
         let x = g.vec(s.input_len(), 1.0);
         let (r, c) = s.cols_shape();
         let cols = b.filled(r * c, f32::NAN).unwrap();
-        b.im2col(&s, &b.upload(&x).unwrap(), &cols).map_err(|e| e.to_string())?;
-        assert_close("im2col", &b.download(&cols).unwrap(), &conv::im2col_reference(&s, &to_f64(&x)), 0.0)?;
+        b.im2col(&s, &b.upload(&x).unwrap(), &cols)
+            .map_err(|e| e.to_string())?;
+        assert_close(
+            "im2col",
+            &b.download(&cols).unwrap(),
+            &conv::im2col_reference(&s, &to_f64(&x)),
+            0.0,
+        )?;
         let dcols = g.vec(r * c, 1.0);
         let dx = b.filled(s.input_len(), f32::NAN).unwrap();
-        b.col2im(&s, &b.upload(&dcols).unwrap(), &dx).map_err(|e| e.to_string())?;
-        assert_close("col2im", &b.download(&dx).unwrap(), &conv::col2im_reference(&s, &to_f64(&dcols)), 1e-6)
+        b.col2im(&s, &b.upload(&dcols).unwrap(), &dx)
+            .map_err(|e| e.to_string())?;
+        assert_close(
+            "col2im",
+            &b.download(&dx).unwrap(),
+            &conv::col2im_reference(&s, &to_f64(&dcols)),
+            1e-6,
+        )
     });
 }
 
 fn pooling_and_transpose_match_reference<B: Backend>(b: &B) {
-    let shape = (1usize..4, 1usize..12, 1usize..12, 1usize..6, 1usize..4, any::<bool>());
+    let shape = (
+        1usize..4,
+        1usize..12,
+        1usize..12,
+        1usize..6,
+        1usize..4,
+        any::<bool>(),
+    );
     run((shape, any::<u64>()), |((n, h, w, c, k, max), seed)| {
-        let s = PoolSpec { n, h: h.max(k), w: w.max(k), c, k, max };
+        let s = PoolSpec {
+            n,
+            h: h.max(k),
+            w: w.max(k),
+            c,
+            k,
+            max,
+        };
         let mut g = Lcg(seed);
         let x = g.vec(s.input_len(), 1.0);
         let y = b.filled(s.output_len(), f32::NAN).unwrap();
         let xb = b.upload(&x).unwrap();
         b.pool(&s, &xb, &y).map_err(|e| e.to_string())?;
-        assert_close("pool", &b.download(&y).unwrap(), &conv::pool_reference(&s, &to_f64(&x)), 1e-6)?;
+        assert_close(
+            "pool",
+            &b.download(&y).unwrap(),
+            &conv::pool_reference(&s, &to_f64(&x)),
+            1e-6,
+        )?;
         let dy = g.vec(s.output_len(), 1.0);
         let dx = b.filled(s.input_len(), f32::NAN).unwrap();
-        b.pool_backward(&s, &xb, &b.upload(&dy).unwrap(), &dx).map_err(|e| e.to_string())?;
+        b.pool_backward(&s, &xb, &b.upload(&dy).unwrap(), &dx)
+            .map_err(|e| e.to_string())?;
         let want = conv::pool_backward_reference(&s, &to_f64(&x), &to_f64(&dy));
         assert_close("pool backward", &b.download(&dx).unwrap(), &want, 1e-6)?;
         let (rows, cols) = (s.h * s.w, s.c);
         let t = b.filled(x.len(), f32::NAN).unwrap();
-        b.transpose(n, rows, cols, &xb, &t).map_err(|e| e.to_string())?;
-        assert_close("transpose", &b.download(&t).unwrap(), &conv::transpose_reference(&to_f64(&x), n, rows, cols), 0.0)
+        b.transpose(n, rows, cols, &xb, &t)
+            .map_err(|e| e.to_string())?;
+        assert_close(
+            "transpose",
+            &b.download(&t).unwrap(),
+            &conv::transpose_reference(&to_f64(&x), n, rows, cols),
+            0.0,
+        )
     });
 }
 
 fn conv_ops_reject_bad_shapes<B: Backend>(b: &B) {
     let x = b.upload(&[0.0; 16]).unwrap();
-    let s = ConvSpec { n: 1, h: 4, w: 4, c: 1, k: 3, stride: 1, pad: 1 };
+    let s = ConvSpec {
+        n: 1,
+        h: 4,
+        w: 4,
+        c: 1,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
     let wrong = b.upload(&[0.0; 10]).unwrap();
-    assert!(b.im2col(&s, &x, &wrong).unwrap_err().to_string().contains("cols has 10 elements, expected 144"));
+    assert!(b
+        .im2col(&s, &x, &wrong)
+        .unwrap_err()
+        .to_string()
+        .contains("cols has 10 elements, expected 144"));
     let big = ConvSpec { k: 9, pad: 0, ..s };
-    assert!(b.im2col(&big, &x, &wrong).unwrap_err().to_string().contains("does not fit"));
-    let p = PoolSpec { n: 1, h: 4, w: 4, c: 1, k: 5, max: true };
+    assert!(b
+        .im2col(&big, &x, &wrong)
+        .unwrap_err()
+        .to_string()
+        .contains("does not fit"));
+    let p = PoolSpec {
+        n: 1,
+        h: 4,
+        w: 4,
+        c: 1,
+        k: 5,
+        max: true,
+    };
     assert!(b.pool(&p, &x, &wrong).is_err());
     assert!(b.transpose(2, 2, 2, &x, &x).is_err());
 }
 
-backend_tests!(im2col_and_col2im_match_reference, pooling_and_transpose_match_reference, conv_ops_reject_bad_shapes);
+backend_tests!(
+    im2col_and_col2im_match_reference,
+    pooling_and_transpose_match_reference,
+    conv_ops_reject_bad_shapes
+);
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]

@@ -1,11 +1,11 @@
 //! Every case of the PyTorch fixtures (`tests/fixtures/torch_losses.json`, a copy of
 //! `shared/fixtures/`), on every backend. The relation-based cases (similarity-preserving, RKD,
-//! spec section 7) are tape compositions, not kernels: they are counted here and checked by the
-//! autograd tests once the tape exists.
+//! spec section 7) run as compositions on the autograd tape, the others as single kernels.
 
 mod common;
 
 use common::{assert_close, assert_close_abs};
+use distillation::tape::{Tape, Tensor};
 use distillation::{
     AttentionSpec, Backend, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec,
     LossOut, MseSpec, RowShape, SoftmaxSpec, TeacherInput,
@@ -238,7 +238,33 @@ fn run_case<B: Backend>(b: &B, c: &Value) -> Result<bool, String> {
                 TOL,
             )?;
         }
-        "similarity_preserving" | "rkd_distance" => return Ok(false),
+        "similarity_preserving" | "rkd_distance" => {
+            let tsh: Vec<usize> = c["teacher_shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            let tape = Tape::new(b);
+            let fs = tape.leaf(Tensor::from_host(b, &f32s(&c["student"]), &sh).unwrap());
+            let ft = tape.leaf(Tensor::from_host(b, &f32s(&c["teacher_input"]), &tsh).unwrap());
+            let loss = if op == "rkd_distance" {
+                tape.rkd_distance(fs, ft, 1.0)
+            } else {
+                tape.similarity_preserving(fs, ft, 1.0)
+            }
+            .map_err(err)?;
+            tape.backward(&[loss]).map_err(err)?;
+            let host = |v| tape.grad(v).unwrap().to_host(b).unwrap();
+            assert_close(
+                "loss",
+                &tape.value(loss).to_host(b).unwrap(),
+                &[c["loss"].as_f64().unwrap()],
+                TOL,
+            )?;
+            assert_close("grad_student", &host(fs), &f64s(&c["grad_student"]), TOL)?;
+            assert_close("grad_teacher", &host(ft), &f64s(&c["grad_teacher"]), TOL)?;
+        }
         other => return Err(format!("unknown fixture op {other}")),
     }
     Ok(true)
@@ -256,17 +282,14 @@ fn torch_fixtures<B: Backend>(b: &B) {
             Err(e) => failures.push(format!("case {i} ({op} {}): {e}", c["params"])),
         }
     }
-    println!(
-        "{}: {passed} fixture cases passed, {later} relation-based cases belong to the tape tests",
-        b.name()
-    );
+    println!("{}: {passed} fixture cases passed", b.name());
     assert!(
         failures.is_empty(),
         "fixture failures:\n{}",
         failures.join("\n")
     );
-    assert_eq!(passed + later, cases.len());
-    assert!(passed >= 37, "only {passed} fixture cases ran");
+    assert_eq!(later, 0, "every fixture case runs");
+    assert_eq!(passed, cases.len());
 }
 
 backend_tests!(torch_fixtures);

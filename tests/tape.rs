@@ -157,15 +157,30 @@ backend_tests!(one_training_step_matches_cpu);
 
 /// A CNN on 6x5 images with 2 channels: conv, ReLU, max-pool, conv, ReLU, head; Hinton loss plus
 /// attention transfer between its first block and a fixed map.
-fn cnn_loss<'a, B: Backend>(tape: &Tape<'a, B>, cnn: &distillation::nn::Cnn<B>, x: &[f32], t: &[f32], labels: &B::Labels) -> (Vec<distillation::tape::Var>, Vec<distillation::tape::Var>) {
+fn cnn_loss<'a, B: Backend>(
+    tape: &Tape<'a, B>,
+    cnn: &distillation::nn::Cnn<B>,
+    x: &[f32],
+    t: &[f32],
+    labels: &B::Labels,
+) -> (Vec<distillation::tape::Var>, Vec<distillation::tape::Var>) {
     let b = tape.backend();
     let n = 3;
     let xin = tape.constant(Tensor::from_host(b, x, &[n, 2 * 6 * 5]).unwrap());
     let f = cnn.forward(tape, xin).unwrap();
     let tv = tape.constant(Tensor::from_host(b, t, &[n, 4]).unwrap());
-    let l1 = tape.hinton(f.logits, tv, labels, HintonSpec::new(RowShape::new(n, 4), 2.0, 0.5)).unwrap();
+    let l1 = tape
+        .hinton(
+            f.logits,
+            tv,
+            labels,
+            HintonSpec::new(RowShape::new(n, 4), 2.0, 0.5),
+        )
+        .unwrap();
     let map_shape = tape.value(f.maps[0]).shape.clone();
-    let fixed: Vec<f32> = (0..map_shape.iter().product::<usize>()).map(|i| ((i * 7) % 5) as f32 * 0.3).collect();
+    let fixed: Vec<f32> = (0..map_shape.iter().product::<usize>())
+        .map(|i| ((i * 7) % 5) as f32 * 0.3)
+        .collect();
     let fm = tape.constant(Tensor::from_host(b, &fixed, &map_shape).unwrap());
     let l2 = tape.attention_transfer(f.maps[0], fm, 50.0).unwrap();
     (vec![l1, l2], f.params)
@@ -174,7 +189,12 @@ fn cnn_loss<'a, B: Backend>(tape: &Tape<'a, B>, cnn: &distillation::nn::Cnn<B>, 
 fn cnn_setup<B: Backend>(b: &B) -> (distillation::nn::Cnn<B>, Vec<f32>, Vec<f32>, B::Labels) {
     let mut g = Lcg(8);
     let cnn = distillation::nn::Cnn::new(b, (2, 6, 5), &[3, 4], 4, &mut Rng::new(2)).unwrap();
-    (cnn, g.vec(3 * 60, 1.0), g.vec(12, 2.0), b.upload_labels(&[0, 3, 1]).unwrap())
+    (
+        cnn,
+        g.vec(3 * 60, 1.0),
+        g.vec(12, 2.0),
+        b.upload_labels(&[0, 3, 1]).unwrap(),
+    )
 }
 
 #[test]
@@ -184,7 +204,10 @@ fn cnn_gradients_match_finite_differences() {
     let tape = Tape::new(&b);
     let (losses, params) = cnn_loss(&tape, &cnn, &x, &t, &labels);
     tape.backward(&losses).unwrap();
-    let grads: Vec<Vec<f32>> = params.iter().map(|p| tape.grad(*p).unwrap().to_host(&b).unwrap()).collect();
+    let grads: Vec<Vec<f32>> = params
+        .iter()
+        .map(|p| tape.grad(*p).unwrap().to_host(&b).unwrap())
+        .collect();
     drop(tape);
     let h = 3e-3f32;
     for (pi, grad) in grads.iter().enumerate() {
@@ -199,7 +222,11 @@ fn cnn_gradients_match_finite_differences() {
                 let tape = Tape::new(&b);
                 let (losses, _) = cnn_loss(&tape, &cnn, &x, &t, &labels);
                 // Loss values are unweighted; the attention term's gradient carries its weight 50.
-                losses.iter().zip([1.0, 50.0]).map(|(l, w)| w * tape.value(*l).to_host(&b).unwrap()[0] as f64).sum::<f64>()
+                losses
+                    .iter()
+                    .zip([1.0, 50.0])
+                    .map(|(l, w)| w * tape.value(*l).to_host(&b).unwrap()[0] as f64)
+                    .sum::<f64>()
             };
             numeric.push((eval(base[i] + h) - eval(base[i] - h)) / (2.0 * h as f64));
         }
@@ -214,15 +241,30 @@ fn cnn_step<B: Backend>(b: &B) -> Vec<Vec<f32>> {
     let tape = Tape::new(b);
     let (losses, params) = cnn_loss(&tape, &cnn, &x, &t, &labels);
     tape.backward(&losses).unwrap();
-    Optimizer::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 }.step(&tape, cnn.params_mut().into_iter().zip(params), 1).unwrap();
-    cnn.params_mut().iter().map(|p| p.value.to_host(b).unwrap()).collect()
+    Optimizer::Sgd {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+    }
+    .step(&tape, cnn.params_mut().into_iter().zip(params), 1)
+    .unwrap();
+    cnn.params_mut()
+        .iter()
+        .map(|p| p.value.to_host(b).unwrap())
+        .collect()
 }
 
 /// One SGD step of the CNN gives the same parameters on every backend as on the CPU.
 fn one_cnn_step_matches_cpu<B: Backend>(b: &B) {
     let want = cnn_step(&CpuBackend::new());
     for (i, (g, w)) in cnn_step(b).iter().zip(&want).enumerate() {
-        assert_close(&format!("cnn param {i} after one step"), g, &to_f64(w), 1e-4).unwrap();
+        assert_close(
+            &format!("cnn param {i} after one step"),
+            g,
+            &to_f64(w),
+            1e-4,
+        )
+        .unwrap();
     }
 }
 

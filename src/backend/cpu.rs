@@ -11,6 +11,7 @@ use crate::ops::conv::{self, ConvSpec, PoolSpec};
 use crate::ops::dense::{self, MatmulSpec};
 use crate::ops::divergence::RowLossResult;
 use crate::ops::optim::{self as optim_ops, AdamSpec, SgdSpec};
+use crate::ops::relational as rel;
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
@@ -296,11 +297,116 @@ impl Backend for CpuBackend {
         y.store("y", &conv::pool_reference(spec, &x.to_f64()))
     }
 
-    fn pool_backward_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, dy: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
-        dx.store("dx", &conv::pool_backward_reference(spec, &x.to_f64(), &dy.to_f64()))
+    fn pool_backward_unchecked(
+        &self,
+        spec: &PoolSpec,
+        x: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        dx.store(
+            "dx",
+            &conv::pool_backward_reference(spec, &x.to_f64(), &dy.to_f64()),
+        )
     }
 
-    fn transpose_unchecked(&self, batch: usize, rows: usize, cols: usize, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        y.store("y", &conv::transpose_reference(&x.to_f64(), batch, rows, cols))
+    fn transpose_unchecked(
+        &self,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        x: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
+        y.store(
+            "y",
+            &conv::transpose_reference(&x.to_f64(), batch, rows, cols),
+        )
+    }
+
+    fn row_normalize_unchecked(&self, cols: usize, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        y.store("y", &rel::row_normalize_reference(&x.to_f64(), cols))
+    }
+
+    fn row_normalize_backward_unchecked(
+        &self,
+        cols: usize,
+        x: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        dx.store(
+            "dx",
+            &rel::row_normalize_backward_reference(&x.to_f64(), &dy.to_f64(), cols),
+        )
+    }
+
+    fn pairwise_distance_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &CpuBuffer,
+        d: &CpuBuffer,
+    ) -> Result<()> {
+        d.store("d", &rel::pairwise_distance_reference(&f.to_f64(), n, dim))
+    }
+
+    fn pairwise_distance_backward_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &CpuBuffer,
+        d: &CpuBuffer,
+        dd: &CpuBuffer,
+        df: &CpuBuffer,
+    ) -> Result<()> {
+        df.store(
+            "df",
+            &rel::pairwise_distance_backward_reference(
+                &f.to_f64(),
+                &d.to_f64(),
+                &dd.to_f64(),
+                n,
+                dim,
+            ),
+        )
+    }
+
+    fn offdiag_normalize_unchecked(&self, n: usize, d: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        y.store("y", &rel::offdiag_normalize_reference(&d.to_f64(), n))
+    }
+
+    fn offdiag_normalize_backward_unchecked(
+        &self,
+        n: usize,
+        d: &CpuBuffer,
+        dy: &CpuBuffer,
+        dd: &CpuBuffer,
+    ) -> Result<()> {
+        dd.store(
+            "dd",
+            &rel::offdiag_normalize_backward_reference(&d.to_f64(), &dy.to_f64(), n),
+        )
+    }
+
+    fn smooth_l1_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &CpuBuffer,
+        b: &CpuBuffer,
+        loss: &CpuBuffer,
+        grad_a: Option<&CpuBuffer>,
+        grad_b: Option<&CpuBuffer>,
+    ) -> Result<()> {
+        let (l, ga, gb) =
+            rel::smooth_l1_reference(&a.to_f64(), &b.to_f64(), spec.grad_scale as f64);
+        loss.store("loss", &[l])?;
+        if let Some(g) = grad_a {
+            g.store("grad_a", &ga)?;
+        }
+        if let Some(g) = grad_b {
+            g.store("grad_b", &gb)?;
+        }
+        Ok(())
     }
 }

@@ -281,16 +281,106 @@ pub trait Backend {
     }
 
     /// The input gradient of [`Backend::pool`] from its input `x` and the output gradient `dy`.
-    fn pool_backward(&self, spec: &PoolSpec, x: &Self::Buffer, dy: &Self::Buffer, dx: &Self::Buffer) -> Result<()> {
+    fn pool_backward(
+        &self,
+        spec: &PoolSpec,
+        x: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()> {
         validate::pool(self, spec, x, dy)?;
         validate::same_len(self, &[("x", x), ("dx", dx)])?;
         self.pool_backward_unchecked(spec, x, dy, dx)
     }
 
     /// `y[b, j, i] = x[b, i, j]` for `batch` matrices of `[rows, cols]`.
-    fn transpose(&self, batch: usize, rows: usize, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+    fn transpose(
+        &self,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        x: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()> {
         validate::transpose(self, batch, rows, cols, x, y)?;
         self.transpose_unchecked(batch, rows, cols, x, y)
+    }
+
+    /// `y = x / max(||x_row||, 1e-12)` over rows of `cols` (src/ops/relational.rs).
+    fn row_normalize(&self, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::rows_of(self, cols, &[("x", x), ("y", y)])?;
+        self.row_normalize_unchecked(cols, x, y)
+    }
+
+    /// The input gradient of [`Backend::row_normalize`] from its input `x` and `dy`.
+    fn row_normalize_backward(
+        &self,
+        cols: usize,
+        x: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()> {
+        validate::rows_of(self, cols, &[("x", x), ("dy", dy), ("dx", dx)])?;
+        self.row_normalize_backward_unchecked(cols, x, dy, dx)
+    }
+
+    /// Pairwise Euclidean distances `[n, n]` of `n` feature rows of `dim` (diagonal 0).
+    fn pairwise_distance(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &Self::Buffer,
+        d: &Self::Buffer,
+    ) -> Result<()> {
+        validate::pairwise(self, n, dim, f, &[("d", d)])?;
+        self.pairwise_distance_unchecked(n, dim, f, d)
+    }
+
+    /// `dF` from the features, the distances `d` and their gradient `dd`.
+    fn pairwise_distance_backward(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &Self::Buffer,
+        d: &Self::Buffer,
+        dd: &Self::Buffer,
+        df: &Self::Buffer,
+    ) -> Result<()> {
+        validate::pairwise(self, n, dim, f, &[("d", d), ("dd", dd)])?;
+        validate::same_len(self, &[("f", f), ("df", df)])?;
+        self.pairwise_distance_backward_unchecked(n, dim, f, d, dd, df)
+    }
+
+    /// `y = d / mean(off-diagonal of d)` for an `[n, n]` matrix, `n >= 2`.
+    fn offdiag_normalize(&self, n: usize, d: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        validate::square(self, n, &[("d", d), ("y", y)])?;
+        self.offdiag_normalize_unchecked(n, d, y)
+    }
+
+    /// The input gradient of [`Backend::offdiag_normalize`] from `d` and `dy`.
+    fn offdiag_normalize_backward(
+        &self,
+        n: usize,
+        d: &Self::Buffer,
+        dy: &Self::Buffer,
+        dd: &Self::Buffer,
+    ) -> Result<()> {
+        validate::square(self, n, &[("d", d), ("dy", dy), ("dd", dd)])?;
+        self.offdiag_normalize_backward_unchecked(n, d, dy, dd)
+    }
+
+    /// Smooth L1 (Huber, delta 1), mean over all elements, with the same outputs as [`Backend::mse`].
+    fn smooth_l1(
+        &self,
+        spec: &MseSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        loss: &Self::Buffer,
+        grad_a: Option<&Self::Buffer>,
+        grad_b: Option<&Self::Buffer>,
+    ) -> Result<()> {
+        validate::mse(self, spec, a, b, loss, grad_a, grad_b)?;
+        self.smooth_l1_unchecked(spec, a, b, loss, grad_a, grad_b)
     }
 
     // ---- the kernels: each backend implements these; `validate` has checked the inputs ----
@@ -407,15 +497,96 @@ pub trait Backend {
         velocity: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn im2col_unchecked(&self, spec: &ConvSpec, x: &Self::Buffer, cols: &Self::Buffer) -> Result<()>;
+    fn im2col_unchecked(
+        &self,
+        spec: &ConvSpec,
+        x: &Self::Buffer,
+        cols: &Self::Buffer,
+    ) -> Result<()>;
     #[doc(hidden)]
-    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &Self::Buffer, dx: &Self::Buffer) -> Result<()>;
+    fn col2im_unchecked(
+        &self,
+        spec: &ConvSpec,
+        dcols: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()>;
     #[doc(hidden)]
     fn pool_unchecked(&self, spec: &PoolSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
     #[doc(hidden)]
-    fn pool_backward_unchecked(&self, spec: &PoolSpec, x: &Self::Buffer, dy: &Self::Buffer, dx: &Self::Buffer) -> Result<()>;
+    fn pool_backward_unchecked(
+        &self,
+        spec: &PoolSpec,
+        x: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()>;
     #[doc(hidden)]
-    fn transpose_unchecked(&self, batch: usize, rows: usize, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    fn transpose_unchecked(
+        &self,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        x: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn row_normalize_unchecked(
+        &self,
+        cols: usize,
+        x: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn row_normalize_backward_unchecked(
+        &self,
+        cols: usize,
+        x: &Self::Buffer,
+        dy: &Self::Buffer,
+        dx: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn pairwise_distance_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &Self::Buffer,
+        d: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn pairwise_distance_backward_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &Self::Buffer,
+        d: &Self::Buffer,
+        dd: &Self::Buffer,
+        df: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn offdiag_normalize_unchecked(
+        &self,
+        n: usize,
+        d: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn offdiag_normalize_backward_unchecked(
+        &self,
+        n: usize,
+        d: &Self::Buffer,
+        dy: &Self::Buffer,
+        dd: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    fn smooth_l1_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        loss: &Self::Buffer,
+        grad_a: Option<&Self::Buffer>,
+        grad_b: Option<&Self::Buffer>,
+    ) -> Result<()>;
 }
 
 /// Which backends the environment says must be present (`DISTILLATION_REQUIRE=wgpu,nvrtc,cuda`).

@@ -258,25 +258,124 @@ pub fn same_len<B: Backend + ?Sized>(b: &B, bufs: &[(&'static str, &B::Buffer)])
     Ok(())
 }
 
-pub fn im2col<B: Backend + ?Sized>(b: &B, spec: &ConvSpec, x: &B::Buffer, cols: &B::Buffer) -> Result<()> {
+pub fn im2col<B: Backend + ?Sized>(
+    b: &B,
+    spec: &ConvSpec,
+    x: &B::Buffer,
+    cols: &B::Buffer,
+) -> Result<()> {
     spec.validate()?;
     let (r, c) = spec.cols_shape();
-    check_len(b, "image", x, spec.input_len(), &format!("[N, H, W, C] = [{}, {}, {}, {}]", spec.n, spec.h, spec.w, spec.c))?;
-    check_len(b, "cols", cols, r * c, &format!("[N*OH*OW, K*K*C] = [{r}, {c}]"))
+    check_len(
+        b,
+        "image",
+        x,
+        spec.input_len(),
+        &format!(
+            "[N, H, W, C] = [{}, {}, {}, {}]",
+            spec.n, spec.h, spec.w, spec.c
+        ),
+    )?;
+    check_len(
+        b,
+        "cols",
+        cols,
+        r * c,
+        &format!("[N*OH*OW, K*K*C] = [{r}, {c}]"),
+    )
 }
 
-pub fn pool<B: Backend + ?Sized>(b: &B, spec: &PoolSpec, x: &B::Buffer, y: &B::Buffer) -> Result<()> {
+pub fn pool<B: Backend + ?Sized>(
+    b: &B,
+    spec: &PoolSpec,
+    x: &B::Buffer,
+    y: &B::Buffer,
+) -> Result<()> {
     spec.validate()?;
     let (oh, ow) = spec.out_hw();
-    check_len(b, "x", x, spec.input_len(), &format!("[N, H, W, C] = [{}, {}, {}, {}]", spec.n, spec.h, spec.w, spec.c))?;
-    check_len(b, "y", y, spec.output_len(), &format!("[N, H/k, W/k, C] = [{}, {oh}, {ow}, {}]", spec.n, spec.c))
+    check_len(
+        b,
+        "x",
+        x,
+        spec.input_len(),
+        &format!(
+            "[N, H, W, C] = [{}, {}, {}, {}]",
+            spec.n, spec.h, spec.w, spec.c
+        ),
+    )?;
+    check_len(
+        b,
+        "y",
+        y,
+        spec.output_len(),
+        &format!("[N, H/k, W/k, C] = [{}, {oh}, {ow}, {}]", spec.n, spec.c),
+    )
 }
 
-pub fn transpose<B: Backend + ?Sized>(b: &B, batch: usize, rows: usize, cols: usize, x: &B::Buffer, y: &B::Buffer) -> Result<()> {
+pub fn transpose<B: Backend + ?Sized>(
+    b: &B,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    x: &B::Buffer,
+    y: &B::Buffer,
+) -> Result<()> {
     let n = batch * rows * cols;
     if n == 0 {
         return Err(Error::Unsupported("transpose of an empty tensor".into()));
     }
     check_len(b, "x", x, n, &format!("[{batch}, {rows}, {cols}]"))?;
     check_len(b, "y", y, n, &format!("[{batch}, {cols}, {rows}]"))
+}
+
+/// Every buffer is `[rows, cols]` with the same number of rows >= 1.
+pub fn rows_of<B: Backend + ?Sized>(
+    b: &B,
+    cols: usize,
+    bufs: &[(&'static str, &B::Buffer)],
+) -> Result<()> {
+    let n = b.len(bufs[0].1);
+    if cols == 0 || n == 0 || n % cols != 0 {
+        return Err(Error::shape(
+            bufs[0].0,
+            n,
+            n.div_ceil(cols.max(1)) * cols.max(1),
+            format!("[rows, {cols}] with rows >= 1"),
+        ));
+    }
+    same_len(b, bufs)
+}
+
+/// `f` is `[n, dim]` (n >= 2, dim >= 1) and every other buffer `[n, n]`.
+pub fn pairwise<B: Backend + ?Sized>(
+    b: &B,
+    n: usize,
+    dim: usize,
+    f: &B::Buffer,
+    others: &[(&'static str, &B::Buffer)],
+) -> Result<()> {
+    if n < 2 || dim == 0 {
+        return Err(Error::Unsupported(format!(
+            "pairwise distances need n >= 2 rows of dim >= 1 features, got n={n}, dim={dim}"
+        )));
+    }
+    check_len(b, "f", f, n * dim, &format!("[{n}, {dim}]"))?;
+    square(b, n, others)
+}
+
+/// Every buffer is `[n, n]` with `n >= 2`.
+pub fn square<B: Backend + ?Sized>(
+    b: &B,
+    n: usize,
+    bufs: &[(&'static str, &B::Buffer)],
+) -> Result<()> {
+    if n < 2 {
+        return Err(Error::Unsupported(format!(
+            "the off-diagonal mean needs n >= 2 rows, got {n}"
+        )));
+    }
+    for (what, buf) in bufs {
+        check_len(b, what, buf, n * n, &format!("[{n}, {n}]"))?;
+    }
+    Ok(())
 }

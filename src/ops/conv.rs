@@ -22,7 +22,10 @@ pub struct ConvSpec {
 
 impl ConvSpec {
     pub fn out_hw(&self) -> (usize, usize) {
-        ((self.h + 2 * self.pad - self.k) / self.stride + 1, (self.w + 2 * self.pad - self.k) / self.stride + 1)
+        (
+            (self.h + 2 * self.pad - self.k) / self.stride + 1,
+            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+        )
     }
 
     /// `[N * OH * OW, K * K * C]`.
@@ -36,8 +39,16 @@ impl ConvSpec {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.n == 0 || self.h == 0 || self.w == 0 || self.c == 0 || self.k == 0 || self.stride == 0 {
-            return Err(Error::Unsupported(format!("convolution {self:?}: sizes, kernel and stride must be >= 1")));
+        if self.n == 0
+            || self.h == 0
+            || self.w == 0
+            || self.c == 0
+            || self.k == 0
+            || self.stride == 0
+        {
+            return Err(Error::Unsupported(format!(
+                "convolution {self:?}: sizes, kernel and stride must be >= 1"
+            )));
         }
         if self.k > self.h + 2 * self.pad || self.k > self.w + 2 * self.pad {
             return Err(Error::Unsupported(format!(
@@ -50,7 +61,9 @@ impl ConvSpec {
         }
         let (r, c) = self.cols_shape();
         if r.checked_mul(c).is_none_or(|v| v > u32::MAX as usize) {
-            return Err(Error::Limit("im2col buffer over 2^32 elements: use a smaller batch".into()));
+            return Err(Error::Limit(
+                "im2col buffer over 2^32 elements: use a smaller batch".into(),
+            ));
         }
         Ok(())
     }
@@ -85,7 +98,9 @@ impl PoolSpec {
 
     pub fn validate(&self) -> Result<()> {
         if self.n == 0 || self.c == 0 || self.k == 0 || self.h < self.k || self.w < self.k {
-            return Err(Error::Unsupported(format!("pooling {self:?}: needs a k x k window inside the image, k >= 1")));
+            return Err(Error::Unsupported(format!(
+                "pooling {self:?}: needs a k x k window inside the image, k >= 1"
+            )));
         }
         Ok(())
     }
@@ -99,7 +114,8 @@ fn in_index(s: &ConvSpec, n: usize, y: usize, x: usize, c: usize) -> usize {
 fn source(s: &ConvSpec, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
     let y = (oy * s.stride + ky) as isize - s.pad as isize;
     let x = (ox * s.stride + kx) as isize - s.pad as isize;
-    (y >= 0 && x >= 0 && (y as usize) < s.h && (x as usize) < s.w).then_some((y as usize, x as usize))
+    (y >= 0 && x >= 0 && (y as usize) < s.h && (x as usize) < s.w)
+        .then_some((y as usize, x as usize))
 }
 
 pub fn im2col_reference(s: &ConvSpec, x: &[f64]) -> Vec<f64> {
@@ -114,7 +130,8 @@ pub fn im2col_reference(s: &ConvSpec, x: &[f64]) -> Vec<f64> {
                     for kx in 0..s.k {
                         if let Some((y, xx)) = source(s, oy, ox, ky, kx) {
                             for c in 0..s.c {
-                                out[row * cols + (ky * s.k + kx) * s.c + c] = x[in_index(s, n, y, xx, c)];
+                                out[row * cols + (ky * s.k + kx) * s.c + c] =
+                                    x[in_index(s, n, y, xx, c)];
                             }
                         }
                     }
@@ -138,7 +155,8 @@ pub fn col2im_reference(s: &ConvSpec, dcols: &[f64]) -> Vec<f64> {
                     for kx in 0..s.k {
                         if let Some((y, xx)) = source(s, oy, ox, ky, kx) {
                             for c in 0..s.c {
-                                dx[in_index(s, n, y, xx, c)] += dcols[row * cols + (ky * s.k + kx) * s.c + c];
+                                dx[in_index(s, n, y, xx, c)] +=
+                                    dcols[row * cols + (ky * s.k + kx) * s.c + c];
                             }
                         }
                     }
@@ -157,7 +175,9 @@ pub fn pool_reference(s: &PoolSpec, x: &[f64]) -> Vec<f64> {
         for oy in 0..oh {
             for ox in 0..ow {
                 for c in 0..s.c {
-                    let vals = (0..s.k * s.k).map(|t| x[((n * s.h + oy * s.k + t / s.k) * s.w + ox * s.k + t % s.k) * s.c + c]);
+                    let vals = (0..s.k * s.k).map(|t| {
+                        x[((n * s.h + oy * s.k + t / s.k) * s.w + ox * s.k + t % s.k) * s.c + c]
+                    });
                     y[((n * oh + oy) * ow + ox) * s.c + c] = if s.max {
                         vals.fold(f64::NEG_INFINITY, f64::max)
                     } else {
@@ -180,9 +200,12 @@ pub fn pool_backward_reference(s: &PoolSpec, x: &[f64], dy: &[f64]) -> Vec<f64> 
             for ox in 0..ow {
                 for c in 0..s.c {
                     let g = dy[((n * oh + oy) * ow + ox) * s.c + c];
-                    let at = |t: usize| ((n * s.h + oy * s.k + t / s.k) * s.w + ox * s.k + t % s.k) * s.c + c;
+                    let at = |t: usize| {
+                        ((n * s.h + oy * s.k + t / s.k) * s.w + ox * s.k + t % s.k) * s.c + c
+                    };
                     if s.max {
-                        let best = (0..s.k * s.k).fold(0, |b, t| if x[at(t)] > x[at(b)] { t } else { b });
+                        let best =
+                            (0..s.k * s.k).fold(0, |b, t| if x[at(t)] > x[at(b)] { t } else { b });
                         dx[at(best)] += g;
                     } else {
                         for t in 0..s.k * s.k {

@@ -18,6 +18,7 @@ pub mod divergence;
 pub mod feature;
 pub mod hinton;
 pub mod optim;
+pub mod relational;
 pub mod softmax;
 
 use crate::error::{Error, Result};

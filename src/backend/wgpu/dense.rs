@@ -285,7 +285,14 @@ impl WgpuBackend {
         out: &WgpuBuffer,
     ) -> Result<()> {
         self.check_binding(&[a, out])?;
-        self.dispatch(enc, kernel, 256, &params.0, &[whole(a), b.and_then(whole), whole(out)], out.len.div_ceil(256) as u32)
+        self.dispatch(
+            enc,
+            kernel,
+            256,
+            &params.0,
+            &[whole(a), b.and_then(whole), whole(out)],
+            out.len.div_ceil(256) as u32,
+        )
     }
 
     pub(super) fn conv_params(spec: &ConvSpec, len: usize) -> ConvParamsBytes {
@@ -305,6 +312,37 @@ impl WgpuBackend {
             ..Default::default()
         };
         ConvParamsBytes(bytemuck::bytes_of(&p).to_vec())
+    }
+}
+
+impl WgpuBackend {
+    /// A relational.wgsl dispatch: `threads` invocations (0: one workgroup).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn encode_relational(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        n: usize,
+        dim: usize,
+        inputs: [Option<&WgpuBuffer>; 3],
+        out: &WgpuBuffer,
+        threads: usize,
+    ) -> Result<()> {
+        let params = [n as u32, dim as u32, 0, 0];
+        let [a, b, c] = inputs;
+        self.dispatch(
+            enc,
+            kernel,
+            256,
+            bytemuck::cast_slice(&params),
+            &[
+                a.and_then(whole),
+                b.and_then(whole),
+                c.and_then(whole),
+                whole(out),
+            ],
+            threads.div_ceil(256).max(1) as u32,
+        )
     }
 }
 

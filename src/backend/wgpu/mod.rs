@@ -486,7 +486,7 @@ impl Backend for WgpuBackend {
         grad_a: Option<&WgpuBuffer>,
         grad_b: Option<&WgpuBuffer>,
     ) -> Result<()> {
-        self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b))
+        self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b, false))
     }
 
     fn attention_transfer_unchecked(
@@ -584,13 +584,152 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Pool, p, x, None, y))
     }
 
-    fn pool_backward_unchecked(&self, spec: &PoolSpec, x: &WgpuBuffer, dy: &WgpuBuffer, dx: &WgpuBuffer) -> Result<()> {
+    fn pool_backward_unchecked(
+        &self,
+        spec: &PoolSpec,
+        x: &WgpuBuffer,
+        dy: &WgpuBuffer,
+        dx: &WgpuBuffer,
+    ) -> Result<()> {
         let p = Self::pool_params(spec, dx.len);
-        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::PoolBackward, p, x, Some(dy), dx))
+        self.submit(|enc| {
+            self.encode_conv(enc, pipelines::Kernel::PoolBackward, p, x, Some(dy), dx)
+        })
     }
 
-    fn transpose_unchecked(&self, batch: usize, rows: usize, cols: usize, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    fn transpose_unchecked(
+        &self,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        x: &WgpuBuffer,
+        y: &WgpuBuffer,
+    ) -> Result<()> {
         let p = Self::transpose_params(batch, rows, cols);
         self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Transpose, p, x, None, y))
+    }
+
+    fn row_normalize_unchecked(&self, cols: usize, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        let rows = x.len / cols;
+        self.submit(|enc| {
+            self.encode_relational(
+                enc,
+                pipelines::Kernel::RowNormalize,
+                rows,
+                cols,
+                [Some(x), None, None],
+                y,
+                rows,
+            )
+        })
+    }
+
+    fn row_normalize_backward_unchecked(
+        &self,
+        cols: usize,
+        x: &WgpuBuffer,
+        dy: &WgpuBuffer,
+        dx: &WgpuBuffer,
+    ) -> Result<()> {
+        let rows = x.len / cols;
+        self.submit(|enc| {
+            self.encode_relational(
+                enc,
+                pipelines::Kernel::RowNormalizeBackward,
+                rows,
+                cols,
+                [Some(x), Some(dy), None],
+                dx,
+                rows,
+            )
+        })
+    }
+
+    fn pairwise_distance_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &WgpuBuffer,
+        d: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| {
+            self.encode_relational(
+                enc,
+                pipelines::Kernel::PairwiseDistance,
+                n,
+                dim,
+                [Some(f), None, None],
+                d,
+                n * n,
+            )
+        })
+    }
+
+    fn pairwise_distance_backward_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &WgpuBuffer,
+        d: &WgpuBuffer,
+        dd: &WgpuBuffer,
+        df: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| {
+            self.encode_relational(
+                enc,
+                pipelines::Kernel::PairwiseDistanceBackward,
+                n,
+                dim,
+                [Some(f), Some(d), Some(dd)],
+                df,
+                n * dim,
+            )
+        })
+    }
+
+    fn offdiag_normalize_unchecked(&self, n: usize, d: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+        self.submit(|enc| {
+            self.encode_relational(
+                enc,
+                pipelines::Kernel::OffdiagNormalize,
+                n,
+                0,
+                [Some(d), None, None],
+                y,
+                0,
+            )
+        })
+    }
+
+    fn offdiag_normalize_backward_unchecked(
+        &self,
+        n: usize,
+        d: &WgpuBuffer,
+        dy: &WgpuBuffer,
+        dd: &WgpuBuffer,
+    ) -> Result<()> {
+        self.submit(|enc| {
+            self.encode_relational(
+                enc,
+                pipelines::Kernel::OffdiagNormalizeBackward,
+                n,
+                0,
+                [Some(d), Some(dy), None],
+                dd,
+                0,
+            )
+        })
+    }
+
+    fn smooth_l1_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &WgpuBuffer,
+        b: &WgpuBuffer,
+        loss: &WgpuBuffer,
+        grad_a: Option<&WgpuBuffer>,
+        grad_b: Option<&WgpuBuffer>,
+    ) -> Result<()> {
+        self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b, true))
     }
 }

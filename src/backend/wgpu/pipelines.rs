@@ -18,6 +18,7 @@ pub const ATTENTION_WGSL: &str = include_str!("../../../shaders/attention.wgsl")
 pub const DENSE_WGSL: &str = include_str!("../../../shaders/dense.wgsl");
 pub const OPTIM_WGSL: &str = include_str!("../../../shaders/optim.wgsl");
 pub const CONV_WGSL: &str = include_str!("../../../shaders/conv.wgsl");
+pub const RELATIONAL_WGSL: &str = include_str!("../../../shaders/relational.wgsl");
 
 /// One entry point of one shader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -44,6 +45,12 @@ pub enum Kernel {
     Pool,
     PoolBackward,
     Transpose,
+    RowNormalize,
+    RowNormalizeBackward,
+    PairwiseDistance,
+    PairwiseDistanceBackward,
+    OffdiagNormalize,
+    OffdiagNormalizeBackward,
 }
 
 /// How a binding is used: the uniform parameters, a read-only or a read-write storage buffer.
@@ -68,7 +75,7 @@ const ROW_LOSS_BINDINGS: &[Bind] = &[
 ];
 
 impl Kernel {
-    pub const ALL: [Kernel; 22] = [
+    pub const ALL: [Kernel; 28] = [
         Kernel::SoftmaxForward,
         Kernel::SoftmaxBackward,
         Kernel::Divergence,
@@ -91,6 +98,12 @@ impl Kernel {
         Kernel::Pool,
         Kernel::PoolBackward,
         Kernel::Transpose,
+        Kernel::RowNormalize,
+        Kernel::RowNormalizeBackward,
+        Kernel::PairwiseDistance,
+        Kernel::PairwiseDistanceBackward,
+        Kernel::OffdiagNormalize,
+        Kernel::OffdiagNormalizeBackward,
     ];
 
     /// The shader's file name (for messages) and full source (preludes included).
@@ -112,9 +125,17 @@ impl Kernel {
             | Kernel::ReluBackward
             | Kernel::Axpy => ("dense.wgsl", DENSE_WGSL, false),
             Kernel::Adam | Kernel::Sgd => ("optim.wgsl", OPTIM_WGSL, false),
-            Kernel::Im2col | Kernel::Col2im | Kernel::Pool | Kernel::PoolBackward | Kernel::Transpose => {
-                ("conv.wgsl", CONV_WGSL, false)
-            }
+            Kernel::Im2col
+            | Kernel::Col2im
+            | Kernel::Pool
+            | Kernel::PoolBackward
+            | Kernel::Transpose => ("conv.wgsl", CONV_WGSL, false),
+            Kernel::RowNormalize
+            | Kernel::RowNormalizeBackward
+            | Kernel::PairwiseDistance
+            | Kernel::PairwiseDistanceBackward
+            | Kernel::OffdiagNormalize
+            | Kernel::OffdiagNormalizeBackward => ("relational.wgsl", RELATIONAL_WGSL, false),
         };
         let mut src = String::with_capacity(COMMON_WGSL.len() + ROW_IO_WGSL.len() + body.len());
         src.push_str(COMMON_WGSL);
@@ -144,6 +165,12 @@ impl Kernel {
             Kernel::Pool => "pool",
             Kernel::PoolBackward => "pool_backward",
             Kernel::Transpose => "transpose",
+            Kernel::RowNormalize => "row_normalize",
+            Kernel::RowNormalizeBackward => "row_normalize_backward",
+            Kernel::PairwiseDistance => "pairwise_distance",
+            Kernel::PairwiseDistanceBackward => "pairwise_distance_backward",
+            Kernel::OffdiagNormalize => "offdiag_normalize",
+            Kernel::OffdiagNormalizeBackward => "offdiag_normalize_backward",
             _ => "main",
         }
     }
@@ -162,9 +189,17 @@ impl Kernel {
             | Kernel::ReluBackward
             | Kernel::Axpy => &[Uniform, Read, Read, ReadWrite],
             Kernel::Adam | Kernel::Sgd => &[Uniform, Read, ReadWrite, ReadWrite, ReadWrite],
-            Kernel::Im2col | Kernel::Col2im | Kernel::Pool | Kernel::PoolBackward | Kernel::Transpose => {
-                &[Uniform, Read, Read, ReadWrite]
-            }
+            Kernel::Im2col
+            | Kernel::Col2im
+            | Kernel::Pool
+            | Kernel::PoolBackward
+            | Kernel::Transpose => &[Uniform, Read, Read, ReadWrite],
+            Kernel::RowNormalize
+            | Kernel::RowNormalizeBackward
+            | Kernel::PairwiseDistance
+            | Kernel::PairwiseDistanceBackward
+            | Kernel::OffdiagNormalize
+            | Kernel::OffdiagNormalizeBackward => &[Uniform, Read, Read, Read, ReadWrite],
         }
     }
 }

@@ -133,7 +133,8 @@ struct MseParams {
     len: u32,
     grad_mode: u32,
     grad_k: f32,
-    pad: u32,
+    /// 0 squared error, 1 smooth L1.
+    mode: u32,
 }
 
 #[repr(C)]
@@ -545,6 +546,7 @@ impl WgpuBackend {
         )
     }
 
+    /// MSE (`smooth_l1` false) or smooth L1, mean over all elements (`shaders/mse.wgsl`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn encode_mse(
         &self,
@@ -555,6 +557,7 @@ impl WgpuBackend {
         loss: &WgpuBuffer,
         grad_a: Option<&WgpuBuffer>,
         grad_b: Option<&WgpuBuffer>,
+        smooth_l1: bool,
     ) -> Result<()> {
         let m = spec.len as u64;
         let groups_total = m.div_ceil(MSE_ELEMS_PER_GROUP);
@@ -581,8 +584,9 @@ impl WgpuBackend {
             let params = MseParams {
                 len: len as u32,
                 grad_mode: mode,
-                grad_k: (spec.grad_scale as f64 * 2.0 / m as f64) as f32,
-                pad: 0,
+                grad_k: (spec.grad_scale as f64 * if smooth_l1 { 1.0 } else { 2.0 } / m as f64)
+                    as f32,
+                mode: smooth_l1 as u32,
             };
             self.dispatch(
                 encoder,
@@ -769,7 +773,7 @@ impl WgpuBackend {
         grad_b: Option<&WgpuBuffer>,
     ) -> Result<()> {
         validate::mse(self, spec, a, b, loss, grad_a, grad_b)?;
-        self.with_error_scope(|| self.encode_mse(encoder, spec, a, b, loss, grad_a, grad_b))
+        self.with_error_scope(|| self.encode_mse(encoder, spec, a, b, loss, grad_a, grad_b, false))
     }
 }
 

@@ -1,0 +1,196 @@
+//! The relation-based primitives against the f64 CPU reference on random inputs, on every backend,
+//! and their references' gradients against finite differences.
+
+mod common;
+
+use common::{assert_close, to_f64, Lcg};
+use distillation::ops::relational as rel;
+use distillation::tape::{Tape, Tensor};
+use distillation::{Backend, MseSpec};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+fn run<S: Strategy>(s: S, f: impl Fn(S::Value) -> Result<(), String>)
+where
+    S::Value: std::fmt::Debug,
+{
+    let mut r = TestRunner::new(Config {
+        cases: 32,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    r.run(&s, |v| f(v).map_err(TestCaseError::fail)).unwrap();
+}
+
+fn primitives_match_reference<B: Backend>(b: &B) {
+    run((2usize..40, 1usize..50, any::<u64>()), |(n, dim, seed)| {
+        let mut g = Lcg(seed);
+        let f = g.vec(n * dim, 2.0);
+        let fb = b.upload(&f).unwrap();
+        // Row normalisation of the [n, dim] features.
+        let y = b.filled(n * dim, f32::NAN).unwrap();
+        b.row_normalize(dim, &fb, &y).map_err(|e| e.to_string())?;
+        assert_close(
+            "row_normalize",
+            &b.download(&y).unwrap(),
+            &rel::row_normalize_reference(&to_f64(&f), dim),
+            1e-5,
+        )?;
+        let dy = g.vec(n * dim, 1.0);
+        let dx = b.filled(n * dim, f32::NAN).unwrap();
+        b.row_normalize_backward(dim, &fb, &b.upload(&dy).unwrap(), &dx)
+            .map_err(|e| e.to_string())?;
+        let want = rel::row_normalize_backward_reference(&to_f64(&f), &to_f64(&dy), dim);
+        assert_close(
+            "row_normalize_backward",
+            &b.download(&dx).unwrap(),
+            &want,
+            1e-4,
+        )?;
+        // Pairwise distances, then the off-diagonal normalisation.
+        let d = b.filled(n * n, f32::NAN).unwrap();
+        b.pairwise_distance(n, dim, &fb, &d)
+            .map_err(|e| e.to_string())?;
+        let dref = rel::pairwise_distance_reference(&to_f64(&f), n, dim);
+        let dgot = b.download(&d).unwrap();
+        assert_close("pairwise_distance", &dgot, &dref, 1e-5)?;
+        let dd = g.vec(n * n, 1.0);
+        let df = b.filled(n * dim, f32::NAN).unwrap();
+        b.pairwise_distance_backward(n, dim, &fb, &d, &b.upload(&dd).unwrap(), &df)
+            .map_err(|e| e.to_string())?;
+        let want = rel::pairwise_distance_backward_reference(
+            &to_f64(&f),
+            &to_f64(&dgot),
+            &to_f64(&dd),
+            n,
+            dim,
+        );
+        assert_close(
+            "pairwise_distance_backward",
+            &b.download(&df).unwrap(),
+            &want,
+            1e-4,
+        )?;
+        let y = b.filled(n * n, f32::NAN).unwrap();
+        b.offdiag_normalize(n, &d, &y).map_err(|e| e.to_string())?;
+        assert_close(
+            "offdiag_normalize",
+            &b.download(&y).unwrap(),
+            &rel::offdiag_normalize_reference(&to_f64(&dgot), n),
+            1e-5,
+        )?;
+        let dyb = b.upload(&dd).unwrap();
+        let dd2 = b.filled(n * n, f32::NAN).unwrap();
+        b.offdiag_normalize_backward(n, &d, &dyb, &dd2)
+            .map_err(|e| e.to_string())?;
+        let want = rel::offdiag_normalize_backward_reference(&to_f64(&dgot), &to_f64(&dd), n);
+        assert_close(
+            "offdiag_normalize_backward",
+            &b.download(&dd2).unwrap(),
+            &want,
+            1e-4,
+        )?;
+        // Smooth L1 against a shifted copy (both branches of the Huber function).
+        let other: Vec<f32> = f
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % 2 == 0 { 0.3 } else { -2.0 })
+            .collect();
+        let (loss, ga, gb) = (
+            b.filled(1, f32::NAN).unwrap(),
+            b.filled(n * dim, f32::NAN).unwrap(),
+            b.filled(n * dim, f32::NAN).unwrap(),
+        );
+        let spec = MseSpec {
+            len: n * dim,
+            grad_scale: 0.5,
+        };
+        b.smooth_l1(
+            &spec,
+            &fb,
+            &b.upload(&other).unwrap(),
+            &loss,
+            Some(&ga),
+            Some(&gb),
+        )
+        .map_err(|e| e.to_string())?;
+        let (l, wa, wb) = rel::smooth_l1_reference(&to_f64(&f), &to_f64(&other), 0.5);
+        assert_close("smooth_l1", &b.download(&loss).unwrap(), &[l], 1e-5)?;
+        assert_close("smooth_l1 grad_a", &b.download(&ga).unwrap(), &wa, 1e-5)?;
+        assert_close("smooth_l1 grad_b", &b.download(&gb).unwrap(), &wb, 1e-5)
+    });
+}
+
+/// The tape's composite relational losses equal the f64 composite references.
+fn tape_relational_losses_match_reference<B: Backend>(b: &B) {
+    run(
+        (2usize..24, 1usize..20, 1usize..20, any::<u64>()),
+        |(n, ds, dt, seed)| {
+            let mut g = Lcg(seed);
+            let (fs, ft) = (g.vec(n * ds, 1.5), g.vec(n * dt, 1.5));
+            for rkd in [false, true] {
+                let tape = Tape::new(b);
+                let s = tape.leaf(Tensor::from_host(b, &fs, &[n, ds]).unwrap());
+                let t = tape.leaf(Tensor::from_host(b, &ft, &[n, dt]).unwrap());
+                let l = if rkd {
+                    tape.rkd_distance(s, t, 1.0)
+                } else {
+                    tape.similarity_preserving(s, t, 1.0)
+                }
+                .map_err(|e| e.to_string())?;
+                tape.backward(&[l]).map_err(|e| e.to_string())?;
+                let (wl, ws, wt) = if rkd {
+                    rel::rkd_distance_reference(&to_f64(&fs), &to_f64(&ft), n)
+                } else {
+                    rel::similarity_preserving_reference(&to_f64(&fs), &to_f64(&ft), n)
+                };
+                let what = if rkd { "rkd" } else { "sp" };
+                assert_close(what, &tape.value(l).to_host(b).unwrap(), &[wl], 1e-4)?;
+                assert_close(what, &tape.grad(s).unwrap().to_host(b).unwrap(), &ws, 1e-3)?;
+                assert_close(what, &tape.grad(t).unwrap().to_host(b).unwrap(), &wt, 1e-3)?;
+            }
+            Ok(())
+        },
+    );
+}
+
+backend_tests!(
+    primitives_match_reference,
+    tape_relational_losses_match_reference
+);
+
+fn numeric(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let x0 = x[i];
+            x[i] = x0 + 1e-6;
+            let up = f(&x);
+            x[i] = x0 - 1e-6;
+            let down = f(&x);
+            x[i] = x0;
+            (up - down) / 2e-6
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The composite references' gradients (and so each primitive's backward) by finite differences.
+    #[test]
+    fn composite_references_have_the_right_gradients(n in 2usize..7, ds in 1usize..5, dt in 1usize..5, seed in any::<u64>()) {
+        let mut g = Lcg(seed);
+        let fs = to_f64(&g.vec(n * ds, 1.5));
+        let ft = to_f64(&g.vec(n * dt, 1.5));
+        for rkd in [false, true] {
+            let f = |s: &[f64], t: &[f64]| if rkd { rel::rkd_distance_reference(s, t, n) } else { rel::similarity_preserving_reference(s, t, n) };
+            let (_, gs, gt) = f(&fs, &ft);
+            let ns = numeric(&fs, |s| f(s, &ft).0);
+            let nt = numeric(&ft, |t| f(&fs, t).0);
+            for (a, b) in gs.iter().zip(&ns).chain(gt.iter().zip(&nt)) {
+                prop_assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "rkd={}: {} vs {}", rkd, a, b);
+            }
+        }
+    }
+}
