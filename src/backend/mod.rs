@@ -90,6 +90,10 @@ pub trait Backend {
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
     /// Number of `f32` elements in a buffer.
     fn len(&self, buf: &Self::Buffer) -> usize;
+    /// Waits until the device has finished all submitted work (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     /// Number of labels in a label buffer.
     fn labels_len(&self, labels: &Self::Labels) -> usize;
     /// Checks labels on the device against `0..classes` / `ignore_index`. Backends whose labels live on

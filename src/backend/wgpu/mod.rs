@@ -335,7 +335,7 @@ impl WgpuBackend {
     }
 
     /// Blocks until the device has finished all submitted work.
-    pub fn synchronize(&self) -> Result<()> {
+    pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
@@ -363,7 +363,7 @@ impl WgpuBackend {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.synchronize()?;
+        self.wait()?;
         rx.recv()
             .map_err(|e| Error::Device {
                 backend: BACKEND,
@@ -421,6 +421,10 @@ impl Backend for WgpuBackend {
 
     fn len(&self, buf: &WgpuBuffer) -> usize {
         buf.len
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.wait()
     }
 
     fn labels_len(&self, labels: &WgpuLabels) -> usize {
