@@ -1,0 +1,206 @@
+//! The GPU bench runner: one table of kernel, shape, backend, median time over >= 20 runs after a
+//! warm-up, achieved GB/s of the minimal traffic, and that as a share of the device-to-device copy
+//! bandwidth measured in the same run. Inputs rotate over several buffer sets so that caches do
+//! not flatter small shapes.
+//!
+//!   cargo run --release --example gpu_bench -- [--large] [--runs 20] [--json out/gpu_bench.json]
+//!
+//! wgpu times each run with timestamp queries when the device has them (else the wall clock
+//! around submit and wait), and its reference is a device-to-device buffer copy; CUDA times with
+//! the wall clock around the launch and a stream synchronize, and its reference is the streaming
+//! kernel `y += x` (the same 12 bytes per element as the fused losses). `--large` adds 8192x32000 and 16384x131072 (about 26 GB of traffic per call).
+
+use std::io::Write;
+
+use distillation::backend::wgpu::WgpuBuffer;
+use distillation::rng::Rng;
+use distillation::{Backend, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec, LossOut, RowShape, WgpuBackend};
+
+struct Row {
+    kernel: String,
+    shape: String,
+    backend: String,
+    median_ms: f64,
+    gbps: f64,
+    copy_gbps: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.range(-4.0, 4.0) as f32).collect()
+}
+
+/// Input sets to rotate: enough that their total passes 256 MiB, at most 8, at least 2.
+fn sets_for(bytes: u64) -> usize {
+    ((256u64 << 20) / bytes.max(1)).clamp(2, 8) as usize
+}
+
+/// The kernels timed, each with its minimal traffic in bytes per element and per row.
+const KERNELS: [(&str, u64); 5] = [("hinton", 12), ("forward_kl", 12), ("reverse_kl", 12), ("jsd", 12), ("cross_entropy", 8)];
+
+fn run_wgpu(b: &WgpuBackend, shapes: &[(usize, usize)], runs: usize, rows: &mut Vec<Row>) -> distillation::Result<()> {
+    let name = b.name();
+    for &(n, c) in shapes {
+        let nc = n * c;
+        let sets = sets_for(8 * nc as u64);
+        let inputs: Vec<(WgpuBuffer, WgpuBuffer)> =
+            (0..sets).map(|k| Ok((b.upload(&data(nc, 2 * k as u64))?, b.upload(&data(nc, 2 * k as u64 + 1))?))).collect::<distillation::Result<_>>()?;
+        let labels = b.upload_labels(&(0..n as i32).map(|i| i % c as i32).collect::<Vec<_>>())?;
+        let (loss, grad) = (b.filled(1, 0.0)?, b.filled(nc, 0.0)?);
+        // Copy bandwidth: the student tensor copied into the gradient buffer (read + write).
+        let mut copy = Vec::new();
+        for i in 0..runs + 3 {
+            let t = b.time_recorded(|enc| b.record_copy(enc, &inputs[i % sets].0, &grad))?;
+            if i >= 3 {
+                copy.push(t);
+            }
+        }
+        let copy_gbps = 8.0 * nc as f64 / median(copy) / 1e9;
+        let shape = RowShape::new(n, c);
+        for (kernel, per_elem) in KERNELS {
+            let mut times = Vec::new();
+            for i in 0..runs + 3 {
+                let (s, t) = &inputs[i % sets];
+                let out = LossOut { loss: &loss, row_loss: None, grad_student: GradOut::Into(&grad), grad_teacher: None };
+                let secs = b.time_recorded(|enc| match kernel {
+                    "hinton" => b.record_hinton(enc, &HintonSpec::new(shape, 4.0, 0.5), s, t, &labels, out),
+                    "cross_entropy" => b.record_cross_entropy(enc, &CrossEntropySpec::new(shape), s, &labels, out),
+                    k => {
+                        let divergence = match k {
+                            "forward_kl" => Divergence::ForwardKl,
+                            "reverse_kl" => Divergence::ReverseKl,
+                            _ => Divergence::Jsd { beta: 0.5 },
+                        };
+                        b.record_divergence(enc, &DivergenceSpec { divergence, ..DivergenceSpec::new(shape, 4.0) }, s, t, None, out)
+                    }
+                })?;
+                if i >= 3 {
+                    times.push(secs);
+                }
+            }
+            let med = median(times);
+            rows.push(Row {
+                kernel: kernel.into(),
+                shape: format!("{n}x{c}"),
+                backend: name.clone(),
+                median_ms: med * 1e3,
+                gbps: (per_elem * nc as u64 + 4 * n as u64) as f64 / med / 1e9,
+                copy_gbps,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(b: &distillation::CudaBackend, shapes: &[(usize, usize)], runs: usize, rows: &mut Vec<Row>) -> distillation::Result<()> {
+    let name = b.name();
+    for &(n, c) in shapes {
+        let nc = n * c;
+        let sets = sets_for(8 * nc as u64);
+        let inputs: Vec<_> = (0..sets).map(|k| Ok((b.upload(&data(nc, 2 * k as u64))?, b.upload(&data(nc, 2 * k as u64 + 1))?))).collect::<distillation::Result<Vec<_>>>()?;
+        let labels = b.upload_labels(&(0..n as i32).map(|i| i % c as i32).collect::<Vec<_>>())?;
+        let (loss, grad) = (b.filled(1, 0.0)?, b.filled(nc, 0.0)?);
+        let time = |f: &dyn Fn(usize) -> distillation::Result<()>| -> distillation::Result<f64> {
+            let mut v = Vec::new();
+            for i in 0..runs + 3 {
+                b.synchronize()?;
+                let t = std::time::Instant::now();
+                f(i)?;
+                b.synchronize()?;
+                if i >= 3 {
+                    v.push(t.elapsed().as_secs_f64());
+                }
+            }
+            Ok(median(v))
+        };
+        // Streaming reference: `y += x` (axpy) reads two tensors and writes one, the same 12 bytes
+        // per element as the fused losses.
+        let copy = time(&|i| b.axpy(1.0, &inputs[i % sets].0, &grad))?;
+        let copy_gbps = 12.0 * nc as f64 / copy / 1e9;
+        let shape = RowShape::new(n, c);
+        for (kernel, per_elem) in KERNELS {
+            let med = time(&|i| {
+                let (s, t) = &inputs[i % sets];
+                let out = LossOut { loss: &loss, row_loss: None, grad_student: GradOut::Into(&grad), grad_teacher: None };
+                match kernel {
+                    "hinton" => b.hinton(&HintonSpec::new(shape, 4.0, 0.5), s, t, &labels, out),
+                    "cross_entropy" => b.cross_entropy(&CrossEntropySpec::new(shape), s, &labels, out),
+                    k => {
+                        let divergence = match k {
+                            "forward_kl" => Divergence::ForwardKl,
+                            "reverse_kl" => Divergence::ReverseKl,
+                            _ => Divergence::Jsd { beta: 0.5 },
+                        };
+                        b.divergence(&DivergenceSpec { divergence, ..DivergenceSpec::new(shape, 4.0) }, s, t, None, out)
+                    }
+                }
+            })?;
+            rows.push(Row {
+                kernel: kernel.into(),
+                shape: format!("{n}x{c}"),
+                backend: name.clone(),
+                median_ms: med * 1e3,
+                gbps: (per_elem * nc as u64 + 4 * n as u64) as f64 / med / 1e9,
+                copy_gbps,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |f: &str| args.iter().position(|a| a == f);
+    let runs = flag("--runs").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(20usize).max(20);
+    let mut shapes = vec![(64, 10), (1024, 1000), (4096, 32000)];
+    if flag("--large").is_some() {
+        shapes.extend([(8192, 32000), (16384, 131072)]);
+    }
+    let mut rows = Vec::new();
+    match WgpuBackend::new() {
+        Ok(b) => {
+            eprintln!("wgpu: {} (timestamps: {})", b.name(), b.has_timestamps());
+            if let Err(e) = run_wgpu(&b, &shapes, runs, &mut rows) {
+                eprintln!("wgpu: {e}");
+            }
+        }
+        Err(e) => eprintln!("wgpu: {e}"),
+    }
+    #[cfg(feature = "cuda")]
+    match distillation::CudaBackend::new() {
+        Ok(b) => {
+            if let Err(e) = run_cuda(&b, &shapes, runs, &mut rows) {
+                eprintln!("cuda: {e}");
+            }
+        }
+        Err(e) => eprintln!("cuda: {e}"),
+    }
+    println!("| kernel | shape | backend | median ms | GB/s | copy GB/s | % of copy |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.4} | {:.1} | {:.1} | {:.0}% |",
+            r.kernel,
+            r.shape,
+            r.backend,
+            r.median_ms,
+            r.gbps,
+            r.copy_gbps,
+            100.0 * r.gbps / r.copy_gbps
+        );
+    }
+    if let Some(path) = flag("--json").and_then(|i| args.get(i + 1)) {
+        let json: Vec<_> = rows
+            .iter()
+            .map(|r| serde_json::json!({"kernel": r.kernel, "shape": r.shape, "backend": r.backend, "median_ms": r.median_ms, "gbps": r.gbps, "copy_gbps": r.copy_gbps}))
+            .collect();
+        let mut f = std::fs::File::create(path).expect("json output file");
+        writeln!(f, "{}", serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    }
+}
