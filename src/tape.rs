@@ -540,20 +540,58 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         )
     }
 
-    fn grad_buffer(&self, v: Var, wanted: bool) -> Result<Option<Tensor<B>>> {
-        if !wanted {
-            return Ok(None);
-        }
-        let shape = self.value(v).shape;
-        Ok(Some(Tensor::new(
-            self.backend.filled(shape.iter().product(), 0.0)?,
-            &shape,
-        )))
+    /// Runs a loss kernel on inputs `a` and `b`: allocates the loss and the gradients that are wanted,
+    /// calls `kernel(loss, grad_a, grad_b)`, and records the loss as a root.
+    fn loss_op(
+        &self,
+        a: Var,
+        want_a: bool,
+        b: Var,
+        want_b: bool,
+        kernel: impl FnOnce(&B::Buffer, Option<&B::Buffer>, Option<&B::Buffer>) -> Result<()>,
+    ) -> Result<Var> {
+        let grad = |v: Var, wanted: bool| -> Result<Option<Tensor<B>>> {
+            if !wanted {
+                return Ok(None);
+            }
+            let shape = self.value(v).shape;
+            Ok(Some(Tensor::new(
+                self.backend.filled(shape.iter().product(), 0.0)?,
+                &shape,
+            )))
+        };
+        let (ga, gb) = (grad(a, want_a)?, grad(b, want_b)?);
+        let loss = self.backend.filled(1, 0.0)?;
+        kernel(
+            &loss,
+            ga.as_ref().map(|g| &*g.buf),
+            gb.as_ref().map(|g| &*g.buf),
+        )?;
+        Ok(self.push_loss(
+            loss,
+            ga.map(|g| (a, g))
+                .into_iter()
+                .chain(gb.map(|g| (b, g)))
+                .collect(),
+        ))
     }
 
     fn row_shape(&self, logits: Var) -> RowShape {
         let (r, c) = self.value(logits).rows_cols();
         RowShape::new(r, c)
+    }
+
+    fn loss_out<'b>(
+        loss: &'b B::Buffer,
+        gs: Option<&'b B::Buffer>,
+        gt: Option<&'b B::Buffer>,
+    ) -> LossOut<'b, B> {
+        LossOut {
+            loss,
+            row_loss: None,
+            grad_student: gs.map_or(GradOut::None, GradOut::Into),
+            grad_teacher: gt,
+        }
     }
 
     /// The fused Hinton loss of student logits against teacher logits (a constant, or a variable
@@ -569,31 +607,17 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             shape: self.row_shape(student),
             ..spec
         };
-        let gs = self.grad_buffer(student, self.requires_grad(student))?;
-        let gt = self.grad_buffer(teacher, self.requires_grad(teacher))?;
-        let loss = self.backend.filled(1, 0.0)?;
-        let out = LossOut {
-            loss: &loss,
-            row_loss: None,
-            grad_student: gs
-                .as_ref()
-                .map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
-            grad_teacher: gt.as_ref().map(|g| &*g.buf),
-        };
-        self.backend.hinton(
-            &spec,
-            &self.value(student).buf,
-            &self.value(teacher).buf,
-            labels,
-            out,
-        )?;
-        Ok(self.push_loss(
-            loss,
-            gs.map(|g| (student, g))
-                .into_iter()
-                .chain(gt.map(|g| (teacher, g)))
-                .collect(),
-        ))
+        let (s, t) = (self.value(student), self.value(teacher));
+        self.loss_op(
+            student,
+            self.requires_grad(student),
+            teacher,
+            self.requires_grad(teacher),
+            |l, gs, gt| {
+                self.backend
+                    .hinton(&spec, &s.buf, &t.buf, labels, Self::loss_out(l, gs, gt))
+            },
+        )
     }
 
     /// A soft-target divergence (forward KL, reverse KL, JSD) of student logits against a teacher.
@@ -610,31 +634,17 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         };
         let want_t =
             self.requires_grad(teacher) && spec.teacher == crate::ops::TeacherInput::Logits;
-        let gs = self.grad_buffer(student, self.requires_grad(student))?;
-        let gt = self.grad_buffer(teacher, want_t)?;
-        let loss = self.backend.filled(1, 0.0)?;
-        let out = LossOut {
-            loss: &loss,
-            row_loss: None,
-            grad_student: gs
-                .as_ref()
-                .map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
-            grad_teacher: gt.as_ref().map(|g| &*g.buf),
-        };
-        self.backend.divergence(
-            &spec,
-            &self.value(student).buf,
-            &self.value(teacher).buf,
-            labels,
-            out,
-        )?;
-        Ok(self.push_loss(
-            loss,
-            gs.map(|g| (student, g))
-                .into_iter()
-                .chain(gt.map(|g| (teacher, g)))
-                .collect(),
-        ))
+        let (s, t) = (self.value(student), self.value(teacher));
+        self.loss_op(
+            student,
+            self.requires_grad(student),
+            teacher,
+            want_t,
+            |l, gs, gt| {
+                self.backend
+                    .divergence(&spec, &s.buf, &t.buf, labels, Self::loss_out(l, gs, gt))
+            },
+        )
     }
 
     /// Cross-entropy of logits against hard labels.
@@ -648,45 +658,33 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             shape: self.row_shape(logits),
             ..spec
         };
-        let gs = self.grad_buffer(logits, self.requires_grad(logits))?;
-        let loss = self.backend.filled(1, 0.0)?;
-        let out = LossOut {
-            loss: &loss,
-            row_loss: None,
-            grad_student: gs
-                .as_ref()
-                .map_or(GradOut::None, |g| GradOut::Into(&*g.buf)),
-            grad_teacher: None,
-        };
-        self.backend
-            .cross_entropy(&spec, &self.value(logits).buf, labels, out)?;
-        Ok(self.push_loss(loss, gs.map(|g| (logits, g)).into_iter().collect()))
+        let s = self.value(logits);
+        self.loss_op(
+            logits,
+            self.requires_grad(logits),
+            logits,
+            false,
+            |l, gs, _| {
+                self.backend
+                    .cross_entropy(&spec, &s.buf, labels, Self::loss_out(l, gs, None))
+            },
+        )
     }
 
     /// Feature MSE between two equal-shape values, times `weight` in the gradients.
     pub fn mse(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
+        let (av, bv) = (self.value(a), self.value(b));
         let spec = MseSpec {
-            len: self.value(a).len(),
+            len: av.len(),
             grad_scale: weight,
         };
-        let ga = self.grad_buffer(a, self.requires_grad(a))?;
-        let gb = self.grad_buffer(b, self.requires_grad(b))?;
-        let loss = self.backend.filled(1, 0.0)?;
-        self.backend.mse(
-            &spec,
-            &self.value(a).buf,
-            &self.value(b).buf,
-            &loss,
-            ga.as_ref().map(|g| &*g.buf),
-            gb.as_ref().map(|g| &*g.buf),
-        )?;
-        Ok(self.push_loss(
-            loss,
-            ga.map(|g| (a, g))
-                .into_iter()
-                .chain(gb.map(|g| (b, g)))
-                .collect(),
-        ))
+        self.loss_op(
+            a,
+            self.requires_grad(a),
+            b,
+            self.requires_grad(b),
+            |l, ga, gb| self.backend.mse(&spec, &av.buf, &bv.buf, l, ga, gb),
+        )
     }
 
     /// Attention transfer between `[N, C, H, W]` feature maps (channels may differ).
@@ -711,50 +709,32 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                 sv.shape[2] * sv.shape[3],
             )
         };
-        let gs = self.grad_buffer(s, self.requires_grad(s))?;
-        let gt = self.grad_buffer(t, self.requires_grad(t))?;
-        let loss = self.backend.filled(1, 0.0)?;
-        self.backend.attention_transfer(
-            &spec,
-            &sv.buf,
-            &tv.buf,
-            &loss,
-            gs.as_ref().map(|g| &*g.buf),
-            gt.as_ref().map(|g| &*g.buf),
-        )?;
-        Ok(self.push_loss(
-            loss,
-            gs.map(|g| (s, g))
-                .into_iter()
-                .chain(gt.map(|g| (t, g)))
-                .collect(),
-        ))
+        self.loss_op(
+            s,
+            self.requires_grad(s),
+            t,
+            self.requires_grad(t),
+            |l, gs, gt| {
+                self.backend
+                    .attention_transfer(&spec, &sv.buf, &tv.buf, l, gs, gt)
+            },
+        )
     }
 
     /// Smooth L1 (Huber, delta 1) between two equal-shape values, mean over elements.
     pub fn smooth_l1(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
+        let (av, bv) = (self.value(a), self.value(b));
         let spec = MseSpec {
-            len: self.value(a).len(),
+            len: av.len(),
             grad_scale: weight,
         };
-        let ga = self.grad_buffer(a, self.requires_grad(a))?;
-        let gb = self.grad_buffer(b, self.requires_grad(b))?;
-        let loss = self.backend.filled(1, 0.0)?;
-        self.backend.smooth_l1(
-            &spec,
-            &self.value(a).buf,
-            &self.value(b).buf,
-            &loss,
-            ga.as_ref().map(|g| &*g.buf),
-            gb.as_ref().map(|g| &*g.buf),
-        )?;
-        Ok(self.push_loss(
-            loss,
-            ga.map(|g| (a, g))
-                .into_iter()
-                .chain(gb.map(|g| (b, g)))
-                .collect(),
-        ))
+        self.loss_op(
+            a,
+            self.requires_grad(a),
+            b,
+            self.requires_grad(b),
+            |l, ga, gb| self.backend.smooth_l1(&spec, &av.buf, &bv.buf, l, ga, gb),
+        )
     }
 
     /// Similarity-preserving KD (Tung and Mori 2019) between `[N, Ds]` and `[N, Dt]` features:

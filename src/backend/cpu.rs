@@ -46,6 +46,25 @@ impl CpuBackend {
         CpuBackend
     }
 
+    /// Stores a pointwise loss and the gradients that are wanted.
+    fn store_pair(
+        loss: &CpuBuffer,
+        l: f64,
+        grad_a: Option<&CpuBuffer>,
+        ga: &[f64],
+        grad_b: Option<&CpuBuffer>,
+        gb: &[f64],
+    ) -> Result<()> {
+        loss.store("loss", &[l])?;
+        if let Some(g) = grad_a {
+            g.store("grad_a", ga)?;
+        }
+        if let Some(g) = grad_b {
+            g.store("grad_b", gb)?;
+        }
+        Ok(())
+    }
+
     fn write_loss_out(
         &self,
         student: &CpuBuffer,
@@ -182,14 +201,7 @@ impl Backend for CpuBackend {
         grad_b: Option<&CpuBuffer>,
     ) -> Result<()> {
         let (l, ga, gb) = ops::feature::mse_reference(spec, &a.to_f64(), &b.to_f64());
-        loss.store("loss", &[l])?;
-        if let Some(g) = grad_a {
-            g.store("grad_a", &ga)?;
-        }
-        if let Some(g) = grad_b {
-            g.store("grad_b", &gb)?;
-        }
-        Ok(())
+        Self::store_pair(loss, l, grad_a, &ga, grad_b, &gb)
     }
 
     fn attention_transfer_unchecked(
@@ -203,14 +215,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (l, gs, gt) =
             ops::feature::attention_reference(spec, &student.to_f64(), &teacher.to_f64());
-        loss.store("loss", &[l])?;
-        if let Some(g) = grad_student {
-            g.store("grad_student", &gs)?;
-        }
-        if let Some(g) = grad_teacher {
-            g.store("grad_teacher", &gt)?;
-        }
-        Ok(())
+        Self::store_pair(loss, l, grad_student, &gs, grad_teacher, &gt)
     }
 
     fn matmul_unchecked(
@@ -400,13 +405,6 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (l, ga, gb) =
             rel::smooth_l1_reference(&a.to_f64(), &b.to_f64(), spec.grad_scale as f64);
-        loss.store("loss", &[l])?;
-        if let Some(g) = grad_a {
-            g.store("grad_a", &ga)?;
-        }
-        if let Some(g) = grad_b {
-            g.store("grad_b", &gb)?;
-        }
-        Ok(())
+        Self::store_pair(loss, l, grad_a, &ga, grad_b, &gb)
     }
 }
