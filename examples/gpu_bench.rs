@@ -14,7 +14,10 @@ use std::io::Write;
 
 use distillation::backend::wgpu::WgpuBuffer;
 use distillation::rng::Rng;
-use distillation::{Backend, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec, LossOut, RowShape, WgpuBackend};
+use distillation::{
+    Backend, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec, LossOut, RowShape,
+    WgpuBackend,
+};
 
 struct Row {
     kernel: String,
@@ -41,15 +44,32 @@ fn sets_for(bytes: u64) -> usize {
 }
 
 /// The kernels timed, each with its minimal traffic in bytes per element and per row.
-const KERNELS: [(&str, u64); 5] = [("hinton", 12), ("forward_kl", 12), ("reverse_kl", 12), ("jsd", 12), ("cross_entropy", 8)];
+const KERNELS: [(&str, u64); 5] = [
+    ("hinton", 12),
+    ("forward_kl", 12),
+    ("reverse_kl", 12),
+    ("jsd", 12),
+    ("cross_entropy", 8),
+];
 
-fn run_wgpu(b: &WgpuBackend, shapes: &[(usize, usize)], runs: usize, rows: &mut Vec<Row>) -> distillation::Result<()> {
+fn run_wgpu(
+    b: &WgpuBackend,
+    shapes: &[(usize, usize)],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> distillation::Result<()> {
     let name = b.name();
     for &(n, c) in shapes {
         let nc = n * c;
         let sets = sets_for(8 * nc as u64);
-        let inputs: Vec<(WgpuBuffer, WgpuBuffer)> =
-            (0..sets).map(|k| Ok((b.upload(&data(nc, 2 * k as u64))?, b.upload(&data(nc, 2 * k as u64 + 1))?))).collect::<distillation::Result<_>>()?;
+        let inputs: Vec<(WgpuBuffer, WgpuBuffer)> = (0..sets)
+            .map(|k| {
+                Ok((
+                    b.upload(&data(nc, 2 * k as u64))?,
+                    b.upload(&data(nc, 2 * k as u64 + 1))?,
+                ))
+            })
+            .collect::<distillation::Result<_>>()?;
         let labels = b.upload_labels(&(0..n as i32).map(|i| i % c as i32).collect::<Vec<_>>())?;
         let (loss, grad) = (b.filled(1, 0.0)?, b.filled(nc, 0.0)?);
         // Copy bandwidth: the student tensor copied into the gradient buffer (read + write).
@@ -66,17 +86,36 @@ fn run_wgpu(b: &WgpuBackend, shapes: &[(usize, usize)], runs: usize, rows: &mut 
             let mut times = Vec::new();
             for i in 0..runs + 3 {
                 let (s, t) = &inputs[i % sets];
-                let out = LossOut { loss: &loss, row_loss: None, grad_student: GradOut::Into(&grad), grad_teacher: None };
+                let out = LossOut {
+                    loss: &loss,
+                    row_loss: None,
+                    grad_student: GradOut::Into(&grad),
+                    grad_teacher: None,
+                };
                 let secs = b.time_recorded(|enc| match kernel {
-                    "hinton" => b.record_hinton(enc, &HintonSpec::new(shape, 4.0, 0.5), s, t, &labels, out),
-                    "cross_entropy" => b.record_cross_entropy(enc, &CrossEntropySpec::new(shape), s, &labels, out),
+                    "hinton" => {
+                        b.record_hinton(enc, &HintonSpec::new(shape, 4.0, 0.5), s, t, &labels, out)
+                    }
+                    "cross_entropy" => {
+                        b.record_cross_entropy(enc, &CrossEntropySpec::new(shape), s, &labels, out)
+                    }
                     k => {
                         let divergence = match k {
                             "forward_kl" => Divergence::ForwardKl,
                             "reverse_kl" => Divergence::ReverseKl,
                             _ => Divergence::Jsd { beta: 0.5 },
                         };
-                        b.record_divergence(enc, &DivergenceSpec { divergence, ..DivergenceSpec::new(shape, 4.0) }, s, t, None, out)
+                        b.record_divergence(
+                            enc,
+                            &DivergenceSpec {
+                                divergence,
+                                ..DivergenceSpec::new(shape, 4.0)
+                            },
+                            s,
+                            t,
+                            None,
+                            out,
+                        )
                     }
                 })?;
                 if i >= 3 {
@@ -98,12 +137,24 @@ fn run_wgpu(b: &WgpuBackend, shapes: &[(usize, usize)], runs: usize, rows: &mut 
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(b: &distillation::CudaBackend, shapes: &[(usize, usize)], runs: usize, rows: &mut Vec<Row>) -> distillation::Result<()> {
+fn run_cuda(
+    b: &distillation::CudaBackend,
+    shapes: &[(usize, usize)],
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> distillation::Result<()> {
     let name = b.name();
     for &(n, c) in shapes {
         let nc = n * c;
         let sets = sets_for(8 * nc as u64);
-        let inputs: Vec<_> = (0..sets).map(|k| Ok((b.upload(&data(nc, 2 * k as u64))?, b.upload(&data(nc, 2 * k as u64 + 1))?))).collect::<distillation::Result<Vec<_>>>()?;
+        let inputs: Vec<_> = (0..sets)
+            .map(|k| {
+                Ok((
+                    b.upload(&data(nc, 2 * k as u64))?,
+                    b.upload(&data(nc, 2 * k as u64 + 1))?,
+                ))
+            })
+            .collect::<distillation::Result<Vec<_>>>()?;
         let labels = b.upload_labels(&(0..n as i32).map(|i| i % c as i32).collect::<Vec<_>>())?;
         let (loss, grad) = (b.filled(1, 0.0)?, b.filled(nc, 0.0)?);
         let time = |f: &dyn Fn(usize) -> distillation::Result<()>| -> distillation::Result<f64> {
@@ -127,17 +178,33 @@ fn run_cuda(b: &distillation::CudaBackend, shapes: &[(usize, usize)], runs: usiz
         for (kernel, per_elem) in KERNELS {
             let med = time(&|i| {
                 let (s, t) = &inputs[i % sets];
-                let out = LossOut { loss: &loss, row_loss: None, grad_student: GradOut::Into(&grad), grad_teacher: None };
+                let out = LossOut {
+                    loss: &loss,
+                    row_loss: None,
+                    grad_student: GradOut::Into(&grad),
+                    grad_teacher: None,
+                };
                 match kernel {
                     "hinton" => b.hinton(&HintonSpec::new(shape, 4.0, 0.5), s, t, &labels, out),
-                    "cross_entropy" => b.cross_entropy(&CrossEntropySpec::new(shape), s, &labels, out),
+                    "cross_entropy" => {
+                        b.cross_entropy(&CrossEntropySpec::new(shape), s, &labels, out)
+                    }
                     k => {
                         let divergence = match k {
                             "forward_kl" => Divergence::ForwardKl,
                             "reverse_kl" => Divergence::ReverseKl,
                             _ => Divergence::Jsd { beta: 0.5 },
                         };
-                        b.divergence(&DivergenceSpec { divergence, ..DivergenceSpec::new(shape, 4.0) }, s, t, None, out)
+                        b.divergence(
+                            &DivergenceSpec {
+                                divergence,
+                                ..DivergenceSpec::new(shape, 4.0)
+                            },
+                            s,
+                            t,
+                            None,
+                            out,
+                        )
                     }
                 }
             })?;
@@ -157,7 +224,11 @@ fn run_cuda(b: &distillation::CudaBackend, shapes: &[(usize, usize)], runs: usiz
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |f: &str| args.iter().position(|a| a == f);
-    let runs = flag("--runs").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(20usize).max(20);
+    let runs = flag("--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20usize)
+        .max(20);
     let mut shapes = vec![(64, 10), (1024, 1000), (4096, 32000)];
     if flag("--large").is_some() {
         shapes.extend([(8192, 32000), (16384, 131072)]);

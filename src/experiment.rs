@@ -252,7 +252,13 @@ impl Config {
                 } else {
                     &self.student_channels
                 };
-                Ok(Net::Cnn(Box::new(Cnn::new(backend, image, ch, data.classes, rng)?)))
+                Ok(Net::Cnn(Box::new(Cnn::new(
+                    backend,
+                    image,
+                    ch,
+                    data.classes,
+                    rng,
+                )?)))
             }
         }
     }

@@ -162,7 +162,8 @@ impl WgpuBackend {
         }
         let limits = adapter.limits();
         // Timestamp queries, where the adapter has them, for the GPU bench runner.
-        let timestamps = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let timestamps =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("distillation"),
             required_features: adapter.features() & timestamps,
@@ -223,13 +224,22 @@ impl WgpuBackend {
 
     /// True when the device can write timestamps between commands of an encoder.
     pub fn has_timestamps(&self) -> bool {
-        self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+        self.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
     }
 
     /// Times what `record` records, on the GPU's clock when the device has timestamp queries (else
     /// the wall clock around submit and wait): seconds.
-    pub fn time_recorded(&self, record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<f64> {
-        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
+    pub fn time_recorded(
+        &self,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<f64> {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("timed"),
+            });
         if !self.has_timestamps() {
             let start = std::time::Instant::now();
             self.with_error_scope(|| {
@@ -240,7 +250,11 @@ impl WgpuBackend {
             self.wait()?;
             return Ok(start.elapsed().as_secs_f64());
         }
-        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("timestamps"), ty: wgpu::QueryType::Timestamp, count: 2 });
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
         let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("timestamps"),
             size: 16,
@@ -256,11 +270,20 @@ impl WgpuBackend {
             Ok(())
         })?;
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_back(&resolved, 16)?);
-        Ok(ticks[1].wrapping_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64 * 1e-9)
+        Ok(
+            ticks[1].wrapping_sub(ticks[0]) as f64
+                * self.queue.get_timestamp_period() as f64
+                * 1e-9,
+        )
     }
 
     /// Records a device-to-device copy of `bytes` bytes (for the copy-bandwidth reference).
-    pub fn record_copy(&self, encoder: &mut wgpu::CommandEncoder, src: &WgpuBuffer, dst: &WgpuBuffer) -> Result<()> {
+    pub fn record_copy(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        src: &WgpuBuffer,
+        dst: &WgpuBuffer,
+    ) -> Result<()> {
         let bytes = src.bytes().min(dst.bytes());
         encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, bytes);
         Ok(())

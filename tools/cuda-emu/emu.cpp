@@ -1,0 +1,915 @@
+// Runs kernels/*.cu on the CPU (shim.h) with the launch configurations of src/backend/cuda.rs and
+// compares them with ports of the f64 CPU references of src/ops/*.rs.
+//   g++ -std=c++20 -O1 -pthread tools/cuda-emu/emu.cpp -o /tmp/emu && /tmp/emu [cases]
+#include "shim.h"
+
+#include "../../kernels/common.cuh"
+#include "../../kernels/softmax.cu"
+#include "../../kernels/reduce.cu"
+#include "../../kernels/divergence.cu"
+#include "../../kernels/cross_entropy.cu"
+#include "../../kernels/hinton.cu"
+#include "../../kernels/feature.cu"
+#include "../../kernels/dense.cu"
+#include "../../kernels/optim.cu"
+#include "../../kernels/conv.cu"
+#include "../../kernels/relational.cu"
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+
+using std::vector;
+static const double NaN = std::numeric_limits<double>::quiet_NaN();
+
+// ---- launch configurations (mirror of src/backend/cuda.rs) ----
+struct Cfg {
+    dim3 grid, block;
+    bool block_form;
+};
+static dim3 grid_for(unsigned long long blocks) { return dim3{(unsigned)std::max(1ull, blocks), 1, 1}; }
+static Cfg row_launch(size_t rows, size_t cols) {
+    if (cols <= 1024) return Cfg{grid_for((rows + 7) / 8), dim3{256, 1, 1}, false};
+    unsigned threads = cols <= 4096 ? 128 : cols <= 16384 ? 256 : cols <= 65536 ? 512 : 1024;
+    return Cfg{grid_for(rows), dim3{threads, 1, 1}, true};
+}
+static const dim3 ONE{1, 1, 1}, T1024{1024, 1, 1}, T256{256, 1, 1};
+static dim3 stride_grid(unsigned long long e) { return grid_for(std::min((e + 255) / 256, 4ull * 65535)); }
+
+// ---- references (ports of src/ops) ----
+static vector<double> log_softmax_row(const double* z, size_t c, double t) {
+    double m = -INFINITY;
+    for (size_t j = 0; j < c; ++j) m = std::max(m, z[j]);
+    double s = 0;
+    for (size_t j = 0; j < c; ++j) s += exp((z[j] - m) / t);
+    double lse = log(s);
+    vector<double> r(c);
+    for (size_t j = 0; j < c; ++j) r[j] = (z[j] - m) / t - lse;
+    return r;
+}
+static bool all_finite(const double* z, size_t c) {
+    for (size_t j = 0; j < c; ++j)
+        if (!std::isfinite(z[j])) return false;
+    return true;
+}
+static vector<double> to_d(const vector<float>& v) { return vector<double>(v.begin(), v.end()); }
+
+struct RowRef {
+    double loss = 0;
+    vector<double> rows, gs, gt;
+};
+static double red_factor(int red, size_t valid) { return red == 0 ? (valid == 0 ? 0.0 : 1.0 / valid) : 1.0; }
+static double kl(const vector<double>& la, const vector<double>& lb) {
+    double s = 0;
+    for (size_t j = 0; j < la.size(); ++j) {
+        double a = exp(la[j]);
+        s += a == 0 ? 0.0 : a * (la[j] - lb[j]);
+    }
+    return s;
+}
+// Labels: masked rows (ignore) 0; invalid labels NaN rows (the CUDA contract).
+static RowRef ref_div(int div, int teach, double temp, double beta, int red, double g, int ignore,
+                      const vector<double>& s, const vector<double>& t, const vector<int>* labels, size_t n, size_t c) {
+    size_t valid = 0;
+    for (size_t r = 0; r < n; ++r) valid += !(labels && (*labels)[r] == ignore);
+    double scale = red_factor(red, valid);
+    RowRef o;
+    o.rows.assign(n, 0);
+    o.gs.assign(n * c, 0);
+    o.gt.assign(n * c, 0);
+    for (size_t r = 0; r < n; ++r) {
+        if (labels && (*labels)[r] == ignore) continue;
+        const double* sr = &s[r * c];
+        const double* tr = &t[r * c];
+        bool bad_label = labels && ((*labels)[r] < 0 || (*labels)[r] >= (int)c);
+        if (bad_label || !all_finite(sr, c) || !all_finite(tr, c)) {
+            o.rows[r] = NaN;
+            for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = o.gt[r * c + j] = NaN;
+            continue;
+        }
+        auto lp = log_softmax_row(sr, c, temp);
+        vector<double> lq(c);
+        if (teach == 0) lq = log_softmax_row(tr, c, temp);
+        else if (teach == 2) lq.assign(tr, tr + c);
+        else for (size_t j = 0; j < c; ++j) lq[j] = log(tr[j]);
+        double k = g * scale * temp, d;
+        double* gs = &o.gs[r * c];
+        double* gt = &o.gt[r * c];
+        if (div == 0) {
+            d = kl(lq, lp);
+            for (size_t j = 0; j < c; ++j) {
+                double p = exp(lp[j]), q = exp(lq[j]);
+                gs[j] = k * (p - q);
+                gt[j] = q == 0 ? 0 : k * q * (lq[j] - lp[j] - d);
+            }
+        } else if (div == 1) {
+            d = kl(lp, lq);
+            for (size_t j = 0; j < c; ++j) {
+                double p = exp(lp[j]), q = exp(lq[j]);
+                gs[j] = k * p * (lp[j] - lq[j] - d);
+                gt[j] = k * (q - p);
+            }
+        } else {
+            vector<double> lm(c);
+            for (size_t j = 0; j < c; ++j) lm[j] = log(beta * exp(lq[j]) + (1 - beta) * exp(lp[j]));
+            double klq = kl(lq, lm), klp = kl(lp, lm);
+            for (size_t j = 0; j < c; ++j) {
+                double p = exp(lp[j]), q = exp(lq[j]);
+                gs[j] = k * (1 - beta) * p * (lp[j] - lm[j] - klp);
+                gt[j] = q == 0 ? 0 : k * beta * q * (lq[j] - lm[j] - klq);
+            }
+            d = beta * klq + (1 - beta) * klp;
+        }
+        o.rows[r] = temp * temp * d;
+    }
+    double sum = 0;
+    for (double v : o.rows) sum += v;
+    o.loss = sum * scale;
+    return o;
+}
+static void smoothed_ce_row(const double* s, size_t c, int y, double eps, double& loss, vector<double>& grad) {
+    auto lp = log_softmax_row(s, c, 1.0);
+    loss = 0;
+    grad.resize(c);
+    for (size_t j = 0; j < c; ++j) {
+        double target = ((int)j == y ? 1 - eps : 0.0) + eps / c;
+        loss -= target * lp[j];
+        grad[j] = exp(lp[j]) - target;
+    }
+}
+static RowRef ref_ce(double eps, int red, double g, int ignore, const vector<double>& s, const vector<int>& labels,
+                     size_t n, size_t c) {
+    size_t valid = 0;
+    for (size_t r = 0; r < n; ++r) valid += labels[r] != ignore;
+    double scale = red_factor(red, valid), k = g * scale;
+    RowRef o;
+    o.rows.assign(n, 0);
+    o.gs.assign(n * c, 0);
+    for (size_t r = 0; r < n; ++r) {
+        if (labels[r] == ignore) continue;
+        const double* sr = &s[r * c];
+        if (labels[r] < 0 || labels[r] >= (int)c || !all_finite(sr, c)) {
+            o.rows[r] = NaN;
+            for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = NaN;
+            continue;
+        }
+        double loss;
+        vector<double> grad;
+        smoothed_ce_row(sr, c, labels[r], eps, loss, grad);
+        o.rows[r] = loss;
+        for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = k * grad[j];
+    }
+    double sum = 0;
+    for (double v : o.rows) sum += v;
+    o.loss = sum * scale;
+    return o;
+}
+static RowRef ref_hinton(double temp, double alpha, double eps, int red, double g, int ignore, const vector<double>& s,
+                         const vector<double>& t, const vector<int>& labels, size_t n, size_t c) {
+    RowRef klr = ref_div(0, 0, temp, 0, red, g, ignore, s, t, &labels, n, c);
+    size_t valid = 0;
+    for (size_t r = 0; r < n; ++r) valid += labels[r] != ignore;
+    double k = g * red_factor(red, valid);
+    RowRef o;
+    o.rows.assign(n, 0);
+    o.gs.assign(n * c, 0);
+    o.gt.resize(n * c);
+    for (size_t i = 0; i < n * c; ++i) o.gt[i] = (1 - alpha) * klr.gt[i];
+    for (size_t r = 0; r < n; ++r) {
+        if (labels[r] == ignore) continue;
+        if (labels[r] < 0 || labels[r] >= (int)c) {
+            o.rows[r] = NaN;
+            for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = o.gt[r * c + j] = NaN;
+            continue;
+        }
+        double ce;
+        vector<double> ceg;
+        smoothed_ce_row(&s[r * c], c, labels[r], eps, ce, ceg);
+        o.rows[r] = alpha * ce + (1 - alpha) * klr.rows[r];
+        for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = alpha * k * ceg[j] + (1 - alpha) * klr.gs[r * c + j];
+    }
+    double sum = 0;
+    for (double v : o.rows) sum += v;
+    o.loss = sum * red_factor(red, valid);
+    return o;
+}
+
+// ---- comparison ----
+static int failures = 0, checks = 0;
+static const vector<float>* dbg_s = nullptr;  // the current row-loss inputs (EMU_VERBOSE dumps a row)
+static const vector<float>* dbg_t = nullptr;
+static size_t dbg_c = 0;
+static double worst = 0;
+static std::string worst_case;
+static void check(const std::string& what, const vector<float>& got, const vector<double>& want, double tol = 1e-4) {
+    ++checks;
+    if (got.size() != want.size()) {
+        printf("FAIL %s: size %zu vs %zu\n", what.c_str(), got.size(), want.size());
+        ++failures;
+        return;
+    }
+    double d2 = 0, w2 = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        bool wn = std::isnan(want[i]), gn = std::isnan(got[i]);
+        if (wn != gn) {
+            printf("FAIL %s: [%zu] got %g want %g (NaN mismatch)\n", what.c_str(), i, got[i], want[i]);
+            ++failures;
+            return;
+        }
+        if (wn) continue;
+        if (std::isinf(want[i]) || std::isinf(got[i])) {
+            if (got[i] != want[i]) {
+                printf("FAIL %s: [%zu] got %g want %g\n", what.c_str(), i, got[i], want[i]);
+                ++failures;
+                return;
+            }
+            continue;
+        }
+        double d = got[i] - want[i];
+        d2 += d * d;
+        w2 += want[i] * want[i];
+    }
+    double rel = sqrt(d2) / std::max(sqrt(w2), 1e-30);
+    if (sqrt(d2) <= 1e-30) rel = 0;
+    if (rel > worst) {
+        worst = rel;
+        worst_case = what;
+    }
+    if (rel > tol) {
+        printf("FAIL %s: relative error of the norm %.3g (|want| %.3g)\n", what.c_str(), rel, sqrt(w2));
+        if (getenv("EMU_VERBOSE")) {  // the 6 largest differences
+            vector<size_t> idx(got.size());
+            for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+            auto diff = [&](size_t i) { return std::isnan(want[i]) ? 0.0 : fabs(got[i] - want[i]); };
+            std::sort(idx.begin(), idx.end(), [&](size_t x, size_t y) { return diff(x) > diff(y); });
+            for (size_t k = 0; k < std::min(idx.size(), (size_t)6); ++k)
+                printf("   [%zu] got %.9g want %.9g\n", idx[k], got[idx[k]], want[idx[k]]);
+            if (dbg_s && dbg_c && got.size() == dbg_s->size() && getenv("EMU_DUMP")) {
+                size_t r = idx[0] / dbg_c;
+                for (size_t j = 0; j < dbg_c; ++j)
+                    printf("     row %zu [%zu] s %.9g t %.9g got %.9g want %.9g\n", r, r * dbg_c + j,
+                           (*dbg_s)[r * dbg_c + j], (*dbg_t)[r * dbg_c + j], got[r * dbg_c + j], want[r * dbg_c + j]);
+            }
+        }
+        ++failures;
+    }
+}
+static void check1(const std::string& what, float got, double want, double tol = 1e-4) {
+    check(what, vector<float>{got}, vector<double>{want}, tol);
+}
+
+// ---- runs ----
+static std::mt19937_64 rng(getenv("EMU_SEED") ? strtoull(getenv("EMU_SEED"), nullptr, 10) : 12345);
+static double uni(double a, double b) { return std::uniform_real_distribution<double>(a, b)(rng); }
+static int irand(int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); }
+static vector<float> rand_logits(size_t len, double scale) {
+    vector<float> v(len);
+    for (auto& x : v) x = (float)uni(-scale, scale);
+    return v;
+}
+static const float FNAN = std::numeric_limits<float>::quiet_NaN();
+
+static void test_softmax(size_t n, size_t c, float T, bool log_out, double scale) {
+    auto x = rand_logits(n * c, scale);
+    vector<float> y(n * c, FNAN), dy = rand_logits(n * c, 1.0), dx(n * c, FNAN);
+    if (n > 1 && irand(0, 3) == 0) x[c + irand(0, (int)c - 1)] = irand(0, 1) ? FNAN : INFINITY;
+    Cfg cfg = row_launch(n, c);
+    float it = (float)(1.0 / T);
+    emu_launch(cfg.grid, cfg.block, [&] {
+        (cfg.block_form ? softmax_fwd_block : softmax_fwd_warp)(x.data(), y.data(), n, c, it, log_out);
+    });
+    emu_launch(cfg.grid, cfg.block, [&] {
+        (cfg.block_form ? softmax_bwd_block : softmax_bwd_warp)(y.data(), dy.data(), dx.data(), n, c, it, log_out);
+    });
+    vector<double> want(n * c), wdx(n * c);
+    auto xd = to_d(x);
+    for (size_t r = 0; r < n; ++r) {
+        if (!all_finite(&xd[r * c], c)) {
+            for (size_t j = 0; j < c; ++j) want[r * c + j] = NaN;
+        } else {
+            auto lp = log_softmax_row(&xd[r * c], c, T);
+            for (size_t j = 0; j < c; ++j) want[r * c + j] = log_out ? lp[j] : exp(lp[j]);
+        }
+        // backward from the kernel's own y (as the reference takes y as input)
+        double acc = 0;
+        for (size_t j = 0; j < c; ++j) acc += log_out ? dy[r * c + j] : (double)dy[r * c + j] * y[r * c + j];
+        for (size_t j = 0; j < c; ++j) {
+            double yj = y[r * c + j], d = dy[r * c + j];
+            wdx[r * c + j] = log_out ? (d - exp(yj) * acc) / T : yj * (d - acc) / T;
+        }
+    }
+    char name[200];
+    snprintf(name, sizeof name, "softmax n=%zu c=%zu T=%g log=%d scale=%g", n, c, T, log_out, scale);
+    check(std::string(name) + " y", y, want);
+    check(std::string(name) + " dx", dx, wdx);
+}
+
+struct Flags {
+    bool labels, gs, gt, inplace, rows;
+};
+
+static void test_div(int div, int teach, size_t n, size_t c, float T, float beta, int red, double scale, Flags f,
+                     bool inject) {
+    const int ignore = -100;
+    auto s = rand_logits(n * c, scale);
+    auto t = rand_logits(n * c, scale);
+    if (teach != 0) {  // the teacher as probabilities / log-probabilities of random logits
+        auto td = to_d(t);
+        for (size_t r = 0; r < n; ++r) {
+            auto lq = log_softmax_row(&td[r * c], c, 1.0);
+            for (size_t j = 0; j < c; ++j) t[r * c + j] = teach == 1 ? (float)exp(lq[j]) : (float)lq[j];
+        }
+        if (teach == 1 && c > 2 && irand(0, 1)) t[irand(0, (int)c - 1)] = 0.f;  // a zero probability
+    }
+    vector<int> labels(n);
+    for (auto& y : labels) y = irand(0, 3) == 0 ? ignore : irand(0, (int)c - 1);
+    if (f.labels && n > 2 && irand(0, 2) == 0) labels[1] = (int)c + 3;  // invalid label -> NaN row
+    if (inject && n > 2) {
+        size_t r = (size_t)irand(0, (int)n - 1), j = (size_t)irand(0, (int)c - 1);
+        (irand(0, 1) ? s : t)[r * c + j] = irand(0, 1) ? FNAN : -INFINITY;
+    }
+    float g = (float)uni(0.5, 2.0);
+    auto sd = to_d(s), td = to_d(t);
+    dbg_s = &s;
+    dbg_t = &t;
+    dbg_c = c;
+    RowRef want = ref_div(div, teach, T, beta, red, g, ignore, sd, td, f.labels ? &labels : nullptr, n, c);
+
+    vector<float> S = s, rows(n, FNAN), gs(n * c, FNAN), gt(n * c, FNAN);
+    unsigned count = 12345;
+    float loss = FNAN;
+    const int* lab = f.labels ? labels.data() : nullptr;
+    emu_launch(ONE, T1024, [&] { count_valid(lab, n, ignore, &count); });
+    Cfg cfg = row_launch(n, c);
+    float* gsp = f.gs ? (f.inplace ? S.data() : gs.data()) : nullptr;
+    bool want_gt = f.gt && teach == 0;
+    float it = (float)(1.0 / T);
+    emu_launch(cfg.grid, cfg.block, [&] {
+        (cfg.block_form ? divergence_block : divergence_warp)(S.data(), t.data(), lab, &count, rows.data(), gsp,
+                                                              want_gt ? gt.data() : nullptr, n, c, it, T, beta, g,
+                                                              ignore, div, teach, red);
+    });
+    emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), n, &count, red, &loss); });
+    if (f.inplace) gs = S;
+    char name[300];
+    snprintf(name, sizeof name, "div%d teach%d n=%zu c=%zu T=%g beta=%g red=%d scale=%g labels=%d inplace=%d inject=%d",
+             div, teach, n, c, T, beta, red, scale, f.labels, f.inplace, inject);
+    check1(std::string(name) + " loss", loss, want.loss);
+    check(std::string(name) + " rows", rows, want.rows);
+    if (f.gs) check(std::string(name) + " gs", gs, want.gs);
+    if (want_gt) check(std::string(name) + " gt", gt, want.gt);
+}
+
+static void test_ce(size_t n, size_t c, float eps, int red, double scale, bool inplace, bool inject, bool all_masked) {
+    const int ignore = -100;
+    auto s = rand_logits(n * c, scale);
+    vector<int> labels(n);
+    for (auto& y : labels) y = all_masked || irand(0, 3) == 0 ? ignore : irand(0, (int)c - 1);
+    if (!all_masked && n > 2 && irand(0, 2) == 0) labels[2] = -1;
+    if (inject && n > 2) s[(size_t)irand(0, (int)n - 1) * c + irand(0, (int)c - 1)] = FNAN;
+    float g = (float)uni(0.5, 2.0);
+    RowRef want = ref_ce(eps, red, g, ignore, to_d(s), labels, n, c);
+    vector<float> S = s, rows(n, FNAN), gs(n * c, FNAN);
+    unsigned count = 777;
+    float loss = FNAN;
+    emu_launch(ONE, T1024, [&] { count_valid(labels.data(), n, ignore, &count); });
+    Cfg cfg = row_launch(n, c);
+    float* gsp = inplace ? S.data() : gs.data();
+    emu_launch(cfg.grid, cfg.block, [&] {
+        (cfg.block_form ? cross_entropy_block : cross_entropy_warp)(S.data(), labels.data(), &count, rows.data(), gsp,
+                                                                    n, c, eps, g, ignore, red);
+    });
+    emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), n, &count, red, &loss); });
+    if (inplace) gs = S;
+    char name[300];
+    snprintf(name, sizeof name, "ce n=%zu c=%zu eps=%g red=%d scale=%g inplace=%d inject=%d all_masked=%d", n, c, eps,
+             red, scale, inplace, inject, all_masked);
+    check1(std::string(name) + " loss", loss, want.loss);
+    check(std::string(name) + " rows", rows, want.rows);
+    check(std::string(name) + " gs", gs, want.gs);
+}
+
+static void test_hinton(size_t n, size_t c, float T, float alpha, float eps, int red, double scale, bool inplace,
+                        bool want_gt, bool inject) {
+    const int ignore = -100;
+    auto s = rand_logits(n * c, scale);
+    auto t = rand_logits(n * c, scale);
+    vector<int> labels(n);
+    for (auto& y : labels) y = irand(0, 3) == 0 ? ignore : irand(0, (int)c - 1);
+    if (n > 2 && irand(0, 2) == 0) labels[0] = (int)c;
+    if (inject && n > 2) (irand(0, 1) ? s : t)[(size_t)irand(0, (int)n - 1) * c + irand(0, (int)c - 1)] = INFINITY;
+    float g = (float)uni(0.5, 2.0);
+    RowRef want = ref_hinton(T, alpha, eps, red, g, ignore, to_d(s), to_d(t), labels, n, c);
+    vector<float> S = s, rows(n, FNAN), gs(n * c, FNAN), gt(n * c, FNAN);
+    unsigned count = 777;
+    float loss = FNAN;
+    emu_launch(ONE, T1024, [&] { count_valid(labels.data(), n, ignore, &count); });
+    Cfg cfg = row_launch(n, c);
+    float* gsp = inplace ? S.data() : gs.data();
+    float it = (float)(1.0 / T);
+    emu_launch(cfg.grid, cfg.block, [&] {
+        (cfg.block_form ? hinton_block : hinton_warp)(S.data(), t.data(), labels.data(), &count, rows.data(), gsp,
+                                                      want_gt ? gt.data() : nullptr, n, c, it, T, alpha, eps, g,
+                                                      ignore, red);
+    });
+    emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), n, &count, red, &loss); });
+    if (inplace) gs = S;
+    char name[300];
+    snprintf(name, sizeof name, "hinton n=%zu c=%zu T=%g alpha=%g eps=%g red=%d scale=%g inplace=%d inject=%d", n, c,
+             T, alpha, eps, red, scale, inplace, inject);
+    check1(std::string(name) + " loss", loss, want.loss);
+    check(std::string(name) + " rows", rows, want.rows);
+    check(std::string(name) + " gs", gs, want.gs);
+    if (want_gt) check(std::string(name) + " gt", gt, want.gt);
+}
+
+// mode 0: MSE; mode 1: smooth L1 (src/ops/relational.rs smooth_l1_reference).
+static void test_mse(size_t m, bool grads, bool inject, unsigned mode = 0) {
+    auto a = rand_logits(m, 3.0), b = rand_logits(m, 3.0);
+    if (inject) a[(size_t)irand(0, (int)m - 1)] = INFINITY;
+    float g = (float)uni(0.5, 2.0);
+    unsigned long long blocks = std::min(std::max((m + 2047) / 2048, (size_t)1), (size_t)1024);
+    vector<double> partials(blocks, NaN);
+    vector<float> ga(m, FNAN), gb(m, FNAN);
+    float loss = FNAN;
+    float k = (float)((mode == 0 ? 2.0 : 1.0) * g / (double)m);
+    emu_launch(grid_for(blocks), T256, [&] {
+        mse_partial(a.data(), b.data(), grads ? ga.data() : nullptr, grads ? gb.data() : nullptr, m, k, partials.data(),
+                    mode);
+    });
+    emu_launch(ONE, T1024, [&] { mse_final(partials.data(), (unsigned)blocks, (double)m, &loss); });
+    double l = 0;
+    vector<double> wa(m), wb(m);
+    for (size_t i = 0; i < m; ++i) {
+        double d = (double)a[i] - b[i];
+        if (mode == 0) {
+            l += d * d;
+            wa[i] = 2.0 * g / m * d;
+        } else {
+            double ad = fabs(d);
+            l += ad < 1.0 ? 0.5 * d * d : ad - 0.5;
+            wa[i] = g * std::clamp(d, -1.0, 1.0) / m;
+        }
+        wb[i] = -wa[i];
+    }
+    l /= m;
+    if (inject) l = NaN;  // the spec: a non-finite input gives a NaN loss
+    char name[100];
+    snprintf(name, sizeof name, "%s m=%zu inject=%d", mode == 0 ? "mse" : "smooth_l1", m, inject);
+    check1(std::string(name) + " loss", loss, l);
+    if (grads) {
+        check(std::string(name) + " ga", ga, wa);
+        check(std::string(name) + " gb", gb, wb);
+    }
+}
+
+static void attention_map_ref(const double* a, size_t ch, size_t hw, vector<double>& u, double& norm) {
+    vector<double> q(hw);
+    for (size_t i = 0; i < hw; ++i) {
+        double s = 0;
+        for (size_t c = 0; c < ch; ++c) s += a[c * hw + i] * a[c * hw + i];
+        q[i] = s / ch;
+    }
+    double nn = 0;
+    for (double v : q) nn += v * v;
+    norm = std::max(sqrt(nn), 1e-12);
+    u.resize(hw);
+    for (size_t i = 0; i < hw; ++i) u[i] = q[i] / norm;
+}
+static void attention_bwd_ref(const double* a, const vector<double>& u, double norm, const vector<double>& du,
+                              size_t ch, double* out) {
+    size_t hw = u.size();
+    vector<double> dq(hw);
+    if (norm > 1e-12) {
+        double dot = 0;
+        for (size_t i = 0; i < hw; ++i) dot += u[i] * du[i];
+        for (size_t i = 0; i < hw; ++i) dq[i] = (du[i] - u[i] * dot) / norm;
+    } else {
+        for (size_t i = 0; i < hw; ++i) dq[i] = du[i] / norm;
+    }
+    for (size_t c = 0; c < ch; ++c)
+        for (size_t i = 0; i < hw; ++i) out[c * hw + i] = dq[i] * 2.0 * a[c * hw + i] / ch;
+}
+static void test_at(size_t n, size_t cs, size_t ct, size_t hw, bool zero_sample) {
+    auto s = rand_logits(n * cs * hw, 2.0), t = rand_logits(n * ct * hw, 2.0);
+    if (zero_sample)
+        for (size_t i = 0; i < cs * hw; ++i) s[i] = 0.f;  // sample 0 of the student: ||Q|| = 0
+    float g = (float)uni(0.5, 2.0);
+    vector<float> qs(n * hw, FNAN), qt(n * hw, FNAN), diff(n * hw, FNAN), gs(s.size(), FNAN), gt(t.size(), FNAN);
+    vector<double> stats(n * 8, NaN);
+    float loss = FNAN;
+    float kk = (float)(g * 2.0 / (double)(n * hw));
+    emu_launch(stride_grid(n * hw), T256, [&] { at_map(s.data(), qs.data(), n, cs, hw); });
+    emu_launch(stride_grid(n * hw), T256, [&] { at_map(t.data(), qt.data(), n, ct, hw); });
+    emu_launch(grid_for(n), T256, [&] { at_norm(qs.data(), qt.data(), n, hw, stats.data(), diff.data()); });
+    emu_launch(ONE, T1024, [&] { at_loss(stats.data(), n, (double)(n * hw), &loss); });
+    emu_launch(stride_grid(n * cs * hw), T256,
+               [&] { at_grad(s.data(), gs.data(), qs.data(), diff.data(), stats.data(), 0, n, cs, hw, kk); });
+    emu_launch(stride_grid(n * ct * hw), T256,
+               [&] { at_grad(t.data(), gt.data(), qt.data(), diff.data(), stats.data(), 1, n, ct, hw, kk); });
+    auto sd = to_d(s), td = to_d(t);
+    double l = 0, denom = (double)(n * hw);
+    vector<double> ws(s.size()), wt(t.size());
+    for (size_t k = 0; k < n; ++k) {
+        vector<double> us, ut;
+        double ns, nt;
+        attention_map_ref(&sd[k * cs * hw], cs, hw, us, ns);
+        attention_map_ref(&td[k * ct * hw], ct, hw, ut, nt);
+        vector<double> du(hw), dut(hw);
+        for (size_t i = 0; i < hw; ++i) {
+            l += (us[i] - ut[i]) * (us[i] - ut[i]);
+            du[i] = g * 2.0 * (us[i] - ut[i]) / denom;
+            dut[i] = -du[i];
+        }
+        attention_bwd_ref(&sd[k * cs * hw], us, ns, du, cs, &ws[k * cs * hw]);
+        attention_bwd_ref(&td[k * ct * hw], ut, nt, dut, ct, &wt[k * ct * hw]);
+    }
+    char name[100];
+    snprintf(name, sizeof name, "at n=%zu cs=%zu ct=%zu hw=%zu zero=%d", n, cs, ct, hw, zero_sample);
+    check1(std::string(name) + " loss", loss, l / denom);
+    check(std::string(name) + " gs", gs, ws);
+    check(std::string(name) + " gt", gt, wt);
+}
+
+// ---- the tape's kernels (dense.cu, optim.cu, conv.cu) against ports of src/ops/{dense,optim,conv}.rs
+static dim3 elem_grid(size_t len) { return grid_for((len + 255) / 256); }
+
+static void test_matmul(size_t m, size_t k, size_t n, bool ta, bool tb, bool acc) {
+    auto a = rand_logits(m * k, 1.0), b = rand_logits(k * n, 1.0), c0 = rand_logits(m * n, 1.0);
+    vector<float> c = acc ? c0 : vector<float>(m * n, FNAN);
+    unsigned long long tiles = (unsigned long long)((m + 15) / 16) * ((n + 15) / 16);
+    emu_launch(grid_for(tiles), T256, [&] { matmul(a.data(), b.data(), c.data(), m, k, n, ta, tb, acc); });
+    // The reference (f64) and the kernel's own order in f32 (q ascending, fused multiply-add),
+    // which must match bit for bit (up to the sign of a zero).
+    auto A = [&](size_t i, size_t q) { return ta ? a[q * m + i] : a[i * k + q]; };
+    auto B = [&](size_t q, size_t j) { return tb ? b[j * k + q] : b[q * n + j]; };
+    vector<double> want(m * n);
+    size_t exact_mismatch = 0;
+    for (size_t i = 0; i < m; ++i)
+        for (size_t j = 0; j < n; ++j) {
+            double s = 0;
+            float f = 0.f;
+            for (size_t q = 0; q < k; ++q) {
+                s += (double)A(i, q) * B(q, j);
+                f = fmaf(A(i, q), B(q, j), f);
+            }
+            want[i * n + j] = acc ? c0[i * n + j] + s : s;
+            float fe = acc ? c0[i * n + j] + f : f;
+            exact_mismatch += !(fe == c[i * n + j]);
+        }
+    char name[200];
+    snprintf(name, sizeof name, "matmul m=%zu k=%zu n=%zu ta=%d tb=%d acc=%d", m, k, n, ta, tb, acc);
+    ++checks;
+    if (exact_mismatch) {
+        printf("FAIL %s: %zu entries differ from the sequential f32 order\n", name, exact_mismatch);
+        ++failures;
+    }
+    check(name, c, want, 1e-5);
+}
+
+static void test_dense_elementwise(size_t rows, size_t cols, bool acc) {
+    size_t len = rows * cols;
+    auto x = rand_logits(len, 2.0), bias = rand_logits(cols, 2.0), dy = rand_logits(len, 2.0), out0 = rand_logits(cols, 1.0);
+    if (len > 3) x[1] = FNAN;
+    vector<float> y(len, FNAN), out = acc ? out0 : vector<float>(cols, FNAN), dx(len, FNAN), r(len, FNAN), ay = dy;
+    emu_launch(elem_grid(len), T256, [&] { bias_add(x.data(), bias.data(), y.data(), len, cols); });
+    emu_launch(elem_grid(cols), T256, [&] { sum_rows(x.data(), out.data(), rows, cols, acc); });
+    emu_launch(elem_grid(len), T256, [&] { relu(x.data(), r.data(), len); });
+    emu_launch(elem_grid(len), T256, [&] { relu_backward(r.data(), dy.data(), dx.data(), len); });
+    emu_launch(elem_grid(len), T256, [&] { axpy(x.data(), ay.data(), len, -0.5f); });
+    vector<double> wy(len), wout(cols), wr(len), wdx(len), way(len);
+    for (size_t i = 0; i < len; ++i) {
+        wy[i] = (double)x[i] + bias[i % cols];
+        wr[i] = x[i] > 0 ? x[i] : 0.0;
+        wdx[i] = wr[i] > 0 ? dy[i] : 0.0;
+        way[i] = (double)dy[i] - 0.5 * x[i];
+    }
+    for (size_t j = 0; j < cols; ++j) {
+        double s = 0;
+        for (size_t i = 0; i < rows; ++i) s += x[i * cols + j];
+        wout[j] = acc ? out0[j] + s : s;
+    }
+    char name[100];
+    snprintf(name, sizeof name, "dense rows=%zu cols=%zu acc=%d", rows, cols, acc);
+    check(std::string(name) + " bias_add", y, wy, 1e-6);
+    check(std::string(name) + " sum_rows", out, wout, 1e-5);
+    check(std::string(name) + " relu", r, wr, 0);
+    check(std::string(name) + " relu_backward", dx, wdx, 0);
+    check(std::string(name) + " axpy", ay, way, 1e-6);
+}
+
+static void test_optim(size_t len, unsigned step) {
+    auto w = rand_logits(len, 1.0), g = rand_logits(len, 1.0), m = rand_logits(len, 0.1), v = rand_logits(len, 0.01);
+    for (auto& x : v) x = fabsf(x);
+    const double lr = 1e-3, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.01f;
+    // AdamSpec::corrections (f64 on the host)
+    const float lr_c1 = (float)((double)(float)lr / (1.0 - pow(b1, step))), inv_c2 = (float)(1.0 / (1.0 - pow(b2, step)));
+    vector<float> W = w, M = m, V = v;
+    emu_launch(elem_grid(len), T256,
+               [&] { adam_step(W.data(), g.data(), M.data(), V.data(), len, lr_c1, inv_c2, b1, b2, eps, wd); });
+    vector<double> ww(len), wm(len), wv(len);
+    for (size_t i = 0; i < len; ++i) {
+        double gi = g[i] + wd * w[i];
+        wm[i] = b1 * m[i] + (1 - b1) * gi;
+        wv[i] = b2 * v[i] + (1 - b2) * gi * gi;
+        ww[i] = w[i] - (double)(float)lr * (wm[i] / (1 - pow(b1, step))) / (sqrt(wv[i] / (1 - pow(b2, step))) + eps);
+    }
+    char name[100];
+    snprintf(name, sizeof name, "adam len=%zu step=%u", len, step);
+    check(std::string(name) + " w", W, ww, 1e-5);
+    check(std::string(name) + " m", M, wm, 1e-5);
+    check(std::string(name) + " v", V, wv, 1e-5);
+    const float slr = 0.1f, mom = 0.9f, swd = 1e-4f;
+    W = w, M = m;
+    emu_launch(elem_grid(len), T256, [&] { sgd_step(W.data(), g.data(), M.data(), len, slr, mom, swd); });
+    for (size_t i = 0; i < len; ++i) {
+        double gi = g[i] + (double)swd * w[i];
+        wm[i] = (double)mom * m[i] + gi;
+        ww[i] = w[i] - (double)slr * wm[i];
+    }
+    snprintf(name, sizeof name, "sgd len=%zu", len);
+    check(std::string(name) + " w", W, ww, 1e-5);
+    check(std::string(name) + " velocity", M, wm, 1e-5);
+}
+
+struct Conv {
+    size_t n, h, w, c, k, stride, pad;
+    size_t oh() const { return (h + 2 * pad - k) / stride + 1; }
+    size_t ow() const { return (w + 2 * pad - k) / stride + 1; }
+    size_t in_len() const { return n * h * w * c; }
+    size_t width() const { return k * k * c; }
+    size_t cols_len() const { return n * oh() * ow() * width(); }
+    // The input pixel a column entry reads, or false in the padding.
+    bool source(size_t oy, size_t ox, size_t ky, size_t kx, size_t& y, size_t& x) const {
+        long yy = (long)(oy * stride + ky) - (long)pad, xx = (long)(ox * stride + kx) - (long)pad;
+        if (yy < 0 || xx < 0 || yy >= (long)h || xx >= (long)w) return false;
+        y = yy, x = xx;
+        return true;
+    }
+};
+
+static void test_conv(Conv s) {
+    auto x = rand_logits(s.in_len(), 1.0), dcols = rand_logits(s.cols_len(), 1.0);
+    vector<float> cols(s.cols_len(), FNAN), dx(s.in_len(), FNAN);
+    emu_launch(elem_grid(cols.size()), T256, [&] {
+        im2col(x.data(), cols.data(), s.h, s.w, s.c, s.k, s.stride, s.pad, s.oh(), s.ow(), cols.size());
+    });
+    emu_launch(elem_grid(dx.size()), T256, [&] {
+        col2im(dcols.data(), dx.data(), s.h, s.w, s.c, s.k, s.stride, s.pad, s.oh(), s.ow(), dx.size());
+    });
+    vector<double> wcols(s.cols_len(), 0.0), wdx(s.in_len(), 0.0);
+    for (size_t n = 0; n < s.n; ++n)
+        for (size_t oy = 0; oy < s.oh(); ++oy)
+            for (size_t ox = 0; ox < s.ow(); ++ox) {
+                size_t row = (n * s.oh() + oy) * s.ow() + ox;
+                for (size_t ky = 0; ky < s.k; ++ky)
+                    for (size_t kx = 0; kx < s.k; ++kx) {
+                        size_t y, xx;
+                        if (!s.source(oy, ox, ky, kx, y, xx)) continue;
+                        for (size_t ch = 0; ch < s.c; ++ch) {
+                            size_t ci = row * s.width() + (ky * s.k + kx) * s.c + ch;
+                            size_t xi = ((n * s.h + y) * s.w + xx) * s.c + ch;
+                            wcols[ci] = x[xi];
+                            wdx[xi] += dcols[ci];
+                        }
+                    }
+            }
+    char name[200];
+    snprintf(name, sizeof name, "conv n=%zu h=%zu w=%zu c=%zu k=%zu stride=%zu pad=%zu", s.n, s.h, s.w, s.c, s.k,
+             s.stride, s.pad);
+    check(std::string(name) + " im2col", cols, wcols, 0);
+    check(std::string(name) + " col2im", dx, wdx, 1e-6);
+}
+
+static void test_pool(size_t N, size_t h, size_t w, size_t c, size_t k, bool max, bool ties) {
+    size_t oh = h / k, ow = w / k, in = N * h * w * c, outl = N * oh * ow * c;
+    auto x = rand_logits(in, 1.0), dy = rand_logits(outl, 1.0);
+    if (ties)  // few distinct values: many equal maxima (the first, row-major, takes the gradient)
+        for (auto& v : x) v = (float)irand(-2, 2);
+    vector<float> y(outl, FNAN), dx(in, FNAN), t(in, FNAN);
+    emu_launch(elem_grid(outl), T256, [&] { pool(x.data(), y.data(), h, w, c, k, oh, ow, max, outl); });
+    emu_launch(elem_grid(in), T256, [&] { pool_backward(x.data(), dy.data(), dx.data(), h, w, c, k, oh, ow, max, in); });
+    emu_launch(elem_grid(in), T256, [&] { transpose(x.data(), t.data(), h * w, c, in); });
+    vector<double> wy(outl), wdx(in, 0.0), wt(in);
+    for (size_t n = 0; n < N; ++n)
+        for (size_t oy = 0; oy < oh; ++oy)
+            for (size_t ox = 0; ox < ow; ++ox)
+                for (size_t ch = 0; ch < c; ++ch) {
+                    auto at = [&](size_t t) { return ((n * h + oy * k + t / k) * w + ox * k + t % k) * c + ch; };
+                    size_t o = ((n * oh + oy) * ow + ox) * c + ch;
+                    double best = -INFINITY, sum = 0;
+                    size_t arg = 0;
+                    for (size_t t = 0; t < k * k; ++t) {
+                        best = std::max(best, (double)x[at(t)]);
+                        sum += x[at(t)];
+                        if (x[at(t)] > x[at(arg)]) arg = t;
+                    }
+                    wy[o] = max ? best : sum / (k * k);
+                    if (max) wdx[at(arg)] += dy[o];
+                    else
+                        for (size_t t = 0; t < k * k; ++t) wdx[at(t)] += dy[o] / (double)(k * k);
+                }
+    size_t rows = h * w;
+    for (size_t b = 0; b < N; ++b)
+        for (size_t i = 0; i < rows; ++i)
+            for (size_t j = 0; j < c; ++j) wt[(b * c + j) * rows + i] = x[(b * rows + i) * c + j];
+    char name[200];
+    snprintf(name, sizeof name, "pool n=%zu h=%zu w=%zu c=%zu k=%zu max=%d ties=%d", N, h, w, c, k, max, ties);
+    check(std::string(name) + " y", y, wy, 1e-6);
+    check(std::string(name) + " dx", dx, wdx, 1e-6);
+    check(std::string(name) + " transpose", t, wt, 0);
+}
+
+// ---- relational.cu (ports of src/ops/relational.rs) ----
+
+static void test_relational(size_t n, size_t dim, int dup) {
+    auto f = rand_logits(n * dim, 2.0);
+    if (dup) {  // duplicate rows: floored distances (skipped in the backward pass)
+        for (size_t k = 0; k < dim; ++k) f[(n - 1) * dim + k] = f[k];
+        if (dup == 2 && n > 2)  // and a row of zeros: a floored norm
+            for (size_t k = 0; k < dim; ++k) f[1 * dim + k] = 0.f;
+    }
+    char name[100];
+    snprintf(name, sizeof name, "relational n=%zu dim=%zu dup=%d", n, dim, dup);
+    const std::string nm(name);
+    // row_normalize and its backward over [n, dim].
+    auto dy = rand_logits(n * dim, 1.0);
+    vector<float> y(n * dim, FNAN), dx(n * dim, FNAN);
+    dim3 rows_grid = grid_for((n + 7) / 8);
+    emu_launch(rows_grid, T256, [&] { row_normalize(f.data(), y.data(), n, dim); });
+    emu_launch(rows_grid, T256, [&] { row_normalize_backward(f.data(), dy.data(), dx.data(), n, dim); });
+    vector<double> wy(n * dim), wdx(n * dim);
+    for (size_t r = 0; r < n; ++r) {
+        double s = 0;
+        for (size_t j = 0; j < dim; ++j) s += (double)f[r * dim + j] * f[r * dim + j];
+        double nrm = sqrt(s);
+        double fl = std::max(nrm, 1e-12);
+        for (size_t j = 0; j < dim; ++j) wy[r * dim + j] = f[r * dim + j] / fl;
+        if (nrm > 1e-12) {
+            double dot = 0;
+            for (size_t j = 0; j < dim; ++j) dot += f[r * dim + j] / nrm * dy[r * dim + j];
+            for (size_t j = 0; j < dim; ++j) wdx[r * dim + j] = (dy[r * dim + j] - f[r * dim + j] / nrm * dot) / nrm;
+        } else {
+            for (size_t j = 0; j < dim; ++j) wdx[r * dim + j] = dy[r * dim + j] / 1e-12;
+        }
+    }
+    check(nm + " row_normalize", y, wy, 1e-5);
+    check(nm + " row_normalize_backward", dx, wdx, 1e-4);
+    // pairwise distances and the backward pass (from the kernel's own D, as tests/relational.rs).
+    vector<float> d(n * n, FNAN), df(n * dim, FNAN);
+    unsigned long long tiles = (unsigned long long)((n + 15) / 16) * ((n + 15) / 16);
+    emu_launch(grid_for(tiles), T256, [&] { pairwise_distance(f.data(), d.data(), n, dim); });
+    vector<double> wd(n * n, 0.0);
+    for (size_t i = 0; i < n; ++i)
+        for (size_t j = 0; j < n; ++j)
+            if (i != j) {
+                double s = 0;
+                for (size_t k = 0; k < dim; ++k) s += pow((double)f[i * dim + k] - f[j * dim + k], 2);
+                wd[i * n + j] = sqrt(std::max(s, 1e-12));
+            }
+    check(nm + " pairwise_distance", d, wd, 1e-5);
+    auto ddv = rand_logits(n * n, 1.0);
+    emu_launch(elem_grid(n * dim), T256, [&] { pairwise_distance_backward(f.data(), d.data(), ddv.data(), df.data(), n, dim); });
+    vector<double> wdf(n * dim, 0.0);
+    for (size_t i = 0; i < n; ++i)
+        for (size_t j = 0; j < n; ++j) {
+            double dij = d[i * n + j];
+            if (i == j || dij * dij <= 1e-12) continue;
+            double g = ((double)ddv[i * n + j] + ddv[j * n + i]) / dij;
+            for (size_t k = 0; k < dim; ++k) wdf[i * dim + k] += g * ((double)f[i * dim + k] - f[j * dim + k]);
+        }
+    check(nm + " pairwise_distance_backward", df, wdf, 1e-4);
+    // off-diagonal normalisation (of the kernel's D) and its backward; the forward also in place.
+    vector<float> yo(n * n, FNAN), dd2(n * n, FNAN), inplace = d;
+    emu_launch(ONE, T1024, [&] { offdiag_normalize(d.data(), yo.data(), n); });
+    emu_launch(ONE, T1024, [&] { offdiag_normalize(inplace.data(), inplace.data(), n); });
+    emu_launch(ONE, T1024, [&] { offdiag_normalize_backward(d.data(), ddv.data(), dd2.data(), n); });
+    double s = 0, dot = 0;
+    for (size_t k = 0; k < n * n; ++k) {
+        if (k / n != k % n) s += d[k];
+        dot += (double)d[k] * ddv[k];
+    }
+    double m = s / (double)(n * (n - 1));
+    double c = dot / (m * m * (double)(n * (n - 1)));
+    vector<double> wyo(n * n), wdd(n * n);
+    for (size_t k = 0; k < n * n; ++k) {
+        wyo[k] = d[k] / m;
+        wdd[k] = ddv[k] / m - (k / n != k % n ? c : 0.0);
+    }
+    check(nm + " offdiag_normalize", yo, wyo, 1e-5);
+    check(nm + " offdiag_normalize in place", inplace, wyo, 1e-5);
+    check(nm + " offdiag_normalize_backward", dd2, wdd, 1e-4);
+}
+
+static void test_relational_kernels(int cases) {
+    test_relational(2, 1, 0);
+    test_relational(2, 1, 1);
+    test_relational(17, 33, 2);
+    test_relational(40, 70, 1);
+    test_relational(33, 1000, 0);  // row_normalize: a warp loops over long rows
+    for (int i = 0; i < cases; ++i) test_relational((size_t)irand(2, 40), (size_t)irand(1, 50), irand(0, 2));
+    for (size_t m : {1ul, 5ul, 300ul, 4097ul, 100000ul}) {
+        test_mse(m, true, false, 1);
+        test_mse(m, m > 1, m > 4, 1);
+    }
+}
+
+static void test_tape_kernels(int cases) {
+    const size_t dims[] = {1, 2, 3, 15, 16, 17, 31, 33, 47, 70};
+    for (int ta = 0; ta < 2; ++ta)
+        for (int tb = 0; tb < 2; ++tb)
+            for (int acc = 0; acc < 2; ++acc) {
+                test_matmul(1, 1, 1, ta, tb, acc);
+                test_matmul(17, 33, 5, ta, tb, acc);
+                test_matmul(70, 300, 69, ta, tb, acc);
+                for (int i = 0; i < cases / 4 + 1; ++i)
+                    test_matmul(dims[irand(0, 9)], (size_t)irand(1, 80), dims[irand(0, 9)], ta, tb, acc);
+            }
+    for (int i = 0; i < cases; ++i) test_dense_elementwise((size_t)irand(1, 40), (size_t)irand(1, 600), irand(0, 1));
+    for (size_t len : {1ul, 255ul, 257ul, 3000ul})
+        for (unsigned step : {1u, 10u, 1999u}) test_optim(len, step);
+    test_conv(Conv{1, 1, 1, 1, 1, 1, 0});
+    test_conv(Conv{2, 5, 7, 3, 3, 1, 1});
+    test_conv(Conv{1, 9, 8, 2, 3, 2, 1});
+    test_conv(Conv{2, 6, 6, 1, 2, 3, 1});  // stride > kernel: pixels nobody reads
+    test_conv(Conv{1, 3, 4, 2, 4, 1, 1});  // kernel larger than the image
+    for (int i = 0; i < cases * 2; ++i) {
+        Conv s{(size_t)irand(1, 3), (size_t)irand(1, 9), (size_t)irand(1, 9), (size_t)irand(1, 5), (size_t)irand(1, 3),
+               (size_t)irand(1, 3), (size_t)irand(0, 2)};
+        if (s.k > s.h + 2 * s.pad || s.k > s.w + 2 * s.pad) continue;
+        test_conv(s);
+    }
+    test_pool(1, 1, 1, 1, 1, true, false);
+    test_pool(2, 6, 7, 3, 2, true, true);  // ties, a dropped partial window
+    test_pool(1, 9, 10, 2, 3, true, true);
+    test_pool(2, 7, 5, 3, 2, false, false);
+    for (int i = 0; i < cases * 2; ++i) {
+        size_t k = (size_t)irand(1, 3);
+        test_pool((size_t)irand(1, 3), std::max(k, (size_t)irand(1, 11)), std::max(k, (size_t)irand(1, 11)),
+                  (size_t)irand(1, 5), k, irand(0, 1), irand(0, 1));
+    }
+}
+
+int main(int argc, char** argv) {
+    int cases = argc > 1 ? atoi(argv[1]) : 40;
+    if (getenv("EMU_REL")) {  // only relational.cu and smooth L1
+        test_relational_kernels(cases);
+        printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
+        return failures != 0;
+    }
+    if (getenv("EMU_TAPE")) {  // only the tape's kernels (dense.cu, optim.cu, conv.cu)
+        test_tape_kernels(cases);
+        printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
+        return failures != 0;
+    }
+    const size_t Cs[] = {1, 2, 7, 32, 33, 100, 1024, 1025, 3000, 5000};
+    const size_t Ns[] = {1, 3, 9, 17};
+    const float Ts[] = {0.05f, 1.f, 3.7f, 100.f};
+    const double scales[] = {1.0, 10.0, 1e4};
+    auto pickC = [&] { return Cs[irand(0, 9)]; };
+    auto pickN = [&] { return Ns[irand(0, 3)]; };
+    for (int i = 0; i < cases; ++i) {
+        size_t c = pickC(), n = pickN();
+        test_softmax(n, c, Ts[irand(0, 3)], irand(0, 1), scales[irand(0, 2)]);
+    }
+    if (getenv("EMU_FOCUS")) {  // EMU_FOCUS=div,teach,T,scale: divergence cases only
+        int div, teach;
+        float T;
+        double scale;
+        sscanf(getenv("EMU_FOCUS"), "%d,%d,%f,%lf", &div, &teach, &T, &scale);
+        for (int i = 0; i < cases; ++i)
+            test_div(div, teach, pickN(), pickC(), T, (float)uni(0.05, 0.95), 1, scale,
+                     Flags{false, true, true, false, true}, false);
+        printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
+        return failures != 0;
+    }
+    for (int div = 0; div < 3; ++div)
+        for (int teach = 0; teach < 3; ++teach)
+            for (int i = 0; i < cases; ++i) {
+                size_t c = pickC(), n = pickN();
+                Flags f{irand(0, 1) == 1, irand(0, 4) != 0, irand(0, 1) == 1, irand(0, 2) == 0, true};
+                double scale = teach == 0 ? scales[irand(0, 2)] : scales[irand(0, 1)];
+                test_div(div, teach, n, c, Ts[irand(0, 3)], (float)uni(0.05, 0.95), irand(0, 2), scale, f,
+                         irand(0, 4) == 0);
+            }
+    for (int i = 0; i < cases; ++i)
+        test_ce(pickN(), pickC(), irand(0, 1) ? 0.f : 0.1f, irand(0, 2), scales[irand(0, 2)], irand(0, 1),
+                irand(0, 4) == 0, irand(0, 9) == 0);
+    for (int i = 0; i < cases; ++i)
+        test_hinton(pickN(), pickC(), Ts[irand(0, 3)], (float)uni(0, 1), irand(0, 1) ? 0.f : 0.1f, irand(0, 2),
+                    scales[irand(0, 2)], irand(0, 1), irand(0, 1), irand(0, 4) == 0);
+    for (size_t m : {1ul, 5ul, 300ul, 4097ul, 100000ul}) {
+        test_mse(m, true, false);
+        test_mse(m, m > 1, m > 4);
+    }
+    test_at(1, 1, 1, 1, false);
+    test_at(3, 4, 6, 49, false);
+    test_at(2, 3, 2, 300, true);
+    test_at(5, 16, 8, 64, false);
+    test_tape_kernels(cases);
+    test_relational_kernels(cases);
+    printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
+    return failures != 0;
+}
