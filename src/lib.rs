@@ -16,6 +16,7 @@
 //! caller's `wgpu::CommandEncoder`).
 
 pub mod backend;
+pub mod capi;
 pub mod data;
 pub mod error;
 pub mod experiment;

@@ -1,0 +1,173 @@
+/* Exercises the C ABI of include/distillation.h on the CPU backend (and the CUDA entry points'
+ * argument checks), printing every result for tests/capi.rs to compare with the Rust API.
+ *
+ * Output: one line per array, `name v0 v1 ...` (%.9g round-trips f32), `version <abi> <string>`,
+ * and `cuda <status>`. Exits non-zero (after `FAIL ...` on stderr) when a status is not the one
+ * expected. Inputs are exact in f32: x[i] = ((i * 37 + 11) % 101) / 10 - 5, the formula the Rust
+ * test uses. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "distillation.h"
+
+#define N 4
+#define C 5
+#define LEN (N * C)
+
+static int failures = 0;
+
+static void fill(float *x, size_t len, int seed) {
+    for (size_t i = 0; i < len; i++) {
+        x[i] = (float)((i * 37 + 11 + (size_t)seed) % 101) / 10.0f - 5.0f;
+    }
+}
+
+static void print_array(const char *name, const float *x, size_t len) {
+    printf("%s", name);
+    for (size_t i = 0; i < len; i++) printf(" %.9g", x[i]);
+    printf("\n");
+}
+
+static void expect_ok(const char *what, int32_t status) {
+    if (status != DST_OK) {
+        fprintf(stderr, "FAIL %s: status %d (%s)\n", what, status, dst_last_error());
+        failures++;
+    } else if (strcmp(dst_last_error(), "") != 0) {
+        fprintf(stderr, "FAIL %s: success left a message: %s\n", what, dst_last_error());
+        failures++;
+    }
+}
+
+static void expect_err(const char *what, int32_t status, int32_t expected) {
+    const char *msg = dst_last_error();
+    if (status != expected) {
+        fprintf(stderr, "FAIL %s: status %d, expected %d (%s)\n", what, status, expected, msg);
+        failures++;
+    } else if (msg == NULL || msg[0] == '\0') {
+        fprintf(stderr, "FAIL %s: status %d without a message\n", what, status);
+        failures++;
+    } else {
+        printf("error %s %d %s\n", what, status, msg);
+    }
+}
+
+int main(void) {
+    float s[LEN], t[LEN], g[LEN], gt[LEN], inplace[LEN], rows[N], loss;
+    int32_t labels[N] = {1, -100, 4, 0};
+    fill(s, LEN, 0);
+    fill(t, LEN, 5);
+
+    printf("version %u %s\n", dst_version(), dst_version_string());
+    if (dst_version() != DST_ABI_VERSION) {
+        fprintf(stderr, "FAIL dst_version %u != DST_ABI_VERSION %d\n", dst_version(), DST_ABI_VERSION);
+        failures++;
+    }
+
+    /* Hinton: T = 2, alpha = 0.3, label smoothing 0.1, batchmean, teacher gradient. */
+    expect_ok("hinton", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f, &loss,
+                                       rows, g, gt));
+    print_array("hinton.loss", &loss, 1);
+    print_array("hinton.row_loss", rows, N);
+    print_array("hinton.grad_student", g, LEN);
+    print_array("hinton.grad_teacher", gt, LEN);
+
+    /* The same with the gradient written over the student logits. */
+    memcpy(inplace, s, sizeof s);
+    expect_ok("hinton_inplace", dst_cpu_hinton(inplace, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0,
+                                               1.0f, &loss, NULL, inplace, NULL));
+    print_array("hinton_inplace.loss", &loss, 1);
+    print_array("hinton_inplace.grad_student", inplace, LEN);
+
+    /* JSD(beta = 0.4), teacher logits, T = 3, labels masking row 1, sum, grad_scale 0.5. */
+    expect_ok("jsd", dst_cpu_divergence(s, t, labels, N, C, 2, 0.4f, 0, 3.0f, -100, 1, 0.5f, &loss,
+                                        rows, g, gt));
+    print_array("jsd.loss", &loss, 1);
+    print_array("jsd.row_loss", rows, N);
+    print_array("jsd.grad_student", g, LEN);
+    print_array("jsd.grad_teacher", gt, LEN);
+
+    /* Reverse KL against teacher probabilities, no labels, batchmean. */
+    {
+        float p[LEN];
+        const float row[C] = {0.1f, 0.2f, 0.3f, 0.25f, 0.15f};
+        for (int i = 0; i < LEN; i++) p[i] = row[i % C];
+        expect_ok("rkl_probs", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1, 1.5f, -100, 0,
+                                                  1.0f, &loss, NULL, g, NULL));
+        print_array("rkl_probs.loss", &loss, 1);
+        print_array("rkl_probs.grad_student", g, LEN);
+    }
+
+    /* Cross-entropy, label smoothing 0.1, ignore_index -1, no reduction. */
+    {
+        int32_t ce_labels[N] = {2, -1, 0, 3};
+        expect_ok("ce", dst_cpu_cross_entropy(s, ce_labels, N, C, 0.1f, -1, 2, 1.0f, &loss, rows, g));
+        print_array("ce.loss", &loss, 1);
+        print_array("ce.row_loss", rows, N);
+        print_array("ce.grad_student", g, LEN);
+    }
+
+    /* MSE between s and t, grad_scale 2. */
+    expect_ok("mse", dst_cpu_mse(s, t, LEN, 2.0f, &loss, g, gt));
+    print_array("mse.loss", &loss, 1);
+    print_array("mse.grad_a", g, LEN);
+    print_array("mse.grad_b", gt, LEN);
+
+    /* Bad arguments: status codes with messages. */
+    expect_err("null_student", dst_cpu_hinton(NULL, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                              &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
+    expect_err("null_loss", dst_cpu_cross_entropy(s, labels, N, C, 0.0f, -100, 0, 1.0f, NULL, NULL, g),
+               DST_ERR_NULL_POINTER);
+    expect_err("n_zero", dst_cpu_hinton(s, t, labels, 0, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
+                                        NULL, g, NULL), DST_ERR_SHAPE);
+    expect_err("t_zero", dst_cpu_hinton(s, t, labels, N, C, 0.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
+                                        NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
+    expect_err("t_negative", dst_cpu_divergence(s, t, NULL, N, C, 0, 0.0f, 0, -1.0f, -100, 0, 1.0f,
+                                                &loss, NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
+    expect_err("alpha", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 1.5f, 0.0f, -100, 0, 1.0f, &loss,
+                                       NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
+    expect_err("reduction", dst_cpu_cross_entropy(s, labels, N, C, 0.0f, -100, 7, 1.0f, &loss, NULL, g),
+               DST_ERR_INVALID_ARGUMENT);
+    {
+        int32_t bad[N] = {1, 5, 0, 0}; /* 5 is not a class of C = 5 */
+        expect_err("label_hinton", dst_cpu_hinton(s, t, bad, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                                  &loss, NULL, g, NULL), DST_ERR_LABEL);
+        expect_err("label_ce", dst_cpu_cross_entropy(s, bad, N, C, 0.0f, -100, 0, 1.0f, &loss, NULL, g),
+                   DST_ERR_LABEL);
+        expect_err("label_divergence", dst_cpu_divergence(s, t, bad, N, C, 0, 0.0f, 0, 1.0f, -100, 0,
+                                                          1.0f, &loss, NULL, g, NULL), DST_ERR_LABEL);
+    }
+    expect_err("alias", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
+                                       NULL, g, t), DST_ERR_ALIAS);
+    expect_err("mse_empty", dst_cpu_mse(s, t, 0, 1.0f, &loss, NULL, NULL), DST_ERR_SHAPE);
+
+    /* CUDA: argument checks never need a device; creation works or says why not. */
+    {
+        dst_cuda *ctx = (dst_cuda *)&loss; /* must be reset to NULL on failure */
+        int32_t status = dst_cuda_create(0, &ctx);
+        if (status == DST_OK) {
+            printf("cuda available\n");
+            expect_ok("cuda_synchronize", dst_cuda_synchronize(ctx));
+            expect_ok("cuda_destroy", dst_cuda_destroy(ctx));
+        } else {
+            expect_err("cuda_create", status, DST_ERR_UNAVAILABLE);
+            if (ctx != NULL) {
+                fprintf(stderr, "FAIL cuda_create left *out non-NULL on failure\n");
+                failures++;
+            }
+        }
+        expect_err("cuda_create_null_out", dst_cuda_create(0, NULL), DST_ERR_NULL_POINTER);
+        expect_err("cuda_create_negative", dst_cuda_create(-1, &ctx), DST_ERR_INVALID_ARGUMENT);
+        expect_err("cuda_null_ctx", dst_cuda_hinton(NULL, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
+                                                    1.0f, &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
+        expect_err("cuda_sync_null", dst_cuda_synchronize(NULL), DST_ERR_NULL_POINTER);
+        expect_ok("cuda_destroy_null", dst_cuda_destroy(NULL));
+    }
+
+    if (failures != 0) {
+        fprintf(stderr, "%d failure(s)\n", failures);
+        return 1;
+    }
+    printf("ok\n");
+    return 0;
+}
