@@ -299,8 +299,12 @@ fn header_declares_every_entry_point() {
     let mut missing = Vec::new();
     for f in &fns {
         // A declaration: the name followed by its parameter list, preceded by its documentation.
-        let decl = format!(" {f}(");
-        let Some(at) = header.find(&decl) else {
+        let decl = format!("{f}(");
+        let at = header
+            .match_indices(&decl)
+            .map(|(i, _)| i)
+            .find(|&i| i > 0 && matches!(header.as_bytes()[i - 1], b' ' | b'*'));
+        let Some(at) = at else {
             missing.push(f.clone());
             continue;
         };
@@ -321,7 +325,7 @@ fn header_declares_every_entry_point() {
     );
     // Nothing declared that the library does not export.
     for line in header.lines() {
-        if let Some(rest) = line.split(" dst_").nth(1) {
+        if let Some(rest) = line.replace('*', " ").split(" dst_").nth(1) {
             if let Some(name) = rest.split('(').next().filter(|_| rest.contains('(')) {
                 let name = format!("dst_{name}");
                 if !name.contains(' ') && !name.contains('`') {
