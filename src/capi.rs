@@ -208,7 +208,7 @@ impl RawOut {
     /// Null checks and aliasing rules of a row loss on `student` (and `teacher`, `labels`).
     fn check(&self, student: *const f32, teacher: *const f32, labels: *const i32) -> FfiResult {
         non_null("loss", self.loss)?;
-        let in_place = self.grad_student as *const f32 == student;
+        let in_place = std::ptr::eq(self.grad_student, student);
         let grad_student = if in_place {
             std::ptr::null()
         } else {
@@ -298,7 +298,7 @@ unsafe fn cpu_row_loss(
         true => None,
         false => Some(b.filled(shape.rows, 0.0)?),
     };
-    let in_place = out.grad_student as *const f32 == student;
+    let in_place = std::ptr::eq(out.grad_student, student);
     let gs = match out.grad_student.is_null() || in_place {
         true => None,
         false => Some(b.filled(len, 0.0)?),
@@ -733,7 +733,7 @@ unsafe fn cuda_row_loss(
     let s = unsafe { CudaBuffer::from_raw(student as u64, len) };
     let loss = raw(out.loss, 1).expect("loss checked non-null");
     let row = raw(out.row_loss, shape.rows);
-    let in_place = out.grad_student as *const f32 == student;
+    let in_place = std::ptr::eq(out.grad_student, student);
     let gs = if in_place {
         None
     } else {
