@@ -44,13 +44,32 @@ fn cdylib(dir: &Path) -> PathBuf {
     dir.join(name)
 }
 
+/// Builds the cdylib into the target directory this test runs from (`cargo test` builds the
+/// library as an rlib for the tests, not necessarily the cdylib; this is a no-op when it is fresh).
+fn build_cdylib(dir: &Path) {
+    let target_dir = dir.parent().expect("target dir");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--lib", "--target-dir"])
+        .arg(target_dir)
+        .current_dir(root());
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if !cfg!(feature = "cuda") {
+        cmd.arg("--no-default-features");
+    }
+    let status = cmd.status().expect("run cargo build --lib");
+    assert!(status.success(), "cargo build --lib failed");
+}
+
 /// Builds and runs the C program; returns its stdout.
 fn run_c_program() -> String {
     let dir = lib_dir();
+    build_cdylib(&dir);
     let lib = cdylib(&dir);
     assert!(
         lib.exists(),
-        "the cdylib {} is missing (cargo builds it with the test since [lib] has crate-type cdylib)",
+        "the cdylib {} is missing after cargo build --lib",
         lib.display()
     );
     let exe = dir.join("capi_test_c");
