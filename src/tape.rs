@@ -194,40 +194,73 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 
     /// `x [m, k] @ w [k, n]`.
     pub fn matmul(&self, x: Var, w: Var) -> Result<Var> {
-        let (xv, wv) = (self.value(x), self.value(w));
-        let ((m, k), (k2, n)) = (xv.rows_cols(), wv.rows_cols());
+        self.matmul_op(x, w, false)
+    }
+
+    /// `a [m, k] @ b^T` with `b` `[n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`).
+    pub fn matmul_nt(&self, a: Var, b: Var) -> Result<Var> {
+        self.matmul_op(a, b, true)
+    }
+
+    /// `a @ op(b)`, `op(b) = b` `[k, n]` or, with `trans_b`, `b^T` for `b` `[n, k]`.
+    fn matmul_op(&self, a: Var, b: Var, trans_b: bool) -> Result<Var> {
+        let (av, bv) = (self.value(a), self.value(b));
+        let (m, k) = av.rows_cols();
+        let (k2, n) = if trans_b {
+            let (r, c) = bv.rows_cols();
+            (c, r)
+        } else {
+            bv.rows_cols()
+        };
         if k != k2 {
-            return Err(Error::shape(
-                "matmul right operand rows",
-                k2,
-                k,
-                format!("[{m}, {k}] @ [{k}, n]"),
-            ));
+            let form = if trans_b {
+                format!("[{m}, {k}] @ [n, {k}]^T")
+            } else {
+                format!("[{m}, {k}] @ [{k}, n]")
+            };
+            return Err(Error::shape("matmul right operand", k2, k, form));
         }
         let out = Tensor::new(self.backend.filled(m * n, 0.0)?, &[m, n]);
-        self.backend
-            .matmul(&MatmulSpec::new(m, k, n), &xv.buf, &wv.buf, &out.buf)?;
-        let needs = self.requires_grad(x) || self.requires_grad(w);
+        self.backend.matmul(
+            &MatmulSpec {
+                trans_b,
+                ..MatmulSpec::new(m, k, n)
+            },
+            &av.buf,
+            &bv.buf,
+            &out.buf,
+        )?;
+        let needs = self.requires_grad(a) || self.requires_grad(b);
         Ok(self.push(
             out,
             needs,
             Some(Box::new(move |t, dy| {
-                // dx = dy w^T: [m, n] x [n, k]; dw = x^T dy: [k, m] x [m, n].
-                t.add_grad(x, |dst, acc| {
+                // da = dy op(b)^T: [m, n] x [n, k] (b^T read transposed when b is [k, n]).
+                t.add_grad(a, |dst, acc| {
                     let spec = MatmulSpec {
-                        trans_b: true,
+                        trans_b: !trans_b,
                         accumulate: acc,
                         ..MatmulSpec::new(m, n, k)
                     };
-                    t.backend.matmul(&spec, &dy.buf, &wv.buf, dst)
+                    t.backend.matmul(&spec, &dy.buf, &bv.buf, dst)
                 })?;
-                t.add_grad(w, |dst, acc| {
-                    let spec = MatmulSpec {
-                        trans_a: true,
-                        accumulate: acc,
-                        ..MatmulSpec::new(k, m, n)
-                    };
-                    t.backend.matmul(&spec, &xv.buf, &dy.buf, dst)
+                // db = a^T dy ([k, n]), or for b^T: dy^T a ([n, k]).
+                t.add_grad(b, |dst, acc| {
+                    if trans_b {
+                        let spec = MatmulSpec {
+                            trans_a: true,
+                            accumulate: acc,
+                            ..MatmulSpec::new(n, m, k)
+                        };
+                        t.backend.matmul(&spec, &dy.buf, &av.buf, dst)
+                    } else {
+                        let spec = MatmulSpec {
+                            trans_a: true,
+                            accumulate: acc,
+                            ..MatmulSpec::new(k, m, n)
+                        };
+                        t.backend.matmul(&spec, &av.buf, &dy.buf, dst)
+                    }
                 })
             })),
             false,
@@ -408,54 +441,6 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                 let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &[n, h, w, c]);
                 t.backend.transpose(n, c, h * w, &dy.buf, &dx.buf)?;
                 t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
-    }
-
-    /// `a [m, k] @ b^T` with `b` `[n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`).
-    pub fn matmul_nt(&self, a: Var, b: Var) -> Result<Var> {
-        let (av, bv) = (self.value(a), self.value(b));
-        let ((m, k), (n, k2)) = (av.rows_cols(), bv.rows_cols());
-        if k != k2 {
-            return Err(Error::shape(
-                "matmul_nt right operand columns",
-                k2,
-                k,
-                format!("[{m}, {k}] @ [n, {k}]^T"),
-            ));
-        }
-        let out = Tensor::new(self.backend.filled(m * n, 0.0)?, &[m, n]);
-        let spec = MatmulSpec {
-            trans_b: true,
-            ..MatmulSpec::new(m, k, n)
-        };
-        self.backend.matmul(&spec, &av.buf, &bv.buf, &out.buf)?;
-        let needs = self.requires_grad(a) || self.requires_grad(b);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                // da = dy b: [m, n] x [n, k]; db = dy^T a: [n, m] x [m, k].
-                t.add_grad(a, |dst, acc| {
-                    t.backend.matmul(
-                        &MatmulSpec {
-                            accumulate: acc,
-                            ..MatmulSpec::new(m, n, k)
-                        },
-                        &dy.buf,
-                        &bv.buf,
-                        dst,
-                    )
-                })?;
-                t.add_grad(b, |dst, acc| {
-                    let spec = MatmulSpec {
-                        trans_a: true,
-                        accumulate: acc,
-                        ..MatmulSpec::new(n, m, k)
-                    };
-                    t.backend.matmul(&spec, &dy.buf, &av.buf, dst)
-                })
             })),
             false,
         ))
