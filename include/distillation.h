@@ -192,6 +192,18 @@ int32_t dst_cpu_mse(const float *a,
 int32_t dst_cuda_create(int32_t device, struct dst_cuda **out);
 
 /*
+ Creates a context on CUDA device `device` whose kernels run on the caller's stream `stream`
+ (a `cudaStream_t` / `CUstream`; 0 for the legacy default stream), so they are ordered with the
+ caller's own work on that stream and nothing needs to synchronize. From PyTorch:
+ `torch.cuda.current_stream().cuda_stream`. On failure `*out` is NULL.
+
+ # Safety
+ `out` must be writable; `stream` must be 0 or a live stream of the device's primary context (the
+ CUDA runtime's, which PyTorch uses) that outlives the context.
+ */
+int32_t dst_cuda_create_on_stream(int32_t device, void *stream, struct dst_cuda **out);
+
+/*
  Destroys a context from [`dst_cuda_create`] (NULL is accepted and ignored). Does not wait for
  its work: call [`dst_cuda_synchronize`] first if kernels may still be running on memory you are
  about to free.

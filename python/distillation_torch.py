@@ -10,11 +10,10 @@ then::
 The library is found through ``DISTILLATION_LIB`` (a path to the .so), else next to this file's
 repository in ``target/release`` then ``target/debug``; or call :func:`load` with a path.
 
-Stream ordering: the crate launches its kernels on its own CUDA stream (not PyTorch's). By default
-every call therefore synchronizes PyTorch's current stream before launching (so the inputs are
-ready) and the crate's stream after (so the outputs are ready before PyTorch uses them). Pass
-``sync=False`` only if you order the streams yourself (``stream_handle(device)`` gives the crate's
-``CUstream``); the inputs must then stay alive and unmodified until the kernels finish.
+Stream ordering: each call launches its kernels on PyTorch's current stream of the tensors' device
+(a crate context is made per device and stream with ``dst_cuda_create_on_stream``), so they are
+ordered with PyTorch's own work like any PyTorch op and nothing waits. ``sync=True`` additionally
+blocks until the kernels have finished (for timing or debugging).
 """
 
 from __future__ import annotations
@@ -93,6 +92,8 @@ def load(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         lib.dst_last_error.argtypes = []
         lib.dst_cuda_create.restype = _i32
         lib.dst_cuda_create.argtypes = [_i32, ctypes.POINTER(_P)]
+        lib.dst_cuda_create_on_stream.restype = _i32
+        lib.dst_cuda_create_on_stream.argtypes = [_i32, _P, ctypes.POINTER(_P)]
         lib.dst_cuda_destroy.restype = _i32
         lib.dst_cuda_destroy.argtypes = [_P]
         lib.dst_cuda_synchronize.restype = _i32
@@ -127,18 +128,20 @@ def version() -> tuple[int, str]:
 
 
 def _context(device: int) -> ctypes.c_void_p:
+    """The crate's context bound to PyTorch's current stream on ``device`` (one per stream)."""
     lib = load()
+    stream = torch.cuda.current_stream(device).cuda_stream
     with _lock:
-        ctx = _contexts.get(device)
+        ctx = _contexts.get((device, stream))
         if ctx is None:
             ctx = _P()
-            _check(lib.dst_cuda_create(device, ctypes.byref(ctx)))
-            _contexts[device] = ctx
+            _check(lib.dst_cuda_create_on_stream(device, _P(stream), ctypes.byref(ctx)))
+            _contexts[(device, stream)] = ctx
         return ctx
 
 
 def stream_handle(device: int = 0) -> int:
-    """The crate's ``CUstream`` on ``device`` as an integer (for ``torch.cuda.ExternalStream``)."""
+    """The ``CUstream`` the crate launches on for ``device`` (PyTorch's current stream there)."""
     stream = _P()
     _check(load().dst_cuda_stream(_context(device), ctypes.byref(stream), None))
     return int(stream.value or 0)
@@ -161,10 +164,8 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
 
 
 def _run(device: int, sync: bool, call) -> None:
-    """Orders PyTorch's current stream before the crate's kernels and the crate's after."""
+    """Launches on PyTorch's current stream; with ``sync``, waits for the kernels too."""
     ctx = _context(device)
-    if sync:
-        torch.cuda.current_stream(device).synchronize()
     _check(call(ctx))
     if sync:
         _check(_lib.dst_cuda_synchronize(ctx))
@@ -190,7 +191,7 @@ class _RowLoss(torch.autograd.Function):
 
 def kd_loss(student, teacher, labels, T: float = 4.0, alpha: float = 0.2, *,
             label_smoothing: float = 0.0, ignore_index: int = -100,
-            reduction: str = "batchmean", sync: bool = True) -> torch.Tensor:
+            reduction: str = "batchmean", sync: bool = False) -> torch.Tensor:
     """The fused Hinton loss ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(q_T || p_T)``
     on CUDA tensors (``[N, C]`` logits, ``[N]`` labels); differentiable in ``student``.
     ``reduction``: ``"batchmean"`` (over rows whose label is not ``ignore_index``) or ``"sum"``."""
@@ -211,7 +212,7 @@ def kd_loss(student, teacher, labels, T: float = 4.0, alpha: float = 0.2, *,
 
 def kl_div(student, teacher, T: float = 1.0, *, divergence: str = "forward_kl", beta: float = 0.5,
            teacher_input: str = "logits", labels=None, ignore_index: int = -100,
-           reduction: str = "batchmean", sync: bool = True) -> torch.Tensor:
+           reduction: str = "batchmean", sync: bool = False) -> torch.Tensor:
     """A soft-target divergence (``forward_kl`` = ``KL(q || p)``, ``reverse_kl``, ``jsd``) between
     student logits and a teacher given as ``logits``, ``probs`` or ``logprobs``, at temperature
     ``T`` (not multiplied by ``T^2``); rows whose label is ``ignore_index`` are masked when
@@ -232,7 +233,7 @@ def kl_div(student, teacher, T: float = 1.0, *, divergence: str = "forward_kl", 
 
 
 def cross_entropy(student, labels, *, label_smoothing: float = 0.0, ignore_index: int = -100,
-                  reduction: str = "batchmean", sync: bool = True) -> torch.Tensor:
+                  reduction: str = "batchmean", sync: bool = False) -> torch.Tensor:
     """Cross-entropy with hard labels (``"batchmean"`` is PyTorch's ``"mean"``: over rows whose
     label is not ``ignore_index``). Differentiable in ``student``."""
     s = _prep(student, "student")
@@ -249,7 +250,7 @@ def cross_entropy(student, labels, *, label_smoothing: float = 0.0, ignore_index
     return _RowLoss.apply(student, launch, sync)
 
 
-def mse(a, b, *, sync: bool = True) -> torch.Tensor:
+def mse(a, b, *, sync: bool = False) -> torch.Tensor:
     """Feature MSE ``mean((a - b)^2)``; differentiable in ``a`` (``b`` is a target)."""
     x = _prep(a, "a")
     z = _prep(b, "b")

@@ -632,6 +632,46 @@ pub unsafe extern "C" fn dst_cuda_create(device: i32, out: *mut *mut dst_cuda) -
     })
 }
 
+/// Creates a context on CUDA device `device` whose kernels run on the caller's stream `stream`
+/// (a `cudaStream_t` / `CUstream`; 0 for the legacy default stream), so they are ordered with the
+/// caller's own work on that stream and nothing needs to synchronize. From PyTorch:
+/// `torch.cuda.current_stream().cuda_stream`. On failure `*out` is NULL.
+///
+/// # Safety
+/// `out` must be writable; `stream` must be 0 or a live stream of the device's primary context (the
+/// CUDA runtime's, which PyTorch uses) that outlives the context.
+#[no_mangle]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub unsafe extern "C" fn dst_cuda_create_on_stream(
+    device: i32,
+    stream: *mut c_void,
+    out: *mut *mut dst_cuda,
+) -> i32 {
+    ffi(|| {
+        non_null("out", out)?;
+        // SAFETY: `out` is non-null and writable by the contract.
+        unsafe { *out = std::ptr::null_mut() };
+        if device < 0 {
+            return Err(Fail::new(
+                DST_ERR_INVALID_ARGUMENT,
+                format!("invalid device {device}: CUDA device ordinals are 0, 1, ..."),
+            ));
+        }
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: the stream's validity and lifetime are this function's contract.
+            let backend =
+                unsafe { crate::CudaBackend::with_stream(device as usize, stream as u64)? };
+            let handle = Box::into_raw(Box::new(dst_cuda { backend }));
+            // SAFETY: as above.
+            unsafe { *out = handle };
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        no_cuda()
+    })
+}
+
 /// Destroys a context from [`dst_cuda_create`] (NULL is accepted and ignored). Does not wait for
 /// its work: call [`dst_cuda_synchronize`] first if kernels may still be running on memory you are
 /// about to free.

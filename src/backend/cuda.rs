@@ -661,6 +661,21 @@ impl CudaBackend {
     /// The backend on CUDA device `ordinal`. [`Error::Unavailable`] when the driver library, a
     /// device or NVRTC is missing.
     pub fn with_device(ordinal: usize) -> Result<Self> {
+        Self::open(ordinal, None)
+    }
+
+    /// The backend on device `ordinal` running every kernel on the caller's stream `stream` (a
+    /// `CUstream` / `cudaStream_t`, e.g. PyTorch's `torch.cuda.current_stream().cuda_stream`), so
+    /// its work is ordered with the caller's without synchronizing. 0 is the legacy default stream.
+    ///
+    /// # Safety
+    /// `stream` must be 0 or a valid stream of the device's primary context (the context the CUDA
+    /// runtime, and so PyTorch, uses), and must outlive the backend.
+    pub unsafe fn with_stream(ordinal: usize, stream: u64) -> Result<Self> {
+        Self::open(ordinal, Some(stream))
+    }
+
+    fn open(ordinal: usize, stream: Option<u64>) -> Result<Self> {
         if !driver_available() {
             return Err(unavailable(format!(
                 "no CUDA driver library (libcuda.so) found: searched {:?}; install the NVIDIA \
@@ -687,7 +702,12 @@ impl CudaBackend {
         // not needed.
         // SAFETY: called before this context allocates anything; we never create another stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = match stream {
+            // SAFETY: `with_stream`'s contract: a live stream of this (primary) context, kept alive
+            // by its owner for the backend's life; ordering with its owner's work is the stream's.
+            Some(raw) => unsafe { ctx.wrap_borrowed_stream(raw as cudarc::driver::sys::CUstream) },
+            None => ctx.default_stream(),
+        };
         Ok(CudaBackend {
             ctx,
             stream,
@@ -711,7 +731,8 @@ impl CudaBackend {
         &self.ctx
     }
 
-    /// The stream every kernel of this backend runs on (the context's default stream).
+    /// The stream every kernel of this backend runs on (the context's default stream, or the
+    /// caller's from [`CudaBackend::with_stream`]).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

@@ -156,6 +156,19 @@ int main(void) {
                 failures++;
             }
         }
+        /* The same on the legacy default stream (stream 0). */
+        ctx = (dst_cuda *)&loss;
+        status = dst_cuda_create_on_stream(0, NULL, &ctx);
+        if (status == DST_OK) {
+            expect_ok("cuda_on_stream_destroy", dst_cuda_destroy(ctx));
+        } else {
+            expect_err("cuda_create_on_stream", status, DST_ERR_UNAVAILABLE);
+            if (ctx != NULL) {
+                fprintf(stderr, "FAIL cuda_create_on_stream left *out non-NULL on failure\n");
+                failures++;
+            }
+        }
+        expect_err("cuda_on_stream_null_out", dst_cuda_create_on_stream(0, NULL, NULL), DST_ERR_NULL_POINTER);
         expect_err("cuda_create_null_out", dst_cuda_create(0, NULL), DST_ERR_NULL_POINTER);
         expect_err("cuda_create_negative", dst_cuda_create(-1, &ctx), DST_ERR_INVALID_ARGUMENT);
         expect_err("cuda_null_ctx", dst_cuda_hinton(NULL, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
