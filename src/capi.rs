@@ -609,27 +609,8 @@ unsafe fn cuda_ref<'a>(ctx: *const dst_cuda) -> std::result::Result<&'a crate::C
 /// `out` must be a valid pointer to a `dst_cuda*`.
 #[no_mangle]
 pub unsafe extern "C" fn dst_cuda_create(device: i32, out: *mut *mut dst_cuda) -> i32 {
-    ffi(|| {
-        non_null("out", out)?;
-        // SAFETY: `out` is non-null and writable by the contract.
-        unsafe { *out = std::ptr::null_mut() };
-        if device < 0 {
-            return Err(Fail::new(
-                DST_ERR_INVALID_ARGUMENT,
-                format!("invalid device {device}: CUDA device ordinals are 0, 1, ..."),
-            ));
-        }
-        #[cfg(feature = "cuda")]
-        {
-            let backend = crate::CudaBackend::with_device(device as usize)?;
-            let handle = Box::into_raw(Box::new(dst_cuda { backend }));
-            // SAFETY: as above.
-            unsafe { *out = handle };
-            Ok(())
-        }
-        #[cfg(not(feature = "cuda"))]
-        no_cuda()
-    })
+    // SAFETY: forwarded from this function's contract; no stream is borrowed.
+    unsafe { create_context(device, None, out) }
 }
 
 /// Creates a context on CUDA device `device` whose kernels run on the caller's stream `stream`
@@ -647,6 +628,17 @@ pub unsafe extern "C" fn dst_cuda_create_on_stream(
     stream: *mut c_void,
     out: *mut *mut dst_cuda,
 ) -> i32 {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { create_context(device, Some(stream as u64), out) }
+}
+
+/// `dst_cuda_create` (`stream` None: the default stream) and `dst_cuda_create_on_stream`.
+///
+/// # Safety
+/// `out` must be writable; a `stream` must be a live stream of the device's primary context that
+/// outlives the context.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+unsafe fn create_context(device: i32, stream: Option<u64>, out: *mut *mut dst_cuda) -> i32 {
     ffi(|| {
         non_null("out", out)?;
         // SAFETY: `out` is non-null and writable by the contract.
@@ -659,9 +651,11 @@ pub unsafe extern "C" fn dst_cuda_create_on_stream(
         }
         #[cfg(feature = "cuda")]
         {
-            // SAFETY: the stream's validity and lifetime are this function's contract.
-            let backend =
-                unsafe { crate::CudaBackend::with_stream(device as usize, stream as u64)? };
+            let backend = match stream {
+                // SAFETY: the stream's validity and lifetime are the caller's contract.
+                Some(raw) => unsafe { crate::CudaBackend::with_stream(device as usize, raw)? },
+                None => crate::CudaBackend::with_device(device as usize)?,
+            };
             let handle = Box::into_raw(Box::new(dst_cuda { backend }));
             // SAFETY: as above.
             unsafe { *out = handle };
