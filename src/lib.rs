@@ -28,6 +28,7 @@ pub mod rng;
 pub mod tape;
 
 pub use backend::cpu::CpuBackend;
+pub use backend::cpu_fast::FastCpuBackend;
 #[cfg(feature = "cuda")]
 pub use backend::cuda::CudaBackend;
 pub use backend::wgpu::WgpuBackend;

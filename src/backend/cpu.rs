@@ -18,7 +18,7 @@ use crate::ops::{
 
 /// A host array standing in for a device buffer.
 #[derive(Debug, Default)]
-pub struct CpuBuffer(RefCell<Vec<f32>>);
+pub struct CpuBuffer(pub(super) RefCell<Vec<f32>>);
 
 impl CpuBuffer {
     fn to_f64(&self) -> Vec<f64> {

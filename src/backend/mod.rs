@@ -8,6 +8,7 @@
 //! written in place over the student logits ([`GradOut::InPlace`]).
 
 pub mod cpu;
+pub mod cpu_fast;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod validate;

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use distillation::backend::required;
-use distillation::{Backend, CpuBackend, WgpuBackend};
+use distillation::{Backend, CpuBackend, FastCpuBackend, WgpuBackend};
 
 /// The process-wide wgpu backend, or `None` (printed as skipped) when no adapter exists and
 /// `DISTILLATION_REQUIRE` does not list `wgpu`.
@@ -37,6 +37,12 @@ pub fn cpu() -> Option<&'static CpuBackend> {
     Some(&B)
 }
 
+/// The fast CPU backend (f32 dense ops; the best matmul kernel this CPU has).
+pub fn cpu_fast() -> Option<&'static FastCpuBackend> {
+    static B: OnceLock<FastCpuBackend> = OnceLock::new();
+    Some(B.get_or_init(FastCpuBackend::new))
+}
+
 #[cfg(feature = "cuda")]
 pub fn cuda() -> Option<&'static distillation::CudaBackend> {
     static B: OnceLock<Option<distillation::CudaBackend>> = OnceLock::new();
@@ -60,12 +66,15 @@ pub fn cuda() -> Option<&'static distillation::CudaBackend> {
 }
 
 /// `backend_tests!(body_a, body_b, ...)` makes, for each generic `fn body<B: Backend>(b: &B)`,
-/// a test `cpu::body`, `wgpu::body` and (feature `cuda`) `cuda::body`.
+/// a test `cpu::body`, `cpu_fast::body`, `wgpu::body` and (feature `cuda`) `cuda::body`.
 #[macro_export]
 macro_rules! backend_tests {
     ($($body:ident),* $(,)?) => {
         mod cpu {
             $( #[test] fn $body() { if let Some(b) = $crate::common::cpu() { super::$body(b) } } )*
+        }
+        mod cpu_fast {
+            $( #[test] fn $body() { if let Some(b) = $crate::common::cpu_fast() { super::$body(b) } } )*
         }
         mod wgpu {
             $( #[test] fn $body() { if let Some(b) = $crate::common::wgpu() { super::$body(b) } } )*

@@ -1,0 +1,439 @@
+//! The fast CPU backend: f32 kernels for the training path, on the reference backend's buffers.
+//!
+//! The dense ops that dominate training (matmul, bias, ReLU, column sums, `axpy`, Adam, SGD) run
+//! in f32 here: matmul through the packed, register-blocked [`gemm`] (AVX2 + FMA when the CPU has
+//! them), the rest as plain loops the compiler vectorises. Every other op (the losses, softmax,
+//! convolution lowering, pooling, the relational primitives) calls the f64 reference in
+//! [`super::cpu`]: they cost `O(N C)` against the matmuls' `O(N C K)` and are not worth a second
+//! implementation. Tests run the whole suite on this backend against the reference
+//! (`tests/common`), and `tests/cpu_fast.rs` checks its matmul on odd shapes.
+//!
+//! Buffers are [`CpuBuffer`]s, so data moves between this backend and [`CpuBackend`] freely. An
+//! output that is also an input of the same call (other than the documented in-place gradient)
+//! is an [`Error::Alias`].
+
+pub mod gemm;
+
+use std::cell::{Ref, RefCell, RefMut};
+
+use super::cpu::{CpuBackend, CpuBuffer};
+use super::{Backend, GradOut, LossOut};
+use crate::error::{Error, Result};
+use crate::ops::conv::{ConvSpec, PoolSpec};
+use crate::ops::dense::MatmulSpec;
+use crate::ops::optim::{AdamSpec, SgdSpec};
+use crate::ops::{
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+};
+
+thread_local! {
+    /// Packing space for [`gemm::sgemm`], kept between calls on each thread.
+    static WORKSPACE: RefCell<gemm::Workspace> = RefCell::new(gemm::Workspace::default());
+}
+
+/// The fast CPU backend (f32). See the module documentation for what runs in f32.
+#[derive(Debug, Clone, Copy)]
+pub struct FastCpuBackend {
+    kernel: gemm::Kernel,
+}
+
+impl Default for FastCpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FastCpuBackend {
+    /// Picks the best matmul micro-kernel this CPU supports.
+    pub fn new() -> Self {
+        FastCpuBackend {
+            kernel: gemm::Kernel::detect(),
+        }
+    }
+
+    /// The portable micro-kernel only (for comparison and tests).
+    pub fn portable() -> Self {
+        FastCpuBackend {
+            kernel: gemm::Kernel::Portable,
+        }
+    }
+
+    pub fn kernel(&self) -> gemm::Kernel {
+        self.kernel
+    }
+}
+
+fn read<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, Vec<f32>>> {
+    buf.0
+        .try_borrow()
+        .map_err(|_| Error::Alias(format!("{what} is also an output of this call")))
+}
+
+fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
+    buf.0.try_borrow_mut().map_err(|_| {
+        Error::Alias(format!(
+            "{what} is also an input of this call: pass a separate output buffer"
+        ))
+    })
+}
+
+/// The same outputs, typed for the reference backend (whose buffers these are).
+fn as_reference(out: LossOut<'_, FastCpuBackend>) -> LossOut<'_, CpuBackend> {
+    LossOut {
+        loss: out.loss,
+        row_loss: out.row_loss,
+        grad_student: match out.grad_student {
+            GradOut::None => GradOut::None,
+            GradOut::Into(g) => GradOut::Into(g),
+            GradOut::InPlace => GradOut::InPlace,
+        },
+        grad_teacher: out.grad_teacher,
+    }
+}
+
+const REF: CpuBackend = CpuBackend;
+
+/// One Adam step in f32, the same arithmetic as `shaders/optim.wgsl` (`lr` carries
+/// `1/(1 - b1^t)`). The wide form is the same code compiled for AVX2: no fused multiply-adds are
+/// formed (Rust does not contract `a * b + c`), so both give the same bits.
+fn adam(
+    kernel: gemm::Kernel,
+    spec: &AdamSpec,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    #[inline(always)]
+    fn body(spec: &AdamSpec, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (lr, inv_c2) = spec.corrections();
+        let (b1, b2, eps, wd) = (spec.beta1, spec.beta2, spec.eps, spec.weight_decay);
+        for (((wi, &gi), mi), vi) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = gi + wd * *wi;
+            *mi = b1 * *mi + (1.0 - b1) * gi;
+            *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+            *wi -= lr * *mi / ((*vi * inv_c2).sqrt() + eps);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn wide(spec: &AdamSpec, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        body(spec, w, g, m, v)
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx2Fma` is only chosen when the CPU has AVX2.
+        gemm::Kernel::Avx2Fma => unsafe { wide(spec, w, g, m, v) },
+        _ => body(spec, w, g, m, v),
+    }
+}
+
+impl Backend for FastCpuBackend {
+    type Buffer = CpuBuffer;
+    type Labels = Vec<i32>;
+
+    fn name(&self) -> String {
+        let k = match self.kernel {
+            gemm::Kernel::Avx2Fma => "AVX2+FMA",
+            gemm::Kernel::Portable => "portable",
+        };
+        format!("cpu (f32, {k} matmul)")
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CpuBuffer> {
+        REF.upload(data)
+    }
+
+    fn filled(&self, len: usize, value: f32) -> Result<CpuBuffer> {
+        Ok(CpuBuffer(RefCell::new(vec![value; len])))
+    }
+
+    fn upload_labels(&self, labels: &[i32]) -> Result<Vec<i32>> {
+        REF.upload_labels(labels)
+    }
+
+    fn download(&self, buf: &CpuBuffer) -> Result<Vec<f32>> {
+        REF.download(buf)
+    }
+
+    fn len(&self, buf: &CpuBuffer) -> usize {
+        REF.len(buf)
+    }
+
+    fn labels_len(&self, labels: &Vec<i32>) -> usize {
+        labels.len()
+    }
+
+    fn check_labels(&self, labels: &Vec<i32>, classes: usize, ignore_index: i32) -> Result<()> {
+        REF.check_labels(labels, classes, ignore_index)
+    }
+
+    // ---- f32 kernels ----
+
+    fn matmul_unchecked(
+        &self,
+        spec: &MatmulSpec,
+        a: &CpuBuffer,
+        b: &CpuBuffer,
+        c: &CpuBuffer,
+    ) -> Result<()> {
+        let (a, b) = (read(a, "a")?, read(b, "b")?);
+        let mut c = write(c, "c")?;
+        WORKSPACE.with_borrow_mut(|ws| gemm::sgemm(self.kernel, spec, &a, &b, &mut c, ws));
+        Ok(())
+    }
+
+    fn bias_add_unchecked(&self, x: &CpuBuffer, bias: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        let (x, bias) = (read(x, "x")?, read(bias, "bias")?);
+        let mut y = write(y, "y")?;
+        let cols = bias.len();
+        for (yr, xr) in y.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            for ((o, &v), &b) in yr.iter_mut().zip(xr).zip(bias.iter()) {
+                *o = v + b;
+            }
+        }
+        Ok(())
+    }
+
+    fn sum_rows_unchecked(&self, x: &CpuBuffer, out: &CpuBuffer, accumulate: bool) -> Result<()> {
+        let x = read(x, "x")?;
+        let mut out = write(out, "out")?;
+        let cols = out.len();
+        // Column sums accumulated row by row (contiguous reads), in f32, rows in order.
+        let mut sums = vec![0.0f32; cols];
+        for row in x.chunks_exact(cols) {
+            for (s, &v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        for (o, s) in out.iter_mut().zip(sums) {
+            *o = if accumulate { *o + s } else { s };
+        }
+        Ok(())
+    }
+
+    fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        let x = read(x, "x")?;
+        let mut y = write(y, "y")?;
+        for (o, &v) in y.iter_mut().zip(x.iter()) {
+            *o = if v > 0.0 { v } else { 0.0 };
+        }
+        Ok(())
+    }
+
+    fn relu_backward_unchecked(&self, y: &CpuBuffer, dy: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+        let (y, dy) = (read(y, "y")?, read(dy, "dy")?);
+        let mut dx = write(dx, "dx")?;
+        for ((o, &yv), &d) in dx.iter_mut().zip(y.iter()).zip(dy.iter()) {
+            *o = if yv > 0.0 { d } else { 0.0 };
+        }
+        Ok(())
+    }
+
+    fn axpy_unchecked(&self, alpha: f32, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        let x = read(x, "x")?;
+        let mut y = write(y, "y")?;
+        for (o, &v) in y.iter_mut().zip(x.iter()) {
+            *o += alpha * v;
+        }
+        Ok(())
+    }
+
+    fn adam_step_unchecked(
+        &self,
+        spec: &AdamSpec,
+        w: &CpuBuffer,
+        grad: &CpuBuffer,
+        m: &CpuBuffer,
+        v: &CpuBuffer,
+    ) -> Result<()> {
+        let g = read(grad, "grad")?;
+        let (mut w, mut m, mut v) = (write(w, "w")?, write(m, "m")?, write(v, "v")?);
+        adam(self.kernel, spec, &mut w, &g, &mut m, &mut v);
+        Ok(())
+    }
+
+    fn sgd_step_unchecked(
+        &self,
+        spec: &SgdSpec,
+        w: &CpuBuffer,
+        grad: &CpuBuffer,
+        velocity: &CpuBuffer,
+    ) -> Result<()> {
+        let g = read(grad, "grad")?;
+        let (mut w, mut vel) = (write(w, "w")?, write(velocity, "velocity")?);
+        for ((wi, &gi), vi) in w.iter_mut().zip(g.iter()).zip(vel.iter_mut()) {
+            let gi = gi + spec.weight_decay * *wi;
+            *vi = spec.momentum * *vi + gi;
+            *wi -= spec.lr * *vi;
+        }
+        Ok(())
+    }
+
+    // ---- the f64 reference, for the O(N C) ops ----
+
+    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        REF.softmax_unchecked(spec, x, y)
+    }
+
+    fn softmax_backward_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        y: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        REF.softmax_backward_unchecked(spec, y, dy, dx)
+    }
+
+    fn divergence_unchecked(
+        &self,
+        spec: &DivergenceSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: Option<&Vec<i32>>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        REF.divergence_unchecked(spec, student, teacher, labels, as_reference(out))
+    }
+
+    fn cross_entropy_unchecked(
+        &self,
+        spec: &CrossEntropySpec,
+        student: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        REF.cross_entropy_unchecked(spec, student, labels, as_reference(out))
+    }
+
+    fn hinton_unchecked(
+        &self,
+        spec: &HintonSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        REF.hinton_unchecked(spec, student, teacher, labels, as_reference(out))
+    }
+
+    fn mse_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &CpuBuffer,
+        b: &CpuBuffer,
+        loss: &CpuBuffer,
+        grad_a: Option<&CpuBuffer>,
+        grad_b: Option<&CpuBuffer>,
+    ) -> Result<()> {
+        REF.mse_unchecked(spec, a, b, loss, grad_a, grad_b)
+    }
+
+    fn attention_transfer_unchecked(
+        &self,
+        spec: &AttentionSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        loss: &CpuBuffer,
+        grad_student: Option<&CpuBuffer>,
+        grad_teacher: Option<&CpuBuffer>,
+    ) -> Result<()> {
+        REF.attention_transfer_unchecked(spec, student, teacher, loss, grad_student, grad_teacher)
+    }
+
+    fn im2col_unchecked(&self, spec: &ConvSpec, x: &CpuBuffer, cols: &CpuBuffer) -> Result<()> {
+        REF.im2col_unchecked(spec, x, cols)
+    }
+
+    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+        REF.col2im_unchecked(spec, dcols, dx)
+    }
+
+    fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        REF.pool_unchecked(spec, x, y)
+    }
+
+    fn pool_backward_unchecked(
+        &self,
+        spec: &PoolSpec,
+        x: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        REF.pool_backward_unchecked(spec, x, dy, dx)
+    }
+
+    fn transpose_unchecked(
+        &self,
+        batch: usize,
+        rows: usize,
+        cols: usize,
+        x: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
+        REF.transpose_unchecked(batch, rows, cols, x, y)
+    }
+
+    fn row_normalize_unchecked(&self, cols: usize, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        REF.row_normalize_unchecked(cols, x, y)
+    }
+
+    fn row_normalize_backward_unchecked(
+        &self,
+        cols: usize,
+        x: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        REF.row_normalize_backward_unchecked(cols, x, dy, dx)
+    }
+
+    fn pairwise_distance_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &CpuBuffer,
+        d: &CpuBuffer,
+    ) -> Result<()> {
+        REF.pairwise_distance_unchecked(n, dim, f, d)
+    }
+
+    fn pairwise_distance_backward_unchecked(
+        &self,
+        n: usize,
+        dim: usize,
+        f: &CpuBuffer,
+        d: &CpuBuffer,
+        dd: &CpuBuffer,
+        df: &CpuBuffer,
+    ) -> Result<()> {
+        REF.pairwise_distance_backward_unchecked(n, dim, f, d, dd, df)
+    }
+
+    fn offdiag_normalize_unchecked(&self, n: usize, d: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        REF.offdiag_normalize_unchecked(n, d, y)
+    }
+
+    fn offdiag_normalize_backward_unchecked(
+        &self,
+        n: usize,
+        d: &CpuBuffer,
+        dy: &CpuBuffer,
+        dd: &CpuBuffer,
+    ) -> Result<()> {
+        REF.offdiag_normalize_backward_unchecked(n, d, dy, dd)
+    }
+
+    fn smooth_l1_unchecked(
+        &self,
+        spec: &MseSpec,
+        a: &CpuBuffer,
+        b: &CpuBuffer,
+        loss: &CpuBuffer,
+        grad_a: Option<&CpuBuffer>,
+        grad_b: Option<&CpuBuffer>,
+    ) -> Result<()> {
+        REF.smooth_l1_unchecked(spec, a, b, loss, grad_a, grad_b)
+    }
+}
