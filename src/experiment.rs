@@ -9,6 +9,8 @@
 //! of the same size from the unlabelled rest, which gets only the soft-target term:
 //! `alpha * CE(labelled) + (1 - alpha) * T^2 * KL(teacher || student)(labelled and unlabelled)`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -312,8 +314,8 @@ pub struct Report {
 pub enum Progress<'a> {
     /// A model starts training: name, fold, total steps.
     Start(&'a str, usize, usize),
-    /// One step done.
-    Step,
+    /// One step of fold `n` done.
+    Step(usize),
     /// A fold finished.
     Fold(&'a FoldResult),
 }
@@ -324,7 +326,14 @@ pub struct Outcome<B: Backend> {
     pub student: Net<B>,
 }
 
-/// Runs the experiment on `backend`.
+/// What one fold leaves: its accuracies and curves, its (first) teacher and its student.
+struct FoldOutput<B: Backend> {
+    result: FoldResult,
+    teacher: Net<B>,
+    student: Net<B>,
+}
+
+/// Runs the experiment on `backend`, one fold after another.
 pub fn run<B: Backend>(
     backend: &B,
     data: &Dataset,
@@ -337,112 +346,134 @@ pub fn run<B: Backend>(
     let folds = data::kfold(data.len(), cfg.folds, &mut root.fork(1))?;
     let take = cfg.run_folds.unwrap_or(cfg.folds).clamp(1, cfg.folds);
     let mut results = Vec::new();
-    let mut last_student = None;
-    let (mut t_lat, mut s_lat, mut t_params, mut s_params) = (0.0, 0.0, 0, 0);
-    for (f, (train, test)) in folds.into_iter().take(take).enumerate() {
-        let mut rng = root.fork(100 + f as u64);
-        let (labelled, unlabelled) =
-            data::label_split(data, &train, cfg.label_fraction, &mut rng.fork(2))?;
-
-        // Teacher(s): every label of the training fold.
-        let n_teachers = if cfg.method == Method::Ensemble {
-            cfg.teachers
-        } else {
-            1
-        };
-        let mut teachers = Vec::new();
-        let mut teacher_curve = Vec::new();
-        for k in 0..n_teachers {
-            let mut t = cfg.build(backend, data, true, &mut rng.fork(10 + k as u64))?;
-            progress(Progress::Start(
-                "teacher",
-                f,
-                cfg.teacher_epochs * train.len().div_ceil(cfg.batch),
-            ));
-            let curve = train_supervised(
-                backend,
-                &mut t,
-                data,
-                &train,
-                cfg.teacher_epochs,
-                cfg,
-                &mut rng.fork(20 + k as u64),
-                progress,
-            )?;
-            if k == 0 {
-                teacher_curve = curve;
-            }
-            teachers.push(t);
-        }
-        let teacher_acc = accuracy(backend, &teachers[0], data, &test)?;
-
-        // Simple: the student's architecture on the labelled part only, same epochs.
-        let mut simple = cfg.build(backend, data, false, &mut rng.fork(30))?;
-        progress(Progress::Start(
-            "simple",
-            f,
-            cfg.epochs * labelled.len().div_ceil(cfg.batch),
-        ));
-        let simple_curve = train_supervised(
-            backend,
-            &mut simple,
-            data,
-            &labelled,
-            cfg.epochs,
-            cfg,
-            &mut rng.fork(31),
-            progress,
-        )?;
-        let simple_acc = accuracy(backend, &simple, data, &test)?;
-
-        // Distilled student, same initialisation as the simple model.
-        let (mut student, student_curve) = distil(
-            backend,
-            data,
-            cfg,
-            &teachers,
-            &labelled,
-            &unlabelled,
-            f,
-            &mut rng,
-            progress,
-        )?;
-        if cfg.finetune_epochs > 0 {
-            progress(Progress::Start(
-                "fine-tune",
-                f,
-                cfg.finetune_epochs * labelled.len().div_ceil(cfg.batch),
-            ));
-            train_supervised(
-                backend,
-                &mut student,
-                data,
-                &labelled,
-                cfg.finetune_epochs,
-                cfg,
-                &mut rng.fork(50),
-                progress,
-            )?;
-        }
-        let student_acc = accuracy(backend, &student, data, &test)?;
-
-        t_lat = latency(backend, &teachers[0], data, &test)?;
-        s_lat = latency(backend, &student, data, &test)?;
-        t_params = teachers[0].parameter_count();
-        s_params = student.parameter_count();
-        let r = FoldResult {
-            fold: f,
-            teacher: teacher_acc,
-            student: student_acc,
-            simple: simple_acc,
-            teacher_curve,
-            student_curve,
-            simple_curve,
-        };
-        progress(Progress::Fold(&r));
-        results.push(r);
-        last_student = Some(student);
+    let mut last = None;
+    for (f, (train, test)) in folds.iter().take(take).enumerate() {
+        let out = run_fold(backend, data, cfg, &root, f, train, test, progress)?;
+        progress(Progress::Fold(&out.result));
+        results.push(out.result);
+        last = Some((out.teacher, out.student, test));
     }
+    let (teacher, student, test) = last.expect("at least one fold");
+    let latencies = (
+        latency(backend, &teacher, data, test)?,
+        latency(backend, &student, data, test)?,
+    );
+    finish(backend, cfg, results, &teacher, student, latencies, start)
+}
+
+/// Runs the experiment with up to `jobs` folds at a time, each on its own thread (for backends
+/// that are `Sync`, such as the CPU ones, where one fold does not fill the machine). Every fold
+/// draws from its own random stream, so the results are the same bits as [`run`]'s; the
+/// latencies are measured after training, on the calling thread, with nothing else running.
+pub fn run_parallel<B: Backend + Sync>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    jobs: usize,
+    progress: &mut (dyn FnMut(Progress<'_>) + Send),
+) -> Result<Outcome<B>> {
+    cfg.validate(data)?;
+    let take = cfg.run_folds.unwrap_or(cfg.folds).clamp(1, cfg.folds);
+    if jobs <= 1 || take <= 1 {
+        return run(backend, data, cfg, progress);
+    }
+    let start = Instant::now();
+    let root = Rng::new(cfg.seed);
+    let folds = data::kfold(data.len(), cfg.folds, &mut root.fork(1))?;
+    let next = AtomicUsize::new(0);
+    let progress = Mutex::new(progress);
+    // Networks hold `Rc` handles and stay on their thread: each worker returns host copies.
+    type Done = (FoldResult, Vec<Vec<f32>>, Vec<Vec<f32>>);
+    let worker = || -> Result<Vec<(usize, Done)>> {
+        let mut mine = Vec::new();
+        let mut report = |p: Progress<'_>| {
+            let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
+            (*guard)(p)
+        };
+        loop {
+            let f = next.fetch_add(1, Ordering::Relaxed);
+            if f >= take {
+                return Ok(mine);
+            }
+            let (train, test) = &folds[f];
+            let out = run_fold(backend, data, cfg, &root, f, train, test, &mut report)?;
+            report(Progress::Fold(&out.result));
+            let (t, s) = (
+                host_params(backend, &out.teacher)?,
+                host_params(backend, &out.student)?,
+            );
+            mine.push((f, (out.result, t, s)));
+        }
+    };
+    let mut done: Vec<(usize, Done)> = Vec::new();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..jobs.min(take)).map(|_| scope.spawn(worker)).collect();
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(mine)) => done.extend(mine),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })?;
+    done.sort_by_key(|(f, _)| *f);
+    let (mut results, mut last) = (Vec::new(), None);
+    for (_, (result, t, s)) in done {
+        results.push(result);
+        last = Some((t, s));
+    }
+    // Rebuild the last fold's teacher and student from their weights. Their latencies are
+    // measured on a thread of their own, like the one that trained them: on the calling thread,
+    // whose allocator arena saw none of the training, fresh pages for every batch inflated the
+    // teacher's time 2.5x.
+    let (t, s) = last.expect("at least one fold");
+    let rebuild = |teacher: bool, values: &[Vec<f32>]| {
+        let net = cfg.build(backend, data, teacher, &mut root.fork(u64::MAX))?;
+        with_params(backend, net, values)
+    };
+    let test = &folds[take - 1].1;
+    let latencies = std::thread::scope(|scope| {
+        let timed = scope.spawn(|| -> Result<(f64, f64)> {
+            Ok((
+                latency(backend, &rebuild(true, &t)?, data, test)?,
+                latency(backend, &rebuild(false, &s)?, data, test)?,
+            ))
+        });
+        timed
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
+    let teacher = rebuild(true, &t)?;
+    let student = rebuild(false, &s)?;
+    finish(backend, cfg, results, &teacher, student, latencies, start)
+}
+
+fn host_params<B: Backend>(backend: &B, net: &Net<B>) -> Result<Vec<Vec<f32>>> {
+    net.params()
+        .iter()
+        .map(|p| p.value.to_host(backend))
+        .collect()
+}
+
+fn with_params<B: Backend>(backend: &B, mut net: Net<B>, values: &[Vec<f32>]) -> Result<Net<B>> {
+    for (p, v) in net.params_mut().into_iter().zip(values) {
+        p.value = Tensor::from_host(backend, v, &p.value.shape.clone())?;
+    }
+    Ok(net)
+}
+
+/// The report: accuracies over the folds, sizes and (given) latencies of the last fold's models.
+fn finish<B: Backend>(
+    backend: &B,
+    cfg: &Config,
+    results: Vec<FoldResult>,
+    teacher: &Net<B>,
+    student: Net<B>,
+    (teacher_latency, student_latency): (f64, f64),
+    start: Instant,
+) -> Result<Outcome<B>> {
     let pick = |g: fn(&FoldResult) -> f64| summary(&results.iter().map(g).collect::<Vec<_>>());
     let report = Report {
         backend: backend.name(),
@@ -450,16 +481,129 @@ pub fn run<B: Backend>(
         teacher: pick(|r| r.teacher),
         student: pick(|r| r.student),
         simple: pick(|r| r.simple),
+        teacher_params: teacher.parameter_count(),
+        student_params: student.parameter_count(),
         folds: results,
-        teacher_params: t_params,
-        student_params: s_params,
-        teacher_latency: t_lat,
-        student_latency: s_lat,
+        teacher_latency,
+        student_latency,
         seconds: start.elapsed().as_secs_f64(),
     };
-    Ok(Outcome {
-        report,
-        student: last_student.expect("at least one fold"),
+    Ok(Outcome { report, student })
+}
+
+/// One fold: the teacher(s) on every label of `train`, the simple model and the distilled
+/// student on the labelled part, each scored on `test`.
+#[allow(clippy::too_many_arguments)]
+fn run_fold<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    root: &Rng,
+    f: usize,
+    train: &[usize],
+    test: &[usize],
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<FoldOutput<B>> {
+    let mut rng = root.fork(100 + f as u64);
+    let (labelled, unlabelled) =
+        data::label_split(data, train, cfg.label_fraction, &mut rng.fork(2))?;
+
+    // Teacher(s): every label of the training fold.
+    let n_teachers = if cfg.method == Method::Ensemble {
+        cfg.teachers
+    } else {
+        1
+    };
+    let mut teachers = Vec::new();
+    let mut teacher_curve = Vec::new();
+    for k in 0..n_teachers {
+        let mut t = cfg.build(backend, data, true, &mut rng.fork(10 + k as u64))?;
+        progress(Progress::Start(
+            "teacher",
+            f,
+            cfg.teacher_epochs * train.len().div_ceil(cfg.batch),
+        ));
+        let curve = train_supervised(
+            backend,
+            &mut t,
+            data,
+            train,
+            cfg.teacher_epochs,
+            cfg,
+            &mut rng.fork(20 + k as u64),
+            f,
+            progress,
+        )?;
+        if k == 0 {
+            teacher_curve = curve;
+        }
+        teachers.push(t);
+    }
+    let teacher_acc = accuracy(backend, &teachers[0], data, test)?;
+
+    // Simple: the student's architecture on the labelled part only, same epochs.
+    let mut simple = cfg.build(backend, data, false, &mut rng.fork(30))?;
+    progress(Progress::Start(
+        "simple",
+        f,
+        cfg.epochs * labelled.len().div_ceil(cfg.batch),
+    ));
+    let simple_curve = train_supervised(
+        backend,
+        &mut simple,
+        data,
+        &labelled,
+        cfg.epochs,
+        cfg,
+        &mut rng.fork(31),
+        f,
+        progress,
+    )?;
+    let simple_acc = accuracy(backend, &simple, data, test)?;
+
+    // Distilled student, same initialisation as the simple model.
+    let (mut student, student_curve) = distil(
+        backend,
+        data,
+        cfg,
+        &teachers,
+        &labelled,
+        &unlabelled,
+        f,
+        &mut rng,
+        progress,
+    )?;
+    if cfg.finetune_epochs > 0 {
+        progress(Progress::Start(
+            "fine-tune",
+            f,
+            cfg.finetune_epochs * labelled.len().div_ceil(cfg.batch),
+        ));
+        train_supervised(
+            backend,
+            &mut student,
+            data,
+            &labelled,
+            cfg.finetune_epochs,
+            cfg,
+            &mut rng.fork(50),
+            f,
+            progress,
+        )?;
+    }
+    let student_acc = accuracy(backend, &student, data, test)?;
+    Ok(FoldOutput {
+        result: FoldResult {
+            fold: f,
+            teacher: teacher_acc,
+            student: student_acc,
+            simple: simple_acc,
+            teacher_curve,
+            student_curve,
+            simple_curve,
+        },
+        teacher: teachers.swap_remove(0),
+        student,
     })
 }
 
@@ -517,6 +661,7 @@ fn train_supervised<B: Backend>(
     epochs: usize,
     cfg: &Config,
     rng: &mut Rng,
+    fold: usize,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Vec<f64>> {
     let mut curve = Vec::with_capacity(epochs);
@@ -536,7 +681,7 @@ fn train_supervised<B: Backend>(
             step += 1;
             opt.step(&tape, model.params_mut().into_iter().zip(fwd.params), step)?;
             backend.axpy(1.0, &tape.value(loss).buf, &total.buf)?;
-            progress(Progress::Step);
+            progress(Progress::Step(fold));
         }
         curve.push(total.to_host(backend)?[0] as f64 / batches.len() as f64);
     }
@@ -596,22 +741,24 @@ pub fn accuracy<B: Backend>(
     Ok(correct as f64 / idx.len() as f64)
 }
 
-/// Seconds per example of a batched forward pass over `idx` (median of 5 after a warm-up).
+/// Seconds per example of a batched forward pass over `idx` (median of 21 after 3 warm-ups).
 pub fn latency<B: Backend>(
     backend: &B,
     model: &Net<B>,
     data: &Dataset,
     idx: &[usize],
 ) -> Result<f64> {
-    predict(backend, model, data, idx)?;
-    let mut times: Vec<f64> = (0..5)
+    for _ in 0..3 {
+        predict(backend, model, data, idx)?;
+    }
+    let mut times: Vec<f64> = (0..21)
         .map(|_| {
             let t = Instant::now();
             predict(backend, model, data, idx).map(|_| t.elapsed().as_secs_f64())
         })
         .collect::<Result<_>>()?;
     times.sort_by(f64::total_cmp);
-    Ok(times[2] / idx.len() as f64)
+    Ok(times[times.len() / 2] / idx.len() as f64)
 }
 
 /// Soft targets `mean_k softmax(t_k / T)` of an ensemble, `[n, C]`.
@@ -896,7 +1043,7 @@ fn distil_once<B: Backend>(
             let kd_loss = if peer.is_some() { losses[2] } else { losses[1] };
             backend.axpy(cfg.alpha, &tape.value(losses[0]).buf, &total.buf)?;
             backend.axpy(1.0 - cfg.alpha, &tape.value(kd_loss).buf, &total.buf)?;
-            progress(Progress::Step);
+            progress(Progress::Step(fold));
         }
         curve.push(total.to_host(backend)?[0] as f64 / batches.len() as f64);
     }

@@ -1,5 +1,6 @@
 //! `distill`: the teacher-student comparison on the best backend, and a T x alpha sweep.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -7,8 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use distillation::data::Dataset;
 use distillation::experiment::{self, Config, Method, ModelKind, Progress, Report};
 use distillation::nn::Net;
-use distillation::{Backend, CpuBackend, Error, Result, WgpuBackend};
-use indicatif::{ProgressBar, ProgressStyle};
+use distillation::{Backend, CpuBackend, Error, FastCpuBackend, Result, WgpuBackend};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,9 +39,12 @@ enum Command {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BackendChoice {
-    /// CUDA, else a hardware wgpu adapter, else the CPU.
+    /// CUDA, else a hardware wgpu adapter, else the fast CPU backend.
     Auto,
+    /// The fast CPU backend (f32 matmul, AVX2+FMA when the CPU has them).
     Cpu,
+    /// The f64 CPU reference (slow; every other backend is checked against it).
+    Reference,
     Wgpu,
     Cuda,
 }
@@ -118,6 +122,10 @@ struct Opts {
     /// No progress bars.
     #[arg(long, global = true)]
     quiet: bool,
+    /// Folds trained at once, each on its own thread (CPU backends; the GPU ones run one at a
+    /// time). Default: one per core. Results are the same for any value.
+    #[arg(long, global = true)]
+    jobs: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -175,13 +183,16 @@ fn run(cli: Cli) -> Result<()> {
     cfg.validate(&data)?;
     let command = cli.command.unwrap_or(Command::Run);
     match o.backend {
-        BackendChoice::Cpu => dispatch(&CpuBackend::new(), &data, &cfg, &command, o),
-        BackendChoice::Wgpu => dispatch(&WgpuBackend::new()?, &data, &cfg, &command, o),
+        BackendChoice::Cpu => dispatch(&FastCpuBackend::new(), &data, &cfg, &command, o, cores(o)),
+        BackendChoice::Reference => {
+            dispatch(&CpuBackend::new(), &data, &cfg, &command, o, cores(o))
+        }
+        BackendChoice::Wgpu => dispatch(&WgpuBackend::new()?, &data, &cfg, &command, o, 1),
         BackendChoice::Cuda => cuda(&data, &cfg, &command, o),
         BackendChoice::Auto => {
             #[cfg(feature = "cuda")]
             match distillation::CudaBackend::new() {
-                Ok(b) => return dispatch(&b, &data, &cfg, &command, o),
+                Ok(b) => return dispatch(&b, &data, &cfg, &command, o, 1),
                 Err(e) => eprintln!("auto: {e}"),
             }
             let hw = distillation::backend::wgpu::WgpuOptions {
@@ -189,10 +200,10 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             match WgpuBackend::with_options(hw) {
-                Ok(b) => dispatch(&b, &data, &cfg, &command, o),
+                Ok(b) => dispatch(&b, &data, &cfg, &command, o, 1),
                 Err(e) => {
                     eprintln!("auto: {e}; using the CPU backend");
-                    dispatch(&CpuBackend::new(), &data, &cfg, &command, o)
+                    dispatch(&FastCpuBackend::new(), &data, &cfg, &command, o, cores(o))
                 }
             }
         }
@@ -201,7 +212,7 @@ fn run(cli: Cli) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn cuda(data: &Dataset, cfg: &Config, command: &Command, o: &Opts) -> Result<()> {
-    dispatch(&distillation::CudaBackend::new()?, data, cfg, command, o)
+    dispatch(&distillation::CudaBackend::new()?, data, cfg, command, o, 1)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -212,36 +223,46 @@ fn cuda(_: &Dataset, _: &Config, _: &Command, _: &Opts) -> Result<()> {
     })
 }
 
-fn dispatch<B: Backend>(
+/// `--jobs`, or one fold per core.
+fn cores(o: &Opts) -> usize {
+    o.jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn dispatch<B: Backend + Sync>(
     backend: &B,
     data: &Dataset,
     cfg: &Config,
     command: &Command,
     o: &Opts,
+    jobs: usize,
 ) -> Result<()> {
     eprintln!("backend: {}", backend.name());
     match command {
         Command::Run => {
-            let outcome = experiment::run(backend, data, cfg, &mut progress_printer(o.quiet))?;
+            let mut progress = progress_printer(o.quiet);
+            let outcome = experiment::run_parallel(backend, data, cfg, jobs, &mut progress)?;
             print_table(&outcome.report);
             write_outputs(&o.out, &outcome.report, backend, &outcome.student)
         }
         Command::Sweep {
             temperatures,
             alphas,
-        } => sweep(backend, data, cfg, temperatures, alphas, o),
+        } => sweep(backend, data, cfg, temperatures, alphas, o, jobs),
     }
 }
 
-fn progress_printer(quiet: bool) -> impl FnMut(Progress<'_>) {
-    let mut bar: Option<ProgressBar> = None;
+fn progress_printer(quiet: bool) -> impl FnMut(Progress<'_>) + Send {
+    // One bar per fold in flight (folds may train side by side with --jobs).
+    let bars = MultiProgress::new();
+    let mut active: HashMap<usize, ProgressBar> = HashMap::new();
     move |p| match p {
         Progress::Start(name, fold, steps) => {
-            if let Some(b) = bar.take() {
+            if let Some(b) = active.remove(&fold) {
                 b.finish_and_clear();
             }
             if !quiet {
-                let b = ProgressBar::new(steps as u64);
+                let b = bars.add(ProgressBar::new(steps as u64));
                 b.set_style(
                     ProgressStyle::with_template(
                         "{msg:>18} [{bar:30}] {pos}/{len} steps {elapsed}",
@@ -250,25 +271,28 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress<'_>) {
                     .progress_chars("=> "),
                 );
                 b.set_message(format!("fold {} {name}", fold + 1));
-                bar = Some(b);
+                active.insert(fold, b);
             }
         }
-        Progress::Step => {
-            if let Some(b) = &bar {
+        Progress::Step(fold) => {
+            if let Some(b) = active.get(&fold) {
                 b.inc(1);
             }
         }
         Progress::Fold(r) => {
-            if let Some(b) = bar.take() {
+            if let Some(b) = active.remove(&r.fold) {
                 b.finish_and_clear();
             }
-            eprintln!(
+            let line = format!(
                 "fold {}: teacher {:.2}%  distilled {:.2}%  simple {:.2}%",
                 r.fold + 1,
                 100.0 * r.teacher,
                 100.0 * r.student,
                 100.0 * r.simple
             );
+            if quiet || bars.is_hidden() || bars.println(&line).is_err() {
+                eprintln!("{line}");
+            }
         }
     }
 }
@@ -348,13 +372,14 @@ fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Net<
     Ok(())
 }
 
-fn sweep<B: Backend>(
+fn sweep<B: Backend + Sync>(
     backend: &B,
     data: &Dataset,
     cfg: &Config,
     temperatures: &[f32],
     alphas: &[f32],
     o: &Opts,
+    jobs: usize,
 ) -> Result<()> {
     let mut rows = Vec::new();
     for &t in temperatures {
@@ -366,7 +391,8 @@ fn sweep<B: Backend>(
             };
             c.validate(data)?;
             eprintln!("sweep: T = {t}, alpha = {a}");
-            let r = experiment::run(backend, data, &c, &mut progress_printer(o.quiet))?.report;
+            let mut progress = progress_printer(o.quiet);
+            let r = experiment::run_parallel(backend, data, &c, jobs, &mut progress)?.report;
             rows.push((t, a, r));
         }
     }

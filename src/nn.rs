@@ -316,6 +316,16 @@ impl<B: Backend> Cnn<B> {
         v
     }
 
+    pub fn params(&self) -> Vec<&Param<B>> {
+        let mut v: Vec<&Param<B>> = self
+            .convs
+            .iter()
+            .flat_map(|c| [&c.weight, &c.bias])
+            .collect();
+        v.extend([&self.head.weight, &self.head.bias]);
+        v
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.convs
             .iter()
@@ -365,6 +375,14 @@ impl<B: Backend> Net<B> {
         match self {
             Net::Mlp(m) => m.params_mut(),
             Net::Cnn(c) => c.params_mut(),
+        }
+    }
+
+    /// The parameters, in the order of [`Net::params_mut`].
+    pub fn params(&self) -> Vec<&Param<B>> {
+        match self {
+            Net::Mlp(m) => m.params(),
+            Net::Cnn(c) => c.params(),
         }
     }
 

@@ -54,6 +54,44 @@ fn short_run_learns<B: Backend>(b: &B) {
 backend_tests!(short_run_learns);
 
 #[test]
+fn folds_side_by_side_give_the_same_results() {
+    let b = distillation::FastCpuBackend::new();
+    let data = Dataset::digits().unwrap();
+    let cfg = Config {
+        run_folds: Some(3),
+        epochs: 6,
+        teacher_epochs: 2,
+        ..quick(Method::Kd)
+    };
+    let one = experiment::run(&b, &data, &cfg, &mut |_| {}).unwrap();
+    let mut seen = Vec::new();
+    let mut progress = |p: experiment::Progress<'_>| {
+        if let experiment::Progress::Fold(r) = p {
+            seen.push(r.fold)
+        }
+    };
+    let three = experiment::run_parallel(&b, &data, &cfg, 3, &mut progress).unwrap();
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2]);
+    assert_eq!(one.report.folds.len(), 3);
+    for (x, y) in one.report.folds.iter().zip(&three.report.folds) {
+        assert_eq!(x.fold, y.fold);
+        assert_eq!(
+            (x.teacher, x.student, x.simple),
+            (y.teacher, y.student, y.simple)
+        );
+        assert_eq!(x.student_curve, y.student_curve);
+        assert_eq!(x.teacher_curve, y.teacher_curve);
+    }
+    // The student handed back for saving is the last fold's, weight for weight.
+    let (s1, s3) = (one.student.params(), three.student.params());
+    for (p, q) in s1.iter().zip(&s3) {
+        assert_eq!(p.value.to_host(&b).unwrap(), q.value.to_host(&b).unwrap());
+    }
+    assert!(three.report.teacher_latency > 0.0 && three.report.student_latency > 0.0);
+}
+
+#[test]
 fn every_method_runs_and_learns() {
     let b = distillation::CpuBackend::new();
     let data = Dataset::digits().unwrap();
