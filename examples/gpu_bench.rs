@@ -6,9 +6,10 @@
 //!   cargo run --release --example gpu_bench -- [--large] [--runs 20] [--json out/gpu_bench.json]
 //!
 //! wgpu times each run with timestamp queries when the device has them (else the wall clock
-//! around submit and wait), and its reference is a device-to-device buffer copy; CUDA times with
-//! the wall clock around the launch and a stream synchronize, and its reference is the streaming
-//! kernel `y += x` (the same 12 bytes per element as the fused losses). `--large` adds 8192x32000 and 16384x131072 (about 26 GB of traffic per call).
+//! around submit and wait), CUDA with events recorded on the backend's stream; on both the
+//! reference is a device-to-device copy of one `[N, C]` tensor (8 bytes per element), and CUDA adds
+//! a row for our streaming kernel `y += x` (the 12 bytes per element of the fused losses).
+//! `--large` adds 8192x32000 and 16384x131072 (about 26 GB of traffic per call).
 
 use std::io::Write;
 
@@ -157,26 +158,58 @@ fn run_cuda(
             .collect::<distillation::Result<Vec<_>>>()?;
         let labels = b.upload_labels(&(0..n as i32).map(|i| i % c as i32).collect::<Vec<_>>())?;
         let (loss, grad) = (b.filled(1, 0.0)?, b.filled(nc, 0.0)?);
-        let time = |f: &dyn Fn(usize) -> distillation::Result<()>| -> distillation::Result<f64> {
-            let mut v = Vec::new();
-            for i in 0..runs + 3 {
-                b.synchronize()?;
-                let t = std::time::Instant::now();
-                f(i)?;
-                b.synchronize()?;
-                if i >= 3 {
-                    v.push(t.elapsed().as_secs_f64());
-                }
+        // Each run between two CUDA events recorded on the backend's stream (device time, not
+        // launch overhead); median of `runs` after 3 warm-ups.
+        let stream = b.stream();
+        let dev = |what: &'static str| {
+            move |e: cudarc::driver::DriverError| distillation::Error::Device {
+                backend: "cuda",
+                message: format!("{what}: {e:?}"),
             }
-            Ok(median(v))
         };
-        // Streaming reference: `y += x` (axpy) reads two tensors and writes one, the same 12 bytes
-        // per element as the fused losses.
-        let copy = time(&|i| b.axpy(1.0, &inputs[i % sets].0, &grad))?;
-        let copy_gbps = 12.0 * nc as f64 / copy / 1e9;
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let time =
+            |f: &mut dyn FnMut(usize) -> distillation::Result<()>| -> distillation::Result<f64> {
+                let start = stream.context().new_event(timing).map_err(dev("event"))?;
+                let end = stream.context().new_event(timing).map_err(dev("event"))?;
+                let mut v = Vec::new();
+                for i in 0..runs + 3 {
+                    start.record(stream).map_err(dev("record"))?;
+                    f(i)?;
+                    end.record(stream).map_err(dev("record"))?;
+                    let ms = start.elapsed_ms(&end).map_err(dev("elapsed"))?;
+                    if i >= 3 {
+                        v.push(ms as f64 / 1e3);
+                    }
+                }
+                b.synchronize()?;
+                Ok(median(v))
+            };
+        // The floor's reference: a device-to-device copy of one [N, C] tensor (cuMemcpyDtoDAsync),
+        // counted as 8 bytes per element (read + write), rotating over the input sets.
+        let mut dst = stream.alloc_zeros::<f32>(nc).map_err(dev("alloc"))?;
+        let copy = time(&mut |i| {
+            let src = inputs[i % sets]
+                .0
+                .as_slice()
+                .expect("uploaded buffers own their memory");
+            stream.memcpy_dtod(src, &mut dst).map_err(dev("copy"))
+        })?;
+        drop(dst);
+        let copy_gbps = 8.0 * nc as f64 / copy / 1e9;
+        // A streaming kernel of ours for comparison: `y += x` (12 bytes per element).
+        let axpy = time(&mut |i| b.axpy(1.0, &inputs[i % sets].0, &grad))?;
+        rows.push(Row {
+            kernel: "axpy (y += x)".into(),
+            shape: format!("{n}x{c}"),
+            backend: name.clone(),
+            median_ms: axpy * 1e3,
+            gbps: 12.0 * nc as f64 / axpy / 1e9,
+            copy_gbps,
+        });
         let shape = RowShape::new(n, c);
         for (kernel, per_elem) in KERNELS {
-            let med = time(&|i| {
+            let med = time(&mut |i| {
                 let (s, t) = &inputs[i % sets];
                 let out = LossOut {
                     loss: &loss,
