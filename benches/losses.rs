@@ -4,7 +4,8 @@
 //! Timings include waiting for the device.
 //!
 //! `cargo bench --bench losses`; `DISTILLATION_BENCH_LARGE=1` adds 8192x32000 and 16384x131072
-//! (GPU shapes). The CPU backend is the f64 reference: it runs the two small shapes only.
+//! (GPU shapes). The CPU backends (the f64 reference, and the fast one whose losses are the
+//! reference's) run the two small shapes only.
 
 use std::time::Duration;
 
@@ -13,8 +14,9 @@ use distillation::nn::{Mlp, Optimizer};
 use distillation::rng::Rng;
 use distillation::tape::{Tape, Tensor};
 use distillation::{
-    AttentionSpec, Backend, CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, GradOut,
-    HintonSpec, LossOut, MseSpec, RowShape, SoftmaxSpec, TeacherInput, WgpuBackend,
+    AttentionSpec, Backend, CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec,
+    FastCpuBackend, GradOut, HintonSpec, LossOut, MseSpec, RowShape, SoftmaxSpec, TeacherInput,
+    WgpuBackend,
 };
 
 fn shapes(gpu: bool) -> Vec<(usize, usize)> {
@@ -33,13 +35,7 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.range(-4.0, 4.0) as f32).collect()
 }
 
-fn bench_backend<B: Backend>(c: &mut Criterion, b: &B, gpu: bool) {
-    let name = b.name();
-    let tag = name
-        .split_whitespace()
-        .next()
-        .unwrap_or("backend")
-        .to_string();
+fn bench_backend<B: Backend>(c: &mut Criterion, b: &B, tag: &str, gpu: bool) {
     let mut group = c.benchmark_group(format!("losses/{tag}"));
     group
         .sample_size(10)
@@ -238,18 +234,47 @@ fn bench_backend<B: Backend>(c: &mut Criterion, b: &B, gpu: bool) {
             b.synchronize().unwrap();
         })
     });
+    // One step of the default teacher (64-256-256-10, cross-entropy, Adam, batch 32): the bulk of
+    // the default experiment's time.
+    let mut teacher_mlp = Mlp::new(b, &[64, 256, 256, 10], &mut Rng::new(1)).unwrap();
+    let xt = Tensor::from_host(b, &data(32 * 64, 5), &[32, 64]).unwrap();
+    let yt = b
+        .upload_labels(&(0..32).map(|i| i % 10).collect::<Vec<_>>())
+        .unwrap();
+    let mut tstep = 0;
+    g.bench_function("mlp_64_256_256_10_ce_adam_batch32", |bn| {
+        bn.iter(|| {
+            tstep += 1;
+            let tape = Tape::new(b);
+            let xv = tape.constant(xt.clone());
+            let f = teacher_mlp.forward(&tape, xv).unwrap();
+            let ce = tape
+                .cross_entropy(f.logits, &yt, CrossEntropySpec::new(RowShape::new(32, 10)))
+                .unwrap();
+            tape.backward(&[ce]).unwrap();
+            Optimizer::adam(1e-3)
+                .step(
+                    &tape,
+                    teacher_mlp.params_mut().into_iter().zip(f.params),
+                    tstep,
+                )
+                .unwrap();
+            b.synchronize().unwrap();
+        })
+    });
     g.finish();
 }
 
 fn benches(c: &mut Criterion) {
-    bench_backend(c, &CpuBackend::new(), false);
+    bench_backend(c, &CpuBackend::new(), "cpu_reference", false);
+    bench_backend(c, &FastCpuBackend::new(), "cpu_fast", false);
     match WgpuBackend::new() {
-        Ok(b) => bench_backend(c, &b, true),
+        Ok(b) => bench_backend(c, &b, "wgpu", true),
         Err(e) => eprintln!("wgpu benches skipped: {e}"),
     }
     #[cfg(feature = "cuda")]
     match distillation::CudaBackend::new() {
-        Ok(b) => bench_backend(c, &b, true),
+        Ok(b) => bench_backend(c, &b, "cuda", true),
         Err(e) => eprintln!("cuda benches skipped: {e}"),
     }
 }

@@ -8,7 +8,11 @@ the unlabelled rest, which gets only the soft-target term; loss alpha*CE(labelle
 (1-alpha)*T^2*KL(all rows); the simple model is the student trained on the labelled part alone for
 the same steps; Adam lr 1e-3, batch 32, T = 4, alpha = 0.2, 5 folds, pixels / 16.
 
-    python3 benches/peers/digits_torch_cpu.py [--threads 2] [--folds-run 5]
+    python3 benches/peers/digits_torch_cpu.py [--threads 2] [--folds-run 5] [--only 1,2,3]
+
+Folds side by side, as `distill --jobs 2` runs them (one thread each, two processes):
+
+    python3 digits_torch_cpu.py --threads 1 --only 1,2,3 & python3 digits_torch_cpu.py --threads 1 --only 4,5
 """
 import argparse
 import gzip
@@ -80,6 +84,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folds-run", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated 1-based folds to run (e.g. 1,2,3), "
+                    "to run folds in separate processes side by side as `distill --jobs` does")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,7 +95,12 @@ def main():
     folds = [perm[i * len(x) // 5:(i + 1) * len(x) // 5] for i in range(5)]
     res = []
     start = time.time()
-    for f in range(args.folds_run):
+    chosen = [int(v) - 1 for v in args.only.split(",") if v] or list(range(args.folds_run))
+    for f in chosen:
+        # Each fold has its own random streams, so a subset of folds (--only) in one process gives
+        # the same numbers as the full run.
+        gen = torch.Generator().manual_seed(1000 + f)
+        torch.manual_seed(f)
         test = folds[f]
         train = torch.cat([folds[j] for j in range(5) if j != f])
         labelled = []

@@ -75,7 +75,7 @@ pub fn sgemm(
             let kc = KC.min(k - pc);
             // The first depth block overwrites C unless the spec accumulates.
             let add = pc > 0 || spec.accumulate;
-            pack_b(spec, b, pc, kc, jc, nc, &mut ws.b);
+            pack_b(kernel, spec, b, pc, kc, jc, nc, &mut ws.b);
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 pack_a(spec, a, ic, mc, pc, kc, &mut ws.a);
@@ -114,7 +114,9 @@ pub fn sgemm(
 
 /// Packs `op(B)[pc..pc+kc, jc..jc+nc]` into `NR`-wide panels: element `(p, j)` of panel `jp` at
 /// `jp*NR*kc + p*NR + j`, zeros past column `nc`.
+#[allow(clippy::too_many_arguments)]
 fn pack_b(
+    kernel: Kernel,
     spec: &MatmulSpec,
     b: &[f32],
     pc: usize,
@@ -124,14 +126,25 @@ fn pack_b(
     out: &mut Vec<f32>,
 ) {
     let panels = nc.div_ceil(NR);
-    out.clear();
+    // Full panels are written whole; only an edge panel is zeroed first (for its padding), so
+    // the buffer is not cleared on every call.
     out.resize(panels * NR * kc, 0.0);
     let (k, n) = (spec.k, spec.n);
     for jp in 0..panels {
         let panel = &mut out[jp * NR * kc..(jp + 1) * NR * kc];
         let j0 = jc + jp * NR;
         let width = NR.min(jc + nc - j0);
-        if spec.trans_b {
+        if width < NR {
+            panel.fill(0.0);
+        }
+        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2Fma` means the CPU has AVX2; rows j0..j0+NR of B hold k >= pc + kc
+            // floats each and the panel NR * kc (both checked by the slicing in the callee).
+            unsafe {
+                pack_b_transposed_avx2(&b[j0 * k..(j0 + NR) * k], k, pc, kc, panel)
+            };
+        } else if spec.trans_b {
             // B stored [n, k]: column j of op(B) is row j of B, contiguous in p.
             for j in 0..width {
                 let src = &b[(j0 + j) * k + pc..(j0 + j) * k + pc + kc];
@@ -152,6 +165,67 @@ fn pack_b(
     }
 }
 
+/// One full panel of a transposed B: `rows` holds the panel's `NR` rows of B (`k` floats each);
+/// writes `panel[p*NR + j] = rows[j*k + pc + p]` for `p < kc`, eight `p` at a time by 8x8
+/// register transposes (rows `j` and `j+8` handled as two 8x8 blocks), the tail one by one.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(rows.len() >= NR * k && pc + kc <= k && panel.len() >= NR * kc);
+    let full = kc - kc % 8;
+    for p in (0..full).step_by(8) {
+        for half in 0..2 {
+            // r[i]: row j = half*8 + i of B at p..p+8.
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, ri) in r.iter_mut().enumerate() {
+                let at = (half * 8 + i) * k + pc + p;
+                // SAFETY: at + 8 <= (half*8 + i) * k + pc + kc <= NR * k (asserted above).
+                *ri = unsafe { _mm256_loadu_ps(rows.as_ptr().add(at)) };
+            }
+            // Standard 8x8 transpose: pairs, then quads, then 128-bit halves.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (q, col) in cols.iter().enumerate() {
+                // SAFETY: (p + q) * NR + half * 8 + 8 <= kc * NR.
+                unsafe { _mm256_storeu_ps(panel.as_mut_ptr().add((p + q) * NR + half * 8), *col) };
+            }
+        }
+    }
+    for j in 0..NR {
+        for p in full..kc {
+            panel[p * NR + j] = rows[j * k + pc + p];
+        }
+    }
+}
+
 /// Packs `op(A)[ic..ic+mc, pc..pc+kc]` into `MR`-tall panels: element `(i, p)` of panel `ip` at
 /// `ip*MR*kc + p*MR + i`, zeros past row `mc`.
 fn pack_a(
@@ -164,13 +238,15 @@ fn pack_a(
     out: &mut Vec<f32>,
 ) {
     let panels = mc.div_ceil(MR);
-    out.clear();
     out.resize(panels * MR * kc, 0.0);
     let (m, k) = (spec.m, spec.k);
     for ip in 0..panels {
         let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
         let i0 = ic + ip * MR;
         let height = MR.min(ic + mc - i0);
+        if height < MR {
+            panel.fill(0.0);
+        }
         if spec.trans_a {
             // A stored [k, m]: row p of A holds op(A)[.., p], contiguous in i.
             for p in 0..kc {
