@@ -358,13 +358,22 @@ pub fn run<B: Backend>(
         latency(backend, &teacher, data, test)?,
         latency(backend, &student, data, test)?,
     );
-    finish(backend, cfg, results, &teacher, student, latencies, start)
+    let teacher_params = teacher.parameter_count();
+    finish(
+        backend,
+        cfg,
+        results,
+        teacher_params,
+        student,
+        latencies,
+        start,
+    )
 }
 
 /// Runs the experiment with up to `jobs` folds at a time, each on its own thread (for backends
 /// that are `Sync`, such as the CPU ones, where one fold does not fill the machine). Every fold
 /// draws from its own random stream, so the results are the same bits as [`run`]'s; the
-/// latencies are measured after training, on the calling thread, with nothing else running.
+/// latencies are measured after training, with nothing else running.
 pub fn run_parallel<B: Backend + Sync>(
     backend: &B,
     data: &Dataset,
@@ -445,9 +454,17 @@ pub fn run_parallel<B: Backend + Sync>(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })?;
-    let teacher = rebuild(true, &t)?;
+    let teacher_params = t.iter().map(Vec::len).sum();
     let student = rebuild(false, &s)?;
-    finish(backend, cfg, results, &teacher, student, latencies, start)
+    finish(
+        backend,
+        cfg,
+        results,
+        teacher_params,
+        student,
+        latencies,
+        start,
+    )
 }
 
 fn host_params<B: Backend>(backend: &B, net: &Net<B>) -> Result<Vec<Vec<f32>>> {
@@ -469,7 +486,7 @@ fn finish<B: Backend>(
     backend: &B,
     cfg: &Config,
     results: Vec<FoldResult>,
-    teacher: &Net<B>,
+    teacher_params: usize,
     student: Net<B>,
     (teacher_latency, student_latency): (f64, f64),
     start: Instant,
@@ -481,7 +498,7 @@ fn finish<B: Backend>(
         teacher: pick(|r| r.teacher),
         student: pick(|r| r.student),
         simple: pick(|r| r.simple),
-        teacher_params: teacher.parameter_count(),
+        teacher_params,
         student_params: student.parameter_count(),
         folds: results,
         teacher_latency,
