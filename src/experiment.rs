@@ -135,6 +135,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How many folds a run trains: `run_folds`, else all (a validated configuration).
+    fn folds_to_run(&self) -> usize {
+        self.run_folds.unwrap_or(self.folds).clamp(1, self.folds)
+    }
+
     pub fn validate(&self, data: &Dataset) -> Result<()> {
         crate::ops::check_temperature(self.temperature)?;
         if !(0.0..=1.0).contains(&self.alpha) {
@@ -341,10 +346,20 @@ pub fn run<B: Backend>(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Outcome<B>> {
     cfg.validate(data)?;
+    run_in_order(backend, data, cfg, progress)
+}
+
+/// [`run`] on a validated configuration.
+fn run_in_order<B: Backend>(
+    backend: &B,
+    data: &Dataset,
+    cfg: &Config,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Outcome<B>> {
     let start = Instant::now();
     let root = Rng::new(cfg.seed);
     let folds = data::kfold(data.len(), cfg.folds, &mut root.fork(1))?;
-    let take = cfg.run_folds.unwrap_or(cfg.folds).clamp(1, cfg.folds);
+    let take = cfg.folds_to_run();
     let mut results = Vec::new();
     let mut last = None;
     for (f, (train, test)) in folds.iter().take(take).enumerate() {
@@ -382,9 +397,9 @@ pub fn run_parallel<B: Backend + Sync>(
     progress: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<Outcome<B>> {
     cfg.validate(data)?;
-    let take = cfg.run_folds.unwrap_or(cfg.folds).clamp(1, cfg.folds);
+    let take = cfg.folds_to_run();
     if jobs <= 1 || take <= 1 {
-        return run(backend, data, cfg, progress);
+        return run_in_order(backend, data, cfg, progress);
     }
     let start = Instant::now();
     let root = Rng::new(cfg.seed);

@@ -4,29 +4,15 @@
 
 mod common;
 
-use common::{assert_close, to_f64, Lcg};
+use common::check_matmul;
 use distillation::backend::cpu_fast::gemm::Kernel;
-use distillation::ops::dense::{self, MatmulSpec};
+use distillation::ops::dense::MatmulSpec;
 use distillation::{Backend, Error, FastCpuBackend};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 fn check(b: &FastCpuBackend, spec: MatmulSpec, seed: u64) -> Result<Vec<f32>, String> {
-    let mut g = Lcg(seed);
-    let (m, k, n) = (spec.m, spec.k, spec.n);
-    let (a, bb, c0) = (g.vec(m * k, 1.0), g.vec(k * n, 1.0), g.vec(m * n, 1.0));
-    let c = if spec.accumulate {
-        b.upload(&c0).unwrap()
-    } else {
-        b.filled(m * n, f32::NAN).unwrap()
-    };
-    b.matmul(&spec, &b.upload(&a).unwrap(), &b.upload(&bb).unwrap(), &c)
-        .map_err(|e| e.to_string())?;
-    let mut want = to_f64(&c0);
-    dense::matmul_reference(&spec, &to_f64(&a), &to_f64(&bb), &mut want);
-    let got = b.download(&c).unwrap();
-    assert_close(&format!("{spec:?} {:?}", b.kernel()), &got, &want, 1e-5)?;
-    Ok(got)
+    check_matmul(b, spec, seed, 1e-5)
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_close, to_f64, Lcg};
+use common::{assert_close, check_matmul, to_f64, Lcg};
 use distillation::ops::dense::{self, MatmulSpec};
 use distillation::ops::optim::{self, AdamSpec, SgdSpec};
 use distillation::Backend;
@@ -34,7 +34,6 @@ fn matmul_matches_reference<B: Backend>(b: &B) {
             any::<u64>(),
         ),
         |((m, k, n), ta, tb, acc, seed)| {
-            let mut g = Lcg(seed);
             let spec = MatmulSpec {
                 m,
                 k,
@@ -43,17 +42,7 @@ fn matmul_matches_reference<B: Backend>(b: &B) {
                 trans_b: tb,
                 accumulate: acc,
             };
-            let (a, bb, c0) = (g.vec(m * k, 1.0), g.vec(k * n, 1.0), g.vec(m * n, 1.0));
-            let c = if acc {
-                b.upload(&c0).unwrap()
-            } else {
-                b.filled(m * n, f32::NAN).unwrap()
-            };
-            b.matmul(&spec, &b.upload(&a).unwrap(), &b.upload(&bb).unwrap(), &c)
-                .map_err(|e| e.to_string())?;
-            let mut want = to_f64(&c0);
-            dense::matmul_reference(&spec, &to_f64(&a), &to_f64(&bb), &mut want);
-            assert_close("matmul", &b.download(&c).unwrap(), &want, TOL)
+            check_matmul(b, spec, seed, TOL).map(|_| ())
         },
     );
 }

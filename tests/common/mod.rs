@@ -176,3 +176,33 @@ impl Lcg {
         (0..n).map(|_| self.next_f32() * scale).collect()
     }
 }
+
+/// One matmul on `b` from seeded random operands (C poisoned with NaN unless it accumulates),
+/// checked against the f64 reference within `tol`; returns what `b` computed.
+pub fn check_matmul<B: Backend>(
+    b: &B,
+    spec: distillation::ops::dense::MatmulSpec,
+    seed: u64,
+    tol: f64,
+) -> Result<Vec<f32>, String> {
+    let mut g = Lcg(seed);
+    let (m, k, n) = (spec.m, spec.k, spec.n);
+    let (a, bb, c0) = (g.vec(m * k, 1.0), g.vec(k * n, 1.0), g.vec(m * n, 1.0));
+    let c = if spec.accumulate {
+        b.upload(&c0).unwrap()
+    } else {
+        b.filled(m * n, f32::NAN).unwrap()
+    };
+    b.matmul(&spec, &b.upload(&a).unwrap(), &b.upload(&bb).unwrap(), &c)
+        .map_err(|e| e.to_string())?;
+    let mut want = to_f64(&c0);
+    distillation::ops::dense::matmul_reference(&spec, &to_f64(&a), &to_f64(&bb), &mut want);
+    let got = b.download(&c).unwrap();
+    assert_close(
+        &format!("matmul {spec:?} on {}", b.name()),
+        &got,
+        &want,
+        tol,
+    )?;
+    Ok(got)
+}
