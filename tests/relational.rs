@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, to_f64, Lcg};
+use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::ops::relational as rel;
 use distillation::tape::{Tape, Tensor};
 use distillation::{Backend, MseSpec};
@@ -121,37 +121,49 @@ fn primitives_match_reference<B: Backend>(b: &B) {
     });
 }
 
-/// The tape's composite relational losses equal the f64 composite references.
+/// The tape's composite relational losses equal the f64 composite references on `[n, ds]` student
+/// and `[n, dt]` teacher features drawn from `seed`.
+fn check_relational_losses<B: Backend>(
+    b: &B,
+    (n, ds, dt, seed): (usize, usize, usize, u64),
+) -> Result<(), String> {
+    let mut g = Lcg(seed);
+    let (fs, ft) = (g.vec(n * ds, 1.5), g.vec(n * dt, 1.5));
+    for rkd in [false, true] {
+        let tape = Tape::new(b);
+        let s = tape.leaf(Tensor::from_host(b, &fs, &[n, ds]).unwrap());
+        let t = tape.leaf(Tensor::from_host(b, &ft, &[n, dt]).unwrap());
+        let l = if rkd {
+            tape.rkd_distance(s, t, 1.0)
+        } else {
+            tape.similarity_preserving(s, t, 1.0)
+        }
+        .map_err(|e| e.to_string())?;
+        tape.backward(&[l]).map_err(|e| e.to_string())?;
+        let (wl, ws, wt) = if rkd {
+            rel::rkd_distance_reference(&to_f64(&fs), &to_f64(&ft), n)
+        } else {
+            rel::similarity_preserving_reference(&to_f64(&fs), &to_f64(&ft), n)
+        };
+        let what = if rkd { "rkd" } else { "sp" };
+        assert_close(what, &tape.value(l).to_host(b).unwrap(), &[wl], 1e-4)?;
+        // The exact gradient can vanish: with one feature per example the SP gradient is zero
+        // whenever the student's and teacher's signs agree on exactly half the examples, and an
+        // f32 backend then returns rounding noise (~1e-9), so the relative check gets an absolute
+        // floor far below any real gradient here (~1e-4 and up).
+        let grad = |x| tape.grad(x).unwrap().to_host(b).unwrap();
+        assert_close_abs(what, &grad(s), &ws, 1e-3, 1e-7)?;
+        assert_close_abs(what, &grad(t), &wt, 1e-3, 1e-7)?;
+    }
+    Ok(())
+}
+
 fn tape_relational_losses_match_reference<B: Backend>(b: &B) {
-    run(
-        (2usize..24, 1usize..20, 1usize..20, any::<u64>()),
-        |(n, ds, dt, seed)| {
-            let mut g = Lcg(seed);
-            let (fs, ft) = (g.vec(n * ds, 1.5), g.vec(n * dt, 1.5));
-            for rkd in [false, true] {
-                let tape = Tape::new(b);
-                let s = tape.leaf(Tensor::from_host(b, &fs, &[n, ds]).unwrap());
-                let t = tape.leaf(Tensor::from_host(b, &ft, &[n, dt]).unwrap());
-                let l = if rkd {
-                    tape.rkd_distance(s, t, 1.0)
-                } else {
-                    tape.similarity_preserving(s, t, 1.0)
-                }
-                .map_err(|e| e.to_string())?;
-                tape.backward(&[l]).map_err(|e| e.to_string())?;
-                let (wl, ws, wt) = if rkd {
-                    rel::rkd_distance_reference(&to_f64(&fs), &to_f64(&ft), n)
-                } else {
-                    rel::similarity_preserving_reference(&to_f64(&fs), &to_f64(&ft), n)
-                };
-                let what = if rkd { "rkd" } else { "sp" };
-                assert_close(what, &tape.value(l).to_host(b).unwrap(), &[wl], 1e-4)?;
-                assert_close(what, &tape.grad(s).unwrap().to_host(b).unwrap(), &ws, 1e-3)?;
-                assert_close(what, &tape.grad(t).unwrap().to_host(b).unwrap(), &wt, 1e-3)?;
-            }
-            Ok(())
-        },
-    );
+    // A case proptest once drew: 9 of 18 signs agree, so the SP gradient is exactly zero.
+    check_relational_losses(b, (18, 1, 1, 511773195401226472)).unwrap();
+    run((2usize..24, 1usize..20, 1usize..20, any::<u64>()), |case| {
+        check_relational_losses(b, case)
+    });
 }
 
 backend_tests!(
