@@ -386,9 +386,11 @@ fn run_in_order<B: Backend>(
 }
 
 /// Runs the experiment with up to `jobs` folds at a time, each on its own thread (for backends
-/// that are `Sync`, such as the CPU ones, where one fold does not fill the machine). Every fold
-/// draws from its own random stream, so the results are the same bits as [`run`]'s; the
-/// latencies are measured after training, with nothing else running.
+/// that are `Sync`, such as the CPU ones, where one fold does not fill the machine); a thread
+/// with no fold left to start helps the others through [`Backend::help_until`]. Every fold
+/// draws from its own random stream and help never changes an element's arithmetic, so the
+/// results are the same bits as [`run`]'s; the latencies are measured after training, on one
+/// thread, with nothing else running.
 pub fn run_parallel<B: Backend + Sync>(
     backend: &B,
     data: &Dataset,
@@ -398,7 +400,7 @@ pub fn run_parallel<B: Backend + Sync>(
 ) -> Result<Outcome<B>> {
     cfg.validate(data)?;
     let take = cfg.folds_to_run();
-    if jobs <= 1 || take <= 1 {
+    if jobs <= 1 {
         return run_in_order(backend, data, cfg, progress);
     }
     let start = Instant::now();
@@ -408,7 +410,19 @@ pub fn run_parallel<B: Backend + Sync>(
     let progress = Mutex::new(progress);
     // Networks hold `Rc` handles and stay on their thread: each worker returns host copies.
     type Done = (FoldResult, Vec<Vec<f32>>, Vec<Vec<f32>>);
+    let workers = jobs;
+    // Workers still training a fold; one with no fold left to start lends its thread to the
+    // backend's own splitting (`Backend::help_until`) until this reaches zero, so the last folds
+    // do not leave cores idle.
+    let training = AtomicUsize::new(workers);
+    struct Leaving<'a>(&'a AtomicUsize);
+    impl Drop for Leaving<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
     let worker = || -> Result<Vec<(usize, Done)>> {
+        let leaving = Leaving(&training);
         let mut mine = Vec::new();
         let mut report = |p: Progress<'_>| {
             let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -417,6 +431,8 @@ pub fn run_parallel<B: Backend + Sync>(
         loop {
             let f = next.fetch_add(1, Ordering::Relaxed);
             if f >= take {
+                drop(leaving);
+                backend.help_until(&|| training.load(Ordering::Acquire) == 0);
                 return Ok(mine);
             }
             let (train, test) = &folds[f];
@@ -431,7 +447,7 @@ pub fn run_parallel<B: Backend + Sync>(
     };
     let mut done: Vec<(usize, Done)> = Vec::new();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..jobs.min(take)).map(|_| scope.spawn(worker)).collect();
+        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
         let mut first_err = None;
         for h in handles {
             match h.join() {

@@ -1,12 +1,15 @@
 //! The fast CPU backend beyond the shared suite (which runs every test body on it too): both of
 //! its matmul micro-kernels against the f64 reference over the packing blocks' edges, repeat
-//! runs giving the same bits, and an output that aliases an input being an `Err`.
+//! runs giving the same bits (also with a thread lent through `help_until`, which splits large
+//! matmuls and Adam steps across two threads), and an output that aliases an input being an
+//! `Err`.
 
 mod common;
 
 use common::check_matmul;
 use distillation::backend::cpu_fast::gemm::Kernel;
 use distillation::ops::dense::MatmulSpec;
+use distillation::ops::optim::AdamSpec;
 use distillation::{Backend, Error, FastCpuBackend};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -81,6 +84,67 @@ fn same_input_same_bits() {
             .iter()
             .zip(&again)
             .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+/// A training step's matmuls (forward, both backward forms) and an Adam step, three times over
+/// (Adam state carried), with their outputs.
+fn matmuls_and_adam(b: &FastCpuBackend) -> Vec<Vec<f32>> {
+    let mut g = common::Lcg(3);
+    let (x, w) = (g.vec(64 * 300, 1.0), g.vec(260 * 300, 0.1));
+    let (x, w) = (b.upload(&x).unwrap(), b.upload(&w).unwrap());
+    let (m, v) = (
+        b.filled(260 * 300, 0.0).unwrap(),
+        b.filled(260 * 300, 0.0).unwrap(),
+    );
+    let mut outs = Vec::new();
+    for step in 1..=3 {
+        let y = b.filled(64 * 260, f32::NAN).unwrap();
+        let fwd = MatmulSpec {
+            trans_b: true,
+            ..MatmulSpec::new(64, 300, 260)
+        };
+        b.matmul(&fwd, &x, &w, &y).unwrap();
+        let dw = b.filled(260 * 300, f32::NAN).unwrap();
+        let grad = MatmulSpec {
+            trans_a: true,
+            ..MatmulSpec::new(260, 64, 300)
+        };
+        b.matmul(&grad, &y, &x, &dw).unwrap();
+        let dx = b.filled(64 * 300, f32::NAN).unwrap();
+        b.matmul(&MatmulSpec::new(64, 260, 300), &y, &w, &dx)
+            .unwrap();
+        let spec = AdamSpec {
+            step,
+            ..AdamSpec::new(1e-3)
+        };
+        b.adam_step(&spec, &w, &dw, &m, &v).unwrap();
+        for buf in [&y, &dw, &dx, &w, &m, &v] {
+            outs.push(b.download(buf).unwrap());
+        }
+    }
+    outs
+}
+
+#[test]
+fn a_lent_thread_gives_the_same_bits() {
+    let b = FastCpuBackend::new();
+    let alone = matmuls_and_adam(&b);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let helped = std::thread::scope(|s| {
+        s.spawn(|| b.help_until(&|| stop.load(std::sync::atomic::Ordering::Acquire)));
+        let out: Vec<_> = (0..5).map(|_| matmuls_and_adam(&b)).collect();
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        out
+    });
+    for run in helped {
+        for (got, want) in run.iter().zip(&alone) {
+            assert!(got.iter().all(|v| v.is_finite()));
+            assert!(got
+                .iter()
+                .zip(want)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
     }
 }
 

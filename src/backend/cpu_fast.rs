@@ -8,11 +8,16 @@
 //! implementation. Tests run the whole suite on this backend against the reference
 //! (`tests/common`), and `tests/cpu_fast.rs` checks its matmul on odd shapes.
 //!
+//! Calls run on the calling thread, except that a thread lent through [`Backend::help_until`]
+//! (`cpu_fast/helper.rs`) takes the second half of large matmuls and Adam steps: the same bits, since
+//! the halves are disjoint output columns or elements.
+//!
 //! Buffers are [`CpuBuffer`]s, so data moves between this backend and [`CpuBackend`] freely. An
 //! output that is also an input of the same call (other than the documented in-place gradient)
 //! is an [`Error::Alias`].
 
 pub mod gemm;
+mod helper;
 
 use std::cell::{Ref, RefCell, RefMut};
 
@@ -25,11 +30,6 @@ use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
-
-thread_local! {
-    /// Packing space for [`gemm::sgemm`], kept between calls on each thread.
-    static WORKSPACE: RefCell<gemm::Workspace> = RefCell::new(gemm::Workspace::default());
-}
 
 /// The fast CPU backend (f32). See the module documentation for what runs in f32.
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +96,30 @@ const REF: CpuBackend = CpuBackend;
 /// One Adam step in f32, the same arithmetic as `shaders/optim.wgsl` (`lr` carries
 /// `1/(1 - b1^t)`). The wide form is the same code compiled for AVX2: no fused multiply-adds are
 /// formed (Rust does not contract `a * b + c`), so both give the same bits.
+/// Elements per piece below which an Adam step is not split across threads (about 10 us).
+const ADAM_SPLIT_MIN: usize = 1 << 11;
+
+/// [`adam`], its second half offered to a helper thread when one waits and the step is large
+/// (element-wise: the same bits however it is split).
+fn adam_split(
+    kernel: gemm::Kernel,
+    spec: &AdamSpec,
+    (w, g, m, v): (&mut [f32], &[f32], &mut [f32], &mut [f32]),
+) {
+    if w.len() < 2 * ADAM_SPLIT_MIN || !helper::available() {
+        return adam(kernel, spec, w, g, m, v);
+    }
+    let mid = w.len() / 2;
+    let (w0, w1) = w.split_at_mut(mid);
+    let (g0, g1) = g.split_at(mid);
+    let (m0, m1) = m.split_at_mut(mid);
+    let (v0, v1) = v.split_at_mut(mid);
+    helper::join(
+        || adam(kernel, spec, w0, g0, m0, v0),
+        || adam(kernel, spec, w1, g1, m1, v1),
+    );
+}
+
 fn adam(
     kernel: gemm::Kernel,
     spec: &AdamSpec,
@@ -148,6 +172,10 @@ impl Backend for FastCpuBackend {
         Ok(CpuBuffer(RefCell::new(vec![value; len])))
     }
 
+    fn help_until(&self, stop: &dyn Fn() -> bool) {
+        helper::help_until(stop)
+    }
+
     fn upload_labels(&self, labels: &[i32]) -> Result<Vec<i32>> {
         REF.upload_labels(labels)
     }
@@ -179,7 +207,7 @@ impl Backend for FastCpuBackend {
     ) -> Result<()> {
         let (a, b) = (read(a, "a")?, read(b, "b")?);
         let mut c = write(c, "c")?;
-        WORKSPACE.with_borrow_mut(|ws| gemm::sgemm(self.kernel, spec, &a, &b, &mut c, ws));
+        gemm::sgemm(self.kernel, spec, &a, &b, &mut c);
         Ok(())
     }
 
@@ -249,7 +277,7 @@ impl Backend for FastCpuBackend {
     ) -> Result<()> {
         let g = read(grad, "grad")?;
         let (mut w, mut m, mut v) = (write(w, "w")?, write(m, "m")?, write(v, "v")?);
-        adam(self.kernel, spec, &mut w, &g, &mut m, &mut v);
+        adam_split(self.kernel, spec, (&mut w, &g, &mut m, &mut v));
         Ok(())
     }
 

@@ -95,6 +95,12 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    /// Lends the calling thread to this backend's own parallel work until `stop()` is true: the
+    /// fast CPU backend runs halves of other threads' large matmuls and Adam steps on it (the
+    /// same bits as without help). Backends with nothing to share return at once.
+    fn help_until(&self, stop: &dyn Fn() -> bool) {
+        let _ = stop;
+    }
     /// Number of labels in a label buffer.
     fn labels_len(&self, labels: &Self::Labels) -> usize;
     /// Checks labels on the device against `0..classes` / `ignore_index`. Backends whose labels live on

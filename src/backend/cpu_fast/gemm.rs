@@ -14,6 +14,8 @@
 //! same bits; the AVX2 path (fused multiply-add) and the portable one (separate multiply and add)
 //! differ in the last bits.
 
+use std::cell::RefCell;
+
 use crate::ops::dense::MatmulSpec;
 
 /// Rows of the micro-kernel's C tile.
@@ -51,26 +53,73 @@ impl Kernel {
     }
 }
 
-/// Packed operands for one call, reused across calls by the backend.
+/// Packed operands, one set per thread, kept between calls.
 #[derive(Default)]
-pub struct Workspace {
+struct Workspace {
     a: Vec<f32>,
     b: Vec<f32>,
 }
 
-/// `C (+)= op(A) op(B)` on this thread. `a`, `b`, `c` must hold `m*k`, `k*n`, `m*n` elements (the backend validated them).
-pub fn sgemm(
+thread_local! {
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+}
+
+/// Multiply-adds per piece below which a matmul is not split across threads: a few
+/// microseconds of work, against well under one for a spinning helper to take a piece.
+const SPLIT_MIN_WORK: usize = 1 << 14;
+
+/// `C (+)= op(A) op(B)`. `a`, `b`, `c` must hold `m*k`, `k*n`, `m*n` elements (the backend
+/// validated them).
+///
+/// When a thread is lent to the backend (`helper.rs`) and the product is large enough,
+/// the columns of C are split in two on a panel boundary and the second half is offered to
+/// that thread; otherwise everything runs on the calling thread. Either way every element is
+/// computed by the same code in the same order.
+pub fn sgemm(kernel: Kernel, spec: &MatmulSpec, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let MatmulSpec { m, k, n, .. } = *spec;
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    let out = Out(c.as_mut_ptr());
+    // SAFETY (both calls): `c` holds m*n elements and is borrowed mutably for the whole call,
+    // and each call is given its own column range.
+    let cols = |j0: usize, j1: usize| {
+        WORKSPACE.with_borrow_mut(|ws| unsafe { sgemm_cols(kernel, spec, a, b, out, j0, j1, ws) })
+    };
+    if n > NR && m * k * n >= 2 * SPLIT_MIN_WORK && super::helper::available() {
+        let mid = (n / 2).next_multiple_of(NR);
+        super::helper::join(|| cols(0, mid), || cols(mid, n));
+    } else {
+        cols(0, n);
+    }
+}
+
+/// C as a raw pointer, so that threads can write disjoint column ranges of the same rows.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+
+// SAFETY: an `Out` is only dereferenced by `sgemm_cols`, whose callers give each thread its own
+// column range while the `&mut [f32]` it came from is held.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `C[.., j0..j1] (+)= op(A) op(B)[.., j0..j1]` on this thread.
+///
+/// # Safety
+/// `out` must point to `m * n` floats, and nothing else may read or write columns `j0..j1`
+/// of them during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_cols(
     kernel: Kernel,
     spec: &MatmulSpec,
     a: &[f32],
     b: &[f32],
-    c: &mut [f32],
+    out: Out,
+    j0: usize,
+    j1: usize,
     ws: &mut Workspace,
 ) {
     let MatmulSpec { m, k, n, .. } = *spec;
-    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
+    for jc in (j0..j1).step_by(NC) {
+        let nc = NC.min(j1 - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             // The first depth block overwrites C unless the spec accumulates.
@@ -88,7 +137,10 @@ pub fn sgemm(
                         let cols = NR.min(nc - jr);
                         for (r, tile_row) in tile.iter().enumerate().take(rows) {
                             let start = (ic + ir + r) * n + jc + jr;
-                            let dst = &mut c[start..start + cols];
+                            // SAFETY: row ic+ir+r < m, columns jc+jr.. +cols <= j1 <= n: inside
+                            // C and inside this call's column range (caller's contract).
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(out.0.add(start), cols) };
                             match (add, <&mut [f32; NR]>::try_from(&mut *dst)) {
                                 // Full-width rows as fixed-size arrays: vector moves, no memcpy call.
                                 (true, Ok(full)) => {
@@ -347,12 +399,66 @@ mod tests {
         let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         matmul_reference(&spec, &f64s(&a), &f64s(&b), &mut want);
         let mut got = c0.clone();
-        sgemm(kernel, &spec, &a, &b, &mut got, &mut Workspace::default());
+        sgemm(kernel, &spec, &a, &b, &mut got);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
                 "{spec:?} {kernel:?} element {i}: {g} vs {w}"
             );
+        }
+    }
+
+    fn operands(spec: &MatmulSpec) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..spec.m * spec.k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0);
+        let b = (0..spec.k * spec.n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0);
+        (a.collect(), b.collect())
+    }
+
+    /// With a thread lent, large products are split across two threads: the same bits.
+    #[test]
+    fn a_helper_thread_gives_the_same_bits() {
+        use super::super::helper;
+        let kernel = Kernel::detect();
+        let specs = [
+            (32, 256, 256, false, true),
+            (256, 32, 256, true, false),
+            (33, 300, 530, false, false),
+        ];
+        for (m, k, n, trans_a, trans_b) in specs {
+            let spec = MatmulSpec {
+                m,
+                k,
+                n,
+                trans_a,
+                trans_b,
+                accumulate: true,
+            };
+            let (a, b) = operands(&spec);
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+            let mut alone = c0.clone();
+            sgemm(kernel, &spec, &a, &b, &mut alone);
+            let before = helper::helped();
+            let helped = helper::tests::with_helper(|_| {
+                (0..20)
+                    .map(|_| {
+                        let mut c = c0.clone();
+                        sgemm(kernel, &spec, &a, &b, &mut c);
+                        c
+                    })
+                    .collect::<Vec<_>>()
+            });
+            assert!(
+                helper::helped() > before,
+                "{spec:?}: no half ran on the helper"
+            );
+            for c in helped {
+                assert!(
+                    c.iter()
+                        .zip(&alone)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{spec:?}: different bits with a helper"
+                );
+            }
         }
     }
 
