@@ -410,10 +410,13 @@ pub fn run_parallel<B: Backend + Sync>(
     let progress = Mutex::new(progress);
     // Networks hold `Rc` handles and stay on their thread: each worker returns host copies.
     type Done = (FoldResult, Vec<Vec<f32>>, Vec<Vec<f32>>);
-    let workers = jobs;
-    // Workers still training a fold; one with no fold left to start lends its thread to the
-    // backend's own splitting (`Backend::help_until`) until this reaches zero, so the last folds
-    // do not leave cores idle.
+    // A worker with no fold left to start lends its thread to the backend's own splitting
+    // (`Backend::help_until`) until no worker trains, so the last folds do not leave cores idle;
+    // one spare worker when there are fewer folds than jobs. Helpers spin: only when the
+    // workers do not outnumber the cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let lend = jobs <= cores;
+    let workers = jobs.min(if lend { take + 1 } else { take });
     let training = AtomicUsize::new(workers);
     struct Leaving<'a>(&'a AtomicUsize);
     impl Drop for Leaving<'_> {
@@ -432,7 +435,9 @@ pub fn run_parallel<B: Backend + Sync>(
             let f = next.fetch_add(1, Ordering::Relaxed);
             if f >= take {
                 drop(leaving);
-                backend.help_until(&|| training.load(Ordering::Acquire) == 0);
+                if lend {
+                    backend.help_until(&|| training.load(Ordering::Acquire) == 0);
+                }
                 return Ok(mine);
             }
             let (train, test) = &folds[f];

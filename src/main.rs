@@ -123,7 +123,8 @@ struct Opts {
     #[arg(long, global = true)]
     quiet: bool,
     /// Folds trained at once, each on its own thread (CPU backends; the GPU ones run one at a
-    /// time). Default: one per core. Results are the same for any value.
+    /// time); a thread with no fold left helps the others' large matmuls. Default: one per
+    /// core. Results are the same for any value.
     #[arg(long, global = true)]
     jobs: Option<usize>,
 }

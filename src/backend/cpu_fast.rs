@@ -93,10 +93,8 @@ fn as_reference(out: LossOut<'_, FastCpuBackend>) -> LossOut<'_, CpuBackend> {
 
 const REF: CpuBackend = CpuBackend;
 
-/// One Adam step in f32, the same arithmetic as `shaders/optim.wgsl` (`lr` carries
-/// `1/(1 - b1^t)`). The wide form is the same code compiled for AVX2: no fused multiply-adds are
-/// formed (Rust does not contract `a * b + c`), so both give the same bits.
-/// Elements per piece below which an Adam step is not split across threads (about 10 us).
+/// Elements per half below which an Adam step is not split across threads (about a
+/// microsecond of work; a spinning helper takes a half in a fraction of that).
 const ADAM_SPLIT_MIN: usize = 1 << 11;
 
 /// [`adam`], its second half offered to a helper thread when one waits and the step is large
@@ -120,6 +118,9 @@ fn adam_split(
     );
 }
 
+/// One Adam step in f32, the same arithmetic as `shaders/optim.wgsl` (`lr` carries
+/// `1/(1 - b1^t)`). The wide form is the same code compiled for AVX2: no fused multiply-adds are
+/// formed (Rust does not contract `a * b + c`), so both give the same bits.
 fn adam(
     kernel: gemm::Kernel,
     spec: &AdamSpec,

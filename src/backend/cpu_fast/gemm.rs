@@ -64,8 +64,9 @@ thread_local! {
     static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
 }
 
-/// Multiply-adds per piece below which a matmul is not split across threads: a few
-/// microseconds of work, against well under one for a spinning helper to take a piece.
+/// Multiply-adds per half below which a matmul is not split across threads: about half a
+/// microsecond of work, against a few cache-line transfers for a spinning helper to take a half
+/// (the best of 2^14..2^17 on the default experiment, `docs/PERF.md`).
 const SPLIT_MIN_WORK: usize = 1 << 14;
 
 /// `C (+)= op(A) op(B)`. `a`, `b`, `c` must hold `m*k`, `k*n`, `m*n` elements (the backend
