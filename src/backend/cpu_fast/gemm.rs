@@ -388,13 +388,15 @@ mod tests {
     use super::*;
     use crate::ops::dense::matmul_reference;
 
+    /// Deterministic operands with varied values for `spec`.
+    fn operands(spec: &MatmulSpec) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..spec.m * spec.k).map(|i| ((i * 7919 % 23) as f32 - 11.0) / 8.0);
+        let b = (0..spec.k * spec.n).map(|i| ((i * 104729 % 31) as f32 - 15.0) / 16.0);
+        (a.collect(), b.collect())
+    }
+
     fn check(kernel: Kernel, spec: MatmulSpec) {
-        let a: Vec<f32> = (0..spec.m * spec.k)
-            .map(|i| ((i * 7919 % 23) as f32 - 11.0) / 8.0)
-            .collect();
-        let b: Vec<f32> = (0..spec.k * spec.n)
-            .map(|i| ((i * 104729 % 31) as f32 - 15.0) / 16.0)
-            .collect();
+        let (a, b) = operands(&spec);
         let c0: Vec<f32> = (0..spec.m * spec.n).map(|i| (i % 5) as f32).collect();
         let mut want: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
         let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
@@ -407,12 +409,6 @@ mod tests {
                 "{spec:?} {kernel:?} element {i}: {g} vs {w}"
             );
         }
-    }
-
-    fn operands(spec: &MatmulSpec) -> (Vec<f32>, Vec<f32>) {
-        let a = (0..spec.m * spec.k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0);
-        let b = (0..spec.k * spec.n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0);
-        (a.collect(), b.collect())
     }
 
     /// With a thread lent, large products are split across two threads: the same bits.
