@@ -130,12 +130,20 @@ fn matmuls_and_adam(b: &FastCpuBackend) -> Vec<Vec<f32>> {
 fn a_lent_thread_gives_the_same_bits() {
     let b = FastCpuBackend::new();
     let alone = matmuls_and_adam(&b);
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Stops the helper however the runs end: a panic unwinds through the scope, which joins
+    /// the helper, so without this a failure would hang instead.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let stop = AtomicBool::new(false);
     let helped = std::thread::scope(|s| {
-        s.spawn(|| b.help_until(&|| stop.load(std::sync::atomic::Ordering::Acquire)));
-        let out: Vec<_> = (0..5).map(|_| matmuls_and_adam(&b)).collect();
-        stop.store(true, std::sync::atomic::Ordering::Release);
-        out
+        let _stop = Stop(&stop);
+        s.spawn(|| b.help_until(&|| stop.load(Ordering::Acquire)));
+        (0..5).map(|_| matmuls_and_adam(&b)).collect::<Vec<_>>()
     });
     for run in helped {
         for (got, want) in run.iter().zip(&alone) {

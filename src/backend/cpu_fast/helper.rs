@@ -160,15 +160,22 @@ pub(super) mod tests {
     /// Runs `f` while another thread is lent through [`help_until`].
     pub fn with_helper<T>(f: impl FnOnce(ThreadId) -> T) -> T {
         let _one = LENDING.lock().unwrap_or_else(|e| e.into_inner());
+        /// Stops the helper however `f` ends: a failed assertion in `f` unwinds through the
+        /// scope, which joins the helper, so without this a failing test would hang instead.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
+            let _stop = Stop(&stop);
             let helper = s.spawn(|| help_until(&|| stop.load(Ordering::Acquire)));
             while !available() {
                 std::thread::yield_now();
             }
-            let out = f(helper.thread().id());
-            stop.store(true, Ordering::Release);
-            out
+            f(helper.thread().id())
         })
     }
 
@@ -212,15 +219,31 @@ pub(super) mod tests {
                 )
             });
             assert!(caught.is_err());
-            // The caller's own half panicking is resumed too, after the other half finished.
-            let b_ran = AtomicBool::new(false);
-            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                join(
-                    || panic!("half a failed"),
-                    || b_ran.store(true, Ordering::Relaxed),
-                )
-            }));
-            assert!(caught.is_err() && b_ran.load(Ordering::Relaxed));
+            // The caller's own half panicking is resumed too. The other half either never
+            // started (taken back from the slot) or had finished before `join` returned: it
+            // borrows this frame, so it may not still be running once the panic is resumed.
+            for _ in 0..20 {
+                let (started, finished) = (AtomicBool::new(false), AtomicBool::new(false));
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    join(
+                        || {
+                            std::thread::sleep(Duration::from_micros(200));
+                            panic!("half a failed")
+                        },
+                        || {
+                            started.store(true, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(2));
+                            finished.store(true, Ordering::SeqCst);
+                        },
+                    )
+                }));
+                assert!(caught.is_err());
+                assert_eq!(
+                    started.load(Ordering::SeqCst),
+                    finished.load(Ordering::SeqCst),
+                    "join returned while the other half was still running"
+                );
+            }
             // And the slot works again.
             let mut sum = 0;
             join(|| (), || sum = 2);
