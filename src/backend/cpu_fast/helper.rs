@@ -95,10 +95,11 @@ pub(super) fn join(a: impl FnOnce(), b: impl FnOnce() + Send) {
         run_b();
         return;
     }
+    let mut polls = 0u32;
     let end = loop {
         match SLOT.state.load(Ordering::Acquire) {
             s @ (DONE | PANICKED) => break s,
-            _ => std::hint::spin_loop(),
+            _ => pause(&mut polls),
         }
     };
     SLOT.state.store(EMPTY, Ordering::Release);
@@ -119,6 +120,7 @@ pub(super) fn available() -> bool {
 /// Lends this thread to [`join`] until `stop()` is true.
 pub(super) fn help_until(stop: &dyn Fn() -> bool) {
     SLOT.helpers.fetch_add(1, Ordering::Relaxed);
+    let mut polls = 0u32;
     while !stop() {
         // Read before trying to take: a failed compare-exchange still pulls the line away from
         // the posters.
@@ -140,11 +142,27 @@ pub(super) fn help_until(stop: &dyn Fn() -> bool) {
             let end = if ran.is_ok() { DONE } else { PANICKED };
             SLOT.state.store(end, Ordering::Release);
         } else {
-            std::hint::spin_loop();
+            pause(&mut polls);
         }
     }
     SLOT.helpers.fetch_sub(1, Ordering::Relaxed);
 }
+
+/// One poll of a spin-wait: a spin hint, and every [`YIELD_EVERY`] polls a yield, so that on a
+/// machine with more running threads than cores (a test run, say) a spinning thread does not
+/// hold a core for its whole time slice while the thread it waits for is descheduled.
+fn pause(polls: &mut u32) {
+    *polls = polls.wrapping_add(1);
+    if polls.is_multiple_of(YIELD_EVERY) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+/// About 10-40 microseconds of spinning between yields: longer than a posted half usually
+/// takes to be picked up, short against a time slice.
+const YIELD_EVERY: u32 = 1 << 10;
 
 #[cfg(test)]
 pub(super) mod tests {
