@@ -120,7 +120,7 @@ fn adam_split(
 
 /// One Adam step in f32, the same arithmetic as `shaders/optim.wgsl` (`lr` carries
 /// `1/(1 - b1^t)`). The wide forms are the same code compiled for AVX2 or AVX-512 (16 lanes: its
-/// divide and square root took a fold of the default run from 2.80 s to 2.70 s): no fused
+/// divide and square root took a fold of the default run from 2.77 s to 2.65 s): no fused
 /// multiply-adds are formed (Rust does not contract `a * b + c`) and every operation is
 /// element-wise IEEE, so all give the same bits.
 fn adam(
