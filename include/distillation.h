@@ -62,6 +62,24 @@
 #define DST_ERR_PANIC 8
 
 /*
+ An argument combination the op does not support (e.g. a teacher gradient with the teacher
+ given as probabilities).
+ */
+#define DST_ERR_UNSUPPORTED 9
+
+/*
+ A size beyond what the library indexes (more than 2^32 elements) or the device allows.
+ */
+#define DST_ERR_LIMIT 10
+
+/*
+ An input's values are invalid for its form: a NaN or infinity where the input check forbids
+ it, teacher probabilities that are negative or do not sum to 1, or a reverse KL whose teacher
+ gives a class probability 0 (an infinite divergence).
+ */
+#define DST_ERR_INPUT 11
+
+/*
  An opaque CUDA context: a `CudaBackend` bound to one device, with its own stream. Create it with
  [`dst_cuda_create`], free it with [`dst_cuda_destroy`]. It may be used from several threads, but
  calls on one context are serialized on its stream.

@@ -23,7 +23,7 @@ struct Params {
     reduction: u32,
     grad_mode: u32,    // GRAD_NONE / GRAD_INTO / GRAD_IN_PLACE
     want_grad_t: u32,
-    pad0: u32,
+    teacher_eps: f32,  // reverse KL, given teacher: log q floored at log(eps); 0 = no floor
     pad1: u32,
     pad2: u32,
 }
@@ -52,6 +52,9 @@ fn element(s: f32, t: f32, st: RowStats, lzs: f32, lzt: f32, dlz: f32) -> Elem {
         e.diff = (dt - ds) + dlz;
     } else {
         e.lq = select(t, log(t), p.teacher_form == 1u);
+        if (p.teacher_eps > 0.0) {
+            e.lq = max(e.lq, log(p.teacher_eps));
+        }
         e.diff = (e.lq - ds) + lzs;
     }
     e.p = exp(e.lp);
@@ -59,14 +62,24 @@ fn element(s: f32, t: f32, st: RowStats, lzs: f32, lzt: f32, dlz: f32) -> Elem {
     return e;
 }
 
-// JSD's log q - log M = -log(beta + (1 - beta) p/q) and log p - log M = -log(1 - beta + beta q/p),
-// both from diff = log q - log p (precise where p and q are close).
+// JSD's log q - log M = -log(beta + (1 - beta) p/q) = -log1p((1 - beta) expm1(-diff)) and
+// log p - log M = -log(1 - beta + beta q/p) = -log1p(beta expm1(diff)), both from
+// diff = log q - log p. The log1p / expm1 forms keep their precision where p and q are close and
+// where beta or 1 - beta is tiny (beta = 1e-6: the sum 1 - beta + beta q/p would round away the
+// part that matters). Past |diff| = 80, exp overflows f32 and the asymptotic forms are exact
+// to f32 precision.
 fn jsd_q_minus_m(diff: f32, beta: f32) -> f32 {
-    return -log(beta + (1.0 - beta) * exp(-diff));
+    if (diff < -80.0) {
+        return diff - log(1.0 - beta);
+    }
+    return -log1p_f32((1.0 - beta) * expm1_f32(-diff));
 }
 
 fn jsd_p_minus_m(diff: f32, beta: f32) -> f32 {
-    return -log(1.0 - beta + beta * exp(diff));
+    if (diff > 80.0) {
+        return -(log(beta) + diff);
+    }
+    return -log1p_f32(beta * expm1_f32(diff));
 }
 
 @compute @workgroup_size(256)
@@ -155,7 +168,11 @@ fn main(
                         gs = k * (e.p - e.q);
                         gt = select(k * e.q * (e.diff - d), 0.0, e.q == 0.0);
                     } else if (p.divergence == 1u) {
+                        // An infinite divergence (a teacher probability of 0) has no gradient: NaN.
                         gs = select(k * e.p * (-e.diff - d), 0.0, e.p == 0.0);
+                        if (d == inf_f32()) {
+                            gs = nan_f32();
+                        }
                         gt = k * (e.q - e.p);
                     } else {
                         let pm = jsd_p_minus_m(e.diff, beta);

@@ -51,6 +51,15 @@ pub const DST_ERR_UNAVAILABLE: i32 = 6;
 pub const DST_ERR_DEVICE: i32 = 7;
 /// A bug: the library panicked (caught at the boundary). Please report the message.
 pub const DST_ERR_PANIC: i32 = 8;
+/// An argument combination the op does not support (e.g. a teacher gradient with the teacher
+/// given as probabilities).
+pub const DST_ERR_UNSUPPORTED: i32 = 9;
+/// A size beyond what the library indexes (more than 2^32 elements) or the device allows.
+pub const DST_ERR_LIMIT: i32 = 10;
+/// An input's values are invalid for its form: a NaN or infinity where the input check forbids
+/// it, teacher probabilities that are negative or do not sum to 1, or a reverse KL whose teacher
+/// gives a class probability 0 (an infinite divergence).
+pub const DST_ERR_INPUT: i32 = 11;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -75,12 +84,14 @@ impl From<Error> for Fail {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::Param { .. } => DST_ERR_INVALID_ARGUMENT,
-            Error::Shape { .. } | Error::Unsupported(_) | Error::Limit(_) => DST_ERR_SHAPE,
+            Error::Shape { .. } | Error::Empty(_) => DST_ERR_SHAPE,
             Error::Label { .. } => DST_ERR_LABEL,
             Error::Alias(_) => DST_ERR_ALIAS,
             Error::Unavailable { .. } => DST_ERR_UNAVAILABLE,
             Error::Device { .. } | Error::Compile { .. } => DST_ERR_DEVICE,
-            _ => DST_ERR_INVALID_ARGUMENT,
+            Error::Unsupported(_) => DST_ERR_UNSUPPORTED,
+            Error::Limit(_) => DST_ERR_LIMIT,
+            Error::NonFinite { .. } | Error::Input { .. } => DST_ERR_INPUT,
         };
         Fail::new(code, e.to_string())
     }
@@ -165,29 +176,40 @@ fn divergence(code: i32, beta: f32) -> std::result::Result<Divergence, Fail> {
     }
 }
 
-/// Outputs must not alias inputs (except `grad_student == student`, handled by the caller) nor
-/// each other.
-fn check_no_alias(
-    inputs: &[(&str, *const c_void)],
-    outputs: &[(&str, *const c_void)],
-) -> FfiResult {
-    for (i, (on, op)) in outputs.iter().enumerate() {
-        if op.is_null() {
-            continue;
-        }
-        for (inn, ip) in inputs {
-            if op == ip {
+/// A pointer argument and the number of bytes the call reads or writes through it.
+type Span<'a> = (&'a str, *const c_void, usize);
+
+/// Whether two spans share a byte (null pointers and empty spans share none).
+fn spans_overlap(a: &Span<'_>, b: &Span<'_>) -> bool {
+    let (a0, b0) = (a.1 as usize, b.1 as usize);
+    if a0 == 0 || b0 == 0 || a.2 == 0 || b.2 == 0 {
+        return false;
+    }
+    a0 < b0.saturating_add(b.2) && b0 < a0.saturating_add(a.2)
+}
+
+/// Outputs must not overlap inputs (except `grad_student == student` exactly, handled by the
+/// caller) nor each other: any shared byte of the address ranges is an alias, not only equal
+/// pointers.
+fn check_no_alias(inputs: &[Span<'_>], outputs: &[Span<'_>]) -> FfiResult {
+    for (i, o) in outputs.iter().enumerate() {
+        for x in inputs {
+            if spans_overlap(o, x) {
                 return Err(Fail::new(
                     DST_ERR_ALIAS,
-                    format!("{on} aliases {inn}: pass a separate buffer"),
+                    format!(
+                        "{} overlaps the input {}: outputs need memory of their own (only \
+                         grad_student == student, exactly, is allowed: the in-place gradient)",
+                        o.0, x.0
+                    ),
                 ));
             }
         }
-        for (on2, op2) in &outputs[i + 1..] {
-            if op == op2 {
+        for o2 in &outputs[i + 1..] {
+            if spans_overlap(o, o2) {
                 return Err(Fail::new(
                     DST_ERR_ALIAS,
-                    format!("{on} and {on2} are the same buffer: pass separate buffers"),
+                    format!("{} and {} overlap: pass separate buffers", o.0, o2.0),
                 ));
             }
         }
@@ -205,28 +227,43 @@ struct RawOut {
 }
 
 impl RawOut {
-    /// Null checks and aliasing rules of a row loss on `student` (and `teacher`, `labels`).
-    fn check(&self, student: *const f32, teacher: *const f32, labels: *const i32) -> FfiResult {
+    /// Null checks and aliasing rules of a row loss on `[n, c]` `student` (and `teacher`,
+    /// `labels`).
+    fn check(
+        &self,
+        (n, c): (usize, usize),
+        student: *const f32,
+        teacher: *const f32,
+        labels: *const i32,
+    ) -> FfiResult {
         non_null("loss", self.loss)?;
+        let mat = n.saturating_mul(c).saturating_mul(4);
         let in_place = std::ptr::eq(self.grad_student, student);
-        let grad_student = if in_place {
-            std::ptr::null()
+        let mut outputs = vec![
+            ("loss", self.loss as *const c_void, 4),
+            (
+                "row_loss",
+                self.row_loss as *const c_void,
+                n.saturating_mul(4),
+            ),
+            ("grad_teacher", self.grad_teacher as *const c_void, mat),
+        ];
+        let mut inputs = vec![
+            ("teacher", teacher as *const c_void, mat),
+            ("labels", labels as *const c_void, n.saturating_mul(4)),
+        ];
+        if in_place {
+            // The student is written: it is an output, which nothing else may overlap.
+            outputs.push((
+                "grad_student (in place over student)",
+                student as *const c_void,
+                mat,
+            ));
         } else {
-            self.grad_student as *const c_void
-        };
-        check_no_alias(
-            &[
-                ("student", student as *const c_void),
-                ("teacher", teacher as *const c_void),
-                ("labels", labels as *const c_void),
-            ],
-            &[
-                ("loss", self.loss as *const c_void),
-                ("row_loss", self.row_loss as *const c_void),
-                ("grad_student", grad_student),
-                ("grad_teacher", self.grad_teacher as *const c_void),
-            ],
-        )
+            outputs.push(("grad_student", self.grad_student as *const c_void, mat));
+            inputs.push(("student", student as *const c_void, mat));
+        }
+        check_no_alias(&inputs, &outputs)
     }
 }
 
@@ -377,7 +414,7 @@ pub unsafe extern "C" fn dst_cpu_hinton(
             grad_student,
             grad_teacher,
         };
-        out.check(student, teacher, labels)?;
+        out.check((n, c), student, teacher, labels)?;
         let spec = HintonSpec {
             shape: RowShape::new(n, c),
             temperature,
@@ -438,7 +475,7 @@ pub unsafe extern "C" fn dst_cpu_divergence(
             grad_student,
             grad_teacher,
         };
-        out.check(student, teacher, labels)?;
+        out.check((n, c), student, teacher, labels)?;
         let spec = DivergenceSpec {
             shape: RowShape::new(n, c),
             divergence: divergence(divergence_code, beta)?,
@@ -447,6 +484,7 @@ pub unsafe extern "C" fn dst_cpu_divergence(
             reduction: reduction(reduction_code)?,
             ignore_index,
             grad_scale,
+            teacher_eps: 0.0,
         };
         spec.validate()?;
         let len = spec.shape.len();
@@ -495,7 +533,7 @@ pub unsafe extern "C" fn dst_cpu_cross_entropy(
             grad_student,
             grad_teacher: std::ptr::null_mut(),
         };
-        out.check(student, std::ptr::null(), labels)?;
+        out.check((n, c), student, std::ptr::null(), labels)?;
         let spec = CrossEntropySpec {
             shape: RowShape::new(n, c),
             label_smoothing,
@@ -534,12 +572,16 @@ pub unsafe extern "C" fn dst_cpu_mse(
         non_null("a", a)?;
         non_null("b", b)?;
         non_null("loss", loss)?;
+        let bytes = len.saturating_mul(4);
         check_no_alias(
-            &[("a", a as *const c_void), ("b", b as *const c_void)],
             &[
-                ("loss", loss as *const c_void),
-                ("grad_a", grad_a as *const c_void),
-                ("grad_b", grad_b as *const c_void),
+                ("a", a as *const c_void, bytes),
+                ("b", b as *const c_void, bytes),
+            ],
+            &[
+                ("loss", loss as *const c_void, 4),
+                ("grad_a", grad_a as *const c_void, bytes),
+                ("grad_b", grad_b as *const c_void, bytes),
             ],
         )?;
         let spec = MseSpec { len, grad_scale };
@@ -830,7 +872,7 @@ pub unsafe extern "C" fn dst_cuda_hinton(
             grad_student,
             grad_teacher,
         };
-        out.check(student, teacher, labels)?;
+        out.check((n, c), student, teacher, labels)?;
         let spec = HintonSpec {
             shape: RowShape::new(n, c),
             temperature,
@@ -895,7 +937,7 @@ pub unsafe extern "C" fn dst_cuda_divergence(
             grad_student,
             grad_teacher,
         };
-        out.check(student, teacher, labels)?;
+        out.check((n, c), student, teacher, labels)?;
         let spec = DivergenceSpec {
             shape: RowShape::new(n, c),
             divergence: divergence(divergence_code, beta)?,
@@ -904,6 +946,7 @@ pub unsafe extern "C" fn dst_cuda_divergence(
             reduction: reduction(reduction_code)?,
             ignore_index,
             grad_scale,
+            teacher_eps: 0.0,
         };
         spec.validate()?;
         #[cfg(feature = "cuda")]
@@ -955,7 +998,7 @@ pub unsafe extern "C" fn dst_cuda_cross_entropy(
             grad_student,
             grad_teacher: std::ptr::null_mut(),
         };
-        out.check(student, std::ptr::null(), labels)?;
+        out.check((n, c), student, std::ptr::null(), labels)?;
         let spec = CrossEntropySpec {
             shape: RowShape::new(n, c),
             label_smoothing,
@@ -1002,12 +1045,16 @@ pub unsafe extern "C" fn dst_cuda_mse(
         non_null("a", a)?;
         non_null("b", b)?;
         non_null("loss", loss)?;
+        let bytes = len.saturating_mul(4);
         check_no_alias(
-            &[("a", a as *const c_void), ("b", b as *const c_void)],
             &[
-                ("loss", loss as *const c_void),
-                ("grad_a", grad_a as *const c_void),
-                ("grad_b", grad_b as *const c_void),
+                ("a", a as *const c_void, bytes),
+                ("b", b as *const c_void, bytes),
+            ],
+            &[
+                ("loss", loss as *const c_void, 4),
+                ("grad_a", grad_a as *const c_void, bytes),
+                ("grad_b", grad_b as *const c_void, bytes),
             ],
         )?;
         let spec = MseSpec { len, grad_scale };

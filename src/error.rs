@@ -13,7 +13,7 @@ pub enum Error {
     },
 
     /// A scalar parameter is out of its domain.
-    #[error("invalid parameter {name} = {value}: {hint}")]
+    #[error("invalid parameter {name} = {}: {hint}", show_param(*value))]
     Param {
         name: &'static str,
         value: f64,
@@ -32,20 +32,38 @@ pub enum Error {
         ignore_index: i32,
     },
 
-    /// The caller asked for the input check and an input holds a NaN or an infinity.
-    #[error("non-finite input: {what}[{index}] = {value} (losses need finite logits)")]
+    /// The caller asked for the input check and an input holds a NaN or an infinity where the
+    /// input's form does not allow one (logits must be finite; teacher log-probabilities may be
+    /// `-inf`, a probability of exactly 0).
+    #[error("non-finite input: {what}[{index}] = {value} ({hint})")]
     NonFinite {
         what: &'static str,
         index: usize,
         value: f32,
+        hint: &'static str,
     },
+
+    /// An input's values are outside what its form allows: teacher probabilities that are
+    /// negative or whose row does not sum to 1, log-probabilities above 0, or a reverse KL whose
+    /// teacher gives a class probability 0 (an infinite divergence).
+    #[error("invalid input: {what}, row {row}: {problem}")]
+    Input {
+        what: &'static str,
+        row: usize,
+        problem: String,
+    },
+
+    /// An input with no elements (a shape with a zero dimension).
+    #[error("{0}")]
+    Empty(String),
 
     /// An argument combination the op does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
 
-    /// A buffer is larger than the device allows and cannot be processed in chunks.
-    #[error("device limit exceeded: {0}")]
+    /// A size is beyond what the crate or the device can index (more than 2^32 elements, or a
+    /// buffer larger than the device allows that cannot be processed in chunks).
+    #[error("size limit exceeded: {0}")]
     Limit(String),
 
     /// The backend cannot run on this machine (no adapter, no CUDA driver, no device).
@@ -69,6 +87,17 @@ pub enum Error {
     /// A buffer passed as two outputs, or an output also used as an input where that is not allowed.
     #[error("buffer aliasing: {0}")]
     Alias(String),
+}
+
+/// A parameter's value as the caller wrote it: an `f32` parameter (widened to `f64` in
+/// [`Error::Param`]) prints as the `f32` it was (`1.0000001`, not `1.0000001192092896`).
+fn show_param(value: f64) -> String {
+    let narrow = value as f32;
+    if narrow as f64 == value || value.is_nan() {
+        format!("{narrow}")
+    } else {
+        format!("{value}")
+    }
 }
 
 /// The crate's result type.

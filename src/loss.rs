@@ -7,8 +7,8 @@
 use crate::backend::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::{
-    check_finite, check_labels, CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec,
-    Reduction, RowShape, TeacherInput, IGNORE_INDEX,
+    check_finite, check_labels, check_reverse_kl_support, check_teacher, CrossEntropySpec,
+    Divergence, DivergenceSpec, HintonSpec, Reduction, RowShape, TeacherInput, IGNORE_INDEX,
 };
 
 /// A loss, its per-row values and its gradients, on the host.
@@ -47,8 +47,8 @@ pub struct KdLoss {
     pub reduction: Reduction,
     /// Also return the teacher's gradient (online / mutual distillation).
     pub teacher_grad: bool,
-    /// Check inputs for NaN and infinity first and return an error naming the first one.
-    pub check_finite: bool,
+    /// Check the inputs first (logits finite) and return an error naming the first bad one.
+    pub check_inputs: bool,
 }
 
 impl KdLoss {
@@ -60,7 +60,7 @@ impl KdLoss {
             ignore_index: IGNORE_INDEX,
             reduction: Reduction::BatchMean,
             teacher_grad: false,
-            check_finite: false,
+            check_inputs: false,
         }
     }
 
@@ -91,7 +91,7 @@ impl KdLoss {
         spec.validate()?;
         shape.check_len("teacher", teacher.len())?;
         check_host_labels(labels, shape, self.ignore_index)?;
-        if self.check_finite {
+        if self.check_inputs {
             check_finite("student", student)?;
             check_finite("teacher", teacher)?;
         }
@@ -117,7 +117,14 @@ pub struct SoftTargetLoss {
     pub reduction: Reduction,
     pub ignore_index: i32,
     pub teacher_grad: bool,
-    pub check_finite: bool,
+    /// Reverse KL with teacher probabilities or log-probabilities: a floor on the teacher's
+    /// probabilities inside the log (see [`DivergenceSpec::teacher_eps`]); 0 is none, and then a
+    /// teacher probability of exactly 0 is an error.
+    pub teacher_eps: f32,
+    /// Check the inputs first and return an error naming the first bad row or element: student
+    /// logits finite; the teacher as [`check_teacher`] says for its form (probabilities
+    /// non-negative summing to 1, log-probabilities `<= 0` with `-inf` allowed, logits finite).
+    pub check_inputs: bool,
 }
 
 impl SoftTargetLoss {
@@ -129,7 +136,8 @@ impl SoftTargetLoss {
             reduction: Reduction::BatchMean,
             ignore_index: IGNORE_INDEX,
             teacher_grad: false,
-            check_finite: false,
+            teacher_eps: 0.0,
+            check_inputs: false,
         }
     }
 
@@ -151,16 +159,18 @@ impl SoftTargetLoss {
             reduction: self.reduction,
             ignore_index: self.ignore_index,
             grad_scale: 1.0,
+            teacher_eps: self.teacher_eps,
         };
         spec.validate()?;
         shape.check_len("teacher", teacher.len())?;
         if let Some(l) = labels {
             check_host_labels(l, shape, self.ignore_index)?;
         }
-        if self.check_finite {
+        if self.check_inputs {
             check_finite("student", student)?;
-            check_finite("teacher", teacher)?;
+            check_teacher(self.teacher, teacher, shape, labels, self.ignore_index)?;
         }
+        check_reverse_kl_support(&spec, teacher, labels)?;
         run(
             backend,
             student,
@@ -179,7 +189,8 @@ pub struct CrossEntropyLoss {
     pub label_smoothing: f32,
     pub reduction: Reduction,
     pub ignore_index: i32,
-    pub check_finite: bool,
+    /// Check the logits first (finite) and return an error naming the first bad one.
+    pub check_inputs: bool,
 }
 
 impl Default for CrossEntropyLoss {
@@ -188,7 +199,7 @@ impl Default for CrossEntropyLoss {
             label_smoothing: 0.0,
             reduction: Reduction::BatchMean,
             ignore_index: IGNORE_INDEX,
-            check_finite: false,
+            check_inputs: false,
         }
     }
 }
@@ -211,7 +222,7 @@ impl CrossEntropyLoss {
         };
         spec.validate()?;
         check_host_labels(labels, shape, self.ignore_index)?;
-        if self.check_finite {
+        if self.check_inputs {
             check_finite("student", student)?;
         }
         run(

@@ -91,7 +91,7 @@ fn kd_loss_rejects_bad_input<B: Backend>(b: &B) {
     bad[4] = f32::NAN;
     expect_err(
         KdLoss {
-            check_finite: true,
+            check_inputs: true,
             ..kd
         }
         .forward_backward(b, &bad, &t, &[0, 1], 3),

@@ -313,10 +313,17 @@ fn divergence_matches_reference<B: Backend>(b: &B) {
             let labels = use_labels.then_some(r.labels.as_slice());
             let tb = b.upload(&t).unwrap();
             let lb = labels.map(|l| b.upload_labels(l).unwrap());
-            let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
-                b.divergence(&spec, s, &tb, lb.as_ref(), out)
-            })?;
             let want = ops::divergence::reference(&spec, &to_f64(&r.s), &to_f64(&t), labels);
+            let got = match run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
+                b.divergence(&spec, s, &tb, lb.as_ref(), out)
+            }) {
+                // Reverse KL where the teacher gives 0 is +inf: the CPU backends say so with an
+                // Err (tests/contract.rs), device backends with a +inf loss.
+                Err(e) if want.loss == f64::INFINITY && e.contains("reverse KL teacher") => {
+                    return Ok(())
+                }
+                other => other?,
+            };
             let unit = grad_unit(&r, spec.grad_scale, r.temperature, spec.reduction, labels);
             compare(&got, &want, want_gt, unit, &r)
         },

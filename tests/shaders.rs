@@ -40,3 +40,78 @@ fn every_shader_validates() {
         }
     }
 }
+
+/// Every `#[repr(C)]` uniform struct the wgpu backend uploads has the layout naga computes for
+/// the WGSL `Params` it feeds: the same size, and each named field at the same offset (members
+/// the Rust side does not name must be padding, `pad*`).
+#[test]
+fn uniform_structs_match_the_shaders() {
+    use distillation::backend::wgpu::uniform_layouts;
+    let layouts = uniform_layouts();
+    for file in [
+        "softmax.wgsl",
+        "reduce.wgsl",
+        "divergence.wgsl",
+        "cross_entropy.wgsl",
+        "hinton.wgsl",
+        "mse.wgsl",
+        "attention.wgsl",
+        "dense.wgsl",
+        "optim.wgsl",
+        "conv.wgsl",
+        "relational.wgsl",
+    ] {
+        assert!(
+            layouts.iter().any(|l| l.file == file),
+            "no Rust uniform struct is checked against {file}"
+        );
+    }
+    for l in &layouts {
+        let (_, src) = Kernel::ALL
+            .iter()
+            .map(|k| k.source())
+            .find(|(name, _)| *name == l.file)
+            .unwrap_or_else(|| panic!("no kernel uses {}", l.file));
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).unwrap();
+        let (handle, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("Params"))
+            .unwrap_or_else(|| panic!("{} has no struct Params", l.file));
+        let naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("{}: Params is not a struct", l.file)
+        };
+        assert_eq!(
+            *span as usize, l.size,
+            "{}: WGSL Params is {} bytes, Rust {} is {}",
+            l.file, span, l.rust_name, l.size
+        );
+        assert_eq!(layouter[handle].size as usize, l.size, "{}", l.file);
+        for m in members {
+            let name = m.name.as_deref().unwrap_or("");
+            match l.fields.iter().find(|(f, _)| *f == name) {
+                Some((_, offset)) => assert_eq!(
+                    m.offset as usize, *offset,
+                    "{}: field {name} at offset {} in WGSL, {offset} in Rust {}",
+                    l.file, m.offset, l.rust_name
+                ),
+                None => assert!(
+                    name.starts_with("pad"),
+                    "{}: WGSL member {name} has no field in Rust {}",
+                    l.file,
+                    l.rust_name
+                ),
+            }
+        }
+        for (f, _) in &l.fields {
+            assert!(
+                members.iter().any(|m| m.name.as_deref() == Some(f)),
+                "{}: Rust {} field {f} is not in the WGSL struct",
+                l.file,
+                l.rust_name
+            );
+        }
+    }
+}

@@ -111,6 +111,11 @@ impl Backend for CpuBackend {
         buf.0.borrow().len()
     }
 
+    fn overlaps(&self, a: &CpuBuffer, b: &CpuBuffer) -> bool {
+        // Each CpuBuffer owns its own Vec: two share memory only when they are the same buffer.
+        std::ptr::eq(a, b)
+    }
+
     fn labels_len(&self, labels: &Vec<i32>) -> usize {
         labels.len()
     }
@@ -119,7 +124,12 @@ impl Backend for CpuBackend {
         ops::check_labels(labels, classes, ignore_index)
     }
 
-    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn softmax_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        x: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
         let out = ops::softmax::reference_forward(
             &x.to_f64(),
             spec.shape.cols,
@@ -129,7 +139,7 @@ impl Backend for CpuBackend {
         y.store("y", &out)
     }
 
-    fn softmax_backward_unchecked(
+    unsafe fn softmax_backward_unchecked(
         &self,
         spec: &SoftmaxSpec,
         y: &CpuBuffer,
@@ -146,7 +156,7 @@ impl Backend for CpuBackend {
         dx.store("dx", &out)
     }
 
-    fn divergence_unchecked(
+    unsafe fn divergence_unchecked(
         &self,
         spec: &DivergenceSpec,
         student: &CpuBuffer,
@@ -157,6 +167,7 @@ impl Backend for CpuBackend {
         if let Some(l) = labels {
             ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
         }
+        ops::check_reverse_kl_support(spec, &teacher.0.borrow(), labels.map(|l| l.as_slice()))?;
         let r = ops::divergence::reference(
             spec,
             &student.to_f64(),
@@ -166,7 +177,7 @@ impl Backend for CpuBackend {
         self.write_loss_out(student, &r, out)
     }
 
-    fn cross_entropy_unchecked(
+    unsafe fn cross_entropy_unchecked(
         &self,
         spec: &CrossEntropySpec,
         student: &CpuBuffer,
@@ -178,7 +189,7 @@ impl Backend for CpuBackend {
         self.write_loss_out(student, &r, out)
     }
 
-    fn hinton_unchecked(
+    unsafe fn hinton_unchecked(
         &self,
         spec: &HintonSpec,
         student: &CpuBuffer,
@@ -191,7 +202,7 @@ impl Backend for CpuBackend {
         self.write_loss_out(student, &r, out)
     }
 
-    fn mse_unchecked(
+    unsafe fn mse_unchecked(
         &self,
         spec: &MseSpec,
         a: &CpuBuffer,
@@ -204,7 +215,7 @@ impl Backend for CpuBackend {
         Self::store_pair(loss, l, grad_a, &ga, grad_b, &gb)
     }
 
-    fn attention_transfer_unchecked(
+    unsafe fn attention_transfer_unchecked(
         &self,
         spec: &AttentionSpec,
         student: &CpuBuffer,
@@ -218,7 +229,7 @@ impl Backend for CpuBackend {
         Self::store_pair(loss, l, grad_student, &gs, grad_teacher, &gt)
     }
 
-    fn matmul_unchecked(
+    unsafe fn matmul_unchecked(
         &self,
         spec: &MatmulSpec,
         a: &CpuBuffer,
@@ -230,29 +241,44 @@ impl Backend for CpuBackend {
         c.store("c", &out)
     }
 
-    fn bias_add_unchecked(&self, x: &CpuBuffer, bias: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn bias_add_unchecked(
+        &self,
+        x: &CpuBuffer,
+        bias: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
         y.store("y", &dense::bias_add_reference(&x.to_f64(), &bias.to_f64()))
     }
 
-    fn sum_rows_unchecked(&self, x: &CpuBuffer, out: &CpuBuffer, accumulate: bool) -> Result<()> {
+    unsafe fn sum_rows_unchecked(
+        &self,
+        x: &CpuBuffer,
+        out: &CpuBuffer,
+        accumulate: bool,
+    ) -> Result<()> {
         let mut o = out.to_f64();
         let cols = o.len();
         dense::sum_rows_reference(&x.to_f64(), cols, &mut o, accumulate);
         out.store("out", &o)
     }
 
-    fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
         y.store("y", &dense::relu_reference(&x.to_f64()))
     }
 
-    fn relu_backward_unchecked(&self, y: &CpuBuffer, dy: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+    unsafe fn relu_backward_unchecked(
+        &self,
+        y: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
         dx.store(
             "dx",
             &dense::relu_backward_reference(&y.to_f64(), &dy.to_f64()),
         )
     }
 
-    fn axpy_unchecked(&self, alpha: f32, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn axpy_unchecked(&self, alpha: f32, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
         let out: Vec<f64> = y
             .to_f64()
             .iter()
@@ -262,7 +288,7 @@ impl Backend for CpuBackend {
         y.store("y", &out)
     }
 
-    fn adam_step_unchecked(
+    unsafe fn adam_step_unchecked(
         &self,
         spec: &AdamSpec,
         w: &CpuBuffer,
@@ -277,7 +303,7 @@ impl Backend for CpuBackend {
         v.store("v", &vv)
     }
 
-    fn sgd_step_unchecked(
+    unsafe fn sgd_step_unchecked(
         &self,
         spec: &SgdSpec,
         w: &CpuBuffer,
@@ -290,19 +316,29 @@ impl Backend for CpuBackend {
         velocity.store("velocity", &vel)
     }
 
-    fn im2col_unchecked(&self, spec: &ConvSpec, x: &CpuBuffer, cols: &CpuBuffer) -> Result<()> {
+    unsafe fn im2col_unchecked(
+        &self,
+        spec: &ConvSpec,
+        x: &CpuBuffer,
+        cols: &CpuBuffer,
+    ) -> Result<()> {
         cols.store("cols", &conv::im2col_reference(spec, &x.to_f64()))
     }
 
-    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+    unsafe fn col2im_unchecked(
+        &self,
+        spec: &ConvSpec,
+        dcols: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
         dx.store("dx", &conv::col2im_reference(spec, &dcols.to_f64()))
     }
 
-    fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
         y.store("y", &conv::pool_reference(spec, &x.to_f64()))
     }
 
-    fn pool_backward_unchecked(
+    unsafe fn pool_backward_unchecked(
         &self,
         spec: &PoolSpec,
         x: &CpuBuffer,
@@ -315,7 +351,7 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn transpose_unchecked(
+    unsafe fn transpose_unchecked(
         &self,
         batch: usize,
         rows: usize,
@@ -329,11 +365,16 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn row_normalize_unchecked(&self, cols: usize, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn row_normalize_unchecked(
+        &self,
+        cols: usize,
+        x: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
         y.store("y", &rel::row_normalize_reference(&x.to_f64(), cols))
     }
 
-    fn row_normalize_backward_unchecked(
+    unsafe fn row_normalize_backward_unchecked(
         &self,
         cols: usize,
         x: &CpuBuffer,
@@ -346,7 +387,7 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn pairwise_distance_unchecked(
+    unsafe fn pairwise_distance_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -356,7 +397,7 @@ impl Backend for CpuBackend {
         d.store("d", &rel::pairwise_distance_reference(&f.to_f64(), n, dim))
     }
 
-    fn pairwise_distance_backward_unchecked(
+    unsafe fn pairwise_distance_backward_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -377,11 +418,16 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn offdiag_normalize_unchecked(&self, n: usize, d: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn offdiag_normalize_unchecked(
+        &self,
+        n: usize,
+        d: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
         y.store("y", &rel::offdiag_normalize_reference(&d.to_f64(), n))
     }
 
-    fn offdiag_normalize_backward_unchecked(
+    unsafe fn offdiag_normalize_backward_unchecked(
         &self,
         n: usize,
         d: &CpuBuffer,
@@ -394,7 +440,7 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn smooth_l1_unchecked(
+    unsafe fn smooth_l1_unchecked(
         &self,
         spec: &MseSpec,
         a: &CpuBuffer,

@@ -201,6 +201,10 @@ impl Backend for FastCpuBackend {
         REF.len(buf)
     }
 
+    fn overlaps(&self, a: &CpuBuffer, b: &CpuBuffer) -> bool {
+        std::ptr::eq(a, b)
+    }
+
     fn labels_len(&self, labels: &Vec<i32>) -> usize {
         labels.len()
     }
@@ -211,7 +215,7 @@ impl Backend for FastCpuBackend {
 
     // ---- f32 kernels ----
 
-    fn matmul_unchecked(
+    unsafe fn matmul_unchecked(
         &self,
         spec: &MatmulSpec,
         a: &CpuBuffer,
@@ -224,7 +228,12 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn bias_add_unchecked(&self, x: &CpuBuffer, bias: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn bias_add_unchecked(
+        &self,
+        x: &CpuBuffer,
+        bias: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
         let (x, bias) = (read(x, "x")?, read(bias, "bias")?);
         let mut y = write(y, "y")?;
         let cols = bias.len();
@@ -236,7 +245,12 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn sum_rows_unchecked(&self, x: &CpuBuffer, out: &CpuBuffer, accumulate: bool) -> Result<()> {
+    unsafe fn sum_rows_unchecked(
+        &self,
+        x: &CpuBuffer,
+        out: &CpuBuffer,
+        accumulate: bool,
+    ) -> Result<()> {
         let x = read(x, "x")?;
         let mut out = write(out, "out")?;
         let cols = out.len();
@@ -253,7 +267,7 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
         let x = read(x, "x")?;
         let mut y = write(y, "y")?;
         for (o, &v) in y.iter_mut().zip(x.iter()) {
@@ -262,7 +276,12 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn relu_backward_unchecked(&self, y: &CpuBuffer, dy: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
+    unsafe fn relu_backward_unchecked(
+        &self,
+        y: &CpuBuffer,
+        dy: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
         let (y, dy) = (read(y, "y")?, read(dy, "dy")?);
         let mut dx = write(dx, "dx")?;
         for ((o, &yv), &d) in dx.iter_mut().zip(y.iter()).zip(dy.iter()) {
@@ -271,7 +290,7 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn axpy_unchecked(&self, alpha: f32, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+    unsafe fn axpy_unchecked(&self, alpha: f32, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
         let x = read(x, "x")?;
         let mut y = write(y, "y")?;
         for (o, &v) in y.iter_mut().zip(x.iter()) {
@@ -280,7 +299,7 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn adam_step_unchecked(
+    unsafe fn adam_step_unchecked(
         &self,
         spec: &AdamSpec,
         w: &CpuBuffer,
@@ -294,7 +313,7 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    fn sgd_step_unchecked(
+    unsafe fn sgd_step_unchecked(
         &self,
         spec: &SgdSpec,
         w: &CpuBuffer,
@@ -313,21 +332,28 @@ impl Backend for FastCpuBackend {
 
     // ---- the f64 reference, for the O(N C) ops ----
 
-    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        REF.softmax_unchecked(spec, x, y)
+    unsafe fn softmax_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        x: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.softmax_unchecked(spec, x, y) }
     }
 
-    fn softmax_backward_unchecked(
+    unsafe fn softmax_backward_unchecked(
         &self,
         spec: &SoftmaxSpec,
         y: &CpuBuffer,
         dy: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        REF.softmax_backward_unchecked(spec, y, dy, dx)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.softmax_backward_unchecked(spec, y, dy, dx) }
     }
 
-    fn divergence_unchecked(
+    unsafe fn divergence_unchecked(
         &self,
         spec: &DivergenceSpec,
         student: &CpuBuffer,
@@ -335,20 +361,22 @@ impl Backend for FastCpuBackend {
         labels: Option<&Vec<i32>>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        REF.divergence_unchecked(spec, student, teacher, labels, as_reference(out))
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.divergence_unchecked(spec, student, teacher, labels, as_reference(out)) }
     }
 
-    fn cross_entropy_unchecked(
+    unsafe fn cross_entropy_unchecked(
         &self,
         spec: &CrossEntropySpec,
         student: &CpuBuffer,
         labels: &Vec<i32>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        REF.cross_entropy_unchecked(spec, student, labels, as_reference(out))
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.cross_entropy_unchecked(spec, student, labels, as_reference(out)) }
     }
 
-    fn hinton_unchecked(
+    unsafe fn hinton_unchecked(
         &self,
         spec: &HintonSpec,
         student: &CpuBuffer,
@@ -356,10 +384,11 @@ impl Backend for FastCpuBackend {
         labels: &Vec<i32>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        REF.hinton_unchecked(spec, student, teacher, labels, as_reference(out))
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.hinton_unchecked(spec, student, teacher, labels, as_reference(out)) }
     }
 
-    fn mse_unchecked(
+    unsafe fn mse_unchecked(
         &self,
         spec: &MseSpec,
         a: &CpuBuffer,
@@ -368,10 +397,11 @@ impl Backend for FastCpuBackend {
         grad_a: Option<&CpuBuffer>,
         grad_b: Option<&CpuBuffer>,
     ) -> Result<()> {
-        REF.mse_unchecked(spec, a, b, loss, grad_a, grad_b)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.mse_unchecked(spec, a, b, loss, grad_a, grad_b) }
     }
 
-    fn attention_transfer_unchecked(
+    unsafe fn attention_transfer_unchecked(
         &self,
         spec: &AttentionSpec,
         student: &CpuBuffer,
@@ -380,32 +410,56 @@ impl Backend for FastCpuBackend {
         grad_student: Option<&CpuBuffer>,
         grad_teacher: Option<&CpuBuffer>,
     ) -> Result<()> {
-        REF.attention_transfer_unchecked(spec, student, teacher, loss, grad_student, grad_teacher)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe {
+            REF.attention_transfer_unchecked(
+                spec,
+                student,
+                teacher,
+                loss,
+                grad_student,
+                grad_teacher,
+            )
+        }
     }
 
-    fn im2col_unchecked(&self, spec: &ConvSpec, x: &CpuBuffer, cols: &CpuBuffer) -> Result<()> {
-        REF.im2col_unchecked(spec, x, cols)
+    unsafe fn im2col_unchecked(
+        &self,
+        spec: &ConvSpec,
+        x: &CpuBuffer,
+        cols: &CpuBuffer,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.im2col_unchecked(spec, x, cols) }
     }
 
-    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &CpuBuffer, dx: &CpuBuffer) -> Result<()> {
-        REF.col2im_unchecked(spec, dcols, dx)
+    unsafe fn col2im_unchecked(
+        &self,
+        spec: &ConvSpec,
+        dcols: &CpuBuffer,
+        dx: &CpuBuffer,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.col2im_unchecked(spec, dcols, dx) }
     }
 
-    fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        REF.pool_unchecked(spec, x, y)
+    unsafe fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.pool_unchecked(spec, x, y) }
     }
 
-    fn pool_backward_unchecked(
+    unsafe fn pool_backward_unchecked(
         &self,
         spec: &PoolSpec,
         x: &CpuBuffer,
         dy: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        REF.pool_backward_unchecked(spec, x, dy, dx)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.pool_backward_unchecked(spec, x, dy, dx) }
     }
 
-    fn transpose_unchecked(
+    unsafe fn transpose_unchecked(
         &self,
         batch: usize,
         rows: usize,
@@ -413,34 +467,43 @@ impl Backend for FastCpuBackend {
         x: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        REF.transpose_unchecked(batch, rows, cols, x, y)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.transpose_unchecked(batch, rows, cols, x, y) }
     }
 
-    fn row_normalize_unchecked(&self, cols: usize, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        REF.row_normalize_unchecked(cols, x, y)
+    unsafe fn row_normalize_unchecked(
+        &self,
+        cols: usize,
+        x: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.row_normalize_unchecked(cols, x, y) }
     }
 
-    fn row_normalize_backward_unchecked(
+    unsafe fn row_normalize_backward_unchecked(
         &self,
         cols: usize,
         x: &CpuBuffer,
         dy: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        REF.row_normalize_backward_unchecked(cols, x, dy, dx)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.row_normalize_backward_unchecked(cols, x, dy, dx) }
     }
 
-    fn pairwise_distance_unchecked(
+    unsafe fn pairwise_distance_unchecked(
         &self,
         n: usize,
         dim: usize,
         f: &CpuBuffer,
         d: &CpuBuffer,
     ) -> Result<()> {
-        REF.pairwise_distance_unchecked(n, dim, f, d)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.pairwise_distance_unchecked(n, dim, f, d) }
     }
 
-    fn pairwise_distance_backward_unchecked(
+    unsafe fn pairwise_distance_backward_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -449,24 +512,32 @@ impl Backend for FastCpuBackend {
         dd: &CpuBuffer,
         df: &CpuBuffer,
     ) -> Result<()> {
-        REF.pairwise_distance_backward_unchecked(n, dim, f, d, dd, df)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.pairwise_distance_backward_unchecked(n, dim, f, d, dd, df) }
     }
 
-    fn offdiag_normalize_unchecked(&self, n: usize, d: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        REF.offdiag_normalize_unchecked(n, d, y)
+    unsafe fn offdiag_normalize_unchecked(
+        &self,
+        n: usize,
+        d: &CpuBuffer,
+        y: &CpuBuffer,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.offdiag_normalize_unchecked(n, d, y) }
     }
 
-    fn offdiag_normalize_backward_unchecked(
+    unsafe fn offdiag_normalize_backward_unchecked(
         &self,
         n: usize,
         d: &CpuBuffer,
         dy: &CpuBuffer,
         dd: &CpuBuffer,
     ) -> Result<()> {
-        REF.offdiag_normalize_backward_unchecked(n, d, dy, dd)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.offdiag_normalize_backward_unchecked(n, d, dy, dd) }
     }
 
-    fn smooth_l1_unchecked(
+    unsafe fn smooth_l1_unchecked(
         &self,
         spec: &MseSpec,
         a: &CpuBuffer,
@@ -475,6 +546,7 @@ impl Backend for FastCpuBackend {
         grad_a: Option<&CpuBuffer>,
         grad_b: Option<&CpuBuffer>,
     ) -> Result<()> {
-        REF.smooth_l1_unchecked(spec, a, b, loss, grad_a, grad_b)
+        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
+        unsafe { REF.smooth_l1_unchecked(spec, a, b, loss, grad_a, grad_b) }
     }
 }

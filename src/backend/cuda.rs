@@ -1002,6 +1002,13 @@ impl Backend for CudaBackend {
         CudaBackend::synchronize(self)
     }
 
+    fn overlaps(&self, a: &CudaBuffer, b: &CudaBuffer) -> bool {
+        // Caller memory is wrapped by address: compare the byte ranges.
+        let (a0, b0) = (a.ptr, b.ptr);
+        let (a1, b1) = (a0 + a.len as u64 * 4, b0 + b.len as u64 * 4);
+        a0 < b1 && b0 < a1
+    }
+
     fn labels_len(&self, labels: &CudaLabels) -> usize {
         labels.len
     }
@@ -1011,7 +1018,12 @@ impl Backend for CudaBackend {
         ops::check_labels(&host, classes, ignore_index)
     }
 
-    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn softmax_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        x: &CudaBuffer,
+        y: &CudaBuffer,
+    ) -> Result<()> {
         let (rows, cols) = (spec.shape.rows, spec.shape.cols);
         Self::check_cols(cols)?;
         let (block, cfg) = row_launch(rows, cols);
@@ -1036,7 +1048,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn softmax_backward_unchecked(
+    unsafe fn softmax_backward_unchecked(
         &self,
         spec: &SoftmaxSpec,
         y: &CudaBuffer,
@@ -1068,7 +1080,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn divergence_unchecked(
+    unsafe fn divergence_unchecked(
         &self,
         spec: &DivergenceSpec,
         student: &CudaBuffer,
@@ -1121,7 +1133,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn cross_entropy_unchecked(
+    unsafe fn cross_entropy_unchecked(
         &self,
         spec: &CrossEntropySpec,
         student: &CudaBuffer,
@@ -1167,7 +1179,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn hinton_unchecked(
+    unsafe fn hinton_unchecked(
         &self,
         spec: &HintonSpec,
         student: &CudaBuffer,
@@ -1215,7 +1227,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn mse_unchecked(
+    unsafe fn mse_unchecked(
         &self,
         spec: &MseSpec,
         a: &CudaBuffer,
@@ -1227,7 +1239,7 @@ impl Backend for CudaBackend {
         self.pointwise_loss(MSE_MODE_SQUARED, spec, a, b, loss, grad_a, grad_b)
     }
 
-    fn attention_transfer_unchecked(
+    unsafe fn attention_transfer_unchecked(
         &self,
         spec: &AttentionSpec,
         student: &CudaBuffer,
@@ -1318,7 +1330,7 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn matmul_unchecked(
+    unsafe fn matmul_unchecked(
         &self,
         spec: &MatmulSpec,
         a: &CudaBuffer,
@@ -1344,7 +1356,12 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn bias_add_unchecked(&self, x: &CudaBuffer, bias: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn bias_add_unchecked(
+        &self,
+        x: &CudaBuffer,
+        bias: &CudaBuffer,
+        y: &CudaBuffer,
+    ) -> Result<()> {
         let len = index_u32("bias_add", x.len)?;
         self.launch_one(
             "bias_add",
@@ -1359,7 +1376,12 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn sum_rows_unchecked(&self, x: &CudaBuffer, out: &CudaBuffer, accumulate: bool) -> Result<()> {
+    unsafe fn sum_rows_unchecked(
+        &self,
+        x: &CudaBuffer,
+        out: &CudaBuffer,
+        accumulate: bool,
+    ) -> Result<()> {
         index_u32("sum_rows", x.len)?;
         self.launch_one(
             "sum_rows",
@@ -1374,7 +1396,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn relu_unchecked(&self, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn relu_unchecked(&self, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
         self.launch_one(
             "relu",
             elementwise(x.len),
@@ -1382,7 +1404,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn relu_backward_unchecked(
+    unsafe fn relu_backward_unchecked(
         &self,
         y: &CudaBuffer,
         dy: &CudaBuffer,
@@ -1400,7 +1422,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn axpy_unchecked(&self, alpha: f32, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn axpy_unchecked(&self, alpha: f32, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
         self.launch_one(
             "axpy",
             elementwise(x.len),
@@ -1413,7 +1435,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn adam_step_unchecked(
+    unsafe fn adam_step_unchecked(
         &self,
         spec: &AdamSpec,
         w: &CudaBuffer,
@@ -1441,7 +1463,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn sgd_step_unchecked(
+    unsafe fn sgd_step_unchecked(
         &self,
         spec: &SgdSpec,
         w: &CudaBuffer,
@@ -1463,28 +1485,38 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn im2col_unchecked(&self, spec: &ConvSpec, x: &CudaBuffer, cols: &CudaBuffer) -> Result<()> {
+    unsafe fn im2col_unchecked(
+        &self,
+        spec: &ConvSpec,
+        x: &CudaBuffer,
+        cols: &CudaBuffer,
+    ) -> Result<()> {
         let geometry = conv_args(spec, cols.len)?;
         let mut args = vec![Arg::Ptr(x.ptr), Arg::Ptr(cols.ptr)];
         args.extend(geometry);
         self.launch_one("im2col", elementwise(cols.len), &args)
     }
 
-    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &CudaBuffer, dx: &CudaBuffer) -> Result<()> {
+    unsafe fn col2im_unchecked(
+        &self,
+        spec: &ConvSpec,
+        dcols: &CudaBuffer,
+        dx: &CudaBuffer,
+    ) -> Result<()> {
         let geometry = conv_args(spec, dx.len)?;
         let mut args = vec![Arg::Ptr(dcols.ptr), Arg::Ptr(dx.ptr)];
         args.extend(geometry);
         self.launch_one("col2im", elementwise(dx.len), &args)
     }
 
-    fn pool_unchecked(&self, spec: &PoolSpec, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn pool_unchecked(&self, spec: &PoolSpec, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
         let geometry = pool_args(spec, y.len)?;
         let mut args = vec![Arg::Ptr(x.ptr), Arg::Ptr(y.ptr)];
         args.extend(geometry);
         self.launch_one("pool", elementwise(y.len), &args)
     }
 
-    fn pool_backward_unchecked(
+    unsafe fn pool_backward_unchecked(
         &self,
         spec: &PoolSpec,
         x: &CudaBuffer,
@@ -1497,7 +1529,7 @@ impl Backend for CudaBackend {
         self.launch_one("pool_backward", elementwise(dx.len), &args)
     }
 
-    fn transpose_unchecked(
+    unsafe fn transpose_unchecked(
         &self,
         _batch: usize,
         rows: usize,
@@ -1519,7 +1551,12 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn row_normalize_unchecked(&self, cols: usize, x: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn row_normalize_unchecked(
+        &self,
+        cols: usize,
+        x: &CudaBuffer,
+        y: &CudaBuffer,
+    ) -> Result<()> {
         let (rows, cols) = row_shape(x.len, cols)?;
         self.launch_one(
             "row_normalize",
@@ -1533,7 +1570,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn row_normalize_backward_unchecked(
+    unsafe fn row_normalize_backward_unchecked(
         &self,
         cols: usize,
         x: &CudaBuffer,
@@ -1554,7 +1591,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn pairwise_distance_unchecked(
+    unsafe fn pairwise_distance_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -1575,7 +1612,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn pairwise_distance_backward_unchecked(
+    unsafe fn pairwise_distance_backward_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -1599,7 +1636,12 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn offdiag_normalize_unchecked(&self, n: usize, d: &CudaBuffer, y: &CudaBuffer) -> Result<()> {
+    unsafe fn offdiag_normalize_unchecked(
+        &self,
+        n: usize,
+        d: &CudaBuffer,
+        y: &CudaBuffer,
+    ) -> Result<()> {
         let n32 = relational_n("offdiag_normalize", n, n)?;
         self.launch_one(
             "offdiag_normalize",
@@ -1608,7 +1650,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn offdiag_normalize_backward_unchecked(
+    unsafe fn offdiag_normalize_backward_unchecked(
         &self,
         n: usize,
         d: &CudaBuffer,
@@ -1628,7 +1670,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn smooth_l1_unchecked(
+    unsafe fn smooth_l1_unchecked(
         &self,
         spec: &MseSpec,
         a: &CudaBuffer,

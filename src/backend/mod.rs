@@ -101,6 +101,10 @@ pub trait Backend {
     fn help_until(&self, stop: &dyn Fn() -> bool) {
         let _ = stop;
     }
+    /// Whether two buffers share any memory: the same buffer, or (where a backend wraps caller
+    /// memory by address) overlapping address ranges. The kernel methods reject outputs that
+    /// overlap each other or an input ([`crate::Error::Alias`]).
+    fn overlaps(&self, a: &Self::Buffer, b: &Self::Buffer) -> bool;
     /// Number of labels in a label buffer.
     fn labels_len(&self, labels: &Self::Labels) -> usize;
     /// Checks labels on the device against `0..classes` / `ignore_index`. Backends whose labels live on
@@ -110,7 +114,8 @@ pub trait Backend {
     /// `y = softmax(x / T)` or `log_softmax(x / T)` over rows (spec section 1).
     fn softmax(&self, spec: &SoftmaxSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::softmax(self, spec, x, y)?;
-        self.softmax_unchecked(spec, x, y)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.softmax_unchecked(spec, x, y) }
     }
 
     /// The input gradient of [`Backend::softmax`] from its output `y` and upstream `dy`.
@@ -122,7 +127,8 @@ pub trait Backend {
         dx: &Self::Buffer,
     ) -> Result<()> {
         validate::softmax_backward(self, spec, y, dy, dx)?;
-        self.softmax_backward_unchecked(spec, y, dy, dx)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.softmax_backward_unchecked(spec, y, dy, dx) }
     }
 
     /// Soft-target divergence with loss and gradients in one call (spec section 2). `labels`, when
@@ -138,7 +144,8 @@ pub trait Backend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         validate::divergence(self, spec, student, teacher, labels, &out)?;
-        self.divergence_unchecked(spec, student, teacher, labels, out)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.divergence_unchecked(spec, student, teacher, labels, out) }
     }
 
     /// Cross-entropy with hard labels (spec section 3).
@@ -150,7 +157,8 @@ pub trait Backend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         validate::cross_entropy(self, spec, student, labels, &out)?;
-        self.cross_entropy_unchecked(spec, student, labels, out)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.cross_entropy_unchecked(spec, student, labels, out) }
     }
 
     /// The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` (spec section 4).
@@ -163,7 +171,8 @@ pub trait Backend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         validate::hinton(self, spec, student, teacher, labels, &out)?;
-        self.hinton_unchecked(spec, student, teacher, labels, out)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.hinton_unchecked(spec, student, teacher, labels, out) }
     }
 
     /// Feature-map MSE (spec section 5): `loss[0]`, and `dL/da`, `dL/db` when given.
@@ -177,7 +186,8 @@ pub trait Backend {
         grad_b: Option<&Self::Buffer>,
     ) -> Result<()> {
         validate::mse(self, spec, a, b, loss, grad_a, grad_b)?;
-        self.mse_unchecked(spec, a, b, loss, grad_a, grad_b)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.mse_unchecked(spec, a, b, loss, grad_a, grad_b) }
     }
 
     /// Attention transfer (spec section 6).
@@ -199,7 +209,17 @@ pub trait Backend {
             grad_student,
             grad_teacher,
         )?;
-        self.attention_transfer_unchecked(spec, student, teacher, loss, grad_student, grad_teacher)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe {
+            self.attention_transfer_unchecked(
+                spec,
+                student,
+                teacher,
+                loss,
+                grad_student,
+                grad_teacher,
+            )
+        }
     }
 
     // ---- dense ops of the autograd tape (src/ops/dense.rs, src/ops/optim.rs) ----
@@ -213,37 +233,46 @@ pub trait Backend {
         c: &Self::Buffer,
     ) -> Result<()> {
         validate::matmul(self, spec, a, b, c)?;
-        self.matmul_unchecked(spec, a, b, c)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.matmul_unchecked(spec, a, b, c) }
     }
 
     /// `y[i, j] = x[i, j] + bias[j]` over `rows` rows of `bias.len()` columns.
     fn bias_add(&self, x: &Self::Buffer, bias: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::bias_add(self, x, bias, y)?;
-        self.bias_add_unchecked(x, bias, y)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.bias_add_unchecked(x, bias, y) }
     }
 
     /// `out[j] (+)= sum_i x[i, j]` over `[rows, out.len()]` (the bias gradient).
     fn sum_rows(&self, x: &Self::Buffer, out: &Self::Buffer, accumulate: bool) -> Result<()> {
         validate::sum_rows(self, x, out)?;
-        self.sum_rows_unchecked(x, out, accumulate)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.sum_rows_unchecked(x, out, accumulate) }
     }
 
     /// `y = max(x, 0)`.
     fn relu(&self, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::same_len(self, &[("x", x), ("y", y)])?;
-        self.relu_unchecked(x, y)
+        validate::no_alias(self, &[("y", y)], &[("x", x)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.relu_unchecked(x, y) }
     }
 
     /// `dx = dy * (y > 0)` from the forward output `y`.
     fn relu_backward(&self, y: &Self::Buffer, dy: &Self::Buffer, dx: &Self::Buffer) -> Result<()> {
         validate::same_len(self, &[("y", y), ("dy", dy), ("dx", dx)])?;
-        self.relu_backward_unchecked(y, dy, dx)
+        validate::no_alias(self, &[("dx", dx)], &[("y", y), ("dy", dy)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.relu_backward_unchecked(y, dy, dx) }
     }
 
     /// `y += alpha x`.
     fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::same_len(self, &[("x", x), ("y", y)])?;
-        self.axpy_unchecked(alpha, x, y)
+        validate::no_alias(self, &[("y", y)], &[("x", x)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.axpy_unchecked(alpha, x, y) }
     }
 
     /// One Adam step on `w` with its moments `m` and `v`.
@@ -257,7 +286,9 @@ pub trait Backend {
     ) -> Result<()> {
         spec.validate()?;
         validate::same_len(self, &[("w", w), ("grad", grad), ("m", m), ("v", v)])?;
-        self.adam_step_unchecked(spec, w, grad, m, v)
+        validate::no_alias(self, &[("w", w), ("m", m), ("v", v)], &[("grad", grad)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.adam_step_unchecked(spec, w, grad, m, v) }
     }
 
     /// One SGD step on `w` with its velocity.
@@ -270,25 +301,30 @@ pub trait Backend {
     ) -> Result<()> {
         spec.validate()?;
         validate::same_len(self, &[("w", w), ("grad", grad), ("velocity", velocity)])?;
-        self.sgd_step_unchecked(spec, w, grad, velocity)
+        validate::no_alias(self, &[("w", w), ("velocity", velocity)], &[("grad", grad)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.sgd_step_unchecked(spec, w, grad, velocity) }
     }
 
     /// im2col of a channels-last image batch: `cols` is `[N*OH*OW, K*K*C]` (see [`ConvSpec`]).
     fn im2col(&self, spec: &ConvSpec, x: &Self::Buffer, cols: &Self::Buffer) -> Result<()> {
         validate::im2col(self, spec, x, cols)?;
-        self.im2col_unchecked(spec, x, cols)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.im2col_unchecked(spec, x, cols) }
     }
 
     /// The adjoint of im2col: the input gradient from the columns' gradient.
     fn col2im(&self, spec: &ConvSpec, dcols: &Self::Buffer, dx: &Self::Buffer) -> Result<()> {
         validate::im2col(self, spec, dx, dcols)?;
-        self.col2im_unchecked(spec, dcols, dx)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.col2im_unchecked(spec, dcols, dx) }
     }
 
     /// Max or average pooling, `k x k` windows with stride `k`, channels-last.
     fn pool(&self, spec: &PoolSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::pool(self, spec, x, y)?;
-        self.pool_unchecked(spec, x, y)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.pool_unchecked(spec, x, y) }
     }
 
     /// The input gradient of [`Backend::pool`] from its input `x` and the output gradient `dy`.
@@ -301,7 +337,9 @@ pub trait Backend {
     ) -> Result<()> {
         validate::pool(self, spec, x, dy)?;
         validate::same_len(self, &[("x", x), ("dx", dx)])?;
-        self.pool_backward_unchecked(spec, x, dy, dx)
+        validate::no_alias(self, &[("dx", dx)], &[("x", x), ("dy", dy)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.pool_backward_unchecked(spec, x, dy, dx) }
     }
 
     /// `y[b, j, i] = x[b, i, j]` for `batch` matrices of `[rows, cols]`.
@@ -314,13 +352,16 @@ pub trait Backend {
         y: &Self::Buffer,
     ) -> Result<()> {
         validate::transpose(self, batch, rows, cols, x, y)?;
-        self.transpose_unchecked(batch, rows, cols, x, y)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.transpose_unchecked(batch, rows, cols, x, y) }
     }
 
     /// `y = x / max(||x_row||, 1e-12)` over rows of `cols` (src/ops/relational.rs).
     fn row_normalize(&self, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::rows_of(self, cols, &[("x", x), ("y", y)])?;
-        self.row_normalize_unchecked(cols, x, y)
+        validate::no_alias(self, &[("y", y)], &[("x", x)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.row_normalize_unchecked(cols, x, y) }
     }
 
     /// The input gradient of [`Backend::row_normalize`] from its input `x` and `dy`.
@@ -332,7 +373,9 @@ pub trait Backend {
         dx: &Self::Buffer,
     ) -> Result<()> {
         validate::rows_of(self, cols, &[("x", x), ("dy", dy), ("dx", dx)])?;
-        self.row_normalize_backward_unchecked(cols, x, dy, dx)
+        validate::no_alias(self, &[("dx", dx)], &[("x", x), ("dy", dy)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.row_normalize_backward_unchecked(cols, x, dy, dx) }
     }
 
     /// Pairwise Euclidean distances `[n, n]` of `n` feature rows of `dim` (diagonal 0).
@@ -344,7 +387,9 @@ pub trait Backend {
         d: &Self::Buffer,
     ) -> Result<()> {
         validate::pairwise(self, n, dim, f, &[("d", d)])?;
-        self.pairwise_distance_unchecked(n, dim, f, d)
+        validate::no_alias(self, &[("d", d)], &[("f", f)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.pairwise_distance_unchecked(n, dim, f, d) }
     }
 
     /// `dF` from the features, the distances `d` and their gradient `dd`.
@@ -359,13 +404,17 @@ pub trait Backend {
     ) -> Result<()> {
         validate::pairwise(self, n, dim, f, &[("d", d), ("dd", dd)])?;
         validate::same_len(self, &[("f", f), ("df", df)])?;
-        self.pairwise_distance_backward_unchecked(n, dim, f, d, dd, df)
+        validate::no_alias(self, &[("df", df)], &[("f", f), ("d", d), ("dd", dd)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.pairwise_distance_backward_unchecked(n, dim, f, d, dd, df) }
     }
 
     /// `y = d / mean(off-diagonal of d)` for an `[n, n]` matrix, `n >= 2`.
     fn offdiag_normalize(&self, n: usize, d: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::square(self, n, &[("d", d), ("y", y)])?;
-        self.offdiag_normalize_unchecked(n, d, y)
+        validate::no_alias(self, &[("y", y)], &[("d", d)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.offdiag_normalize_unchecked(n, d, y) }
     }
 
     /// The input gradient of [`Backend::offdiag_normalize`] from `d` and `dy`.
@@ -377,7 +426,9 @@ pub trait Backend {
         dd: &Self::Buffer,
     ) -> Result<()> {
         validate::square(self, n, &[("d", d), ("dy", dy), ("dd", dd)])?;
-        self.offdiag_normalize_backward_unchecked(n, d, dy, dd)
+        validate::no_alias(self, &[("dd", dd)], &[("d", d), ("dy", dy)])?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.offdiag_normalize_backward_unchecked(n, d, dy, dd) }
     }
 
     /// Smooth L1 (Huber, delta 1), mean over all elements, with the same outputs as [`Backend::mse`].
@@ -391,20 +442,28 @@ pub trait Backend {
         grad_b: Option<&Self::Buffer>,
     ) -> Result<()> {
         validate::mse(self, spec, a, b, loss, grad_a, grad_b)?;
-        self.smooth_l1_unchecked(spec, a, b, loss, grad_a, grad_b)
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.smooth_l1_unchecked(spec, a, b, loss, grad_a, grad_b) }
     }
 
-    // ---- the kernels: each backend implements these; `validate` has checked the inputs ----
+    // ---- the kernels: each backend implements these ----
+    //
+    // # Safety (every `*_unchecked` method)
+    // The caller guarantees what the provided method's `validate` call checks: the spec is valid,
+    // every buffer has the length the spec gives it, labels one per row, and no output overlaps
+    // another output or an input (except `GradOut::InPlace`). Device backends launch kernels that
+    // index the buffers by those lengths without further checks, so a call that breaks this
+    // contract may read or write out of bounds. Call the provided methods instead.
 
     #[doc(hidden)]
-    fn softmax_unchecked(
+    unsafe fn softmax_unchecked(
         &self,
         spec: &SoftmaxSpec,
         x: &Self::Buffer,
         y: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn softmax_backward_unchecked(
+    unsafe fn softmax_backward_unchecked(
         &self,
         spec: &SoftmaxSpec,
         y: &Self::Buffer,
@@ -412,7 +471,7 @@ pub trait Backend {
         dx: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn divergence_unchecked(
+    unsafe fn divergence_unchecked(
         &self,
         spec: &DivergenceSpec,
         student: &Self::Buffer,
@@ -421,7 +480,7 @@ pub trait Backend {
         out: LossOut<'_, Self>,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn cross_entropy_unchecked(
+    unsafe fn cross_entropy_unchecked(
         &self,
         spec: &CrossEntropySpec,
         student: &Self::Buffer,
@@ -429,7 +488,7 @@ pub trait Backend {
         out: LossOut<'_, Self>,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn hinton_unchecked(
+    unsafe fn hinton_unchecked(
         &self,
         spec: &HintonSpec,
         student: &Self::Buffer,
@@ -438,7 +497,7 @@ pub trait Backend {
         out: LossOut<'_, Self>,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn mse_unchecked(
+    unsafe fn mse_unchecked(
         &self,
         spec: &MseSpec,
         a: &Self::Buffer,
@@ -448,7 +507,7 @@ pub trait Backend {
         grad_b: Option<&Self::Buffer>,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn attention_transfer_unchecked(
+    unsafe fn attention_transfer_unchecked(
         &self,
         spec: &AttentionSpec,
         student: &Self::Buffer,
@@ -458,7 +517,7 @@ pub trait Backend {
         grad_teacher: Option<&Self::Buffer>,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn matmul_unchecked(
+    unsafe fn matmul_unchecked(
         &self,
         spec: &MatmulSpec,
         a: &Self::Buffer,
@@ -466,32 +525,32 @@ pub trait Backend {
         c: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn bias_add_unchecked(
+    unsafe fn bias_add_unchecked(
         &self,
         x: &Self::Buffer,
         bias: &Self::Buffer,
         y: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn sum_rows_unchecked(
+    unsafe fn sum_rows_unchecked(
         &self,
         x: &Self::Buffer,
         out: &Self::Buffer,
         accumulate: bool,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn relu_unchecked(&self, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    unsafe fn relu_unchecked(&self, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
     #[doc(hidden)]
-    fn relu_backward_unchecked(
+    unsafe fn relu_backward_unchecked(
         &self,
         y: &Self::Buffer,
         dy: &Self::Buffer,
         dx: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn axpy_unchecked(&self, alpha: f32, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    unsafe fn axpy_unchecked(&self, alpha: f32, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
     #[doc(hidden)]
-    fn adam_step_unchecked(
+    unsafe fn adam_step_unchecked(
         &self,
         spec: &AdamSpec,
         w: &Self::Buffer,
@@ -500,7 +559,7 @@ pub trait Backend {
         v: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn sgd_step_unchecked(
+    unsafe fn sgd_step_unchecked(
         &self,
         spec: &SgdSpec,
         w: &Self::Buffer,
@@ -508,23 +567,28 @@ pub trait Backend {
         velocity: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn im2col_unchecked(
+    unsafe fn im2col_unchecked(
         &self,
         spec: &ConvSpec,
         x: &Self::Buffer,
         cols: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn col2im_unchecked(
+    unsafe fn col2im_unchecked(
         &self,
         spec: &ConvSpec,
         dcols: &Self::Buffer,
         dx: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn pool_unchecked(&self, spec: &PoolSpec, x: &Self::Buffer, y: &Self::Buffer) -> Result<()>;
+    unsafe fn pool_unchecked(
+        &self,
+        spec: &PoolSpec,
+        x: &Self::Buffer,
+        y: &Self::Buffer,
+    ) -> Result<()>;
     #[doc(hidden)]
-    fn pool_backward_unchecked(
+    unsafe fn pool_backward_unchecked(
         &self,
         spec: &PoolSpec,
         x: &Self::Buffer,
@@ -532,7 +596,7 @@ pub trait Backend {
         dx: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn transpose_unchecked(
+    unsafe fn transpose_unchecked(
         &self,
         batch: usize,
         rows: usize,
@@ -541,14 +605,14 @@ pub trait Backend {
         y: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn row_normalize_unchecked(
+    unsafe fn row_normalize_unchecked(
         &self,
         cols: usize,
         x: &Self::Buffer,
         y: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn row_normalize_backward_unchecked(
+    unsafe fn row_normalize_backward_unchecked(
         &self,
         cols: usize,
         x: &Self::Buffer,
@@ -556,7 +620,7 @@ pub trait Backend {
         dx: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn pairwise_distance_unchecked(
+    unsafe fn pairwise_distance_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -564,7 +628,7 @@ pub trait Backend {
         d: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn pairwise_distance_backward_unchecked(
+    unsafe fn pairwise_distance_backward_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -574,14 +638,14 @@ pub trait Backend {
         df: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn offdiag_normalize_unchecked(
+    unsafe fn offdiag_normalize_unchecked(
         &self,
         n: usize,
         d: &Self::Buffer,
         y: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn offdiag_normalize_backward_unchecked(
+    unsafe fn offdiag_normalize_backward_unchecked(
         &self,
         n: usize,
         d: &Self::Buffer,
@@ -589,7 +653,7 @@ pub trait Backend {
         dd: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
-    fn smooth_l1_unchecked(
+    unsafe fn smooth_l1_unchecked(
         &self,
         spec: &MseSpec,
         a: &Self::Buffer,

@@ -23,6 +23,64 @@ fn check_len<B: Backend + ?Sized>(
     Ok(())
 }
 
+/// Rejects outputs that share memory with each other or with an input of the same call
+/// ([`Backend::overlaps`]): no kernel supports that (the one supported in-place form, the
+/// student gradient over the student, is [`GradOut::InPlace`] and is not passed here as an input).
+pub fn no_alias<B: Backend + ?Sized>(
+    b: &B,
+    outputs: &[(&'static str, &B::Buffer)],
+    inputs: &[(&'static str, &B::Buffer)],
+) -> Result<()> {
+    for (i, (name, out)) in outputs.iter().enumerate() {
+        for (other, o) in &outputs[..i] {
+            if b.overlaps(out, o) {
+                return Err(Error::Alias(format!(
+                    "{other} and {name} are the same buffer (or overlap): each output needs its \
+                     own buffer"
+                )));
+            }
+        }
+        for (input, x) in inputs {
+            if b.overlaps(out, x) {
+                return Err(Error::Alias(format!(
+                    "{name} is also the input {input} (or overlaps it): this kernel cannot write \
+                     over its input; pass a separate output buffer"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`no_alias`] for a row loss's outputs; with [`GradOut::InPlace`] the student is an output.
+fn loss_out_alias<B: Backend + ?Sized>(
+    b: &B,
+    out: &LossOut<'_, B>,
+    student: &B::Buffer,
+    teacher: Option<&B::Buffer>,
+) -> Result<()> {
+    let mut outputs = vec![("loss", out.loss)];
+    if let Some(r) = out.row_loss {
+        outputs.push(("row_loss", r));
+    }
+    let mut inputs = Vec::new();
+    match out.grad_student {
+        GradOut::Into(g) => {
+            outputs.push(("grad_student", g));
+            inputs.push(("student", student));
+        }
+        GradOut::InPlace => outputs.push(("grad_student (in place over the student)", student)),
+        GradOut::None => inputs.push(("student", student)),
+    }
+    if let Some(g) = out.grad_teacher {
+        outputs.push(("grad_teacher", g));
+    }
+    if let Some(t) = teacher {
+        inputs.push(("teacher", t));
+    }
+    no_alias(b, &outputs, &inputs)
+}
+
 fn check_labels_len<B: Backend + ?Sized>(b: &B, labels: &B::Labels, rows: usize) -> Result<()> {
     let got = b.labels_len(labels);
     if got != rows {
@@ -71,7 +129,8 @@ pub fn softmax<B: Backend + ?Sized>(
     spec.validate()?;
     let hint = "[rows, cols] row-major";
     check_len(b, "x", x, spec.shape.len(), hint)?;
-    check_len(b, "y", y, spec.shape.len(), hint)
+    check_len(b, "y", y, spec.shape.len(), hint)?;
+    no_alias(b, &[("y", y)], &[("x", x)])
 }
 
 pub fn softmax_backward<B: Backend + ?Sized>(
@@ -85,7 +144,8 @@ pub fn softmax_backward<B: Backend + ?Sized>(
     let hint = "[rows, cols] row-major";
     check_len(b, "y", y, spec.shape.len(), hint)?;
     check_len(b, "dy", dy, spec.shape.len(), hint)?;
-    check_len(b, "dx", dx, spec.shape.len(), hint)
+    check_len(b, "dx", dx, spec.shape.len(), hint)?;
+    no_alias(b, &[("dx", dx)], &[("y", y), ("dy", dy)])
 }
 
 pub fn divergence<B: Backend + ?Sized>(
@@ -109,7 +169,8 @@ pub fn divergence<B: Backend + ?Sized>(
                 .into(),
         ));
     }
-    loss_out(b, out, spec.shape.rows, spec.shape.len())
+    loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    loss_out_alias(b, out, student, Some(teacher))
 }
 
 pub fn cross_entropy<B: Backend + ?Sized>(
@@ -127,7 +188,8 @@ pub fn cross_entropy<B: Backend + ?Sized>(
             "cross-entropy has no teacher: pass grad_teacher: None".into(),
         ));
     }
-    loss_out(b, out, spec.shape.rows, spec.shape.len())
+    loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    loss_out_alias(b, out, student, None)
 }
 
 pub fn hinton<B: Backend + ?Sized>(
@@ -142,7 +204,8 @@ pub fn hinton<B: Backend + ?Sized>(
     spec.shape.check_len("student", b.len(student))?;
     spec.shape.check_len("teacher", b.len(teacher))?;
     check_labels_len(b, labels, spec.shape.rows)?;
-    loss_out(b, out, spec.shape.rows, spec.shape.len())
+    loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    loss_out_alias(b, out, student, Some(teacher))
 }
 
 pub fn mse<B: Backend + ?Sized>(
@@ -165,7 +228,10 @@ pub fn mse<B: Backend + ?Sized>(
     if let Some(g) = grad_b {
         check_len(b, "grad_b", g, spec.len, hint)?;
     }
-    Ok(())
+    let mut outputs = vec![("loss", loss)];
+    outputs.extend(grad_a.map(|g| ("grad_a", g)));
+    outputs.extend(grad_b.map(|g| ("grad_b", g)));
+    no_alias(b, &outputs, &[("a", a), ("b", bb)])
 }
 
 pub fn attention<B: Backend + ?Sized>(
@@ -188,7 +254,10 @@ pub fn attention<B: Backend + ?Sized>(
     if let Some(g) = grad_teacher {
         check_len(b, "grad_teacher", g, spec.teacher_len(), hint)?;
     }
-    Ok(())
+    let mut outputs = vec![("loss", loss)];
+    outputs.extend(grad_student.map(|g| ("grad_student", g)));
+    outputs.extend(grad_teacher.map(|g| ("grad_teacher", g)));
+    no_alias(b, &outputs, &[("student", student), ("teacher", teacher)])
 }
 
 pub fn matmul<B: Backend + ?Sized>(
@@ -212,7 +281,8 @@ pub fn matmul<B: Backend + ?Sized>(
     };
     check_len(b, "a", a, m * k, &la)?;
     check_len(b, "b", bb, k * n, &lb)?;
-    check_len(b, "c", c, m * n, &format!("C is [{m}, {n}]"))
+    check_len(b, "c", c, m * n, &format!("C is [{m}, {n}]"))?;
+    no_alias(b, &[("c", c)], &[("a", a), ("b", bb)])
 }
 
 pub fn bias_add<B: Backend + ?Sized>(
@@ -230,7 +300,8 @@ pub fn bias_add<B: Backend + ?Sized>(
             "x is [rows, bias.len()] with rows >= 1",
         ));
     }
-    check_len(b, "y", y, lx, "same shape as x")
+    check_len(b, "y", y, lx, "same shape as x")?;
+    no_alias(b, &[("y", y)], &[("x", x), ("bias", bias)])
 }
 
 pub fn sum_rows<B: Backend + ?Sized>(b: &B, x: &B::Buffer, out: &B::Buffer) -> Result<()> {
@@ -243,7 +314,7 @@ pub fn sum_rows<B: Backend + ?Sized>(b: &B, x: &B::Buffer, out: &B::Buffer) -> R
             "x is [rows, out.len()] with rows >= 1",
         ));
     }
-    Ok(())
+    no_alias(b, &[("out", out)], &[("x", x)])
 }
 
 /// Every buffer has the length of the first, which is at least 1.
@@ -282,7 +353,8 @@ pub fn im2col<B: Backend + ?Sized>(
         cols,
         r * c,
         &format!("[N*OH*OW, K*K*C] = [{r}, {c}]"),
-    )
+    )?;
+    no_alias(b, &[("cols", cols)], &[("image", x)])
 }
 
 pub fn pool<B: Backend + ?Sized>(
@@ -309,7 +381,8 @@ pub fn pool<B: Backend + ?Sized>(
         y,
         spec.output_len(),
         &format!("[N, H/k, W/k, C] = [{}, {oh}, {ow}, {}]", spec.n, spec.c),
-    )
+    )?;
+    no_alias(b, &[("y", y)], &[("x", x)])
 }
 
 pub fn transpose<B: Backend + ?Sized>(
@@ -325,7 +398,8 @@ pub fn transpose<B: Backend + ?Sized>(
         return Err(Error::Unsupported("transpose of an empty tensor".into()));
     }
     check_len(b, "x", x, n, &format!("[{batch}, {rows}, {cols}]"))?;
-    check_len(b, "y", y, n, &format!("[{batch}, {cols}, {rows}]"))
+    check_len(b, "y", y, n, &format!("[{batch}, {cols}, {rows}]"))?;
+    no_alias(b, &[("y", y)], &[("x", x)])
 }
 
 /// Every buffer is `[rows, cols]` with the same number of rows >= 1.

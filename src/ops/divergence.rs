@@ -54,6 +54,15 @@ pub(crate) fn teacher_log_probs(t: &[f64], form: TeacherInput, temperature: f64)
     }
 }
 
+/// Whether a teacher row is a valid input for its form: logits finite; probabilities finite
+/// (0 allowed); log-probabilities finite or `-inf` (a probability of 0).
+pub(crate) fn teacher_valid(t: &[f64], form: TeacherInput) -> bool {
+    match form {
+        TeacherInput::LogProbs => t.iter().all(|v| v.is_finite() || *v == f64::NEG_INFINITY),
+        _ => all_finite(t),
+    }
+}
+
 /// `sum_j a_j (log a_j - log b_j)`. A term with `a_j = 0` exactly (`log a_j = -inf`, a given
 /// probability of 0) is 0; a term with `b_j = 0` exactly and `a_j > 0` is `+inf`. A probability
 /// computed by a softmax of finite logits is never exactly 0, even where `exp` underflows: its term
@@ -110,14 +119,14 @@ pub fn reference(
         let (sr, tr) = (&s[r * c..(r + 1) * c], &t[r * c..(r + 1) * c]);
         let gs = &mut out.grad_student[r * c..(r + 1) * c];
         let gt = &mut out.grad_teacher[r * c..(r + 1) * c];
-        if !all_finite(sr) || !all_finite(tr) {
+        if !all_finite(sr) || !teacher_valid(tr, spec.teacher) {
             out.row_loss[r] = f64::NAN;
             gs.fill(f64::NAN);
             gt.fill(f64::NAN);
             continue;
         }
         let lp = log_softmax_row(sr, temp);
-        let lq = teacher_log_probs(tr, spec.teacher, temp);
+        let mut lq = teacher_log_probs(tr, spec.teacher, temp);
         let k = g * scale * temp; // d(T^2 D)/dz carries one factor T
         let d = match spec.divergence {
             Divergence::ForwardKl => {
@@ -134,6 +143,11 @@ pub fn reference(
                 d
             }
             Divergence::ReverseKl => {
+                // The optional floor: log max(q, eps) (given teachers only; see DivergenceSpec).
+                if spec.teacher_eps > 0.0 {
+                    let floor = (spec.teacher_eps as f64).ln();
+                    lq.iter_mut().for_each(|l| *l = l.max(floor));
+                }
                 let d = kl(&lp, &lq);
                 for j in 0..c {
                     let (p, q) = (lp[j].exp(), lq[j].exp());

@@ -129,7 +129,7 @@ impl RowShape {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if self.rows == 0 || self.cols == 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::Empty(format!(
                 "empty shape [{}, {}]: rows and classes must both be at least 1",
                 self.rows, self.cols
             )));
@@ -149,11 +149,20 @@ impl RowShape {
                 what,
                 got,
                 self.len(),
-                format!("[{} rows, {} classes] row-major", self.rows, self.cols),
+                format!(
+                    "{} x {} row-major",
+                    count(self.rows, "row", "rows"),
+                    count(self.cols, "class", "classes")
+                ),
             ));
         }
         Ok(())
     }
+}
+
+/// `1 row`, `2 rows`.
+pub(crate) fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 pub(crate) fn check_temperature(t: f32) -> Result<()> {
@@ -215,16 +224,129 @@ pub fn check_labels(labels: &[i32], classes: usize, ignore_index: i32) -> Result
     Ok(())
 }
 
-/// Returns an error naming the first NaN or infinity in `data` (the optional input check).
+/// Returns an error naming the first NaN or infinity in `data` (logits must be finite; the
+/// optional input check).
 pub fn check_finite(what: &'static str, data: &[f32]) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {
         Some(index) => Err(Error::NonFinite {
             what,
             index,
             value: data[index],
+            hint: "logits must be finite",
         }),
         None => Ok(()),
     }
+}
+
+/// How far a row of teacher probabilities may sum from 1 (and log-probabilities' logsumexp from
+/// 0, and a log-probability rise above 0) in [`check_teacher`]: `1e-3`, about what an f32 or
+/// bf16 softmax of a 256k-class row can be off by after rounding each probability.
+pub const TEACHER_SUM_TOLERANCE: f64 = 1e-3;
+
+/// The optional check of a teacher's values for its form, over the rows that are not masked
+/// (`labels` equal to `ignore_index`; all rows when `labels` is `None`), with an error naming the
+/// row and element:
+/// - logits: finite;
+/// - probabilities: finite, `>= 0`, each row summing to 1 within [`TEACHER_SUM_TOLERANCE`];
+/// - log-probabilities: not NaN, not `+inf`, `<= TEACHER_SUM_TOLERANCE` (`-inf` is a probability
+///   of 0 and allowed), each row's logsumexp 0 within the tolerance.
+pub fn check_teacher(
+    form: TeacherInput,
+    teacher: &[f32],
+    shape: RowShape,
+    labels: Option<&[i32]>,
+    ignore_index: i32,
+) -> Result<()> {
+    if form == TeacherInput::Logits {
+        return check_finite("teacher", teacher);
+    }
+    let c = shape.cols;
+    for (row, t) in teacher.chunks_exact(c).enumerate() {
+        if labels.is_some_and(|l| l.get(row) == Some(&ignore_index)) {
+            continue;
+        }
+        let bad = |j: usize, why: &str| Error::Input {
+            what: if form == TeacherInput::Probs {
+                "teacher probabilities"
+            } else {
+                "teacher log-probabilities"
+            },
+            row,
+            problem: format!("element {j} = {} {why}", t[j]),
+        };
+        let sum: f64 = match form {
+            TeacherInput::Probs => {
+                if let Some(j) = t.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+                    return Err(bad(j, "is not a probability (finite and >= 0)"));
+                }
+                t.iter().map(|&v| v as f64).sum()
+            }
+            _ => {
+                if let Some(j) = t.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+                    return Err(bad(j, "is not a log-probability (NaN or +inf)"));
+                }
+                if let Some(j) = t.iter().position(|&v| v as f64 > TEACHER_SUM_TOLERANCE) {
+                    return Err(bad(j, "is above 0, so it is not a log-probability"));
+                }
+                t.iter().map(|&v| (v as f64).exp()).sum()
+            }
+        };
+        let off = (sum - 1.0).abs();
+        if off.is_nan() || off > TEACHER_SUM_TOLERANCE {
+            return Err(Error::Input {
+                what: if form == TeacherInput::Probs {
+                    "teacher probabilities"
+                } else {
+                    "teacher log-probabilities"
+                },
+                row,
+                problem: format!(
+                    "the row's probabilities sum to {sum}, not 1 (within {TEACHER_SUM_TOLERANCE}): \
+                     normalise each row (softmax / log_softmax), or pass logits with \
+                     TeacherInput::Logits"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reverse KL is `+inf` where the teacher gives a class probability 0 and the student does not:
+/// without a floor (`teacher_eps` 0) such an input is an error, on the host API and the CPU
+/// backends (device backends give the row a `+inf` loss and a NaN gradient).
+pub fn check_reverse_kl_support(
+    spec: &DivergenceSpec,
+    teacher: &[f32],
+    labels: Option<&[i32]>,
+) -> Result<()> {
+    if spec.divergence != Divergence::ReverseKl
+        || spec.teacher == TeacherInput::Logits
+        || spec.teacher_eps > 0.0
+    {
+        return Ok(());
+    }
+    let zero = |v: f32| match spec.teacher {
+        TeacherInput::Probs => v == 0.0,
+        _ => v == f32::NEG_INFINITY,
+    };
+    for (row, t) in teacher.chunks_exact(spec.shape.cols).enumerate() {
+        if labels.is_some_and(|l| l.get(row) == Some(&spec.ignore_index)) {
+            continue;
+        }
+        if let Some(j) = t.iter().position(|&v| zero(v)) {
+            return Err(Error::Input {
+                what: "reverse KL teacher",
+                row,
+                problem: format!(
+                    "the teacher gives class {j} probability 0, where reverse KL \
+                     sum p (log p - log q) is +inf: set a floor (DivergenceSpec::teacher_eps or \
+                     SoftTargetLoss::teacher_eps, e.g. 1e-8), or use forward KL or JSD, which are \
+                     finite there"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Temperature softmax or log-softmax over rows (section 1).
@@ -254,6 +376,13 @@ pub struct DivergenceSpec {
     pub ignore_index: i32,
     /// Upstream gradient `g` multiplied into every gradient (1 for the loss's own gradient).
     pub grad_scale: f32,
+    /// Reverse KL with a given teacher (probabilities or log-probabilities) only: a floor on the
+    /// teacher's probabilities inside the log, `log max(q_j, eps)`, so that a class the teacher
+    /// gives probability 0 (one-hot or top-k targets) costs `p_j (log p_j - log eps)` instead of
+    /// making the divergence `+inf` (as Liger's `eps`). 0 (the default) is no floor: an exact zero
+    /// then gives `+inf`, which the host API and the CPU backends report as an `Err`
+    /// (`docs/LOSSES.md`, section 2).
+    pub teacher_eps: f32,
 }
 
 impl DivergenceSpec {
@@ -267,6 +396,7 @@ impl DivergenceSpec {
             reduction: Reduction::BatchMean,
             ignore_index: IGNORE_INDEX,
             grad_scale: 1.0,
+            teacher_eps: 0.0,
         }
     }
 
@@ -283,6 +413,24 @@ impl DivergenceSpec {
                 "JSD's beta must be in (0, 1); use Divergence::ForwardKl for beta = 0 and \
                  Divergence::ReverseKl for beta = 1",
             )?;
+        }
+        if self.teacher_eps != 0.0 {
+            if !(self.teacher_eps.is_finite() && self.teacher_eps > 0.0 && self.teacher_eps < 1.0) {
+                return Err(Error::Param {
+                    name: "teacher_eps",
+                    value: self.teacher_eps as f64,
+                    hint: "the teacher's probability floor must be 0 (none) or in (0, 1); 1e-8 is \
+                           a common choice",
+                });
+            }
+            if self.divergence != Divergence::ReverseKl || self.teacher == TeacherInput::Logits {
+                return Err(Error::Unsupported(
+                    "teacher_eps applies to reverse KL with the teacher given as probabilities or \
+                     log-probabilities (where a probability can be exactly 0); forward KL and JSD \
+                     are finite there and a softmax of logits is never 0: set teacher_eps to 0"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -385,7 +533,7 @@ impl MseSpec {
 
     pub fn validate(&self) -> Result<()> {
         if self.len == 0 {
-            return Err(Error::Unsupported(
+            return Err(Error::Empty(
                 "MSE over 0 elements: pass at least one element".into(),
             ));
         }
@@ -428,7 +576,7 @@ impl AttentionSpec {
 
     pub fn validate(&self) -> Result<()> {
         if self.n == 0 || self.student_channels == 0 || self.teacher_channels == 0 || self.hw == 0 {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::Empty(format!(
                 "attention transfer needs n, channels and H*W all >= 1, got n={}, student channels={}, \
                  teacher channels={}, H*W={}",
                 self.n, self.student_channels, self.teacher_channels, self.hw

@@ -328,6 +328,7 @@ impl WgpuBackend {
         out: &WgpuBuffer,
         threads: usize,
     ) -> Result<()> {
+        // The bytes of a RelationalParams (its layout is checked against the shader).
         let params = [n as u32, dim as u32, 0, 0];
         let [a, b, c] = inputs;
         self.dispatch(
@@ -344,6 +345,37 @@ impl WgpuBackend {
             threads.div_ceil(256).max(1) as u32,
         )
     }
+}
+
+/// `relational.wgsl`'s uniform: `[n, dim, 0, 0]` as written by `encode_relational`.
+#[repr(C)]
+struct RelationalParams {
+    n: u32,
+    dim: u32,
+    pad: [u32; 2],
+}
+
+/// The layouts of this file's uniform structs (see [`super::uniform_layouts`]).
+pub(super) fn uniform_layouts() -> Vec<super::UniformLayout> {
+    use super::uniform_layout as l;
+    vec![
+        l!(
+            DenseParams,
+            "dense.wgsl",
+            [m, k, n, trans_a, trans_b, accumulate, len, alpha]
+        ),
+        l!(
+            OptimParams,
+            "optim.wgsl",
+            [len, lr, inv_c2, beta1, beta2, eps, weight_decay]
+        ),
+        l!(
+            ConvParams,
+            "conv.wgsl",
+            [n, h, w, c, k, stride, pad, oh, ow, max_pool, len, rows, cols]
+        ),
+        l!(RelationalParams, "relational.wgsl", [n, dim]),
+    ]
 }
 
 /// The uniform bytes of a conv.wgsl dispatch.

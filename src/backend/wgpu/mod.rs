@@ -26,6 +26,39 @@ use crate::ops::{
 
 const BACKEND: &str = "wgpu";
 
+/// A `#[repr(C)]` uniform struct of this backend and the shader file whose `Params` it fills:
+/// `tests/shaders.rs` checks its size and field offsets against naga's layout of the WGSL struct.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct UniformLayout {
+    pub file: &'static str,
+    pub rust_name: &'static str,
+    pub size: usize,
+    /// The fields that are not padding, with their byte offsets (named as in the WGSL struct).
+    pub fields: Vec<(&'static str, usize)>,
+}
+
+/// One [`UniformLayout`] from a struct and its named (non-padding) fields.
+macro_rules! uniform_layout {
+    ($t:ty, $file:expr, [$($f:ident),* $(,)?]) => {
+        $crate::backend::wgpu::UniformLayout {
+            file: $file,
+            rust_name: stringify!($t),
+            size: std::mem::size_of::<$t>(),
+            fields: vec![$((stringify!($f), std::mem::offset_of!($t, $f))),*],
+        }
+    };
+}
+pub(crate) use uniform_layout;
+
+/// Every uniform struct the backend uploads, for the layout test.
+#[doc(hidden)]
+pub fn uniform_layouts() -> Vec<UniformLayout> {
+    let mut v = record::uniform_layouts();
+    v.extend(dense::uniform_layouts());
+    v
+}
+
 /// A wgpu storage buffer of `len` f32 values (the first `len * 4` bytes of `buffer`).
 #[derive(Clone, Debug)]
 pub struct WgpuBuffer {
@@ -498,6 +531,11 @@ impl Backend for WgpuBackend {
         self.wait()
     }
 
+    fn overlaps(&self, a: &WgpuBuffer, b: &WgpuBuffer) -> bool {
+        // Every WgpuBuffer is a window from offset 0 of its wgpu::Buffer.
+        a.buffer == b.buffer
+    }
+
     fn labels_len(&self, labels: &WgpuLabels) -> usize {
         labels.len
     }
@@ -506,11 +544,16 @@ impl Backend for WgpuBackend {
         crate::ops::check_labels(&self.download_labels(labels)?, classes, ignore_index)
     }
 
-    fn softmax_unchecked(&self, spec: &SoftmaxSpec, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn softmax_unchecked(
+        &self,
+        spec: &SoftmaxSpec,
+        x: &WgpuBuffer,
+        y: &WgpuBuffer,
+    ) -> Result<()> {
         self.submit(|enc| self.encode_softmax(enc, spec, x, None, y))
     }
 
-    fn softmax_backward_unchecked(
+    unsafe fn softmax_backward_unchecked(
         &self,
         spec: &SoftmaxSpec,
         y: &WgpuBuffer,
@@ -520,7 +563,7 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_softmax(enc, spec, y, Some(dy), dx))
     }
 
-    fn divergence_unchecked(
+    unsafe fn divergence_unchecked(
         &self,
         spec: &DivergenceSpec,
         student: &WgpuBuffer,
@@ -531,7 +574,7 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_divergence(enc, spec, student, teacher, labels, &out))
     }
 
-    fn cross_entropy_unchecked(
+    unsafe fn cross_entropy_unchecked(
         &self,
         spec: &CrossEntropySpec,
         student: &WgpuBuffer,
@@ -541,7 +584,7 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_cross_entropy(enc, spec, student, labels, &out))
     }
 
-    fn hinton_unchecked(
+    unsafe fn hinton_unchecked(
         &self,
         spec: &HintonSpec,
         student: &WgpuBuffer,
@@ -552,7 +595,7 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_hinton(enc, spec, student, teacher, labels, &out))
     }
 
-    fn mse_unchecked(
+    unsafe fn mse_unchecked(
         &self,
         spec: &MseSpec,
         a: &WgpuBuffer,
@@ -564,7 +607,7 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b, false))
     }
 
-    fn attention_transfer_unchecked(
+    unsafe fn attention_transfer_unchecked(
         &self,
         spec: &AttentionSpec,
         student: &WgpuBuffer,
@@ -586,7 +629,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn matmul_unchecked(
+    unsafe fn matmul_unchecked(
         &self,
         spec: &MatmulSpec,
         a: &WgpuBuffer,
@@ -596,19 +639,29 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_matmul(enc, spec, a, b, c))
     }
 
-    fn bias_add_unchecked(&self, x: &WgpuBuffer, bias: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn bias_add_unchecked(
+        &self,
+        x: &WgpuBuffer,
+        bias: &WgpuBuffer,
+        y: &WgpuBuffer,
+    ) -> Result<()> {
         self.submit(|enc| self.encode_bias_add(enc, x, bias, y))
     }
 
-    fn sum_rows_unchecked(&self, x: &WgpuBuffer, out: &WgpuBuffer, accumulate: bool) -> Result<()> {
+    unsafe fn sum_rows_unchecked(
+        &self,
+        x: &WgpuBuffer,
+        out: &WgpuBuffer,
+        accumulate: bool,
+    ) -> Result<()> {
         self.submit(|enc| self.encode_sum_rows(enc, x, out, accumulate))
     }
 
-    fn relu_unchecked(&self, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn relu_unchecked(&self, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
         self.submit(|enc| self.encode_elementwise(enc, pipelines::Kernel::Relu, x, None, y, 0.0))
     }
 
-    fn relu_backward_unchecked(
+    unsafe fn relu_backward_unchecked(
         &self,
         y: &WgpuBuffer,
         dy: &WgpuBuffer,
@@ -619,11 +672,11 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn axpy_unchecked(&self, alpha: f32, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn axpy_unchecked(&self, alpha: f32, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
         self.submit(|enc| self.encode_elementwise(enc, pipelines::Kernel::Axpy, x, None, y, alpha))
     }
 
-    fn adam_step_unchecked(
+    unsafe fn adam_step_unchecked(
         &self,
         spec: &AdamSpec,
         w: &WgpuBuffer,
@@ -634,7 +687,7 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_adam(enc, spec, w, grad, m, v))
     }
 
-    fn sgd_step_unchecked(
+    unsafe fn sgd_step_unchecked(
         &self,
         spec: &SgdSpec,
         w: &WgpuBuffer,
@@ -644,22 +697,32 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_sgd(enc, spec, w, grad, velocity))
     }
 
-    fn im2col_unchecked(&self, spec: &ConvSpec, x: &WgpuBuffer, cols: &WgpuBuffer) -> Result<()> {
+    unsafe fn im2col_unchecked(
+        &self,
+        spec: &ConvSpec,
+        x: &WgpuBuffer,
+        cols: &WgpuBuffer,
+    ) -> Result<()> {
         let p = Self::conv_params(spec, cols.len);
         self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Im2col, p, x, None, cols))
     }
 
-    fn col2im_unchecked(&self, spec: &ConvSpec, dcols: &WgpuBuffer, dx: &WgpuBuffer) -> Result<()> {
+    unsafe fn col2im_unchecked(
+        &self,
+        spec: &ConvSpec,
+        dcols: &WgpuBuffer,
+        dx: &WgpuBuffer,
+    ) -> Result<()> {
         let p = Self::conv_params(spec, dx.len);
         self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Col2im, p, dcols, None, dx))
     }
 
-    fn pool_unchecked(&self, spec: &PoolSpec, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn pool_unchecked(&self, spec: &PoolSpec, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
         let p = Self::pool_params(spec, y.len);
         self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Pool, p, x, None, y))
     }
 
-    fn pool_backward_unchecked(
+    unsafe fn pool_backward_unchecked(
         &self,
         spec: &PoolSpec,
         x: &WgpuBuffer,
@@ -672,7 +735,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn transpose_unchecked(
+    unsafe fn transpose_unchecked(
         &self,
         batch: usize,
         rows: usize,
@@ -684,7 +747,12 @@ impl Backend for WgpuBackend {
         self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Transpose, p, x, None, y))
     }
 
-    fn row_normalize_unchecked(&self, cols: usize, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn row_normalize_unchecked(
+        &self,
+        cols: usize,
+        x: &WgpuBuffer,
+        y: &WgpuBuffer,
+    ) -> Result<()> {
         let rows = x.len / cols;
         self.submit(|enc| {
             self.encode_relational(
@@ -699,7 +767,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn row_normalize_backward_unchecked(
+    unsafe fn row_normalize_backward_unchecked(
         &self,
         cols: usize,
         x: &WgpuBuffer,
@@ -720,7 +788,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn pairwise_distance_unchecked(
+    unsafe fn pairwise_distance_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -740,7 +808,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn pairwise_distance_backward_unchecked(
+    unsafe fn pairwise_distance_backward_unchecked(
         &self,
         n: usize,
         dim: usize,
@@ -762,7 +830,12 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn offdiag_normalize_unchecked(&self, n: usize, d: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
+    unsafe fn offdiag_normalize_unchecked(
+        &self,
+        n: usize,
+        d: &WgpuBuffer,
+        y: &WgpuBuffer,
+    ) -> Result<()> {
         self.submit(|enc| {
             self.encode_relational(
                 enc,
@@ -776,7 +849,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn offdiag_normalize_backward_unchecked(
+    unsafe fn offdiag_normalize_backward_unchecked(
         &self,
         n: usize,
         d: &WgpuBuffer,
@@ -796,7 +869,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn smooth_l1_unchecked(
+    unsafe fn smooth_l1_unchecked(
         &self,
         spec: &MseSpec,
         a: &WgpuBuffer,

@@ -94,7 +94,8 @@ struct DivergenceParams {
     reduction: u32,
     grad_mode: u32,
     want_grad_t: u32,
-    pad: [u32; 3],
+    teacher_eps: f32,
+    pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -147,6 +148,75 @@ struct AttentionParams {
     k: f32,
     grad_mode: u32,
     pad: [u32; 2],
+}
+
+/// The layouts of this file's uniform structs (see [`super::uniform_layouts`]).
+pub(super) fn uniform_layouts() -> Vec<super::UniformLayout> {
+    use super::uniform_layout as l;
+    vec![
+        l!(SoftmaxParams, "softmax.wgsl", [rows, cols, inv_t, log_mode]),
+        l!(
+            ReduceParams,
+            "reduce.wgsl",
+            [n, has_labels, ignore_index, cols, mode, scale]
+        ),
+        l!(
+            DivergenceParams,
+            "divergence.wgsl",
+            [
+                rows,
+                cols,
+                inv_t,
+                temperature,
+                divergence,
+                teacher_form,
+                beta,
+                grad_scale,
+                has_labels,
+                ignore_index,
+                reduction,
+                grad_mode,
+                want_grad_t,
+                teacher_eps
+            ]
+        ),
+        l!(
+            CrossEntropyParams,
+            "cross_entropy.wgsl",
+            [
+                rows,
+                cols,
+                eps,
+                grad_scale,
+                ignore_index,
+                reduction,
+                grad_mode
+            ]
+        ),
+        l!(
+            HintonParams,
+            "hinton.wgsl",
+            [
+                rows,
+                cols,
+                inv_t,
+                temperature,
+                alpha,
+                eps,
+                grad_scale,
+                ignore_index,
+                reduction,
+                grad_mode,
+                want_grad_t
+            ]
+        ),
+        l!(MseParams, "mse.wgsl", [len, grad_mode, grad_k, mode]),
+        l!(
+            AttentionParams,
+            "attention.wgsl",
+            [n, cs, ct, hw, k, grad_mode]
+        ),
+    ]
 }
 
 fn grad_mode(g: &GradOut<'_, WgpuBackend>) -> u32 {
@@ -436,7 +506,8 @@ impl WgpuBackend {
                 reduction: spec.reduction.code(),
                 grad_mode: grad_mode(&out.grad_student),
                 want_grad_t: out.grad_teacher.is_some() as u32,
-                pad: [0; 3],
+                teacher_eps: spec.teacher_eps,
+                pad: [0; 2],
             })
             .to_vec()
         };
