@@ -140,6 +140,18 @@ int main(void) {
     expect_err("alias", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
                                        NULL, g, t), DST_ERR_ALIAS);
     expect_err("mse_empty", dst_cpu_mse(s, t, 0, 1.0f, &loss, NULL, NULL), DST_ERR_SHAPE);
+    /* Partial overlaps are aliases too, not only equal pointers. */
+    expect_err("alias_partial", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                               &loss, NULL, s + 1, NULL), DST_ERR_ALIAS);
+    expect_err("alias_outputs", dst_cpu_mse(s, t, LEN, 1.0f, &loss, g, g + 3), DST_ERR_ALIAS);
+    expect_err("alias_loss_in_grad", dst_cpu_mse(s, t, LEN, 1.0f, g + 2, g, NULL), DST_ERR_ALIAS);
+    {
+        /* Reverse KL where the teacher gives probability 0: infinite, so an input error. */
+        float p[LEN];
+        for (int i = 0; i < LEN; ++i) p[i] = (i % C == 0) ? 0.0f : 0.25f;
+        expect_err("rkl_zero", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1, 1.0f, -100, 0, 1.0f,
+                                                  &loss, NULL, g, NULL), DST_ERR_INPUT);
+    }
 
     /* CUDA: argument checks never need a device; creation works or says why not. */
     {
