@@ -1,4 +1,4 @@
-// attention.wgsl: attention transfer (Zagoruyko and Komodakis 2017), spec/LOSSES.md section 6;
+// attention.wgsl: attention transfer (Zagoruyko and Komodakis 2017), docs/LOSSES.md section 6;
 // CPU reference src/ops/feature.rs; CUDA kernels/feature.cu.
 //
 // One workgroup per sample n; feature maps are [N, C, HW] row-major, so A[n, c, i] is at

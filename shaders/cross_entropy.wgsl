@@ -1,5 +1,5 @@
 // cross_entropy.wgsl: cross-entropy with hard labels, label smoothing eps and ignore_index
-// (spec/LOSSES.md section 3; CPU reference src/ops/cross_entropy.rs; CUDA kernels/cross_entropy.cu).
+// (docs/LOSSES.md section 3; CPU reference src/ops/cross_entropy.rs; CUDA kernels/cross_entropy.cu).
 //
 // Per row: pass 1 gathers max, sum exp and sum of s (one read); then
 //   CE_r = (1 - eps) (lse - s_y) + eps (lse - mean(s)),   lse = ms + log(zs1),

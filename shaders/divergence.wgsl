@@ -1,5 +1,5 @@
 // divergence.wgsl: forward KL, reverse KL and JSD(beta) between softmax(s/T) and the teacher's
-// soft targets, with the loss and the gradients in one dispatch (spec/LOSSES.md section 2; CPU
+// soft targets, with the loss and the gradients in one dispatch (docs/LOSSES.md section 2; CPU
 // reference src/ops/divergence.rs; CUDA kernels/divergence.cu).
 //
 // Per row (one segment of TPR lanes):

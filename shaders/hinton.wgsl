@@ -1,5 +1,5 @@
 // hinton.wgsl: the fused Hinton loss alpha*CE(s, y) + (1 - alpha)*T^2*KL(q^T || p^T)
-// (spec/LOSSES.md section 4; CPU reference src/ops/hinton.rs; CUDA kernels/hinton.cu).
+// (docs/LOSSES.md section 4; CPU reference src/ops/hinton.rs; CUDA kernels/hinton.cu).
 //
 // One segment of TPR lanes per row:
 //   pass 1: one read of s and t: running max of s (serving both T and 1), sum exp((s-ms)/T),

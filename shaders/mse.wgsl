@@ -1,5 +1,5 @@
 // mse.wgsl: pointwise regression losses, mean over M elements: feature-map MSE (FitNets hint,
-// spec/LOSSES.md section 5; CPU reference src/ops/feature.rs) and smooth L1 (Huber, delta 1; the
+// docs/LOSSES.md section 5; CPU reference src/ops/feature.rs) and smooth L1 (Huber, delta 1; the
 // RKD comparison, section 7; src/ops/relational.rs). CUDA kernels/feature.cu.
 // Each workgroup owns ELEMS = 256 * 16 consecutive elements: it writes their gradients
 // dL/da = g 2 (a - b) / M, or g clamp(a - b, -1, 1) / M for smooth L1 (and dL/db = -dL/da) and one partial sum of (a - b)^2, reduced in a

@@ -1,5 +1,5 @@
 // softmax.wgsl: y = softmax(x / T) or log_softmax(x / T) over rows, and their backward passes
-// (spec/LOSSES.md section 1; CPU reference src/ops/softmax.rs; CUDA kernels/softmax.cu).
+// (docs/LOSSES.md section 1; CPU reference src/ops/softmax.rs; CUDA kernels/softmax.cu).
 // One segment of TPR lanes per row (see common.wgsl).
 
 struct Params {

@@ -8,7 +8,7 @@
 //! - [`WgpuBackend`]: WGSL shaders (`shaders/`) through wgpu (Vulkan, Metal, DX12);
 //! - `CudaBackend` (feature `cuda`): CUDA kernels (`kernels/`) compiled at run time by NVRTC.
 //!
-//! The math every backend meets is `spec/LOSSES.md`; the op families live in [`ops`], each with its
+//! The math every backend meets is `docs/LOSSES.md`; the op families live in [`ops`], each with its
 //! spec type and CPU reference, and each names its WGSL and CUDA forms.
 //!
 //! Trainers use [`KdLoss`] (host slices in, loss and gradient out), or the backends' kernel methods on

@@ -25,7 +25,7 @@ pub struct LossAndGrad {
 }
 
 /// The Hinton distillation loss `alpha*CE(s, y) + (1-alpha)*T^2*KL(softmax(t/T) || softmax(s/T))`
-/// (`spec/LOSSES.md` section 4), fused in one kernel.
+/// (`docs/LOSSES.md` section 4), fused in one kernel.
 ///
 /// ```
 /// use distillation::{CpuBackend, KdLoss};
@@ -108,7 +108,7 @@ impl KdLoss {
 }
 
 /// A soft-target divergence alone (forward KL, reverse KL or JSD) between student logits and a
-/// teacher given as logits, probabilities or log-probabilities (`spec/LOSSES.md` section 2).
+/// teacher given as logits, probabilities or log-probabilities (`docs/LOSSES.md` section 2).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SoftTargetLoss {
     pub divergence: Divergence,
@@ -183,7 +183,7 @@ impl SoftTargetLoss {
     }
 }
 
-/// Cross-entropy with hard labels and label smoothing (`spec/LOSSES.md` section 3).
+/// Cross-entropy with hard labels and label smoothing (`docs/LOSSES.md` section 3).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CrossEntropyLoss {
     pub label_smoothing: f32,

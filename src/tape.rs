@@ -723,7 +723,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     }
 
     /// Similarity-preserving KD (Tung and Mori 2019) between `[N, Ds]` and `[N, Dt]` features:
-    /// `(1/N^2) ||normalize(Fs Fs^T) - normalize(Ft Ft^T)||^2` (`spec/LOSSES.md` section 7), built
+    /// `(1/N^2) ||normalize(Fs Fs^T) - normalize(Ft Ft^T)||^2` (`docs/LOSSES.md` section 7), built
     /// from matmul, row normalisation and MSE on the tape.
     pub fn similarity_preserving(&self, fs: Var, ft: Var, weight: f32) -> Result<Var> {
         let gs = self.matmul_nt(fs, fs)?;
@@ -733,7 +733,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     }
 
     /// RKD distance (Park et al. 2019): pairwise distances of each side divided by their
-    /// off-diagonal mean, compared with smooth L1, mean over `N*N` (`spec/LOSSES.md` section 7).
+    /// off-diagonal mean, compared with smooth L1, mean over `N*N` (`docs/LOSSES.md` section 7).
     pub fn rkd_distance(&self, fs: Var, ft: Var, weight: f32) -> Result<Var> {
         let ds = self.pairwise_distance(fs)?;
         let dt = self.pairwise_distance(ft)?;

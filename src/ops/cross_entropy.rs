@@ -1,4 +1,4 @@
-//! Cross-entropy with hard labels and label smoothing (`spec/LOSSES.md` section 3).
+//! Cross-entropy with hard labels and label smoothing (`docs/LOSSES.md` section 3).
 //!
 //! `CE_r = -sum_j target_j log p_j` with `p = softmax(s)`, `target = (1-eps) onehot(y) + eps/C`;
 //! `dCE_r/ds_j = p_j - target_j`. Masked rows (`y = ignore_index`) give 0; the batchmean over no

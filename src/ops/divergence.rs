@@ -1,4 +1,4 @@
-//! Soft-target divergences (`spec/LOSSES.md` section 2): forward KL, reverse KL and JSD(beta).
+//! Soft-target divergences (`docs/LOSSES.md` section 2): forward KL, reverse KL and JSD(beta).
 //!
 //! With `q = p^T(t)` (teacher) and `p = p^T(s)` (student), per row:
 //! - forward KL `KL_r = sum_j q_j (log q_j - log p_j)`;

@@ -1,4 +1,4 @@
-//! Feature-based losses: FitNets MSE (`spec/LOSSES.md` section 5) and attention transfer
+//! Feature-based losses: FitNets MSE (`docs/LOSSES.md` section 5) and attention transfer
 //! (section 6).
 //!
 //! - MSE: `L = (1/M) sum_i (a_i - b_i)^2`, `dL/da = 2 (a - b)/M`, `dL/db = -dL/da`.

@@ -1,4 +1,4 @@
-//! The Hinton distillation loss, fused (`spec/LOSSES.md` section 4).
+//! The Hinton distillation loss, fused (`docs/LOSSES.md` section 4).
 //!
 //! `L_r = alpha CE_r(s, y) + (1 - alpha) T^2 KL_r(q^T || p^T)`;
 //! `dL_r/ds_j = alpha (p^1_j - target_j) + (1 - alpha) T (p^T_j - q^T_j)`,

@@ -1,4 +1,4 @@
-//! The op families of `spec/LOSSES.md`: what each op computes (its spec type, validated here once for
+//! The op families of `docs/LOSSES.md`: what each op computes (its spec type, validated here once for
 //! every backend) and its CPU reference (`reference` functions, f64, written to be read).
 //!
 //! | family | spec section | CPU reference | WGSL | CUDA |
@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 /// PyTorch's default `ignore_index`.
 pub const IGNORE_INDEX: i32 = -100;
 
-/// The smallest and largest temperature the crate accepts (`spec/LOSSES.md`, numerics).
+/// The smallest and largest temperature the crate accepts (`docs/LOSSES.md`, numerics).
 pub const MIN_TEMPERATURE: f32 = 1e-3;
 /// See [`MIN_TEMPERATURE`].
 pub const MAX_TEMPERATURE: f32 = 1e4;
@@ -76,7 +76,7 @@ impl TeacherInput {
     }
 }
 
-/// Which soft-target divergence (`spec/LOSSES.md` section 2).
+/// Which soft-target divergence (`docs/LOSSES.md` section 2).
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum Divergence {
     /// `KL(q || p)`, Hinton's soft-target loss.

@@ -1,4 +1,4 @@
-//! Primitives for the relation-based losses (`spec/LOSSES.md` section 7), composed on the tape:
+//! Primitives for the relation-based losses (`docs/LOSSES.md` section 7), composed on the tape:
 //!
 //! - similarity-preserving (Tung and Mori 2019): `G = row_l2_normalize(F F^T)`,
 //!   `L = (1/N^2) ||G_s - G_t||_F^2` (matmul, [`row_normalize_reference`], MSE);
