@@ -34,6 +34,9 @@ fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 //   ms: running max of s;  zs: sum exp((s - ms) / T);  zs1: sum exp(s - ms)   (T = 1, for CE)
 //   mt: running max of t;  zt: sum exp((t - mt) / T)
 //   sum_s: sum of s (label smoothing);  bad: 1 when a non-finite input was seen.
+//   dz: Zs - Zt (teacher logits), summed element by element as e^xt expm1(xs - xt), so that
+//       log(Zs / Zt) = log1p(dz / Zt) keeps its precision when p ~ q (high T): the divergences'
+//       log q - log p and the gradients p - q are only as precise as that log ratio.
 // The same max serves T and 1 because max(s / T) = max(s) / T for T > 0.
 struct RowStats {
     ms: f32,
@@ -43,11 +46,28 @@ struct RowStats {
     zt: f32,
     sum_s: f32,
     bad: f32,
-    pad: f32,
+    dz: f32,
 }
 
 fn stats_empty() -> RowStats {
     return RowStats(NEG_BIG, 0.0, 0.0, NEG_BIG, 0.0, 0.0, 0.0, 0.0);
+}
+
+// e^a - e^b for exponents a, b <= 0 with their values ea, eb: without cancellation when close.
+fn exp_gap(a: f32, b: f32, ea: f32, eb: f32) -> f32 {
+    let e = a - b;
+    if (abs(e) < 0.5) {
+        return eb * expm1_f32(e);
+    }
+    return ea - eb;
+}
+
+// log(Zs / Zt) of a row's final statistics (teacher logits).
+fn log_ratio(st: RowStats) -> f32 {
+    if (abs(st.dz) < 0.5 * st.zt) {
+        return log1p_f32(st.dz / st.zt);
+    }
+    return log(st.zs / st.zt);
 }
 
 // Adds student value s (and teacher logit t when with_t) to a lane's statistics.
@@ -59,13 +79,28 @@ fn stats_push(st: RowStats, s: f32, t: f32, with_t: bool, inv_t: f32) -> RowStat
     }
     let ms = max(r.ms, s);
     // Rescale the sums to the new max before adding this element.
-    r.zs = r.zs * exp((r.ms - ms) * inv_t) + exp((s - ms) * inv_t);
+    let das = (r.ms - ms) * inv_t;
+    let ras = exp(das);
+    let xs = (s - ms) * inv_t;
+    let es = exp(xs);
+    let zs_old = r.zs;
+    r.zs = r.zs * ras + es;
     r.zs1 = r.zs1 * exp(r.ms - ms) + exp(s - ms);
     r.ms = ms;
     r.sum_s = r.sum_s + s;
     if (with_t) {
         let mt = max(r.mt, t);
-        r.zt = r.zt * exp((r.mt - mt) * inv_t) + exp((t - mt) * inv_t);
+        let dat = (r.mt - mt) * inv_t;
+        let rat = exp(dat);
+        let xt = (t - mt) * inv_t;
+        let et = exp(xt);
+        // dz' = ras Zs - rat Zt + (es - et) = rat dz + (ras - rat) Zs + (es - et).
+        var rescale = 0.0;
+        if (zs_old != 0.0) {
+            rescale = exp_gap(das, dat, ras, rat) * zs_old;
+        }
+        r.dz = rat * r.dz + rescale + exp_gap(xs, xt, es, et);
+        r.zt = r.zt * rat + et;
         r.mt = mt;
     }
     return r;
@@ -74,13 +109,30 @@ fn stats_push(st: RowStats, s: f32, t: f32, with_t: bool, inv_t: f32) -> RowStat
 fn stats_combine(a: RowStats, b: RowStats, inv_t: f32) -> RowStats {
     var r: RowStats;
     r.ms = max(a.ms, b.ms);
-    r.zs = a.zs * exp((a.ms - r.ms) * inv_t) + b.zs * exp((b.ms - r.ms) * inv_t);
+    let das = (a.ms - r.ms) * inv_t;
+    let dbs = (b.ms - r.ms) * inv_t;
+    let ras = exp(das);
+    let rbs = exp(dbs);
+    r.zs = a.zs * ras + b.zs * rbs;
     r.zs1 = a.zs1 * exp(a.ms - r.ms) + b.zs1 * exp(b.ms - r.ms);
     r.mt = max(a.mt, b.mt);
-    r.zt = a.zt * exp((a.mt - r.mt) * inv_t) + b.zt * exp((b.mt - r.mt) * inv_t);
+    let dat = (a.mt - r.mt) * inv_t;
+    let dbt = (b.mt - r.mt) * inv_t;
+    let rat = exp(dat);
+    let rbt = exp(dbt);
+    r.zt = a.zt * rat + b.zt * rbt;
+    // Each side's dz rescaled as in stats_push (an empty side has zs = 0 and dz = 0).
+    var ga = 0.0;
+    if (a.zs != 0.0) {
+        ga = exp_gap(das, dat, ras, rat) * a.zs;
+    }
+    var gb = 0.0;
+    if (b.zs != 0.0) {
+        gb = exp_gap(dbs, dbt, rbs, rbt) * b.zs;
+    }
+    r.dz = (rat * a.dz + ga) + (rbt * b.dz + gb);
     r.sum_s = a.sum_s + b.sum_s;
     r.bad = max(a.bad, b.bad);
-    r.pad = 0.0;
     return r;
 }
 
@@ -126,6 +178,16 @@ fn expm1_f32(x: f32) -> f32 {
             + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0 + x / 362880.0))))))));
     }
     return exp(x) - 1.0;
+}
+
+// phi(x) = e^x - 1 - x (>= 0), the second-order remainder the divergences sum: a series for
+// |x| < 0.5 (relative error below 1e-10), exp(x) - 1 - x beyond (no cancellation there).
+fn phi_f32(x: f32) -> f32 {
+    if (abs(x) < 0.5) {
+        return x * x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0
+            + x * (1.0 / 5040.0 + x * (1.0 / 40320.0 + x * (1.0 / 362880.0 + x / 3628800.0))))))));
+    }
+    return exp(x) - 1.0 - x;
 }
 
 // log1p(x) = log(1 + x) without the rounding of 1 + x near 0 (WGSL has no log1p, and its log is

@@ -8,6 +8,15 @@
 //           KL does not depend on the row's loss, so it is written here (2 passes in all);
 //   pass 3: only when a gradient needs the row's divergence D_r (reverse KL, JSD, teacher gradient).
 // Row loss = T^2 D_r (0 for masked rows, NaN when an input is not finite or the label invalid).
+//
+// Precision at high T (docs/ARCHITECTURE.md, numerics). There p ~ q and KL is second order in
+// log p - log q, so summing q (log q - log p) in f32 would cancel to the rounding of its terms.
+// Instead, with u = log p - log q, KL = sum q phi(u) where phi(u) = e^u - 1 - u >= 0 (because
+// sum q e^u = sum p = 1): positive terms, no cancellation, and an error of the row's log ratio
+// enters only to second order. Reverse KL likewise sums p phi(-u). A given teacher need not sum
+// to 1 exactly; then KL = sum q phi(u) + (Q - 1) and RKL = sum p phi(-u) - (Q - 1), with
+// Q = sum q summed with compensation (q phi(u) is p where q = 0). For teacher logits,
+// log(Zs / Zt) comes from dz (common.wgsl), so u and the gradients p - q keep their digits too.
 
 struct Params {
     rows: u32,
@@ -59,6 +68,9 @@ fn element(s: f32, t: f32, st: RowStats, lzs: f32, lzt: f32, dlz: f32) -> Elem {
     }
     e.p = exp(e.lp);
     e.q = select(exp(e.lq), t, p.teacher_form == 1u);
+    if (p.teacher_form == 1u && p.teacher_eps > 0.0) {
+        e.q = max(t, p.teacher_eps); // the floored teacher q~, consistent with log q~
+    }
     return e;
 }
 
@@ -68,6 +80,82 @@ fn element(s: f32, t: f32, st: RowStats, lzs: f32, lzt: f32, dlz: f32) -> Elem {
 // where beta or 1 - beta is tiny (beta = 1e-6: the sum 1 - beta + beta q/p would round away the
 // part that matters). Past |diff| = 80, exp overflows f32 and the asymptotic forms are exact
 // to f32 precision.
+// q phi(u), u = log p - log q: forward KL's term. Where q = 0 (given, or underflowed) its limit
+// is p: the terms sum to KL only with every class's p - q in (sum p - sum q = 0).
+fn fkl_term(e: Elem) -> f32 {
+    let u = -e.diff;
+    if (e.q == 0.0) {
+        return e.p;
+    }
+    if (abs(u) < 0.5) {
+        return e.q * phi_f32(u);
+    }
+    return (e.p - e.q) - e.q * u;
+}
+
+// p phi(-u): reverse KL's term (+inf where q = 0 exactly and p > 0).
+fn rkl_term(e: Elem) -> f32 {
+    let d = e.diff;
+    if (d == -inf_f32()) {
+        return select(inf_f32(), 0.0, e.p == 0.0);
+    }
+    if (abs(d) < 0.5) {
+        return e.p * phi_f32(d);
+    }
+    return (e.q - e.p) - e.p * d;
+}
+
+// p - q, from q expm1(u) where they are close.
+fn p_minus_q(e: Elem) -> f32 {
+    if (e.q == 0.0 || abs(e.diff) >= 0.5) {
+        return e.p - e.q;
+    }
+    return e.q * expm1_f32(-e.diff);
+}
+
+// Compensated (two-sum) accumulation of (hi, lo) in the z, w lanes of an accumulator.
+fn comp_add(acc: vec4<f32>, v: f32) -> vec4<f32> {
+    var r = acc;
+    let s = r.z + v;
+    let bp = s - r.z;
+    r.w = r.w + ((r.z - (s - bp)) + (v - bp));
+    r.z = s;
+    return r;
+}
+
+// Tree-reduces sh_sum within each segment: x and y plainly, (z, w) as a compensated pair.
+fn reduce_sum_comp(lid: u32) -> vec4<f32> {
+    let lane = lid % TPR;
+    workgroupBarrier();
+    for (var stride = TPR / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
+            let a = sh_sum[lid];
+            let b = sh_sum[lid + stride];
+            var r = comp_add(a, b.z);
+            r.x = a.x + b.x;
+            r.y = a.y + b.y;
+            r.w = r.w + b.w;
+            sh_sum[lid] = r;
+        }
+        workgroupBarrier();
+    }
+    let r = sh_sum[lid - lane];
+    workgroupBarrier();
+    return r;
+}
+
+// w phi(x) with x = log m - log w for a weight w and m = w e^x given directly (its limit m where
+// w = 0): the terms of KL(w || m) = sum w phi(log m - log w) when both sum to 1.
+fn phi_term(w: f32, x: f32, m: f32) -> f32 {
+    if (w == 0.0) {
+        return m;
+    }
+    if (abs(x) < 0.5) {
+        return w * phi_f32(x);
+    }
+    return (m - w) - w * x;
+}
+
 fn jsd_q_minus_m(diff: f32, beta: f32) -> f32 {
     if (diff < -80.0) {
         return diff - log(1.0 - beta);
@@ -115,7 +203,7 @@ fn main(
     let rs = reduce_stats(lid, p.inv_t);
     let lzs = log(rs.zs);
     let lzt = log(rs.zt);
-    let dlz = log(rs.zs / rs.zt);
+    let dlz = log_ratio(rs);
     let bad = rs.bad > 0.0 || lstate == 2u;
     let k = gradient_scale(p.grad_scale, p.reduction) * p.temperature;
     let beta = p.beta;
@@ -123,30 +211,56 @@ fn main(
     // Forward KL's student gradient needs no D_r: write it in pass 2 unless pass 3 runs anyway.
     let early = p.divergence == 0u && p.want_grad_t == 0u;
 
-    // Pass 2: the divergence sums (x: KL(q||.) or RKL, y: KL(p||M) for JSD).
+    // Pass 2: the divergence sums (x: KL(q||.) or RKL, y: KL(p||M) for JSD, (z, w): Q = sum q,
+    // compensated, for a given teacher).
     var acc = vec4<f32>(0.0);
     if (live && !bad) {
         for (var j = lane; j < c; j = j + TPR) {
             let i = base + j;
             let e = element(student[i], teacher[i], rs, lzs, lzt, dlz);
             if (p.divergence == 0u) {
-                acc.x = acc.x + select(e.q * e.diff, 0.0, e.q == 0.0);
+                acc.x = acc.x + fkl_term(e);
+                if (!logits) {
+                    acc = comp_add(acc, e.q);
+                }
                 if (early && want_gs) {
-                    write_grad_student(p.grad_mode, i, k * (e.p - e.q));
+                    write_grad_student(p.grad_mode, i, k * p_minus_q(e));
                 }
             } else if (p.divergence == 1u) {
-                // q_j = 0 exactly (a given probability) with p_j > 0: the divergence is +inf.
-                acc.x = acc.x + select(-e.p * e.diff, inf_f32(), e.diff == -inf_f32());
+                acc.x = acc.x + rkl_term(e);
+                if (!logits) {
+                    // With a floor, e.q is the floored q~.
+                    acc = comp_add(acc, e.q);
+                }
             } else {
-                acc.x = acc.x + select(e.q * jsd_q_minus_m(e.diff, beta), 0.0, e.q == 0.0);
-                acc.y = acc.y + select(e.p * jsd_p_minus_m(e.diff, beta), 0.0, e.p == 0.0);
+                // KL(q||M) = sum q phi(log M - log q), KL(p||M) = sum p phi(log M - log p).
+                let m = beta * e.q + (1.0 - beta) * e.p;
+                acc.x = acc.x + phi_term(e.q, -jsd_q_minus_m(e.diff, beta), m);
+                acc.y = acc.y + phi_term(e.p, -jsd_p_minus_m(e.diff, beta), m);
+                if (!logits) {
+                    acc = comp_add(acc, e.q);
+                }
             }
         }
     }
     sh_sum[lid] = acc;
-    let tot = reduce_sum(lid);
+    let tot = reduce_sum_comp(lid);
+    // Q - 1 of a given teacher (hi - 1 is exact near 1).
+    let q_minus_1 = (tot.z - 1.0) + tot.w;
     var d = tot.x;
+    if (p.divergence == 0u && !logits) {
+        d = tot.x + q_minus_1;
+    } else if (p.divergence == 1u && !logits) {
+        d = tot.x - q_minus_1;
+    }
+    // JSD's two parts; a given teacher's Q - 1 moves them in opposite directions and cancels in D.
+    var kl_qm = tot.x;
+    var kl_pm = tot.y;
     if (p.divergence == 2u) {
+        if (!logits) {
+            kl_qm = tot.x + (1.0 - beta) * q_minus_1;
+            kl_pm = tot.y - beta * q_minus_1;
+        }
         d = beta * tot.x + (1.0 - beta) * tot.y;
     }
 
@@ -165,7 +279,7 @@ fn main(
                 } else if (live) {
                     let e = element(student[i], teacher[i], rs, lzs, lzt, dlz);
                     if (p.divergence == 0u) {
-                        gs = k * (e.p - e.q);
+                        gs = k * p_minus_q(e);
                         gt = select(k * e.q * (e.diff - d), 0.0, e.q == 0.0);
                     } else if (p.divergence == 1u) {
                         // An infinite divergence (a teacher probability of 0) has no gradient: NaN.
@@ -173,12 +287,12 @@ fn main(
                         if (d == inf_f32()) {
                             gs = nan_f32();
                         }
-                        gt = k * (e.q - e.p);
+                        gt = -k * p_minus_q(e);
                     } else {
                         let pm = jsd_p_minus_m(e.diff, beta);
                         let qm = jsd_q_minus_m(e.diff, beta);
-                        gs = select(k * (1.0 - beta) * e.p * (pm - tot.y), 0.0, e.p == 0.0);
-                        gt = select(k * beta * e.q * (qm - tot.x), 0.0, e.q == 0.0);
+                        gs = select(k * (1.0 - beta) * e.p * (pm - kl_pm), 0.0, e.p == 0.0);
+                        gt = select(k * beta * e.q * (qm - kl_qm), 0.0, e.q == 0.0);
                     }
                 }
                 if (want_gs) {

@@ -27,6 +27,25 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
+// q phi(u), u = log p - log q (its limit p where q underflows to 0): KL = sum q phi(u).
+fn kl_term(q: f32, pv: f32, u: f32) -> f32 {
+    if (q == 0.0) {
+        return pv;
+    }
+    if (abs(u) < 0.5) {
+        return q * phi_f32(u);
+    }
+    return (pv - q) - q * u;
+}
+
+// p - q, from q expm1(u) where they are close.
+fn gap_pq(q: f32, pv: f32, u: f32) -> f32 {
+    if (q == 0.0 || abs(u) >= 0.5) {
+        return pv - q;
+    }
+    return q * expm1_f32(u);
+}
+
 @compute @workgroup_size(256)
 fn main(
     @builtin(local_invocation_index) lid: u32,
@@ -63,8 +82,10 @@ fn main(
     let lzs = log(rs.zs);
     let lzs1 = log(rs.zs1);
     let lzt = log(rs.zt);
-    // log q_j - log p_j = (dt - ds) + log(Zs / Zt): see divergence.wgsl for why the ratio.
-    let dlz = log(rs.zs / rs.zt);
+    // log q_j - log p_j = (dt - ds) + log(Zs / Zt), the ratio from dz (common.wgsl); KL sums
+    // q phi(log p - log q) and the gradient takes p - q = q expm1(log p - log q): see
+    // divergence.wgsl for why (high T).
+    let dlz = log_ratio(rs);
     let temp = p.temperature;
     let alpha = p.alpha;
     let eps = p.eps;
@@ -83,11 +104,13 @@ fn main(
             let dt = (teacher[i] - rs.mt) * p.inv_t;
             let lp = ds - lzs;
             let qj = exp(dt - lzt);
-            acc.x = acc.x + select(qj * ((dt - ds) + dlz), 0.0, qj == 0.0);
+            let pj = exp(lp);
+            let u = (ds - dt) - dlz; // log p - log q
+            acc.x = acc.x + kl_term(qj, pj, u);
             if (want_gs && !want_gt) {
                 let p1 = exp(sv - rs.ms - lzs1);
                 let tgt = select(0.0, 1.0 - eps, j == y) + eps / cf;
-                let g = k * (alpha * (p1 - tgt) + (1.0 - alpha) * temp * (exp(lp) - qj));
+                let g = k * (alpha * (p1 - tgt) + (1.0 - alpha) * temp * gap_pq(qj, pj, u));
                 write_grad_student(p.grad_mode, i, g);
             }
         }
@@ -114,9 +137,11 @@ fn main(
                 let dt = (teacher[i] - rs.mt) * p.inv_t;
                 let lp = ds - lzs;
                 let qj = exp(dt - lzt);
+                let pj = exp(lp);
+                let u = (ds - dt) - dlz;
                 let p1 = exp(sv - rs.ms - lzs1);
                 let tgt = select(0.0, 1.0 - eps, j == y) + eps / cf;
-                gs = k * (alpha * (p1 - tgt) + (1.0 - alpha) * temp * (exp(lp) - qj));
+                gs = k * (alpha * (p1 - tgt) + (1.0 - alpha) * temp * gap_pq(qj, pj, u));
                 gt = select(k * (1.0 - alpha) * temp * qj * ((dt - ds) + dlz - kl), 0.0, qj == 0.0);
             }
             if (want_gs) {

@@ -417,7 +417,119 @@ fn jsd_at_extreme_beta<B: Backend>(b: &B) {
     }
 }
 
+/// Finding 5 (T): at high temperature the divergence is second order in 1/T; with teacher logits
+/// every backend meets 1e-4 (no absolute floor) up to T = 1e4, loss and both gradients. A teacher
+/// given as probabilities or log-probabilities is accurate on wgpu up to its stated limit and
+/// rejected above it with a message saying what to do.
+fn high_temperature_meets_the_contract<B: Backend>(b: &B) {
+    let rel = |got: &[f32], want: &[f64]| {
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, w)| (*a as f64 - w).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        (num / den).sqrt()
+    };
+    for &t in &[30.0f32, 100.0, 1000.0, 1e4] {
+        for seed in 0..3u64 {
+            let mut g = common::Lcg(seed + 100);
+            let (n, c) = (2usize, [1000usize, 37, 5000][seed as usize]);
+            let s = g.vec(n * c, 3.0);
+            let tt = g.vec(n * c, 3.0);
+            for divergence in [
+                Divergence::ForwardKl,
+                Divergence::ReverseKl,
+                Divergence::Jsd { beta: 0.5 },
+                Divergence::Jsd { beta: 0.1 },
+            ] {
+                let spec = DivergenceSpec {
+                    divergence,
+                    ..DivergenceSpec::new(RowShape::new(n, c), t)
+                };
+                let (sb, tb) = (b.upload(&s).unwrap(), b.upload(&tt).unwrap());
+                let loss = b.filled(1, f32::NAN).unwrap();
+                let (gs, gt) = (
+                    b.filled(n * c, f32::NAN).unwrap(),
+                    b.filled(n * c, f32::NAN).unwrap(),
+                );
+                let out = LossOut {
+                    loss: &loss,
+                    row_loss: None,
+                    grad_student: GradOut::Into(&gs),
+                    grad_teacher: Some(&gt),
+                };
+                b.divergence(&spec, &sb, &tb, None, out).unwrap();
+                let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&tt), None);
+                let what = format!("{} {divergence:?} T {t} C {c}", b.name());
+                let got = b.download(&loss).unwrap();
+                assert!(
+                    rel(&got, &[want.loss]) < 1e-4,
+                    "{what}: loss {got:?} want {}",
+                    want.loss
+                );
+                let e = rel(&b.download(&gs).unwrap(), &want.grad_student);
+                assert!(e < 1e-4, "{what}: grad_student {e:.2e}");
+                let e = rel(&b.download(&gt).unwrap(), &want.grad_teacher);
+                assert!(e < 1e-4, "{what}: grad_teacher {e:.2e}");
+            }
+            let labels: Vec<i32> = (0..n as i32).collect();
+            let spec = HintonSpec::new(RowShape::new(n, c), t, 0.25);
+            let (sb, tb) = (b.upload(&s).unwrap(), b.upload(&tt).unwrap());
+            let lb = b.upload_labels(&labels).unwrap();
+            let loss = b.filled(1, f32::NAN).unwrap();
+            let (gs, gt) = (
+                b.filled(n * c, f32::NAN).unwrap(),
+                b.filled(n * c, f32::NAN).unwrap(),
+            );
+            let out = LossOut {
+                loss: &loss,
+                row_loss: None,
+                grad_student: GradOut::Into(&gs),
+                grad_teacher: Some(&gt),
+            };
+            b.hinton(&spec, &sb, &tb, &lb, out).unwrap();
+            let want = ops::hinton::reference(&spec, &to_f64(&s), &to_f64(&tt), &labels);
+            let what = format!("{} hinton T {t} C {c}", b.name());
+            assert!(
+                rel(&b.download(&loss).unwrap(), &[want.loss]) < 1e-4,
+                "{what}"
+            );
+            assert!(
+                rel(&b.download(&gs).unwrap(), &want.grad_student) < 1e-4,
+                "{what}"
+            );
+            assert!(
+                rel(&b.download(&gt).unwrap(), &want.grad_teacher) < 1e-4,
+                "{what}"
+            );
+        }
+    }
+    // A given teacher above wgpu's limit: an error that says what to do, elsewhere a result.
+    let s = vec![0.1f32, 0.2, 0.3];
+    let q = vec![0.3f32, 0.3, 0.4];
+    let spec = DivergenceSpec {
+        teacher: TeacherInput::Probs,
+        ..DivergenceSpec::new(RowShape::new(1, 3), 100.0)
+    };
+    match divergence_on(b, &spec, &s, &q) {
+        Ok((loss, _, _)) => {
+            assert!(
+                !b.name().starts_with("wgpu"),
+                "wgpu accepted T = 100 for a given teacher"
+            );
+            let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&q), None);
+            assert!(rel(&[loss], &[want.loss]) < 1e-4);
+        }
+        Err(e) => {
+            assert!(b.name().starts_with("wgpu"), "{e}");
+            assert!(e.to_string().contains("TeacherInput::Logits"), "{e}");
+        }
+    }
+}
+
 backend_tests!(
+    high_temperature_meets_the_contract,
     jsd_at_extreme_beta,
     neg_inf_teacher_log_probs_are_valid,
     reverse_kl_with_zero_teacher_probability,

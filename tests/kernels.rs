@@ -1,5 +1,5 @@
 //! Every kernel against the f64 CPU reference on random inputs drawn by proptest, on every backend:
-//! N 1..70, C 1..5000 (1, primes, sizes that are not a multiple of the workgroup), T 0.05..100,
+//! N 1..70, C 1..5000 (1, primes, sizes that are not a multiple of the workgroup), T 1e-3..1e4,
 //! some logits up to |1e4|, masked rows (all rows masked too). Outputs are poisoned with NaN before
 //! each launch, so a missed write shows.
 
@@ -38,13 +38,13 @@ fn classes() -> impl Strategy<Value = usize> {
     ]
 }
 
-/// Rows with a log-uniform temperature in [0.05, 100]; `extreme` puts ~5% of logits up to |1e4|;
+/// Rows with a log-uniform temperature over the whole accepted range [1e-3, 1e4]; `extreme` puts ~5% of logits up to |1e4|;
 /// `mask` 0: no masked row, 1: ~25% masked, 2: every row masked.
 fn rows() -> impl Strategy<Value = Rows> {
     (
         1usize..70,
         classes(),
-        (0.05f64.ln()..100f64.ln()),
+        (1e-3f64.ln()..1e4f64.ln()),
         any::<bool>(),
         0u8..3,
         any::<u64>(),
@@ -320,6 +320,15 @@ fn divergence_matches_reference<B: Backend>(b: &B) {
                 // Reverse KL where the teacher gives 0 is +inf: the CPU backends say so with an
                 // Err (tests/contract.rs), device backends with a +inf loss.
                 Err(e) if want.loss == f64::INFINITY && e.contains("reverse KL teacher") => {
+                    return Ok(())
+                }
+                // wgpu's stated limit for given teachers (tests/contract.rs checks the message).
+                Err(e)
+                    if teacher != TeacherInput::Logits
+                        && r.temperature
+                            > distillation::backend::wgpu::record::GIVEN_TEACHER_MAX_TEMPERATURE
+                        && e.contains("the wgpu kernels meet 1e-4 there only up to") =>
+                {
                     return Ok(())
                 }
                 other => other?,

@@ -18,10 +18,16 @@ use crate::backend::{validate, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, Reduction, RowShape,
-    SoftmaxSpec,
+    SoftmaxSpec, TeacherInput,
 };
 
 const WG: u32 = 256;
+
+/// The highest temperature the wgpu divergence kernel accepts for a teacher given as
+/// probabilities or log-probabilities: measured on lavapipe, the loss and gradients stay within
+/// 1e-4 of the f64 reference up to T = 30 (7e-5 worst), not at T = 100 (8e-4). Teacher logits
+/// are accurate over the whole accepted range (to T = 1e4).
+pub const GIVEN_TEACHER_MAX_TEMPERATURE: f32 = 30.0;
 /// Elements one MSE workgroup reduces (`PER_LANE` in `shaders/mse.wgsl`).
 const MSE_ELEMS_PER_GROUP: u64 = 256 * 16;
 
@@ -490,6 +496,17 @@ impl WgpuBackend {
         labels: Option<&WgpuLabels>,
         out: &LossOut<'_, Self>,
     ) -> Result<()> {
+        if spec.teacher != TeacherInput::Logits && spec.temperature > GIVEN_TEACHER_MAX_TEMPERATURE
+        {
+            return Err(Error::Unsupported(format!(
+                "temperature {} with the teacher given as probabilities or log-probabilities: \
+                 the wgpu kernels meet 1e-4 there only up to T = {GIVEN_TEACHER_MAX_TEMPERATURE} \
+                 (at higher T the loss is second order in 1/T and the f32 exp / log of a given \
+                 teacher decides it; docs/ARCHITECTURE.md, numerics); pass the teacher's logits \
+                 (TeacherInput::Logits, accurate to T = 1e4), or use the CPU or CUDA backend",
+                spec.temperature
+            )));
+        }
         let row_loss = self.row_loss_buffer(out, spec.shape.rows)?;
         let params = |rows: u32| {
             bytemuck::bytes_of(&DivergenceParams {
