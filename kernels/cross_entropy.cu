@@ -1,4 +1,4 @@
-// Cross-entropy with hard labels and label smoothing eps (spec/LOSSES.md section 3; CPU reference
+// Cross-entropy with hard labels and label smoothing eps (docs/LOSSES.md section 3; CPU reference
 // src/ops/cross_entropy.rs):
 //
 //   CE_r = (1-eps) (lse - s_y) + eps (lse - mean_j s_j),   lse = m + log sum_j exp(s_j - m)

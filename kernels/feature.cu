@@ -1,4 +1,4 @@
-// Feature-based losses (spec/LOSSES.md sections 5 and 6; CPU reference src/ops/feature.rs).
+// Feature-based losses (docs/LOSSES.md sections 5 and 6; CPU reference src/ops/feature.rs).
 //
 // MSE (FitNets hint): L = (1/M) sum_i (a_i - b_i)^2, dL/da = g 2 (a - b)/M, dL/db = -dL/da.
 // Smooth L1 (Huber, delta 1; the RKD comparison, section 7, src/ops/relational.rs), mode 1:
@@ -16,13 +16,18 @@
 //   du_s = g 2 (u_s - u_t)/(N HW), du_t = -du_s,
 //   dQ = (du - u (u . du)) / r  when ||Q|| > 1e-12, else du / r,
 //   dA[n,c,i] = dQ_i 2 A[n,c,i] / C.
-//   at_map  (student, then teacher): Q, grid-stride over N*HW.
-//   at_norm (one block per sample):  per sample {loss_n, r_s, r_t, u_s.(u_s-u_t), u_t.(u_t-u_s),
-//                                    1/r_s, 1/r_t}, f64; and per element u_s, u_t (over Q_s, Q_t)
-//                                    and u_s - u_t, taken in f64 (exactly 0 where the maps agree).
+//   at_map  (student, then teacher): sqrt(Q) = the channel RMS of A, summed in f64, grid-stride
+//                                    over N*HW. (Q itself overflows f32 from |A| ~ 1.8e19, Q^2 from
+//                                    |A| ~ 4e9; the RMS is at most max |A|, so it never overflows.)
+//   at_norm (one block per sample):  Q = RMS^2 and ||Q|| in f64 (Q^2 < 1.2e154: no overflow for any
+//                                    finite A); per sample {loss_n, r_s, r_t, u_s.(u_s-u_t),
+//                                    u_t.(u_t-u_s), 1/r_s, 1/r_t}, f64; and per element u_s, u_t
+//                                    (over the RMS maps) and u_s - u_t, taken in f64 (exactly 0
+//                                    where the maps agree).
 // N*C*HW < 2^32 (AttentionSpec::validate), so per-element index arithmetic is done in u32.
 //   at_loss (one block):             L = sum_n loss_n / (N HW), fixed order.
-//   at_grad (student, then teacher): dA, grid-stride over N*C*HW.
+//   at_grad (student, then teacher): dA, grid-stride over N*C*HW; the factor 1/r (down to ~1e-77)
+//                                    and A in f64, so that neither underflows f32 on the way.
 
 // ---- MSE ----------------------------------------------------------------------------------------
 
@@ -69,8 +74,9 @@ extern "C" __global__ void mse_final(const double* partials, u32 parts, double m
 #define AT_EPS 1e-12
 #define AT_STATS 8  // f64 values per sample in `stats`
 
-// a: [n, ch, hw]; q: [n, hw] = mean over channels of a^2. Launch: 256 threads, grid-stride over n*hw
-// (consecutive threads take consecutive i: coalesced reads of each channel plane).
+// a: [n, ch, hw]; q: [n, hw] = sqrt(mean over channels of a^2) (f64 sum: a NaN or infinity gives
+// NaN / inf). Launch: 256 threads, grid-stride over n*hw (consecutive threads take consecutive i:
+// coalesced reads of each channel plane).
 extern "C" __global__ void at_map(const float* a, float* q, u32 n, u32 ch, u32 hw) {
     const u64 total = (u64)n * (u64)hw;
     const u64 stride = grid_threads();
@@ -78,12 +84,12 @@ extern "C" __global__ void at_map(const float* a, float* q, u32 n, u32 ch, u32 h
         const u32 sample = (u32)e / hw;  // e < 2^32
         const u32 i = (u32)e - sample * hw;
         const float* base = a + (u64)sample * (u64)ch * (u64)hw + i;
-        float acc = 0.f;
+        double acc = 0.0;
         for (u32 c = 0; c < ch; ++c) {
-            const float v = base[(u64)c * (u64)hw];
+            const double v = (double)base[(u64)c * (u64)hw];
             acc += v * v;
         }
-        q[e] = acc / (float)ch;
+        q[e] = (float)sqrt(acc / (double)ch);
     }
 }
 
@@ -92,8 +98,8 @@ __device__ __forceinline__ double at_clamp_norm(double norm) {
     return norm > AT_EPS ? norm : (norm != norm ? norm : AT_EPS);
 }
 
-// qs, qt: [n, hw], Q on input, overwritten with u_s, u_t (each element read, then written, by one
-// thread); diff: [n, hw] = u_s - u_t; stats: [n, 8] f64 = {sum_i (u_s - u_t)^2, r_s, r_t,
+// qs, qt: [n, hw], sqrt(Q) on input (at_map), overwritten with u_s, u_t (each element read, then
+// written, by one thread); diff: [n, hw] = u_s - u_t; stats: [n, 8] f64 = {sum_i (u_s - u_t)^2, r_s, r_t,
 // u_s.(u_s - u_t), u_t.(u_t - u_s), 1/r_s, 1/r_t, 0}.
 // Launch: 256 threads, one block per sample (2D grid past 2^31-1 samples).
 extern "C" __global__ void at_norm(float* qs, float* qt, u32 n, u32 hw, double* stats, float* diff) {
@@ -108,8 +114,8 @@ extern "C" __global__ void at_norm(float* qs, float* qt, u32 n, u32 hw, double* 
     sq.b = 0.0;
     sq.c = 0.0;
     for (u32 i = threadIdx.x; i < hw; i += blockDim.x) {
-        const double x = a[i];
-        const double y = b[i];
+        const double x = (double)a[i] * (double)a[i];  // Q_i
+        const double y = (double)b[i] * (double)b[i];
         sq.a += x * x;
         sq.b += y * y;
     }
@@ -122,8 +128,8 @@ extern "C" __global__ void at_norm(float* qs, float* qt, u32 n, u32 hw, double* 
     acc.b = 0.0;
     acc.c = 0.0;
     for (u32 i = threadIdx.x; i < hw; i += blockDim.x) {
-        const double us = (double)a[i] / rs;
-        const double ut = (double)b[i] / rt;
+        const double us = ((double)a[i] * (double)a[i]) / rs;
+        const double ut = ((double)b[i] * (double)b[i]) / rt;
         const double d = us - ut;
         acc.a += d * d;
         acc.b += us * d;
@@ -157,7 +163,8 @@ extern "C" __global__ void at_loss(const double* stats, u32 n, double denom, flo
 // The gradient of one side: a: [n, ch, hw] (that side's features), grad: same shape (may alias a:
 // index e is read, then written, by one thread), u_this: [n, hw] (this side's u, from at_norm),
 // diff: [n, hw] = u_s - u_t (at_norm), stats from at_norm, side: 0 student, 1 teacher,
-// kk = g 2/(N HW). Per element in f32 (the per-sample f64 statistics converted).
+// kk = g 2/(N HW). Per element in f32, but for the factor 1/r and A (f64: 1/r reaches ~1e-77 for
+// |A| ~ 3e38, and A/r would underflow f32 before it is multiplied back up).
 // Launch: 256 threads, grid-stride over n*ch*hw.
 extern "C" __global__ void at_grad(const float* a, float* grad, const float* u_this, const float* diff,
                                    const double* stats, u32 side, u32 n, u32 ch, u32 hw, float kk) {
@@ -171,12 +178,12 @@ extern "C" __global__ void at_grad(const float* a, float* grad, const float* u_t
         const u32 i = ((u32)e - sample * plane) % hw;
         const double* st = stats + (u64)sample * AT_STATS;
         const bool at_floor = !(st[1 + side] > AT_EPS);  // ||Q|| <= 1e-12: the norm is the floor
-        const float inv_r = (float)st[5 + side];
+        const double inv_r = st[5 + side];
         const float dot = kk * (float)st[3 + side];  // u . du
         const u64 qi = (u64)sample * hw + i;
         const float u = u_this[qi];
         const float du = sign * diff[qi];
-        const float dq = (at_floor ? du : du - u * dot) * inv_r;
-        grad[e] = dq * two_over_ch * a[e];
+        const float dq = (at_floor ? du : du - u * dot) * two_over_ch;  // times r dL/dQ 2/C
+        grad[e] = (float)((double)dq * (inv_r * (double)a[e]));
     }
 }

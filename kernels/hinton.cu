@@ -1,4 +1,4 @@
-// The fused Hinton distillation loss (spec/LOSSES.md section 4; CPU reference src/ops/hinton.rs):
+// The fused Hinton distillation loss (docs/LOSSES.md section 4; CPU reference src/ops/hinton.rs):
 //
 //   L_r = alpha CE_r(s, y) + (1 - alpha) T^2 KL_r(q^T || p^T),   q^T = softmax(t/T), p^T = softmax(s/T)
 //   dL/ds_j = k [alpha (p^1_j - target_j) + (1 - alpha) T (p^T_j - q^T_j)]

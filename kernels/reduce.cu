@@ -1,4 +1,4 @@
-// The valid-row count and the reduction of per-row losses (spec/LOSSES.md sections 2-4).
+// The valid-row count and the reduction of per-row losses (docs/LOSSES.md sections 2-4).
 //
 // A row loss op runs as three launches on one stream, with no host read-back in between:
 //   count_valid  -> count[0] = N_valid

@@ -1,4 +1,4 @@
-// Primitives of the relation-based losses (spec/LOSSES.md section 7; CPU reference
+// Primitives of the relation-based losses (docs/LOSSES.md section 7; CPU reference
 // src/ops/relational.rs; the same math as shaders/relational.wgsl). Every output element is
 // written by one thread and summed in a fixed order (a fixed launch per shape; no atomics), so
 // results are bit-identical run after run. Smooth L1 is `mse_partial` in mode 1 (feature.cu).

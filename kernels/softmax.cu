@@ -1,4 +1,4 @@
-// Temperature softmax and log-softmax over rows (spec/LOSSES.md section 1; CPU reference
+// Temperature softmax and log-softmax over rows (docs/LOSSES.md section 1; CPU reference
 // src/ops/softmax.rs).
 //
 //   forward  y = softmax(x/T)      backward dx_j = (1/T) y_j (dy_j - sum_k dy_k y_k)

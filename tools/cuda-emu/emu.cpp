@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <map>
 #include <random>
 #include <string>
 
@@ -56,22 +57,47 @@ static bool all_finite(const double* z, size_t c) {
 }
 static vector<double> to_d(const vector<float>& v) { return vector<double>(v.begin(), v.end()); }
 
+// A reference result, with (where filled) a bound on the f64 reference's own rounding of each
+// output (nloss, nrows, ngs, ngt): the comparison cannot resolve the kernel below it (check()).
 struct RowRef {
     double loss = 0;
     vector<double> rows, gs, gt;
+    double nloss = 0;
+    vector<double> nrows, ngs, ngt;
 };
+// 4 ulps of f64: the unit of the reference's rounding bounds.
+static const double REF_EPS = 4 * 2.220446049250313e-16;
+static double fin_abs(double v) { return std::isfinite(v) ? fabs(v) : 0.0; }
 static double red_factor(int red, size_t valid) { return red == 0 ? (valid == 0 ? 0.0 : 1.0 / valid) : 1.0; }
+// sum_j a_j (log a_j - log b_j): a term with a_j = 0 exactly (log a_j = -inf) is 0, one with
+// b_j = 0 exactly and a_j > 0 is +inf (src/ops/divergence.rs `kl`).
 static double kl(const vector<double>& la, const vector<double>& lb) {
     double s = 0;
     for (size_t j = 0; j < la.size(); ++j) {
-        double a = exp(la[j]);
-        s += a == 0 ? 0.0 : a * (la[j] - lb[j]);
+        if (la[j] == -INFINITY) continue;
+        s += lb[j] == -INFINITY ? INFINITY : exp(la[j]) * (la[j] - lb[j]);
     }
     return s;
 }
-// Labels: masked rows (ignore) 0; invalid labels NaN rows (the CUDA contract).
+static double log_add_exp(double x, double y) {
+    double m = std::max(x, y);
+    if (m == -INFINITY) return m;
+    return m + log(exp(x - m) + exp(y - m));
+}
+// src/ops/divergence.rs `teacher_valid`: logits and probabilities finite; log-probabilities
+// finite or -inf (a probability 0).
+static bool teacher_valid(const double* t, size_t c, int teach) {
+    for (size_t j = 0; j < c; ++j)
+        if (!std::isfinite(t[j]) && !(teach == 2 && t[j] == -INFINITY)) return false;
+    return true;
+}
+// Labels: masked rows (ignore) 0; invalid labels NaN rows (the CUDA contract). eps: reverse KL's
+// teacher floor. Reverse KL with a zero teacher probability and no floor: the row loss is +inf
+// and, the device contract, the whole row's student gradient NaN (the f64 reference leaves 0 where
+// p underflows to 0; the kernel does not look at p there).
 static RowRef ref_div(int div, int teach, double temp, double beta, int red, double g, int ignore,
-                      const vector<double>& s, const vector<double>& t, const vector<int>* labels, size_t n, size_t c) {
+                      const vector<double>& s, const vector<double>& t, const vector<int>* labels, size_t n, size_t c,
+                      double eps = 0) {
     size_t valid = 0;
     for (size_t r = 0; r < n; ++r) valid += !(labels && (*labels)[r] == ignore);
     double scale = red_factor(red, valid);
@@ -79,18 +105,21 @@ static RowRef ref_div(int div, int teach, double temp, double beta, int red, dou
     o.rows.assign(n, 0);
     o.gs.assign(n * c, 0);
     o.gt.assign(n * c, 0);
+    o.nrows.assign(n, 0);
+    o.ngs.assign(n * c, 0);
+    o.ngt.assign(n * c, 0);
     for (size_t r = 0; r < n; ++r) {
         if (labels && (*labels)[r] == ignore) continue;
         const double* sr = &s[r * c];
         const double* tr = &t[r * c];
         bool bad_label = labels && ((*labels)[r] < 0 || (*labels)[r] >= (int)c);
-        if (bad_label || !all_finite(sr, c) || !all_finite(tr, c)) {
+        if (bad_label || !all_finite(sr, c) || !teacher_valid(tr, c, teach)) {
             o.rows[r] = NaN;
             for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = o.gt[r * c + j] = NaN;
             continue;
         }
         auto lp = log_softmax_row(sr, c, temp);
-        vector<double> lq(c);
+        vector<double> lq(c), lm;
         if (teach == 0) lq = log_softmax_row(tr, c, temp);
         else if (teach == 2) lq.assign(tr, tr + c);
         else for (size_t j = 0; j < c; ++j) lq[j] = log(tr[j]);
@@ -105,30 +134,184 @@ static RowRef ref_div(int div, int teach, double temp, double beta, int red, dou
                 gt[j] = q == 0 ? 0 : k * q * (lq[j] - lp[j] - d);
             }
         } else if (div == 1) {
+            if (eps > 0)
+                for (auto& l : lq) l = std::fmax(l, log(eps));  // f64::max: a NaN gives the floor
             d = kl(lp, lq);
             for (size_t j = 0; j < c; ++j) {
                 double p = exp(lp[j]), q = exp(lq[j]);
-                gs[j] = k * p * (lp[j] - lq[j] - d);
+                gs[j] = std::isinf(d) ? NaN : p == 0 ? 0 : k * p * (lp[j] - lq[j] - d);
                 gt[j] = k * (q - p);
             }
         } else {
-            vector<double> lm(c);
-            for (size_t j = 0; j < c; ++j) lm[j] = log(beta * exp(lq[j]) + (1 - beta) * exp(lp[j]));
+            lm.resize(c);
+            for (size_t j = 0; j < c; ++j) lm[j] = log_add_exp(log(beta) + lq[j], log1p(-beta) + lp[j]);
             double klq = kl(lq, lm), klp = kl(lp, lm);
             for (size_t j = 0; j < c; ++j) {
                 double p = exp(lp[j]), q = exp(lq[j]);
-                gs[j] = k * (1 - beta) * p * (lp[j] - lm[j] - klp);
+                gs[j] = p == 0 ? 0 : k * (1 - beta) * p * (lp[j] - lm[j] - klp);
                 gt[j] = q == 0 ? 0 : k * beta * q * (lq[j] - lm[j] - klq);
             }
             d = beta * klq + (1 - beta) * klp;
         }
         o.rows[r] = temp * temp * d;
+        // The reference's rounding: each log-ratio term carries about REF_EPS (|log p| + |log q|
+        // (+ |log M|) + ln C + 1) (the logs, their log-sum-exp, the subtraction), weighted by
+        // p + q; D that sum (+ its own rounding); a gradient (p + q)(its term's + D's + 1 REF_EPS).
+        const double lnc = log((double)c);
+        vector<double> u(c);
+        double nd = REF_EPS * fin_abs(d);
+        for (size_t j = 0; j < c; ++j) {
+            u[j] = REF_EPS * (fin_abs(lp[j]) + fin_abs(lq[j]) + (lm.empty() ? 0.0 : fin_abs(lm[j])) + lnc + 1);
+            nd += (exp(lp[j]) + exp(lq[j])) * u[j];
+        }
+        o.nrows[r] = temp * temp * nd;
+        for (size_t j = 0; j < c; ++j) {
+            const double w = fabs(k) * (exp(lp[j]) + exp(lq[j]));
+            o.ngs[r * c + j] = o.ngt[r * c + j] = w * (u[j] + nd + REF_EPS);
+        }
     }
-    double sum = 0;
+    double sum = 0, nsum = 0;
     for (double v : o.rows) sum += v;
+    for (double v : o.nrows) nsum += v;
     o.loss = sum * scale;
+    o.nloss = nsum * scale + REF_EPS * fin_abs(o.loss);
     return o;
 }
+// The divergences' row losses from cancellation-free forms in long double (64-bit mantissa), to
+// judge the kernels where the f64 reference cannot (rows with T^2 D below its own rounding, e.g.
+// p ~ q at T = 1e4, or JSD's beta ~ 1e-6). With dl = log p - log q taken directly (teacher logits:
+// (x^s - x^t) - log E_q[e^(x^s - x^t)], the differences exact), em(x) = e^x - 1 - x:
+//   KL  = sum_{q>0} q em(dl) + (Q - 1) + P0   (Q = sum q, P0 = sum_{q=0} p),
+//   RKL = sum p em(-dl) - (Q~ - 1)             (Q~ = sum of the floored q; a zero q: +inf),
+//   JSD = sum c_j, c_j = beta q log(q/M) + (1-beta) p log(p/M) >= 0 each, = q f(dl).
+typedef long double LD;
+static LD em_ld(LD x) {
+    if (fabsl(x) < 1e-3L) return x * x * (0.5L + x * (1.0L / 6 + x * (1.0L / 24 + x * (1.0L / 120 + x / 720))));
+    return expm1l(x) - x;
+}
+static LD jsd_f_ld(LD x, LD b) {  // c_j / q_j as a function of dl
+    if (fabsl(x) < 1e-3L) {
+        const LD c3 = (1 + b) / 6, c4 = (2 * b * b + 1) / 24, c5 = (3 * b + 1) * (2 * b * b - 2 * b + 1) / 120,
+                 c6 = (24 * b * b * b * b - 30 * b * b * b + 10 * b * b + 1) / 720;
+        return b * (1 - b) * x * x * (0.5L + x * (c3 + x * (c4 + x * (c5 + x * c6))));
+    }
+    return -b * log1pl((1 - b) * expm1l(x)) - (1 - b) * expl(x) * log1pl(b * expm1l(-x));
+}
+// noise: T^2 4 f64 ulps of sum (p + q) |dl| (of |log p| where q = 0), the f64 resolution of the
+// first-order terms that the kernels' f64 sums cancel (0 where p = q exactly: then exactly 0).
+static vector<double> truth_rows(int div, int teach, float T, float beta, float eps, const vector<float>& s,
+                                 const vector<float>& t, const vector<int>* labels, size_t n, size_t c, int ignore,
+                                 vector<double>& noise) {
+    vector<double> rows(n, 0.0);
+    noise.assign(n, 0.0);
+    const LD it = 1.0L / (LD)T, b = beta;
+    for (size_t r = 0; r < n; ++r) {
+        if (labels && (*labels)[r] == ignore) continue;
+        const float* sr = &s[r * c];
+        const float* tr = &t[r * c];
+        bool bad = labels && ((*labels)[r] < 0 || (*labels)[r] >= (int)c);
+        for (size_t j = 0; j < c; ++j)
+            bad = bad || !std::isfinite(sr[j]) || !(std::isfinite(tr[j]) || (teach == 2 && tr[j] == -INFINITY));
+        if (bad) {
+            rows[r] = NaN;
+            continue;
+        }
+        LD ms = -INFINITY, mt = -INFINITY;
+        for (size_t j = 0; j < c; ++j) {
+            ms = std::max(ms, (LD)sr[j]);
+            mt = std::max(mt, (LD)tr[j]);
+        }
+        LD zs = 0;
+        for (size_t j = 0; j < c; ++j) zs += expl(((LD)sr[j] - ms) * it);
+        const LD lzs = logl(zs);
+        vector<LD> dl(c), p(c), q(c), lqv(c);
+        for (size_t j = 0; j < c; ++j) p[j] = expl(((LD)sr[j] - ms) * it - lzs);
+        if (teach == 0) {
+            LD zt = 0;
+            for (size_t j = 0; j < c; ++j) zt += expl(((LD)tr[j] - mt) * it);
+            // log(Z_s/Z_t) = a + log1p(E_q[expm1(delta - a)]) around a = E_q[delta] where that is
+            // small (lzs - lzt would carry ~1e-19, first order in D), else lzs - lzt.
+            vector<LD> delta(c);
+            LD a = 0, w = 0, spread = 0;
+            for (size_t j = 0; j < c; ++j) {
+                q[j] = expl(((LD)tr[j] - mt) * it) / zt;
+                delta[j] = (((LD)sr[j] - ms) - ((LD)tr[j] - mt)) * it;
+                a += q[j] * delta[j];
+            }
+            for (size_t j = 0; j < c; ++j) spread = std::max(spread, fabsl(delta[j] - a));
+            for (size_t j = 0; j < c; ++j) w += q[j] * expm1l(delta[j] - a);
+            const LD lr = spread < 1 ? a + log1pl(w) : lzs - logl(zt);
+            for (size_t j = 0; j < c; ++j) dl[j] = delta[j] - lr;
+        } else {
+            for (size_t j = 0; j < c; ++j) {
+                LD lq = teach == 1 ? logl((LD)tr[j]) : (LD)tr[j];
+                q[j] = teach == 1 ? (LD)tr[j] : expl(lq);
+                if (div == 1 && eps > 0) {
+                    lq = std::isnan(lq) ? logl((LD)eps) : std::max(lq, logl((LD)eps));
+                    q[j] = teach == 1 ? std::max(q[j], (LD)eps) : expl(lq);
+                }
+                lqv[j] = lq;
+                dl[j] = (((LD)sr[j] - ms) * it - lzs) - lq;
+            }
+        }
+        // Where |dl| >= 1 the terms do not cancel: q em(dl) = (p - q) - q dl (q may underflow), etc.
+        // Q - 1 (a given teacher's own normalisation; 0 for logits, where the forms assume both
+        // rows normalised): (n_big - 1) + sum_{q > 1/2} (q - 1) + sum_{q <= 1/2} q, q - 1 by expm1.
+        LD qm1 = 0;
+        if (teach != 0) {
+            LD nbig = 0;
+            for (size_t j = 0; j < c; ++j) {
+                if (q[j] > 0.5L) {
+                    nbig += 1;
+                    qm1 += teach == 1 ? q[j] - 1 : expm1l(lqv[j]);
+                } else {
+                    qm1 += q[j];
+                }
+            }
+            qm1 += nbig - 1;
+        }
+        LD d = 0;
+        if (div == 0) {
+            LD p0 = 0;
+            for (size_t j = 0; j < c; ++j) {
+                if (std::isinf(dl[j])) {  // q = 0 exactly
+                    p0 += p[j];
+                    continue;
+                }
+                d += fabsl(dl[j]) < 1 ? q[j] * em_ld(dl[j]) : (p[j] - q[j]) - q[j] * dl[j];
+            }
+            d += qm1 + (teach != 0 ? p0 : 0);
+        } else if (div == 1) {
+            bool inf = false;
+            for (size_t j = 0; j < c; ++j) {
+                inf = inf || std::isinf(dl[j]);
+                if (!inf) d += fabsl(dl[j]) < 1 ? p[j] * em_ld(-dl[j]) : (q[j] - p[j]) + p[j] * dl[j];
+            }
+            d = inf ? INFINITY : d - qm1;
+        } else {
+            for (size_t j = 0; j < c; ++j) {
+                if (std::isinf(dl[j])) {
+                    d += (1 - b) * p[j] * -log1pl(-b);  // q = 0: M = (1-beta) p
+                } else if (fabsl(dl[j]) < 1) {
+                    d += q[j] * jsd_f_ld(dl[j], b);
+                } else {
+                    const LD lp = ((LD)sr[j] - ms) * it - lzs, lq = lp - dl[j];
+                    const LD hi = std::max(logl(b) + lq, log1pl(-b) + lp);
+                    const LD lm = hi + logl(expl(logl(b) + lq - hi) + expl(log1pl(-b) + lp - hi));
+                    if (q[j] > 0) d += b * q[j] * (lq - lm);
+                    if (p[j] > 0) d += (1 - b) * p[j] * (lp - lm);
+                }
+            }
+        }
+        rows[r] = (double)((LD)T * (LD)T * d);
+        LD mag = 0;
+        for (size_t j = 0; j < c; ++j)
+            mag += (p[j] + q[j]) * (std::isinf(dl[j]) ? fabsl(((LD)sr[j] - ms) * it - lzs) : fabsl(dl[j]));
+        noise[r] = 4 * 2.220446049250313e-16 * (double)((LD)T * (LD)T * mag);
+    }
+    return rows;
+}
+
 static void smoothed_ce_row(const double* s, size_t c, int y, double eps, double& loss, vector<double>& grad) {
     auto lp = log_softmax_row(s, c, 1.0);
     loss = 0;
@@ -176,7 +359,13 @@ static RowRef ref_hinton(double temp, double alpha, double eps, int red, double 
     o.rows.assign(n, 0);
     o.gs.assign(n * c, 0);
     o.gt.resize(n * c);
-    for (size_t i = 0; i < n * c; ++i) o.gt[i] = (1 - alpha) * klr.gt[i];
+    o.nrows.assign(n, 0);
+    o.ngs.assign(n * c, 0);
+    o.ngt.resize(n * c);
+    for (size_t i = 0; i < n * c; ++i) {
+        o.gt[i] = (1 - alpha) * klr.gt[i];
+        o.ngt[i] = (1 - alpha) * klr.ngt[i];
+    }
     for (size_t r = 0; r < n; ++r) {
         if (labels[r] == ignore) continue;
         if (labels[r] < 0 || labels[r] >= (int)c) {
@@ -189,10 +378,21 @@ static RowRef ref_hinton(double temp, double alpha, double eps, int red, double 
         smoothed_ce_row(&s[r * c], c, labels[r], eps, ce, ceg);
         o.rows[r] = alpha * ce + (1 - alpha) * klr.rows[r];
         for (size_t j = 0; j < c; ++j) o.gs[r * c + j] = alpha * k * ceg[j] + (1 - alpha) * klr.gs[r * c + j];
+        // The reference's rounding (as ref_div's): CE's log-probabilities at T = 1, and the KL part.
+        auto lp = log_softmax_row(&s[r * c], c, 1.0);
+        const double lnc = log((double)c);
+        o.nrows[r] = (1 - alpha) * klr.nrows[r] + REF_EPS * fabs(o.rows[r]);
+        for (size_t j = 0; j < c; ++j) {
+            const double p = exp(lp[j]), u = REF_EPS * (fabs(lp[j]) + lnc + 2);
+            o.nrows[r] += alpha * (p + 1.0) * u;
+            o.ngs[r * c + j] = alpha * fabs(k) * (p + fabs(ceg[j])) * u + (1 - alpha) * klr.ngs[r * c + j];
+        }
     }
-    double sum = 0;
+    double sum = 0, nsum = 0;
     for (double v : o.rows) sum += v;
+    for (double v : o.nrows) nsum += v;
     o.loss = sum * red_factor(red, valid);
+    o.nloss = nsum * red_factor(red, valid) + REF_EPS * fin_abs(o.loss);
     return o;
 }
 
@@ -203,36 +403,61 @@ static const vector<float>* dbg_t = nullptr;
 static size_t dbg_c = 0;
 static double worst = 0;
 static std::string worst_case;
-static void check(const std::string& what, const vector<float>& got, const vector<double>& want, double tol = 1e-4) {
+// Per op family (the check name's first word): the worst relative error, its check, and how many
+// checks the reference's rounding bound decided (|want| < |noise| / tol).
+struct FamilyStat {
+    double worst = 0;
+    std::string what;
+    int checks = 0, floored = 0;
+};
+static std::map<std::string, FamilyStat> families;
+// Returns the relative error of the norm (infinity on a NaN / infinity mismatch).
+// noise: a bound on the reference's own rounding per element (or null): where the want's norm is
+// below |noise| / tol, the kernel must come within |noise| instead (the reference resolves no more).
+static double check(const std::string& what, const vector<float>& got, const vector<double>& want, double tol = 1e-4,
+                    const vector<double>* noise = nullptr) {
     ++checks;
     if (got.size() != want.size()) {
         printf("FAIL %s: size %zu vs %zu\n", what.c_str(), got.size(), want.size());
         ++failures;
-        return;
+        return INFINITY;
     }
-    double d2 = 0, w2 = 0;
+    double d2 = 0, w2 = 0, n2 = 0;
     for (size_t i = 0; i < got.size(); ++i) {
         bool wn = std::isnan(want[i]), gn = std::isnan(got[i]);
         if (wn != gn) {
             printf("FAIL %s: [%zu] got %g want %g (NaN mismatch)\n", what.c_str(), i, got[i], want[i]);
             ++failures;
-            return;
+            return INFINITY;
         }
         if (wn) continue;
         if (std::isinf(want[i]) || std::isinf(got[i])) {
             if (got[i] != want[i]) {
                 printf("FAIL %s: [%zu] got %g want %g\n", what.c_str(), i, got[i], want[i]);
                 ++failures;
-                return;
+                return INFINITY;
             }
             continue;
         }
         double d = got[i] - want[i];
         d2 += d * d;
         w2 += want[i] * want[i];
+        if (noise) n2 += (*noise)[i] * (*noise)[i];
     }
-    double rel = sqrt(d2) / std::max(sqrt(w2), 1e-30);
+    double rel = sqrt(d2) / std::max({sqrt(w2), sqrt(n2) / tol, 1e-30});
     if (sqrt(d2) <= 1e-30) rel = 0;
+    FamilyStat& fam = families[what.substr(0, what.find(' '))];
+    ++fam.checks;
+    if (sqrt(n2) / tol > sqrt(w2)) {
+        ++fam.floored;
+        if (getenv("EMU_FLOOR"))
+            printf("floor %s: |want| %.3g, reference rounding %.3g, |got - want| %.3g\n", what.c_str(), sqrt(w2),
+                   sqrt(n2), sqrt(d2));
+    }
+    if (rel > fam.worst || fam.what.empty()) {
+        fam.worst = rel;
+        fam.what = what;
+    }
     if (rel > worst) {
         worst = rel;
         worst_case = what;
@@ -255,9 +480,11 @@ static void check(const std::string& what, const vector<float>& got, const vecto
         }
         ++failures;
     }
+    return rel;
 }
-static void check1(const std::string& what, float got, double want, double tol = 1e-4) {
-    check(what, vector<float>{got}, vector<double>{want}, tol);
+static double check1(const std::string& what, float got, double want, double tol = 1e-4, double noise = 0) {
+    vector<double> nv{noise};
+    return check(what, vector<float>{got}, vector<double>{want}, tol, &nv);
 }
 
 // ---- runs ----
@@ -283,59 +510,120 @@ static void test_softmax(size_t n, size_t c, float T, bool log_out, double scale
     emu_launch(cfg.grid, cfg.block, [&] {
         (cfg.block_form ? softmax_bwd_block : softmax_bwd_warp)(y.data(), dy.data(), dx.data(), n, c, it, log_out);
     });
-    vector<double> want(n * c), wdx(n * c);
+    vector<double> want(n * c), wdx(n * c), ny(n * c), ndx(n * c);  // ny, ndx: the reference's rounding
     auto xd = to_d(x);
     for (size_t r = 0; r < n; ++r) {
         if (!all_finite(&xd[r * c], c)) {
             for (size_t j = 0; j < c; ++j) want[r * c + j] = NaN;
         } else {
             auto lp = log_softmax_row(&xd[r * c], c, T);
-            for (size_t j = 0; j < c; ++j) want[r * c + j] = log_out ? lp[j] : exp(lp[j]);
+            for (size_t j = 0; j < c; ++j) {
+                want[r * c + j] = log_out ? lp[j] : exp(lp[j]);
+                ny[r * c + j] = REF_EPS * (fabs(lp[j]) + log((double)c) + 2) * (log_out ? 1.0 : exp(lp[j]));
+            }
         }
         // backward from the kernel's own y (as the reference takes y as input)
-        double acc = 0;
-        for (size_t j = 0; j < c; ++j) acc += log_out ? dy[r * c + j] : (double)dy[r * c + j] * y[r * c + j];
+        double acc = 0, acc_abs = 0;
+        for (size_t j = 0; j < c; ++j) {
+            const double term = log_out ? dy[r * c + j] : (double)dy[r * c + j] * y[r * c + j];
+            acc += term;
+            acc_abs += fabs(term);
+        }
         for (size_t j = 0; j < c; ++j) {
             double yj = y[r * c + j], d = dy[r * c + j];
             wdx[r * c + j] = log_out ? (d - exp(yj) * acc) / T : yj * (d - acc) / T;
+            const double w = log_out ? exp(yj) : fabs(yj);
+            ndx[r * c + j] = REF_EPS * ((log_out ? fabs(d) : w * fabs(d)) + w * acc_abs * (1 + fin_abs(yj))) / T;
         }
     }
     char name[200];
     snprintf(name, sizeof name, "softmax n=%zu c=%zu T=%g log=%d scale=%g", n, c, T, log_out, scale);
-    check(std::string(name) + " y", y, want);
-    check(std::string(name) + " dx", dx, wdx);
+    check(std::string(name) + " y", y, want, 1e-4, &ny);
+    check(std::string(name) + " dx", dx, wdx, 1e-4, &ndx);
 }
 
 struct Flags {
     bool labels, gs, gt, inplace, rows;
 };
 
-static void test_div(int div, int teach, size_t n, size_t c, float T, float beta, int red, double scale, Flags f,
-                     bool inject) {
+// One divergence case. A given teacher (teach 1, 2) is softmax(random logits / teacher_temp) with
+// optional exact zeros (probability 0, log-probability -inf) on some rows, renormalised over the
+// rest: zeros 1 random classes, 2 a top-k teacher (k random), 3 one-hot.
+struct DivCase {
+    int div, teach;
+    size_t n, c;
+    float T, beta;
+    int red;
+    double scale;
+    Flags f;
+    bool inject;
+    float eps = 0.f;  // reverse KL's teacher floor
+    int zeros = 0;
+    double teacher_temp = 1.0;
+    double near = 0;  // > 0: the teacher's logits are the student's plus uniform(-near, near) * scale
+                      // (a given teacher then at the student's T): p ~ q
+};
+
+// The per-family worst relative error, and the one at the extremes of T and beta.
+struct Worst {
+    double rel = 0;
+    std::string what;
+};
+static Worst worst_family[3][3];  // [div][teach]
+static Worst worst_t_lo, worst_t_hi, worst_b_lo, worst_b_hi;
+
+static void test_div(const DivCase& k) {
+    const int div = k.div, teach = k.teach;
+    const size_t n = k.n, c = k.c;
+    const float T = k.T, beta = k.beta;
+    const Flags f = k.f;
     const int ignore = -100;
-    auto s = rand_logits(n * c, scale);
-    auto t = rand_logits(n * c, scale);
-    if (teach != 0) {  // the teacher as probabilities / log-probabilities of random logits
+    auto s = rand_logits(n * c, k.scale);
+    auto t = rand_logits(n * c, k.scale);
+    if (k.near > 0)
+        for (size_t i = 0; i < n * c; ++i) t[i] = (float)(s[i] + uni(-k.near, k.near) * k.scale);
+    int zero_rows = 0;
+    if (teach != 0) {
         auto td = to_d(t);
         for (size_t r = 0; r < n; ++r) {
-            auto lq = log_softmax_row(&td[r * c], c, 1.0);
+            auto lq = log_softmax_row(&td[r * c], c, k.near > 0 ? (double)T : k.teacher_temp);
+            vector<bool> zero(c, false);
+            if (k.zeros != 0 && c > 1 && irand(0, 2) != 0) {
+                ++zero_rows;
+                if (k.zeros == 1) {
+                    for (size_t j = 0; j < c; ++j) zero[j] = irand(0, 3) == 0;
+                } else {  // keep the top k (one-hot: k = 1)
+                    size_t keep = k.zeros == 3 ? 1 : (size_t)irand(1, (int)c);
+                    vector<size_t> idx(c);
+                    for (size_t j = 0; j < c; ++j) idx[j] = j;
+                    std::stable_sort(idx.begin(), idx.end(), [&](size_t x, size_t y) { return lq[x] > lq[y]; });
+                    for (size_t i = keep; i < c; ++i) zero[idx[i]] = true;
+                }
+                zero[(size_t)irand(0, (int)c - 1)] = false;  // at least one class left
+                double m = -INFINITY, z = 0;
+                for (size_t j = 0; j < c; ++j)
+                    if (!zero[j]) m = std::max(m, lq[j]);
+                for (size_t j = 0; j < c; ++j)
+                    if (!zero[j]) z += exp(lq[j] - m);
+                for (size_t j = 0; j < c; ++j) lq[j] = zero[j] ? -INFINITY : lq[j] - m - log(z);
+            }
             for (size_t j = 0; j < c; ++j) t[r * c + j] = teach == 1 ? (float)exp(lq[j]) : (float)lq[j];
         }
-        if (teach == 1 && c > 2 && irand(0, 1)) t[irand(0, (int)c - 1)] = 0.f;  // a zero probability
     }
     vector<int> labels(n);
     for (auto& y : labels) y = irand(0, 3) == 0 ? ignore : irand(0, (int)c - 1);
     if (f.labels && n > 2 && irand(0, 2) == 0) labels[1] = (int)c + 3;  // invalid label -> NaN row
-    if (inject && n > 2) {
+    if (k.inject && n > 2) {  // NaN, +inf or -inf (-inf is a valid teacher log-probability)
         size_t r = (size_t)irand(0, (int)n - 1), j = (size_t)irand(0, (int)c - 1);
-        (irand(0, 1) ? s : t)[r * c + j] = irand(0, 1) ? FNAN : -INFINITY;
+        const int v = irand(0, 2);
+        (irand(0, 1) ? s : t)[r * c + j] = v == 0 ? FNAN : v == 1 ? INFINITY : -INFINITY;
     }
     float g = (float)uni(0.5, 2.0);
     auto sd = to_d(s), td = to_d(t);
     dbg_s = &s;
     dbg_t = &t;
     dbg_c = c;
-    RowRef want = ref_div(div, teach, T, beta, red, g, ignore, sd, td, f.labels ? &labels : nullptr, n, c);
+    RowRef want = ref_div(div, teach, T, beta, k.red, g, ignore, sd, td, f.labels ? &labels : nullptr, n, c, k.eps);
 
     vector<float> S = s, rows(n, FNAN), gs(n * c, FNAN), gt(n * c, FNAN);
     unsigned count = 12345;
@@ -348,18 +636,67 @@ static void test_div(int div, int teach, size_t n, size_t c, float T, float beta
     float it = (float)(1.0 / T);
     emu_launch(cfg.grid, cfg.block, [&] {
         (cfg.block_form ? divergence_block : divergence_warp)(S.data(), t.data(), lab, &count, rows.data(), gsp,
-                                                              want_gt ? gt.data() : nullptr, n, c, it, T, beta, g,
-                                                              ignore, div, teach, red);
+                                                              want_gt ? gt.data() : nullptr, n, c, it, T, beta, k.eps,
+                                                              g, ignore, div, teach, k.red);
     });
-    emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), n, &count, red, &loss); });
+    emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), n, &count, k.red, &loss); });
     if (f.inplace) gs = S;
-    char name[300];
-    snprintf(name, sizeof name, "div%d teach%d n=%zu c=%zu T=%g beta=%g red=%d scale=%g labels=%d inplace=%d inject=%d",
-             div, teach, n, c, T, beta, red, scale, f.labels, f.inplace, inject);
-    check1(std::string(name) + " loss", loss, want.loss);
-    check(std::string(name) + " rows", rows, want.rows);
-    if (f.gs) check(std::string(name) + " gs", gs, want.gs);
-    if (want_gt) check(std::string(name) + " gt", gt, want.gt);
+    char name[400];
+    snprintf(name, sizeof name,
+             "div%d teach%d n=%zu c=%zu T=%g beta=%.9g eps=%g zeros=%d(%d rows) tT=%g near=%g red=%d scale=%g "
+             "labels=%d inplace=%d inject=%d",
+             div, teach, n, c, T, beta, k.eps, k.zeros, zero_rows, k.teacher_temp, k.near, k.red, k.scale, f.labels,
+             f.inplace, k.inject);
+    Worst here;
+    auto keep = [&](double rel, const char* what) {
+        if (rel > here.rel || here.what.empty()) here = Worst{rel, std::string(name) + what};
+    };
+    keep(check1(std::string(name) + " loss", loss, want.loss, 1e-4, want.nloss), " loss");
+    keep(check(std::string(name) + " rows", rows, want.rows, 1e-4, &want.nrows), " rows");
+    if (f.gs) keep(check(std::string(name) + " gs", gs, want.gs, 1e-4, &want.ngs), " gs");
+    if (want_gt) keep(check(std::string(name) + " gt", gt, want.gt, 1e-4, &want.ngt), " gt");
+    // The row losses against the long-double forms (floor: the f64 resolution of their terms).
+    {
+        vector<double> nt;
+        vector<double> truth =
+            truth_rows(div, teach, T, beta, k.eps, s, t, f.labels ? &labels : nullptr, n, c, ignore, nt);
+        keep(check(std::string(name) + " rows(ld)", rows, truth, 1e-4, &nt), " rows(ld)");
+    }
+    auto note = [&](Worst& w) {
+        if (here.rel > w.rel || w.what.empty()) w = here;
+    };
+    note(worst_family[div][teach]);
+    if (T <= 1.5e-3f) note(worst_t_lo);
+    if (T >= 5e3f) note(worst_t_hi);
+    if (div == 2 && beta <= 1e-5f) note(worst_b_lo);
+    if (div == 2 && beta >= 1.f - 1e-5f) note(worst_b_hi);
+}
+
+// The contract's example (issue 11): t = [-inf, ln 0.5, ln 0.5] (log-probs), s = [0.5, 0.1, -0.3],
+// T = 1, forward KL, batchmean, one row: loss 0.6581 (and the gradient k (p - q), p = softmax(s)).
+static void test_div_fixed() {
+    vector<float> s{0.5f, 0.1f, -0.3f}, t{-INFINITY, logf(0.5f), logf(0.5f)}, rows(1, FNAN), gs(3, FNAN);
+    unsigned count = 0;
+    float loss = FNAN;
+    emu_launch(ONE, T1024, [&] { count_valid(nullptr, 1, -100, &count); });
+    for (unsigned teach : {1u, 2u}) {
+        vector<float> tt = t;
+        if (teach == 1) tt = {0.f, 0.5f, 0.5f};
+        emu_launch(dim3{1, 1, 1}, T256, [&] {
+            divergence_warp(s.data(), tt.data(), nullptr, &count, rows.data(), gs.data(), nullptr, 1, 3, 1.f, 1.f, 0.5f,
+                            0.f, 1.f, -100, 0, teach, 0);
+        });
+        emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), 1, &count, 0, &loss); });
+        double p[3], z = 0;
+        for (int j = 0; j < 3; ++j) z += exp((double)s[j]);
+        for (int j = 0; j < 3; ++j) p[j] = exp((double)s[j]) / z;
+        const double kl = 0.5 * (log(0.5) - log(p[1])) + 0.5 * (log(0.5) - log(p[2]));
+        char name[80];
+        snprintf(name, sizeof name, "div0 teach%u example (loss %.4f, want 0.6581)", teach, loss);
+        check1(std::string(name) + " loss", loss, kl);
+        check1(std::string(name) + " loss vs 0.6581", loss, 0.6581, 1e-4 / 0.6581 * 0.5);
+        check(std::string(name) + " gs", gs, vector<double>{p[0], p[1] - 0.5, p[2] - 0.5});
+    }
 }
 
 static void test_ce(size_t n, size_t c, float eps, int red, double scale, bool inplace, bool inject, bool all_masked) {
@@ -419,10 +756,10 @@ static void test_hinton(size_t n, size_t c, float T, float alpha, float eps, int
     char name[300];
     snprintf(name, sizeof name, "hinton n=%zu c=%zu T=%g alpha=%g eps=%g red=%d scale=%g inplace=%d inject=%d", n, c,
              T, alpha, eps, red, scale, inplace, inject);
-    check1(std::string(name) + " loss", loss, want.loss);
-    check(std::string(name) + " rows", rows, want.rows);
-    check(std::string(name) + " gs", gs, want.gs);
-    if (want_gt) check(std::string(name) + " gt", gt, want.gt);
+    check1(std::string(name) + " loss", loss, want.loss, 1e-4, want.nloss);
+    check(std::string(name) + " rows", rows, want.rows, 1e-4, &want.nrows);
+    check(std::string(name) + " gs", gs, want.gs, 1e-4, &want.ngs);
+    if (want_gt) check(std::string(name) + " gt", gt, want.gt, 1e-4, &want.ngt);
 }
 
 // mode 0: MSE; mode 1: smooth L1 (src/ops/relational.rs smooth_l1_reference).
@@ -492,8 +829,15 @@ static void attention_bwd_ref(const double* a, const vector<double>& u, double n
     for (size_t c = 0; c < ch; ++c)
         for (size_t i = 0; i < hw; ++i) out[c * hw + i] = dq[i] * 2.0 * a[c * hw + i] / ch;
 }
-static void test_at(size_t n, size_t cs, size_t ct, size_t hw, bool zero_sample) {
-    auto s = rand_logits(n * cs * hw, 2.0), t = rand_logits(n * ct * hw, 2.0);
+// scale: the features' magnitude (up to 3e38: attention maps are scale-free, and Q = A^2, ||Q||
+// must not overflow); spike: one student element per sample is 1e10 (the issue-11 example's shape);
+// fixed: s = [1e10, 1, 2, 3], t = [1, 2, 3, 4] as [1, 1, 4] (reference loss 0.4734).
+static void test_at(size_t n, size_t cs, size_t ct, size_t hw, bool zero_sample, double scale = 2.0,
+                    bool spike = false, bool fixed = false) {
+    auto s = rand_logits(n * cs * hw, scale), t = rand_logits(n * ct * hw, scale);
+    if (fixed) s = {1e10f, 1.f, 2.f, 3.f}, t = {1.f, 2.f, 3.f, 4.f};
+    if (spike)
+        for (size_t k = 0; k < n; ++k) s[k * cs * hw + (size_t)irand(0, (int)(cs * hw) - 1)] = 1e10f;
     if (zero_sample)
         for (size_t i = 0; i < cs * hw; ++i) s[i] = 0.f;  // sample 0 of the student: ||Q|| = 0
     float g = (float)uni(0.5, 2.0);
@@ -527,8 +871,10 @@ static void test_at(size_t n, size_t cs, size_t ct, size_t hw, bool zero_sample)
         attention_bwd_ref(&td[k * ct * hw], ut, nt, dut, ct, &wt[k * ct * hw]);
     }
     char name[100];
-    snprintf(name, sizeof name, "at n=%zu cs=%zu ct=%zu hw=%zu zero=%d", n, cs, ct, hw, zero_sample);
+    snprintf(name, sizeof name, "at n=%zu cs=%zu ct=%zu hw=%zu zero=%d scale=%g spike=%d fixed=%d", n, cs, ct, hw,
+             zero_sample, scale, spike, fixed);
     check1(std::string(name) + " loss", loss, l / denom);
+    if (fixed) check1(std::string(name) + " loss vs 0.4734", loss, 0.4734, 0.5e-4 / 0.4734);
     check(std::string(name) + " gs", gs, ws);
     check(std::string(name) + " gt", gt, wt);
 }
@@ -740,7 +1086,9 @@ static void test_relational(size_t n, size_t dim, int dup) {
     dim3 rows_grid = grid_for((n + 7) / 8);
     emu_launch(rows_grid, T256, [&] { row_normalize(f.data(), y.data(), n, dim); });
     emu_launch(rows_grid, T256, [&] { row_normalize_backward(f.data(), dy.data(), dx.data(), n, dim); });
-    vector<double> wy(n * dim), wdx(n * dim);
+    // nwdx: the f32 rounding of the terms of dy - y (y . dy), the floor of the comparison where they
+    // cancel exactly (dim 1: the gradient is 0, the kernel's f32 difference ~1e-7 |dy| / |x|).
+    vector<double> wy(n * dim), wdx(n * dim), nwdx(n * dim, 0.0);
     for (size_t r = 0; r < n; ++r) {
         double s = 0;
         for (size_t j = 0; j < dim; ++j) s += (double)f[r * dim + j] * f[r * dim + j];
@@ -750,13 +1098,16 @@ static void test_relational(size_t n, size_t dim, int dup) {
         if (nrm > 1e-12) {
             double dot = 0;
             for (size_t j = 0; j < dim; ++j) dot += f[r * dim + j] / nrm * dy[r * dim + j];
-            for (size_t j = 0; j < dim; ++j) wdx[r * dim + j] = (dy[r * dim + j] - f[r * dim + j] / nrm * dot) / nrm;
+            for (size_t j = 0; j < dim; ++j) {
+                wdx[r * dim + j] = (dy[r * dim + j] - f[r * dim + j] / nrm * dot) / nrm;
+                nwdx[r * dim + j] = 4 * 5.96e-8 * (fabs(dy[r * dim + j]) + fabs(f[r * dim + j] / nrm * dot)) / nrm;
+            }
         } else {
             for (size_t j = 0; j < dim; ++j) wdx[r * dim + j] = dy[r * dim + j] / 1e-12;
         }
     }
     check(nm + " row_normalize", y, wy, 1e-5);
-    check(nm + " row_normalize_backward", dx, wdx, 1e-4);
+    check(nm + " row_normalize_backward", dx, wdx, 1e-4, &nwdx);
     // pairwise distances and the backward pass (from the kernel's own D, as tests/relational.rs).
     vector<float> d(n * n, FNAN), df(n * dim, FNAN);
     unsigned long long tiles = (unsigned long long)((n + 15) / 16) * ((n + 15) / 16);
@@ -852,53 +1203,127 @@ static void test_tape_kernels(int cases) {
     }
 }
 
+static int finish() {
+    for (auto& [name, f] : families)
+        printf("family %-10s %5d checks (%d at the reference's rounding bound), worst %.3g (%s)\n", name.c_str(),
+               f.checks, f.floored, f.worst, f.what.c_str());
+    printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
+    return failures != 0;
+}
+
+static void print_div_summary() {
+    const char* dn[] = {"KL", "RKL", "JSD"};
+    const char* tn[] = {"logits", "probs", "logprobs"};
+    for (int d = 0; d < 3; ++d)
+        for (int t = 0; t < 3; ++t)
+            printf("div %s/%s: worst %.3g (%s)\n", dn[d], tn[t], worst_family[d][t].rel, worst_family[d][t].what.c_str());
+    printf("div T=1e-3: worst %.3g (%s)\n", worst_t_lo.rel, worst_t_lo.what.c_str());
+    printf("div T>=5e3: worst %.3g (%s)\n", worst_t_hi.rel, worst_t_hi.what.c_str());
+    printf("div beta<=1e-5: worst %.3g (%s)\n", worst_b_lo.rel, worst_b_lo.what.c_str());
+    printf("div beta>=1-1e-5: worst %.3g (%s)\n", worst_b_hi.rel, worst_b_hi.what.c_str());
+}
+
 int main(int argc, char** argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 40;
+    if (getenv("EMU_SELFTEST")) {  // one deliberate mismatch: the exit status must be non-zero (CI checks)
+        check1("selftest (a deliberate mismatch)", 1.f, 2.0);
+        return finish();
+    }
     if (getenv("EMU_REL")) {  // only relational.cu and smooth L1
         test_relational_kernels(cases);
-        printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
-        return failures != 0;
+        return finish();
     }
     if (getenv("EMU_TAPE")) {  // only the tape's kernels (dense.cu, optim.cu, conv.cu)
         test_tape_kernels(cases);
-        printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
-        return failures != 0;
+        return finish();
     }
     const size_t Cs[] = {1, 2, 7, 32, 33, 100, 1024, 1025, 3000, 5000};
     const size_t Ns[] = {1, 3, 9, 17};
     const float Ts[] = {0.05f, 1.f, 3.7f, 100.f};
     const double scales[] = {1.0, 10.0, 1e4};
     auto pickC = [&] { return Cs[irand(0, 9)]; };
+    // The whole range validation accepts: T in [1e-3, 1e4] (log-uniform, the ends and the old
+    // fixed values often), beta in [1e-6, 1 - 1e-6] (the ends, log-uniform near each, mid).
+    auto pickT = [&] {
+        const int r = irand(0, 7);
+        if (r == 0) return 1e-3f;
+        if (r == 1) return 1e4f;
+        if (r <= 3) return Ts[irand(0, 3)];
+        return (float)exp(uni(log(1e-3), log(1e4)));
+    };
+    // hinton.cu's KL part still takes T (p - q) as a difference of f32 probabilities, and its KL
+    // from first-order sums: its error grows ~2.5e-7 T (relative, |logits| ~ 1), past 1e-4 from
+    // T ~ 300. EMU_HINTON_TMAX (default 100) caps its T range until it gets divergence.cu's forms.
+    const double hinton_tmax = getenv("EMU_HINTON_TMAX") ? atof(getenv("EMU_HINTON_TMAX")) : 100.0;
+    auto pickTHinton = [&] {
+        const int r = irand(0, 5);
+        if (r == 0) return 1e-3f;
+        if (r == 1) return (float)hinton_tmax;
+        return (float)exp(uni(log(1e-3), log(hinton_tmax)));
+    };
+    auto pickBeta = [&] {
+        const int r = irand(0, 5);
+        if (r == 0) return 1e-6f;
+        if (r == 1) return (float)(1.0 - 1e-6);
+        if (r == 2) return (float)exp(uni(log(1e-6), log(0.5)));
+        if (r == 3) return (float)(1.0 - exp(uni(log(1e-6), log(0.5))));
+        return (float)uni(0.05, 0.95);
+    };
+    auto pickNear = [&] { return std::pow(10.0, -irand(0, 4)); };  // a teacher close to the student
+    auto pickTeacherT = [&] { return exp(uni(log(0.05), log(20.0))); };  // how sharp a given teacher is
+    auto pickEps = [&] {
+        const double e[] = {1e-8, 1e-4, 0.1, 0.0};
+        const double v = e[irand(0, 3)];
+        return (float)(v != 0.0 ? v : exp(uni(log(1e-12), log(0.5))));
+    };
     auto pickN = [&] { return Ns[irand(0, 3)]; };
     for (int i = 0; i < cases; ++i) {
         size_t c = pickC(), n = pickN();
-        test_softmax(n, c, Ts[irand(0, 3)], irand(0, 1), scales[irand(0, 2)]);
+        test_softmax(n, c, pickT(), irand(0, 1), scales[irand(0, 2)]);
     }
     if (getenv("EMU_FOCUS")) {  // EMU_FOCUS=div,teach,T,scale: divergence cases only
         int div, teach;
         float T;
         double scale;
         sscanf(getenv("EMU_FOCUS"), "%d,%d,%f,%lf", &div, &teach, &T, &scale);
-        for (int i = 0; i < cases; ++i)
-            test_div(div, teach, pickN(), pickC(), T, (float)uni(0.05, 0.95), 1, scale,
-                     Flags{false, true, true, false, true}, false);
-        printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
-        return failures != 0;
+        for (int i = 0; i < cases; ++i) {
+            DivCase k{div, teach, pickN(), pickC(), T, pickBeta(), 1, scale, Flags{false, true, true, false, true},
+                      false};
+            if (irand(0, 3) == 0) k.near = pickNear();
+            if (teach != 0) {
+                k.zeros = irand(0, 3);
+                k.teacher_temp = pickTeacherT();
+                if (div == 1 && irand(0, 1)) k.eps = pickEps();
+            }
+            test_div(k);
+        }
+        print_div_summary();
+        return finish();
     }
+    test_div_fixed();
     for (int div = 0; div < 3; ++div)
         for (int teach = 0; teach < 3; ++teach)
             for (int i = 0; i < cases; ++i) {
                 size_t c = pickC(), n = pickN();
                 Flags f{irand(0, 1) == 1, irand(0, 4) != 0, irand(0, 1) == 1, irand(0, 2) == 0, true};
-                double scale = teach == 0 ? scales[irand(0, 2)] : scales[irand(0, 1)];
-                test_div(div, teach, n, c, Ts[irand(0, 3)], (float)uni(0.05, 0.95), irand(0, 2), scale, f,
-                         irand(0, 4) == 0);
+                DivCase k{div, teach, n, c, pickT(), pickBeta(), irand(0, 2), scales[irand(0, 2)], f, irand(0, 4) == 0};
+                if (irand(0, 3) == 0) k.near = pickNear();
+                if (teach != 0) {
+                    k.zeros = irand(0, 3);
+                    k.teacher_temp = pickTeacherT();
+                    if (div == 1 && irand(0, 1)) k.eps = pickEps();
+                }
+                test_div(k);
             }
+    print_div_summary();
+    if (getenv("EMU_DIV")) {  // only the divergences (after the softmax cases)
+        return finish();
+    }
     for (int i = 0; i < cases; ++i)
         test_ce(pickN(), pickC(), irand(0, 1) ? 0.f : 0.1f, irand(0, 2), scales[irand(0, 2)], irand(0, 1),
                 irand(0, 4) == 0, irand(0, 9) == 0);
     for (int i = 0; i < cases; ++i)
-        test_hinton(pickN(), pickC(), Ts[irand(0, 3)], (float)uni(0, 1), irand(0, 1) ? 0.f : 0.1f, irand(0, 2),
+        test_hinton(pickN(), pickC(), pickTHinton(), (float)uni(0, 1), irand(0, 1) ? 0.f : 0.1f, irand(0, 2),
                     scales[irand(0, 2)], irand(0, 1), irand(0, 1), irand(0, 4) == 0);
     for (size_t m : {1ul, 5ul, 300ul, 4097ul, 100000ul}) {
         test_mse(m, true, false);
@@ -908,8 +1333,15 @@ int main(int argc, char** argv) {
     test_at(3, 4, 6, 49, false);
     test_at(2, 3, 2, 300, true);
     test_at(5, 16, 8, 64, false);
+    test_at(1, 1, 1, 4, false, 1.0, false, true);  // the issue-11 example: 1e10 among small values
+    test_at(3, 4, 6, 49, false, 2.0, true);
+    test_at(2, 3, 5, 300, true, 1e19);             // Q = A^2 past f32
+    test_at(2, 7, 2, 33, false, 3e38);             // the largest finite features
+    test_at(2, 2, 3, 17, false, 1e-20);            // tiny features (Q ~ 1e-40: below f32's normal range)
+    for (int i = 0; i < cases / 4 + 1; ++i)
+        test_at((size_t)irand(1, 4), (size_t)irand(1, 9), (size_t)irand(1, 9), (size_t)irand(1, 300), irand(0, 3) == 0,
+                std::pow(10.0, uni(-15, 38)), irand(0, 1));
     test_tape_kernels(cases);
     test_relational_kernels(cases);
-    printf("%d checks, %d failed; worst relative error %.3g (%s)\n", checks, failures, worst, worst_case.c_str());
-    return failures != 0;
+    return finish();
 }
