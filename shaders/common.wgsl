@@ -202,3 +202,23 @@ fn log1p_f32(x: f32) -> f32 {
     }
     return log(1.0 + x);
 }
+
+// The forward-KL pieces the divergence and Hinton kernels share (see divergence.wgsl, high T).
+// q phi(u), u = log p - log q (its limit p where q underflows to 0): KL = sum q phi(u).
+fn kl_term(q: f32, pv: f32, u: f32) -> f32 {
+    if (q == 0.0) {
+        return pv;
+    }
+    if (abs(u) < 0.5) {
+        return q * phi_f32(u);
+    }
+    return (pv - q) - q * u;
+}
+
+// p - q, from q expm1(u) where they are close.
+fn gap_pq(q: f32, pv: f32, u: f32) -> f32 {
+    if (q == 0.0 || abs(u) >= 0.5) {
+        return pv - q;
+    }
+    return q * expm1_f32(u);
+}

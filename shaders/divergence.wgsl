@@ -80,17 +80,9 @@ fn element(s: f32, t: f32, st: RowStats, lzs: f32, lzt: f32, dlz: f32) -> Elem {
 // where beta or 1 - beta is tiny (beta = 1e-6: the sum 1 - beta + beta q/p would round away the
 // part that matters). Past |diff| = 80, exp overflows f32 and the asymptotic forms are exact
 // to f32 precision.
-// q phi(u), u = log p - log q: forward KL's term. Where q = 0 (given, or underflowed) its limit
-// is p: the terms sum to KL only with every class's p - q in (sum p - sum q = 0).
+// q phi(u), u = log p - log q: forward KL's term (common.wgsl's kl_term).
 fn fkl_term(e: Elem) -> f32 {
-    let u = -e.diff;
-    if (e.q == 0.0) {
-        return e.p;
-    }
-    if (abs(u) < 0.5) {
-        return e.q * phi_f32(u);
-    }
-    return (e.p - e.q) - e.q * u;
+    return kl_term(e.q, e.p, -e.diff);
 }
 
 // p phi(-u): reverse KL's term (+inf where q = 0 exactly and p > 0).
@@ -105,12 +97,9 @@ fn rkl_term(e: Elem) -> f32 {
     return (e.q - e.p) - e.p * d;
 }
 
-// p - q, from q expm1(u) where they are close.
+// p - q, from q expm1(u) where they are close (common.wgsl's gap_pq).
 fn p_minus_q(e: Elem) -> f32 {
-    if (e.q == 0.0 || abs(e.diff) >= 0.5) {
-        return e.p - e.q;
-    }
-    return e.q * expm1_f32(-e.diff);
+    return gap_pq(e.q, e.p, -e.diff);
 }
 
 // Compensated (two-sum) accumulation of (hi, lo) in the z, w lanes of an accumulator.

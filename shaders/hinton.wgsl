@@ -27,25 +27,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// q phi(u), u = log p - log q (its limit p where q underflows to 0): KL = sum q phi(u).
-fn kl_term(q: f32, pv: f32, u: f32) -> f32 {
-    if (q == 0.0) {
-        return pv;
-    }
-    if (abs(u) < 0.5) {
-        return q * phi_f32(u);
-    }
-    return (pv - q) - q * u;
-}
-
-// p - q, from q expm1(u) where they are close.
-fn gap_pq(q: f32, pv: f32, u: f32) -> f32 {
-    if (q == 0.0 || abs(u) >= 0.5) {
-        return pv - q;
-    }
-    return q * expm1_f32(u);
-}
-
 @compute @workgroup_size(256)
 fn main(
     @builtin(local_invocation_index) lid: u32,
