@@ -310,3 +310,96 @@ __device__ __forceinline__ float reduction_factor(u32 reduction, const u32* coun
     const u32 valid = count[0];
     return valid == 0u ? 0.f : 1.f / (float)valid;
 }
+
+// ---- divergences of teacher logits at high temperature ------------------------------------------
+//
+// Shared by divergence.cu (forward and reverse KL) and hinton.cu (its KL part); the forms are
+// described in divergence.cu's header. Where p ~ q (large T, or a student close to its teacher) a
+// KL-type divergence is second order in the log-ratio while the terms it is computed from are
+// first order, so every piece below avoids a difference of nearly equal f32 values.
+
+// r_s - r_t = exp(ds/T) - exp(dt/T) (two rescale factors), without cancellation when close.
+__device__ __forceinline__ float rescale_gap(float rs, float rt, float ds, float dt, float it) {
+    const float e = (ds - dt) * it;
+    return fabsf(e) < 0.5f ? rt * expm1f(e) : rs - rt;
+}
+
+// exp(xs) - exp(xt) of one element, without cancellation when close.
+__device__ __forceinline__ float exp_gap(float xs, float xt, float es, float et) {
+    const float e = xs - xt;
+    return fabsf(e) < 0.5f ? et * expm1f(e) : es - et;
+}
+
+// log(Z_s / Z_t) from Z_s, Z_t and dZ = Z_s - Z_t (dZ summed through exp_gap / rescale_gap).
+__device__ __forceinline__ float log_ratio(float zs, float zt, float dz) {
+    return fabsf(dz) < 0.5f * zt ? log1pf(dz / zt) : logf(zs) - logf(zt);
+}
+
+// p - q from q, p and u = log p - log q: q expm1(u) where they are close (the difference of the
+// two f32 probabilities would keep only their rounding), p - q elsewhere and where q is 0.
+// (q - p is gap_pq(p, q, -u).)
+__device__ __forceinline__ float gap_pq(float q, float p, float u) {
+    return fabsf(u) < 0.5f && q != 0.f ? q * expm1f(u) : p - q;
+}
+
+// x^s_j - x^t_j = ((s_j - m_s) - (t_j - m_t))/T with the differences in f64 (exact for f32 inputs),
+// so that it keeps its relative precision where the student matches the teacher (s_j - t_j ~
+// m_s - m_t) as well as where one logit is at its max and the other far below. it: 1/T in f64.
+__device__ __forceinline__ double logit_delta(float s, float ms, float t, float mt, double it) {
+    return (((double)s - (double)ms) - ((double)t - (double)mt)) * it;
+}
+
+// e^y - 1 - y in f64 without cancellation (the series where |y| < 1e-2: relative error < 1e-10).
+__device__ __forceinline__ double expm1_minus_x(double y) {
+    if (fabs(y) < 1e-2) return y * y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0))));
+    return expm1(y) - y;
+}
+
+// log(1 + u) - u in f64 without cancellation (the series where |u| < 1e-2).
+__device__ __forceinline__ double log1p_minus_x(double u) {
+    if (fabs(u) < 1e-2) return u * u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0)))));
+    return log1p(u) - u;
+}
+
+// Whether the plain forms' divergence d = center +- lr (center the weighted mean of the log-ratio,
+// lr = log(Z_s/Z_t)) must be refined: they carry an f32 rounding of about 1e-7 (|center| +
+// sqrt(2 d)) (the size of the summed terms), so they are kept only where d > 1e-2 and
+// d > 0.05 (|center| + |lr|). (NaN: refined, and the refined pass carries the NaN.)
+__device__ __forceinline__ bool kl_needs_refining(float d, float center, float lr) {
+    return !(d > 1e-2f && d > 0.05f * (fabsf(center) + fabsf(lr)));
+}
+
+// The refined pass over a row (teacher logits, every element finite; the whole group calls it).
+// With the weights w (e^t = exp((t_j - m_t)/T) for forward KL, e^s for reverse KL), delta_j =
+// logit_delta and y = +-delta - a around the anchor a = -center (the w-mean of +-delta), in f64:
+// Z = sum w, E = sum w y, W = sum w (e^y - 1 - y) (expm1_minus_x, the sum q phi(u) of the WGSL
+// kernels around a), u = (E + W)/Z,
+//   D = log E_w[e^y] - E_w[y] = (log1p(u) - u) + W/Z,
+// exact to the f64 rounding of second-order terms. Rewrites d, lr = log(Z_s/Z_t) = +-(a + log1p(u))
+// (for the gradients' dl = delta - lr) and center = -(a + E/Z) (the teacher's gradient). Reads
+// s and t only (in-place safe before the gradient pass).
+template <class G>
+__device__ __forceinline__ void refine_kl_row(const G& g, const float* s, const float* t, u32 c, float ms, float mt,
+                                              float it, double it_d, bool forward, float& d, float& lr,
+                                              float& center) {
+    const double anc = -(double)center;
+    D3 w = SumD3().identity();
+    for (u32 j = g.rank; j < c; j += g.size()) {
+        const float sj = s[j];
+        const float tj = t[j];
+        const double delta = logit_delta(sj, ms, tj, mt, it_d);
+        const double y = (forward ? delta : -delta) - anc;
+        const float wj = forward ? expf((tj - mt) * it) : expf((sj - ms) * it);
+        if (wj > 0.f) {
+            w.a += (double)wj;
+            w.b += (double)wj * y;
+            w.c += (double)wj * expm1_minus_x(y);
+        }
+    }
+    w = g.reduce(w, SumD3());
+    const double u = (w.b + w.c) / w.a;
+    const double l1 = log1p(u);
+    d = (float)(log1p_minus_x(u) + w.c / w.a);
+    lr = forward ? (float)(anc + l1) : (float)(-(anc + l1));
+    center = (float)(-(anc + w.b / w.a));
+}

@@ -92,23 +92,6 @@ __device__ __forceinline__ DivState div_empty() {
     return st;
 }
 
-// r_s - r_t = exp(ds/T) - exp(dt/T) (two rescale factors), without cancellation when close.
-__device__ __forceinline__ float rescale_gap(float rs, float rt, float ds, float dt, float it) {
-    const float e = (ds - dt) * it;
-    return fabsf(e) < 0.5f ? rt * expm1f(e) : rs - rt;
-}
-
-// exp(xs) - exp(xt) of one element, without cancellation when close.
-__device__ __forceinline__ float exp_gap(float xs, float xt, float es, float et) {
-    const float e = xs - xt;
-    return fabsf(e) < 0.5f ? et * expm1f(e) : es - et;
-}
-
-// log(Z_s / Z_t) from Z_s, Z_t and dZ = Z_s - Z_t.
-__device__ __forceinline__ float log_ratio(float zs, float zt, float dz) {
-    return fabsf(dz) < 0.5f * zt ? log1pf(dz / zt) : logf(zs) - logf(zt);
-}
-
 template <int TEACH>
 __device__ __forceinline__ float given_log_q(float t) {
     return TEACH == TEACH_PROBS ? logf(t) : t;
@@ -254,11 +237,9 @@ struct DivArgs {
     float log_eps;  // log eps (-inf when eps = 0)
 };
 
-// Teacher logits: x^s_j - x^t_j = ((s_j - m_s) - (t_j - m_t))/T with the differences in f64 (exact
-// for f32 inputs), so that it keeps its relative precision where the student matches the teacher
-// (s_j - t_j ~ m_s - m_t) as well as where one logit is at its max and the other far below.
+// Teacher logits: x^s_j - x^t_j in f64 (logit_delta, common.cuh).
 __device__ __forceinline__ double logit_delta_d(float s, float t, const DivState& st, double it) {
-    return (((double)s - (double)st.ms) - ((double)t - (double)st.mt)) * it;
+    return logit_delta(s, st.ms, t, st.mt, it);
 }
 
 // Given teacher, in f64: x^s_j, log q_j and q_j (floored as teacher_log_q / teacher_q: the
@@ -278,12 +259,6 @@ __device__ __forceinline__ double given_ratio_d(float s, float t, const DivState
     return given_xs_d(s, st, a.inv_t_d) - teacher_log_q_d<DIV, TEACH>(t, a);
 }
 
-// e^y - 1 - y in f64 without cancellation (the series where |y| < 1e-2: relative error < 1e-10).
-__device__ __forceinline__ double expm1_minus_x(double y) {
-    if (fabs(y) < 1e-2) return y * y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0))));
-    return expm1(y) - y;
-}
-
 template <int DIV, int TEACH>
 __device__ __forceinline__ double teacher_log_q_d(float t, const DivArgs& a) {
     double lq = TEACH == TEACH_PROBS ? log((double)t) : (double)t;  // log 0 = -inf, log(<0) = NaN
@@ -295,12 +270,6 @@ template <int DIV, int TEACH>
 __device__ __forceinline__ double teacher_q_d(float t, double lq, const DivArgs& a) {
     if (TEACH == TEACH_PROBS) return (DIV == DIV_RKL && a.eps > 0.f) ? fmax((double)t, (double)a.eps) : (double)t;
     return exp(lq);
-}
-
-// log(1 + u) - u in f64 without cancellation (the series where |u| < 1e-2).
-__device__ __forceinline__ double log1p_minus_x(double u) {
-    if (fabs(u) < 1e-2) return u * u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0)))));
-    return log1p(u) - u;
 }
 
 // log p_j, p_j, log q_j, q_j of one element, from the final statistics (q floored as the divergence
@@ -497,35 +466,10 @@ __device__ void divergence_row(const G& g, const float* s, const float* t, float
         }
     }
     // Teacher logits, p ~ q (large T, or a student close to its teacher): the divergence is second
-    // order in delta = x^s - x^t while center and lr are first order, so their f32 roundings (and
-    // the f32 sums behind them) would dominate d. Refined pass: with the weights w (e^t for forward
-    // KL, e^s for reverse KL) and y = +-delta - a around the anchor a = -center (the w-mean of
-    // +-delta), in f64: Z = sum w, E = sum w y, W = sum w (e^y - 1 - y) (expm1_minus_x), u = (E + W)/Z,
-    //   D = log E_w[e^y] - E_w[y] = (log1p(u) - u) + W/Z,
-    // exact to f64 rounding of second-order terms; log(Z_s/Z_t) = +-(a + log1p(u)), center =
-    // -(a + E/Z). The plain forms carry an f32 rounding of about 1e-7 (|center| + sqrt(2 d)) (the
-    // size of the summed terms); so they are kept only where d > 1e-2 and d > 0.05 (|center| + |lr|).
-    if (TEACH == TEACH_LOGITS && DIV != DIV_JSD && !(d > 1e-2f && d > 0.05f * (fabsf(center) + fabsf(lr)))) {
-        const double anc = -(double)center;
-        D3 w = SumD3().identity();
-        for (u32 j = g.rank; j < c; j += g.size()) {
-            const float sj = s[j];
-            const float tj = t[j];
-            const double delta = logit_delta_d(sj, tj, st, a.inv_t_d);
-            const double y = (DIV == DIV_FKL ? delta : -delta) - anc;
-            const float wj = DIV == DIV_FKL ? expf((tj - st.mt) * it) : expf((sj - st.ms) * it);
-            if (wj > 0.f) {
-                w.a += (double)wj;
-                w.b += (double)wj * y;
-                w.c += (double)wj * expm1_minus_x(y);
-            }
-        }
-        w = g.reduce(w, SumD3());
-        const double u = (w.b + w.c) / w.a;
-        const double l1 = log1p(u);
-        d = (float)(log1p_minus_x(u) + w.c / w.a);
-        lr_g = DIV == DIV_FKL ? (float)(anc + l1) : (float)(-(anc + l1));
-        center = (float)(-(anc + w.b / w.a));
+    // order while center and lr are first order, so their f32 roundings would dominate d: the
+    // refined pass in f64 (refine_kl_row, common.cuh) takes d, lr and center again.
+    if (TEACH == TEACH_LOGITS && DIV != DIV_JSD && kl_needs_refining(d, center, lr)) {
+        refine_kl_row(g, s, t, c, st.ms, st.mt, it, a.inv_t_d, DIV == DIV_FKL, d, lr_g, center);
     }
     if (DIV == DIV_JSD) {
         // Pass 2 (JSD): KL(q||M), KL(p||M) and their shifted forms (jsd_logs) for the gradients, and
@@ -585,22 +529,21 @@ __device__ void divergence_row(const G& g, const float* s, const float* t, float
             float xs, lp, p, xt, lq, q;
             div_probs<DIV, TEACH>(sj, tj, st, log_zs, log_zt, it, a, xs, lp, p, xt, lq, q);
             // delta = x^s - x^t (teacher logits); dl = log p - log q, accurate where p ~ q: the
-            // gradients p - q = q expm1(dl) and q - p = p expm1(-dl) are taken from it there (the
-            // difference of the two f32 probabilities would keep only their rounding).
+            // gradients p - q = q expm1(dl) and q - p = p expm1(-dl) are taken from it there (gap_pq,
+            // common.cuh: the difference of the two f32 probabilities would keep only their rounding).
             const float delta = TEACH == TEACH_LOGITS ? (float)logit_delta_d(sj, tj, st, a.inv_t_d) : 0.f;
             const double ratio = TEACH == TEACH_LOGITS ? 0.0 : given_ratio_d<DIV, TEACH>(sj, tj, st, a);
             const float dl = TEACH == TEACH_LOGITS ? delta - lr_g : (float)(ratio - dl_shift);
-            const bool close = fabsf(dl) < 0.5f;
             float dsj, dtj;
             if (DIV == DIV_FKL) {
-                dsj = close && q != 0.f ? k * q * expm1f(dl) : k * (p - q);
+                dsj = k * gap_pq(q, p, dl);
                 dtj = q == 0.f ? 0.f : k * q * (-delta - center);
             } else if (DIV == DIV_RKL) {
                 // log p - log q - RKL: delta - B'/Z_s (refined), or from a given teacher
                 // (x^s - log q) - (a + V/S) (anchored; else - B'/Z_s).
                 const float rel = TEACH == TEACH_LOGITS ? delta - center : (float)(ratio - rkl_shift);
                 dsj = k * p * rel;
-                dtj = close ? k * p * expm1f(-dl) : k * (q - p);
+                dtj = k * gap_pq(p, q, -dl);
             } else {
                 const JsdLogs l = jsd_logs(dl, log_beta, log_1m_beta, a.beta, one_m_beta);
                 // lp_m - KL(p||M) = ap - sum p ap (sum p = 1), likewise for q (teacher logits):

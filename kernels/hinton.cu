@@ -11,10 +11,17 @@
 // (T = 1, for CE) and ZT = sum exp((s_j - m)/T); S = sum (s_j - m) for the smoothing term; and the
 // teacher's online softmax with the KL accumulator B = sum e^t_j ((t_j - m_t) - (s_j - m))/T, all
 // rescaled whenever a max grows (see divergence.cu): KL = B/Z_t + log(ZT/Z_t), the log taken as
-// log1p(dZ/Z_t) with dZ = ZT - Z_t accumulated without cancellation (divergence.cu). s_y is picked
-// up on the way (the gradient may be written in place over s, so it is not re-read later).
-// Pass 2 writes the gradients, reading s_j and t_j and then writing index j from the same thread;
-// the elements of the max of s (of t) are rewritten from the others (ComplementTracker, common.cuh).
+// log1p(dZ/Z_t) with dZ = ZT - Z_t accumulated without cancellation (exp_gap, rescale_gap). s_y is
+// picked up on the way (the gradient may be written in place over s, so it is not re-read later).
+// High temperature (divergence.cu's forms, shared through common.cuh): where p^T ~ q (large T, or a
+// student close to its teacher) KL is second order in delta = x^s - x^t while B/Z_t and the log
+// are first order, so a refined pass (refine_kl_row: only reads) takes KL, log(ZT/Z_t) and the
+// center B/Z_t again in f64, KL as sum q (e^y - 1 - y) around the q-mean of delta; the gradients
+// take delta from f64 logit differences (logit_delta) and p^T - q as q expm1(dl), dl = delta -
+// log(ZT/Z_t) = log p^T - log q (gap_pq). The loss and gradients then meet 1e-4 of the f64
+// reference up to T = 1e4 (tools/cuda-emu).
+// The last pass writes the gradients, reading s_j and t_j and then writing index j from the same
+// thread; the elements of the max of s (of t) are rewritten from the others (ComplementTracker).
 // Z1 is kept as Z1 - 1 (cross_entropy.cu) so that log Z1 = log1p(Z1 - 1) keeps a confident row.
 //
 // Rows: label == ignore_index -> loss 0 and gradients 0; another label outside 0..C -> NaN row;
@@ -50,12 +57,6 @@ __device__ __forceinline__ HintonState hinton_empty() {
     return st;
 }
 
-// exp(ds/T) - exp(dt/T) given both, without cancellation when close.
-__device__ __forceinline__ float hinton_rescale_gap(float rs, float rt, float ds, float dt, float it) {
-    const float e = (ds - dt) * it;
-    return fabsf(e) < 0.5f ? rt * expm1f(e) : rs - rt;
-}
-
 __device__ __forceinline__ void hinton_push(HintonState& st, float s, float t, float it) {
     if (s > st.ms || t > st.mt) {
         const float ms = fmaxf(st.ms, s);
@@ -67,7 +68,7 @@ __device__ __forceinline__ void hinton_push(HintonState& st, float s, float t, f
             const float rt = expf(dt * it);
             const float rs = expf(ds * it);
             st.acc = rt * (st.acc + st.zt * ((dt - ds) * it));
-            st.dz = rt * st.dz + hinton_rescale_gap(rs, rt, ds, dt, it) * st.zs;
+            st.dz = rt * st.dz + rescale_gap(rs, rt, ds, dt, it) * st.zs;
             st.zt *= rt;
             // When s is a new max, the old max's 1 joins the rescaled rest and s brings the new 1.
             if (new_max) st.z1m1 = (st.z1m1 + 1.f) * expf(ds);
@@ -86,8 +87,7 @@ __device__ __forceinline__ void hinton_push(HintonState& st, float s, float t, f
     const float et = expf(xt);
     const float es = expf(xs);
     st.zs += es;
-    const float gap = xs - xt;
-    st.dz += fabsf(gap) < 0.5f ? et * expm1f(gap) : es - et;
+    st.dz += exp_gap(xs, xt, es, et);
     st.sum += d;
     st.cnt += 1.f;
     st.zt += et;
@@ -114,8 +114,8 @@ struct HintonMerge {
         const float rbs = expf(dbs * it);
         r.z1m1 = zm1_merge(a.z1m1, das, b.z1m1, dbs, 1.f);
         r.zs = a.zs * ras + b.zs * rbs;
-        r.dz = (rat * a.dz + hinton_rescale_gap(ras, rat, das, dat, it) * a.zs) +
-               (rbt * b.dz + hinton_rescale_gap(rbs, rbt, dbs, dbt, it) * b.zs);
+        r.dz = (rat * a.dz + rescale_gap(ras, rat, das, dat, it) * a.zs) +
+               (rbt * b.dz + rescale_gap(rbs, rbt, dbs, dbt, it) * b.zs);
         r.sum = (a.sum + a.cnt * das) + (b.sum + b.cnt * dbs);
         r.cnt = a.cnt + b.cnt;
         r.zt = a.zt * rat + b.zt * rbt;
@@ -172,10 +172,14 @@ __device__ __forceinline__ void hinton_dispatch(const G& g, u64 row, const float
     const float log_zs = logf(st.zs);
     const float log_zt = logf(st.zt);
     const float ce = (1.f - eps) * ((st.ms - st.sy) + log_z1) + eps * (log_z1 - st.sum / (float)c);
-    const float center = st.acc / st.zt;  // sum_j q_j (x^t_j - x^s_j)
-    const float log_ratio = fabsf(st.dz) < 0.5f * st.zt ? log1pf(st.dz / st.zt) : log_zs - log_zt;
-    const float kl = center + log_ratio;
-    // Pass 2: the gradients.
+    const double it_d = 1.0 / (double)temp;  // f32(1/T) is off by up to 3e-8 relative
+    float center = st.acc / st.zt;  // sum_j q_j (x^t_j - x^s_j)
+    float lr = log_ratio(st.zs, st.zt, st.dz);  // log(ZT/Z_t)
+    float kl = center + lr;
+    // p ~ q (large T, or a student close to its teacher): KL is second order while center and lr
+    // are first order; the refined pass (common.cuh) takes kl, lr and center again in f64.
+    if (kl_needs_refining(kl, center, lr)) refine_kl_row(g, s, t, c, st.ms, st.mt, it, it_d, true, kl, lr, center);
+    // The gradient pass.
     if (gs != 0 || gt != 0) {
         const float k = grad_scale * reduction_factor(reduction, count);
         const float soft = (1.f - alpha) * temp;  // d(T^2 KL)/dz carries one factor T
@@ -194,12 +198,16 @@ __device__ __forceinline__ void hinton_dispatch(const G& g, u64 row, const float
             const float p1 = expf(d - log_z1);
             const float pt = expf(xs - log_zs);
             const float q = expf(xt - log_zt);
+            // delta = x^s - x^t from f64 differences, dl = log p^T - log q: p^T - q = q expm1(dl)
+            // where they are close (gap_pq), and the teacher's log q - log p - KL = -delta - center.
+            const float delta = (float)logit_delta(sj, st.ms, tj, st.mt, it_d);
+            const float dl = delta - lr;
             const float target = (j == (u32)y ? 1.f - eps : 0.f) + smooth;
             // The two parts of the student's gradient each sum to 0 and each get their own
             // complement (their dominance differs: p^1 may be ~1 where p^T is not).
             const float ce_part = k * alpha * (p1 - target);
-            const float kl_part = k * soft * (pt - q);
-            const float dtj = q == 0.f ? 0.f : k * soft * q * ((xt - xs) - center);
+            const float kl_part = k * soft * gap_pq(q, pt, dl);
+            const float dtj = q == 0.f ? 0.f : k * soft * q * (-delta - center);
             if (gs != 0) gs[j] = ce_part + kl_part;
             if (gt != 0) gt[j] = dtj;
             const bool smax = sj == st.ms;
