@@ -217,3 +217,225 @@ fn an_output_that_is_an_input_is_an_error() {
     // The buffers are untouched and usable afterwards.
     assert_eq!(b.download(&x).unwrap(), vec![1.0; 16]);
 }
+
+// ---- the row and feature losses ----
+
+use distillation::backend::cpu_fast::rows::Simd;
+use distillation::ops as dops;
+use distillation::{
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec, LossOut,
+    MseSpec, Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+};
+
+/// Every loss of the fast backend on one input (a masked row, a teacher given three ways, every
+/// gradient), its outputs in one list.
+fn all_losses(b: &FastCpuBackend, n: usize, c: usize) -> Vec<Vec<f32>> {
+    let mut g = common::Lcg(23);
+    let (s, t) = (g.vec(n * c, 6.0), g.vec(n * c, 6.0));
+    let mut labels: Vec<i32> = (0..n).map(|r| ((r * 7919) % c) as i32).collect();
+    labels[n / 2] = IGNORE_INDEX;
+    let shape = RowShape::new(n, c);
+    let (sb, tb, lb) = (
+        b.upload(&s).unwrap(),
+        b.upload(&t).unwrap(),
+        b.upload_labels(&labels).unwrap(),
+    );
+    let mut outs = Vec::new();
+    let mut take = |bufs: &[&distillation::backend::cpu::CpuBuffer]| {
+        for x in bufs {
+            outs.push(b.download(x).unwrap());
+        }
+    };
+    let probs = dops::softmax::reference_forward(&common::to_f64(&t), c, 2.0, false);
+    let probs: Vec<f32> = probs.iter().map(|&v| v as f32).collect();
+    let pb = b.upload(&probs).unwrap();
+    for (div, form) in [
+        (Divergence::ForwardKl, TeacherInput::Logits),
+        (Divergence::ReverseKl, TeacherInput::Logits),
+        (Divergence::Jsd { beta: 0.3 }, TeacherInput::Logits),
+        (Divergence::ForwardKl, TeacherInput::Probs),
+        (Divergence::Jsd { beta: 0.3 }, TeacherInput::Probs),
+    ] {
+        let spec = DivergenceSpec {
+            divergence: div,
+            teacher: form,
+            ..DivergenceSpec::new(shape, 3.0)
+        };
+        let (loss, rows, gs) = (
+            b.filled(1, f32::NAN).unwrap(),
+            b.filled(n, f32::NAN).unwrap(),
+            b.filled(n * c, f32::NAN).unwrap(),
+        );
+        let gt = b.filled(n * c, f32::NAN).unwrap();
+        let logits = form == TeacherInput::Logits;
+        let teacher = if logits { &tb } else { &pb };
+        let out = LossOut {
+            loss: &loss,
+            row_loss: Some(&rows),
+            grad_student: GradOut::Into(&gs),
+            grad_teacher: logits.then_some(&gt),
+        };
+        b.divergence(&spec, &sb, teacher, Some(&lb), out).unwrap();
+        take(&[&loss, &rows, &gs]);
+        if logits {
+            take(&[&gt]);
+        }
+    }
+    let spec = HintonSpec {
+        label_smoothing: 0.1,
+        ..HintonSpec::new(shape, 4.0, 0.3)
+    };
+    let (loss, rows, gt) = (
+        b.filled(1, f32::NAN).unwrap(),
+        b.filled(n, f32::NAN).unwrap(),
+        b.filled(n * c, f32::NAN).unwrap(),
+    );
+    let s_in_place = b.upload(&s).unwrap();
+    let out = LossOut {
+        loss: &loss,
+        row_loss: Some(&rows),
+        grad_student: GradOut::InPlace,
+        grad_teacher: Some(&gt),
+    };
+    b.hinton(&spec, &s_in_place, &tb, &lb, out).unwrap();
+    take(&[&loss, &rows, &s_in_place, &gt]);
+    let spec = CrossEntropySpec {
+        label_smoothing: 0.05,
+        reduction: Reduction::Sum,
+        ..CrossEntropySpec::new(shape)
+    };
+    let (loss, gs) = (
+        b.filled(1, f32::NAN).unwrap(),
+        b.filled(n * c, f32::NAN).unwrap(),
+    );
+    b.cross_entropy(&spec, &sb, &lb, LossOut::with_grad(&loss, &gs))
+        .unwrap();
+    take(&[&loss, &gs]);
+    for log in [false, true] {
+        let spec = SoftmaxSpec {
+            shape,
+            temperature: 2.5,
+            log,
+        };
+        let (y, dx) = (
+            b.filled(n * c, f32::NAN).unwrap(),
+            b.filled(n * c, f32::NAN).unwrap(),
+        );
+        b.softmax(&spec, &sb, &y).unwrap();
+        b.softmax_backward(&spec, &y, &tb, &dx).unwrap();
+        take(&[&y, &dx]);
+    }
+    let spec = MseSpec::new(n * c);
+    let (loss, ga, gb) = (
+        b.filled(1, f32::NAN).unwrap(),
+        b.filled(n * c, f32::NAN).unwrap(),
+        b.filled(n * c, f32::NAN).unwrap(),
+    );
+    b.mse(&spec, &sb, &tb, &loss, Some(&ga), Some(&gb)).unwrap();
+    take(&[&loss, &ga, &gb]);
+    if c % 4 == 0 {
+        let spec = AttentionSpec::new(n, 4, 2, c / 4);
+        let tt = b.upload(&t[..n * 2 * (c / 4)]).unwrap();
+        let (loss, ga, gb) = (
+            b.filled(1, f32::NAN).unwrap(),
+            b.filled(n * c, f32::NAN).unwrap(),
+            b.filled(n * 2 * (c / 4), f32::NAN).unwrap(),
+        );
+        b.attention_transfer(&spec, &sb, &tt, &loss, Some(&ga), Some(&gb))
+            .unwrap();
+        take(&[&loss, &ga, &gb]);
+    }
+    outs
+}
+
+fn same_bits(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            x.iter().all(|v| !v.is_nan()),
+            "{what}: output {i} has a NaN"
+        );
+        let diff = x
+            .iter()
+            .zip(y)
+            .position(|(p, q)| p.to_bits() != q.to_bits());
+        assert!(diff.is_none(), "{what}: output {i} differs at {diff:?}");
+    }
+}
+
+/// Rows shared among threads (many rows) and rows split among threads (two rows of 300k
+/// classes, 147 blocks) give the bits of one thread, and every instruction set the same bits.
+#[test]
+fn losses_give_the_same_bits_for_any_thread_count_and_instruction_set() {
+    for (n, c) in [(64, 5000), (2, 300_000), (3, 12)] {
+        let one = all_losses(&FastCpuBackend::new().with_threads(1), n, c);
+        for threads in [2, 3, 5] {
+            let b = FastCpuBackend::new().with_threads(threads);
+            same_bits(
+                &all_losses(&b, n, c),
+                &one,
+                &format!("{n}x{c}, {threads} threads"),
+            );
+        }
+        for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+            if let Ok(b) = FastCpuBackend::new().with_threads(2).with_simd(simd) {
+                same_bits(&all_losses(&b, n, c), &one, &format!("{n}x{c}, {simd:?}"));
+            }
+        }
+    }
+}
+
+/// Few long rows (the rows split among threads): Hinton and the divergences against the f64
+/// reference, with a block-sized spread of maxima (a large logit far into the row).
+#[test]
+fn long_rows_match_the_reference() {
+    let b = FastCpuBackend::new().with_threads(4);
+    let (n, c) = (2, 262_144);
+    let mut g = common::Lcg(41);
+    let (mut s, mut t) = (g.vec(n * c, 4.0), g.vec(n * c, 4.0));
+    s[200_000] = 40.0;
+    t[c + 5] = 35.0;
+    let labels = vec![7, 250_000];
+    let (sd, td) = (common::to_f64(&s), common::to_f64(&t));
+    let (sb, tb, lb) = (
+        b.upload(&s).unwrap(),
+        b.upload(&t).unwrap(),
+        b.upload_labels(&labels).unwrap(),
+    );
+    for temperature in [1.0, 4.0, 1000.0] {
+        let spec = HintonSpec::new(RowShape::new(n, c), temperature, 0.5);
+        let (loss, gs, gt) = (
+            b.filled(1, f32::NAN).unwrap(),
+            b.filled(n * c, f32::NAN).unwrap(),
+            b.filled(n * c, f32::NAN).unwrap(),
+        );
+        let out = LossOut {
+            grad_teacher: Some(&gt),
+            ..LossOut::with_grad(&loss, &gs)
+        };
+        b.hinton(&spec, &sb, &tb, &lb, out).unwrap();
+        let want = dops::hinton::reference(&spec, &sd, &td, &labels);
+        common::assert_close("loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
+        common::assert_close("grad", &b.download(&gs).unwrap(), &want.grad_student, 1e-4).unwrap();
+        common::assert_close(
+            "grad t",
+            &b.download(&gt).unwrap(),
+            &want.grad_teacher,
+            1e-4,
+        )
+        .unwrap();
+        for div in [Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }] {
+            let spec = DivergenceSpec {
+                divergence: div,
+                ..DivergenceSpec::new(RowShape::new(n, c), temperature)
+            };
+            b.divergence(&spec, &sb, &tb, None, LossOut::with_grad(&loss, &gs))
+                .unwrap();
+            let want = dops::divergence::reference(&spec, &sd, &td, None);
+            let what = format!("{div:?} at T = {temperature}");
+            common::assert_close(&what, &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
+            common::assert_close(&what, &b.download(&gs).unwrap(), &want.grad_student, 1e-4)
+                .unwrap();
+        }
+    }
+}

@@ -2,13 +2,18 @@
 //!
 //! The dense ops that dominate training (matmul, bias, ReLU, column sums, `axpy`, Adam, SGD) run
 //! in f32 here: matmul through the packed, register-blocked [`gemm`] (AVX2 + FMA when the CPU has
-//! them), the rest as plain loops the compiler vectorises. Every other op (the losses, softmax,
-//! convolution lowering, pooling, the relational primitives) calls the f64 reference in
-//! [`super::cpu`]: they cost `O(N C)` against the matmuls' `O(N C K)` and are not worth a second
-//! implementation. Tests run the whole suite on this backend against the reference
-//! (`tests/common`), and `tests/cpu_fast.rs` checks its matmul on odd shapes.
+//! them), the rest as plain loops the compiler vectorises. The losses (softmax and its backward,
+//! the divergences, cross-entropy, Hinton, MSE, attention transfer) have their own f32 kernels
+//! (`row_losses.rs`, `feature.rs`) in the GPU kernels' passes, driven by [`rows`] over blocks of
+//! a row, on all cores for large calls, compiled for AVX-512, AVX2 or the baseline as the CPU
+//! allows (`vmath.rs`: the vectorised `exp` and `log` with their stated errors). The other ops
+//! (convolution lowering, pooling, the relational primitives) call the f64 reference in
+//! [`super::cpu`]. Tests run the whole suite on this backend against the reference
+//! (`tests/common`); `tests/cpu_fast.rs` checks its matmul on odd shapes and that the losses give
+//! the same bits for any thread count and instruction set.
 //!
-//! Calls run on the calling thread, except that a thread lent through [`Backend::help_until`]
+//! Loss calls of more than about 2^17 elements run on scoped threads (one per core, or
+//! [`FastCpuBackend::with_threads`]); other calls run on the calling thread, except that a thread lent through [`Backend::help_until`]
 //! (`cpu_fast/helper.rs`) takes the second half of large matmuls and Adam steps: the same bits, since
 //! the halves are disjoint output columns or elements.
 //!
@@ -16,25 +21,35 @@
 //! output that is also an input of the same call (other than the documented in-place gradient)
 //! is an [`Error::Alias`].
 
+mod feature;
 pub mod gemm;
 mod helper;
+mod row_losses;
+pub mod rows;
+pub(crate) mod vmath;
 
 use std::cell::{Ref, RefCell, RefMut};
 
+use self::rows::{In, Out, Simd};
 use super::cpu::{CpuBackend, CpuBuffer};
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
+use crate::ops::divergence::reduction_factor;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
 
 /// The fast CPU backend (f32). See the module documentation for what runs in f32.
 #[derive(Debug, Clone, Copy)]
 pub struct FastCpuBackend {
     kernel: gemm::Kernel,
+    /// The instruction set of the row and feature losses.
+    simd: Simd,
+    /// At most this many threads per loss call (0: one per core).
+    threads: usize,
 }
 
 impl Default for FastCpuBackend {
@@ -48,14 +63,40 @@ impl FastCpuBackend {
     pub fn new() -> Self {
         FastCpuBackend {
             kernel: gemm::Kernel::detect(),
+            simd: Simd::detect(),
+            threads: 0,
         }
     }
 
-    /// The portable micro-kernel only (for comparison and tests).
+    /// The portable kernels only (for comparison and tests).
     pub fn portable() -> Self {
         FastCpuBackend {
             kernel: gemm::Kernel::Portable,
+            simd: Simd::Portable,
+            threads: 0,
         }
+    }
+
+    /// At most `threads` threads per loss call (0: one per core, the default). Results are the
+    /// same bits for every thread count.
+    pub fn with_threads(self, threads: usize) -> Self {
+        FastCpuBackend { threads, ..self }
+    }
+
+    /// The losses compiled for `simd` instead of the widest set this CPU has; `Err` when the CPU
+    /// lacks it. Every set gives the same bits.
+    pub fn with_simd(self, simd: Simd) -> Result<Self> {
+        if !simd.supported() {
+            return Err(Error::Unsupported(format!(
+                "this CPU cannot run the {simd:?} kernels; use Simd::detect()"
+            )));
+        }
+        Ok(FastCpuBackend { simd, ..self })
+    }
+
+    /// The instruction set the losses run with.
+    pub fn simd(&self) -> Simd {
+        self.simd
     }
 
     pub fn kernel(&self) -> gemm::Kernel {
@@ -75,20 +116,6 @@ fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
             "{what} is also an input of this call: pass a separate output buffer"
         ))
     })
-}
-
-/// The same outputs, typed for the reference backend (whose buffers these are).
-fn as_reference(out: LossOut<'_, FastCpuBackend>) -> LossOut<'_, CpuBackend> {
-    LossOut {
-        loss: out.loss,
-        row_loss: out.row_loss,
-        grad_student: match out.grad_student {
-            GradOut::None => GradOut::None,
-            GradOut::Into(g) => GradOut::Into(g),
-            GradOut::InPlace => GradOut::InPlace,
-        },
-        grad_teacher: out.grad_teacher,
-    }
 }
 
 const REF: CpuBackend = CpuBackend;
@@ -165,6 +192,74 @@ fn adam(
     }
 }
 
+/// The factor that turns the sum of the valid rows' losses into the reduced loss.
+fn scale_for(reduction: crate::ops::Reduction, rows: row_losses::Rows<'_>) -> f64 {
+    let valid = match rows.labels {
+        Some(l) => l.iter().filter(|&&y| y != rows.ignore_index).count(),
+        None => rows.rows,
+    };
+    reduction_factor(reduction, valid)
+}
+
+impl FastCpuBackend {
+    /// Borrows a row loss's student (and its gradient, in place or not) and the teacher's
+    /// gradient, runs `run`, and stores the reduced loss (the row losses summed in row order,
+    /// times `scale`) and the row losses.
+    fn row_loss(
+        &self,
+        student: &CpuBuffer,
+        _teacher: &[f32],
+        scale: f64,
+        out: LossOut<'_, Self>,
+        run: impl FnOnce(row_losses::Student, Option<Out>) -> Vec<f64>,
+    ) -> Result<()> {
+        let in_place = matches!(out.grad_student, GradOut::InPlace);
+        let s_ref = if in_place {
+            None
+        } else {
+            Some(read(student, "student")?)
+        };
+        let mut s_mut = if in_place {
+            Some(write(student, "student (in-place gradient)")?)
+        } else {
+            None
+        };
+        let mut g_mut = match out.grad_student {
+            GradOut::Into(g) => Some(write(g, "grad_student")?),
+            _ => None,
+        };
+        let mut gt_mut = out
+            .grad_teacher
+            .map(|g| write(g, "grad_teacher"))
+            .transpose()?;
+        let st = match (&s_ref, &mut s_mut) {
+            (Some(s), _) => row_losses::Student {
+                s: In::new(s),
+                g: g_mut.as_deref_mut().map(|g| Out::new(g)),
+            },
+            (None, Some(s)) => {
+                let o = Out::new(s);
+                row_losses::Student {
+                    s: In::over(o),
+                    g: Some(o),
+                }
+            }
+            (None, None) => unreachable!("one of the two borrows was taken above"),
+        };
+        let gt = gt_mut.as_deref_mut().map(|g| Out::new(g));
+        let losses = run(st, gt);
+        drop((s_ref, s_mut, g_mut, gt_mut));
+        let loss = losses.iter().sum::<f64>() * scale;
+        write(out.loss, "loss")?[0] = loss as f32;
+        if let Some(r) = out.row_loss {
+            for (d, &v) in write(r, "row_loss")?.iter_mut().zip(&losses) {
+                *d = v as f32;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Backend for FastCpuBackend {
     type Buffer = CpuBuffer;
     type Labels = Vec<i32>;
@@ -174,7 +269,12 @@ impl Backend for FastCpuBackend {
             gemm::Kernel::Avx2Fma => "AVX2+FMA",
             gemm::Kernel::Portable => "portable",
         };
-        format!("cpu (f32, {k} matmul)")
+        let l = match self.simd {
+            Simd::Avx512 => "AVX-512",
+            Simd::Avx2 => "AVX2",
+            Simd::Portable => "portable",
+        };
+        format!("cpu (f32, {k} matmul, {l} losses)")
     }
 
     fn upload(&self, data: &[f32]) -> Result<CpuBuffer> {
@@ -330,7 +430,7 @@ impl Backend for FastCpuBackend {
         Ok(())
     }
 
-    // ---- the f64 reference, for the O(N C) ops ----
+    // ---- the row losses and feature losses: f32 kernels (row_losses.rs, feature.rs) ----
 
     unsafe fn softmax_unchecked(
         &self,
@@ -338,8 +438,18 @@ impl Backend for FastCpuBackend {
         x: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe { REF.softmax_unchecked(spec, x, y) }
+        let xv = read(x, "x")?;
+        let mut yv = write(y, "y")?;
+        let op = row_losses::SoftmaxRows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            inv_t: 1.0 / spec.temperature,
+            log: spec.log,
+            x: In::new(&xv),
+            y: Out::new(&mut yv),
+        };
+        rows::run(&op, self.simd, self.threads);
+        Ok(())
     }
 
     unsafe fn softmax_backward_unchecked(
@@ -349,8 +459,19 @@ impl Backend for FastCpuBackend {
         dy: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe { REF.softmax_backward_unchecked(spec, y, dy, dx) }
+        let (yv, dyv) = (read(y, "y")?, read(dy, "dy")?);
+        let mut dxv = write(dx, "dx")?;
+        let op = row_losses::SoftmaxBackwardRows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            inv_t: 1.0 / spec.temperature as f64,
+            log: spec.log,
+            y: In::new(&yv),
+            dy: In::new(&dyv),
+            dx: Out::new(&mut dxv),
+        };
+        rows::run(&op, self.simd, self.threads);
+        Ok(())
     }
 
     unsafe fn divergence_unchecked(
@@ -361,8 +482,34 @@ impl Backend for FastCpuBackend {
         labels: Option<&Vec<i32>>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe { REF.divergence_unchecked(spec, student, teacher, labels, as_reference(out)) }
+        let labels = labels.map(|l| l.as_slice());
+        if let Some(l) = labels {
+            ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
+        }
+        let tv = read(teacher, "teacher")?;
+        ops::check_reverse_kl_support(spec, &tv, labels)?;
+        let rows = row_losses::Rows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            labels,
+            ignore_index: spec.ignore_index,
+        };
+        let scale = scale_for(spec.reduction, rows);
+        let k = (spec.grad_scale as f64 * scale * spec.temperature as f64) as f32;
+        self.row_loss(student, &tv, scale, out, |student, grad_teacher| {
+            let op = row_losses::DivergenceRows {
+                rows,
+                student,
+                teacher: In::new(&tv),
+                grad_teacher,
+                divergence: spec.divergence,
+                form: spec.teacher,
+                temperature: spec.temperature,
+                teacher_eps: spec.teacher_eps,
+                k,
+            };
+            rows::run(&op, self.simd, self.threads)
+        })
     }
 
     unsafe fn cross_entropy_unchecked(
@@ -372,8 +519,24 @@ impl Backend for FastCpuBackend {
         labels: &Vec<i32>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe { REF.cross_entropy_unchecked(spec, student, labels, as_reference(out)) }
+        ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
+        let rows = row_losses::Rows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            labels: Some(labels),
+            ignore_index: spec.ignore_index,
+        };
+        let scale = scale_for(spec.reduction, rows);
+        let k = (spec.grad_scale as f64 * scale) as f32;
+        self.row_loss(student, &[], scale, out, |student, _| {
+            let op = row_losses::CrossEntropyRows {
+                rows,
+                student,
+                label_smoothing: spec.label_smoothing,
+                k,
+            };
+            rows::run(&op, self.simd, self.threads)
+        })
     }
 
     unsafe fn hinton_unchecked(
@@ -384,8 +547,29 @@ impl Backend for FastCpuBackend {
         labels: &Vec<i32>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe { REF.hinton_unchecked(spec, student, teacher, labels, as_reference(out)) }
+        ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
+        let tv = read(teacher, "teacher")?;
+        let rows = row_losses::Rows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            labels: Some(labels),
+            ignore_index: spec.ignore_index,
+        };
+        let scale = scale_for(spec.reduction, rows);
+        let k = (spec.grad_scale as f64 * scale) as f32;
+        self.row_loss(student, &tv, scale, out, |student, grad_teacher| {
+            let op = row_losses::HintonRows {
+                rows,
+                student,
+                teacher: In::new(&tv),
+                grad_teacher,
+                temperature: spec.temperature,
+                alpha: spec.alpha,
+                label_smoothing: spec.label_smoothing,
+                k,
+            };
+            rows::run(&op, self.simd, self.threads)
+        })
     }
 
     unsafe fn mse_unchecked(
@@ -397,8 +581,20 @@ impl Backend for FastCpuBackend {
         grad_a: Option<&CpuBuffer>,
         grad_b: Option<&CpuBuffer>,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe { REF.mse_unchecked(spec, a, b, loss, grad_a, grad_b) }
+        let (av, bv) = (read(a, "a")?, read(b, "b")?);
+        let mut ga = grad_a.map(|g| write(g, "grad_a")).transpose()?;
+        let mut gb = grad_b.map(|g| write(g, "grad_b")).transpose()?;
+        let l = feature::mse(
+            self.simd,
+            self.threads,
+            spec,
+            &av,
+            &bv,
+            ga.as_deref_mut().map(|v| v.as_mut_slice()),
+            gb.as_deref_mut().map(|v| v.as_mut_slice()),
+        );
+        write(loss, "loss")?[0] = l as f32;
+        Ok(())
     }
 
     unsafe fn attention_transfer_unchecked(
@@ -410,18 +606,23 @@ impl Backend for FastCpuBackend {
         grad_student: Option<&CpuBuffer>,
         grad_teacher: Option<&CpuBuffer>,
     ) -> Result<()> {
-        // SAFETY: the caller's contract, forwarded (the same buffers and spec).
-        unsafe {
-            REF.attention_transfer_unchecked(
-                spec,
-                student,
-                teacher,
-                loss,
-                grad_student,
-                grad_teacher,
-            )
-        }
+        let (sv, tv) = (read(student, "student")?, read(teacher, "teacher")?);
+        let mut gs = grad_student.map(|g| write(g, "grad_student")).transpose()?;
+        let mut gt = grad_teacher.map(|g| write(g, "grad_teacher")).transpose()?;
+        let l = feature::attention(
+            self.simd,
+            self.threads,
+            spec,
+            &sv,
+            &tv,
+            gs.as_deref_mut().map(|v| v.as_mut_slice()),
+            gt.as_deref_mut().map(|v| v.as_mut_slice()),
+        );
+        write(loss, "loss")?[0] = l as f32;
+        Ok(())
     }
+
+    // ---- the f64 reference, for the lowering and relational primitives ----
 
     unsafe fn im2col_unchecked(
         &self,

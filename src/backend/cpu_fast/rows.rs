@@ -1,0 +1,353 @@
+//! The row-kernel driver of the fast CPU backend: blocks, threads and the instruction set.
+//!
+//! A row loss runs in passes over each row, as the GPU kernels do (`docs/ARCHITECTURE.md`):
+//! pass 1 ([`RowOp::stats`]) reads the row once for its softmax statistics and keeps the
+//! exponentials it computed in a per-thread scratch row (in cache for rows up to ~64k classes);
+//! pass 2 ([`RowOp::sums`]) forms the loss sums and writes the gradients that do not need the
+//! row's loss; pass 3 ([`RowOp::pass3`]), only where asked, writes the gradients that do.
+//!
+//! Each row is cut into blocks of [`BLOCK`] columns. Pass 1 gives each block its own statistics
+//! (its own maxima), and [`RowOp::combine`] merges them in block order in f64: the results do not
+//! depend on how rows or blocks are shared among threads, so every thread count gives the same
+//! bits. Rows are shared out in contiguous ranges; when there are fewer rows than threads and the
+//! rows are long, the threads share each row's blocks instead, meeting at a barrier between
+//! passes (every thread merges the same blocks in the same order, so they agree).
+//!
+//! The passes run compiled for AVX-512, AVX2 or baseline x86-64 / other targets ([`Simd`]), chosen
+//! once at run time: the same source and, since no operation is fused or reordered, the same bits.
+
+use std::sync::{Barrier, Mutex};
+
+/// Columns per block.
+pub const BLOCK: usize = 2048;
+
+/// Elements below which a call runs on the calling thread alone (about 50 microseconds).
+const MIN_WORK_PER_THREAD: usize = 1 << 16;
+
+/// The instruction set the row kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// 512-bit vectors (x86-64 AVX-512 F/BW/DQ/VL).
+    Avx512,
+    /// 256-bit vectors (x86-64 AVX2).
+    Avx2,
+    /// What the target guarantees (SSE2 on x86-64).
+    Portable,
+}
+
+impl Simd {
+    /// The widest set the running CPU has.
+    pub fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+                return Simd::Avx512;
+            }
+            if has!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    /// Whether the running CPU can execute code compiled for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Simd::Portable => true,
+            Simd::Avx2 => matches!(Simd::detect(), Simd::Avx2 | Simd::Avx512),
+            Simd::Avx512 => Simd::detect() == Simd::Avx512,
+        }
+    }
+}
+
+/// Runs `f` compiled for `simd`: `f` (a closure whose body calls only `#[inline(always)]` code)
+/// is inlined into a function with those target features. The caller guarantees the CPU has them
+/// (`FastCpuBackend` only ever holds a [`Simd`] that [`Simd::supported`]).
+#[inline(always)]
+pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    match simd {
+        // SAFETY: a `Simd` other than `Portable` is only used when the CPU supports it (above).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { avx512(f) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2(f) },
+        _ => f(),
+    }
+}
+
+/// The number of threads for `work` elements, at most `max` (0: the machine's cores).
+pub fn threads_for(work: usize, max: usize) -> usize {
+    let cores = if max == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        max
+    };
+    (work / MIN_WORK_PER_THREAD).clamp(1, cores.max(1))
+}
+
+/// A row loss in passes (see the module documentation). Implementations read their inputs and
+/// write their outputs through [`In`] / [`Out`]; the driver guarantees that concurrent calls
+/// touch disjoint columns or rows, and that a row's passes run in order.
+pub trait RowOp: Sync {
+    /// A block's pass-1 result.
+    type Stats: Copy + Default + Send;
+    /// The row's merged statistics (and, after [`RowOp::finish`], its loss terms).
+    type Row: Copy + Default + Send;
+    /// A block's pass-2 result.
+    type Sums: Copy + Default + Send;
+    /// f32 values per element that pass 1 keeps for the later passes.
+    const SCRATCH: usize;
+
+    fn shape(&self) -> (usize, usize);
+    /// Pass 1 over columns `j0..j1` of row `r`; `scratch` holds `SCRATCH * (j1 - j0)` floats.
+    fn stats(&self, r: usize, j0: usize, j1: usize, scratch: &mut [f32]) -> Self::Stats;
+    /// Merges a row's block statistics (in block order).
+    fn combine(&self, r: usize, blocks: &[Self::Stats]) -> Self::Row;
+    /// Pass 2 over one block.
+    fn sums(
+        &self,
+        r: usize,
+        j0: usize,
+        j1: usize,
+        row: &Self::Row,
+        block: &Self::Stats,
+        scratch: &[f32],
+    ) -> Self::Sums;
+    /// The row's loss from its blocks' sums (in block order); may record terms in `row` for
+    /// pass 3. Returns the row loss and whether pass 3 runs.
+    fn finish(&self, r: usize, row: &mut Self::Row, sums: &[Self::Sums]) -> (f64, bool);
+    /// Pass 3 over one block.
+    fn pass3(
+        &self,
+        r: usize,
+        j0: usize,
+        j1: usize,
+        row: &Self::Row,
+        block: &Self::Stats,
+        scratch: &[f32],
+    );
+}
+
+/// Runs `op` over all rows; returns each row's loss.
+pub fn run<O: RowOp>(op: &O, simd: Simd, max_threads: usize) -> Vec<f64> {
+    let (n, c) = op.shape();
+    let threads = threads_for(n * c, max_threads);
+    let blocks = c.div_ceil(BLOCK);
+    let mut losses = vec![0.0f64; n];
+    if threads == 1 {
+        let mut w = Worker::new::<O>(c);
+        for (r, l) in losses.iter_mut().enumerate() {
+            *l = w.row(op, simd, r);
+        }
+    } else if n >= threads || blocks < 2 {
+        // Contiguous row ranges, one per thread.
+        let per = n.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (i, chunk) in losses.chunks_mut(per).enumerate() {
+                scope.spawn(move || {
+                    let mut w = Worker::new::<O>(c);
+                    for (k, l) in chunk.iter_mut().enumerate() {
+                        *l = w.row(op, simd, i * per + k);
+                    }
+                });
+            }
+        });
+    } else {
+        split_rows(op, simd, threads.min(blocks), &mut losses);
+    }
+    losses
+}
+
+/// One thread's reusable state: its scratch row and block results.
+struct Worker<S, B> {
+    scratch: Vec<f32>,
+    stats: Vec<S>,
+    sums: Vec<B>,
+}
+
+impl<S: Copy + Default, B: Copy + Default> Worker<S, B> {
+    fn new<O: RowOp<Stats = S, Sums = B>>(cols: usize) -> Self {
+        let blocks = cols.div_ceil(BLOCK);
+        Worker {
+            scratch: vec![0.0; O::SCRATCH * cols],
+            stats: vec![S::default(); blocks],
+            sums: vec![B::default(); blocks],
+        }
+    }
+
+    /// All passes of row `r` on this thread.
+    fn row<O: RowOp<Stats = S, Sums = B>>(&mut self, op: &O, simd: Simd, r: usize) -> f64 {
+        let c = op.shape().1;
+        let k = O::SCRATCH;
+        for (b, st) in self.stats.iter_mut().enumerate() {
+            let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
+            let scratch = &mut self.scratch[k * j0..k * j1];
+            *st = with_simd(simd, || op.stats(r, j0, j1, scratch));
+        }
+        let mut row = op.combine(r, &self.stats);
+        for (b, (sm, st)) in self.sums.iter_mut().zip(&self.stats).enumerate() {
+            let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
+            let scratch = &self.scratch[k * j0..k * j1];
+            *sm = with_simd(simd, || op.sums(r, j0, j1, &row, st, scratch));
+        }
+        let (loss, third) = op.finish(r, &mut row, &self.sums);
+        if third {
+            for (b, st) in self.stats.iter().enumerate() {
+                let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
+                let scratch = &self.scratch[k * j0..k * j1];
+                with_simd(simd, || op.pass3(r, j0, j1, &row, st, scratch));
+            }
+        }
+        loss
+    }
+}
+
+/// Few long rows: `threads` threads share each row's blocks (contiguous block ranges), with a
+/// barrier after each pass. Every thread merges all blocks itself, in block order.
+fn split_rows<O: RowOp>(op: &O, simd: Simd, threads: usize, losses: &mut [f64]) {
+    let (n, c) = op.shape();
+    let blocks = c.div_ceil(BLOCK);
+    let k = O::SCRATCH;
+    let stats = Mutex::new(vec![O::Stats::default(); blocks]);
+    let sums = Mutex::new(vec![O::Sums::default(); blocks]);
+    let barrier = Barrier::new(threads);
+    let out = Mutex::new(losses);
+    std::thread::scope(|scope| {
+        for i in 0..threads {
+            let (stats, sums, barrier, out) = (&stats, &sums, &barrier, &out);
+            scope.spawn(move || {
+                let (b0, b1) = (i * blocks / threads, (i + 1) * blocks / threads);
+                let first = b0 * BLOCK;
+                let cols = (b1 * BLOCK).min(c) - first;
+                let mut scratch = vec![0.0f32; k * cols];
+                let mut mine_st = vec![O::Stats::default(); b1 - b0];
+                let mut mine_sm = vec![O::Sums::default(); b1 - b0];
+                for r in 0..n {
+                    for (b, st) in (b0..b1).zip(mine_st.iter_mut()) {
+                        let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
+                        let s = &mut scratch[k * (j0 - first)..k * (j1 - first)];
+                        *st = with_simd(simd, || op.stats(r, j0, j1, s));
+                    }
+                    lock(stats)[b0..b1].copy_from_slice(&mine_st);
+                    barrier.wait();
+                    let all = lock(stats).clone();
+                    let mut row = op.combine(r, &all);
+                    for (b, sm) in (b0..b1).zip(mine_sm.iter_mut()) {
+                        let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
+                        let s = &scratch[k * (j0 - first)..k * (j1 - first)];
+                        *sm = with_simd(simd, || op.sums(r, j0, j1, &row, &all[b], s));
+                    }
+                    lock(sums)[b0..b1].copy_from_slice(&mine_sm);
+                    barrier.wait();
+                    let all_sums = lock(sums).clone();
+                    let (loss, third) = op.finish(r, &mut row, &all_sums);
+                    if third {
+                        for b in b0..b1 {
+                            let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
+                            let s = &scratch[k * (j0 - first)..k * (j1 - first)];
+                            with_simd(simd, || op.pass3(r, j0, j1, &row, &all[b], s));
+                        }
+                    }
+                    if i == 0 {
+                        lock(out)[r] = loss;
+                    }
+                    // No thread overwrites the shared block results before all have read them.
+                    barrier.wait();
+                }
+            });
+        }
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic in another thread of the scope is re-raised by the scope itself.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A read-only input array shared by the threads of a call.
+#[derive(Clone, Copy)]
+pub struct In(*const f32);
+
+/// An output array shared by the threads of a call, each writing its own elements.
+#[derive(Clone, Copy)]
+pub struct Out(*mut f32);
+
+// SAFETY: the arrays outlive the call (the driver's threads are scoped), `In` is only read, and
+// the driver hands each element of an `Out` to one thread (see `RowOp`). An in-place gradient
+// (`In` and `Out` over the same student array) is written only in a pass after the last read of
+// the same elements, or at the same index right after reading it.
+unsafe impl Send for In {}
+unsafe impl Sync for In {}
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl In {
+    pub fn new(data: &[f32]) -> In {
+        In(data.as_ptr())
+    }
+
+    /// Over an array that is also written in place (the in-place gradient).
+    pub fn over(out: Out) -> In {
+        In(out.0)
+    }
+
+    /// Element `i`.
+    ///
+    /// # Safety
+    /// `i` is in bounds of the array this was made from.
+    #[inline(always)]
+    pub unsafe fn at(self, i: usize) -> f32 {
+        // SAFETY: the caller's bound.
+        unsafe { self.0.add(i).read() }
+    }
+
+    /// `n <= LANES` elements from `i`, zeros after them.
+    ///
+    /// # Safety
+    /// `i + n` is within the array this was made from.
+    #[inline(always)]
+    pub unsafe fn load(self, i: usize, n: usize) -> [f32; super::vmath::LANES] {
+        let mut v = [0.0f32; super::vmath::LANES];
+        // SAFETY: the caller's bound; `v` is a local of LANES >= n floats.
+        unsafe { std::ptr::copy_nonoverlapping(self.0.add(i), v.as_mut_ptr(), n) };
+        v
+    }
+}
+
+impl Out {
+    pub fn new(data: &mut [f32]) -> Out {
+        Out(data.as_mut_ptr())
+    }
+
+    /// Writes the first `n` lanes of `v` from `i`.
+    ///
+    /// # Safety
+    /// `i + n` is within the array, and no other thread touches these elements now.
+    #[inline(always)]
+    pub unsafe fn store(self, i: usize, v: &[f32; super::vmath::LANES], n: usize) {
+        // SAFETY: the caller's bound and exclusivity.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), n) };
+    }
+
+    /// Writes element `i`.
+    ///
+    /// # Safety
+    /// As [`Out::store`].
+    #[inline(always)]
+    pub unsafe fn set(self, i: usize, v: f32) {
+        // SAFETY: the caller's bound and exclusivity.
+        unsafe { self.0.add(i).write(v) };
+    }
+}
