@@ -13,7 +13,7 @@
 /*
  The version of this C ABI; bumped on any incompatible change of the header.
  */
-#define DST_ABI_VERSION 1
+#define DST_ABI_VERSION 2
 
 /*
  Success.
@@ -138,9 +138,13 @@ int32_t dst_cpu_hinton(const float *student,
  A soft-target divergence on host memory (CPU reference backend).
 
  `divergence_code`: 0 forward KL `KL(q||p)`, 1 reverse KL, 2 JSD with `beta` in (0, 1) (`beta`
- is ignored otherwise). `teacher_input`: 0 logits (`softmax(t/T)`), 1 probabilities, 2
- log-probabilities. `labels` (`[n]`) is optional: when given, rows whose label is `ignore_index`
- are masked. Outputs as [`dst_cpu_hinton`]; `grad_teacher` needs `teacher_input` 0.
+ is ignored otherwise). `teacher_eps`: 0 for none, or a floor in (0, 1) on the teacher's
+ probabilities inside the log, `log max(q, teacher_eps)` (e.g. 1e-8); accepted only with reverse
+ KL and `teacher_input` 1 or 2, where without it a teacher probability of exactly 0 is an error
+ (`DST_ERR_INPUT`: the divergence is infinite). `teacher_input`: 0 logits (`softmax(t/T)`), 1
+ probabilities, 2 log-probabilities. `labels` (`[n]`) is optional: when given, rows whose label
+ is `ignore_index` are masked. Outputs as [`dst_cpu_hinton`]; `grad_teacher` needs
+ `teacher_input` 0.
 
  # Safety
  Every non-null pointer must be valid for the number of elements named above.
@@ -152,6 +156,7 @@ int32_t dst_cpu_divergence(const float *student,
                            size_t c,
                            int32_t divergence_code,
                            float beta,
+                           float teacher_eps,
                            int32_t teacher_input_code,
                            float temperature,
                            int32_t ignore_index,
@@ -289,6 +294,7 @@ int32_t dst_cuda_divergence(const struct dst_cuda *ctx,
                             size_t c,
                             int32_t divergence_code,
                             float beta,
+                            float teacher_eps,
                             int32_t teacher_input_code,
                             float temperature,
                             int32_t ignore_index,

@@ -104,8 +104,8 @@ def load(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         lib.dst_cuda_hinton.argtypes = [_P, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _i32, _i32,
                                         _f32, _P, _P, _P, _P]
         lib.dst_cuda_divergence.restype = _i32
-        lib.dst_cuda_divergence.argtypes = [_P, _P, _P, _P, _SZ, _SZ, _i32, _f32, _i32, _f32,
-                                            _i32, _i32, _f32, _P, _P, _P, _P]
+        lib.dst_cuda_divergence.argtypes = [_P, _P, _P, _P, _SZ, _SZ, _i32, _f32, _f32, _i32,
+                                            _f32, _i32, _i32, _f32, _P, _P, _P, _P]
         lib.dst_cuda_cross_entropy.restype = _i32
         lib.dst_cuda_cross_entropy.argtypes = [_P, _P, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P,
                                                _P, _P]
@@ -122,7 +122,7 @@ def _check(status: int) -> None:
 
 
 def version() -> tuple[int, str]:
-    """(ABI version, crate version), e.g. ``(1, "0.1.0")``."""
+    """(ABI version, crate version), e.g. ``(2, "0.1.0")``."""
     lib = load()
     return int(lib.dst_version()), lib.dst_version_string().decode()
 
@@ -211,12 +211,16 @@ def kd_loss(student, teacher, labels, T: float = 4.0, alpha: float = 0.2, *,
 
 
 def kl_div(student, teacher, T: float = 1.0, *, divergence: str = "forward_kl", beta: float = 0.5,
-           teacher_input: str = "logits", labels=None, ignore_index: int = -100,
-           reduction: str = "batchmean", sync: bool = False) -> torch.Tensor:
+           teacher_input: str = "logits", teacher_eps: float = 0.0, labels=None,
+           ignore_index: int = -100, reduction: str = "batchmean",
+           sync: bool = False) -> torch.Tensor:
     """A soft-target divergence (``forward_kl`` = ``KL(q || p)``, ``reverse_kl``, ``jsd``) between
     student logits and a teacher given as ``logits``, ``probs`` or ``logprobs``, at temperature
     ``T`` (not multiplied by ``T^2``); rows whose label is ``ignore_index`` are masked when
-    ``labels`` is given. Differentiable in ``student``."""
+    ``labels`` is given. ``teacher_eps`` (``reverse_kl`` with ``probs`` / ``logprobs`` only; 0 is
+    none) floors the teacher inside the log, ``log max(q, teacher_eps)``: without it a teacher
+    probability of exactly 0 makes the row's loss ``inf`` on the device. Differentiable in
+    ``student``."""
     s = _prep(student, "student")
     t = _prep(teacher, "teacher")
     y = None if labels is None else _prep(labels, "labels", torch.int32)
@@ -226,8 +230,8 @@ def kl_div(student, teacher, T: float = 1.0, *, divergence: str = "forward_kl", 
 
     def launch(loss, grad, sync_):
         _run(device, sync_, lambda ctx: _lib.dst_cuda_divergence(
-            ctx, _ptr(s), _ptr(t), _ptr(y), n, c, div, beta, tin, T, ignore_index, red, 1.0,
-            _ptr(loss), None, _ptr(grad), None))
+            ctx, _ptr(s), _ptr(t), _ptr(y), n, c, div, beta, teacher_eps, tin, T, ignore_index,
+            red, 1.0, _ptr(loss), None, _ptr(grad), None))
 
     return _RowLoss.apply(student, launch, sync)
 

@@ -55,7 +55,7 @@ class DistillationTorchTest(unittest.TestCase):
 
     def test_version(self):
         abi, v = dt.version()
-        self.assertEqual(abi, 1)
+        self.assertEqual(abi, 2)
         self.assertTrue(v)
 
     def test_cross_entropy_label_smoothing_ignore_index(self):

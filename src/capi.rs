@@ -30,7 +30,7 @@ use crate::ops::{
 use crate::CpuBackend;
 
 /// The version of this C ABI; bumped on any incompatible change of the header.
-pub const DST_ABI_VERSION: u32 = 1;
+pub const DST_ABI_VERSION: u32 = 2;
 
 /// Success.
 pub const DST_OK: i32 = 0;
@@ -441,9 +441,13 @@ pub unsafe extern "C" fn dst_cpu_hinton(
 /// A soft-target divergence on host memory (CPU reference backend).
 ///
 /// `divergence_code`: 0 forward KL `KL(q||p)`, 1 reverse KL, 2 JSD with `beta` in (0, 1) (`beta`
-/// is ignored otherwise). `teacher_input`: 0 logits (`softmax(t/T)`), 1 probabilities, 2
-/// log-probabilities. `labels` (`[n]`) is optional: when given, rows whose label is `ignore_index`
-/// are masked. Outputs as [`dst_cpu_hinton`]; `grad_teacher` needs `teacher_input` 0.
+/// is ignored otherwise). `teacher_eps`: 0 for none, or a floor in (0, 1) on the teacher's
+/// probabilities inside the log, `log max(q, teacher_eps)` (e.g. 1e-8); accepted only with reverse
+/// KL and `teacher_input` 1 or 2, where without it a teacher probability of exactly 0 is an error
+/// (`DST_ERR_INPUT`: the divergence is infinite). `teacher_input`: 0 logits (`softmax(t/T)`), 1
+/// probabilities, 2 log-probabilities. `labels` (`[n]`) is optional: when given, rows whose label
+/// is `ignore_index` are masked. Outputs as [`dst_cpu_hinton`]; `grad_teacher` needs
+/// `teacher_input` 0.
 ///
 /// # Safety
 /// Every non-null pointer must be valid for the number of elements named above.
@@ -456,6 +460,7 @@ pub unsafe extern "C" fn dst_cpu_divergence(
     c: usize,
     divergence_code: i32,
     beta: f32,
+    teacher_eps: f32,
     teacher_input_code: i32,
     temperature: f32,
     ignore_index: i32,
@@ -484,7 +489,7 @@ pub unsafe extern "C" fn dst_cpu_divergence(
             reduction: reduction(reduction_code)?,
             ignore_index,
             grad_scale,
-            teacher_eps: 0.0,
+            teacher_eps,
         };
         spec.validate()?;
         let len = spec.shape.len();
@@ -917,6 +922,7 @@ pub unsafe extern "C" fn dst_cuda_divergence(
     c: usize,
     divergence_code: i32,
     beta: f32,
+    teacher_eps: f32,
     teacher_input_code: i32,
     temperature: f32,
     ignore_index: i32,
@@ -946,7 +952,7 @@ pub unsafe extern "C" fn dst_cuda_divergence(
             reduction: reduction(reduction_code)?,
             ignore_index,
             grad_scale,
-            teacher_eps: 0.0,
+            teacher_eps,
         };
         spec.validate()?;
         #[cfg(feature = "cuda")]

@@ -214,6 +214,42 @@ fn c_program_matches_the_rust_api() {
     same(&got, "rkl_probs.loss", &b.download(&loss).unwrap());
     same(&got, "rkl_probs.grad_student", &b.download(&gs).unwrap());
 
+    // Reverse KL against probabilities with exact zeros: an error without a floor (the C program
+    // checks DST_ERR_INPUT), finite with teacher_eps = 1e-8, and equal to the Rust API's.
+    let p: Vec<f32> = (0..N * C)
+        .map(|i| if i % C == 0 { 0.0 } else { 0.25 })
+        .collect();
+    let pb = b.upload(&p).unwrap();
+    let spec = DivergenceSpec {
+        divergence: Divergence::ReverseKl,
+        teacher: TeacherInput::Probs,
+        ..DivergenceSpec::new(shape, 1.0)
+    };
+    let (loss, gs) = (b.filled(1, 0.0).unwrap(), b.filled(N * C, 0.0).unwrap());
+    assert!(b
+        .divergence(&spec, &sb, &pb, None, LossOut::with_grad(&loss, &gs))
+        .is_err());
+    let spec = DivergenceSpec {
+        teacher_eps: 1e-8,
+        ..spec
+    };
+    let (l, rows, gs, _) = row_loss(&b, |o| {
+        b.divergence(
+            &spec,
+            &sb,
+            &pb,
+            None,
+            LossOut {
+                grad_teacher: None,
+                ..o
+            },
+        )
+    });
+    assert!(l[0].is_finite(), "rkl_eps loss {l:?}");
+    same(&got, "rkl_eps.loss", &l);
+    same(&got, "rkl_eps.row_loss", &rows);
+    same(&got, "rkl_eps.grad_student", &gs);
+
     // Cross-entropy.
     let spec = CrossEntropySpec {
         label_smoothing: 0.1,
@@ -280,10 +316,14 @@ fn c_program_matches_the_rust_api() {
         "label_ce",
         "label_divergence",
         "alias",
+        "rkl_zero",
+        "eps_forward_kl",
+        "eps_range",
         "mse_empty",
         "cuda_create_null_out",
         "cuda_create_negative",
         "cuda_null_ctx",
+        "cuda_divergence_null_ctx",
         "cuda_sync_null",
     ] {
         let prefix = format!("error {case} ");

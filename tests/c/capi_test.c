@@ -5,6 +5,7 @@
  * and `cuda <status>`. Exits non-zero (after `FAIL ...` on stderr) when a status is not the one
  * expected. Inputs are exact in f32: x[i] = ((i * 37 + 11) % 101) / 10 - 5, the formula the Rust
  * test uses. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,8 +81,8 @@ int main(void) {
     print_array("hinton_inplace.grad_student", inplace, LEN);
 
     /* JSD(beta = 0.4), teacher logits, T = 3, labels masking row 1, sum, grad_scale 0.5. */
-    expect_ok("jsd", dst_cpu_divergence(s, t, labels, N, C, 2, 0.4f, 0, 3.0f, -100, 1, 0.5f, &loss,
-                                        rows, g, gt));
+    expect_ok("jsd", dst_cpu_divergence(s, t, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f, -100, 1, 0.5f,
+                                        &loss, rows, g, gt));
     print_array("jsd.loss", &loss, 1);
     print_array("jsd.row_loss", rows, N);
     print_array("jsd.grad_student", g, LEN);
@@ -92,7 +93,7 @@ int main(void) {
         float p[LEN];
         const float row[C] = {0.1f, 0.2f, 0.3f, 0.25f, 0.15f};
         for (int i = 0; i < LEN; i++) p[i] = row[i % C];
-        expect_ok("rkl_probs", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1, 1.5f, -100, 0,
+        expect_ok("rkl_probs", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 0.0f, 1, 1.5f, -100, 0,
                                                   1.0f, &loss, NULL, g, NULL));
         print_array("rkl_probs.loss", &loss, 1);
         print_array("rkl_probs.grad_student", g, LEN);
@@ -122,8 +123,8 @@ int main(void) {
                                         NULL, g, NULL), DST_ERR_SHAPE);
     expect_err("t_zero", dst_cpu_hinton(s, t, labels, N, C, 0.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
                                         NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
-    expect_err("t_negative", dst_cpu_divergence(s, t, NULL, N, C, 0, 0.0f, 0, -1.0f, -100, 0, 1.0f,
-                                                &loss, NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
+    expect_err("t_negative", dst_cpu_divergence(s, t, NULL, N, C, 0, 0.0f, 0.0f, 0, -1.0f, -100, 0,
+                                                1.0f, &loss, NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
     expect_err("alpha", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 1.5f, 0.0f, -100, 0, 1.0f, &loss,
                                        NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
     expect_err("reduction", dst_cpu_cross_entropy(s, labels, N, C, 0.0f, -100, 7, 1.0f, &loss, NULL, g),
@@ -134,8 +135,8 @@ int main(void) {
                                                   &loss, NULL, g, NULL), DST_ERR_LABEL);
         expect_err("label_ce", dst_cpu_cross_entropy(s, bad, N, C, 0.0f, -100, 0, 1.0f, &loss, NULL, g),
                    DST_ERR_LABEL);
-        expect_err("label_divergence", dst_cpu_divergence(s, t, bad, N, C, 0, 0.0f, 0, 1.0f, -100, 0,
-                                                          1.0f, &loss, NULL, g, NULL), DST_ERR_LABEL);
+        expect_err("label_divergence", dst_cpu_divergence(s, t, bad, N, C, 0, 0.0f, 0.0f, 0, 1.0f, -100,
+                                                          0, 1.0f, &loss, NULL, g, NULL), DST_ERR_LABEL);
     }
     expect_err("alias", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
                                        NULL, g, t), DST_ERR_ALIAS);
@@ -146,11 +147,29 @@ int main(void) {
     expect_err("alias_outputs", dst_cpu_mse(s, t, LEN, 1.0f, &loss, g, g + 3), DST_ERR_ALIAS);
     expect_err("alias_loss_in_grad", dst_cpu_mse(s, t, LEN, 1.0f, g + 2, g, NULL), DST_ERR_ALIAS);
     {
-        /* Reverse KL where the teacher gives probability 0: infinite, so an input error. */
+        /* Reverse KL where the teacher gives probability 0: infinite, so an input error; with a
+         * floor teacher_eps = 1e-8 on the teacher inside the log, finite (tests/capi.rs compares
+         * it with the Rust API). */
         float p[LEN];
         for (int i = 0; i < LEN; ++i) p[i] = (i % C == 0) ? 0.0f : 0.25f;
-        expect_err("rkl_zero", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1, 1.0f, -100, 0, 1.0f,
-                                                  &loss, NULL, g, NULL), DST_ERR_INPUT);
+        expect_err("rkl_zero", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 0.0f, 1, 1.0f, -100, 0,
+                                                  1.0f, &loss, NULL, g, NULL), DST_ERR_INPUT);
+        expect_ok("rkl_eps", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1e-8f, 1, 1.0f, -100, 0,
+                                                1.0f, &loss, rows, g, NULL));
+        if (!isfinite(loss)) {
+            fprintf(stderr, "FAIL rkl_eps: loss %g is not finite\n", loss);
+            failures++;
+        }
+        print_array("rkl_eps.loss", &loss, 1);
+        print_array("rkl_eps.row_loss", rows, N);
+        print_array("rkl_eps.grad_student", g, LEN);
+        /* The floor is reverse KL's, with a given teacher only. */
+        expect_err("eps_forward_kl",
+                   dst_cpu_divergence(s, p, NULL, N, C, 0, 0.0f, 1e-8f, 1, 1.0f, -100, 0, 1.0f, &loss,
+                                      NULL, g, NULL), DST_ERR_UNSUPPORTED);
+        expect_err("eps_range",
+                   dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1.5f, 1, 1.0f, -100, 0, 1.0f, &loss,
+                                      NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
     }
 
     /* CUDA: argument checks never need a device; creation works or says why not. */
@@ -185,6 +204,9 @@ int main(void) {
         expect_err("cuda_create_negative", dst_cuda_create(-1, &ctx), DST_ERR_INVALID_ARGUMENT);
         expect_err("cuda_null_ctx", dst_cuda_hinton(NULL, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
                                                     1.0f, &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
+        expect_err("cuda_divergence_null_ctx",
+                   dst_cuda_divergence(NULL, s, t, NULL, N, C, 1, 0.0f, 1e-8f, 1, 1.0f, -100, 0,
+                                       1.0f, &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
         expect_err("cuda_sync_null", dst_cuda_synchronize(NULL), DST_ERR_NULL_POINTER);
         expect_ok("cuda_destroy_null", dst_cuda_destroy(NULL));
     }
