@@ -333,7 +333,7 @@ fn all_losses(b: &FastCpuBackend, n: usize, c: usize) -> Vec<Vec<f32>> {
     );
     b.mse(&spec, &sb, &tb, &loss, Some(&ga), Some(&gb)).unwrap();
     take(&[&loss, &ga, &gb]);
-    if c % 4 == 0 {
+    if c.is_multiple_of(4) {
         let spec = AttentionSpec::new(n, 4, 2, c / 4);
         let tt = b.upload(&t[..n * 2 * (c / 4)]).unwrap();
         let (loss, ga, gb) = (
@@ -402,7 +402,15 @@ fn long_rows_match_the_reference() {
         b.upload(&t).unwrap(),
         b.upload_labels(&labels).unwrap(),
     );
-    for temperature in [1.0, 4.0, 1000.0] {
+    for temperature in [1.0f32, 4.0, 1000.0] {
+        // The suite's per-element floor for gradients (tests/kernels.rs, `grad_unit`): f32
+        // resolves `q (log q - log p - KL)` to about 1e-7 of the largest |logit| / T (times
+        // max(T, 1) / N_valid), here where the teacher's top class nearly cancels.
+        let atol =
+            1e-6 * (temperature.max(1.0) as f64) / n as f64 * (40.0 / temperature as f64).max(1.0);
+        let close = |what: &str, got: &[f32], want: &[f64]| {
+            common::assert_close_abs(what, got, want, 1e-4, atol).unwrap()
+        };
         let spec = HintonSpec::new(RowShape::new(n, c), temperature, 0.5);
         let (loss, gs, gt) = (
             b.filled(1, f32::NAN).unwrap(),
@@ -416,14 +424,8 @@ fn long_rows_match_the_reference() {
         b.hinton(&spec, &sb, &tb, &lb, out).unwrap();
         let want = dops::hinton::reference(&spec, &sd, &td, &labels);
         common::assert_close("loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
-        common::assert_close("grad", &b.download(&gs).unwrap(), &want.grad_student, 1e-4).unwrap();
-        common::assert_close(
-            "grad t",
-            &b.download(&gt).unwrap(),
-            &want.grad_teacher,
-            1e-4,
-        )
-        .unwrap();
+        close("grad", &b.download(&gs).unwrap(), &want.grad_student);
+        close("grad t", &b.download(&gt).unwrap(), &want.grad_teacher);
         for div in [Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }] {
             let spec = DivergenceSpec {
                 divergence: div,
@@ -434,8 +436,7 @@ fn long_rows_match_the_reference() {
             let want = dops::divergence::reference(&spec, &sd, &td, None);
             let what = format!("{div:?} at T = {temperature}");
             common::assert_close(&what, &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
-            common::assert_close(&what, &b.download(&gs).unwrap(), &want.grad_student, 1e-4)
-                .unwrap();
+            close(&what, &b.download(&gs).unwrap(), &want.grad_student);
         }
     }
 }

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Peers of the fused losses on the GPU machine: PyTorch eager, torch.compile and Liger-Kernel, on
-the shapes of examples/gpu_bench.rs, printed as the same table (kernel, shape, backend, median ms,
-GB/s of the minimal traffic, % of the device-to-device copy bandwidth measured in the same run).
+"""Peers of the fused losses: PyTorch eager, torch.compile and Liger-Kernel, on the shapes of
+examples/gpu_bench.rs (GPU) or examples/cpu_bench.rs (CPU), printed as the same table (kernel,
+shape, backend, median ms, GB/s of the minimal traffic, % of the floor's bandwidth measured in the
+same run: a device-to-device copy on the GPU, a streaming c = a + b on the CPU).
 
-    python3 benches/peers/torch_losses.py [--large] [--runs 20]
+    python3 benches/peers/torch_losses.py [--large] [--runs 20]            # CUDA
+    python3 benches/peers/torch_losses.py --device cpu --threads 2         # CPU
 
 Forward and backward from raw f32 logits: Hinton alpha*CE + (1-alpha)*T^2*KL, forward KL, and
 cross-entropy. Liger's KL path is log_softmax in PyTorch + LigerKLDIVLoss, as its docs show; its
@@ -12,6 +14,7 @@ files, the GPU machine having no registry: pip install --no-index --target /tmp/
 """
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +42,36 @@ def cross_entropy(s, t, y):
     return F.cross_entropy(s, y)
 
 
+def timed_cpu(fn, inputs, runs):
+    """Median seconds of forward + backward on the CPU (wall clock), inputs rotated."""
+    times = []
+    for i in range(runs + 2):
+        s, t, y = inputs[i % len(inputs)]
+        s.grad = None
+        start = time.perf_counter()
+        fn(s, t, y).backward()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def add_bandwidth_cpu(n, c, runs):
+    """GB/s of c = a + b over [n, c] f32 (12 bytes per element), as examples/cpu_bench.rs."""
+    a, b = torch.randn(n * c), torch.randn(n * c)
+    out = torch.empty_like(a)
+    times = []
+    for i in range(runs + 2):
+        start = time.perf_counter()
+        torch.add(a, b, out=out)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 12 * n * c / statistics.median(times) / 1e9
+
+
 def timed(fn, inputs, runs):
     """Median seconds of forward + backward, CUDA events, inputs rotated."""
+    if inputs[0][0].device.type == "cpu":
+        return timed_cpu(fn, inputs, runs)
     times = []
     for i in range(runs + 3):
         s, t, y = inputs[i % len(inputs)]
@@ -74,28 +105,40 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--large", action="store_true")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
     args = ap.parse_args()
-    shapes = [(64, 10), (1024, 1000), (4096, 32000)] + ([(8192, 32000), (16384, 131072)] if args.large else [])
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| kernel | shape | backend | median ms | GB/s | copy GB/s | % of copy |")
+    dev = args.device
+    if dev == "cpu":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        shapes = [(1024, 1000), (2048, 32000), (4096, 32000)]
+        print(f"device: cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print("| kernel | shape | backend | median ms | GB/s | c = a + b GB/s | % of c = a + b |")
+    else:
+        shapes = [(64, 10), (1024, 1000), (4096, 32000)] + ([(8192, 32000), (16384, 131072)] if args.large else [])
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        print("| kernel | shape | backend | median ms | GB/s | copy GB/s | % of copy |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n, c in shapes:
         per_set = 8 * n * c
         sets = max(2, min(8, (256 << 20) // per_set))
         if n * c >= 8192 * 32000:
             sets = 1  # 8.6 GB per tensor at the largest shape: L2 (50 MB) cannot flatter it
+        if dev == "cpu":
+            sets = 1
         inputs = [
-            (torch.randn(n, c, device="cuda", requires_grad=True), torch.randn(n, c, device="cuda"),
-             torch.randint(0, c, (n,), device="cuda"))
+            (torch.randn(n, c, device=dev, requires_grad=True), torch.randn(n, c, device=dev),
+             torch.randint(0, c, (n,), device=dev))
             for _ in range(sets)
         ]
-        copy = copy_bandwidth(n, c, args.runs)
+        copy = add_bandwidth_cpu(n, c, args.runs) if dev == "cpu" else copy_bandwidth(n, c, args.runs)
         peers = [("eager", hinton, forward_kl, cross_entropy)]
         try:
             peers.append(("torch.compile", torch.compile(hinton), torch.compile(forward_kl), torch.compile(cross_entropy)))
         except Exception as e:  # noqa: BLE001
             print(f"torch.compile unavailable: {e}")
-        if LigerKLDIVLoss is not None:
+        if LigerKLDIVLoss is not None and dev == "cuda":
             lkl, lce = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerCrossEntropyLoss()
 
             def l_kl(s, t, y):
@@ -111,7 +154,8 @@ def main():
                     med = timed(fn, inputs, args.runs)
                 except torch.OutOfMemoryError:
                     print(f"| {name} | {n}x{c} | {backend} | out of memory | | | |")
-                    torch.cuda.empty_cache()
+                    if dev == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 gbps = (per_elem * n * c + 4 * n) / med / 1e9
                 print(f"| {name} | {n}x{c} | {backend} | {med * 1e3:.4f} | {gbps:.1f} | {copy:.1f} | {100 * gbps / copy:.0f}% |")

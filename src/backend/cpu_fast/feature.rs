@@ -3,7 +3,7 @@
 //! as f32 at memory speed, and as exact as the reference), vectorised over 16 lanes, sums in a
 //! fixed order of fixed chunks, so any thread count gives the same bits.
 
-use super::rows::{threads_for, with_simd, Simd};
+use super::rows::{threads_for, Simd};
 use super::vmath::LANES;
 use crate::ops::feature::AT_EPS;
 use crate::ops::{AttentionSpec, MseSpec};
@@ -34,6 +34,36 @@ fn mse_chunk(a: &[f32], b: &[f32], k: f64, ga: Option<&mut [f32]>, gb: Option<&m
     acc.iter().sum()
 }
 
+/// `mse_chunk` compiled for `simd` (a supported set: the backend holds no other).
+fn mse_chunk_for(
+    simd: Simd,
+    a: &[f32],
+    b: &[f32],
+    k: f64,
+    ga: Option<&mut [f32]>,
+    gb: Option<&mut [f32]>,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn avx512(a: &[f32], b: &[f32], k: f64, ga: Option<&mut [f32]>, gb: Option<&mut [f32]>) -> f64 {
+        mse_chunk(a, b, k, ga, gb)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2(a: &[f32], b: &[f32], k: f64, ga: Option<&mut [f32]>, gb: Option<&mut [f32]>) -> f64 {
+        mse_chunk(a, b, k, ga, gb)
+    }
+    match simd {
+        // SAFETY: the CPU supports `simd`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { avx512(a, b, k, ga, gb) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2(a, b, k, ga, gb) },
+        _ => mse_chunk(a, b, k, ga, gb),
+    }
+}
+
 /// MSE: returns the loss; writes `dL/da = 2 g (a - b) / M` and `dL/db = -dL/da` when given.
 pub fn mse(
     simd: Simd,
@@ -41,8 +71,8 @@ pub fn mse(
     spec: &MseSpec,
     a: &[f32],
     b: &[f32],
-    mut ga: Option<&mut [f32]>,
-    mut gb: Option<&mut [f32]>,
+    ga: Option<&mut [f32]>,
+    gb: Option<&mut [f32]>,
 ) -> f64 {
     let m = a.len();
     let k = spec.grad_scale as f64 * 2.0 / m as f64;
@@ -58,8 +88,8 @@ pub fn mse(
         &'a mut f64,
     );
     let mut work: Vec<Item> = Vec::with_capacity(chunks);
-    let mut ga_chunks = ga.as_deref_mut().map(|g| g.chunks_mut(CHUNK));
-    let mut gb_chunks = gb.as_deref_mut().map(|g| g.chunks_mut(CHUNK));
+    let mut ga_chunks = ga.map(|g| g.chunks_mut(CHUNK));
+    let mut gb_chunks = gb.map(|g| g.chunks_mut(CHUNK));
     for (i, sum) in sums.iter_mut().enumerate() {
         let (lo, hi) = (i * CHUNK, ((i + 1) * CHUNK).min(m));
         let x = ga_chunks.as_mut().and_then(|it| it.next());
@@ -68,9 +98,7 @@ pub fn mse(
     }
     let run = |items: &mut [Item]| {
         for (x, y, gx, gy, sum) in items.iter_mut() {
-            **sum = with_simd(simd, || {
-                mse_chunk(x, y, k, gx.as_deref_mut(), gy.as_deref_mut())
-            });
+            **sum = mse_chunk_for(simd, x, y, k, gx.as_deref_mut(), gy.as_deref_mut());
         }
     };
     if threads <= 1 {
@@ -185,6 +213,39 @@ fn attention_sample(
     acc.iter().sum()
 }
 
+type Scratch<'a> = (&'a mut [f64], &'a mut [f64], &'a mut [f64]);
+
+/// `attention_sample` compiled for `simd` (a supported set).
+fn attention_sample_for(
+    simd: Simd,
+    spec: &AttentionSpec,
+    x: (&[f32], &[f32]),
+    gs: Option<&mut [f32]>,
+    gt: Option<&mut [f32]>,
+    w: Scratch<'_>,
+) -> f64 {
+    type G<'a> = Option<&'a mut [f32]>;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn avx512(spec: &AttentionSpec, x: (&[f32], &[f32]), gs: G, gt: G, w: Scratch<'_>) -> f64 {
+        attention_sample(spec, x, gs, gt, w)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2(spec: &AttentionSpec, x: (&[f32], &[f32]), gs: G, gt: G, w: Scratch<'_>) -> f64 {
+        attention_sample(spec, x, gs, gt, w)
+    }
+    match simd {
+        // SAFETY: the CPU supports `simd`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { avx512(spec, x, gs, gt, w) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2(spec, x, gs, gt, w) },
+        _ => attention_sample(spec, x, gs, gt, w),
+    }
+}
+
 /// Attention transfer: returns the loss; writes the gradients that are wanted.
 pub fn attention(
     simd: Simd,
@@ -218,9 +279,14 @@ pub fn attention(
         for (i, a, b, sum) in part.iter_mut() {
             let inputs = (&s[*i * ls..(*i + 1) * ls], &t[*i * lt..(*i + 1) * lt]);
             let scratch = (&mut us[..], &mut ut[..], &mut du[..]);
-            **sum = with_simd(simd, || {
-                attention_sample(spec, inputs, a.as_deref_mut(), b.as_deref_mut(), scratch)
-            });
+            **sum = attention_sample_for(
+                simd,
+                spec,
+                inputs,
+                a.as_deref_mut(),
+                b.as_deref_mut(),
+                scratch,
+            );
         }
     };
     if threads <= 1 {

@@ -5,7 +5,8 @@
 //! sums of exponentials, pass 2 the loss sums and the gradients.
 //!
 //! Precision: every element is computed in f32 with `vmath`'s functions, every sum is
-//! accumulated in f64 lanes, and the per-row and per-block constants (`log Z`, `log(Zs / Zt)`
+//! accumulated in f32 lanes over a block (64 terms a lane) and in f64 across lanes and
+//! blocks, and the per-row and per-block constants (`log Z`, `log(Zs / Zt)`
 //! from `dz = Zs - Zt` summed through `expm1`, the block offsets) are f64. Where a difference
 //! of two f32 values near `log C` would lose the digits that matter (`log p - log q` for a
 //! teacher given as probabilities or log-probabilities at high T), it is formed in f64
@@ -14,28 +15,40 @@
 //! reference over T in [1e-3, 1e4], logits to |1e4|, masked rows.
 
 use super::rows::{In, Out, RowOp};
-use super::vmath::{self, LANES};
+use super::vmath::{self, select, LANES};
 use crate::ops::{Divergence, TeacherInput};
 
 type Lanes = [f32; LANES];
-type Acc = [f64; LANES];
+/// Per-lane partial sums within a block (f32: 64 terms a lane at most; the blocks' sums meet in
+/// f64). f64 lanes would double the registers a step holds, and AVX2 has 16.
+type Acc = [f32; LANES];
 
-/// Calls `f(j, n)` for each step of `LANES` columns over `j0..j1` (`n < LANES` only at the end).
-#[inline(always)]
-fn steps(j0: usize, j1: usize, mut f: impl FnMut(usize, usize)) {
-    let mut j = j0;
-    while j < j1 {
-        let n = (j1 - j).min(LANES);
-        f(j, n);
-        j += n;
-    }
+/// Runs `body` for each step of `LANES` columns over `j0..j1`, with `j` the step's first column
+/// and `n` its width: `LANES` (a constant, so loads and stores are whole vectors) except in one
+/// last step. A macro rather than a function taking a closure: the body must be inlined into the
+/// caller, which `rows.rs` compiles for the chosen instruction set.
+macro_rules! for_steps {
+    ($j0:expr, $j1:expr, |$j:ident, $n:ident| $body:expr) => {{
+        let (start, end) = ($j0, $j1);
+        let full = start + (end - start) / LANES * LANES;
+        let mut $j = start;
+        while $j < full {
+            let $n = LANES;
+            $body;
+            $j += LANES;
+        }
+        if $j < end {
+            let $n = end - $j;
+            $body;
+        }
+    }};
 }
 
-/// Adds the first `n` lanes of `v` to `acc` in f64.
+/// Adds the first `n` lanes of `v` to `acc`.
 #[inline(always)]
 fn add(acc: &mut Acc, v: &Lanes, n: usize) {
     for l in 0..LANES {
-        acc[l] += if l < n { v[l] as f64 } else { 0.0 };
+        acc[l] += select(l < n, v[l], 0.0);
     }
 }
 
@@ -50,7 +63,7 @@ fn lanes(x: &[f32]) -> Lanes {
 /// The lanes summed in a fixed order.
 #[inline(always)]
 fn total(acc: &Acc) -> f64 {
-    acc.iter().sum()
+    acc.iter().map(|&v| v as f64).sum()
 }
 
 /// The rows a loss covers and which of them are masked.
@@ -66,7 +79,7 @@ pub struct Rows<'a> {
 impl Rows<'_> {
     #[inline(always)]
     fn live(&self, r: usize) -> bool {
-        !self.labels.is_some_and(|l| l[r] == self.ignore_index)
+        self.labels.is_none_or(|l| l[r] != self.ignore_index)
     }
 
     /// The label of a live row (cross-entropy and Hinton, whose labels are checked).
@@ -82,7 +95,7 @@ fn fill(out: Option<Out>, base: usize, j0: usize, j1: usize, value: f32) {
     if let Some(o) = out {
         let v = [value; LANES];
         // SAFETY: the driver gives this block of this row to this thread alone; in bounds.
-        steps(j0, j1, |j, n| unsafe { o.store(base + j, &v, n) });
+        for_steps!(j0, j1, |j, n| unsafe { o.store(base + j, &v, n) });
     }
 }
 
@@ -91,15 +104,13 @@ fn fill(out: Option<Out>, base: usize, j0: usize, j1: usize, value: f32) {
 fn max_and_bad(x: In, base: usize, j0: usize, j1: usize) -> (f32, bool) {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut bad = [0.0f32; LANES];
-    steps(j0, j1, |j, n| {
+    for_steps!(j0, j1, |j, n| {
         // SAFETY: in bounds of the [rows, cols] input.
         let v = unsafe { x.load(base + j, n) };
         for l in 0..LANES {
-            if l < n {
-                m[l] = vmath::max(m[l], v[l]);
-                // inf * 0 and NaN * 0 are NaN: bad stays NaN from then on.
-                bad[l] += v[l] * 0.0;
-            }
+            m[l] = select(l < n, vmath::max(m[l], v[l]), m[l]);
+            // inf * 0 and NaN * 0 are NaN: bad stays NaN from then on.
+            bad[l] += select(l < n, v[l] * 0.0, 0.0);
         }
     });
     (
@@ -137,13 +148,13 @@ pub struct RowMax {
 /// The sum of `exp((x - m) inv_t)` over a block, the exponentials kept in `keep`.
 #[inline(always)]
 fn sum_exp(x: In, base: usize, j0: usize, j1: usize, m: f32, inv_t: f32, keep: &mut [f32]) -> f64 {
-    let mut z = [0.0f64; LANES];
-    steps(j0, j1, |j, n| {
+    let mut z = [0.0f32; LANES];
+    for_steps!(j0, j1, |j, n| {
         // SAFETY: in bounds.
         let v = unsafe { x.load(base + j, n) };
         let mut e = [0.0f32; LANES];
         for l in 0..LANES {
-            e[l] = vmath::exp((v[l] - m) * inv_t);
+            e[l] = vmath::exp_nonpos((v[l] - m) * inv_t);
         }
         keep[j - j0..j - j0 + n].copy_from_slice(&e[..n]);
         add(&mut z, &e, n);
@@ -202,7 +213,7 @@ impl RowOp for SoftmaxRows {
         let off = (b.m as f64 - row.m as f64) * self.inv_t as f64 - row.lz;
         let (scale, shift) = (off.exp() as f32, (-off) as f32);
         let inv_t = self.inv_t;
-        steps(j0, j1, |j, n| {
+        for_steps!(j0, j1, |j, n| {
             let mut y = [0.0f32; LANES];
             if self.log {
                 // SAFETY: in bounds.
@@ -254,18 +265,14 @@ impl RowOp for SoftmaxBackwardRows {
     fn stats(&self, r: usize, j0: usize, j1: usize, _: &mut [f32]) -> f64 {
         let base = r * self.cols;
         let mut acc = [0.0f64; LANES];
-        steps(j0, j1, |j, n| {
+        for_steps!(j0, j1, |j, n| {
             // SAFETY: in bounds.
             let (y, d) = unsafe { (self.y.load(base + j, n), self.dy.load(base + j, n)) };
             for l in 0..LANES {
-                acc[l] += if self.log {
-                    d[l] as f64
-                } else {
-                    y[l] as f64 * d[l] as f64
-                };
+                acc[l] += vmath::select64(self.log, d[l] as f64, y[l] as f64 * d[l] as f64);
             }
         });
-        total(&acc)
+        acc.iter().sum()
     }
 
     fn combine(&self, _r: usize, blocks: &[f64]) -> f64 {
@@ -276,17 +283,14 @@ impl RowOp for SoftmaxBackwardRows {
     fn sums(&self, r: usize, j0: usize, j1: usize, dot: &f64, _: &f64, _: &[f32]) {
         let base = r * self.cols;
         let (dot, inv_t) = (*dot, self.inv_t);
-        steps(j0, j1, |j, n| {
+        for_steps!(j0, j1, |j, n| {
             // SAFETY: in bounds.
             let (y, d) = unsafe { (self.y.load(base + j, n), self.dy.load(base + j, n)) };
             let mut dx = [0.0f32; LANES];
             for l in 0..LANES {
                 let (yv, dv) = (y[l] as f64, d[l] as f64);
-                dx[l] = if self.log {
-                    ((dv - vmath::exp_f64(yv) * dot) * inv_t) as f32
-                } else {
-                    (yv * (dv - dot) * inv_t) as f32
-                };
+                let log = ((dv - vmath::exp_f64(yv) * dot) * inv_t) as f32;
+                dx[l] = select(self.log, log, (yv * (dv - dot) * inv_t) as f32);
             }
             // SAFETY: this thread's block; in bounds.
             unsafe { self.dx.store(base + j, &dx, n) };
@@ -376,14 +380,14 @@ fn ce_stats(s: In, base: usize, j0: usize, j1: usize, y: usize, keep: &mut [f32]
             ..Default::default()
         };
     }
-    let mut z = [0.0f64; LANES];
-    let mut sum = [0.0f64; LANES];
-    steps(j0, j1, |j, n| {
+    let mut z = [0.0f32; LANES];
+    let mut sum = [0.0f32; LANES];
+    for_steps!(j0, j1, |j, n| {
         // SAFETY: in bounds.
         let v = unsafe { s.load(base + j, n) };
         let mut e = [0.0f32; LANES];
         for l in 0..LANES {
-            e[l] = vmath::exp(v[l] - m);
+            e[l] = vmath::exp_nonpos(v[l] - m);
         }
         keep[j - j0..j - j0 + n].copy_from_slice(&e[..n]);
         add(&mut z, &e, n);
@@ -473,7 +477,7 @@ impl RowOp for CrossEntropyRows<'_> {
         let scale = ((b.m as f64 - row.m as f64) - row.lz).exp() as f32;
         let (k, eps_c) = (self.k, self.label_smoothing / c as f32);
         let y = self.rows.label(r);
-        steps(j0, j1, |j, n| {
+        for_steps!(j0, j1, |j, n| {
             let e = lanes(&keep[j - j0..j - j0 + n]);
             let mut out = [0.0f32; LANES];
             for l in 0..LANES {
@@ -526,11 +530,7 @@ pub struct KdStats {
 #[inline(always)]
 fn exp_gap(d: f32, ea: f32, eb: f32) -> f32 {
     let (_, em1) = vmath::phi_expm1_small(d);
-    if d.abs() < 0.5 {
-        eb * em1
-    } else {
-        ea - eb
-    }
+    select(d.abs() < 0.5, eb * em1, ea - eb)
 }
 
 /// Pass 1 of a block with teacher logits; keeps `e^xs` in `keep_s` and `e^xt` in `keep_t`.
@@ -541,8 +541,14 @@ fn kd_stats(
     inv_t: f32,
     keep_s: &mut [f32],
     keep_t: &mut [f32],
+    s_max: Option<f32>,
 ) -> KdStats {
-    let (ms, bad_s) = max_and_bad(s, base, j0, j1);
+    // The student's block max, when the caller has it (Hinton's T = 1 pass, which has also
+    // checked the block is finite).
+    let (ms, bad_s) = match s_max {
+        Some(m) => (m, false),
+        None => max_and_bad(s, base, j0, j1),
+    };
     let (mt, bad_t) = max_and_bad(t, base, j0, j1);
     if bad_s || bad_t {
         return KdStats {
@@ -550,29 +556,31 @@ fn kd_stats(
             ..Default::default()
         };
     }
-    let (mut zs, mut zt, mut dz) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
-    steps(j0, j1, |j, n| {
+    // Three simple loops over the block (in L1) rather than one that holds everything: fewer
+    // live vectors, no spills.
+    let zs = sum_exp(s, base, j0, j1, ms, inv_t, keep_s);
+    let zt = sum_exp(t, base, j0, j1, mt, inv_t, keep_t);
+    let mut dz = [0.0f32; LANES];
+    for_steps!(j0, j1, |j, n| {
         // SAFETY: in bounds.
         let (sv, tv) = unsafe { (s.load(base + j, n), t.load(base + j, n)) };
-        let (mut es, mut et, mut gap) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        let (es, et) = (
+            lanes(&keep_s[j - j0..j - j0 + n]),
+            lanes(&keep_t[j - j0..j - j0 + n]),
+        );
+        let mut gap = [0.0f32; LANES];
         for l in 0..LANES {
             let xs = (sv[l] - ms) * inv_t;
             let xt = (tv[l] - mt) * inv_t;
-            es[l] = vmath::exp(xs);
-            et[l] = vmath::exp(xt);
             gap[l] = exp_gap(xs - xt, es[l], et[l]);
         }
-        keep_s[j - j0..j - j0 + n].copy_from_slice(&es[..n]);
-        keep_t[j - j0..j - j0 + n].copy_from_slice(&et[..n]);
-        add(&mut zs, &es, n);
-        add(&mut zt, &et, n);
         add(&mut dz, &gap, n);
     });
     KdStats {
         ms,
         mt,
-        zs: total(&zs),
-        zt: total(&zt),
+        zs,
+        zt,
         dz: total(&dz),
         bad: false,
     }
@@ -635,6 +643,8 @@ struct KdBlock {
     ps: f32,
     pt: f32,
     w: f32,
+    /// `w` in f64, for the gradients that subtract the row's divergence from `u`.
+    w64: f64,
 }
 
 fn kd_block(row: &KdRow, b: &KdStats, inv_t: f64) -> KdBlock {
@@ -646,7 +656,23 @@ fn kd_block(row: &KdRow, b: &KdStats, inv_t: f64) -> KdBlock {
         ps: (os - row.lzs).exp() as f32,
         pt: (ot - row.lzt).exp() as f32,
         w: (row.dlz - (os - ot)) as f32,
+        w64: row.dlz - (os - ot),
     }
+}
+
+/// `u_j - d` in f64 for a step (teacher logits): where one class dominates, `u_j` and the row's
+/// divergence `d` are large and nearly cancel (the teacher gradient `q (-u - KL)` at the
+/// teacher's top class), more than f32 can resolve.
+#[inline(always)]
+fn u_minus(sv: &Lanes, tv: &Lanes, kb: &KdBlock, inv_t: f64, d: f64) -> Lanes {
+    let mut out = [0.0f32; LANES];
+    let (ms, mt) = (kb.ms as f64, kb.mt as f64);
+    for l in 0..LANES {
+        let xs = (sv[l] as f64 - ms) * inv_t;
+        let xt = (tv[l] as f64 - mt) * inv_t;
+        out[l] = (((xs - xt) - kb.w64) - d) as f32;
+    }
+    out
 }
 
 /// `(p, q, u)` of a step of LANES elements, teacher logits.
@@ -677,14 +703,8 @@ fn kd_elems(
 fn kl_and_gap(q: f32, p: f32, u: f32) -> (f32, f32) {
     let (phi, em1) = vmath::phi_expm1_small(u);
     let small = u.abs() < 0.5;
-    let term = if q == 0.0 {
-        p
-    } else if small {
-        q * phi
-    } else {
-        (p - q) - q * u
-    };
-    let gap = if q == 0.0 || !small { p - q } else { q * em1 };
+    let term = select(q == 0.0, p, select(small, q * phi, (p - q) - q * u));
+    let gap = select((q == 0.0) | !small, p - q, q * em1);
     (term, gap)
 }
 
@@ -724,6 +744,7 @@ impl HintonRows<'_> {
     /// The gradients of one block of a live, finite row: the student's always, the teacher's
     /// (which needs `KL_r`) when `with_teacher`. Returns the block's KL sum.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)] // the pass's inputs and its two switches
     fn block(
         &self,
         r: usize,
@@ -749,9 +770,8 @@ impl HintonRows<'_> {
         let (k, alpha, temp) = (self.k, self.alpha, self.temperature);
         let eps_c = self.label_smoothing / c as f32;
         let kt = k * (1.0 - alpha) * temp;
-        let kl_total = row.kl as f32;
-        let mut kl = [0.0f64; LANES];
-        steps(j0, j1, |j, n| {
+        let mut kl = [0.0f32; LANES];
+        for_steps!(j0, j1, |j, n| {
             let i = j - j0;
             // SAFETY: in bounds; in place, the student's elements are read before this step's
             // gradient overwrites them, and no later pass reads them (pass 3 writes the student
@@ -785,13 +805,10 @@ impl HintonRows<'_> {
             }
             if with_teacher {
                 if let Some(gt) = self.grad_teacher {
+                    let u_kl = u_minus(&sv, &tv, &kb, inv_t as f64, -row.kl);
                     let mut out = [0.0f32; LANES];
                     for l in 0..LANES {
-                        out[l] = if q[l] == 0.0 {
-                            0.0
-                        } else {
-                            -kt * q[l] * (u[l] + kl_total)
-                        };
+                        out[l] = select(q[l] == 0.0, 0.0, -kt * q[l] * u_kl[l]);
                     }
                     // SAFETY: as above.
                     unsafe { gt.store(base + j, &out, n) };
@@ -830,7 +847,7 @@ impl RowOp for HintonRows<'_> {
             };
         }
         let st = (self.student.s, self.teacher);
-        let kd = kd_stats(st, (base, j0, j1), self.inv_t(), es, et);
+        let kd = kd_stats(st, (base, j0, j1), self.inv_t(), es, et, Some(ce.m));
         HintonStats { ce, kd }
     }
 
@@ -1000,6 +1017,7 @@ impl DivergenceRows<'_> {
                 ps: (os - row.kd.lzs).exp() as f32,
                 pt: 1.0,
                 w: 0.0,
+                w64: 0.0,
             },
             c: row.kd.lzs - os,
         }
@@ -1026,12 +1044,36 @@ impl DivergenceRows<'_> {
             p[l] = es[l] * blk.kb.ps;
             q[l] = eq[l];
             let t = tv[l] as f64;
-            let lq = if probs { vmath::ln_f64(t) } else { t };
+            let lq = vmath::select64(probs, vmath::ln_f64(t), t);
             // max(log q, log eps), a NaN (a negative probability) floored too, as f64::max.
-            let lq = if floored && !(lq >= floor) { floor } else { lq };
+            let lq = vmath::select64(floored & (lq.is_nan() | (lq < floor)), floor, lq);
             u[l] = (((sv[l] as f64 - ms) * inv_t64 - blk.c) - lq) as f32;
         }
         (p, q, u)
+    }
+
+    /// `u_j - d` in f64 for a step (see [`u_minus`]).
+    #[inline(always)]
+    fn u_minus<const LOGITS: bool>(
+        &self,
+        (sv, tv): (&Lanes, &Lanes),
+        blk: &DivBlock,
+        d: f64,
+    ) -> Lanes {
+        let inv_t = self.inv_t() as f64;
+        if LOGITS {
+            return u_minus(sv, tv, &blk.kb, inv_t, d);
+        }
+        let mut out = [0.0f32; LANES];
+        let (floor, ms) = (self.log_floor(), blk.kb.ms as f64);
+        let (probs, floored) = (self.form == TeacherInput::Probs, self.teacher_eps > 0.0);
+        for l in 0..LANES {
+            let t = tv[l] as f64;
+            let lq = vmath::select64(probs, vmath::ln_f64(t), t);
+            let lq = vmath::select64(floored & (lq.is_nan() | (lq < floor)), floor, lq);
+            out[l] = ((((sv[l] as f64 - ms) * inv_t - blk.c) - lq) - d) as f32;
+        }
+        out
     }
 
     /// The divergence sums of a block (pass 2); writes forward KL's student gradient when
@@ -1051,8 +1093,8 @@ impl DivergenceRows<'_> {
         let beta = self.divergence.beta();
         let jb = (beta, beta.ln(), (-beta).ln_1p());
         let k = self.k;
-        let (mut x, mut y, mut qs) = ([0.0f64; LANES], [0.0f64; LANES], [0.0f64; LANES]);
-        steps(j0, j1, |j, n| {
+        let (mut x, mut y, mut qs) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        for_steps!(j0, j1, |j, n| {
             let i = j - j0;
             // SAFETY: in bounds; in place, each element is read before its gradient is written.
             let (sv, tv) = unsafe {
@@ -1118,10 +1160,10 @@ impl DivergenceRows<'_> {
         let (es, eq) = keep.split_at(len);
         let beta = self.divergence.beta();
         let jb = (beta, beta.ln(), (-beta).ln_1p());
-        let (k, d) = (self.k, row.d as f32);
+        let k = self.k;
         let (kl_qm, kl_pm) = (row.kl_qm as f32, row.kl_pm as f32);
         let infinite = row.d == f64::INFINITY;
-        steps(j0, j1, |j, n| {
+        for_steps!(j0, j1, |j, n| {
             let i = j - j0;
             // SAFETY: in bounds; in place, each element is read before its gradient is written.
             let (sv, tv) = unsafe {
@@ -1132,28 +1174,27 @@ impl DivergenceRows<'_> {
             };
             let (p, q, u) = self.elems::<LOGITS>((&sv, &tv), (&es[i..i + n], &eq[i..i + n]), blk);
             let (mut gs, mut gt) = ([0.0f32; LANES], [0.0f32; LANES]);
+            // u + D (forward KL's teacher gradient) or u - D (reverse KL's student gradient), in
+            // f64: they nearly cancel at a dominant class.
+            let u_d = match self.divergence {
+                Divergence::ForwardKl => self.u_minus::<LOGITS>((&sv, &tv), blk, -row.d),
+                Divergence::ReverseKl => self.u_minus::<LOGITS>((&sv, &tv), blk, row.d),
+                Divergence::Jsd { .. } => [0.0; LANES],
+            };
             match self.divergence {
                 Divergence::ForwardKl => {
                     for l in 0..LANES {
                         let (_, gap) = kl_and_gap(q[l], p[l], u[l]);
                         gs[l] = k * gap;
-                        gt[l] = if q[l] == 0.0 {
-                            0.0
-                        } else {
-                            -k * q[l] * (u[l] + d)
-                        };
+                        gt[l] = select(q[l] == 0.0, 0.0, -k * q[l] * u_d[l]);
                     }
                 }
                 Divergence::ReverseKl => {
                     for l in 0..LANES {
                         let (_, gap) = kl_and_gap(q[l], p[l], u[l]);
-                        let g = if p[l] == 0.0 {
-                            0.0
-                        } else {
-                            k * p[l] * (u[l] - d)
-                        };
+                        let g = select(p[l] == 0.0, 0.0, k * p[l] * u_d[l]);
                         // An infinite divergence has no gradient.
-                        gs[l] = if infinite { f32::NAN } else { g };
+                        gs[l] = select(infinite, f32::NAN, g);
                         gt[l] = -k * gap;
                     }
                 }
@@ -1162,16 +1203,8 @@ impl DivergenceRows<'_> {
                         let diff = -u[l];
                         let pm = jsd_p_minus_m(diff, jb);
                         let qm = jsd_q_minus_m(diff, jb);
-                        gs[l] = if p[l] == 0.0 {
-                            0.0
-                        } else {
-                            k * (1.0 - beta) * p[l] * (pm - kl_pm)
-                        };
-                        gt[l] = if q[l] == 0.0 {
-                            0.0
-                        } else {
-                            k * beta * q[l] * (qm - kl_qm)
-                        };
+                        gs[l] = select(p[l] == 0.0, 0.0, k * (1.0 - beta) * p[l] * (pm - kl_pm));
+                        gt[l] = select(q[l] == 0.0, 0.0, k * beta * q[l] * (qm - kl_qm));
                     }
                 }
             }
@@ -1197,55 +1230,33 @@ impl DivergenceRows<'_> {
 #[inline(always)]
 fn rkl_term(p: f32, q: f32, d: f32) -> f32 {
     let (phi, _) = vmath::phi_expm1_small(d);
-    let v = if d.abs() < 0.5 {
-        p * phi
-    } else {
-        (q - p) - p * d
-    };
-    if d == f32::NEG_INFINITY {
-        if p == 0.0 {
-            0.0
-        } else {
-            f32::INFINITY
-        }
-    } else {
-        v
-    }
+    let v = select(d.abs() < 0.5, p * phi, (q - p) - p * d);
+    select(
+        d == f32::NEG_INFINITY,
+        select(p == 0.0, 0.0, f32::INFINITY),
+        v,
+    )
 }
 
 /// `w phi(x)` with `x = log m - log w` and `m` given (its limit `m` where `w = 0`).
 #[inline(always)]
 fn phi_term(w: f32, x: f32, m: f32) -> f32 {
     let (phi, _) = vmath::phi_expm1_small(x);
-    if w == 0.0 {
-        m
-    } else if x.abs() < 0.5 {
-        w * phi
-    } else {
-        (m - w) - w * x
-    }
+    select(w == 0.0, m, select(x.abs() < 0.5, w * phi, (m - w) - w * x))
 }
 
 /// JSD's `log q - log M = -log1p((1 - beta) expm1(-diff))`, `diff = log q - log p`.
 #[inline(always)]
 fn jsd_q_minus_m(diff: f32, (beta, _, ln_1mb): (f32, f32, f32)) -> f32 {
     let v = -vmath::log1p((1.0 - beta) * vmath::expm1(-diff));
-    if diff < -80.0 {
-        diff - ln_1mb
-    } else {
-        v
-    }
+    select(diff < -80.0, diff - ln_1mb, v)
 }
 
 /// JSD's `log p - log M = -log1p(beta expm1(diff))`.
 #[inline(always)]
 fn jsd_p_minus_m(diff: f32, (beta, ln_b, _): (f32, f32, f32)) -> f32 {
     let v = -vmath::log1p(beta * vmath::expm1(diff));
-    if diff > 80.0 {
-        -(ln_b + diff)
-    } else {
-        v
-    }
+    select(diff > 80.0, -(ln_b + diff), v)
 }
 
 impl RowOp for DivergenceRows<'_> {
@@ -1274,6 +1285,7 @@ impl RowOp for DivergenceRows<'_> {
                 inv_t,
                 es,
                 eq,
+                None,
             );
             return DivStats { kd };
         }
@@ -1281,33 +1293,19 @@ impl RowOp for DivergenceRows<'_> {
         // The teacher: valid values, the floored q kept, Q = sum q.
         let probs = self.form == TeacherInput::Probs;
         let eps = self.teacher_eps;
-        let log_eps = if eps > 0.0 {
-            eps.ln()
-        } else {
-            f32::NEG_INFINITY
-        };
+        let log_eps = select(eps > 0.0, eps.ln(), f32::NEG_INFINITY);
         let mut bad = [0u32; LANES];
-        steps(j0, j1, |j, n| {
+        for_steps!(j0, j1, |j, n| {
             // SAFETY: in bounds.
             let tv = unsafe { self.teacher.load(base + j, n) };
             let mut q = [0.0f32; LANES];
             for l in 0..LANES {
                 let t = tv[l];
-                let invalid = if probs {
-                    !t.is_finite()
-                } else {
-                    t.is_nan() || t == f32::INFINITY
-                };
-                bad[l] |= (l < n && invalid) as u32;
-                q[l] = if probs {
-                    if eps > 0.0 && !(t >= eps) {
-                        eps
-                    } else {
-                        t
-                    }
-                } else {
-                    vmath::exp(if t < log_eps { log_eps } else { t })
-                };
+                let invalid =
+                    (probs & !t.is_finite()) | (!probs & (t.is_nan() | (t == f32::INFINITY)));
+                bad[l] |= ((l < n) & invalid) as u32;
+                let floored = select((eps > 0.0) & (t.is_nan() | (t < eps)), eps, t);
+                q[l] = select(probs, floored, vmath::exp(select(t < log_eps, log_eps, t)));
             }
             eq[j - j0..j - j0 + n].copy_from_slice(&q[..n]);
         });

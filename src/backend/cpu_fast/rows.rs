@@ -19,7 +19,7 @@
 use std::sync::{Barrier, Mutex};
 
 /// Columns per block.
-pub const BLOCK: usize = 2048;
+pub const BLOCK: usize = 1024;
 
 /// Elements below which a call runs on the calling thread alone (about 50 microseconds).
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
@@ -84,6 +84,110 @@ pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> R {
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { avx2(f) },
         _ => f(),
+    }
+}
+
+/// The three passes of a [`RowOp`], each compiled for every instruction set: a generic wrapper
+/// per set with the target features on it, into which the op's `#[inline(always)]` pass is
+/// inlined (a closure would not be: LLVM leaves a large closure body out of line, compiled for the
+/// baseline).
+macro_rules! passes_for {
+    ($stats:ident, $sums:ident, $pass3:ident, $feature:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        fn $stats<O: RowOp>(op: &O, r: usize, j: (usize, usize), keep: &mut [f32]) -> O::Stats {
+            op.stats(r, j.0, j.1, keep)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        fn $sums<O: RowOp>(
+            op: &O,
+            r: usize,
+            j: (usize, usize),
+            row: &O::Row,
+            b: &O::Stats,
+            keep: &[f32],
+        ) -> O::Sums {
+            op.sums(r, j.0, j.1, row, b, keep)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        fn $pass3<O: RowOp>(
+            op: &O,
+            r: usize,
+            j: (usize, usize),
+            row: &O::Row,
+            b: &O::Stats,
+            keep: &[f32],
+        ) {
+            op.pass3(r, j.0, j.1, row, b, keep)
+        }
+    };
+}
+
+passes_for!(
+    stats_avx512,
+    sums_avx512,
+    pass3_avx512,
+    "avx512f,avx512bw,avx512dq,avx512vl"
+);
+passes_for!(stats_avx2, sums_avx2, pass3_avx2, "avx2");
+
+/// Pass 1 of a block, for `simd` (which the CPU supports: see [`with_simd`]).
+#[inline(always)]
+fn stats<O: RowOp>(simd: Simd, op: &O, r: usize, j: (usize, usize), keep: &mut [f32]) -> O::Stats {
+    match simd {
+        // SAFETY: `simd` is supported by this CPU (the backend only holds supported sets).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { stats_avx512(op, r, j, keep) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { stats_avx2(op, r, j, keep) },
+        _ => op.stats(r, j.0, j.1, keep),
+    }
+}
+
+/// Pass 2 of a block, for `simd`.
+#[inline(always)]
+fn sums<O: RowOp>(
+    simd: Simd,
+    op: &O,
+    r: usize,
+    j: (usize, usize),
+    row: &O::Row,
+    b: &O::Stats,
+    keep: &[f32],
+) -> O::Sums {
+    match simd {
+        // SAFETY: as in `stats`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { sums_avx512(op, r, j, row, b, keep) },
+        // SAFETY: as in `stats`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { sums_avx2(op, r, j, row, b, keep) },
+        _ => op.sums(r, j.0, j.1, row, b, keep),
+    }
+}
+
+/// Pass 3 of a block, for `simd`.
+#[inline(always)]
+fn pass3<O: RowOp>(
+    simd: Simd,
+    op: &O,
+    r: usize,
+    j: (usize, usize),
+    row: &O::Row,
+    b: &O::Stats,
+    keep: &[f32],
+) {
+    match simd {
+        // SAFETY: as in `stats`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { pass3_avx512(op, r, j, row, b, keep) },
+        // SAFETY: as in `stats`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { pass3_avx2(op, r, j, row, b, keep) },
+        _ => op.pass3(r, j.0, j.1, row, b, keep),
     }
 }
 
@@ -194,20 +298,20 @@ impl<S: Copy + Default, B: Copy + Default> Worker<S, B> {
         for (b, st) in self.stats.iter_mut().enumerate() {
             let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
             let scratch = &mut self.scratch[k * j0..k * j1];
-            *st = with_simd(simd, || op.stats(r, j0, j1, scratch));
+            *st = stats(simd, op, r, (j0, j1), scratch);
         }
         let mut row = op.combine(r, &self.stats);
         for (b, (sm, st)) in self.sums.iter_mut().zip(&self.stats).enumerate() {
             let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
             let scratch = &self.scratch[k * j0..k * j1];
-            *sm = with_simd(simd, || op.sums(r, j0, j1, &row, st, scratch));
+            *sm = sums(simd, op, r, (j0, j1), &row, st, scratch);
         }
         let (loss, third) = op.finish(r, &mut row, &self.sums);
         if third {
             for (b, st) in self.stats.iter().enumerate() {
                 let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
                 let scratch = &self.scratch[k * j0..k * j1];
-                with_simd(simd, || op.pass3(r, j0, j1, &row, st, scratch));
+                pass3(simd, op, r, (j0, j1), &row, st, scratch);
             }
         }
         loss
@@ -220,13 +324,14 @@ fn split_rows<O: RowOp>(op: &O, simd: Simd, threads: usize, losses: &mut [f64]) 
     let (n, c) = op.shape();
     let blocks = c.div_ceil(BLOCK);
     let k = O::SCRATCH;
-    let stats = Mutex::new(vec![O::Stats::default(); blocks]);
-    let sums = Mutex::new(vec![O::Sums::default(); blocks]);
+    let shared_stats = Mutex::new(vec![O::Stats::default(); blocks]);
+    let shared_sums = Mutex::new(vec![O::Sums::default(); blocks]);
     let barrier = Barrier::new(threads);
     let out = Mutex::new(losses);
     std::thread::scope(|scope| {
         for i in 0..threads {
-            let (stats, sums, barrier, out) = (&stats, &sums, &barrier, &out);
+            let (shared_stats, shared_sums, barrier, out) =
+                (&shared_stats, &shared_sums, &barrier, &out);
             scope.spawn(move || {
                 let (b0, b1) = (i * blocks / threads, (i + 1) * blocks / threads);
                 let first = b0 * BLOCK;
@@ -238,26 +343,26 @@ fn split_rows<O: RowOp>(op: &O, simd: Simd, threads: usize, losses: &mut [f64]) 
                     for (b, st) in (b0..b1).zip(mine_st.iter_mut()) {
                         let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
                         let s = &mut scratch[k * (j0 - first)..k * (j1 - first)];
-                        *st = with_simd(simd, || op.stats(r, j0, j1, s));
+                        *st = stats(simd, op, r, (j0, j1), s);
                     }
-                    lock(stats)[b0..b1].copy_from_slice(&mine_st);
+                    lock(shared_stats)[b0..b1].copy_from_slice(&mine_st);
                     barrier.wait();
-                    let all = lock(stats).clone();
+                    let all = lock(shared_stats).clone();
                     let mut row = op.combine(r, &all);
                     for (b, sm) in (b0..b1).zip(mine_sm.iter_mut()) {
                         let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
                         let s = &scratch[k * (j0 - first)..k * (j1 - first)];
-                        *sm = with_simd(simd, || op.sums(r, j0, j1, &row, &all[b], s));
+                        *sm = sums(simd, op, r, (j0, j1), &row, &all[b], s);
                     }
-                    lock(sums)[b0..b1].copy_from_slice(&mine_sm);
+                    lock(shared_sums)[b0..b1].copy_from_slice(&mine_sm);
                     barrier.wait();
-                    let all_sums = lock(sums).clone();
+                    let all_sums = lock(shared_sums).clone();
                     let (loss, third) = op.finish(r, &mut row, &all_sums);
                     if third {
-                        for b in b0..b1 {
+                        for (b, st) in all.iter().enumerate().take(b1).skip(b0) {
                             let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
                             let s = &scratch[k * (j0 - first)..k * (j1 - first)];
-                            with_simd(simd, || op.pass3(r, j0, j1, &row, &all[b], s));
+                            pass3(simd, op, r, (j0, j1), &row, st, s);
                         }
                     }
                     if i == 0 {

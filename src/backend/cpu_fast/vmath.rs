@@ -17,8 +17,26 @@
 //! - [`log1p`]: the `atanh` series for `|x| < 0.25` (relative 1e-11), [`ln`]`(1 + x)` beyond
 //!   (at most 4 ulp: the rounding of `1 + x`).
 
-/// Lanes per vector step of the row kernels (one AVX-512 register of f32, two of AVX2).
-pub const LANES: usize = 16;
+/// Lanes per vector step of the row kernels: one AVX2 register of f32. Sixteen (one AVX-512
+/// register) would double every value a step holds, and AVX2's 16 registers then spill (measured:
+/// a third of the time went to reloading constants and spilled lanes). Every instruction set runs
+/// the same 8-lane steps, so all give the same bits.
+pub const LANES: usize = 8;
+
+/// `if c { a } else { b }` by bit masks: the compiler keeps a bitwise select in vector form,
+/// where an `if` makes it give up vectorising the whole lane loop (checked in the assembly).
+#[inline(always)]
+pub fn select(c: bool, a: f32, b: f32) -> f32 {
+    let m = (c as u32).wrapping_neg();
+    f32::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
+}
+
+/// [`select`] for f64.
+#[inline(always)]
+pub fn select64(c: bool, a: f64, b: f64) -> f64 {
+    let m = (c as u64).wrapping_neg();
+    f64::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
+}
 
 /// `e^x` in f32 (see the module documentation for its error and range).
 #[inline(always)]
@@ -26,8 +44,9 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.5, 88.0);
-    let kf = (xc * LOG2E + MAGIC) - MAGIC;
+    let xc = select(x < -87.5, -87.5, select(x > 88.0, 88.0, x));
+    let shifted = xc * LOG2E + MAGIC;
+    let kf = shifted - MAGIC;
     let r = (xc - kf * 0.693_359_4) - kf * (-2.121_944_4e-4);
     let poly =
         (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -37,19 +56,40 @@ pub fn exp(x: f32) -> f32 {
             * (r * r)
             + r
             + 1.0;
-    // 2^k by building the exponent field; k is in [-127, 127] after the clamp.
-    let k = kf as i32;
+    // k from the low bits of `shifted` (MAGIC + k, |k| < 2^22), not `kf as i32`: Rust's
+    // saturating float-to-int cast is scalar code per lane. Then 2^k from its exponent field;
+    // k is in [-127, 127] after the clamp.
+    let k = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
     let scale = f32::from_bits(((k + 127).max(0) as u32) << 23);
     let y = poly * scale;
-    if x < -87.33 {
-        0.0
-    } else if x > 88.0 {
-        f32::INFINITY
-    } else if x.is_nan() {
-        x
-    } else {
-        y
-    }
+    select(
+        x < -87.33,
+        0.0,
+        select(x > 88.0, f32::INFINITY, select(x.is_nan(), x, y)),
+    )
+}
+
+/// [`exp`] for `x <= 0` (or `-inf`), the softmax sums' case: the same bits as [`exp`] there,
+/// without its checks for overflow and NaN (a third of its work). Not for NaN or `x > 88`.
+#[inline(always)]
+pub fn exp_nonpos(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = max(x, -87.5);
+    let shifted = xc * LOG2E + MAGIC;
+    let kf = shifted - MAGIC;
+    let r = (xc - kf * 0.693_359_4) - kf * (-2.121_944_4e-4);
+    let poly =
+        (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+            + 0.166_666_65)
+            * r
+            + 0.5)
+            * (r * r)
+            + r
+            + 1.0;
+    let k = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let scale = f32::from_bits(((k + 127).max(0) as u32) << 23);
+    select(x < -87.33, 0.0, poly * scale)
 }
 
 /// `ln x` in f32 (see the module documentation).
@@ -58,14 +98,14 @@ pub fn ln(x: f32) -> f32 {
     const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
     // Subnormals: scale into the normal range first (2^25), and take 25 off the exponent.
     let sub = x < f32::MIN_POSITIVE;
-    let xs = if sub { x * 33_554_432.0 } else { x };
+    let xs = select(sub, x * 33_554_432.0, x);
     let bits = xs.to_bits();
-    let e0 = ((bits >> 23) & 0xff) as i32 - 126 - if sub { 25 } else { 0 };
+    let e0 = ((bits >> 23) & 0xff) as i32 - 126 - 25 * sub as i32;
     // The mantissa in [0.5, 1).
     let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
     let low = m < SQRT_HALF;
-    let e = (if low { e0 - 1 } else { e0 }) as f32;
-    let f = if low { m + m - 1.0 } else { m - 1.0 };
+    let e = (e0 - low as i32) as f32;
+    let f = select(low, m + m - 1.0, m - 1.0);
     let z = f * f;
     let mut y =
         ((((((((7.037_683_6e-2 * f - 0.115_146_1) * f + 0.116_769_98) * f - 0.124_201_41) * f
@@ -83,15 +123,15 @@ pub fn ln(x: f32) -> f32 {
     y += e * -2.121_944_4e-4;
     y += -0.5 * z;
     let r = f + y + e * 0.693_359_4;
-    if x == 0.0 {
-        f32::NEG_INFINITY
-    } else if x.is_nan() || x < 0.0 {
-        f32::NAN
-    } else if x == f32::INFINITY {
-        x
-    } else {
-        r
-    }
+    select(
+        x == 0.0,
+        f32::NEG_INFINITY,
+        select(
+            x.is_nan() | (x < 0.0),
+            f32::NAN,
+            select(x == f32::INFINITY, x, r),
+        ),
+    )
 }
 
 /// `ln x` in f64 for the teacher's log-probabilities (see the module documentation).
@@ -102,17 +142,17 @@ pub fn ln_f64(x: f64) -> f64 {
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     // f64 subnormals do not arise here (the inputs are f32 values), but scale them anyway.
     let sub = x < f64::MIN_POSITIVE;
-    let xs = if sub { x * 18_014_398_509_481_984.0 } else { x }; // 2^54
+    let xs = select64(sub, x * 18_014_398_509_481_984.0, x); // 2^54
     let bits = xs.to_bits();
     // The exponent as a float without an int-to-float conversion: OR it into 2^52's mantissa.
     let ebits = (bits >> 52) & 0x7ff;
     let e0 = f64::from_bits(0x4330_0000_0000_0000 | ebits)
         - (4_503_599_627_370_496.0 + 1022.0)
-        - if sub { 54.0 } else { 0.0 };
+        - select64(sub, 54.0, 0.0);
     let m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3fe0_0000_0000_0000);
     let low = m < SQRT_HALF;
-    let e = if low { e0 - 1.0 } else { e0 };
-    let f = if low { m + m - 1.0 } else { m - 1.0 };
+    let e = select64(low, e0 - 1.0, e0);
+    let f = select64(low, m + m - 1.0, m - 1.0);
     let s = f / (2.0 + f);
     let s2 = s * s;
     let series = 1.0
@@ -123,17 +163,18 @@ pub fn ln_f64(x: f64) -> f64 {
                         + s2 * (1.0 / 11.0
                             + s2 * (1.0 / 13.0
                                 + s2 * (1.0 / 15.0
-                                    + s2 * (1.0 / 17.0 + s2 * (1.0 / 19.0 + s2 / 21.0)))))))));
+                                    + s2 * (1.0 / 17.0
+                                        + s2 * (1.0 / 19.0 + s2 * (1.0 / 21.0))))))))));
     let r = e * LN2_HI + (e * LN2_LO + 2.0 * s * series);
-    if x == 0.0 {
-        f64::NEG_INFINITY
-    } else if x.is_nan() || x < 0.0 {
-        f64::NAN
-    } else if x == f64::INFINITY {
-        x
-    } else {
-        r
-    }
+    select64(
+        x == 0.0,
+        f64::NEG_INFINITY,
+        select64(
+            x.is_nan() | (x < 0.0),
+            f64::NAN,
+            select64(x == f64::INFINITY, x, r),
+        ),
+    )
 }
 
 /// `e^x` in f64 (for the log-softmax backward, where `dy - e^y sum dy` can cancel): reduction by
@@ -145,7 +186,7 @@ pub fn exp_f64(x: f64) -> f64 {
     const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
     const LN2_HI: f64 = 6.931_471_803_691_238e-1;
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
-    let xc = x.clamp(-708.5, 709.5);
+    let xc = select64(x < -708.5, -708.5, select64(x > 709.5, 709.5, x));
     let y = xc * LOG2E + MAGIC;
     let kf = y - MAGIC;
     let r = (xc - kf * LN2_HI) - kf * LN2_LO;
@@ -168,15 +209,11 @@ pub fn exp_f64(x: f64) -> f64 {
     let k = (y.to_bits() & 0x000f_ffff_ffff_ffff).wrapping_sub(1 << 51);
     let scale = f64::from_bits(k.wrapping_add(1023) << 52);
     let v = p * scale;
-    if x < -708.39 {
-        0.0
-    } else if x > 709.78 {
-        f64::INFINITY
-    } else if x.is_nan() {
-        x
-    } else {
-        v
-    }
+    select64(
+        x < -708.39,
+        0.0,
+        select64(x > 709.78, f64::INFINITY, select64(x.is_nan(), x, v)),
+    )
 }
 
 /// `(phi(x), expm1(x))` for `|x| < 0.5` by the Taylor series (`phi(x) = e^x - 1 - x`); outside
@@ -192,7 +229,7 @@ pub fn phi_expm1_small(x: f32) -> (f32, f32) {
                         + x * (1.0 / 720.0
                             + x * (1.0 / 5040.0
                                 + x * (1.0 / 40320.0
-                                    + x * (1.0 / 362_880.0 + x / 3_628_800.0))))))));
+                                    + x * (1.0 / 362_880.0 + x * (1.0 / 3_628_800.0)))))))));
     (phi, x + phi)
 }
 
@@ -201,11 +238,7 @@ pub fn phi_expm1_small(x: f32) -> (f32, f32) {
 pub fn expm1(x: f32) -> f32 {
     let (_, small) = phi_expm1_small(x);
     let big = exp(x) - 1.0;
-    if x.abs() < 0.5 {
-        small
-    } else {
-        big
-    }
+    select(x.abs() < 0.5, small, big)
 }
 
 /// `ln(1 + x)`, precise near 0.
@@ -215,24 +248,18 @@ pub fn log1p(x: f32) -> f32 {
     let z2 = z * z;
     let small = 2.0
         * z
-        * (1.0 + z2 * (1.0 / 3.0 + z2 * (0.2 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0 + z2 / 11.0)))));
+        * (1.0
+            + z2 * (1.0 / 3.0
+                + z2 * (0.2 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0 + z2 * (1.0 / 11.0))))));
     let big = ln(1.0 + x);
-    if x.abs() < 0.25 {
-        small
-    } else {
-        big
-    }
+    select(x.abs() < 0.25, small, big)
 }
 
 /// The larger of two floats as `maxps` computes it (`b` when either is NaN; the row kernels
 /// track non-finite inputs separately, so a NaN never needs to win here).
 #[inline(always)]
 pub fn max(a: f32, b: f32) -> f32 {
-    if a > b {
-        a
-    } else {
-        b
-    }
+    select(a > b, a, b)
 }
 
 #[cfg(test)]
@@ -274,6 +301,15 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(100.0), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp_nonpos_gives_exp_bits() {
+        for x in points(-100.0, 0.0, 100_000) {
+            let x = x as f32;
+            assert_eq!(exp_nonpos(x).to_bits(), exp(x).to_bits(), "x = {x}");
+        }
+        assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
