@@ -85,11 +85,12 @@ fn fkl_term(e: Elem) -> f32 {
     return kl_term(e.q, e.p, -e.diff);
 }
 
-// p phi(-u): reverse KL's term (+inf where q = 0 exactly and p > 0).
+// p phi(-u): reverse KL's term, +inf where q = 0 exactly: p is a softmax of finite logits, so it
+// is > 0 even where its f32 value underflows to 0 (the reference's log p is finite there).
 fn rkl_term(e: Elem) -> f32 {
     let d = e.diff;
     if (d == -inf_f32()) {
-        return select(inf_f32(), 0.0, e.p == 0.0);
+        return inf_f32();
     }
     if (abs(d) < 0.5) {
         return e.p * phi_f32(d);
