@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use distillation::data::Dataset;
 use distillation::experiment::{self, Config, Method, ModelKind, Progress, Report};
@@ -55,20 +56,15 @@ enum ModelChoice {
     Cnn,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum MethodChoice {
-    Kd,
-    Fitnets,
-    Ensemble,
-    Mutual,
-    BornAgain,
-    Cached,
-    /// Attention transfer between the first conv blocks (needs --model cnn).
-    At,
-    /// Similarity-preserving KD on the last hidden features.
-    Sp,
-    /// RKD distance on the last hidden features.
-    Rkd,
+/// `--method`: the names and help lines of the methods' registry
+/// (`distillation::experiment::methods`).
+fn method_parser() -> impl TypedValueParser<Value = Method> {
+    PossibleValuesParser::new(
+        Method::ALL
+            .iter()
+            .map(|m| PossibleValue::new(m.name()).help(m.about())),
+    )
+    .map(|name| Method::from_name(&name).expect("a registered method name"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,8 +73,8 @@ struct Opts {
     backend: BackendChoice,
     #[arg(long, value_enum, default_value = "mlp", global = true)]
     model: ModelChoice,
-    #[arg(long, value_enum, default_value = "kd", global = true)]
-    method: MethodChoice,
+    #[arg(long, value_parser = method_parser(), default_value = "kd", global = true)]
+    method: Method,
     /// Softmax temperature of the soft targets.
     #[arg(long, default_value_t = 4.0, global = true)]
     temperature: f32,
@@ -142,17 +138,7 @@ fn main() -> ExitCode {
 
 fn config(o: &Opts) -> Config {
     Config {
-        method: match o.method {
-            MethodChoice::Kd => Method::Kd,
-            MethodChoice::Fitnets => Method::FitNets,
-            MethodChoice::Ensemble => Method::Ensemble,
-            MethodChoice::Mutual => Method::Mutual,
-            MethodChoice::BornAgain => Method::BornAgain,
-            MethodChoice::Cached => Method::Cached,
-            MethodChoice::At => Method::AttentionTransfer,
-            MethodChoice::Sp => Method::SimilarityPreserving,
-            MethodChoice::Rkd => Method::RkdDistance,
-        },
+        method: o.method,
         model: match o.model {
             ModelChoice::Mlp => ModelKind::Mlp,
             ModelChoice::Cnn => ModelKind::Cnn,
