@@ -99,6 +99,7 @@ fn every_method_runs_and_learns() {
         Method::FitNets,
         Method::Ensemble,
         Method::Mutual,
+        Method::MutualCoupled,
         Method::BornAgain,
         Method::Cached,
     ] {
@@ -162,6 +163,44 @@ fn every_method_runs_and_learns() {
         "augmented, fine-tuned: {}",
         r.folds[0].student
     );
+}
+
+#[test]
+fn mutual_learning_detaches_the_peer_unless_coupled() {
+    let b = distillation::FastCpuBackend::new();
+    let data = Dataset::digits().unwrap();
+    let run = |m| {
+        let cfg = Config {
+            epochs: 3,
+            teacher_epochs: 1,
+            ..quick(m)
+        };
+        experiment::run(&b, &data, &cfg, &mut |_| {})
+            .unwrap()
+            .report
+            .folds
+            .remove(0)
+    };
+    let (dml, coupled) = (run(Method::Mutual), run(Method::MutualCoupled));
+    // The same networks, batches and simple model; only the gradients of the divergences differ.
+    assert_eq!(dml.simple_curve, coupled.simple_curve);
+    assert_ne!(dml.student_curve, coupled.student_curve);
+}
+
+#[test]
+fn the_cli_offers_every_registered_method() {
+    let exe = env!("CARGO_BIN_EXE_distill");
+    let out = std::process::Command::new(exe)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for m in Method::ALL {
+        assert!(
+            help.contains(&format!("- {}:", m.name())) && help.contains(m.about()),
+            "{m:?} missing from --help: {help}"
+        );
+    }
 }
 
 #[test]

@@ -167,9 +167,12 @@ registry! {
     FitNets => fitnets::FitNets,
     /// A teacher ensemble: the target is the mean of several teachers' `softmax(t/T)`.
     Ensemble => ensemble::Ensemble,
-    /// Deep mutual learning: two students learn together, each distilling from the other, with the
-    /// gradient flowing through both sides of the divergence.
-    Mutual => mutual::Mutual,
+    /// Deep mutual learning (Zhang et al. 2018): two students learn together, each from the
+    /// other's detached predictions.
+    Mutual => mutual::Mutual { coupled: false },
+    /// Mutual learning with the gradient through both sides of both divergences (the form
+    /// `mutual` had before it became standard DML).
+    MutualCoupled => mutual::Mutual { coupled: true },
     /// Born-again networks: the student has the teacher's architecture, over several generations.
     BornAgain => born_again::BornAgain,
     /// Offline distillation from the teacher's soft targets, written to disk once and read back.
