@@ -73,8 +73,8 @@ impl<B: Backend> Visit for Round<'_, '_, B> {
             cfg.epochs * self.labelled.len().div_ceil(cfg.batch),
         ));
         let mut curve = Vec::with_capacity(cfg.epochs);
-        for _ in 0..cfg.epochs {
-            curve.push(learner.epoch(&mut order, self.labelled, &mut *self.progress)?);
+        for epoch in 0..cfg.epochs {
+            curve.push(learner.epoch(epoch, &mut order, self.labelled, &mut *self.progress)?);
         }
         Ok((learner.student, curve))
     }
@@ -139,9 +139,10 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
         })
     }
 
-    /// One epoch over the labelled examples; returns the mean of the student's objective.
+    /// Epoch `epoch` over the labelled examples; returns the mean of the student's objective.
     fn epoch(
         &mut self,
+        epoch: usize,
         order: &mut Order,
         labelled: &[usize],
         progress: &mut dyn FnMut(Progress<'_>),
@@ -154,7 +155,7 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
             let augment = cfg.augment.then_some((&mut order.augment, cfg.noise));
             let (batch, x_host) = gather(backend, self.cx.data, &idx, b.len(), augment)?;
             let targets = self.batch_targets(&idx, &x_host, batch.rows)?;
-            self.step(batch, targets.as_ref(), &total)?;
+            self.step(epoch, batch, targets.as_ref(), &total)?;
             progress(Progress::Step(self.cx.fold));
         }
         Ok(total.to_host(backend)?[0] as f64 / batches.len() as f64)
@@ -183,6 +184,7 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
     /// optimizer on the student and the modules; adds the student's objective to `total`.
     fn step(
         &mut self,
+        epoch: usize,
         batch: Batch<B>,
         targets: Option<&(Vec<f32>, TeacherInput)>,
         total: &Tensor<B>,
@@ -196,6 +198,7 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
             cfg,
             x,
             &fwd,
+            epoch,
             &batch.labels,
             self.teachers,
             targets.map(|(v, form)| (v.as_slice(), *form)),

@@ -143,6 +143,8 @@ pub struct Step<'a, 'r, B: Backend> {
     pub x: Var,
     /// The student's forward pass on `x`.
     pub student: &'r NetForward,
+    /// The epoch, from 0 (for terms with a schedule, such as a warm-up).
+    pub epoch: usize,
     labels: &'r B::Labels,
     teachers: &'r [&'r Net<B>],
     /// The batch's soft targets, `[rows, classes]`, when the method has them.
@@ -159,6 +161,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         cfg: &'r Config,
         x: Var,
         student: &'r NetForward,
+        epoch: usize,
         labels: &'r B::Labels,
         teachers: &'r [&'r Net<B>],
         targets: Option<(&'r [f32], TeacherInput)>,
@@ -169,6 +172,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
             cfg,
             x,
             student,
+            epoch,
             labels,
             teachers,
             targets,
@@ -181,6 +185,12 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
     fn shape(&self) -> RowShape {
         let (rows, classes) = self.tape.value(self.student.logits).rows_cols();
         RowShape::new(rows, classes)
+    }
+
+    /// The batch's labels on the device: the labelled rows' classes, then `IGNORE_INDEX` for the
+    /// unlabelled rows.
+    pub fn labels(&self) -> &'r B::Labels {
+        self.labels
     }
 
     /// Cross-entropy of `logits` against the batch's labels (the unlabelled rows masked), its
