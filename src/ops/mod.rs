@@ -339,9 +339,9 @@ pub fn check_reverse_kl_support(
                 row,
                 problem: format!(
                     "the teacher gives class {j} probability 0, where reverse KL \
-                     sum p (log p - log q) is +inf: set a floor (DivergenceSpec::teacher_eps or \
-                     SoftTargetLoss::teacher_eps, e.g. 1e-8), or use forward KL or JSD, which are \
-                     finite there"
+                     sum p (log p - log q) is +inf: set a floor (DivergenceSpec::teacher_eps, \
+                     SoftTargetLoss::teacher_eps or the C ABI's teacher_eps argument, e.g. 1e-8), \
+                     or use forward KL or JSD, which are finite there"
                 ),
             });
         }

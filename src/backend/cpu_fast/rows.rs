@@ -456,3 +456,56 @@ impl Out {
         unsafe { self.0.add(i).write(v) };
     }
 }
+
+/// Nanoseconds per element of [`super::vmath::exp`] over a cache-resident array, compiled for
+/// `simd` (the cost the row losses are bound by; `examples/cpu_bench.rs` prints it beside the
+/// losses). `Err` when the CPU lacks `simd`.
+pub fn exp_ns_per_element(simd: Simd) -> crate::Result<f64> {
+    use super::vmath::{exp, LANES};
+    if !simd.supported() {
+        return Err(crate::Error::Unsupported(format!(
+            "this CPU cannot run {simd:?} code"
+        )));
+    }
+    #[inline(always)]
+    fn sweep(x: &[f32], out: &mut [f32]) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        for (cx, co) in x.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
+            let mut e = [0.0f32; LANES];
+            for l in 0..LANES {
+                e[l] = exp(cx[l]);
+                acc[l] += e[l];
+            }
+            co.copy_from_slice(&e);
+        }
+        acc.iter().sum()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn avx512(x: &[f32], out: &mut [f32]) -> f32 {
+        sweep(x, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn avx2(x: &[f32], out: &mut [f32]) -> f32 {
+        sweep(x, out)
+    }
+    let x: Vec<f32> = (0..1024).map(|i| -(i as f32) / 64.0).collect();
+    let mut out = vec![0.0f32; x.len()];
+    let reps = 20_000;
+    let start = std::time::Instant::now();
+    let mut sink = 0.0f32;
+    for _ in 0..reps {
+        sink += match simd {
+            // SAFETY: `simd` is supported (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { avx512(&x, &mut out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { avx2(&x, &mut out) },
+            _ => sweep(&x, &mut out),
+        };
+    }
+    std::hint::black_box(sink);
+    Ok(start.elapsed().as_secs_f64() * 1e9 / (reps * x.len()) as f64)
+}
