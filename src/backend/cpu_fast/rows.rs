@@ -193,8 +193,10 @@ fn pass3<O: RowOp>(
 
 /// The number of threads for `work` elements, at most `max` (0: the machine's cores).
 pub fn threads_for(work: usize, max: usize) -> usize {
+    // `available_parallelism` reads cgroup files on Linux (tens of microseconds): once.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = if max == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     } else {
         max
     };

@@ -110,12 +110,15 @@ pub(super) fn ce_stats(
 }
 
 /// Merges the student's blocks at T = 1: `(m, Z, Z - e_y, sum s, s_y, bad)`.
-pub(super) fn merge_ce(blocks: &[CeStats]) -> (f32, f64, f64, f64, f32, bool) {
+pub(super) fn merge_ce<'a>(
+    blocks: impl Iterator<Item = &'a CeStats> + Clone,
+) -> (f32, f64, f64, f64, f32, bool) {
     let m = blocks
-        .iter()
+        .clone()
         .fold(f32::NEG_INFINITY, |a, b| vmath::max(a, b.m));
-    let (mut z, mut ey, mut sum, mut sy) = (0.0, 0.0, 0.0, 0.0);
+    let (mut z, mut ey, mut sum, mut sy, mut bad) = (0.0, 0.0, 0.0, 0.0, false);
     for b in blocks {
+        bad |= b.bad;
         let r = (b.m as f64 - m as f64).exp();
         z += b.z * r;
         sum += b.sum_s;
@@ -124,7 +127,6 @@ pub(super) fn merge_ce(blocks: &[CeStats]) -> (f32, f64, f64, f64, f32, bool) {
             ey = e as f64 * r;
         }
     }
-    let bad = blocks.iter().any(|b| b.bad);
     (m, z, z - ey, sum, sy, bad)
 }
 
@@ -151,7 +153,7 @@ impl RowOp for CrossEntropyRows<'_> {
         if !self.rows.live(r) {
             return CeRow::default();
         }
-        let (m, z, z_rest, sum_s, sy, bad) = merge_ce(blocks);
+        let (m, z, z_rest, sum_s, sy, bad) = merge_ce(blocks.iter());
         CeRow {
             live: true,
             bad,

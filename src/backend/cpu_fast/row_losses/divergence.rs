@@ -405,15 +405,12 @@ impl RowOp for DivergenceRows<'_> {
         let kd = if self.logits() {
             merge_kd(blocks.iter().map(|b| &b.kd), inv_t)
         } else {
-            let mm: Vec<MaxSum> = blocks
-                .iter()
-                .map(|b| MaxSum {
-                    m: b.kd.ms,
-                    z: b.kd.zs,
-                    bad: b.kd.bad,
-                })
-                .collect();
-            let m = merge_max_sum(&mm, inv_t);
+            let mm = blocks.iter().map(|b| MaxSum {
+                m: b.kd.ms,
+                z: b.kd.zs,
+                bad: b.kd.bad,
+            });
+            let m = merge_max_sum(mm, inv_t);
             KdRow {
                 ms: m.m,
                 lzs: m.lz,

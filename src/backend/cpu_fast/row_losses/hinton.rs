@@ -148,8 +148,7 @@ impl RowOp for HintonRows<'_> {
         if !self.rows.live(r) {
             return HintonRow::default();
         }
-        let (m, z, z_rest, sum_s, sy, bad_s) =
-            merge_ce(&blocks.iter().map(|b| b.ce).collect::<Vec<_>>());
+        let (m, z, z_rest, sum_s, sy, bad_s) = merge_ce(blocks.iter().map(|b| &b.ce));
         let kd = merge_kd(blocks.iter().map(|b| &b.kd), 1.0 / self.temperature as f64);
         HintonRow {
             ce: CeRow {

@@ -51,19 +51,16 @@ pub(super) fn sum_exp(
 }
 
 /// Merges blocks' `(max, sum exp((x - max) / T))` in f64: the row's max and `log Z`.
-pub(super) fn merge_max_sum(blocks: &[MaxSum], inv_t: f64) -> RowMax {
+pub(super) fn merge_max_sum(blocks: impl Iterator<Item = MaxSum> + Clone, inv_t: f64) -> RowMax {
     let m = blocks
-        .iter()
+        .clone()
         .fold(f32::NEG_INFINITY, |a, b| vmath::max(a, b.m));
-    let z: f64 = blocks
-        .iter()
-        .map(|b| b.z * ((b.m as f64 - m as f64) * inv_t).exp())
-        .sum();
-    RowMax {
-        m,
-        lz: z.ln(),
-        bad: blocks.iter().any(|b| b.bad),
+    let (mut z, mut bad) = (0.0f64, false);
+    for b in blocks {
+        z += b.z * ((b.m as f64 - m as f64) * inv_t).exp();
+        bad |= b.bad;
     }
+    RowMax { m, lz: z.ln(), bad }
 }
 
 impl RowOp for SoftmaxRows {
@@ -88,7 +85,7 @@ impl RowOp for SoftmaxRows {
     }
 
     fn combine(&self, _r: usize, blocks: &[MaxSum]) -> RowMax {
-        merge_max_sum(blocks, self.inv_t as f64)
+        merge_max_sum(blocks.iter().copied(), self.inv_t as f64)
     }
 
     #[inline(always)]
