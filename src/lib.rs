@@ -2,9 +2,10 @@
 //!
 //! Hand-written GPU kernels for knowledge distillation: fused temperature softmax, forward and
 //! reverse KL, JSD, cross-entropy, the fused Hinton loss, feature-map MSE and attention transfer,
-//! each with its backward pass, on three backends behind one boundary ([`backend::Backend`]):
+//! each with its backward pass, on four backends behind one boundary ([`backend::Backend`]):
 //!
-//! - [`CpuBackend`]: the f64 reference every GPU result is checked against;
+//! - [`CpuBackend`]: the f64 reference every other backend is checked against;
+//! - [`FastCpuBackend`]: f32 kernels for the CPU (packed matmul, vectorised multi-threaded losses);
 //! - [`WgpuBackend`]: WGSL shaders (`shaders/`) through wgpu (Vulkan, Metal, DX12);
 //! - `CudaBackend` (feature `cuda`): CUDA kernels (`kernels/`) compiled at run time by NVRTC.
 //!

@@ -7,7 +7,8 @@
 //! - Each kernel file is compiled with `kernels/common.cuh` prepended (NVRTC has no standard
 //!   headers), once per process and architecture ([`compile_kernel`]; PTX cached), and loaded once
 //!   per backend. [`compile_all_kernels`] compiles them all without a GPU or a driver (CI).
-//! - Every kernel runs on the context's default stream, in the order the calls are made. A row loss
+//! - Every kernel runs on the backend's stream (the context's default stream, or the caller's from
+//!   [`CudaBackend::with_stream`]), in the order the calls are made. A row loss
 //!   is three launches (`count_valid`, the op, `reduce_rows`) with no host read-back in between;
 //!   [`Backend::download`] synchronizes.
 //! - Buffers are raw device pointers plus a length ([`CudaBuffer`]); buffers this backend allocates
