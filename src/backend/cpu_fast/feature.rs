@@ -1,6 +1,6 @@
 //! The fast CPU backend's feature losses (`docs/LOSSES.md` sections 5 and 6): FitNets MSE and
 //! attention transfer. No exponentials here: the arithmetic is f64 element by element (as cheap
-//! as f32 at memory speed, and as exact as the reference), vectorised over 16 lanes, sums in a
+//! as f32 at memory speed, and as exact as the reference), vectorised over 8 lanes, sums in a
 //! fixed order of fixed chunks, so any thread count gives the same bits.
 
 use super::rows::{threads_for, Simd};

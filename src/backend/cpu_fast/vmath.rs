@@ -1,6 +1,7 @@
 //! Branch-free scalar math that the compiler vectorises: the fast CPU row kernels call these
-//! inside loops over 16 lanes ([`LANES`]), so each becomes straight-line SIMD code (AVX-512,
-//! AVX2 or SSE2, whichever the caller was compiled for; see `rows.rs`). Every function is plain
+//! inside loops over 8 lanes ([`LANES`]), so each becomes straight-line SIMD code (AVX-512,
+//! AVX2 or SSE2, whichever the caller was compiled for; see `rows.rs`), provided every choice
+//! is a [`select`], not an `if`. Every function is plain
 //! IEEE arithmetic with no fused multiply-adds (Rust never contracts `a * b + c`) and no table,
 //! so all three instruction sets give the same bits.
 //!

@@ -5,7 +5,7 @@
 //! sums of exponentials, pass 2 the loss sums and the gradients.
 //!
 //! Precision: every element is computed in f32 with `vmath`'s functions, every sum is
-//! accumulated in f32 lanes over a block (64 terms a lane) and in f64 across lanes and
+//! accumulated in f32 lanes over a block (128 terms a lane) and in f64 across lanes and
 //! blocks, and the per-row and per-block constants (`log Z`, `log(Zs / Zt)`
 //! from `dz = Zs - Zt` summed through `expm1`, the block offsets) are f64. Where a difference
 //! of two f32 values near `log C` would lose the digits that matter (`log p - log q` for a
@@ -18,7 +18,7 @@ use super::rows::{In, Out, RowOp};
 use super::vmath::{self, select, LANES};
 
 pub(super) type Lanes = [f32; LANES];
-/// Per-lane partial sums within a block (f32: 64 terms a lane at most; the blocks' sums meet in
+/// Per-lane partial sums within a block (f32: 128 terms a lane at most; the blocks' sums meet in
 /// f64). f64 lanes would double the registers a step holds, and AVX2 has 16.
 pub(super) type Acc = [f32; LANES];
 
