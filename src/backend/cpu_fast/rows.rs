@@ -61,32 +61,6 @@ impl Simd {
     }
 }
 
-/// Runs `f` compiled for `simd`: `f` (a closure whose body calls only `#[inline(always)]` code)
-/// is inlined into a function with those target features. The caller guarantees the CPU has them
-/// (`FastCpuBackend` only ever holds a [`Simd`] that [`Simd::supported`]).
-#[inline(always)]
-pub fn with_simd<R>(simd: Simd, f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    fn avx512<R>(f: impl FnOnce() -> R) -> R {
-        f()
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn avx2<R>(f: impl FnOnce() -> R) -> R {
-        f()
-    }
-    match simd {
-        // SAFETY: a `Simd` other than `Portable` is only used when the CPU supports it (above).
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { avx512(f) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2(f) },
-        _ => f(),
-    }
-}
-
 /// The three passes of a [`RowOp`], each compiled for every instruction set: a generic wrapper
 /// per set with the target features on it, into which the op's `#[inline(always)]` pass is
 /// inlined (a closure would not be: LLVM leaves a large closure body out of line, compiled for the
@@ -133,7 +107,7 @@ passes_for!(
 );
 passes_for!(stats_avx2, sums_avx2, pass3_avx2, "avx2");
 
-/// Pass 1 of a block, for `simd` (which the CPU supports: see [`with_simd`]).
+/// Pass 1 of a block, for `simd` (which the CPU supports: the backend holds no other).
 #[inline(always)]
 fn stats<O: RowOp>(simd: Simd, op: &O, r: usize, j: (usize, usize), keep: &mut [f32]) -> O::Stats {
     match simd {

@@ -39,13 +39,13 @@ pub fn select64(c: bool, a: f64, b: f64) -> f64 {
     f64::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
 }
 
-/// `e^x` in f32 (see the module documentation for its error and range).
+/// `e^xc` for `xc` in [-87.5, 88] (the range [`exp`] clamps to): Cephes' reduction and
+/// polynomial, shared by [`exp`] and [`exp_nonpos`].
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+fn exp_core(xc: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = select(x < -87.5, -87.5, select(x > 88.0, 88.0, x));
     let shifted = xc * LOG2E + MAGIC;
     let kf = shifted - MAGIC;
     let r = (xc - kf * 0.693_359_4) - kf * (-2.121_944_4e-4);
@@ -62,7 +62,14 @@ pub fn exp(x: f32) -> f32 {
     // k is in [-127, 127] after the clamp.
     let k = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
     let scale = f32::from_bits(((k + 127).max(0) as u32) << 23);
-    let y = poly * scale;
+    poly * scale
+}
+
+/// `e^x` in f32 (see the module documentation for its error and range).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let xc = select(x < -87.5, -87.5, select(x > 88.0, 88.0, x));
+    let y = exp_core(xc);
     select(
         x < -87.33,
         0.0,
@@ -74,23 +81,8 @@ pub fn exp(x: f32) -> f32 {
 /// without its checks for overflow and NaN (a third of its work). Not for NaN or `x > 88`.
 #[inline(always)]
 pub fn exp_nonpos(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const MAGIC: f32 = 12_582_912.0;
     let xc = max(x, -87.5);
-    let shifted = xc * LOG2E + MAGIC;
-    let kf = shifted - MAGIC;
-    let r = (xc - kf * 0.693_359_4) - kf * (-2.121_944_4e-4);
-    let poly =
-        (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-            + 0.166_666_65)
-            * r
-            + 0.5)
-            * (r * r)
-            + r
-            + 1.0;
-    let k = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
-    let scale = f32::from_bits(((k + 127).max(0) as u32) << 23);
-    select(x < -87.33, 0.0, poly * scale)
+    select(x < -87.33, 0.0, exp_core(xc))
 }
 
 /// `ln x` in f32 (see the module documentation).
