@@ -13,7 +13,7 @@
 /*
  The version of this C ABI; bumped on any incompatible change of the header.
  */
-#define DST_ABI_VERSION 2
+#define DST_ABI_VERSION 3
 
 /*
  Success.
@@ -109,7 +109,8 @@ const char *dst_version_string(void);
 const char *dst_last_error(void);
 
 /*
- The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` on host memory (CPU reference backend).
+ The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` on host memory (CPU reference backend,
+ f64 inside; [`dst_fast_hinton`] is the fast f32 backend).
 
  `student`, `teacher`: `[n, c]` logits; `labels`: `[n]`. Outputs: `loss` (1 float, required),
  `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`, optional, may equal `student` for an
@@ -135,7 +136,33 @@ int32_t dst_cpu_hinton(const float *student,
                        float *grad_teacher);
 
 /*
- A soft-target divergence on host memory (CPU reference backend).
+ [`dst_cpu_hinton`] on the fast CPU backend: f32 kernels on at most `threads` threads (0: one
+ per core), reading and writing the caller's memory directly (no copies). The result is the same
+ bits for any `threads`, and within 1e-4 of the reference's.
+
+ # Safety
+ As [`dst_cpu_hinton`].
+ */
+int32_t dst_fast_hinton(int32_t threads,
+                        const float *student,
+                        const float *teacher,
+                        const int32_t *labels,
+                        size_t n,
+                        size_t c,
+                        float temperature,
+                        float alpha,
+                        float label_smoothing,
+                        int32_t ignore_index,
+                        int32_t reduction_code,
+                        float grad_scale,
+                        float *loss,
+                        float *row_loss,
+                        float *grad_student,
+                        float *grad_teacher);
+
+/*
+ A soft-target divergence on host memory (CPU reference backend, f64 inside;
+ [`dst_fast_divergence`] is the fast f32 backend).
 
  `divergence_code`: 0 forward KL `KL(q||p)`, 1 reverse KL, 2 JSD with `beta` in (0, 1) (`beta`
  is ignored otherwise). `teacher_eps`: 0 for none, or a floor in (0, 1) on the teacher's
@@ -168,7 +195,34 @@ int32_t dst_cpu_divergence(const float *student,
                            float *grad_teacher);
 
 /*
- Cross-entropy with hard labels on host memory (CPU reference backend).
+ [`dst_cpu_divergence`] on the fast CPU backend, as [`dst_fast_hinton`] is to
+ [`dst_cpu_hinton`].
+
+ # Safety
+ As [`dst_cpu_divergence`].
+ */
+int32_t dst_fast_divergence(int32_t threads,
+                            const float *student,
+                            const float *teacher,
+                            const int32_t *labels,
+                            size_t n,
+                            size_t c,
+                            int32_t divergence_code,
+                            float beta,
+                            float teacher_eps,
+                            int32_t teacher_input_code,
+                            float temperature,
+                            int32_t ignore_index,
+                            int32_t reduction_code,
+                            float grad_scale,
+                            float *loss,
+                            float *row_loss,
+                            float *grad_student,
+                            float *grad_teacher);
+
+/*
+ Cross-entropy with hard labels on host memory (CPU reference backend, f64 inside;
+ [`dst_fast_cross_entropy`] is the fast f32 backend).
 
  `student`: `[n, c]` logits; `labels`: `[n]`; `label_smoothing` in [0, 1). Outputs as
  [`dst_cpu_hinton`] without `grad_teacher`.
@@ -189,7 +243,28 @@ int32_t dst_cpu_cross_entropy(const float *student,
                               float *grad_student);
 
 /*
- Feature-map MSE `mean((a - b)^2)` over `len` floats on host memory (CPU reference backend).
+ [`dst_cpu_cross_entropy`] on the fast CPU backend, as [`dst_fast_hinton`] is to
+ [`dst_cpu_hinton`].
+
+ # Safety
+ As [`dst_cpu_cross_entropy`].
+ */
+int32_t dst_fast_cross_entropy(int32_t threads,
+                               const float *student,
+                               const int32_t *labels,
+                               size_t n,
+                               size_t c,
+                               float label_smoothing,
+                               int32_t ignore_index,
+                               int32_t reduction_code,
+                               float grad_scale,
+                               float *loss,
+                               float *row_loss,
+                               float *grad_student);
+
+/*
+ Feature-map MSE `mean((a - b)^2)` over `len` floats on host memory (CPU reference backend;
+ [`dst_fast_mse`] is the fast f32 backend).
 
  `loss`: 1 float (required); `grad_a`, `grad_b`: `[len]` (optional, must not alias an input).
 
@@ -203,6 +278,21 @@ int32_t dst_cpu_mse(const float *a,
                     float *loss,
                     float *grad_a,
                     float *grad_b);
+
+/*
+ [`dst_cpu_mse`] on the fast CPU backend, as [`dst_fast_hinton`] is to [`dst_cpu_hinton`].
+
+ # Safety
+ As [`dst_cpu_mse`].
+ */
+int32_t dst_fast_mse(int32_t threads,
+                     const float *a,
+                     const float *b,
+                     size_t len,
+                     float grad_scale,
+                     float *loss,
+                     float *grad_a,
+                     float *grad_b);
 
 /*
  Creates a CUDA context on device `device` (0-based) and stores it in `*out` (`*out` is set to

@@ -21,16 +21,17 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::backend::cpu_fast::HostOut;
 use crate::backend::{Backend, GradOut, LossOut};
 use crate::error::Error;
 use crate::ops::{
     CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, MseSpec, Reduction, RowShape,
     TeacherInput,
 };
-use crate::CpuBackend;
+use crate::{CpuBackend, FastCpuBackend};
 
 /// The version of this C ABI; bumped on any incompatible change of the header.
-pub const DST_ABI_VERSION: u32 = 2;
+pub const DST_ABI_VERSION: u32 = 3;
 
 /// Success.
 pub const DST_OK: i32 = 0;
@@ -378,7 +379,106 @@ unsafe fn cpu_row_loss(
     Ok(())
 }
 
-/// The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` on host memory (CPU reference backend).
+/// Which CPU backend a host entry point runs on: the f64 reference (`dst_cpu_*`, copies the
+/// inputs) or the fast f32 backend (`dst_fast_*`, no copies) with at most this many threads.
+#[derive(Clone, Copy)]
+enum Host {
+    Reference,
+    Fast(i32),
+}
+
+impl Host {
+    fn fast(threads: i32) -> std::result::Result<FastCpuBackend, Fail> {
+        if threads < 0 {
+            return Err(Fail::new(
+                DST_ERR_INVALID_ARGUMENT,
+                format!(
+                    "threads = {threads}: pass 0 for one thread per core, or a positive maximum"
+                ),
+            ));
+        }
+        Ok(FastCpuBackend::new().with_threads(threads as usize))
+    }
+}
+
+impl RawOut {
+    fn host(self) -> HostOut {
+        HostOut {
+            loss: self.loss,
+            row_loss: self.row_loss,
+            grad_student: self.grad_student,
+            grad_teacher: self.grad_teacher,
+        }
+    }
+}
+
+/// A host slice of `len` elements.
+///
+/// # Safety
+/// `p` non-null and readable for `len` elements, not written while the slice lives.
+unsafe fn host_slice<'a, T>(p: *const T, len: usize) -> &'a [T] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(p, len) }
+}
+
+/// `dst_cpu_hinton` and `dst_fast_hinton`.
+///
+/// # Safety
+/// As [`dst_cpu_hinton`].
+unsafe fn host_hinton(
+    host: Host,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    (n, c): (usize, usize),
+    temperature: f32,
+    alpha: f32,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    out: RawOut,
+) -> i32 {
+    ffi(|| {
+        non_null("student", student)?;
+        non_null("teacher", teacher)?;
+        non_null("labels", labels)?;
+        out.check((n, c), student, teacher, labels)?;
+        let spec = HintonSpec {
+            shape: RowShape::new(n, c),
+            temperature,
+            alpha,
+            label_smoothing,
+            reduction: reduction(reduction_code)?,
+            ignore_index,
+            grad_scale,
+        };
+        spec.validate()?;
+        let len = spec.shape.len();
+        // SAFETY: the pointers are non-null and, by this function's contract, valid for `len`
+        // (student, teacher) and `n` (labels) elements; outputs as `cpu_row_loss` and
+        // `hinton_host` require (the aliasing rules checked above).
+        unsafe {
+            match host {
+                Host::Fast(threads) => {
+                    let (t, l) = (host_slice(teacher, len), host_slice(labels, n));
+                    Host::fast(threads)?.hinton_host(&spec, student, t, l, out.host())?;
+                    Ok(())
+                }
+                Host::Reference => {
+                    let t = host_vec(teacher, len);
+                    let l = host_vec(labels, n);
+                    cpu_row_loss(spec.shape, student, out, |b, s, o| {
+                        b.hinton(&spec, s, &b.upload(&t)?, &b.upload_labels(&l)?, o)
+                    })
+                }
+            }
+        }
+    })
+}
+
+/// The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` on host memory (CPU reference backend,
+/// f64 inside; [`dst_fast_hinton`] is the fast f32 backend).
 ///
 /// `student`, `teacher`: `[n, c]` logits; `labels`: `[n]`. Outputs: `loss` (1 float, required),
 /// `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`, optional, may equal `student` for an
@@ -404,41 +504,159 @@ pub unsafe extern "C" fn dst_cpu_hinton(
     grad_student: *mut f32,
     grad_teacher: *mut f32,
 ) -> i32 {
-    ffi(|| {
-        non_null("student", student)?;
-        non_null("teacher", teacher)?;
-        non_null("labels", labels)?;
-        let out = RawOut {
-            loss,
-            row_loss,
-            grad_student,
-            grad_teacher,
-        };
-        out.check((n, c), student, teacher, labels)?;
-        let spec = HintonSpec {
-            shape: RowShape::new(n, c),
+    let out = RawOut {
+        loss,
+        row_loss,
+        grad_student,
+        grad_teacher,
+    };
+    // SAFETY: this function's contract is `host_hinton`'s.
+    unsafe {
+        host_hinton(
+            Host::Reference,
+            student,
+            teacher,
+            labels,
+            (n, c),
             temperature,
             alpha,
             label_smoothing,
-            reduction: reduction(reduction_code)?,
             ignore_index,
+            reduction_code,
             grad_scale,
-        };
+            out,
+        )
+    }
+}
+
+/// [`dst_cpu_hinton`] on the fast CPU backend: f32 kernels on at most `threads` threads (0: one
+/// per core), reading and writing the caller's memory directly (no copies). The result is the same
+/// bits for any `threads`, and within 1e-4 of the reference's.
+///
+/// # Safety
+/// As [`dst_cpu_hinton`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_fast_hinton(
+    threads: i32,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    temperature: f32,
+    alpha: f32,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+    grad_teacher: *mut f32,
+) -> i32 {
+    let out = RawOut {
+        loss,
+        row_loss,
+        grad_student,
+        grad_teacher,
+    };
+    // SAFETY: this function's contract is `host_hinton`'s.
+    unsafe {
+        host_hinton(
+            Host::Fast(threads),
+            student,
+            teacher,
+            labels,
+            (n, c),
+            temperature,
+            alpha,
+            label_smoothing,
+            ignore_index,
+            reduction_code,
+            grad_scale,
+            out,
+        )
+    }
+}
+
+/// `dst_cpu_divergence` and `dst_fast_divergence`.
+///
+/// # Safety
+/// As [`dst_cpu_divergence`].
+unsafe fn host_divergence(
+    host: Host,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    spec: DivergenceSpec,
+    out: RawOut,
+) -> i32 {
+    ffi(|| {
+        non_null("student", student)?;
+        non_null("teacher", teacher)?;
+        let (n, c) = (spec.shape.rows, spec.shape.cols);
+        out.check((n, c), student, teacher, labels)?;
         spec.validate()?;
         let len = spec.shape.len();
-        // SAFETY: the pointers are non-null and, by this function's contract, valid for `len`
-        // (student, teacher) and `n` (labels) elements; outputs as `cpu_row_loss` requires.
+        // SAFETY: as in `host_hinton`; `labels` is read only when non-null.
         unsafe {
-            let t = host_vec(teacher, len);
-            let l = host_vec(labels, n);
-            cpu_row_loss(spec.shape, student, out, |b, s, o| {
-                b.hinton(&spec, s, &b.upload(&t)?, &b.upload_labels(&l)?, o)
-            })
+            match host {
+                Host::Fast(threads) => {
+                    let t = host_slice(teacher, len);
+                    let l = (!labels.is_null()).then(|| host_slice(labels, n));
+                    Host::fast(threads)?.divergence_host(&spec, student, t, l, out.host())?;
+                    Ok(())
+                }
+                Host::Reference => {
+                    let t = host_vec(teacher, len);
+                    let l = (!labels.is_null()).then(|| host_vec(labels, n));
+                    cpu_row_loss(spec.shape, student, out, |b, s, o| {
+                        if let Some(l) = &l {
+                            crate::ops::check_labels(l, c, spec.ignore_index)?;
+                        }
+                        let labels = l.as_deref().map(|l| b.upload_labels(l)).transpose()?;
+                        b.divergence(&spec, s, &b.upload(&t)?, labels.as_ref(), o)
+                    })
+                }
+            }
         }
     })
 }
 
-/// A soft-target divergence on host memory (CPU reference backend).
+/// The divergence spec of the C arguments.
+fn divergence_spec(
+    (n, c): (usize, usize),
+    divergence_code: i32,
+    beta: f32,
+    teacher_eps: f32,
+    teacher_input_code: i32,
+    temperature: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+) -> std::result::Result<DivergenceSpec, Fail> {
+    Ok(DivergenceSpec {
+        shape: RowShape::new(n, c),
+        divergence: divergence(divergence_code, beta)?,
+        teacher: teacher_input(teacher_input_code)?,
+        temperature,
+        reduction: reduction(reduction_code)?,
+        ignore_index,
+        grad_scale,
+        teacher_eps,
+    })
+}
+
+/// Runs `f` with the spec, or returns the status of the spec's argument error.
+fn with_spec<S>(spec: std::result::Result<S, Fail>, f: impl FnOnce(S) -> i32) -> i32 {
+    match spec {
+        Ok(s) => f(s),
+        Err(fail) => ffi(|| Err(fail)),
+    }
+}
+
+/// A soft-target divergence on host memory (CPU reference backend, f64 inside;
+/// [`dst_fast_divergence`] is the fast f32 backend).
 ///
 /// `divergence_code`: 0 forward KL `KL(q||p)`, 1 reverse KL, 2 JSD with `beta` in (0, 1) (`beta`
 /// is ignored otherwise). `teacher_eps`: 0 for none, or a floor in (0, 1) on the teacher's
@@ -471,44 +689,126 @@ pub unsafe extern "C" fn dst_cpu_divergence(
     grad_student: *mut f32,
     grad_teacher: *mut f32,
 ) -> i32 {
+    let out = RawOut {
+        loss,
+        row_loss,
+        grad_student,
+        grad_teacher,
+    };
+    let spec = divergence_spec(
+        (n, c),
+        divergence_code,
+        beta,
+        teacher_eps,
+        teacher_input_code,
+        temperature,
+        ignore_index,
+        reduction_code,
+        grad_scale,
+    );
+    // SAFETY: this function's contract is `host_divergence`'s.
+    with_spec(spec, |spec| unsafe {
+        host_divergence(Host::Reference, student, teacher, labels, spec, out)
+    })
+}
+
+/// [`dst_cpu_divergence`] on the fast CPU backend, as [`dst_fast_hinton`] is to
+/// [`dst_cpu_hinton`].
+///
+/// # Safety
+/// As [`dst_cpu_divergence`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_fast_divergence(
+    threads: i32,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    divergence_code: i32,
+    beta: f32,
+    teacher_eps: f32,
+    teacher_input_code: i32,
+    temperature: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+    grad_teacher: *mut f32,
+) -> i32 {
+    let out = RawOut {
+        loss,
+        row_loss,
+        grad_student,
+        grad_teacher,
+    };
+    let spec = divergence_spec(
+        (n, c),
+        divergence_code,
+        beta,
+        teacher_eps,
+        teacher_input_code,
+        temperature,
+        ignore_index,
+        reduction_code,
+        grad_scale,
+    );
+    // SAFETY: this function's contract is `host_divergence`'s.
+    with_spec(spec, |spec| unsafe {
+        host_divergence(Host::Fast(threads), student, teacher, labels, spec, out)
+    })
+}
+
+/// `dst_cpu_cross_entropy` and `dst_fast_cross_entropy`.
+///
+/// # Safety
+/// As [`dst_cpu_cross_entropy`].
+unsafe fn host_cross_entropy(
+    host: Host,
+    student: *const f32,
+    labels: *const i32,
+    (n, c): (usize, usize),
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    out: RawOut,
+) -> i32 {
     ffi(|| {
         non_null("student", student)?;
-        non_null("teacher", teacher)?;
-        let out = RawOut {
-            loss,
-            row_loss,
-            grad_student,
-            grad_teacher,
-        };
-        out.check((n, c), student, teacher, labels)?;
-        let spec = DivergenceSpec {
+        non_null("labels", labels)?;
+        out.check((n, c), student, std::ptr::null(), labels)?;
+        let spec = CrossEntropySpec {
             shape: RowShape::new(n, c),
-            divergence: divergence(divergence_code, beta)?,
-            teacher: teacher_input(teacher_input_code)?,
-            temperature,
+            label_smoothing,
             reduction: reduction(reduction_code)?,
             ignore_index,
             grad_scale,
-            teacher_eps,
         };
         spec.validate()?;
-        let len = spec.shape.len();
-        // SAFETY: as in `dst_cpu_hinton`; `labels` is read only when non-null.
+        // SAFETY: as in `host_hinton`.
         unsafe {
-            let t = host_vec(teacher, len);
-            let l = (!labels.is_null()).then(|| host_vec(labels, n));
-            cpu_row_loss(spec.shape, student, out, |b, s, o| {
-                if let Some(l) = &l {
-                    crate::ops::check_labels(l, c, ignore_index)?;
+            match host {
+                Host::Fast(threads) => {
+                    let l = host_slice(labels, n);
+                    Host::fast(threads)?.cross_entropy_host(&spec, student, l, out.host())?;
+                    Ok(())
                 }
-                let labels = l.as_deref().map(|l| b.upload_labels(l)).transpose()?;
-                b.divergence(&spec, s, &b.upload(&t)?, labels.as_ref(), o)
-            })
+                Host::Reference => {
+                    let l = host_vec(labels, n);
+                    cpu_row_loss(spec.shape, student, out, |b, s, o| {
+                        b.cross_entropy(&spec, s, &b.upload_labels(&l)?, o)
+                    })
+                }
+            }
         }
     })
 }
 
-/// Cross-entropy with hard labels on host memory (CPU reference backend).
+/// Cross-entropy with hard labels on host memory (CPU reference backend, f64 inside;
+/// [`dst_fast_cross_entropy`] is the fast f32 backend).
 ///
 /// `student`: `[n, c]` logits; `labels`: `[n]`; `label_smoothing` in [0, 1). Outputs as
 /// [`dst_cpu_hinton`] without `grad_teacher`.
@@ -529,42 +829,76 @@ pub unsafe extern "C" fn dst_cpu_cross_entropy(
     row_loss: *mut f32,
     grad_student: *mut f32,
 ) -> i32 {
-    ffi(|| {
-        non_null("student", student)?;
-        non_null("labels", labels)?;
-        let out = RawOut {
-            loss,
-            row_loss,
-            grad_student,
-            grad_teacher: std::ptr::null_mut(),
-        };
-        out.check((n, c), student, std::ptr::null(), labels)?;
-        let spec = CrossEntropySpec {
-            shape: RowShape::new(n, c),
+    let out = RawOut {
+        loss,
+        row_loss,
+        grad_student,
+        grad_teacher: std::ptr::null_mut(),
+    };
+    // SAFETY: this function's contract is `host_cross_entropy`'s.
+    unsafe {
+        host_cross_entropy(
+            Host::Reference,
+            student,
+            labels,
+            (n, c),
             label_smoothing,
-            reduction: reduction(reduction_code)?,
             ignore_index,
+            reduction_code,
             grad_scale,
-        };
-        spec.validate()?;
-        // SAFETY: as in `dst_cpu_hinton`.
-        unsafe {
-            let l = host_vec(labels, n);
-            cpu_row_loss(spec.shape, student, out, |b, s, o| {
-                b.cross_entropy(&spec, s, &b.upload_labels(&l)?, o)
-            })
-        }
-    })
+            out,
+        )
+    }
 }
 
-/// Feature-map MSE `mean((a - b)^2)` over `len` floats on host memory (CPU reference backend).
-///
-/// `loss`: 1 float (required); `grad_a`, `grad_b`: `[len]` (optional, must not alias an input).
+/// [`dst_cpu_cross_entropy`] on the fast CPU backend, as [`dst_fast_hinton`] is to
+/// [`dst_cpu_hinton`].
 ///
 /// # Safety
-/// Every non-null pointer must be valid for the number of elements named above.
+/// As [`dst_cpu_cross_entropy`].
 #[no_mangle]
-pub unsafe extern "C" fn dst_cpu_mse(
+pub unsafe extern "C" fn dst_fast_cross_entropy(
+    threads: i32,
+    student: *const f32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+) -> i32 {
+    let out = RawOut {
+        loss,
+        row_loss,
+        grad_student,
+        grad_teacher: std::ptr::null_mut(),
+    };
+    // SAFETY: this function's contract is `host_cross_entropy`'s.
+    unsafe {
+        host_cross_entropy(
+            Host::Fast(threads),
+            student,
+            labels,
+            (n, c),
+            label_smoothing,
+            ignore_index,
+            reduction_code,
+            grad_scale,
+            out,
+        )
+    }
+}
+
+/// `dst_cpu_mse` and `dst_fast_mse`.
+///
+/// # Safety
+/// As [`dst_cpu_mse`].
+unsafe fn host_mse(
+    host: Host,
     a: *const f32,
     b: *const f32,
     len: usize,
@@ -591,6 +925,19 @@ pub unsafe extern "C" fn dst_cpu_mse(
         )?;
         let spec = MseSpec { len, grad_scale };
         spec.validate()?;
+        if let Host::Fast(threads) = host {
+            let fast = Host::fast(threads)?;
+            // SAFETY: non-null pointers valid for `len` (inputs, gradients) and 1 (loss) elements
+            // by this function's contract; the outputs overlap neither the inputs nor each other
+            // (checked above), so the mutable slices are exclusive.
+            unsafe {
+                let ga = (!grad_a.is_null()).then(|| std::slice::from_raw_parts_mut(grad_a, len));
+                let gb = (!grad_b.is_null()).then(|| std::slice::from_raw_parts_mut(grad_b, len));
+                let l = fast.mse_host(&spec, host_slice(a, len), host_slice(b, len), ga, gb);
+                loss.write(l as f32);
+            }
+            return Ok(());
+        }
         let be = CpuBackend::new();
         // SAFETY: non-null pointers valid for `len` (inputs, gradients) and 1 (loss) elements by
         // this function's contract.
@@ -615,6 +962,57 @@ pub unsafe extern "C" fn dst_cpu_mse(
         }
         Ok(())
     })
+}
+
+/// Feature-map MSE `mean((a - b)^2)` over `len` floats on host memory (CPU reference backend;
+/// [`dst_fast_mse`] is the fast f32 backend).
+///
+/// `loss`: 1 float (required); `grad_a`, `grad_b`: `[len]` (optional, must not alias an input).
+///
+/// # Safety
+/// Every non-null pointer must be valid for the number of elements named above.
+#[no_mangle]
+pub unsafe extern "C" fn dst_cpu_mse(
+    a: *const f32,
+    b: *const f32,
+    len: usize,
+    grad_scale: f32,
+    loss: *mut f32,
+    grad_a: *mut f32,
+    grad_b: *mut f32,
+) -> i32 {
+    // SAFETY: this function's contract is `host_mse`'s.
+    unsafe { host_mse(Host::Reference, a, b, len, grad_scale, loss, grad_a, grad_b) }
+}
+
+/// [`dst_cpu_mse`] on the fast CPU backend, as [`dst_fast_hinton`] is to [`dst_cpu_hinton`].
+///
+/// # Safety
+/// As [`dst_cpu_mse`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_fast_mse(
+    threads: i32,
+    a: *const f32,
+    b: *const f32,
+    len: usize,
+    grad_scale: f32,
+    loss: *mut f32,
+    grad_a: *mut f32,
+    grad_b: *mut f32,
+) -> i32 {
+    // SAFETY: this function's contract is `host_mse`'s.
+    unsafe {
+        host_mse(
+            Host::Fast(threads),
+            a,
+            b,
+            len,
+            grad_scale,
+            loss,
+            grad_a,
+            grad_b,
+        )
+    }
 }
 
 // ---- CUDA backend on device pointers ----

@@ -9,6 +9,11 @@ the unlabelled rest, which gets only the soft-target term; loss alpha*CE(labelle
 the same steps; Adam lr 1e-3, batch 32, T = 4, alpha = 0.2, 5 folds, pixels / 16.
 
     python3 benches/peers/digits_torch_cpu.py [--threads 2] [--folds-run 5] [--only 1,2,3]
+        [--loss torch|distillation]
+
+`--loss distillation` swaps the student's loss for the `distillation` package's (`pip install
+./python`): the fused kernel for the labelled rows (alpha*CE + (1-alpha)*T^2*KL) and its soft-target
+loss for the unlabelled rows, the same objective as PyTorch's composition below.
 
 Folds side by side, as `distill --jobs 2` runs them (one thread each, two processes):
 
@@ -24,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+LOSS = "torch"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -69,9 +75,18 @@ def distil(student, teacher_logits, xl, yl, xu, tl_u, epochs, batch, t, alpha, g
             tlog = torch.cat([teacher_logits[idx], tl_u[take]])
             opt.zero_grad()
             s = student(x)
-            ce = F.cross_entropy(s[: len(idx)], yl[idx])
-            kl = F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(tlog / t, -1), reduction="batchmean", log_target=True)
-            (alpha * ce + (1 - alpha) * t * t * kl).backward()
+            if LOSS == "distillation":
+                # CE over the labelled rows, T^2 KL over all rows: the labelled rows carry a label,
+                # the others ignore_index (masked from CE), each term a mean over its own rows.
+                import distillation
+                n = len(idx)
+                ce = distillation.cross_entropy(s[:n], yl[idx])
+                kl = distillation.soft_target_loss(s, tlog, t)
+                (alpha * ce + (1 - alpha) * kl).backward()
+            else:
+                ce = F.cross_entropy(s[: len(idx)], yl[idx])
+                kl = F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(tlog / t, -1), reduction="batchmean", log_target=True)
+                (alpha * ce + (1 - alpha) * t * t * kl).backward()
             opt.step()
 
 
@@ -86,7 +101,11 @@ def main():
     ap.add_argument("--folds-run", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated 1-based folds to run (e.g. 1,2,3), "
                     "to run folds in separate processes side by side as `distill --jobs` does")
+    ap.add_argument("--loss", choices=["torch", "distillation"], default="torch",
+                    help="the student's distillation loss: PyTorch's composition or this crate's package")
     args = ap.parse_args()
+    global LOSS
+    LOSS = args.loss
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -124,7 +143,7 @@ def main():
         res.append(r)
     m = np.array(res).mean(0) * 100
     print(f"mean: teacher {m[0]:.2f}%  distilled {m[1]:.2f}%  simple {m[2]:.2f}%; {time.time() - start:.1f} s "
-          f"with {args.threads} threads, torch {torch.__version__}")
+          f"with {args.threads} threads, torch {torch.__version__}, loss {args.loss}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,19 @@ static void print_array(const char *name, const float *x, size_t len) {
     printf("\n");
 }
 
+/* Fails unless |got - want| <= 1e-4 * max(1, |want|) elementwise. */
+static void expect_close(const char *what, const float *got, const float *want, size_t len) {
+    for (size_t i = 0; i < len; i++) {
+        float tol = 1e-4f * fmaxf(1.0f, fabsf(want[i]));
+        if (!(fabsf(got[i] - want[i]) <= tol)) {
+            fprintf(stderr, "FAIL %s[%zu]: %.9g, the reference gives %.9g\n", what, i, got[i],
+                    want[i]);
+            failures++;
+            return;
+        }
+    }
+}
+
 static void expect_ok(const char *what, int32_t status) {
     if (status != DST_OK) {
         fprintf(stderr, "FAIL %s: status %d (%s)\n", what, status, dst_last_error());
@@ -106,6 +119,55 @@ int main(void) {
         print_array("ce.loss", &loss, 1);
         print_array("ce.row_loss", rows, N);
         print_array("ce.grad_student", g, LEN);
+    }
+
+    /* The fast CPU backend (dst_fast_*, no copies) against the reference, within 1e-4, for 1
+     * and 3 threads (and the same bits for both); a negative thread count is an error. */
+    {
+        float ref_loss, ref_g[LEN], ref_gt[LEN], fast_g[LEN], fast_gt[LEN], fast1_g[LEN];
+        expect_ok("ref_hinton", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f,
+                                               &ref_loss, NULL, ref_g, ref_gt));
+        for (int threads = 1; threads <= 3; threads += 2) {
+            float *dst = threads == 1 ? fast1_g : fast_g;
+            expect_ok("fast_hinton", dst_fast_hinton(threads, s, t, labels, N, C, 2.0f, 0.3f, 0.1f,
+                                                     -100, 0, 1.0f, &loss, NULL, dst, fast_gt));
+            expect_close("fast_hinton.loss", &loss, &ref_loss, 1);
+            expect_close("fast_hinton.grad_student", dst, ref_g, LEN);
+            expect_close("fast_hinton.grad_teacher", fast_gt, ref_gt, LEN);
+        }
+        if (memcmp(fast_g, fast1_g, sizeof fast_g) != 0) {
+            fprintf(stderr, "FAIL fast_hinton: 1 and 3 threads give different bits\n");
+            failures++;
+        }
+        expect_ok("ref_jsd", dst_cpu_divergence(s, t, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f, -100, 1,
+                                                0.5f, &ref_loss, NULL, ref_g, ref_gt));
+        expect_ok("fast_jsd", dst_fast_divergence(0, s, t, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f,
+                                                  -100, 1, 0.5f, &loss, NULL, fast_g, fast_gt));
+        expect_close("fast_jsd.loss", &loss, &ref_loss, 1);
+        expect_close("fast_jsd.grad_student", fast_g, ref_g, LEN);
+        expect_close("fast_jsd.grad_teacher", fast_gt, ref_gt, LEN);
+        int32_t ce_labels[N] = {2, -1, 0, 3};
+        expect_ok("ref_ce", dst_cpu_cross_entropy(s, ce_labels, N, C, 0.1f, -1, 0, 1.0f, &ref_loss,
+                                                  NULL, ref_g));
+        memcpy(fast_g, s, sizeof fast_g);
+        expect_ok("fast_ce_inplace", dst_fast_cross_entropy(2, fast_g, ce_labels, N, C, 0.1f, -1,
+                                                            0, 1.0f, &loss, NULL, fast_g));
+        expect_close("fast_ce.loss", &loss, &ref_loss, 1);
+        expect_close("fast_ce.grad_student", fast_g, ref_g, LEN);
+        expect_ok("ref_mse", dst_cpu_mse(s, t, LEN, 2.0f, &ref_loss, ref_g, ref_gt));
+        expect_ok("fast_mse", dst_fast_mse(0, s, t, LEN, 2.0f, &loss, fast_g, fast_gt));
+        expect_close("fast_mse.loss", &loss, &ref_loss, 1);
+        expect_close("fast_mse.grad_a", fast_g, ref_g, LEN);
+        expect_close("fast_mse.grad_b", fast_gt, ref_gt, LEN);
+        expect_err("fast_threads", dst_fast_hinton(-1, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
+                                                   1.0f, &loss, NULL, g, NULL),
+                   DST_ERR_INVALID_ARGUMENT);
+        expect_err("fast_label", dst_fast_cross_entropy(0, s, ce_labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                        &loss, NULL, g),
+                   DST_ERR_LABEL);
+        expect_err("fast_alias", dst_fast_hinton(0, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
+                                                 1.0f, &loss, NULL, g, g),
+                   DST_ERR_ALIAS);
     }
 
     /* MSE between s and t, grad_scale 2. */

@@ -379,6 +379,14 @@ impl In {
         In(data.as_ptr())
     }
 
+    /// Over a raw array (host memory of the C ABI).
+    ///
+    /// # Safety
+    /// `p` is readable for every index the call uses, for as long as the call runs.
+    pub unsafe fn from_raw(p: *const f32) -> In {
+        In(p)
+    }
+
     /// Over an array that is also written in place (the in-place gradient).
     pub fn over(out: Out) -> In {
         In(out.0)
@@ -410,6 +418,15 @@ impl In {
 impl Out {
     pub fn new(data: &mut [f32]) -> Out {
         Out(data.as_mut_ptr())
+    }
+
+    /// Over a raw array (host memory of the C ABI).
+    ///
+    /// # Safety
+    /// `p` is writable for every index the call uses, for as long as the call runs, and nothing
+    /// else reads or writes it meanwhile (other than the in-place student it may be).
+    pub unsafe fn from_raw(p: *mut f32) -> Out {
+        Out(p)
     }
 
     /// Writes the first `n` lanes of `v` from `i`.

@@ -1,0 +1,20 @@
+"""Knowledge-distillation losses for PyTorch on the ``distillation`` crate's kernels.
+
+    import distillation
+    loss = distillation.kd_loss(student_logits, teacher_logits, labels, temperature=4.0, alpha=0.2)
+    loss.backward()
+
+CPU tensors run on the crate's fast CPU backend, CUDA tensors on its CUDA kernels on PyTorch's
+current stream; each loss is a ``torch.library`` custom op (``distillation::hinton``,
+``::divergence``, ``::cross_entropy``, ``::mse``), so ``torch.compile`` keeps it in one graph.
+The conventions beside ``F.kl_div``, ``F.cross_entropy``, TRL and Liger: ``docs/PYTHON.md``.
+"""
+
+from ._lib import DistillationError, version
+from .nn import CrossEntropyLoss, KDLoss, MSELoss, SoftTargetLoss
+from .ops import cross_entropy, kd_loss, mse, soft_target_loss
+
+__all__ = [
+    "DistillationError", "version", "kd_loss", "soft_target_loss", "cross_entropy", "mse",
+    "KDLoss", "SoftTargetLoss", "CrossEntropyLoss", "MSELoss",
+]

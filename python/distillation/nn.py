@@ -1,0 +1,69 @@
+"""``nn.Module`` forms of the losses, with PyTorch's and the peers' argument names."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import ops
+
+
+class KDLoss(nn.Module):
+    """The fused Hinton loss: ``forward(student_logits, teacher_logits, labels)``; see
+    :func:`distillation.kd_loss`."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.2, label_smoothing: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "batchmean"):
+        super().__init__()
+        self.temperature, self.alpha = temperature, alpha
+        self.label_smoothing, self.ignore_index, self.reduction = (
+            label_smoothing, ignore_index, reduction)
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        return ops.kd_loss(student, teacher, labels, self.temperature, self.alpha,
+                           label_smoothing=self.label_smoothing, ignore_index=self.ignore_index,
+                           reduction=self.reduction)
+
+
+class SoftTargetLoss(nn.Module):
+    """A soft-target divergence: ``forward(student_logits, teacher, labels=None)``; see
+    :func:`distillation.soft_target_loss`."""
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5,
+                 temperature: float = 1.0, teacher_input: str = "logits",
+                 teacher_eps: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", scale_t2: bool = True):
+        super().__init__()
+        self.divergence, self.beta, self.temperature = divergence, beta, temperature
+        self.teacher_input, self.teacher_eps = teacher_input, teacher_eps
+        self.ignore_index, self.reduction, self.scale_t2 = ignore_index, reduction, scale_t2
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return ops.soft_target_loss(student, teacher, self.temperature,
+                                    divergence=self.divergence, beta=self.beta,
+                                    teacher_input=self.teacher_input,
+                                    teacher_eps=self.teacher_eps, labels=labels,
+                                    ignore_index=self.ignore_index, reduction=self.reduction,
+                                    scale_t2=self.scale_t2)
+
+
+class CrossEntropyLoss(nn.Module):
+    """``nn.CrossEntropyLoss`` with class-index targets: ``forward(input, target)``."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = (
+            ignore_index, reduction, label_smoothing)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.cross_entropy(input, target, label_smoothing=self.label_smoothing,
+                                 ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class MSELoss(nn.Module):
+    """Feature MSE (FitNets hint): ``forward(a, b)``."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return ops.mse(a, b)

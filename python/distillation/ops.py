@@ -1,0 +1,325 @@
+"""The losses as PyTorch custom ops (``torch.library.custom_op``, with ``register_fake`` and
+``register_autograd``): ``torch.compile`` traces through them without a graph break, and
+``loss.backward()`` fills the student's (and, for online distillation, the teacher's) gradient,
+scaled by the upstream gradient.
+
+Each op's forward runs the crate's fused kernel once: it computes the loss and the gradient
+together (``docs/LOSSES.md``), keeps the gradient, and the backward multiplies it by the upstream
+gradient. CPU tensors run on the fast CPU backend (``dst_fast_*``, ``torch.get_num_threads()``
+threads, no copies of contiguous float32 inputs), CUDA tensors on the CUDA backend on PyTorch's
+current stream (``dst_cuda_*``). Inputs are computed in float32: other floating dtypes are
+converted (the gradient returns in the input's dtype) and non-contiguous tensors are copied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _lib
+
+_KL_REDUCTIONS = ("batchmean", "sum", "none")
+_CE_REDUCTIONS = ("mean", "batchmean", "sum", "none")
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+TEACHER_INPUTS = {"logits": 0, "probs": 1, "logprobs": 2}
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
+
+
+def _launch(kind: str, device: torch.device, *args) -> None:
+    """Calls ``dst_fast_<kind>`` (CPU) or ``dst_cuda_<kind>`` (CUDA) with ``args``."""
+    h = _lib.lib()
+    if device.type == "cpu":
+        status = getattr(h, f"dst_fast_{kind}")(torch.get_num_threads(), *args)
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(index).cuda_stream
+        status = getattr(h, f"dst_cuda_{kind}")(_lib.cuda_context(index, stream), *args)
+    else:
+        raise ValueError(f"tensors on {device} are not supported: use CPU or CUDA tensors")
+    _lib.check(status)
+
+
+def _grad_buffer(like: Tensor, wanted: bool) -> Tensor:
+    return torch.empty_like(like) if wanted else like.new_empty(0)
+
+
+# ---- the fused Hinton loss ----
+
+@torch.library.custom_op("distillation::hinton", mutates_args=())
+def hinton_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float, alpha: float,
+              label_smoothing: float, ignore_index: int, reduction: int, rows: bool,
+              want_student: bool, want_teacher: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``[N, C]`` float32 logits, ``[N]`` int32 labels; ``reduction`` 0 batchmean or 1 sum;
+    ``rows``: return the ``[N]`` row losses (with the sum's gradient). Returns (loss,
+    grad_student or empty, grad_teacher or empty)."""
+    n, c = student.shape
+    loss = student.new_zeros(())
+    row = student.new_zeros(n) if rows else None
+    gs, gt = _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher)
+    _launch("hinton", student.device, _ptr(student), _ptr(teacher), _ptr(labels), n, c,
+            temperature, alpha, label_smoothing, ignore_index, reduction, 1.0,
+            _ptr(loss), _ptr(row), _ptr(gs), _ptr(gt))
+    return (row if rows else loss), gs, gt
+
+
+@hinton_op.register_fake
+def _(student, teacher, labels, temperature, alpha, label_smoothing, ignore_index, reduction,
+      rows, want_student, want_teacher):
+    n = student.shape[0]
+    return (student.new_empty((n,) if rows else ()),
+            _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher))
+
+
+# ---- the soft-target divergences ----
+
+@torch.library.custom_op("distillation::divergence", mutates_args=())
+def divergence_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], divergence: int,
+                  beta: float, teacher_eps: float, teacher_input: int, temperature: float,
+                  ignore_index: int, reduction: int, rows: bool, want_student: bool,
+                  want_teacher: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`hinton_op`, for ``T^2 * D(q || p)`` with D forward KL (0), reverse KL (1) or
+    JSD(beta) (2) and the teacher given as logits (0), probabilities (1) or log-probabilities
+    (2); ``labels`` optional (masks rows whose label is ``ignore_index``)."""
+    n, c = student.shape
+    loss = student.new_zeros(())
+    row = student.new_zeros(n) if rows else None
+    gs, gt = _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher)
+    _launch("divergence", student.device, _ptr(student), _ptr(teacher), _ptr(labels), n, c,
+            divergence, beta, teacher_eps, teacher_input, temperature, ignore_index, reduction,
+            1.0, _ptr(loss), _ptr(row), _ptr(gs), _ptr(gt))
+    return (row if rows else loss), gs, gt
+
+
+@divergence_op.register_fake
+def _(student, teacher, labels, divergence, beta, teacher_eps, teacher_input, temperature,
+      ignore_index, reduction, rows, want_student, want_teacher):
+    n = student.shape[0]
+    return (student.new_empty((n,) if rows else ()),
+            _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher))
+
+
+# ---- cross-entropy ----
+
+@torch.library.custom_op("distillation::cross_entropy", mutates_args=())
+def cross_entropy_op(student: Tensor, labels: Tensor, label_smoothing: float, ignore_index: int,
+                     reduction: int, rows: bool, want_student: bool) -> tuple[Tensor, Tensor]:
+    """Cross-entropy with hard labels: (loss, grad_student or empty)."""
+    n, c = student.shape
+    loss = student.new_zeros(())
+    row = student.new_zeros(n) if rows else None
+    gs = _grad_buffer(student, want_student)
+    _launch("cross_entropy", student.device, _ptr(student), _ptr(labels), n, c, label_smoothing,
+            ignore_index, reduction, 1.0, _ptr(loss), _ptr(row), _ptr(gs))
+    return (row if rows else loss), gs
+
+
+@cross_entropy_op.register_fake
+def _(student, labels, label_smoothing, ignore_index, reduction, rows, want_student):
+    n = student.shape[0]
+    return student.new_empty((n,) if rows else ()), _grad_buffer(student, want_student)
+
+
+# ---- feature MSE ----
+
+@torch.library.custom_op("distillation::mse", mutates_args=())
+def mse_op(a: Tensor, b: Tensor, want_a: bool, want_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``mean((a - b)^2)`` over flat float32 ``a``, ``b``: (loss, grad_a or empty, grad_b or
+    empty)."""
+    loss = a.new_zeros(())
+    ga, gb = _grad_buffer(a, want_a), _grad_buffer(b, want_b)
+    _launch("mse", a.device, _ptr(a), _ptr(b), a.numel(), 1.0, _ptr(loss), _ptr(ga), _ptr(gb))
+    return loss, ga, gb
+
+
+@mse_op.register_fake
+def _(a, b, want_a, want_b):
+    return a.new_empty(()), _grad_buffer(a, want_a), _grad_buffer(b, want_b)
+
+
+# ---- autograd: the saved gradients times the upstream gradient ----
+
+def _setup(ctx, inputs, output, rows_at: Optional[int]):
+    ctx.rows = bool(inputs[rows_at]) if rows_at is not None else False
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.save_for_backward(*grads)
+
+
+def _scaled(grad: Tensor, upstream: Tensor, rows: bool) -> Optional[Tensor]:
+    if grad.numel() == 0:
+        return None
+    return grad * (upstream[:, None] if rows else upstream)
+
+
+def _backward(ctx, upstream, *_ignored):
+    return tuple(_scaled(g, upstream, ctx.rows) for g in ctx.saved_tensors)
+
+
+hinton_op.register_autograd(
+    lambda ctx, upstream, *_: _backward(ctx, upstream) + (None,) * 9,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 8))
+divergence_op.register_autograd(
+    lambda ctx, upstream, *_: (lambda gs, gt: (gs, gt, None) + (None,) * 10)(
+        *_backward(ctx, upstream)),
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 10))
+cross_entropy_op.register_autograd(
+    lambda ctx, upstream, *_: _backward(ctx, upstream) + (None,) * 6,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 5))
+mse_op.register_autograd(
+    lambda ctx, upstream, *_: _backward(ctx, upstream) + (None, None),
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, None))
+
+
+# ---- argument preparation (plain PyTorch ops, traced by torch.compile) ----
+
+def _float_rows(x, name: str) -> Tensor:
+    """``[..., C]`` floating logits as contiguous float32 ``[N, C]``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of logits, got {x.dtype}: "
+                        "convert it with .float()")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, C] (or [..., C]), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): pass at least one row and "
+                         "one class")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {x.device}: only CPU and CUDA tensors are supported")
+    return x.to(torch.float32).contiguous().reshape(-1, x.shape[-1])
+
+
+def _labels(y, like: Tensor, rows: int, name: str = "labels") -> Tensor:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {y.dtype}: "
+                        "convert it with .long()")
+    if y.numel() != rows:
+        raise ValueError(f"{name} has {y.numel()} elements (shape {tuple(y.shape)}) but the "
+                         f"logits have {rows} rows: one label per row")
+    if y.device != like.device:
+        raise ValueError(f"{name} is on {y.device} but the logits are on {like.device}")
+    # Clamping first keeps an int64 label outside the int32 range out of range (an error),
+    # instead of wrapping it to a valid class.
+    return y.reshape(-1).clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
+
+
+def _same_shape(a: Tensor, b: Tensor, an: str, bn: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{an} has shape {tuple(a.shape)} but {bn} has {tuple(b.shape)}: they "
+                         "must match")
+    if a.device != b.device:
+        raise ValueError(f"{an} is on {a.device} but {bn} is on {b.device}")
+
+
+def _ignore(ignore_index: int) -> int:
+    if not _I32_MIN <= int(ignore_index) <= _I32_MAX:
+        raise ValueError(f"ignore_index = {ignore_index} must fit in int32")
+    return int(ignore_index)
+
+
+def _reduction(reduction: str, allowed) -> tuple[int, bool]:
+    if reduction == "mean" and "mean" not in allowed:
+        raise ValueError("reduction='mean' would average over every element (as F.kl_div's "
+                         "'mean'), which is not a distillation loss: use 'batchmean' (mean over "
+                         "rows), 'sum' or 'none'")
+    if reduction not in allowed:
+        raise ValueError(f"reduction = {reduction!r}: use one of {', '.join(allowed)}")
+    return (1, True) if reduction == "none" else (1 if reduction == "sum" else 0, False)
+
+
+def _wants(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _out(loss: Tensor, like: Tensor, rows: bool) -> Tensor:
+    loss = loss.reshape(like.shape[:-1]) if rows else loss
+    return loss.to(torch.float64) if like.dtype == torch.float64 else loss
+
+
+def _choice(value: str, table: dict, name: str) -> int:
+    if value not in table:
+        raise ValueError(f"{name} = {value!r}: use one of {', '.join(table)}")
+    return table[value]
+
+
+# ---- the functional API ----
+
+def kd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float = 4.0,
+            alpha: float = 0.2, *, label_smoothing: float = 0.0, ignore_index: int = -100,
+            reduction: str = "batchmean") -> Tensor:
+    """The fused Hinton loss ``alpha * CE(student, labels) + (1 - alpha) * T^2 *
+    KL(softmax(teacher/T) || softmax(student/T))`` (``docs/LOSSES.md`` section 4) on ``[..., C]``
+    logits and ``[...]`` labels. ``reduction``: ``"batchmean"`` (mean over the rows whose label is
+    not ``ignore_index``), ``"sum"`` or ``"none"`` (the row losses). Differentiable in
+    ``student`` and, when it requires grad (online distillation), ``teacher``."""
+    s, t = _float_rows(student, "student"), _float_rows(teacher, "teacher")
+    _same_shape(student, teacher, "student", "teacher")
+    y = _labels(labels, s, s.shape[0])
+    red, rows = _reduction(reduction, _KL_REDUCTIONS)
+    loss, _, _ = hinton_op(s, t, y, float(temperature), float(alpha), float(label_smoothing),
+                           _ignore(ignore_index), red, rows, _wants(s), _wants(t))
+    return _out(loss, student, rows)
+
+
+def soft_target_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0, *,
+                     divergence: str = "forward_kl", beta: float = 0.5,
+                     teacher_input: str = "logits", teacher_eps: float = 0.0,
+                     labels: Optional[Tensor] = None, ignore_index: int = -100,
+                     reduction: str = "batchmean", scale_t2: bool = True) -> Tensor:
+    """``T^2 * D(q || p)`` (``docs/LOSSES.md`` section 2) with ``p = softmax(student/T)`` and
+    ``q`` the teacher given as ``"logits"`` (``softmax(teacher/T)``), ``"probs"`` or
+    ``"logprobs"`` (T applies to the student only); ``divergence`` ``"forward_kl"``
+    (``KL(q||p)``), ``"reverse_kl"`` or ``"jsd"`` (``beta * KL(q||M) + (1-beta) * KL(p||M)``,
+    ``M = beta q + (1-beta) p``, beta in (0, 1)). ``scale_t2=False`` drops the ``T^2`` factor
+    (TRL's and Liger's convention). ``teacher_eps``: reverse KL with probs / logprobs only, a
+    floor on ``q`` inside the log. ``labels`` (optional) mask rows whose label is
+    ``ignore_index``."""
+    s, t = _float_rows(student, "student"), _float_rows(teacher, "teacher")
+    _same_shape(student, teacher, "student", "teacher")
+    y = None if labels is None else _labels(labels, s, s.shape[0])
+    red, rows = _reduction(reduction, _KL_REDUCTIONS)
+    div = _choice(divergence, DIVERGENCES, "divergence")
+    tin = _choice(teacher_input, TEACHER_INPUTS, "teacher_input")
+    loss, _, _ = divergence_op(s, t, y, div, float(beta), float(teacher_eps), tin,
+                               float(temperature), _ignore(ignore_index), red, rows, _wants(s),
+                               _wants(t) and tin == 0)
+    if not scale_t2:
+        loss = loss / (float(temperature) ** 2)
+    return _out(loss, student, rows)
+
+
+def cross_entropy(student: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+                  ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """``F.cross_entropy`` on ``[..., C]`` logits (``"mean"`` and ``"batchmean"`` are both the
+    mean over rows whose label is not ``ignore_index``; with no such row the loss is 0, not
+    PyTorch's NaN)."""
+    s = _float_rows(student, "student")
+    y = _labels(labels, s, s.shape[0])
+    red, rows = _reduction(reduction, _CE_REDUCTIONS)
+    loss, _ = cross_entropy_op(s, y, float(label_smoothing), _ignore(ignore_index), red, rows,
+                               _wants(s))
+    return _out(loss, student, rows)
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Feature MSE ``mean((a - b)^2)`` (``F.mse_loss``); differentiable in both."""
+    for x, name in ((a, "a"), (b, "b")):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on {x.device}: only CPU and CUDA tensors are supported")
+    _same_shape(a, b, "a", "b")
+    if a.numel() == 0:
+        raise ValueError("a and b are empty: pass at least one element")
+    x, z = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+    loss, _, _ = mse_op(x.reshape(-1), z.reshape(-1), _wants(x), _wants(z))
+    return loss.to(torch.float64) if a.dtype == torch.float64 else loss
