@@ -84,6 +84,8 @@ fn run_c_program() -> String {
         .arg("-L")
         .arg(&dir)
         .arg("-ldistillation")
+        // The test uses fmaxf / fabsf: libm must be named (only the cdylib depends on it).
+        .arg("-lm")
         .arg(format!("-Wl,-rpath,{}", dir.display()))
         .arg("-o")
         .arg(&exe)
