@@ -156,33 +156,48 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         self.grads.borrow()[v.0].clone()
     }
 
+    /// `v`'s gradient buffer to add into, or `None` before its first gradient. A buffer someone
+    /// else also holds (a loss root's saved gradient, the output gradient a reshape or bias add
+    /// passed on, a tensor from [`Tape::grad`]) is first replaced by a copy the tape alone holds,
+    /// so that accumulating never changes another node's buffer.
+    fn grad_to_add_into(&self, v: Var) -> Result<Option<Rc<B::Buffer>>> {
+        let mut grads = self.grads.borrow_mut();
+        let Some(g) = grads[v.0].as_mut() else {
+            return Ok(None);
+        };
+        if Rc::strong_count(&g.buf) > 1 {
+            // -0.0 is the additive identity of every f32 (both zeros included): an exact copy.
+            let copy = self.backend.filled(g.len(), -0.0)?;
+            self.backend.axpy(1.0, &g.buf, &copy)?;
+            g.buf = Rc::new(copy);
+        }
+        Ok(Some(g.buf.clone()))
+    }
+
     /// Adds a gradient into `v` through `write(dst, accumulate)`: the first gradient gets a new
     /// buffer (`accumulate = false`), later ones add into it.
     fn add_grad(&self, v: Var, write: impl FnOnce(&B::Buffer, bool) -> Result<()>) -> Result<()> {
         if !self.requires_grad(v) {
             return Ok(());
         }
-        let existing = self.grads.borrow()[v.0].clone();
-        match existing {
-            Some(g) => write(&g.buf, true),
-            None => {
-                let shape = self.nodes.borrow()[v.0].value.shape.clone();
-                let g = Tensor::new(self.backend.filled(shape.iter().product(), 0.0)?, &shape);
-                write(&g.buf, false)?;
-                self.grads.borrow_mut()[v.0] = Some(g);
-                Ok(())
-            }
+        if let Some(acc) = self.grad_to_add_into(v)? {
+            return write(&acc, true);
         }
+        let shape = self.nodes.borrow()[v.0].value.shape.clone();
+        let g = Tensor::zeros(self.backend, &shape)?;
+        write(&g.buf, false)?;
+        self.grads.borrow_mut()[v.0] = Some(g);
+        Ok(())
     }
 
-    /// Adds a whole gradient tensor into `v` (shares it when `v` has none yet).
+    /// Adds a whole gradient tensor into `v`: the first is kept as it is (shared, not copied),
+    /// later ones are added into a buffer the tape alone holds.
     fn add_grad_tensor(&self, v: Var, g: &Tensor<B>) -> Result<()> {
         if !self.requires_grad(v) {
             return Ok(());
         }
-        let existing = self.grads.borrow()[v.0].clone();
-        match existing {
-            Some(acc) => self.backend.axpy(1.0, &g.buf, &acc.buf),
+        match self.grad_to_add_into(v)? {
+            Some(acc) => self.backend.axpy(1.0, &g.buf, &acc),
             None => {
                 self.grads.borrow_mut()[v.0] = Some(g.clone());
                 Ok(())
@@ -741,7 +756,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         self.smooth_l1(ys, yt, weight)
     }
 
-    /// Back-propagates from the given loss roots, in reverse push order.
+    /// Back-propagates from the given loss roots, in reverse push order. The gradients of an
+    /// earlier `backward` on this tape are dropped first: each call gives the gradients of the
+    /// roots it is given.
     pub fn backward(&self, losses: &[Var]) -> Result<()> {
         let len = self.nodes.borrow().len();
         let mut active = vec![false; len];
@@ -755,6 +772,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             }
             active[l.0] = true;
         }
+        self.grads.borrow_mut().fill(None);
         for i in (0..len).rev() {
             let dy = if active[i] {
                 self.value(Var(i)) // a loss root ignores its incoming gradient

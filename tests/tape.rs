@@ -155,6 +155,69 @@ fn one_training_step_matches_cpu<B: Backend>(b: &B) {
 
 backend_tests!(one_training_step_matches_cpu);
 
+/// The gradients of `x` and of `y = reshape(x)` under `mse(x, c)` (pushed first) and the
+/// cross-entropy of `y` (pushed last), after `backward` has run `runs` times.
+fn shared_first_gradient<B: Backend>(b: &B, runs: usize, with_mse: bool) -> [Vec<f32>; 2] {
+    let mut g = Lcg(4);
+    let tape = Tape::new(b);
+    let x = tape.leaf(Tensor::from_host(b, &g.vec(12, 2.0), &[3, 4]).unwrap());
+    let c = tape.constant(Tensor::from_host(b, &g.vec(12, 1.0), &[3, 4]).unwrap());
+    let mse = tape.mse(x, c, 0.5).unwrap();
+    let y = tape.reshape(x, &[3, 4]).unwrap();
+    let labels = b.upload_labels(&[1, 3, 0]).unwrap();
+    let ce = tape
+        .cross_entropy(y, &labels, CrossEntropySpec::new(RowShape::new(3, 4)))
+        .unwrap();
+    let roots = if with_mse { vec![mse, ce] } else { vec![ce] };
+    for _ in 0..runs {
+        tape.backward(&roots).unwrap();
+    }
+    [x, y].map(|v| tape.grad(v).unwrap().to_host(b).unwrap())
+}
+
+/// Accumulation never writes into a buffer another node holds. Going backward, the
+/// cross-entropy's saved gradient becomes `y`'s, then (through the reshape) `x`'s first
+/// gradient; the MSE's gradient is then added into `x`'s, and must leave `y`'s (and the
+/// cross-entropy's) alone.
+fn accumulation_leaves_shared_gradients_alone<B: Backend>(b: &B) {
+    let [_, ce] = shared_first_gradient(b, 1, false);
+    let [gx, gy] = shared_first_gradient(b, 1, true);
+    assert_eq!(gy, ce, "dL/dy is the cross-entropy's gradient alone");
+    assert_ne!(gx, ce, "dL/dx has the MSE's gradient too");
+}
+
+/// `backward` run twice gives the same gradients as once: the second pass starts afresh from the
+/// roots' saved gradients, which the first left as they were.
+fn backward_twice_gives_the_same_gradients<B: Backend>(b: &B) {
+    assert_eq!(
+        shared_first_gradient(b, 2, true),
+        shared_first_gradient(b, 1, true)
+    );
+    let d = data(9);
+    let labels = b.upload_labels(&d.labels).unwrap();
+    let mlp = Mlp::new(b, &SIZES, &mut Rng::new(3)).unwrap();
+    let grads = |runs: usize| {
+        let tape = Tape::new(b);
+        let (losses, params) = total_loss(&tape, &mlp, &d.x, &d.teacher, &d.hint, &labels);
+        for _ in 0..runs {
+            tape.backward(&losses).unwrap();
+        }
+        params
+            .iter()
+            .map(|p| tape.grad(*p).unwrap().to_host(b).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(grads(2), grads(1));
+}
+
+mod accumulation {
+    use super::*;
+    backend_tests!(
+        accumulation_leaves_shared_gradients_alone,
+        backward_twice_gives_the_same_gradients
+    );
+}
+
 /// A CNN on 6x5 images with 2 channels: conv, ReLU, max-pool, conv, ReLU, head; Hinton loss plus
 /// attention transfer between its first block and a fixed map.
 fn cnn_loss<'a, B: Backend>(
