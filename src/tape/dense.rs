@@ -1,0 +1,153 @@
+//! Dense ops: matmul (with a transposed right operand), bias add, ReLU and reshape.
+
+use super::{Tape, Tensor, Var};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::ops::dense::MatmulSpec;
+
+impl<'a, B: Backend + 'a> Tape<'a, B> {
+    /// `x [m, k] @ w [k, n]`.
+    pub fn matmul(&self, x: Var, w: Var) -> Result<Var> {
+        self.matmul_op(x, w, false)
+    }
+
+    /// `a [m, k] @ b^T` with `b` `[n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`).
+    pub fn matmul_nt(&self, a: Var, b: Var) -> Result<Var> {
+        self.matmul_op(a, b, true)
+    }
+
+    /// `a @ op(b)`, `op(b) = b` `[k, n]` or, with `trans_b`, `b^T` for `b` `[n, k]`.
+    fn matmul_op(&self, a: Var, b: Var, trans_b: bool) -> Result<Var> {
+        let (av, bv) = (self.value(a), self.value(b));
+        let (m, k) = av.rows_cols();
+        let (k2, n) = if trans_b {
+            let (r, c) = bv.rows_cols();
+            (c, r)
+        } else {
+            bv.rows_cols()
+        };
+        if k != k2 {
+            let form = if trans_b {
+                format!("[{m}, {k}] @ [n, {k}]^T")
+            } else {
+                format!("[{m}, {k}] @ [{k}, n]")
+            };
+            return Err(Error::shape("matmul right operand", k2, k, form));
+        }
+        let out = Tensor::new(self.backend.filled(m * n, 0.0)?, &[m, n]);
+        self.backend.matmul(
+            &MatmulSpec {
+                trans_b,
+                ..MatmulSpec::new(m, k, n)
+            },
+            &av.buf,
+            &bv.buf,
+            &out.buf,
+        )?;
+        let needs = self.requires_grad(a) || self.requires_grad(b);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                // da = dy op(b)^T: [m, n] x [n, k] (b^T read transposed when b is [k, n]).
+                t.add_grad(a, |dst, acc| {
+                    let spec = MatmulSpec {
+                        trans_b: !trans_b,
+                        accumulate: acc,
+                        ..MatmulSpec::new(m, n, k)
+                    };
+                    t.backend.matmul(&spec, &dy.buf, &bv.buf, dst)
+                })?;
+                // db = a^T dy ([k, n]), or for b^T: dy^T a ([n, k]).
+                t.add_grad(b, |dst, acc| {
+                    if trans_b {
+                        let spec = MatmulSpec {
+                            trans_a: true,
+                            accumulate: acc,
+                            ..MatmulSpec::new(n, m, k)
+                        };
+                        t.backend.matmul(&spec, &dy.buf, &av.buf, dst)
+                    } else {
+                        let spec = MatmulSpec {
+                            trans_a: true,
+                            accumulate: acc,
+                            ..MatmulSpec::new(k, m, n)
+                        };
+                        t.backend.matmul(&spec, &av.buf, &dy.buf, dst)
+                    }
+                })
+            })),
+            false,
+        ))
+    }
+
+    /// `x [m, n] + b [n]` on every row.
+    pub fn bias_add(&self, x: Var, b: Var) -> Result<Var> {
+        let (xv, bv) = (self.value(x), self.value(b));
+        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
+        self.backend.bias_add(&xv.buf, &bv.buf, &out.buf)?;
+        let needs = self.requires_grad(x) || self.requires_grad(b);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                t.add_grad_tensor(x, dy)?;
+                t.add_grad(b, |dst, acc| t.backend.sum_rows(&dy.buf, dst, acc))
+            })),
+            false,
+        ))
+    }
+
+    /// `max(x, 0)`.
+    pub fn relu(&self, x: Var) -> Result<Var> {
+        let xv = self.value(x);
+        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
+        self.backend.relu(&xv.buf, &out.buf)?;
+        let y = out.clone();
+        let needs = self.requires_grad(x);
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &dy.shape);
+                t.backend.relu_backward(&y.buf, &dy.buf, &dx.buf)?;
+                t.add_grad_tensor(x, &dx)
+            })),
+            false,
+        ))
+    }
+
+    /// The same values under another shape with as many elements (e.g. flatten).
+    pub fn reshape(&self, x: Var, shape: &[usize]) -> Result<Var> {
+        let xv = self.value(x);
+        let n: usize = shape.iter().product();
+        if n != xv.len() {
+            return Err(Error::shape(
+                "reshape",
+                n,
+                xv.len(),
+                format!("{:?} -> {shape:?}", xv.shape),
+            ));
+        }
+        let out = Tensor {
+            buf: xv.buf.clone(),
+            shape: shape.to_vec(),
+        };
+        let needs = self.requires_grad(x);
+        let in_shape = xv.shape.clone();
+        Ok(self.push(
+            out,
+            needs,
+            Some(Box::new(move |t, dy| {
+                t.add_grad_tensor(
+                    x,
+                    &Tensor {
+                        buf: dy.buf.clone(),
+                        shape: in_shape.clone(),
+                    },
+                )
+            })),
+            false,
+        ))
+    }
+}
