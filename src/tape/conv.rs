@@ -1,30 +1,23 @@
 //! Convolution ops on channels-last `[N, H, W, C]` values: im2col, conv2d, pooling and the
 //! transpose to channels-first.
 
-use super::{Tape, Tensor, Var};
+use super::{Tape, Var};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 
 impl<'a, B: Backend + 'a> Tape<'a, B> {
-    /// im2col of a channels-last `[N, H, W, C]` value: `[N*OH*OW, K*K*C]` (backward: col2im).
+    /// im2col of a channels-last `[N, H, W, C]` value: `[N*OH*OW, K*K*C]`, row `(n, oy, ox)`
+    /// holding the `K x K x C` patch under output pixel `(oy, ox)`; backward: col2im, each input
+    /// element gathering the patch entries it was copied to.
     pub fn im2col(&self, x: Var, spec: ConvSpec) -> Result<Var> {
-        let xv = self.value(x);
         let (r, c) = spec.cols_shape();
-        let out = Tensor::new(self.backend.filled(r * c, 0.0)?, &[r, c]);
-        self.backend.im2col(&spec, &xv.buf, &out.buf)?;
-        let needs = self.requires_grad(x);
-        let shape = xv.shape.clone();
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dx = Tensor::new(t.backend.filled(spec.input_len(), 0.0)?, &shape);
-                t.backend.col2im(&spec, &dy.buf, &dx.buf)?;
-                t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
+        self.unary(
+            x,
+            &[r, c],
+            |b, x, cols| b.im2col(&spec, x, cols),
+            move |b, _, _, dy, dx| b.col2im(&spec, dy, dx),
+        )
     }
 
     /// 2-D convolution of `x` `[N, H, W, C]` with `w` `[K*K*C, OC]` and bias `b` `[OC]`:
@@ -62,57 +55,41 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         self.reshape(y, &[n, oh, ow, oc])
     }
 
-    /// `k x k` max or average pooling with stride `k` of a `[N, H, W, C]` value.
+    /// `k x k` max or average pooling with stride `k` of a `[N, H, W, C]` value: `[N, H/k, W/k,
+    /// C]` (a last partial window dropped); backward: each window's `dy` to its first maximum
+    /// (max) or `dy / k^2` to each of its elements (average).
     pub fn pool(&self, x: Var, k: usize, max: bool) -> Result<Var> {
-        let xv = self.value(x);
-        let [n, h, w, c] = xv.shape[..] else {
+        let xs = self.value(x).shape;
+        let [n, h, w, c] = xs[..] else {
             return Err(Error::Unsupported(format!(
-                "pooling takes [N, H, W, C] input, got {:?}",
-                xv.shape
+                "pooling takes [N, H, W, C] input, got {xs:?}"
             )));
         };
         let spec = PoolSpec { n, h, w, c, k, max };
         spec.validate()?;
         let (oh, ow) = spec.out_hw();
-        let out = Tensor::new(
-            self.backend.filled(spec.output_len(), 0.0)?,
+        self.unary(
+            x,
             &[n, oh, ow, c],
-        );
-        self.backend.pool(&spec, &xv.buf, &out.buf)?;
-        let needs = self.requires_grad(x);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dx = Tensor::new(t.backend.filled(spec.input_len(), 0.0)?, &xv.shape);
-                t.backend.pool_backward(&spec, &xv.buf, &dy.buf, &dx.buf)?;
-                t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
+            |b, x, y| b.pool(&spec, x, y),
+            move |b, x, _, dy, dx| b.pool_backward(&spec, x, dy, dx),
+        )
     }
 
-    /// Channels-last `[N, H, W, C]` to `[N, C, H, W]` (for attention transfer).
+    /// Channels-last `[N, H, W, C]` to `[N, C, H, W]` (for attention transfer), a transpose of
+    /// each example's `[H*W, C]`; backward: the transpose back.
     pub fn to_channels_first(&self, x: Var) -> Result<Var> {
-        let xv = self.value(x);
-        let [n, h, w, c] = xv.shape[..] else {
+        let xs = self.value(x).shape;
+        let [n, h, w, c] = xs[..] else {
             return Err(Error::Unsupported(format!(
-                "to_channels_first takes [N, H, W, C], got {:?}",
-                xv.shape
+                "to_channels_first takes [N, H, W, C], got {xs:?}"
             )));
         };
-        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &[n, c, h, w]);
-        self.backend.transpose(n, h * w, c, &xv.buf, &out.buf)?;
-        let needs = self.requires_grad(x);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &[n, h, w, c]);
-                t.backend.transpose(n, c, h * w, &dy.buf, &dx.buf)?;
-                t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
+        self.unary(
+            x,
+            &[n, c, h, w],
+            |b, x, y| b.transpose(n, h * w, c, x, y),
+            move |b, _, _, dy, dx| b.transpose(n, c, h * w, dy, dx),
+        )
     }
 }

@@ -6,12 +6,13 @@ use crate::error::{Error, Result};
 use crate::ops::dense::MatmulSpec;
 
 impl<'a, B: Backend + 'a> Tape<'a, B> {
-    /// `x [m, k] @ w [k, n]`.
+    /// `y = x w` for `x [m, k]`, `w [k, n]`; backward: `dx = dy w^T`, `dw = x^T dy`.
     pub fn matmul(&self, x: Var, w: Var) -> Result<Var> {
         self.matmul_op(x, w, false)
     }
 
-    /// `a [m, k] @ b^T` with `b` `[n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`).
+    /// `y = a b^T` for `a [m, k]`, `b [n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`); backward:
+    /// `da = dy b`, `db = dy^T a`.
     pub fn matmul_nt(&self, a: Var, b: Var) -> Result<Var> {
         self.matmul_op(a, b, true)
     }
@@ -81,7 +82,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         ))
     }
 
-    /// `x [m, n] + b [n]` on every row.
+    /// `y = x + b` for `x [m, n]`, `b [n]` added to every row; backward: `dx = dy` (passed on
+    /// shared), `db = sum of dy's rows`.
     pub fn bias_add(&self, x: Var, b: Var) -> Result<Var> {
         let (xv, bv) = (self.value(x), self.value(b));
         let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
@@ -98,26 +100,19 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         ))
     }
 
-    /// `max(x, 0)`.
+    /// `y = max(x, 0)`; `dx = dy` where `y > 0`, else 0.
     pub fn relu(&self, x: Var) -> Result<Var> {
-        let xv = self.value(x);
-        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
-        self.backend.relu(&xv.buf, &out.buf)?;
-        let y = out.clone();
-        let needs = self.requires_grad(x);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &dy.shape);
-                t.backend.relu_backward(&y.buf, &dy.buf, &dx.buf)?;
-                t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
+        let shape = self.value(x).shape;
+        self.unary(
+            x,
+            &shape,
+            |b, x, y| b.relu(x, y),
+            |b, _, y, dy, dx| b.relu_backward(y, dy, dx),
+        )
     }
 
-    /// The same values under another shape with as many elements (e.g. flatten).
+    /// The same values under another shape with as many elements (e.g. flatten); the buffer is
+    /// shared, and so is the gradient passed back.
     pub fn reshape(&self, x: Var, shape: &[usize]) -> Result<Var> {
         let xv = self.value(x);
         let n: usize = shape.iter().product();
@@ -134,19 +129,10 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             shape: shape.to_vec(),
         };
         let needs = self.requires_grad(x);
-        let in_shape = xv.shape.clone();
         Ok(self.push(
             out,
             needs,
-            Some(Box::new(move |t, dy| {
-                t.add_grad_tensor(
-                    x,
-                    &Tensor {
-                        buf: dy.buf.clone(),
-                        shape: in_shape.clone(),
-                    },
-                )
-            })),
+            Some(Box::new(move |t, dy| t.add_grad_tensor(x, dy))),
             false,
         ))
     }

@@ -158,6 +158,34 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         self.grads.borrow()[v.0].clone()
     }
 
+    /// Records a one-input op `y = f(x)`, the form most ops take: allocates `y` of `shape` (zeroed)
+    /// and runs `forward(backend, x, y)`; its backward allocates `dx` of `x`'s shape (zeroed),
+    /// runs `backward(backend, x, y, dy, dx)` to write `dL/dx` from `dy = dL/dy`, and adds `dx`
+    /// into `x`'s gradient.
+    fn unary(
+        &self,
+        x: Var,
+        shape: &[usize],
+        forward: impl FnOnce(&B, &B::Buffer, &B::Buffer) -> Result<()>,
+        backward: impl Fn(&B, &B::Buffer, &B::Buffer, &B::Buffer, &B::Buffer) -> Result<()> + 'a,
+    ) -> Result<Var> {
+        let xv = self.value(x);
+        let y = Tensor::zeros(self.backend, shape)?;
+        forward(self.backend, &xv.buf, &y.buf)?;
+        let yv = y.clone();
+        let needs = self.requires_grad(x);
+        Ok(self.push(
+            y,
+            needs,
+            Some(Box::new(move |t, dy| {
+                let dx = Tensor::zeros(t.backend, &xv.shape)?;
+                backward(t.backend, &xv.buf, &yv.buf, &dy.buf, &dx.buf)?;
+                t.add_grad_tensor(x, &dx)
+            })),
+            false,
+        ))
+    }
+
     /// `v`'s gradient buffer to add into, or `None` before its first gradient. A buffer someone
     /// else also holds (a loss root's saved gradient, the output gradient a reshape or bias add
     /// passed on, a tensor from [`Tape::grad`]) is first replaced by a copy the tape alone holds,
@@ -192,8 +220,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         Ok(())
     }
 
-    /// Adds a whole gradient tensor into `v`: the first is kept as it is (shared, not copied),
-    /// later ones are added into a buffer the tape alone holds.
+    /// Adds a whole gradient tensor into `v` (of `v`'s shape, in any shape of as many elements):
+    /// the first is kept as it is (shared, not copied), later ones are added into a buffer the
+    /// tape alone holds.
     fn add_grad_tensor(&self, v: Var, g: &Tensor<B>) -> Result<()> {
         if !self.requires_grad(v) {
             return Ok(());
@@ -201,7 +230,12 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         match self.grad_to_add_into(v)? {
             Some(acc) => self.backend.axpy(1.0, &g.buf, &acc),
             None => {
-                self.grads.borrow_mut()[v.0] = Some(g.clone());
+                let shape = self.nodes.borrow()[v.0].value.shape.clone();
+                let g = Tensor {
+                    buf: g.buf.clone(),
+                    shape,
+                };
+                self.grads.borrow_mut()[v.0] = Some(g);
                 Ok(())
             }
         }

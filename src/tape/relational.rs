@@ -1,70 +1,45 @@
 //! The relational primitives (row normalisation, pairwise distances, off-diagonal
 //! normalisation) and the relation-based losses composed from them.
 
-use super::{Tape, Tensor, Var};
+use super::{Tape, Var};
 use crate::backend::Backend;
 use crate::error::Result;
 
 impl<'a, B: Backend + 'a> Tape<'a, B> {
-    /// Each row divided by its L2 norm (floored at 1e-12).
+    /// Each row divided by its L2 norm, `y = x / max(||x||, 1e-12)` row by row.
     pub fn row_normalize(&self, x: Var) -> Result<Var> {
         let xv = self.value(x);
         let (_, cols) = xv.rows_cols();
-        let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
-        self.backend.row_normalize(cols, &xv.buf, &out.buf)?;
-        let needs = self.requires_grad(x);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dx = Tensor::new(t.backend.filled(dy.len(), 0.0)?, &dy.shape);
-                t.backend
-                    .row_normalize_backward(cols, &xv.buf, &dy.buf, &dx.buf)?;
-                t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
+        self.unary(
+            x,
+            &xv.shape,
+            |b, x, y| b.row_normalize(cols, x, y),
+            move |b, x, _, dy, dx| b.row_normalize_backward(cols, x, dy, dx),
+        )
     }
 
-    /// Pairwise Euclidean distances `[n, n]` between the rows of `f` `[n, dim]`.
+    /// Pairwise Euclidean distances between the rows of `f` `[n, dim]`: `[n, n]`, `d_ij =
+    /// sqrt(max(||f_i - f_j||^2, 1e-12))` off the diagonal, 0 on it.
     pub fn pairwise_distance(&self, f: Var) -> Result<Var> {
-        let fv = self.value(f);
-        let (n, dim) = fv.rows_cols();
-        let out = Tensor::new(self.backend.filled(n * n, 0.0)?, &[n, n]);
-        self.backend.pairwise_distance(n, dim, &fv.buf, &out.buf)?;
-        let d = out.clone();
-        let needs = self.requires_grad(f);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let df = Tensor::new(t.backend.filled(n * dim, 0.0)?, &fv.shape);
-                t.backend
-                    .pairwise_distance_backward(n, dim, &fv.buf, &d.buf, &dy.buf, &df.buf)?;
-                t.add_grad_tensor(f, &df)
-            })),
-            false,
-        ))
+        let (n, dim) = self.value(f).rows_cols();
+        self.unary(
+            f,
+            &[n, n],
+            |b, f, d| b.pairwise_distance(n, dim, f, d),
+            move |b, f, d, dy, df| b.pairwise_distance_backward(n, dim, f, d, dy, df),
+        )
     }
 
-    /// An `[n, n]` matrix divided by the mean of its off-diagonal entries.
+    /// An `[n, n]` matrix divided by the mean of its off-diagonal entries: `y = d / m`,
+    /// `m = sum_{i != j} d_ij / (n (n - 1))`.
     pub fn offdiag_normalize(&self, d: Var) -> Result<Var> {
-        let dv = self.value(d);
-        let (n, _) = dv.rows_cols();
-        let out = Tensor::new(self.backend.filled(n * n, 0.0)?, &[n, n]);
-        self.backend.offdiag_normalize(n, &dv.buf, &out.buf)?;
-        let needs = self.requires_grad(d);
-        Ok(self.push(
-            out,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dd = Tensor::new(t.backend.filled(n * n, 0.0)?, &[n, n]);
-                t.backend
-                    .offdiag_normalize_backward(n, &dv.buf, &dy.buf, &dd.buf)?;
-                t.add_grad_tensor(d, &dd)
-            })),
-            false,
-        ))
+        let (n, _) = self.value(d).rows_cols();
+        self.unary(
+            d,
+            &[n, n],
+            |b, d, y| b.offdiag_normalize(n, d, y),
+            move |b, d, _, dy, dd| b.offdiag_normalize_backward(n, d, dy, dd),
+        )
     }
 
     /// Similarity-preserving KD (Tung and Mori 2019) between `[N, Ds]` and `[N, Dt]` features:
