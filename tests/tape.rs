@@ -52,13 +52,38 @@ fn total_loss<'a, B: Backend>(
     (vec![l1, l2, l3, l4], f.params)
 }
 
+/// `sum_j w_j l_j` over the loss roots, each weighted as recorded.
 fn weighted_value<B: Backend>(tape: &Tape<'_, B>, losses: &[distillation::tape::Var]) -> f64 {
-    let w = [1.0, 0.5, 0.25, 0.7];
     losses
         .iter()
-        .zip(w)
-        .map(|(l, w)| w * tape.value(*l).to_host(tape.backend()).unwrap()[0] as f64)
+        .map(|l| {
+            let w = tape.loss_weight(*l).unwrap() as f64;
+            w * tape.value(*l).to_host(tape.backend()).unwrap()[0] as f64
+        })
         .sum()
+}
+
+/// Each loss root carries the weight its op was given; `add_weighted_loss` adds `w l`.
+#[test]
+fn loss_roots_carry_their_weight() {
+    let b = CpuBackend::new();
+    let d = data(7);
+    let labels = b.upload_labels(&d.labels).unwrap();
+    let mlp = Mlp::new(&b, &SIZES, &mut Rng::new(3)).unwrap();
+    let tape = Tape::new(&b);
+    let (losses, params) = total_loss(&tape, &mlp, &d.x, &d.teacher, &d.hint, &labels);
+    let weights: Vec<_> = losses.iter().map(|l| tape.loss_weight(*l)).collect();
+    assert_eq!(weights, [Some(1.0), Some(0.5), Some(0.25), Some(0.7)]);
+    assert_eq!(tape.loss_weight(params[0]), None);
+    assert!(tape.backward(&[params[0]]).is_err());
+    let total = Tensor::zeros(&b, &[1]).unwrap();
+    for l in &losses {
+        tape.add_weighted_loss(*l, &total).unwrap();
+    }
+    let got = total.to_host(&b).unwrap()[0] as f64;
+    let want = weighted_value(&tape, &losses);
+    assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
+    assert!(tape.add_weighted_loss(params[0], &total).is_err());
 }
 
 struct Data {
@@ -284,12 +309,8 @@ fn cnn_gradients_match_finite_differences() {
                 cnn.params_mut()[pi].value = Tensor::from_host(&b, &p, &shape).unwrap();
                 let tape = Tape::new(&b);
                 let (losses, _) = cnn_loss(&tape, &cnn, &x, &t, &labels);
-                // Loss values are unweighted; the attention term's gradient carries its weight 50.
-                losses
-                    .iter()
-                    .zip([1.0, 50.0])
-                    .map(|(l, w)| w * tape.value(*l).to_host(&b).unwrap()[0] as f64)
-                    .sum::<f64>()
+                // Loss values are unweighted; the attention term carries its weight 50.
+                weighted_value(&tape, &losses)
             };
             numeric.push((eval(base[i] + h) - eval(base[i] - h)) / (2.0 * h as f64));
         }

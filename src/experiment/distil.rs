@@ -205,7 +205,7 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
             self.features,
         );
         let ce = s.cross_entropy(fwd.logits)?;
-        s.add(Term::objective(ce, cfg.alpha));
+        s.add(Term::objective(ce));
         self.method.terms(&self.modules, &mut s)?;
         let (terms, trained) = s.finish();
         tape.backward(&terms.iter().map(|t| t.loss).collect::<Vec<_>>())?;
@@ -214,10 +214,8 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
         self.opt.step(&tape, student, self.steps)?;
         let modules = self.modules.params_mut().into_iter().zip(trained);
         self.opt.step(&tape, modules, self.steps)?;
-        for t in &terms {
-            if let Some(w) = t.curve_weight {
-                backend.axpy(w, &tape.value(t.loss).buf, &total.buf)?;
-            }
+        for t in terms.iter().filter(|t| t.in_objective) {
+            tape.add_weighted_loss(t.loss, total)?;
         }
         Ok(())
     }

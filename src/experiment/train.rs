@@ -100,7 +100,7 @@ pub(super) fn train_supervised<B: Backend>(
             tape.backward(&[loss])?;
             step += 1;
             opt.step(&tape, model.params_mut().into_iter().zip(fwd.params), step)?;
-            backend.axpy(1.0, &tape.value(loss).buf, &total.buf)?;
+            tape.add_weighted_loss(loss, &total)?;
             progress(Progress::Step(cx.fold));
         }
         curve.push(total.to_host(backend)?[0] as f64 / batches.len() as f64);

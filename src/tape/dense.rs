@@ -78,7 +78,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                     }
                 })
             })),
-            false,
+            None,
         ))
     }
 
@@ -96,7 +96,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                 t.add_grad_tensor(x, dy)?;
                 t.add_grad(b, |dst, acc| t.backend.sum_rows(&dy.buf, dst, acc))
             })),
-            false,
+            None,
         ))
     }
 
@@ -133,7 +133,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             out,
             needs,
             Some(Box::new(move |t, dy| t.add_grad_tensor(x, dy))),
-            false,
+            None,
         ))
     }
 }

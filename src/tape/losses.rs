@@ -1,17 +1,58 @@
-//! The losses: roots of the tape, each computing its value and its input gradients in one fused
-//! kernel.
+//! The losses: the roots of the tape. Each runs one fused kernel that writes the loss value `l`
+//! and, for the inputs that need them, the weighted gradients `w dl/dx`; the root keeps those
+//! gradients and its weight `w` (a spec's `grad_scale`, or the `weight` argument). Its value stays
+//! the unweighted `l`: [`Tape::loss_weight`] and [`Tape::add_weighted_loss`] give the weighted one.
 
 use super::{Tape, Tensor, Var};
 use crate::backend::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
-use crate::ops::{AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, RowShape};
+use crate::ops::{
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, RowShape, TeacherInput,
+};
 
 impl<'a, B: Backend + 'a> Tape<'a, B> {
-    /// Records a loss whose kernel has already produced its value and its input gradients.
-    fn push_loss(&self, loss: B::Buffer, grads: Vec<(Var, Tensor<B>)>) -> Var {
-        let value = Tensor::new(loss, &[1]);
-        self.push(
-            value,
+    /// The weight a loss root was recorded with (`None` for a value that is not a loss): the
+    /// factor its gradients carry, `L = sum_j w_j l_j` over the roots given to `backward`.
+    pub fn loss_weight(&self, loss: Var) -> Option<f32> {
+        self.nodes.borrow()[loss.0].weight
+    }
+
+    /// Adds a loss root's weighted value `w l` into the one-element `total`, on the device (the
+    /// running objective of a training loop).
+    pub fn add_weighted_loss(&self, loss: Var, total: &Tensor<B>) -> Result<()> {
+        let w = self.loss_weight(loss).ok_or_else(not_a_loss)?;
+        self.backend.axpy(w, &self.value(loss).buf, &total.buf)
+    }
+
+    /// Runs a fused loss kernel on inputs `a` and `b` and records its root of weight `weight`:
+    /// allocates the loss and the gradients wanted (`want_a`, `want_b`), and calls
+    /// `kernel(loss, grad_a, grad_b)`, which writes the loss and the gradients times `weight`.
+    fn loss_op(
+        &self,
+        weight: f32,
+        (a, want_a): (Var, bool),
+        (b, want_b): (Var, bool),
+        kernel: impl FnOnce(&B::Buffer, Option<&B::Buffer>, Option<&B::Buffer>) -> Result<()>,
+    ) -> Result<Var> {
+        let grad = |v: Var, wanted: bool| -> Result<Option<(Var, Tensor<B>)>> {
+            match wanted {
+                true => Ok(Some((
+                    v,
+                    Tensor::zeros(self.backend, &self.value(v).shape)?,
+                ))),
+                false => Ok(None),
+            }
+        };
+        let (ga, gb) = (grad(a, want_a)?, grad(b, want_b)?);
+        let loss = Tensor::zeros(self.backend, &[1])?;
+        kernel(
+            &loss.buf,
+            ga.as_ref().map(|(_, g)| &*g.buf),
+            gb.as_ref().map(|(_, g)| &*g.buf),
+        )?;
+        let grads: Vec<(Var, Tensor<B>)> = ga.into_iter().chain(gb).collect();
+        Ok(self.push(
+            loss,
             true,
             Some(Box::new(move |t, _| {
                 for (v, g) in &grads {
@@ -19,43 +60,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                 }
                 Ok(())
             })),
-            true,
-        )
-    }
-
-    /// Runs a loss kernel on inputs `a` and `b`: allocates the loss and the gradients that are wanted,
-    /// calls `kernel(loss, grad_a, grad_b)`, and records the loss as a root.
-    fn loss_op(
-        &self,
-        a: Var,
-        want_a: bool,
-        b: Var,
-        want_b: bool,
-        kernel: impl FnOnce(&B::Buffer, Option<&B::Buffer>, Option<&B::Buffer>) -> Result<()>,
-    ) -> Result<Var> {
-        let grad = |v: Var, wanted: bool| -> Result<Option<Tensor<B>>> {
-            if !wanted {
-                return Ok(None);
-            }
-            let shape = self.value(v).shape;
-            Ok(Some(Tensor::new(
-                self.backend.filled(shape.iter().product(), 0.0)?,
-                &shape,
-            )))
-        };
-        let (ga, gb) = (grad(a, want_a)?, grad(b, want_b)?);
-        let loss = self.backend.filled(1, 0.0)?;
-        kernel(
-            &loss,
-            ga.as_ref().map(|g| &*g.buf),
-            gb.as_ref().map(|g| &*g.buf),
-        )?;
-        Ok(self.push_loss(
-            loss,
-            ga.map(|g| (a, g))
-                .into_iter()
-                .chain(gb.map(|g| (b, g)))
-                .collect(),
+            Some(weight),
         ))
     }
 
@@ -77,8 +82,10 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         }
     }
 
-    /// The fused Hinton loss of student logits against teacher logits (a constant, or a variable
-    /// whose gradient is wanted: online distillation). `spec.shape` is taken from the logits.
+    /// The fused Hinton loss `alpha CE(s, labels) + (1 - alpha) T^2 KL(softmax(t/T) ||
+    /// softmax(s/T))` of student logits against teacher logits (a constant, or a variable whose
+    /// gradient is wanted: online distillation); weight `spec.grad_scale`. `spec.shape` is taken
+    /// from the logits.
     pub fn hinton(
         &self,
         student: Var,
@@ -92,10 +99,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         };
         let (s, t) = (self.value(student), self.value(teacher));
         self.loss_op(
-            student,
-            self.requires_grad(student),
-            teacher,
-            self.requires_grad(teacher),
+            spec.grad_scale,
+            (student, self.requires_grad(student)),
+            (teacher, self.requires_grad(teacher)),
             |l, gs, gt| {
                 self.backend
                     .hinton(&spec, &s.buf, &t.buf, labels, Self::loss_out(l, gs, gt))
@@ -103,7 +109,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         )
     }
 
-    /// A soft-target divergence (forward KL, reverse KL, JSD) of student logits against a teacher.
+    /// A soft-target divergence at temperature `T`, `T^2 D(teacher || student)` (forward KL,
+    /// reverse KL or JSD; `docs/LOSSES.md` section 2) of student logits against a teacher
+    /// (logits, or probabilities, which get no gradient); weight `spec.grad_scale`.
     pub fn divergence(
         &self,
         student: Var,
@@ -115,14 +123,12 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             shape: self.row_shape(student),
             ..spec
         };
-        let want_t =
-            self.requires_grad(teacher) && spec.teacher == crate::ops::TeacherInput::Logits;
+        let want_t = self.requires_grad(teacher) && spec.teacher == TeacherInput::Logits;
         let (s, t) = (self.value(student), self.value(teacher));
         self.loss_op(
-            student,
-            self.requires_grad(student),
-            teacher,
-            want_t,
+            spec.grad_scale,
+            (student, self.requires_grad(student)),
+            (teacher, want_t),
             |l, gs, gt| {
                 self.backend
                     .divergence(&spec, &s.buf, &t.buf, labels, Self::loss_out(l, gs, gt))
@@ -130,7 +136,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         )
     }
 
-    /// Cross-entropy of logits against hard labels.
+    /// Cross-entropy `-log softmax(x)_label` (label smoothing, rows labelled `IGNORE_INDEX`
+    /// masked) of logits against hard labels; weight `spec.grad_scale`.
     pub fn cross_entropy(
         &self,
         logits: Var,
@@ -143,10 +150,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         };
         let s = self.value(logits);
         self.loss_op(
-            logits,
-            self.requires_grad(logits),
-            logits,
-            false,
+            spec.grad_scale,
+            (logits, self.requires_grad(logits)),
+            (logits, false),
             |l, gs, _| {
                 self.backend
                     .cross_entropy(&spec, &s.buf, labels, Self::loss_out(l, gs, None))
@@ -154,7 +160,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         )
     }
 
-    /// Feature MSE between two equal-shape values, times `weight` in the gradients.
+    /// Feature MSE `mean((a - b)^2)` between two equal-shape values, of weight `weight`.
     pub fn mse(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
         let (av, bv) = (self.value(a), self.value(b));
         let spec = MseSpec {
@@ -162,15 +168,16 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             grad_scale: weight,
         };
         self.loss_op(
-            a,
-            self.requires_grad(a),
-            b,
-            self.requires_grad(b),
+            weight,
+            (a, self.requires_grad(a)),
+            (b, self.requires_grad(b)),
             |l, ga, gb| self.backend.mse(&spec, &av.buf, &bv.buf, l, ga, gb),
         )
     }
 
-    /// Attention transfer between `[N, C, H, W]` feature maps (channels may differ).
+    /// Attention transfer between `[N, C, H, W]` feature maps (channels may differ): the mean of
+    /// `(u_s - u_t)^2`, `u` the L2-normalised spatial map `mean_c A_c^2` of each example
+    /// (`docs/LOSSES.md` section 6), of weight `weight`.
     pub fn attention_transfer(&self, s: Var, t: Var, weight: f32) -> Result<Var> {
         let (sv, tv) = (self.value(s), self.value(t));
         if sv.shape.len() != 4
@@ -193,10 +200,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             )
         };
         self.loss_op(
-            s,
-            self.requires_grad(s),
-            t,
-            self.requires_grad(t),
+            weight,
+            (s, self.requires_grad(s)),
+            (t, self.requires_grad(t)),
             |l, gs, gt| {
                 self.backend
                     .attention_transfer(&spec, &sv.buf, &tv.buf, l, gs, gt)
@@ -204,7 +210,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         )
     }
 
-    /// Smooth L1 (Huber, delta 1) between two equal-shape values, mean over elements.
+    /// Smooth L1 (Huber, delta 1) between two equal-shape values, mean over elements, of weight
+    /// `weight`.
     pub fn smooth_l1(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
         let (av, bv) = (self.value(a), self.value(b));
         let spec = MseSpec {
@@ -212,11 +219,19 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             grad_scale: weight,
         };
         self.loss_op(
-            a,
-            self.requires_grad(a),
-            b,
-            self.requires_grad(b),
+            weight,
+            (a, self.requires_grad(a)),
+            (b, self.requires_grad(b)),
             |l, ga, gb| self.backend.smooth_l1(&spec, &av.buf, &bv.buf, l, ga, gb),
         )
     }
+}
+
+/// The error for a loss operation on a value that is not a loss.
+pub(super) fn not_a_loss() -> Error {
+    Error::Unsupported(
+        "not a loss value: backward and the loss weights take the values of hinton, divergence, \
+         cross_entropy, mse, smooth_l1, attention_transfer, similarity_preserving, rkd_distance"
+            .into(),
+    )
 }

@@ -1,10 +1,22 @@
-//! A small autograd tape (after micrograd): values live on the backend, each op records its backward
-//! on the tape in push order, and [`Tape::backward`] walks the tape in reverse, accumulating
-//! gradients into each input.
+//! A small autograd tape, after micrograd: values live on the backend, each op records how to
+//! send a gradient back to its inputs, and [`Tape::backward`] replays those records in reverse.
 //!
-//! Losses are roots: a loss op computes its gradient in the same fused kernel as its value, scaled
-//! by the `grad_scale` (weight) given when it is recorded; `backward(&[loss, ..])` starts from
-//! those gradients. Every other op's backward receives the gradient of its output.
+//! - A [`Tape`] is one forward pass. An op runs its backend kernel and pushes a node: its value
+//!   `y`, whether it needs a gradient, and its backward, a closure that, given `dy = dL/dy`, adds
+//!   `dL/dx` into the gradient of each input `x`.
+//! - Losses are the roots. A loss kernel writes the loss `l` and, in the same pass, `w dl/dx` for
+//!   its inputs; the root keeps those gradients and its weight `w` (`losses.rs`). `backward(&[l_1,
+//!   .., l_k])` gives the gradients of `L = sum_j w_j l_j`.
+//! - `backward` walks the nodes from the last pushed to the first: every consumer of a value was
+//!   pushed after it, so a node's gradient is complete when its turn comes.
+//! - A value used several times gets the sum of its consumers' gradients. The first is kept as it
+//!   is, shared with whoever made it (a loss root, the op that passed `dy` on); a later one is
+//!   added into a buffer the tape alone holds, so no other node's buffer ever changes.
+//!
+//! After the engine, the ops, one file per family: `dense.rs` (matmul, bias add, ReLU, reshape),
+//! `conv.rs` (im2col, conv2d, pooling, channels-first), `relational.rs` (row normalisation,
+//! pairwise distances, off-diagonal normalisation, similarity-preserving and RKD losses) and
+//! `losses.rs` (Hinton, divergences, cross-entropy, MSE, attention transfer, smooth L1).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -86,21 +98,22 @@ impl<B: Backend> Tensor<B> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Var(usize);
 
+/// Given `dy`, the gradient of a node's value, adds the gradients of its inputs.
 type Backward<'a, B> = Box<dyn Fn(&Tape<'a, B>, &Tensor<B>) -> Result<()> + 'a>;
 
 struct Node<'a, B: Backend> {
     value: Tensor<B>,
     requires_grad: bool,
-    /// Given the gradient of this node's value, adds the gradients of its inputs.
     backward: Option<Backward<'a, B>>,
-    /// For loss roots: the gradient of the loss w.r.t. its inputs, computed in the forward kernel.
-    is_loss: bool,
+    /// A loss root's weight (its backward adds the gradients its kernel wrote, ignoring `dy`).
+    weight: Option<f32>,
 }
 
 /// The tape of one forward pass.
 pub struct Tape<'a, B: Backend> {
     backend: &'a B,
     nodes: RefCell<Vec<Node<'a, B>>>,
+    /// `grads[i]`: `dL/dy` of node `i` once `backward` has reached it (`None`: no gradient).
     grads: RefCell<Vec<Option<Tensor<B>>>>,
 }
 
@@ -122,14 +135,14 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         value: Tensor<B>,
         requires_grad: bool,
         backward: Option<Backward<'a, B>>,
-        is_loss: bool,
+        weight: Option<f32>,
     ) -> Var {
         let mut nodes = self.nodes.borrow_mut();
         nodes.push(Node {
             value,
             requires_grad,
             backward,
-            is_loss,
+            weight,
         });
         self.grads.borrow_mut().push(None);
         Var(nodes.len() - 1)
@@ -137,12 +150,12 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 
     /// A constant input (no gradient).
     pub fn constant(&self, value: Tensor<B>) -> Var {
-        self.push(value, false, None, false)
+        self.push(value, false, None, None)
     }
 
     /// A trainable leaf (a parameter): its gradient is kept for [`Tape::grad`].
     pub fn leaf(&self, value: Tensor<B>) -> Var {
-        self.push(value, true, None, false)
+        self.push(value, true, None, None)
     }
 
     pub fn value(&self, v: Var) -> Tensor<B> {
@@ -153,15 +166,14 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         self.nodes.borrow()[v.0].requires_grad
     }
 
-    /// The accumulated gradient of `v` after [`Tape::backward`].
+    /// The gradient `dL/dv` after [`Tape::backward`] (`None` if `v` got none).
     pub fn grad(&self, v: Var) -> Option<Tensor<B>> {
         self.grads.borrow()[v.0].clone()
     }
 
     /// Records a one-input op `y = f(x)`, the form most ops take: allocates `y` of `shape` (zeroed)
     /// and runs `forward(backend, x, y)`; its backward allocates `dx` of `x`'s shape (zeroed),
-    /// runs `backward(backend, x, y, dy, dx)` to write `dL/dx` from `dy = dL/dy`, and adds `dx`
-    /// into `x`'s gradient.
+    /// runs `backward(backend, x, y, dy, dx)` to write `dL/dx`, and adds `dx` into `x`'s gradient.
     fn unary(
         &self,
         x: Var,
@@ -173,23 +185,49 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         let y = Tensor::zeros(self.backend, shape)?;
         forward(self.backend, &xv.buf, &y.buf)?;
         let yv = y.clone();
-        let needs = self.requires_grad(x);
-        Ok(self.push(
-            y,
-            needs,
-            Some(Box::new(move |t, dy| {
-                let dx = Tensor::zeros(t.backend, &xv.shape)?;
-                backward(t.backend, &xv.buf, &yv.buf, &dy.buf, &dx.buf)?;
-                t.add_grad_tensor(x, &dx)
-            })),
-            false,
-        ))
+        let backward: Backward<'a, B> = Box::new(move |t, dy| {
+            let dx = Tensor::zeros(t.backend, &xv.shape)?;
+            backward(t.backend, &xv.buf, &yv.buf, &dy.buf, &dx.buf)?;
+            t.add_grad_tensor(x, &dx)
+        });
+        Ok(self.push(y, self.requires_grad(x), Some(backward), None))
+    }
+
+    /// Adds a gradient into `v` through `write(dst, accumulate)`: the first gets a new zeroed
+    /// buffer (`accumulate = false`), later ones add into the tape's own one.
+    fn add_grad(&self, v: Var, write: impl FnOnce(&B::Buffer, bool) -> Result<()>) -> Result<()> {
+        if !self.requires_grad(v) {
+            return Ok(());
+        }
+        if let Some(acc) = self.grad_to_add_into(v)? {
+            return write(&acc, true);
+        }
+        let g = Tensor::zeros(self.backend, &self.nodes.borrow()[v.0].value.shape)?;
+        write(&g.buf, false)?;
+        self.grads.borrow_mut()[v.0] = Some(g);
+        Ok(())
+    }
+
+    /// Adds the gradient `g` into `v` (in `v`'s shape or another of as many elements): the first
+    /// is kept as it is, shared; later ones are added into the tape's own buffer.
+    fn add_grad_tensor(&self, v: Var, g: &Tensor<B>) -> Result<()> {
+        if !self.requires_grad(v) {
+            return Ok(());
+        }
+        if let Some(acc) = self.grad_to_add_into(v)? {
+            return self.backend.axpy(1.0, &g.buf, &acc);
+        }
+        let shape = self.nodes.borrow()[v.0].value.shape.clone();
+        self.grads.borrow_mut()[v.0] = Some(Tensor {
+            buf: g.buf.clone(),
+            shape,
+        });
+        Ok(())
     }
 
     /// `v`'s gradient buffer to add into, or `None` before its first gradient. A buffer someone
-    /// else also holds (a loss root's saved gradient, the output gradient a reshape or bias add
-    /// passed on, a tensor from [`Tape::grad`]) is first replaced by a copy the tape alone holds,
-    /// so that accumulating never changes another node's buffer.
+    /// else also holds (a loss root's saved gradient, the `dy` a reshape or bias add passed on, a
+    /// tensor from [`Tape::grad`]) is first replaced by a copy the tape alone holds.
     fn grad_to_add_into(&self, v: Var) -> Result<Option<Rc<B::Buffer>>> {
         let mut grads = self.grads.borrow_mut();
         let Some(g) = grads[v.0].as_mut() else {
@@ -204,76 +242,35 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         Ok(Some(g.buf.clone()))
     }
 
-    /// Adds a gradient into `v` through `write(dst, accumulate)`: the first gradient gets a new
-    /// buffer (`accumulate = false`), later ones add into it.
-    fn add_grad(&self, v: Var, write: impl FnOnce(&B::Buffer, bool) -> Result<()>) -> Result<()> {
-        if !self.requires_grad(v) {
-            return Ok(());
-        }
-        if let Some(acc) = self.grad_to_add_into(v)? {
-            return write(&acc, true);
-        }
-        let shape = self.nodes.borrow()[v.0].value.shape.clone();
-        let g = Tensor::zeros(self.backend, &shape)?;
-        write(&g.buf, false)?;
-        self.grads.borrow_mut()[v.0] = Some(g);
-        Ok(())
-    }
-
-    /// Adds a whole gradient tensor into `v` (of `v`'s shape, in any shape of as many elements):
-    /// the first is kept as it is (shared, not copied), later ones are added into a buffer the
-    /// tape alone holds.
-    fn add_grad_tensor(&self, v: Var, g: &Tensor<B>) -> Result<()> {
-        if !self.requires_grad(v) {
-            return Ok(());
-        }
-        match self.grad_to_add_into(v)? {
-            Some(acc) => self.backend.axpy(1.0, &g.buf, &acc),
-            None => {
-                let shape = self.nodes.borrow()[v.0].value.shape.clone();
-                let g = Tensor {
-                    buf: g.buf.clone(),
-                    shape,
-                };
-                self.grads.borrow_mut()[v.0] = Some(g);
-                Ok(())
-            }
-        }
-    }
-
-    /// Back-propagates from the given loss roots, in reverse push order. The gradients of an
-    /// earlier `backward` on this tape are dropped first: each call gives the gradients of the
-    /// roots it is given.
+    /// Back-propagates from the given loss roots: the gradients of `L = sum_j w_j l_j`, each root
+    /// `l_j` of weight `w_j`. The gradients of an earlier `backward` on this tape are dropped
+    /// first, so each call gives those of the roots it is given.
     pub fn backward(&self, losses: &[Var]) -> Result<()> {
         let len = self.nodes.borrow().len();
-        let mut active = vec![false; len];
+        let mut roots = vec![false; len];
         for l in losses {
-            if !self.nodes.borrow()[l.0].is_loss {
-                return Err(Error::Unsupported(
-                    "backward starts from loss values (hinton, divergence, cross_entropy, mse, smooth_l1, \
-                     attention_transfer, similarity_preserving, rkd_distance)"
-                        .into(),
-                ));
+            if self.loss_weight(*l).is_none() {
+                return Err(losses::not_a_loss());
             }
-            active[l.0] = true;
+            roots[l.0] = true;
         }
         self.grads.borrow_mut().fill(None);
         for i in (0..len).rev() {
-            let dy = if active[i] {
-                self.value(Var(i)) // a loss root ignores its incoming gradient
-            } else {
-                match self.grads.borrow()[i].clone() {
+            let nodes = self.nodes.borrow();
+            let node = &nodes[i];
+            let Some(backward) = &node.backward else {
+                continue;
+            };
+            let dy = match node.weight {
+                // A root starts from its own gradients; one not asked for contributes nothing.
+                Some(_) if roots[i] => node.value.clone(),
+                Some(_) => continue,
+                None => match self.grad(Var(i)) {
                     Some(g) => g,
                     None => continue,
-                }
+                },
             };
-            let nodes = self.nodes.borrow();
-            if let Some(f) = &nodes[i].backward {
-                if nodes[i].is_loss && !active[i] {
-                    continue; // a loss not asked for contributes nothing
-                }
-                f(self, &dy)?;
-            }
+            backward(self, &dy)?;
         }
         Ok(())
     }

@@ -61,7 +61,7 @@ impl Distill for Mutual {
             s.detach(pf.logits)
         };
         let student_kd = s.divergence(student, from_peer, TeacherInput::Logits)?;
-        s.add(Term::objective(student_kd, 1.0 - s.cfg.alpha));
+        s.add(Term::objective(student_kd));
         let from_student = if self.coupled {
             student
         } else {

@@ -106,23 +106,23 @@ impl<B: Backend> Trainable<B> for Net<B> {
     }
 }
 
-/// A loss root of one batch. Its op already applies its weight to the gradient; the weight is
-/// repeated here only for the training curve.
+/// A loss root of one batch. The root carries its weight (the gradient scale its op was given,
+/// [`Tape::loss_weight`]), for the gradients and for the curve alike.
 #[derive(Clone, Copy, Debug)]
 pub struct Term {
     pub loss: Var,
-    /// `Some(w)`: part of the student's objective, logged in the curve as `w * loss` (the
-    /// response terms `alpha CE + (1 - alpha) T^2 KL`); `None`: trained, not logged (hints,
-    /// feature terms, a peer's own terms).
-    pub curve_weight: Option<f32>,
+    /// Part of the student's objective, logged in the curve as `weight * loss` (the response
+    /// terms `alpha CE + (1 - alpha) T^2 KL`); otherwise trained, not logged (hints, feature
+    /// terms, a peer's own terms).
+    pub in_objective: bool,
 }
 
 impl Term {
-    /// A term of the student's objective, of weight `weight`.
-    pub fn objective(loss: Var, weight: f32) -> Term {
+    /// A term of the student's objective.
+    pub fn objective(loss: Var) -> Term {
         Term {
             loss,
-            curve_weight: Some(weight),
+            in_objective: true,
         }
     }
 
@@ -130,7 +130,7 @@ impl Term {
     pub fn auxiliary(loss: Var) -> Term {
         Term {
             loss,
-            curve_weight: None,
+            in_objective: false,
         }
     }
 }
@@ -193,8 +193,8 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         self.labels
     }
 
-    /// Cross-entropy of `logits` against the batch's labels (the unlabelled rows masked), its
-    /// gradient weighted `alpha`.
+    /// Cross-entropy of `logits` against the batch's labels (the unlabelled rows masked), of
+    /// weight `alpha`.
     pub fn cross_entropy(&self, logits: Var) -> Result<Var> {
         let spec = CrossEntropySpec {
             grad_scale: self.cfg.alpha,
@@ -203,8 +203,8 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         self.tape.cross_entropy(logits, self.labels, spec)
     }
 
-    /// `T^2 KL(teacher || student)` at the configured temperature, its gradient weighted
-    /// `1 - alpha`; a `teacher` variable that requires a gradient (logits) gets one too.
+    /// `T^2 KL(teacher || student)` at the configured temperature, of weight `1 - alpha`; a
+    /// `teacher` variable that requires a gradient (logits) gets one too.
     pub fn divergence(&self, student: Var, teacher: Var, form: TeacherInput) -> Result<Var> {
         let spec = DivergenceSpec {
             teacher: form,
@@ -232,7 +232,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
             &[shape.rows, shape.cols],
         )?);
         let kd = self.divergence(self.student.logits, t, form)?;
-        self.add(Term::objective(kd, 1.0 - self.cfg.alpha));
+        self.add(Term::objective(kd));
         Ok(())
     }
 
