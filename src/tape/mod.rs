@@ -9,11 +9,14 @@
 //!   .., l_k])` gives the gradients of `L = sum_j w_j l_j`.
 //! - `backward` walks the nodes from the last pushed to the first: every consumer of a value was
 //!   pushed after it, so a node's gradient is complete when its turn comes.
-//! - A value used several times gets the sum of its consumers' gradients. The first is kept as it
-//!   is, shared with whoever made it (a loss root, the op that passed `dy` on); a later one is
-//!   added into a buffer the tape alone holds, so no other node's buffer ever changes.
+//! - A value used several times gets the sum of its consumers' gradients. A gradient tensor
+//!   handed over first is kept as it is, shared with whoever made it (a loss root, the op that
+//!   passed `dy` on); later ones are added into a buffer the tape alone holds (a shared first one
+//!   is copied then), so no other node's buffer ever changes.
 //!
-//! After the engine, the ops, one file per family: `dense.rs` (matmul, bias add, ReLU, reshape),
+//! Most ops take one input and are recorded by `Tape::unary`: allocate `y`, run the forward
+//! kernel, push a backward that writes `dx` from `dy`. After the engine come the ops, one file per
+//! family: `dense.rs` (matmul, bias add, ReLU, reshape),
 //! `conv.rs` (im2col, conv2d, pooling, channels-first), `relational.rs` (row normalisation,
 //! pairwise distances, off-diagonal normalisation, similarity-preserving and RKD losses) and
 //! `losses.rs` (Hinton, divergences, cross-entropy, MSE, attention transfer, smooth L1).
