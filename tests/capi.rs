@@ -1,4 +1,4 @@
-//! The C ABI (`src/capi.rs`, `include/distillation.h`): builds `tests/c/capi_test.c` with the system
+//! The C ABI (`src/capi/`, `include/distillation.h`): builds `tests/c/capi_test.c` with the system
 //! `cc` against the header and the cdylib cargo built next to this test, runs it, and checks its
 //! results equal the Rust API's on the same inputs, and that bad arguments give status codes with
 //! messages. Also checks the header declares every `dst_*` entry point (and, when `cbindgen` is on
@@ -338,9 +338,18 @@ fn c_program_matches_the_rust_api() {
     println!("{stdout}");
 }
 
-/// The `dst_*` functions `extern "C"` in `src/capi.rs`.
+/// The `dst_*` functions `extern "C"` in `src/capi/`.
 fn capi_functions() -> Vec<String> {
-    let src = std::fs::read_to_string(root().join("src/capi.rs")).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("src/capi"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    let src: String = files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
     src.lines()
         .filter_map(|l| {
             let rest = l.trim_start().strip_prefix("pub ")?;
@@ -356,7 +365,7 @@ fn capi_functions() -> Vec<String> {
 fn header_declares_every_entry_point() {
     let header = std::fs::read_to_string(root().join("include/distillation.h")).unwrap();
     let fns = capi_functions();
-    assert!(fns.len() >= 15, "found only {fns:?} in src/capi.rs");
+    assert!(fns.len() >= 15, "found only {fns:?} in src/capi/");
     let mut missing = Vec::new();
     for f in &fns {
         // A declaration: the name followed by its parameter list, preceded by its documentation.
@@ -392,7 +401,7 @@ fn header_declares_every_entry_point() {
                 if !name.contains(' ') && !name.contains('`') {
                     assert!(
                         fns.contains(&name),
-                        "the header declares {name}, src/capi.rs does not"
+                        "the header declares {name}, src/capi/ does not"
                     );
                 }
             }
