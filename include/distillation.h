@@ -11,9 +11,10 @@
 #include <stdint.h>
 
 /*
- The version of this C ABI; bumped on any incompatible change of the header.
+ The version of this C ABI; bumped on any incompatible change of the header, and when codes
+ are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]).
  */
-#define DST_ABI_VERSION 3
+#define DST_ABI_VERSION 4
 
 /*
  Success.
@@ -78,6 +79,18 @@
  gives a class probability 0 (an infinite divergence).
  */
 #define DST_ERR_INPUT 11
+
+/*
+ A file could not be read or written, or its contents are not in the format expected. No loss
+ entry point touches files today; the code exists so that every library error has its own.
+ */
+#define DST_ERR_IO 12
+
+/*
+ An experiment configuration that cannot run (flags or settings that contradict each other or
+ the data). No loss entry point takes one today; reserved, as [`DST_ERR_IO`].
+ */
+#define DST_ERR_CONFIG 13
 
 /*
  An opaque CUDA context: a `CudaBackend` bound to one device, with its own stream. Create it with

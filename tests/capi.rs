@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use distillation::backend::{Backend, GradOut, LossOut};
+use distillation::capi::{
+    DST_ERR_ALIAS, DST_ERR_CONFIG, DST_ERR_DEVICE, DST_ERR_INPUT, DST_ERR_INVALID_ARGUMENT,
+    DST_ERR_IO, DST_ERR_LABEL, DST_ERR_LIMIT, DST_ERR_NULL_POINTER, DST_ERR_PANIC, DST_ERR_SHAPE,
+    DST_ERR_UNAVAILABLE, DST_ERR_UNSUPPORTED, DST_OK,
+};
 use distillation::{
     CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, KdLoss, MseSpec, Reduction, RowShape,
     TeacherInput,
@@ -303,6 +308,29 @@ fn c_program_matches_the_rust_api() {
         env!("CARGO_PKG_VERSION")
     );
     assert!(stdout.lines().any(|l| l == version), "{stdout}");
+
+    // The status codes as the C program sees them: the header's numbers are the library's.
+    let codes = [
+        (DST_OK, "ok"),
+        (DST_ERR_NULL_POINTER, "null_pointer"),
+        (DST_ERR_INVALID_ARGUMENT, "invalid_argument"),
+        (DST_ERR_SHAPE, "shape"),
+        (DST_ERR_LABEL, "label"),
+        (DST_ERR_ALIAS, "alias"),
+        (DST_ERR_UNAVAILABLE, "unavailable"),
+        (DST_ERR_DEVICE, "device"),
+        (DST_ERR_PANIC, "panic"),
+        (DST_ERR_UNSUPPORTED, "unsupported"),
+        (DST_ERR_LIMIT, "limit"),
+        (DST_ERR_INPUT, "input"),
+        (DST_ERR_IO, "io"),
+        (DST_ERR_CONFIG, "config"),
+    ];
+    let want: String = codes.iter().map(|(c, n)| format!(" {c}={n}")).collect();
+    assert!(
+        stdout.lines().any(|l| l == format!("codes{want}")),
+        "no line `codes{want}`:\n{stdout}"
+    );
 
     // Every expected error came back with its code and a message (the C program checks the codes
     // and fails otherwise; here, that each case ran).
