@@ -28,6 +28,11 @@ fn data_error(what: impl Into<String>) -> Error {
     Error::Unsupported(what.into())
 }
 
+/// A line of CSV data that does not parse.
+fn csv_error(problem: String) -> Error {
+    Error::io("parse", "CSV data", problem)
+}
+
 impl Dataset {
     /// Checks sizes and labels.
     pub fn new(
@@ -72,7 +77,7 @@ impl Dataset {
         let mut text = String::new();
         flate2::read::GzDecoder::new(DIGITS_CSV_GZ)
             .read_to_string(&mut text)
-            .map_err(|e| data_error(format!("digits.csv.gz: {e}")))?;
+            .map_err(|e| Error::io("read", "the built-in digits.csv.gz", e))?;
         Self::from_csv(&text, 64, 10, 1.0 / 16.0, Some((1, 8, 8)))
     }
 
@@ -92,22 +97,22 @@ impl Dataset {
         {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             if fields.len() != dim + 1 {
-                return Err(data_error(format!(
-                    "CSV line {}: {} fields, expected {} features and a label",
+                return Err(csv_error(format!(
+                    "line {}: {} fields, expected {} features and a label",
                     i + 1,
                     fields.len(),
                     dim
                 )));
             }
             for f in &fields[..dim] {
-                let v: f32 = f.parse().map_err(|_| {
-                    data_error(format!("CSV line {}: {f:?} is not a number", i + 1))
-                })?;
+                let v: f32 = f
+                    .parse()
+                    .map_err(|_| csv_error(format!("line {}: {f:?} is not a number", i + 1)))?;
                 x.push(v * scale);
             }
             y.push(fields[dim].parse().map_err(|_| {
-                data_error(format!(
-                    "CSV line {}: label {:?} is not an integer",
+                csv_error(format!(
+                    "line {}: label {:?} is not an integer",
                     i + 1,
                     fields[dim]
                 ))
@@ -121,41 +126,73 @@ impl Dataset {
     pub fn from_idx(images: &Path, labels: &Path) -> Result<Self> {
         let img = read_maybe_gz(images)?;
         let lab = read_maybe_gz(labels)?;
-        let be = |b: &[u8], at: usize| -> Result<usize> {
+        let bad = |path: &Path, problem: String| Error::io("read", path, problem);
+        let be = |b: &[u8], path: &Path, at: usize| -> Result<usize> {
             b.get(at..at + 4)
                 .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
-                .ok_or_else(|| data_error("IDX file shorter than its header"))
+                .ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("{} bytes, shorter than an IDX header", b.len()),
+                    )
+                })
         };
-        if be(&img, 0)? != 0x0803 {
-            return Err(data_error(format!(
-                "{}: not an IDX image file (magic {:#010x}, expected 0x00000803)",
-                images.display(),
-                be(&img, 0)?
-            )));
+        let magic = be(&img, images, 0)?;
+        if magic != 0x0803 {
+            return Err(bad(
+                images,
+                format!(
+                    "not an IDX image file (magic {magic:#010x}, expected 0x00000803): pass an \
+                     MNIST-format images file such as train-images-idx3-ubyte(.gz)"
+                ),
+            ));
         }
-        if be(&lab, 0)? != 0x0801 {
-            return Err(data_error(format!(
-                "{}: not an IDX label file (magic {:#010x}, expected 0x00000801)",
-                labels.display(),
-                be(&lab, 0)?
-            )));
+        let magic = be(&lab, labels, 0)?;
+        if magic != 0x0801 {
+            return Err(bad(
+                labels,
+                format!(
+                    "not an IDX label file (magic {magic:#010x}, expected 0x00000801): pass an \
+                     MNIST-format labels file such as train-labels-idx1-ubyte(.gz)"
+                ),
+            ));
         }
-        let (n, rows, cols) = (be(&img, 4)?, be(&img, 8)?, be(&img, 12)?);
-        let nl = be(&lab, 4)?;
+        let (n, rows, cols) = (
+            be(&img, images, 4)?,
+            be(&img, images, 8)?,
+            be(&img, images, 12)?,
+        );
+        let nl = be(&lab, labels, 4)?;
         if n != nl {
-            return Err(data_error(format!("{n} images but {nl} labels")));
+            return Err(bad(
+                labels,
+                format!(
+                    "{nl} labels, but {} has {n} images: pass the labels of those images",
+                    images.display()
+                ),
+            ));
         }
         let dim = rows * cols;
         let pixels = img.get(16..16 + n * dim).ok_or_else(|| {
-            data_error(format!(
-                "{}: truncated: {n} images of {rows}x{cols} need {} bytes",
-                images.display(),
-                16 + n * dim
-            ))
+            bad(
+                images,
+                format!(
+                    "truncated: {n} images of {rows}x{cols} need {} bytes, the file has {}",
+                    16 + n * dim,
+                    img.len()
+                ),
+            )
         })?;
-        let ys = lab
-            .get(8..8 + n)
-            .ok_or_else(|| data_error(format!("{}: truncated", labels.display())))?;
+        let ys = lab.get(8..8 + n).ok_or_else(|| {
+            bad(
+                labels,
+                format!(
+                    "truncated: {n} labels need {} bytes, the file has {}",
+                    8 + n,
+                    lab.len()
+                ),
+            )
+        })?;
         let classes = ys
             .iter()
             .map(|&v| v as usize + 1)
@@ -196,13 +233,24 @@ impl Dataset {
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path)
-        .map_err(|e| data_error(format!("cannot read {}: {e}", path.display())))?;
+    let raw = std::fs::read(path).map_err(|e| {
+        Error::io(
+            "read",
+            path,
+            format!("{e} (check the path and that the file is readable)"),
+        )
+    })?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| data_error(format!("{}: bad gzip data: {e}", path.display())))?;
+            .map_err(|e| {
+                Error::io(
+                    "read",
+                    path,
+                    format!("bad gzip data: {e} (the download may be incomplete)"),
+                )
+            })?;
         return Ok(out);
     }
     Ok(raw)

@@ -1,5 +1,7 @@
 //! The crate's one error type. Every public function returns `Result<T>`; bad input never panics.
 
+use std::path::Path;
+
 /// What went wrong, and (in the message) how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -87,6 +89,24 @@ pub enum Error {
     /// A buffer passed as two outputs, or an output also used as an input where that is not allowed.
     #[error("buffer aliasing: {0}")]
     Alias(String),
+
+    /// A file could not be read or written, or what was read is not in the format expected: a
+    /// missing data file, a folder that cannot be created, a truncated or mislabelled IDX file.
+    /// `file` is the path (or, for data parsed from memory, what the data is).
+    #[error("cannot {action} {file}: {problem}")]
+    Io {
+        action: &'static str,
+        file: String,
+        problem: String,
+    },
+
+    /// An experiment configuration that cannot run: command-line flags or [`Config`] fields that
+    /// contradict each other or the data (a count of 0, more folds than examples, a method that
+    /// needs a model, a layer or image data the configuration does not have).
+    ///
+    /// [`Config`]: crate::experiment::Config
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// A parameter's value as the caller wrote it: an `f32` parameter (widened to `f64` in
@@ -104,6 +124,20 @@ fn show_param(value: f64) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An I/O error: `action` (`"read"`, `"write"`, `"create"`...) on `file` failed with `problem`,
+    /// which should say how to fix it.
+    pub fn io(
+        action: &'static str,
+        file: impl AsRef<Path>,
+        problem: impl std::fmt::Display,
+    ) -> Self {
+        Error::Io {
+            action,
+            file: file.as_ref().display().to_string(),
+            problem: problem.to_string(),
+        }
+    }
+
     /// A shape error for a buffer of `got` elements where `expected` were needed.
     pub fn shape(what: &'static str, got: usize, expected: usize, hint: impl Into<String>) -> Self {
         Error::Shape {

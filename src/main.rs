@@ -335,7 +335,11 @@ fn print_table(r: &Report) {
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Unsupported(format!("cannot write {}: {e}", path.display()))
+    Error::io(
+        "write",
+        path,
+        format!("{e} (check that the folder is writable, or choose another with --out)"),
+    )
 }
 
 fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Net<B>) -> Result<()> {

@@ -185,13 +185,18 @@ pub fn save_net<B: Backend>(net: &Net<B>, backend: &B, path: &Path) -> Result<()
         .map(|(name, shape, data)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
                 .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Unsupported(format!("safetensors: {e}")))
+                .map_err(|e| Error::io("write", path, format!("safetensors tensor {name}: {e}")))
         })
         .collect::<Result<_>>()?;
     let meta = HashMap::from([
         ("architecture".to_string(), arch),
         ("format".to_string(), "pt".to_string()),
     ]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| Error::Unsupported(format!("cannot write {}: {e}", path.display())))
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| {
+        Error::io(
+            "write",
+            path,
+            format!("{e} (check that the folder exists and is writable)"),
+        )
+    })
 }

@@ -1,4 +1,4 @@
-//! The C ABI (`src/capi.rs`, `include/distillation.h`): builds `tests/c/capi_test.c` with the system
+//! The C ABI (`src/capi/`, `include/distillation.h`): builds `tests/c/capi_test.c` with the system
 //! `cc` against the header and the cdylib cargo built next to this test, runs it, and checks its
 //! results equal the Rust API's on the same inputs, and that bad arguments give status codes with
 //! messages. Also checks the header declares every `dst_*` entry point (and, when `cbindgen` is on
@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use distillation::backend::{Backend, GradOut, LossOut};
+use distillation::capi::{
+    DST_ERR_ALIAS, DST_ERR_CONFIG, DST_ERR_DEVICE, DST_ERR_INPUT, DST_ERR_INVALID_ARGUMENT,
+    DST_ERR_IO, DST_ERR_LABEL, DST_ERR_LIMIT, DST_ERR_NULL_POINTER, DST_ERR_PANIC, DST_ERR_SHAPE,
+    DST_ERR_UNAVAILABLE, DST_ERR_UNSUPPORTED, DST_OK,
+};
 use distillation::{
     CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, KdLoss, MseSpec, Reduction, RowShape,
     TeacherInput,
@@ -304,6 +309,29 @@ fn c_program_matches_the_rust_api() {
     );
     assert!(stdout.lines().any(|l| l == version), "{stdout}");
 
+    // The status codes as the C program sees them: the header's numbers are the library's.
+    let codes = [
+        (DST_OK, "ok"),
+        (DST_ERR_NULL_POINTER, "null_pointer"),
+        (DST_ERR_INVALID_ARGUMENT, "invalid_argument"),
+        (DST_ERR_SHAPE, "shape"),
+        (DST_ERR_LABEL, "label"),
+        (DST_ERR_ALIAS, "alias"),
+        (DST_ERR_UNAVAILABLE, "unavailable"),
+        (DST_ERR_DEVICE, "device"),
+        (DST_ERR_PANIC, "panic"),
+        (DST_ERR_UNSUPPORTED, "unsupported"),
+        (DST_ERR_LIMIT, "limit"),
+        (DST_ERR_INPUT, "input"),
+        (DST_ERR_IO, "io"),
+        (DST_ERR_CONFIG, "config"),
+    ];
+    let want: String = codes.iter().map(|(c, n)| format!(" {c}={n}")).collect();
+    assert!(
+        stdout.lines().any(|l| l == format!("codes{want}")),
+        "no line `codes{want}`:\n{stdout}"
+    );
+
     // Every expected error came back with its code and a message (the C program checks the codes
     // and fails otherwise; here, that each case ran).
     for case in [
@@ -338,9 +366,18 @@ fn c_program_matches_the_rust_api() {
     println!("{stdout}");
 }
 
-/// The `dst_*` functions `extern "C"` in `src/capi.rs`.
+/// The `dst_*` functions `extern "C"` in `src/capi/`.
 fn capi_functions() -> Vec<String> {
-    let src = std::fs::read_to_string(root().join("src/capi.rs")).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("src/capi"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    let src: String = files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
     src.lines()
         .filter_map(|l| {
             let rest = l.trim_start().strip_prefix("pub ")?;
@@ -356,7 +393,7 @@ fn capi_functions() -> Vec<String> {
 fn header_declares_every_entry_point() {
     let header = std::fs::read_to_string(root().join("include/distillation.h")).unwrap();
     let fns = capi_functions();
-    assert!(fns.len() >= 15, "found only {fns:?} in src/capi.rs");
+    assert!(fns.len() >= 15, "found only {fns:?} in src/capi/");
     let mut missing = Vec::new();
     for f in &fns {
         // A declaration: the name followed by its parameter list, preceded by its documentation.
@@ -392,7 +429,7 @@ fn header_declares_every_entry_point() {
                 if !name.contains(' ') && !name.contains('`') {
                     assert!(
                         fns.contains(&name),
-                        "the header declares {name}, src/capi.rs does not"
+                        "the header declares {name}, src/capi/ does not"
                     );
                 }
             }

@@ -238,3 +238,153 @@ fn wgpu_caller_buffer_without_storage_usage_is_an_error() {
         Err(Error::Shape { .. })
     ));
 }
+
+/// File errors are `Error::Io`: they name the file, what failed and how to fix it.
+#[test]
+fn missing_or_malformed_data_files_are_io_errors() {
+    use distillation::data::Dataset;
+    let dir = std::env::temp_dir().join(format!("distillation-errors-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("no-such-images.idx");
+    let e = Dataset::from_idx(&missing, &missing).unwrap_err();
+    assert!(
+        matches!(&e, Error::Io { action: "read", file, .. } if *file == missing.display().to_string()),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("cannot read {}: ", missing.display()))
+            && msg.contains("check the path"),
+        "{msg}"
+    );
+
+    // A label file where the images should be: the wrong magic number, and what to pass instead.
+    let labels = dir.join("labels.idx");
+    std::fs::write(&labels, [0u8, 0, 8, 1, 0, 0, 0, 1, 7]).unwrap();
+    let e = Dataset::from_idx(&labels, &labels).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("not an IDX image file (magic 0x00000801")
+            && msg.contains("pass an MNIST-format images file"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The offline method's soft-target cache in a folder that cannot be created (under a file) is
+/// an I/O error naming the folder, from the whole experiment.
+#[test]
+fn unwritable_cache_folder_is_an_io_error() {
+    use distillation::data::Dataset;
+    use distillation::experiment::{self, Config, Method};
+    let dir =
+        std::env::temp_dir().join(format!("distillation-errors-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let cache = file.join("cache");
+    let data = Dataset::digits().unwrap();
+    let cfg = Config {
+        method: Method::Cached,
+        teacher_hidden: vec![8],
+        student_hidden: vec![4],
+        epochs: 1,
+        teacher_epochs: 1,
+        folds: 2,
+        run_folds: Some(1),
+        cache_dir: cache.clone(),
+        ..Config::default()
+    };
+    let e = experiment::run(&distillation::CpuBackend::new(), &data, &cfg, &mut |_| {})
+        .err()
+        .expect("a cache folder under a file cannot be created");
+    assert!(
+        matches!(
+            e,
+            Error::Io {
+                action: "create",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!("cannot create {}: ", cache.display()))
+            && msg.contains("cache_dir"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Configurations that cannot run are `Error::Config`, saying what to change.
+#[test]
+fn bad_configurations_are_config_errors() {
+    use distillation::data::Dataset;
+    use distillation::experiment::{Config, Method, ModelKind};
+    let digits = Dataset::digits().unwrap();
+    let flat = Dataset::new(vec![0.0; 8], vec![0, 1], 4, 10, None).unwrap();
+    let cases = [
+        (
+            Config {
+                epochs: 0,
+                ..Config::default()
+            },
+            &digits,
+            "epochs 0",
+        ),
+        (
+            Config {
+                folds: 5000,
+                ..Config::default()
+            },
+            &digits,
+            "folds must be in 2..=1797",
+        ),
+        (
+            Config {
+                method: Method::Ensemble,
+                teachers: 1,
+                ..Config::default()
+            },
+            &digits,
+            "an ensemble needs at least 2 teachers, the configuration has 1",
+        ),
+        (
+            Config {
+                method: Method::AttentionTransfer,
+                ..Config::default()
+            },
+            &digits,
+            "use the CNN model",
+        ),
+        (
+            Config {
+                model: ModelKind::Cnn,
+                folds: 2,
+                ..Config::default()
+            },
+            &flat,
+            "the CNN needs image data",
+        ),
+        (
+            Config {
+                augment: true,
+                folds: 2,
+                ..Config::default()
+            },
+            &flat,
+            "drop --augment",
+        ),
+    ];
+    for (cfg, data, needle) in cases {
+        let e = cfg.validate(data).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{needle}: {e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("invalid configuration: ") && msg.contains(needle),
+            "{msg:?} does not mention {needle:?}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)
@@ -31,7 +31,7 @@ class DistillationError(ValueError):
     STATUS_NAMES = {
         1: "null pointer", 2: "invalid argument", 3: "shape", 4: "label", 5: "alias",
         6: "unavailable", 7: "device", 8: "internal error", 9: "unsupported", 10: "limit",
-        11: "input",
+        11: "input", 12: "I/O", 13: "configuration",
     }
 
     def __init__(self, status: int, message: str):
@@ -117,7 +117,7 @@ def check(status: int) -> None:
 
 
 def version() -> tuple[int, str]:
-    """(C ABI version, crate version), e.g. ``(3, "0.1.0")``."""
+    """(C ABI version, crate version), e.g. ``(4, "0.1.0")``."""
     h = lib()
     return int(h.dst_version()), h.dst_version_string().decode()
 

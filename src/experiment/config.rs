@@ -126,9 +126,10 @@ impl Config {
             });
         }
         if self.batch == 0 || self.epochs == 0 || self.teacher_epochs == 0 {
-            return Err(Error::Unsupported(
-                "batch size, epochs and teacher epochs must be at least 1".into(),
-            ));
+            return Err(Error::Config(format!(
+                "batch size {}, epochs {} and teacher epochs {}: each must be at least 1",
+                self.batch, self.epochs, self.teacher_epochs
+            )));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::Param {
@@ -138,7 +139,7 @@ impl Config {
             });
         }
         if self.folds < 2 || self.folds > data.len() {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::Config(format!(
                 "{} folds of {} examples: folds must be in 2..={}",
                 self.folds,
                 data.len(),
@@ -146,13 +147,16 @@ impl Config {
             )));
         }
         if self.model == ModelKind::Cnn && data.image.is_none() {
-            return Err(Error::Unsupported(
-                "the CNN needs image data (a data set with an image shape)".into(),
+            return Err(Error::Config(
+                "the CNN needs image data (a data set with an image shape): use the MLP model, \
+                 or image data"
+                    .into(),
             ));
         }
         if self.augment && data.image.is_none() {
-            return Err(Error::Unsupported(
-                "augmentation shifts images: this data set has no image shape".into(),
+            return Err(Error::Config(
+                "augmentation shifts images: this data set has no image shape; drop --augment"
+                    .into(),
             ));
         }
         self.method.validate(self, data)
@@ -201,7 +205,7 @@ impl Config {
             ModelKind::Cnn => {
                 let image = data
                     .image
-                    .ok_or_else(|| Error::Unsupported("the CNN needs image data".into()))?;
+                    .ok_or_else(|| Error::Config("the CNN needs image data".into()))?;
                 let ch = if teacher {
                     &self.teacher_channels
                 } else {

@@ -2,7 +2,8 @@
  * argument checks), printing every result for tests/capi.rs to compare with the Rust API.
  *
  * Output: one line per array, `name v0 v1 ...` (%.9g round-trips f32), `version <abi> <string>`,
- * and `cuda <status>`. Exits non-zero (after `FAIL ...` on stderr) when a status is not the one
+ * `codes <code>=<name> ...`, `error <case> <code> <name> <message>` per expected error, and
+ * `cuda available` when a device is present. Exits non-zero (after `FAIL ...` on stderr) when a status is not the one
  * expected. Inputs are exact in f32: x[i] = ((i * 37 + 11) % 101) / 10 - 5, the formula the Rust
  * test uses. */
 #include <math.h>
@@ -43,6 +44,27 @@ static void expect_close(const char *what, const float *got, const float *want, 
     }
 }
 
+/* The name of a status code. A switch: two codes with the same value do not compile. */
+static const char *status_name(int32_t status) {
+    switch (status) {
+    case DST_OK: return "ok";
+    case DST_ERR_NULL_POINTER: return "null_pointer";
+    case DST_ERR_INVALID_ARGUMENT: return "invalid_argument";
+    case DST_ERR_SHAPE: return "shape";
+    case DST_ERR_LABEL: return "label";
+    case DST_ERR_ALIAS: return "alias";
+    case DST_ERR_UNAVAILABLE: return "unavailable";
+    case DST_ERR_DEVICE: return "device";
+    case DST_ERR_PANIC: return "panic";
+    case DST_ERR_UNSUPPORTED: return "unsupported";
+    case DST_ERR_LIMIT: return "limit";
+    case DST_ERR_INPUT: return "input";
+    case DST_ERR_IO: return "io";
+    case DST_ERR_CONFIG: return "config";
+    default: return "unknown";
+    }
+}
+
 static void expect_ok(const char *what, int32_t status) {
     if (status != DST_OK) {
         fprintf(stderr, "FAIL %s: status %d (%s)\n", what, status, dst_last_error());
@@ -62,7 +84,7 @@ static void expect_err(const char *what, int32_t status, int32_t expected) {
         fprintf(stderr, "FAIL %s: status %d without a message\n", what, status);
         failures++;
     } else {
-        printf("error %s %d %s\n", what, status, msg);
+        printf("error %s %d %s %s\n", what, status, status_name(status), msg);
     }
 }
 
@@ -77,6 +99,15 @@ int main(void) {
         fprintf(stderr, "FAIL dst_version %u != DST_ABI_VERSION %d\n", dst_version(), DST_ABI_VERSION);
         failures++;
     }
+
+    /* Every status code, distinct (status_name's switch) and named: tests/capi.rs compares them
+     * with the Rust constants. DST_ERR_IO and DST_ERR_CONFIG (ABI 4) come from file and
+     * configuration errors, which no loss entry point produces. */
+    printf("codes");
+    for (int32_t code = DST_OK; code <= DST_ERR_CONFIG; code++) {
+        printf(" %d=%s", code, status_name(code));
+    }
+    printf("\n");
 
     /* Hinton: T = 2, alpha = 0.3, label smoothing 0.1, batchmean, teacher gradient. */
     expect_ok("hinton", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f, &loss,

@@ -30,7 +30,7 @@ impl Distill for AttentionTransfer {
 
     fn validate(&self, cfg: &Config, _: &Dataset) -> Result<()> {
         if cfg.model != ModelKind::Cnn {
-            return Err(Error::Unsupported(
+            return Err(Error::Config(
                 "attention transfer matches conv feature maps: use the CNN model".into(),
             ));
         }
@@ -41,7 +41,11 @@ impl Distill for AttentionTransfer {
         s.distil_from_teacher()?;
         let teacher = s.teacher_features()?;
         let map = *s.student.maps.first().ok_or_else(|| {
-            Error::Unsupported("attention transfer needs a conv block in the student".into())
+            Error::Config(
+                "attention transfer needs a conv block in the student: give it at least one \
+                 (Config::student_channels)"
+                    .into(),
+            )
         })?;
         let at = s.tape.attention_transfer(map, teacher, s.cfg.at_weight)?;
         s.add(Term::auxiliary(at));

@@ -31,8 +31,8 @@ impl Distill for BornAgain {
 
     fn validate(&self, cfg: &Config, _: &Dataset) -> Result<()> {
         if cfg.generations < 1 {
-            return Err(Error::Unsupported(
-                "born-again training needs at least 1 generation".into(),
+            return Err(Error::Config(
+                "born-again training needs at least 1 generation (Config::generations is 0)".into(),
             ));
         }
         Ok(())

@@ -36,20 +36,27 @@ impl Distill for Cached {
 
 /// Writes soft targets to `dir/fold{f}.f32` (little-endian f32) and reads them back.
 fn round_trip(dir: &std::path::Path, fold: usize, probs: &[f32]) -> Result<Vec<f32>> {
-    let io = |e: std::io::Error| {
-        Error::Unsupported(format!("soft-target cache in {}: {e}", dir.display()))
+    let fix = "the soft-target cache folder, Config::cache_dir (the CLI's <--out>/soft-targets), \
+               must be writable";
+    let io = |action, path: &std::path::Path, e: std::io::Error| {
+        Error::io(action, path, format!("{e} ({fix})"))
     };
-    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
     let path = dir.join(format!("fold{fold}.f32"));
-    std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(probs)).map_err(io)?;
-    let bytes = std::fs::read(&path).map_err(io)?;
+    std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(probs))
+        .map_err(|e| io("write", &path, e))?;
+    let bytes = std::fs::read(&path).map_err(|e| io("read", &path, e))?;
     if bytes.len() != probs.len() * 4 {
-        return Err(Error::Unsupported(format!(
-            "{}: {} bytes, expected {}",
-            path.display(),
-            bytes.len(),
-            probs.len() * 4
-        )));
+        return Err(Error::io(
+            "read",
+            &path,
+            format!(
+                "{} bytes read back, {} written: another process may be writing the same \
+                 cache; give each run its own cache folder",
+                bytes.len(),
+                probs.len() * 4
+            ),
+        ));
     }
     Ok(bytemuck::pod_collect_to_vec(&bytes))
 }

@@ -32,9 +32,10 @@ impl Distill for Ensemble {
 
     fn validate(&self, cfg: &Config, _: &Dataset) -> Result<()> {
         if cfg.teachers < 2 {
-            return Err(Error::Unsupported(
-                "an ensemble needs at least 2 teachers".into(),
-            ));
+            return Err(Error::Config(format!(
+                "an ensemble needs at least 2 teachers, the configuration has {}",
+                cfg.teachers
+            )));
         }
         Ok(())
     }

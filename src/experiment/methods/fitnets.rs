@@ -32,8 +32,10 @@ impl Distill for FitNets {
 
     fn validate(&self, cfg: &Config, _: &Dataset) -> Result<()> {
         if cfg.student_layers().is_empty() {
-            return Err(Error::Unsupported(
-                "FitNets needs a hidden layer in the student and the teacher".into(),
+            return Err(Error::Config(
+                "FitNets needs a hidden layer in the student and the teacher: give both at least \
+                 one (Config::student_hidden / teacher_hidden, or the CNN's channels)"
+                    .into(),
             ));
         }
         Ok(())

@@ -245,7 +245,8 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         let inner = Tape::new(self.tape.backend());
         let xv = inner.constant(self.tape.value(self.x));
         let f = self.teachers[0].forward(&inner, xv)?;
-        let missing = || Error::Unsupported("the teacher has no hidden layer to match".into());
+        let missing =
+            || Error::Config("the teacher has no hidden layer to match: give it one".into());
         let v = match which {
             Features::FirstHidden => *f.hidden.first().ok_or_else(missing)?,
             Features::FirstMap => *f.maps.first().ok_or_else(missing)?,
@@ -256,10 +257,11 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
 
     /// The student's last hidden activation, flattened to `[N, D]`.
     pub fn student_last_hidden(&self) -> Result<Var> {
-        let last =
-            *self.student.hidden.last().ok_or_else(|| {
-                Error::Unsupported("relation-based KD needs a hidden layer".into())
-            })?;
+        let last = *self.student.hidden.last().ok_or_else(|| {
+            Error::Config(
+                "relation-based KD needs a hidden layer in the student: give it one".into(),
+            )
+        })?;
         flatten(self.tape, last)
     }
 

@@ -1,0 +1,154 @@
+//! Checks of the C arguments that every memory shares: null pointers, the integer codes of the
+//! enums, and the aliasing rules of the outputs.
+
+use std::ffi::c_void;
+
+use super::status::{
+    Fail, FfiResult, DST_ERR_ALIAS, DST_ERR_INVALID_ARGUMENT, DST_ERR_NULL_POINTER,
+};
+use crate::ops::{Divergence, Reduction, TeacherInput};
+
+/// [`DST_ERR_NULL_POINTER`] when `p` is NULL.
+pub(super) fn non_null<T>(what: &str, p: *const T) -> FfiResult {
+    if p.is_null() {
+        return Err(Fail::new(
+            DST_ERR_NULL_POINTER,
+            format!("{what} is NULL: pass a valid pointer"),
+        ));
+    }
+    Ok(())
+}
+
+/// `reduction`: 0 batchmean, 1 sum, 2 none.
+pub(super) fn reduction(code: i32) -> FfiResult<Reduction> {
+    match code {
+        0 => Ok(Reduction::BatchMean),
+        1 => Ok(Reduction::Sum),
+        2 => Ok(Reduction::None),
+        _ => Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("invalid reduction {code}: use 0 (batchmean), 1 (sum) or 2 (none)"),
+        )),
+    }
+}
+
+/// `teacher_input`: 0 logits, 1 probabilities, 2 log-probabilities.
+pub(super) fn teacher_input(code: i32) -> FfiResult<TeacherInput> {
+    match code {
+        0 => Ok(TeacherInput::Logits),
+        1 => Ok(TeacherInput::Probs),
+        2 => Ok(TeacherInput::LogProbs),
+        _ => Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("invalid teacher_input {code}: use 0 (logits), 1 (probs) or 2 (logprobs)"),
+        )),
+    }
+}
+
+/// `divergence`: 0 forward KL, 1 reverse KL, 2 JSD with `beta`.
+pub(super) fn divergence(code: i32, beta: f32) -> FfiResult<Divergence> {
+    match code {
+        0 => Ok(Divergence::ForwardKl),
+        1 => Ok(Divergence::ReverseKl),
+        2 => Ok(Divergence::Jsd { beta }),
+        _ => Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("invalid divergence {code}: use 0 (forward KL), 1 (reverse KL) or 2 (JSD)"),
+        )),
+    }
+}
+
+/// A pointer argument and the number of bytes the call reads or writes through it.
+pub(super) type Span<'a> = (&'a str, *const c_void, usize);
+
+/// Whether two spans share a byte (null pointers and empty spans share none).
+fn spans_overlap(a: &Span<'_>, b: &Span<'_>) -> bool {
+    let (a0, b0) = (a.1 as usize, b.1 as usize);
+    if a0 == 0 || b0 == 0 || a.2 == 0 || b.2 == 0 {
+        return false;
+    }
+    a0 < b0.saturating_add(b.2) && b0 < a0.saturating_add(a.2)
+}
+
+/// Outputs must not overlap inputs (except `grad_student == student` exactly, handled by the
+/// caller) nor each other: any shared byte of the address ranges is an alias, not only equal
+/// pointers.
+pub(super) fn check_no_alias(inputs: &[Span<'_>], outputs: &[Span<'_>]) -> FfiResult {
+    for (i, o) in outputs.iter().enumerate() {
+        for x in inputs {
+            if spans_overlap(o, x) {
+                return Err(Fail::new(
+                    DST_ERR_ALIAS,
+                    format!(
+                        "{} overlaps the input {}: outputs need memory of their own (only \
+                         grad_student == student, exactly, is allowed: the in-place gradient)",
+                        o.0, x.0
+                    ),
+                ));
+            }
+        }
+        for o2 in &outputs[i + 1..] {
+            if spans_overlap(o, o2) {
+                return Err(Fail::new(
+                    DST_ERR_ALIAS,
+                    format!("{} and {} overlap: pass separate buffers", o.0, o2.0),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The outputs of a row loss, as raw pointers (`loss` required, the others optional).
+#[derive(Clone, Copy)]
+pub(super) struct RawOut {
+    pub loss: *mut f32,
+    pub row_loss: *mut f32,
+    pub grad_student: *mut f32,
+    pub grad_teacher: *mut f32,
+}
+
+impl RawOut {
+    /// Whether the student's gradient is written over the student (`grad_student == student`).
+    pub fn in_place(&self, student: *const f32) -> bool {
+        std::ptr::eq(self.grad_student, student)
+    }
+
+    /// Null checks and aliasing rules of a row loss on `[n, c]` `student` (and `teacher`,
+    /// `labels`, either of which may be NULL when the loss has none).
+    pub fn check(
+        &self,
+        (n, c): (usize, usize),
+        student: *const f32,
+        teacher: *const f32,
+        labels: *const i32,
+    ) -> FfiResult {
+        non_null("loss", self.loss)?;
+        let mat = n.saturating_mul(c).saturating_mul(4);
+        let mut outputs = vec![
+            ("loss", self.loss as *const c_void, 4),
+            (
+                "row_loss",
+                self.row_loss as *const c_void,
+                n.saturating_mul(4),
+            ),
+            ("grad_teacher", self.grad_teacher as *const c_void, mat),
+        ];
+        let mut inputs = vec![
+            ("teacher", teacher as *const c_void, mat),
+            ("labels", labels as *const c_void, n.saturating_mul(4)),
+        ];
+        if self.in_place(student) {
+            // The student is written: it is an output, which nothing else may overlap.
+            outputs.push((
+                "grad_student (in place over student)",
+                student as *const c_void,
+                mat,
+            ));
+        } else {
+            outputs.push(("grad_student", self.grad_student as *const c_void, mat));
+            inputs.push(("student", student as *const c_void, mat));
+        }
+        check_no_alias(&inputs, &outputs)
+    }
+}

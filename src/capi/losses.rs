@@ -1,0 +1,291 @@
+//! Each loss of the C ABI declared once: its arguments (in the C order), their checks, the spec
+//! built from them, and the call, run on a [`Memory`]. The entry points `dst_cpu_*` (host memory
+//! copied into the reference CPU backend), `dst_fast_*` (host memory borrowed by the fast CPU
+//! backend) and `dst_cuda_*` (device memory of a CUDA context) are one-line wrappers that fill an
+//! argument struct and call its `run` with their memory (`host.rs`, `cuda.rs`).
+//!
+//! The checks run in the same order for every memory: the memory's handle (a CUDA context) is
+//! non-null; the required pointers are non-null; the outputs alias nothing they must not; the
+//! integer codes and the spec are valid; then the memory's backend runs (the fast backend checks
+//! `threads` there).
+
+use super::args::{divergence, non_null, reduction, teacher_input, RawOut};
+use super::status::{ffi, FfiResult};
+use crate::ops::{CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, RowShape};
+
+/// Where an entry point's pointers point and which backend computes on them: the only thing in
+/// which `dst_cpu_*`, `dst_fast_*` and `dst_cuda_*` differ.
+pub(super) trait Memory {
+    /// Checked before the arguments: the memory's handle, where it has one (a CUDA context).
+    fn check_handle(&self) -> FfiResult {
+        Ok(())
+    }
+
+    /// Runs a row loss on checked arguments.
+    ///
+    /// # Safety
+    /// `student` (`[n, c]`) and the inputs of `loss` (teacher `[n, c]`, labels `[n]`) are
+    /// readable in this memory, the non-null outputs of `out` writable for their sizes (`loss`
+    /// 1, `row_loss` `[n]`, gradients `[n, c]`), and they alias only as [`RawOut::check`] allows.
+    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: *const f32, out: RawOut) -> FfiResult;
+
+    /// Runs the feature-map MSE on checked arguments.
+    ///
+    /// # Safety
+    /// `args`' non-null pointers are valid in this memory for `spec.len` floats (`loss`: 1) and
+    /// the outputs overlap neither the inputs nor each other.
+    unsafe fn mse(&self, spec: &MseSpec, args: &MseArgs) -> FfiResult;
+}
+
+/// A row loss with its checked spec and its inputs besides the student, as pointers in the
+/// entry point's memory.
+#[derive(Clone, Copy)]
+pub(super) enum RowLoss<'a> {
+    Hinton {
+        spec: &'a HintonSpec,
+        teacher: *const f32,
+        labels: *const i32,
+    },
+    /// `labels` may be NULL: then no row is masked.
+    Divergence {
+        spec: &'a DivergenceSpec,
+        teacher: *const f32,
+        labels: *const i32,
+    },
+    CrossEntropy {
+        spec: &'a CrossEntropySpec,
+        labels: *const i32,
+    },
+}
+
+impl RowLoss<'_> {
+    /// `n` rows of `c` classes.
+    pub fn shape(&self) -> RowShape {
+        match self {
+            RowLoss::Hinton { spec, .. } => spec.shape,
+            RowLoss::Divergence { spec, .. } => spec.shape,
+            RowLoss::CrossEntropy { spec, .. } => spec.shape,
+        }
+    }
+}
+
+/// The arguments of `dst_*_hinton` after the memory's own (`threads`, `ctx`), in the C order.
+pub(super) struct HintonArgs {
+    pub student: *const f32,
+    pub teacher: *const f32,
+    pub labels: *const i32,
+    pub n: usize,
+    pub c: usize,
+    pub temperature: f32,
+    pub alpha: f32,
+    pub label_smoothing: f32,
+    pub ignore_index: i32,
+    pub reduction_code: i32,
+    pub grad_scale: f32,
+    pub loss: *mut f32,
+    pub row_loss: *mut f32,
+    pub grad_student: *mut f32,
+    pub grad_teacher: *mut f32,
+}
+
+impl HintonArgs {
+    /// Checks the arguments, builds the spec and runs the loss on `memory`; the status code.
+    ///
+    /// # Safety
+    /// The entry point's: every non-null pointer valid in `memory` for the size it documents.
+    pub unsafe fn run(self, memory: impl Memory) -> i32 {
+        ffi(|| {
+            memory.check_handle()?;
+            non_null("student", self.student)?;
+            non_null("teacher", self.teacher)?;
+            non_null("labels", self.labels)?;
+            let out = RawOut {
+                loss: self.loss,
+                row_loss: self.row_loss,
+                grad_student: self.grad_student,
+                grad_teacher: self.grad_teacher,
+            };
+            out.check((self.n, self.c), self.student, self.teacher, self.labels)?;
+            let spec = HintonSpec {
+                shape: RowShape::new(self.n, self.c),
+                temperature: self.temperature,
+                alpha: self.alpha,
+                label_smoothing: self.label_smoothing,
+                reduction: reduction(self.reduction_code)?,
+                ignore_index: self.ignore_index,
+                grad_scale: self.grad_scale,
+            };
+            spec.validate()?;
+            let loss = RowLoss::Hinton {
+                spec: &spec,
+                teacher: self.teacher,
+                labels: self.labels,
+            };
+            // SAFETY: the pointers are checked non-null and non-aliasing above, and valid for
+            // their sizes by this function's contract.
+            unsafe { memory.row_loss(loss, self.student, out) }
+        })
+    }
+}
+
+/// The arguments of `dst_*_divergence` after the memory's own, in the C order.
+pub(super) struct DivergenceArgs {
+    pub student: *const f32,
+    pub teacher: *const f32,
+    pub labels: *const i32,
+    pub n: usize,
+    pub c: usize,
+    pub divergence_code: i32,
+    pub beta: f32,
+    pub teacher_eps: f32,
+    pub teacher_input_code: i32,
+    pub temperature: f32,
+    pub ignore_index: i32,
+    pub reduction_code: i32,
+    pub grad_scale: f32,
+    pub loss: *mut f32,
+    pub row_loss: *mut f32,
+    pub grad_student: *mut f32,
+    pub grad_teacher: *mut f32,
+}
+
+impl DivergenceArgs {
+    /// Checks the arguments, builds the spec and runs the divergence on `memory`; the status.
+    ///
+    /// # Safety
+    /// As [`HintonArgs::run`]; `labels` may be NULL.
+    pub unsafe fn run(self, memory: impl Memory) -> i32 {
+        ffi(|| {
+            memory.check_handle()?;
+            non_null("student", self.student)?;
+            non_null("teacher", self.teacher)?;
+            let out = RawOut {
+                loss: self.loss,
+                row_loss: self.row_loss,
+                grad_student: self.grad_student,
+                grad_teacher: self.grad_teacher,
+            };
+            out.check((self.n, self.c), self.student, self.teacher, self.labels)?;
+            let spec = DivergenceSpec {
+                shape: RowShape::new(self.n, self.c),
+                divergence: divergence(self.divergence_code, self.beta)?,
+                teacher: teacher_input(self.teacher_input_code)?,
+                temperature: self.temperature,
+                reduction: reduction(self.reduction_code)?,
+                ignore_index: self.ignore_index,
+                grad_scale: self.grad_scale,
+                teacher_eps: self.teacher_eps,
+            };
+            spec.validate()?;
+            let loss = RowLoss::Divergence {
+                spec: &spec,
+                teacher: self.teacher,
+                labels: self.labels,
+            };
+            // SAFETY: as in `HintonArgs::run`.
+            unsafe { memory.row_loss(loss, self.student, out) }
+        })
+    }
+}
+
+/// The arguments of `dst_*_cross_entropy` after the memory's own, in the C order.
+pub(super) struct CrossEntropyArgs {
+    pub student: *const f32,
+    pub labels: *const i32,
+    pub n: usize,
+    pub c: usize,
+    pub label_smoothing: f32,
+    pub ignore_index: i32,
+    pub reduction_code: i32,
+    pub grad_scale: f32,
+    pub loss: *mut f32,
+    pub row_loss: *mut f32,
+    pub grad_student: *mut f32,
+}
+
+impl CrossEntropyArgs {
+    /// Checks the arguments, builds the spec and runs cross-entropy on `memory`; the status.
+    ///
+    /// # Safety
+    /// As [`HintonArgs::run`].
+    pub unsafe fn run(self, memory: impl Memory) -> i32 {
+        ffi(|| {
+            memory.check_handle()?;
+            non_null("student", self.student)?;
+            non_null("labels", self.labels)?;
+            let out = RawOut {
+                loss: self.loss,
+                row_loss: self.row_loss,
+                grad_student: self.grad_student,
+                grad_teacher: std::ptr::null_mut(),
+            };
+            out.check(
+                (self.n, self.c),
+                self.student,
+                std::ptr::null(),
+                self.labels,
+            )?;
+            let spec = CrossEntropySpec {
+                shape: RowShape::new(self.n, self.c),
+                label_smoothing: self.label_smoothing,
+                reduction: reduction(self.reduction_code)?,
+                ignore_index: self.ignore_index,
+                grad_scale: self.grad_scale,
+            };
+            spec.validate()?;
+            let loss = RowLoss::CrossEntropy {
+                spec: &spec,
+                labels: self.labels,
+            };
+            // SAFETY: as in `HintonArgs::run`.
+            unsafe { memory.row_loss(loss, self.student, out) }
+        })
+    }
+}
+
+/// The arguments of `dst_*_mse` after the memory's own, in the C order.
+pub(super) struct MseArgs {
+    pub a: *const f32,
+    pub b: *const f32,
+    pub len: usize,
+    pub grad_scale: f32,
+    pub loss: *mut f32,
+    pub grad_a: *mut f32,
+    pub grad_b: *mut f32,
+}
+
+impl MseArgs {
+    /// Checks the arguments, builds the spec and runs the MSE on `memory`; the status code.
+    ///
+    /// # Safety
+    /// As [`HintonArgs::run`].
+    pub unsafe fn run(self, memory: impl Memory) -> i32 {
+        use super::args::check_no_alias;
+        use std::ffi::c_void;
+        ffi(|| {
+            memory.check_handle()?;
+            non_null("a", self.a)?;
+            non_null("b", self.b)?;
+            non_null("loss", self.loss)?;
+            let bytes = self.len.saturating_mul(4);
+            check_no_alias(
+                &[
+                    ("a", self.a as *const c_void, bytes),
+                    ("b", self.b as *const c_void, bytes),
+                ],
+                &[
+                    ("loss", self.loss as *const c_void, 4),
+                    ("grad_a", self.grad_a as *const c_void, bytes),
+                    ("grad_b", self.grad_b as *const c_void, bytes),
+                ],
+            )?;
+            let spec = MseSpec {
+                len: self.len,
+                grad_scale: self.grad_scale,
+            };
+            spec.validate()?;
+            // SAFETY: as in `HintonArgs::run`.
+            unsafe { memory.mse(&spec, &self) }
+        })
+    }
+}
