@@ -87,36 +87,44 @@ fn run_wgpu(
             let mut times = Vec::new();
             for i in 0..runs + 3 {
                 let (s, t) = &inputs[i % sets];
-                let out = LossOut {
-                    loss: &loss,
-                    row_loss: None,
-                    grad_student: GradOut::Into(&grad),
-                    grad_teacher: None,
-                };
-                let secs = b.time_recorded(|enc| match kernel {
-                    "hinton" => {
-                        b.record_hinton(enc, &HintonSpec::new(shape, 4.0, 0.5), s, t, &labels, out)
-                    }
-                    "cross_entropy" => {
-                        b.record_cross_entropy(enc, &CrossEntropySpec::new(shape), s, &labels, out)
-                    }
-                    k => {
-                        let divergence = match k {
-                            "forward_kl" => Divergence::ForwardKl,
-                            "reverse_kl" => Divergence::ReverseKl,
-                            _ => Divergence::Jsd { beta: 0.5 },
-                        };
-                        b.record_divergence(
-                            enc,
-                            &DivergenceSpec {
-                                divergence,
-                                ..DivergenceSpec::new(shape, 4.0)
-                            },
+                let secs = b.time_recorded(|enc| {
+                    let out = LossOut {
+                        loss: &loss,
+                        row_loss: None,
+                        grad_student: GradOut::Into(&grad),
+                        grad_teacher: None,
+                    };
+                    match kernel {
+                        "hinton" => b.recorder(enc).hinton(
+                            &HintonSpec::new(shape, 4.0, 0.5),
                             s,
                             t,
-                            None,
+                            &labels,
                             out,
-                        )
+                        ),
+                        "cross_entropy" => b.recorder(enc).cross_entropy(
+                            &CrossEntropySpec::new(shape),
+                            s,
+                            &labels,
+                            out,
+                        ),
+                        k => {
+                            let divergence = match k {
+                                "forward_kl" => Divergence::ForwardKl,
+                                "reverse_kl" => Divergence::ReverseKl,
+                                _ => Divergence::Jsd { beta: 0.5 },
+                            };
+                            b.recorder(enc).divergence(
+                                &DivergenceSpec {
+                                    divergence,
+                                    ..DivergenceSpec::new(shape, 4.0)
+                                },
+                                s,
+                                t,
+                                None,
+                                out,
+                            )
+                        }
                     }
                 })?;
                 if i >= 3 {

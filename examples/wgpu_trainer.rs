@@ -41,8 +41,7 @@ fn main() -> distillation::Result<()> {
         grad_student: GradOut::InPlace,
         grad_teacher: None,
     };
-    backend.record_hinton(
-        &mut encoder,
+    backend.recorder(&mut encoder).hinton(
         &HintonSpec::new(RowShape::new(n, c), 4.0, 0.2),
         &s,
         &t,

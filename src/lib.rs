@@ -6,14 +6,14 @@
 //!
 //! - [`CpuBackend`]: the f64 reference every other backend is checked against;
 //! - [`FastCpuBackend`]: f32 kernels for the CPU (packed matmul, vectorised multi-threaded losses);
-//! - [`WgpuBackend`]: WGSL shaders (`shaders/`) through wgpu (Vulkan, Metal, DX12);
-//! - `CudaBackend` (feature `cuda`): CUDA kernels (`kernels/`) compiled at run time by NVRTC.
+//! - [`WgpuBackend`]: WGSL shaders (`src/ops/*/*.wgsl`) through wgpu (Vulkan, Metal, DX12);
+//! - `CudaBackend` (feature `cuda`): CUDA kernels (`src/ops/*/*.cu`) compiled at run time by NVRTC.
 //!
-//! The math every backend meets is `docs/LOSSES.md`; the op families live in [`ops`], each with its
-//! spec type and CPU reference, and each names its WGSL and CUDA forms.
+//! The math every backend meets is `docs/LOSSES.md`; the op families live in [`ops`], one folder
+//! each with its spec, CPU reference, WGSL and CUDA kernels and their dispatch.
 //!
 //! Trainers use [`KdLoss`] (host slices in, loss and gradient out), or the backends' kernel methods on
-//! their own device buffers ([`backend::Backend`], and [`backend::wgpu::record`] to record into a
+//! their own device buffers ([`backend::Backend`], and [`backend::wgpu::Recorder`] to record into a
 //! caller's `wgpu::CommandEncoder`).
 
 pub mod backend;

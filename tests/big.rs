@@ -43,7 +43,7 @@ fn hinton_case<B: Backend>(b: &B, n: usize, c: usize, temperature: f32, seed: u6
         out,
     )
     .unwrap();
-    let want = ops::hinton::reference(&spec, &to_f64(&s), &to_f64(&t), &labels);
+    let want = ops::hinton::reference::hinton(&spec, &to_f64(&s), &to_f64(&t), &labels);
     let c_ = c as f64;
     assert_close_abs(
         "loss",
@@ -97,7 +97,7 @@ fn one_call_of_2_pow_25_elements<B: Backend>(b: &B) {
         LossOut::with_grad(&loss, &gs),
     )
     .unwrap();
-    let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&t), None);
+    let want = ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(&t), None);
     assert_close("loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
     assert_close_abs(
         "grad",
@@ -152,7 +152,11 @@ fn wgpu_chunked_path_matches_reference() {
         out,
     )
     .unwrap();
-    let want = ops::cross_entropy::reference(&CrossEntropySpec::new(shape), &to_f64(&s), &labels);
+    let want = ops::cross_entropy::reference::cross_entropy(
+        &CrossEntropySpec::new(shape),
+        &to_f64(&s),
+        &labels,
+    );
     assert_close("ce loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
     assert_close(
         "ce grad in place",
@@ -169,7 +173,7 @@ fn wgpu_chunked_path_matches_reference() {
     };
     let y = b.filled(n * c, f32::NAN).unwrap();
     b.softmax(&spec, &b.upload(&s).unwrap(), &y).unwrap();
-    let want = softmax::reference_forward(&to_f64(&s), c, 2.0, true);
+    let want = softmax::reference::softmax(&to_f64(&s), c, 2.0, true);
     assert_close("log_softmax", &b.download(&y).unwrap(), &want, 1e-4).unwrap();
     // MSE over more elements than one binding holds.
     let m = MseSpec::new(n * c);
@@ -186,7 +190,7 @@ fn wgpu_chunked_path_matches_reference() {
         None,
     )
     .unwrap();
-    let (l, wa, _) = feature::mse_reference(&m, &to_f64(&s), &to_f64(&t));
+    let (l, wa, _) = feature::reference::mse(&m, &to_f64(&s), &to_f64(&t));
     assert_close("mse", &b.download(&mloss).unwrap(), &[l], 1e-4).unwrap();
     assert_close("mse grad", &b.download(&ga).unwrap(), &wa, 1e-4).unwrap();
 }

@@ -51,7 +51,7 @@ fn neg_inf_teacher_log_probs_are_valid<B: Backend>(b: &B) {
     };
     let (loss, _, g) = divergence_on(b, &spec, &s, &t).unwrap();
     assert!((loss - 0.6581).abs() < 1e-4, "{}: loss {loss}", b.name());
-    let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&t), None);
+    let want = ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(&t), None);
     assert_close("grad", &g, &want.grad_student, 1e-4).unwrap();
     // The same teacher as probabilities with an exact 0; JSD finite for both forms.
     let probs = [0.0f32, 0.5, 0.5];
@@ -67,7 +67,7 @@ fn neg_inf_teacher_log_probs_are_valid<B: Backend>(b: &B) {
                 ..DivergenceSpec::new(RowShape::new(1, 3), 2.0)
             };
             let (loss, rows, g) = divergence_on(b, &spec, &s, t).unwrap();
-            let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(t), None);
+            let want = ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(t), None);
             assert!(
                 loss.is_finite() && want.loss.is_finite(),
                 "{divergence:?} {form:?}"
@@ -131,7 +131,8 @@ fn reverse_kl_with_zero_teacher_probability<B: Backend>(b: &B) {
                 ..spec
             };
             let (loss, rows, g) = divergence_on(b, &spec, &s, &t).unwrap();
-            let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&t), None);
+            let want =
+                ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(&t), None);
             assert!(want.loss.is_finite());
             assert_close("loss", &[loss], &[want.loss], 1e-4).unwrap();
             assert_close("rows", &rows, &want.row_loss, 1e-4).unwrap();
@@ -325,7 +326,7 @@ fn attention_transfer_with_huge_features<B: Backend>(b: &B) {
         );
         b.attention_transfer(&spec, &sb, &tb, &loss, Some(&gs), Some(&gt))
             .unwrap();
-        let (l, ws, wt) = feature::attention_reference(&spec, &to_f64(&s), &to_f64(&t));
+        let (l, ws, wt) = feature::reference::attention_transfer(&spec, &to_f64(&s), &to_f64(&t));
         let got = b.download(&loss).unwrap()[0];
         assert_close(&format!("{} at loss {s:?}", b.name()), &[got], &[l], 1e-4).unwrap();
         // The gradient's natural scale is 1 / max|A| (u is scale-free; dQ/dA ~ A): a projected
@@ -334,7 +335,7 @@ fn attention_transfer_with_huge_features<B: Backend>(b: &B) {
         assert_close_abs("at grad_s", &b.download(&gs).unwrap(), &ws, 1e-4, floor(&s)).unwrap();
         assert_close_abs("at grad_t", &b.download(&gt).unwrap(), &wt, 1e-4, floor(&t)).unwrap();
     }
-    let (l, _, _) = feature::attention_reference(
+    let (l, _, _) = feature::reference::attention_transfer(
         &AttentionSpec::new(1, 1, 1, 4),
         &[1e10, 1.0, 2.0, 3.0],
         &[1.0, 2.0, 3.0, 4.0],
@@ -389,7 +390,7 @@ fn jsd_at_extreme_beta<B: Backend>(b: &B) {
             ] {
                 let tt = match teacher {
                     TeacherInput::Logits => t.clone(),
-                    _ => ops::softmax::reference_forward(&to_f64(&t), c, 1.0, true)
+                    _ => ops::softmax::reference::softmax(&to_f64(&t), c, 1.0, true)
                         .iter()
                         .map(|&v| v as f32)
                         .collect(),
@@ -400,7 +401,8 @@ fn jsd_at_extreme_beta<B: Backend>(b: &B) {
                     ..DivergenceSpec::new(RowShape::new(n, c), temperature)
                 };
                 let (loss, rows, grad) = divergence_on(b, &spec, &s, &tt).unwrap();
-                let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&tt), None);
+                let want =
+                    ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(&tt), None);
                 let w = (beta.min(1.0 - beta)) as f64;
                 let t2 = (temperature as f64).powi(2);
                 let floor = 4e-7 * w * t2 * (1.0 + (c as f64).ln());
@@ -460,7 +462,8 @@ fn high_temperature_meets_the_contract<B: Backend>(b: &B) {
                     grad_teacher: Some(&gt),
                 };
                 b.divergence(&spec, &sb, &tb, None, out).unwrap();
-                let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&tt), None);
+                let want =
+                    ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(&tt), None);
                 let what = format!("{} {divergence:?} T {t} C {c}", b.name());
                 let got = b.download(&loss).unwrap();
                 assert!(
@@ -489,7 +492,7 @@ fn high_temperature_meets_the_contract<B: Backend>(b: &B) {
                 grad_teacher: Some(&gt),
             };
             b.hinton(&spec, &sb, &tb, &lb, out).unwrap();
-            let want = ops::hinton::reference(&spec, &to_f64(&s), &to_f64(&tt), &labels);
+            let want = ops::hinton::reference::hinton(&spec, &to_f64(&s), &to_f64(&tt), &labels);
             let what = format!("{} hinton T {t} C {c}", b.name());
             assert!(
                 rel(&b.download(&loss).unwrap(), &[want.loss]) < 1e-4,
@@ -518,7 +521,8 @@ fn high_temperature_meets_the_contract<B: Backend>(b: &B) {
                 !b.name().starts_with("wgpu"),
                 "wgpu accepted T = 100 for a given teacher"
             );
-            let want = ops::divergence::reference(&spec, &to_f64(&s), &to_f64(&q), None);
+            let want =
+                ops::divergence::reference::divergence(&spec, &to_f64(&s), &to_f64(&q), None);
             assert!(rel(&[loss], &[want.loss]) < 1e-4);
         }
         Err(e) => {

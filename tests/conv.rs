@@ -56,7 +56,7 @@ fn im2col_and_col2im_match_reference<B: Backend>(b: &B) {
         assert_close(
             "im2col",
             &b.download(&cols).unwrap(),
-            &conv::im2col_reference(&s, &to_f64(&x)),
+            &conv::reference::im2col(&s, &to_f64(&x)),
             0.0,
         )?;
         let dcols = g.vec(r * c, 1.0);
@@ -66,7 +66,7 @@ fn im2col_and_col2im_match_reference<B: Backend>(b: &B) {
         assert_close(
             "col2im",
             &b.download(&dx).unwrap(),
-            &conv::col2im_reference(&s, &to_f64(&dcols)),
+            &conv::reference::col2im(&s, &to_f64(&dcols)),
             1e-6,
         )
     });
@@ -98,14 +98,14 @@ fn pooling_and_transpose_match_reference<B: Backend>(b: &B) {
         assert_close(
             "pool",
             &b.download(&y).unwrap(),
-            &conv::pool_reference(&s, &to_f64(&x)),
+            &conv::reference::pool(&s, &to_f64(&x)),
             1e-6,
         )?;
         let dy = g.vec(s.output_len(), 1.0);
         let dx = b.filled(s.input_len(), f32::NAN).unwrap();
         b.pool_backward(&s, &xb, &b.upload(&dy).unwrap(), &dx)
             .map_err(|e| e.to_string())?;
-        let want = conv::pool_backward_reference(&s, &to_f64(&x), &to_f64(&dy));
+        let want = conv::reference::pool_backward(&s, &to_f64(&x), &to_f64(&dy));
         assert_close("pool backward", &b.download(&dx).unwrap(), &want, 1e-6)?;
         let (rows, cols) = (s.h * s.w, s.c);
         let t = b.filled(x.len(), f32::NAN).unwrap();
@@ -114,7 +114,7 @@ fn pooling_and_transpose_match_reference<B: Backend>(b: &B) {
         assert_close(
             "transpose",
             &b.download(&t).unwrap(),
-            &conv::transpose_reference(&to_f64(&x), n, rows, cols),
+            &conv::reference::transpose(&to_f64(&x), n, rows, cols),
             0.0,
         )
     });
@@ -171,8 +171,8 @@ proptest! {
         let x = to_f64(&g.vec(s.input_len(), 1.0));
         let (r, c) = s.cols_shape();
         let y = to_f64(&g.vec(r * c, 1.0));
-        let lhs: f64 = conv::im2col_reference(&s, &x).iter().zip(&y).map(|(a, b)| a * b).sum();
-        let rhs: f64 = x.iter().zip(conv::col2im_reference(&s, &y)).map(|(a, b)| a * b).sum();
+        let lhs: f64 = conv::reference::im2col(&s, &x).iter().zip(&y).map(|(a, b)| a * b).sum();
+        let rhs: f64 = x.iter().zip(conv::reference::col2im(&s, &y)).map(|(a, b)| a * b).sum();
         prop_assert!((lhs - rhs).abs() <= 1e-9 * lhs.abs().max(1.0));
     }
 
@@ -183,8 +183,8 @@ proptest! {
         let mut g = Lcg(seed);
         let x = to_f64(&g.vec(s.input_len(), 1.0));
         let dy = to_f64(&g.vec(s.output_len(), 1.0));
-        let f = |x: &[f64]| conv::pool_reference(&s, x).iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>();
-        let analytic = conv::pool_backward_reference(&s, &x, &dy);
+        let f = |x: &[f64]| conv::reference::pool(&s, x).iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>();
+        let analytic = conv::reference::pool_backward(&s, &x, &dy);
         for i in 0..x.len() {
             let (mut up, mut down) = (x.clone(), x.clone());
             up[i] += 1e-7;

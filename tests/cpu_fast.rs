@@ -246,7 +246,7 @@ fn all_losses(b: &FastCpuBackend, n: usize, c: usize) -> Vec<Vec<f32>> {
             outs.push(b.download(x).unwrap());
         }
     };
-    let probs = dops::softmax::reference_forward(&common::to_f64(&t), c, 2.0, false);
+    let probs = dops::softmax::reference::softmax(&common::to_f64(&t), c, 2.0, false);
     let probs: Vec<f32> = probs.iter().map(|&v| v as f32).collect();
     let pb = b.upload(&probs).unwrap();
     for (div, form) in [
@@ -422,7 +422,7 @@ fn long_rows_match_the_reference() {
             ..LossOut::with_grad(&loss, &gs)
         };
         b.hinton(&spec, &sb, &tb, &lb, out).unwrap();
-        let want = dops::hinton::reference(&spec, &sd, &td, &labels);
+        let want = dops::hinton::reference::hinton(&spec, &sd, &td, &labels);
         common::assert_close("loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
         close("grad", &b.download(&gs).unwrap(), &want.grad_student);
         close("grad t", &b.download(&gt).unwrap(), &want.grad_teacher);
@@ -433,7 +433,7 @@ fn long_rows_match_the_reference() {
             };
             b.divergence(&spec, &sb, &tb, None, LossOut::with_grad(&loss, &gs))
                 .unwrap();
-            let want = dops::divergence::reference(&spec, &sd, &td, None);
+            let want = dops::divergence::reference::divergence(&spec, &sd, &td, None);
             let what = format!("{div:?} at T = {temperature}");
             common::assert_close(&what, &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
             close(&what, &b.download(&gs).unwrap(), &want.grad_student);

@@ -63,7 +63,7 @@ fn elementwise_ops_match_reference<B: Backend>(b: &B) {
             assert_close(
                 "bias_add",
                 &b.download(&y).unwrap(),
-                &dense::bias_add_reference(&to_f64(&x), &to_f64(&bias)),
+                &dense::reference::bias_add(&to_f64(&x), &to_f64(&bias)),
                 TOL,
             )?;
             let out0 = g.vec(cols, 1.0);
@@ -74,18 +74,18 @@ fn elementwise_ops_match_reference<B: Backend>(b: &B) {
             };
             b.sum_rows(&xb, &out, acc).map_err(|e| e.to_string())?;
             let mut want = to_f64(&out0);
-            dense::sum_rows_reference(&to_f64(&x), cols, &mut want, acc);
+            dense::reference::sum_rows(&to_f64(&x), cols, &mut want, acc);
             assert_close("sum_rows", &b.download(&out).unwrap(), &want, TOL)?;
             b.relu(&xb, &y).map_err(|e| e.to_string())?;
             let relu = b.download(&y).unwrap();
-            assert_close("relu", &relu, &dense::relu_reference(&to_f64(&x)), 0.0)?;
+            assert_close("relu", &relu, &dense::reference::relu(&to_f64(&x)), 0.0)?;
             let dx = b.filled(rows * cols, f32::NAN).unwrap();
             b.relu_backward(&y, &b.upload(&dy).unwrap(), &dx)
                 .map_err(|e| e.to_string())?;
             assert_close(
                 "relu_backward",
                 &b.download(&dx).unwrap(),
-                &dense::relu_backward_reference(&to_f64(&relu), &to_f64(&dy)),
+                &dense::reference::relu_backward(&to_f64(&relu), &to_f64(&dy)),
                 0.0,
             )?;
             let yb = b.upload(&dy).unwrap();
@@ -124,7 +124,7 @@ fn optimizer_steps_match_reference<B: Backend>(b: &B) {
             b.adam_step(&spec, &wb, &b.upload(&grad).unwrap(), &mb, &vb)
                 .map_err(|e| e.to_string())?;
             let (mut ww, mut wm, mut wv) = (to_f64(&w), to_f64(&m), to_f64(&v));
-            optim::adam_reference(&spec, &mut ww, &to_f64(&grad), &mut wm, &mut wv);
+            optim::reference::adam_step(&spec, &mut ww, &to_f64(&grad), &mut wm, &mut wv);
             assert_close("adam w", &b.download(&wb).unwrap(), &ww, TOL)?;
             assert_close("adam m", &b.download(&mb).unwrap(), &wm, TOL)?;
             assert_close("adam v", &b.download(&vb).unwrap(), &wv, TOL)?;
@@ -137,7 +137,7 @@ fn optimizer_steps_match_reference<B: Backend>(b: &B) {
             b.sgd_step(&spec, &wb, &b.upload(&grad).unwrap(), &velb)
                 .map_err(|e| e.to_string())?;
             let (mut ww, mut vel) = (to_f64(&w), to_f64(&m));
-            optim::sgd_reference(&spec, &mut ww, &to_f64(&grad), &mut vel);
+            optim::reference::sgd_step(&spec, &mut ww, &to_f64(&grad), &mut vel);
             assert_close("sgd w", &b.download(&wb).unwrap(), &ww, TOL)?;
             assert_close("sgd velocity", &b.download(&velb).unwrap(), &vel, TOL)
         },

@@ -162,7 +162,7 @@ fn run_row_loss<B: Backend>(
 /// `-ln C`, which the `T^2` factor scales (at T = 100 a KL of 1e-3 is a loss of 10).
 fn compare(
     got: &RowOut,
-    want: &ops::divergence::RowLossResult,
+    want: &ops::RowLossResult,
     want_gt: bool,
     grad_unit: f64,
     rows: &Rows,
@@ -218,7 +218,7 @@ fn teacher_as(form: TeacherInput, t: &[f32], c: usize, temperature: f32) -> Vec<
     match form {
         TeacherInput::Logits => t.to_vec(),
         TeacherInput::Probs | TeacherInput::LogProbs => {
-            let lq = softmax::reference_forward(&to_f64(t), c, temperature as f64, true);
+            let lq = softmax::reference::softmax(&to_f64(t), c, temperature as f64, true);
             // GPUs may flush subnormal f32 to zero, so probabilities below f32::MIN_POSITIVE are
             // given as exact zeros (documented in docs/ARCHITECTURE.md, numerics).
             let flush = |v: f32| if v < f32::MIN_POSITIVE { 0.0 } else { v };
@@ -245,7 +245,7 @@ fn softmax_matches_reference<B: Backend>(b: &B) {
         let x = b.upload(&r.s).unwrap();
         let y = poisoned(b, r.s.len());
         b.softmax(&spec, &x, &y).map_err(|e| e.to_string())?;
-        let want = softmax::reference_forward(&to_f64(&r.s), r.c, r.temperature as f64, log);
+        let want = softmax::reference::softmax(&to_f64(&r.s), r.c, r.temperature as f64, log);
         let got = b.download(&y).unwrap();
         assert_close("softmax forward", &got, &want, TOL)?;
         // Backward from the reference output (rounded to f32) and a random upstream gradient.
@@ -258,7 +258,7 @@ fn softmax_matches_reference<B: Backend>(b: &B) {
         );
         b.softmax_backward(&spec, &yb, &dyb, &dx)
             .map_err(|e| e.to_string())?;
-        let want = softmax::reference_backward(
+        let want = softmax::reference::softmax_backward(
             &to_f64(&y32),
             &to_f64(&dy),
             r.c,
@@ -313,7 +313,8 @@ fn divergence_matches_reference<B: Backend>(b: &B) {
             let labels = use_labels.then_some(r.labels.as_slice());
             let tb = b.upload(&t).unwrap();
             let lb = labels.map(|l| b.upload_labels(l).unwrap());
-            let want = ops::divergence::reference(&spec, &to_f64(&r.s), &to_f64(&t), labels);
+            let want =
+                ops::divergence::reference::divergence(&spec, &to_f64(&r.s), &to_f64(&t), labels);
             let got = match run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
                 b.divergence(&spec, s, &tb, lb.as_ref(), out)
             }) {
@@ -326,7 +327,7 @@ fn divergence_matches_reference<B: Backend>(b: &B) {
                 Err(e)
                     if teacher != TeacherInput::Logits
                         && r.temperature
-                            > distillation::backend::wgpu::record::GIVEN_TEACHER_MAX_TEMPERATURE
+                            > distillation::backend::wgpu::GIVEN_TEACHER_MAX_TEMPERATURE
                         && e.contains("the wgpu kernels meet 1e-4 there only up to") =>
                 {
                     return Ok(())
@@ -352,7 +353,8 @@ fn cross_entropy_matches_reference<B: Backend>(b: &B) {
             let got = run_row_loss(b, &r.s, r.n, in_place, false, |b, s, out| {
                 b.cross_entropy(&spec, s, &lb, out)
             })?;
-            let want = ops::cross_entropy::reference(&spec, &to_f64(&r.s), &r.labels);
+            let want =
+                ops::cross_entropy::reference::cross_entropy(&spec, &to_f64(&r.s), &r.labels);
             let unit = grad_unit(&r, spec.grad_scale, 1.0, spec.reduction, Some(&r.labels));
             compare(&got, &want, false, unit, &r)
         },
@@ -384,7 +386,8 @@ fn hinton_matches_reference<B: Backend>(b: &B) {
             let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
                 b.hinton(&spec, s, &tb, &lb, out)
             })?;
-            let want = ops::hinton::reference(&spec, &to_f64(&r.s), &to_f64(&r.t), &r.labels);
+            let want =
+                ops::hinton::reference::hinton(&spec, &to_f64(&r.s), &to_f64(&r.t), &r.labels);
             let unit = grad_unit(&r, 1.0, r.temperature, spec.reduction, Some(&r.labels));
             compare(&got, &want, want_gt, unit, &r)
         },
@@ -412,7 +415,7 @@ fn mse_matches_reference<B: Backend>(b: &B) {
             want_b.then_some(&gb),
         )
         .map_err(|e| e.to_string())?;
-        let (l, wa, wb) = feature::mse_reference(&spec, &to_f64(&a), &to_f64(&bb));
+        let (l, wa, wb) = feature::reference::mse(&spec, &to_f64(&a), &to_f64(&bb));
         assert_close("mse loss", &b.download(&loss).unwrap(), &[l], TOL)?;
         if want_a {
             assert_close("mse grad_a", &b.download(&ga).unwrap(), &wa, TOL)?;
@@ -446,7 +449,8 @@ fn attention_matches_reference<B: Backend>(b: &B) {
             let (loss, gs, gt) = (poisoned(b, 1), poisoned(b, s.len()), poisoned(b, t.len()));
             b.attention_transfer(&spec, &sb, &tb, &loss, Some(&gs), Some(&gt))
                 .map_err(|e| e.to_string())?;
-            let (l, ws, wt) = feature::attention_reference(&spec, &to_f64(&s), &to_f64(&t));
+            let (l, ws, wt) =
+                feature::reference::attention_transfer(&spec, &to_f64(&s), &to_f64(&t));
             assert_close("at loss", &b.download(&loss).unwrap(), &[l], TOL)?;
             // Exact zeros (a map equal to its own normalisation) compare absolutely.
             assert_close_abs("at grad_student", &b.download(&gs).unwrap(), &ws, TOL, 1e-6)?;

@@ -1,15 +1,15 @@
 //! The CUDA kernels compile with NVRTC, and the CUDA backend degrades to an error without a GPU.
 //!
-//! - Every file of `kernels/` compiles to PTX for sm_80 and sm_90 with an empty NVRTC log (no
+//! - Every kernel file (`cuda::SOURCES`) compiles to PTX for sm_80 and sm_90 with an empty NVRTC log (no
 //!   warning), and the PTX's entry points take exactly the parameters the backend passes
-//!   (`KERNEL_SIGNATURES`). Without NVRTC the test prints "skipped: NVRTC not found", unless
+//!   (`cuda::KERNELS`). Without NVRTC the test prints "skipped: NVRTC not found", unless
 //!   `DISTILLATION_REQUIRE` names `nvrtc` (then it fails). `.ci/install-nvrtc.sh` installs NVRTC and
 //!   prints the directory to put on `LD_LIBRARY_PATH`. `DISTILLATION_PTX_DIR=dir` keeps the PTX.
 //! - `CudaBackend::new()` returns `Error::Unavailable` (not a panic) where there is no CUDA driver or
 //!   device, unless `DISTILLATION_REQUIRE` names `cuda` (then it must succeed).
 #![cfg(feature = "cuda")]
 
-use distillation::backend::cuda::{self, CudaBackend, KERNEL_FILES, KERNEL_SIGNATURES};
+use distillation::backend::cuda::{self, CudaBackend, KERNELS, SOURCES};
 use distillation::backend::required;
 use distillation::{Backend, Error};
 
@@ -64,7 +64,7 @@ fn kernels_compile_without_warnings() {
     for arch in ARCHES {
         let compiled =
             cuda::compile_all_kernels_with_logs(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
-        assert_eq!(compiled.len(), KERNEL_FILES.len());
+        assert_eq!(compiled.len(), SOURCES.len());
         for k in &compiled {
             assert!(
                 k.log.is_empty(),
@@ -87,7 +87,8 @@ fn kernels_compile_without_warnings() {
                 std::fs::write(dir.join(name), &k.ptx).unwrap();
             }
         }
-        for &(file, name, sig) in KERNEL_SIGNATURES {
+        for kernel in KERNELS {
+            let (file, name, sig) = (kernel.file, kernel.name, kernel.signature);
             let k = compiled
                 .iter()
                 .find(|k| k.file == file)
@@ -110,10 +111,8 @@ fn kernels_compile_without_warnings() {
                     .trim_end_matches('(')
                     .trim();
                 assert!(
-                    KERNEL_SIGNATURES
-                        .iter()
-                        .any(|&(f, n, _)| f == k.file && n == name),
-                    "{} exports {name}, which KERNEL_SIGNATURES does not list",
+                    KERNELS.iter().any(|t| t.file == k.file && t.name == name),
+                    "{} exports {name}, which cuda::KERNELS does not list",
                     k.file
                 );
             }
@@ -128,7 +127,7 @@ fn compile_all_kernels_gives_ptx_per_file() {
     }
     let ptx = cuda::compile_all_kernels("sm_90").unwrap_or_else(|e| panic!("{e}"));
     let files: Vec<&str> = ptx.iter().map(|(f, _)| f.as_str()).collect();
-    let expected: Vec<&str> = KERNEL_FILES.iter().map(|(f, _)| *f).collect();
+    let expected: Vec<&str> = SOURCES.iter().map(|s| s.file).collect();
     assert_eq!(files, expected);
     for (file, text) in &ptx {
         assert!(text.contains(".target sm_90"), "{file}: not PTX for sm_90");

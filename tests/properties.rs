@@ -290,7 +290,7 @@ fn feature_losses_on_a_cnn_shape<B: Backend>(b: &B) {
         None,
     )
     .unwrap();
-    let (want, _, _) = feature::attention_reference(&spec, &to_f64(&s), &to_f64(&t));
+    let (want, _, _) = feature::reference::attention_transfer(&spec, &to_f64(&s), &to_f64(&t));
     let got = b.download(&loss).unwrap()[0] as f64;
     assert!((got - want).abs() <= 1e-4 * want.abs(), "{got} vs {want}");
     let _ = ops::IGNORE_INDEX;

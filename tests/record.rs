@@ -40,12 +40,13 @@ fn hinton_recorded_into_the_callers_encoder_in_place() {
         grad_student: GradOut::InPlace,
         grad_teacher: None,
     };
-    b.record_hinton(&mut encoder, &spec, &sb, &tb, &lb, out)
+    b.recorder(&mut encoder)
+        .hinton(&spec, &sb, &tb, &lb, out)
         .unwrap();
     // Nothing has run yet: the student is untouched until the caller submits.
     assert_eq!(b.download(&sb).unwrap(), s);
     b.queue().submit([encoder.finish()]);
-    let want = ops::hinton::reference(&spec, &to_f64(&s), &to_f64(&t), &labels);
+    let want = ops::hinton::reference::hinton(&spec, &to_f64(&s), &to_f64(&t), &labels);
     assert_close("loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
     assert_close(
         "gradient over the student",

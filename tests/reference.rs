@@ -77,9 +77,9 @@ proptest! {
     fn softmax_backward_is_the_derivative((n, c, t, seed) in inputs(), log in any::<bool>()) {
         let mut g = Lcg(seed);
         let (x, w) = (vec64(&mut g, n * c, 3.0), vec64(&mut g, n * c, 1.0));
-        let f = |x: &[f64]| softmax::reference_forward(x, c, t, log).iter().zip(&w).map(|(y, w)| y * w).sum();
-        let y = softmax::reference_forward(&x, c, t, log);
-        let analytic = softmax::reference_backward(&y, &w, c, t, log);
+        let f = |x: &[f64]| softmax::reference::softmax(x, c, t, log).iter().zip(&w).map(|(y, w)| y * w).sum();
+        let y = softmax::reference::softmax(&x, c, t, log);
+        let analytic = softmax::reference::softmax_backward(&y, &w, c, t, log);
         assert_grad("softmax", &analytic, &numeric_grad(&x, f))?;
     }
 
@@ -104,11 +104,11 @@ proptest! {
         let s = vec64(&mut g, n * c, 3.0);
         let mut tv = vec64(&mut g, n * c, 3.0);
         if teacher != TeacherInput::Logits {
-            tv = softmax::reference_forward(&tv, c, 1.0, teacher == TeacherInput::LogProbs);
+            tv = softmax::reference::softmax(&tv, c, 1.0, teacher == TeacherInput::LogProbs);
         }
         let y = labels(&mut g, n, c);
-        let r = divergence::reference(&spec, &s, &tv, Some(&y));
-        let loss = |s: &[f64], tv: &[f64]| 0.7 * divergence::reference(&spec, s, tv, Some(&y)).loss;
+        let r = divergence::reference::divergence(&spec, &s, &tv, Some(&y));
+        let loss = |s: &[f64], tv: &[f64]| 0.7 * divergence::reference::divergence(&spec, s, tv, Some(&y)).loss;
         assert_grad("student", &r.grad_student, &numeric_grad(&s, |s| loss(s, &tv)))?;
         if teacher == TeacherInput::Logits {
             assert_grad("teacher", &r.grad_teacher, &numeric_grad(&tv, |tv| loss(&s, tv)))?;
@@ -121,8 +121,8 @@ proptest! {
         let spec = CrossEntropySpec { label_smoothing: eps, ..CrossEntropySpec::new(RowShape::new(n, c)) };
         let s = vec64(&mut g, n * c, 3.0);
         let y = labels(&mut g, n, c);
-        let r = cross_entropy::reference(&spec, &s, &y);
-        let f = |s: &[f64]| cross_entropy::reference(&spec, s, &y).loss;
+        let r = cross_entropy::reference::cross_entropy(&spec, &s, &y);
+        let f = |s: &[f64]| cross_entropy::reference::cross_entropy(&spec, s, &y).loss;
         assert_grad("student", &r.grad_student, &numeric_grad(&s, f))?;
     }
 
@@ -132,9 +132,9 @@ proptest! {
         let spec = HintonSpec { label_smoothing: eps, ..HintonSpec::new(RowShape::new(n, c), t as f32, alpha) };
         let (s, tv) = (vec64(&mut g, n * c, 3.0), vec64(&mut g, n * c, 3.0));
         let y = labels(&mut g, n, c);
-        let r = hinton::reference(&spec, &s, &tv, &y);
-        assert_grad("student", &r.grad_student, &numeric_grad(&s, |s| hinton::reference(&spec, s, &tv, &y).loss))?;
-        assert_grad("teacher", &r.grad_teacher, &numeric_grad(&tv, |tv| hinton::reference(&spec, &s, tv, &y).loss))?;
+        let r = hinton::reference::hinton(&spec, &s, &tv, &y);
+        assert_grad("student", &r.grad_student, &numeric_grad(&s, |s| hinton::reference::hinton(&spec, s, &tv, &y).loss))?;
+        assert_grad("teacher", &r.grad_teacher, &numeric_grad(&tv, |tv| hinton::reference::hinton(&spec, &s, tv, &y).loss))?;
     }
 
     #[test]
@@ -145,13 +145,13 @@ proptest! {
         let mut g = Lcg(seed);
         let spec = AttentionSpec::new(n, cs, ct, hw);
         let (s, t) = (vec64(&mut g, spec.student_len(), 2.0), vec64(&mut g, spec.teacher_len(), 2.0));
-        let (_, gs, gt) = feature::attention_reference(&spec, &s, &t);
-        assert_grad("at student", &gs, &numeric_grad(&s, |s| feature::attention_reference(&spec, s, &t).0))?;
-        assert_grad("at teacher", &gt, &numeric_grad(&t, |t| feature::attention_reference(&spec, &s, t).0))?;
+        let (_, gs, gt) = feature::reference::attention_transfer(&spec, &s, &t);
+        assert_grad("at student", &gs, &numeric_grad(&s, |s| feature::reference::attention_transfer(&spec, s, &t).0))?;
+        assert_grad("at teacher", &gt, &numeric_grad(&t, |t| feature::reference::attention_transfer(&spec, &s, t).0))?;
         let m = MseSpec::new(spec.student_len());
         let b = vec64(&mut g, m.len, 2.0);
-        let (_, ga, gb) = feature::mse_reference(&m, &s, &b);
-        assert_grad("mse a", &ga, &numeric_grad(&s, |a| feature::mse_reference(&m, a, &b).0))?;
-        assert_grad("mse b", &gb, &numeric_grad(&b, |bb| feature::mse_reference(&m, &s, bb).0))?;
+        let (_, ga, gb) = feature::reference::mse(&m, &s, &b);
+        assert_grad("mse a", &ga, &numeric_grad(&s, |a| feature::reference::mse(&m, a, &b).0))?;
+        assert_grad("mse b", &gb, &numeric_grad(&b, |bb| feature::reference::mse(&m, &s, bb).0))?;
     }
 }

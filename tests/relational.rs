@@ -33,14 +33,14 @@ fn primitives_match_reference<B: Backend>(b: &B) {
         assert_close(
             "row_normalize",
             &b.download(&y).unwrap(),
-            &rel::row_normalize_reference(&to_f64(&f), dim),
+            &rel::reference::row_normalize(&to_f64(&f), dim),
             1e-5,
         )?;
         let dy = g.vec(n * dim, 1.0);
         let dx = b.filled(n * dim, f32::NAN).unwrap();
         b.row_normalize_backward(dim, &fb, &b.upload(&dy).unwrap(), &dx)
             .map_err(|e| e.to_string())?;
-        let want = rel::row_normalize_backward_reference(&to_f64(&f), &to_f64(&dy), dim);
+        let want = rel::reference::row_normalize_backward(&to_f64(&f), &to_f64(&dy), dim);
         assert_close(
             "row_normalize_backward",
             &b.download(&dx).unwrap(),
@@ -51,14 +51,14 @@ fn primitives_match_reference<B: Backend>(b: &B) {
         let d = b.filled(n * n, f32::NAN).unwrap();
         b.pairwise_distance(n, dim, &fb, &d)
             .map_err(|e| e.to_string())?;
-        let dref = rel::pairwise_distance_reference(&to_f64(&f), n, dim);
+        let dref = rel::reference::pairwise_distance(&to_f64(&f), n, dim);
         let dgot = b.download(&d).unwrap();
         assert_close("pairwise_distance", &dgot, &dref, 1e-5)?;
         let dd = g.vec(n * n, 1.0);
         let df = b.filled(n * dim, f32::NAN).unwrap();
         b.pairwise_distance_backward(n, dim, &fb, &d, &b.upload(&dd).unwrap(), &df)
             .map_err(|e| e.to_string())?;
-        let want = rel::pairwise_distance_backward_reference(
+        let want = rel::reference::pairwise_distance_backward(
             &to_f64(&f),
             &to_f64(&dgot),
             &to_f64(&dd),
@@ -76,14 +76,14 @@ fn primitives_match_reference<B: Backend>(b: &B) {
         assert_close(
             "offdiag_normalize",
             &b.download(&y).unwrap(),
-            &rel::offdiag_normalize_reference(&to_f64(&dgot), n),
+            &rel::reference::offdiag_normalize(&to_f64(&dgot), n),
             1e-5,
         )?;
         let dyb = b.upload(&dd).unwrap();
         let dd2 = b.filled(n * n, f32::NAN).unwrap();
         b.offdiag_normalize_backward(n, &d, &dyb, &dd2)
             .map_err(|e| e.to_string())?;
-        let want = rel::offdiag_normalize_backward_reference(&to_f64(&dgot), &to_f64(&dd), n);
+        let want = rel::reference::offdiag_normalize_backward(&to_f64(&dgot), &to_f64(&dd), n);
         assert_close(
             "offdiag_normalize_backward",
             &b.download(&dd2).unwrap(),
@@ -114,7 +114,8 @@ fn primitives_match_reference<B: Backend>(b: &B) {
             Some(&gb),
         )
         .map_err(|e| e.to_string())?;
-        let (l, wa, wb) = rel::smooth_l1_reference(&to_f64(&f), &to_f64(&other), 0.5);
+        let (l, wa, wb) =
+            distillation::ops::feature::reference::smooth_l1(&to_f64(&f), &to_f64(&other), 0.5);
         assert_close("smooth_l1", &b.download(&loss).unwrap(), &[l], 1e-5)?;
         assert_close("smooth_l1 grad_a", &b.download(&ga).unwrap(), &wa, 1e-5)?;
         assert_close("smooth_l1 grad_b", &b.download(&gb).unwrap(), &wb, 1e-5)
@@ -141,9 +142,9 @@ fn check_relational_losses<B: Backend>(
         .map_err(|e| e.to_string())?;
         tape.backward(&[l]).map_err(|e| e.to_string())?;
         let (wl, ws, wt) = if rkd {
-            rel::rkd_distance_reference(&to_f64(&fs), &to_f64(&ft), n)
+            rel::reference::rkd_distance(&to_f64(&fs), &to_f64(&ft), n)
         } else {
-            rel::similarity_preserving_reference(&to_f64(&fs), &to_f64(&ft), n)
+            rel::reference::similarity_preserving(&to_f64(&fs), &to_f64(&ft), n)
         };
         let what = if rkd { "rkd" } else { "sp" };
         assert_close_abs(what, &tape.value(l).to_host(b).unwrap(), &[wl], 1e-4, 1e-6)?;
@@ -207,7 +208,7 @@ proptest! {
         let fs = to_f64(&g.vec(n * ds, 1.5));
         let ft = to_f64(&g.vec(n * dt, 1.5));
         for rkd in [false, true] {
-            let f = |s: &[f64], t: &[f64]| if rkd { rel::rkd_distance_reference(s, t, n) } else { rel::similarity_preserving_reference(s, t, n) };
+            let f = |s: &[f64], t: &[f64]| if rkd { rel::reference::rkd_distance(s, t, n) } else { rel::reference::similarity_preserving(s, t, n) };
             let (_, gs, gt) = f(&fs, &ft);
             let ns = numeric(&fs, |s| f(s, &ft).0);
             let nt = numeric(&ft, |t| f(&fs, t).0);

@@ -1,13 +1,13 @@
 //! Every WGSL shader, with its preludes, parsed and validated by naga: a shader error fails here,
 //! before any GPU run (and without a GPU).
 
-use distillation::backend::wgpu::pipelines::Kernel;
+use distillation::backend::wgpu::pipelines::KERNELS;
 
 #[test]
 fn every_shader_validates() {
     let mut checked = Vec::new();
-    for k in Kernel::ALL {
-        let (name, src) = k.source();
+    for k in KERNELS {
+        let (name, src) = (k.file, k.source());
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
         let mut v = naga::valid::Validator::new(
@@ -17,26 +17,45 @@ fn every_shader_validates() {
         v.validate(&module)
             .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
         assert!(
-            module
-                .entry_points
-                .iter()
-                .any(|e| e.name == k.entry_point()),
+            module.entry_points.iter().any(|e| e.name == k.entry),
             "{name} has no entry point {}",
-            k.entry_point()
+            k.entry
         );
         checked.push(name);
     }
+    checked.sort();
     checked.dedup();
+    // Every entry point of the table is distinct (the pipeline cache keys on file and entry).
+    let mut entries: Vec<_> = KERNELS.iter().map(|k| (k.file, k.entry)).collect();
+    entries.sort();
+    entries.dedup();
+    assert_eq!(entries.len(), KERNELS.len(), "a kernel is listed twice");
     println!("validated: {}", checked.join(", "));
-    // Every shader file of shaders/ (the two preludes are inside every source) is some kernel's.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let name = entry.unwrap().file_name().into_string().unwrap();
-        if name.ends_with(".wgsl") && name != "common.wgsl" && name != "row_io.wgsl" {
+    // Every shader file of the crate (the two preludes are inside every source) is some kernel's.
+    let mut files = Vec::new();
+    wgsl_files(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    assert!(files.len() >= 12, "found only {files:?}");
+    for name in files {
+        if name != "common.wgsl" && name != "row_io.wgsl" {
             assert!(
                 checked.contains(&name.as_str()),
-                "shaders/{name} is not validated (no Kernel uses it)"
+                "{name} is not validated (no kernel of the table uses it)"
             );
+        }
+    }
+}
+
+/// The `.wgsl` file names under `dir`.
+fn wgsl_files(dir: &std::path::Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            wgsl_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "wgsl") {
+            out.push(path.file_name().unwrap().to_string_lossy().into_owned());
         }
     }
 }
@@ -67,10 +86,10 @@ fn uniform_structs_match_the_shaders() {
         );
     }
     for l in &layouts {
-        let (_, src) = Kernel::ALL
+        let src = KERNELS
             .iter()
+            .find(|k| k.file == l.file)
             .map(|k| k.source())
-            .find(|(name, _)| *name == l.file)
             .unwrap_or_else(|| panic!("no kernel uses {}", l.file));
         let module = naga::front::wgsl::parse_str(&src).unwrap();
         let mut layouter = naga::proc::Layouter::default();

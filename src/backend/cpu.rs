@@ -9,9 +9,9 @@ use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::conv::{self, ConvSpec, PoolSpec};
 use crate::ops::dense::{self, MatmulSpec};
-use crate::ops::divergence::RowLossResult;
 use crate::ops::optim::{self as optim_ops, AdamSpec, SgdSpec};
 use crate::ops::relational as rel;
+use crate::ops::RowLossResult;
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
@@ -130,7 +130,7 @@ impl Backend for CpuBackend {
         x: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        let out = ops::softmax::reference_forward(
+        let out = ops::softmax::reference::softmax(
             &x.to_f64(),
             spec.shape.cols,
             spec.temperature as f64,
@@ -146,7 +146,7 @@ impl Backend for CpuBackend {
         dy: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        let out = ops::softmax::reference_backward(
+        let out = ops::softmax::reference::softmax_backward(
             &y.to_f64(),
             &dy.to_f64(),
             spec.shape.cols,
@@ -168,7 +168,7 @@ impl Backend for CpuBackend {
             ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
         }
         ops::check_reverse_kl_support(spec, &teacher.0.borrow(), labels.map(|l| l.as_slice()))?;
-        let r = ops::divergence::reference(
+        let r = ops::divergence::reference::divergence(
             spec,
             &student.to_f64(),
             &teacher.to_f64(),
@@ -185,7 +185,7 @@ impl Backend for CpuBackend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
-        let r = ops::cross_entropy::reference(spec, &student.to_f64(), labels);
+        let r = ops::cross_entropy::reference::cross_entropy(spec, &student.to_f64(), labels);
         self.write_loss_out(student, &r, out)
     }
 
@@ -198,7 +198,7 @@ impl Backend for CpuBackend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
-        let r = ops::hinton::reference(spec, &student.to_f64(), &teacher.to_f64(), labels);
+        let r = ops::hinton::reference::hinton(spec, &student.to_f64(), &teacher.to_f64(), labels);
         self.write_loss_out(student, &r, out)
     }
 
@@ -211,7 +211,7 @@ impl Backend for CpuBackend {
         grad_a: Option<&CpuBuffer>,
         grad_b: Option<&CpuBuffer>,
     ) -> Result<()> {
-        let (l, ga, gb) = ops::feature::mse_reference(spec, &a.to_f64(), &b.to_f64());
+        let (l, ga, gb) = ops::feature::reference::mse(spec, &a.to_f64(), &b.to_f64());
         Self::store_pair(loss, l, grad_a, &ga, grad_b, &gb)
     }
 
@@ -225,7 +225,7 @@ impl Backend for CpuBackend {
         grad_teacher: Option<&CpuBuffer>,
     ) -> Result<()> {
         let (l, gs, gt) =
-            ops::feature::attention_reference(spec, &student.to_f64(), &teacher.to_f64());
+            ops::feature::reference::attention_transfer(spec, &student.to_f64(), &teacher.to_f64());
         Self::store_pair(loss, l, grad_student, &gs, grad_teacher, &gt)
     }
 
@@ -237,7 +237,7 @@ impl Backend for CpuBackend {
         c: &CpuBuffer,
     ) -> Result<()> {
         let mut out = c.to_f64();
-        dense::matmul_reference(spec, &a.to_f64(), &b.to_f64(), &mut out);
+        dense::reference::matmul(spec, &a.to_f64(), &b.to_f64(), &mut out);
         c.store("c", &out)
     }
 
@@ -247,7 +247,10 @@ impl Backend for CpuBackend {
         bias: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        y.store("y", &dense::bias_add_reference(&x.to_f64(), &bias.to_f64()))
+        y.store(
+            "y",
+            &dense::reference::bias_add(&x.to_f64(), &bias.to_f64()),
+        )
     }
 
     unsafe fn sum_rows_unchecked(
@@ -258,12 +261,12 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let mut o = out.to_f64();
         let cols = o.len();
-        dense::sum_rows_reference(&x.to_f64(), cols, &mut o, accumulate);
+        dense::reference::sum_rows(&x.to_f64(), cols, &mut o, accumulate);
         out.store("out", &o)
     }
 
     unsafe fn relu_unchecked(&self, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        y.store("y", &dense::relu_reference(&x.to_f64()))
+        y.store("y", &dense::reference::relu(&x.to_f64()))
     }
 
     unsafe fn relu_backward_unchecked(
@@ -274,7 +277,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         dx.store(
             "dx",
-            &dense::relu_backward_reference(&y.to_f64(), &dy.to_f64()),
+            &dense::reference::relu_backward(&y.to_f64(), &dy.to_f64()),
         )
     }
 
@@ -297,7 +300,7 @@ impl Backend for CpuBackend {
         v: &CpuBuffer,
     ) -> Result<()> {
         let (mut wv, mut mv, mut vv) = (w.to_f64(), m.to_f64(), v.to_f64());
-        optim_ops::adam_reference(spec, &mut wv, &grad.to_f64(), &mut mv, &mut vv);
+        optim_ops::reference::adam_step(spec, &mut wv, &grad.to_f64(), &mut mv, &mut vv);
         w.store("w", &wv)?;
         m.store("m", &mv)?;
         v.store("v", &vv)
@@ -311,7 +314,7 @@ impl Backend for CpuBackend {
         velocity: &CpuBuffer,
     ) -> Result<()> {
         let (mut wv, mut vel) = (w.to_f64(), velocity.to_f64());
-        optim_ops::sgd_reference(spec, &mut wv, &grad.to_f64(), &mut vel);
+        optim_ops::reference::sgd_step(spec, &mut wv, &grad.to_f64(), &mut vel);
         w.store("w", &wv)?;
         velocity.store("velocity", &vel)
     }
@@ -322,7 +325,7 @@ impl Backend for CpuBackend {
         x: &CpuBuffer,
         cols: &CpuBuffer,
     ) -> Result<()> {
-        cols.store("cols", &conv::im2col_reference(spec, &x.to_f64()))
+        cols.store("cols", &conv::reference::im2col(spec, &x.to_f64()))
     }
 
     unsafe fn col2im_unchecked(
@@ -331,11 +334,11 @@ impl Backend for CpuBackend {
         dcols: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        dx.store("dx", &conv::col2im_reference(spec, &dcols.to_f64()))
+        dx.store("dx", &conv::reference::col2im(spec, &dcols.to_f64()))
     }
 
     unsafe fn pool_unchecked(&self, spec: &PoolSpec, x: &CpuBuffer, y: &CpuBuffer) -> Result<()> {
-        y.store("y", &conv::pool_reference(spec, &x.to_f64()))
+        y.store("y", &conv::reference::pool(spec, &x.to_f64()))
     }
 
     unsafe fn pool_backward_unchecked(
@@ -347,7 +350,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         dx.store(
             "dx",
-            &conv::pool_backward_reference(spec, &x.to_f64(), &dy.to_f64()),
+            &conv::reference::pool_backward(spec, &x.to_f64(), &dy.to_f64()),
         )
     }
 
@@ -361,7 +364,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         y.store(
             "y",
-            &conv::transpose_reference(&x.to_f64(), batch, rows, cols),
+            &conv::reference::transpose(&x.to_f64(), batch, rows, cols),
         )
     }
 
@@ -371,7 +374,7 @@ impl Backend for CpuBackend {
         x: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        y.store("y", &rel::row_normalize_reference(&x.to_f64(), cols))
+        y.store("y", &rel::reference::row_normalize(&x.to_f64(), cols))
     }
 
     unsafe fn row_normalize_backward_unchecked(
@@ -383,7 +386,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         dx.store(
             "dx",
-            &rel::row_normalize_backward_reference(&x.to_f64(), &dy.to_f64(), cols),
+            &rel::reference::row_normalize_backward(&x.to_f64(), &dy.to_f64(), cols),
         )
     }
 
@@ -394,7 +397,7 @@ impl Backend for CpuBackend {
         f: &CpuBuffer,
         d: &CpuBuffer,
     ) -> Result<()> {
-        d.store("d", &rel::pairwise_distance_reference(&f.to_f64(), n, dim))
+        d.store("d", &rel::reference::pairwise_distance(&f.to_f64(), n, dim))
     }
 
     unsafe fn pairwise_distance_backward_unchecked(
@@ -408,7 +411,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         df.store(
             "df",
-            &rel::pairwise_distance_backward_reference(
+            &rel::reference::pairwise_distance_backward(
                 &f.to_f64(),
                 &d.to_f64(),
                 &dd.to_f64(),
@@ -424,7 +427,7 @@ impl Backend for CpuBackend {
         d: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        y.store("y", &rel::offdiag_normalize_reference(&d.to_f64(), n))
+        y.store("y", &rel::reference::offdiag_normalize(&d.to_f64(), n))
     }
 
     unsafe fn offdiag_normalize_backward_unchecked(
@@ -436,7 +439,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         dd.store(
             "dd",
-            &rel::offdiag_normalize_backward_reference(&d.to_f64(), &dy.to_f64(), n),
+            &rel::reference::offdiag_normalize_backward(&d.to_f64(), &dy.to_f64(), n),
         )
     }
 
@@ -449,8 +452,11 @@ impl Backend for CpuBackend {
         grad_a: Option<&CpuBuffer>,
         grad_b: Option<&CpuBuffer>,
     ) -> Result<()> {
-        let (l, ga, gb) =
-            rel::smooth_l1_reference(&a.to_f64(), &b.to_f64(), spec.grad_scale as f64);
+        let (l, ga, gb) = crate::ops::feature::reference::smooth_l1(
+            &a.to_f64(),
+            &b.to_f64(),
+            spec.grad_scale as f64,
+        );
         Self::store_pair(loss, l, grad_a, &ga, grad_b, &gb)
     }
 }

@@ -222,7 +222,7 @@ pub trait Backend {
         }
     }
 
-    // ---- dense ops of the autograd tape (src/ops/dense.rs, src/ops/optim.rs) ----
+    // ---- dense ops of the autograd tape (src/ops/dense/, src/ops/optim/) ----
 
     /// `C[m, n] (+)= op(A)[m, k] op(B)[k, n]` (see [`MatmulSpec`]).
     fn matmul(
@@ -356,7 +356,7 @@ pub trait Backend {
         unsafe { self.transpose_unchecked(batch, rows, cols, x, y) }
     }
 
-    /// `y = x / max(||x_row||, 1e-12)` over rows of `cols` (src/ops/relational.rs).
+    /// `y = x / max(||x_row||, 1e-12)` over rows of `cols` (src/ops/relational/).
     fn row_normalize(&self, cols: usize, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
         validate::rows_of(self, cols, &[("x", x), ("y", y)])?;
         validate::no_alias(self, &[("y", y)], &[("x", x)])?;

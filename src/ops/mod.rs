@@ -1,15 +1,22 @@
-//! The op families of `docs/LOSSES.md`: what each op computes (its spec type, validated here once for
-//! every backend) and its CPU reference (`reference` functions, f64, written to be read).
+//! The op families of `docs/LOSSES.md`, one folder each (after dfdx's `tensor_ops/<op>/`): the
+//! spec type (validated once, for every backend), the f64 CPU reference every other result is
+//! checked against, the fast CPU kernel, the WGSL shader and the CUDA kernel side by side with
+//! their dispatch code. A backend's method for an op is one line calling into the op's folder.
 //!
-//! | family | spec section | CPU reference | WGSL | CUDA |
+//! | family | section | folder | WGSL | CUDA |
 //! | --- | --- | --- | --- | --- |
-//! | temperature softmax / log-softmax | 1 | [`softmax`] | `shaders/softmax.wgsl` | `kernels/softmax.cu` |
-//! | forward KL, reverse KL, JSD | 2 | [`divergence`] | `shaders/divergence.wgsl` | `kernels/divergence.cu` |
-//! | cross-entropy | 3 | [`cross_entropy`] | `shaders/cross_entropy.wgsl` | `kernels/cross_entropy.cu` |
-//! | fused Hinton loss | 4 | [`hinton`] | `shaders/hinton.wgsl` | `kernels/hinton.cu` |
-//! | feature MSE | 5 | [`feature`] | `shaders/mse.wgsl` | `kernels/feature.cu` |
-//! | attention transfer | 6 | [`feature`] | `shaders/attention.wgsl` | `kernels/feature.cu` |
-//! | row-loss count and reduction | 2-4 | (inline) | `shaders/reduce.wgsl` | `kernels/reduce.cu` |
+//! | temperature softmax / log-softmax | 1 | [`softmax`] | `softmax.wgsl` | `softmax.cu` |
+//! | forward KL, reverse KL, JSD | 2 | [`divergence`] | `divergence.wgsl` | `divergence.cu` |
+//! | cross-entropy | 3 | [`cross_entropy`] | `cross_entropy.wgsl` | `cross_entropy.cu` |
+//! | fused Hinton loss | 4 | [`hinton`] | `hinton.wgsl` | `hinton.cu` |
+//! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
+//! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
+//! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
+//! | Adam, SGD | | [`optim`] | `optim.wgsl` | `optim.cu` |
+//! | im2col, col2im, pooling, transpose | | [`conv`] | `conv.wgsl` | `conv.cu` |
+//!
+//! The row losses' valid-row count and fixed-order reduction are the backends' runtime
+//! (`backend/wgpu/reduce.wgsl`, `backend/cuda/reduce.cu`).
 
 pub mod conv;
 pub mod cross_entropy;
@@ -20,6 +27,12 @@ pub mod hinton;
 pub mod optim;
 pub mod relational;
 pub mod softmax;
+
+pub use cross_entropy::CrossEntropySpec;
+pub use divergence::{check_reverse_kl_support, DivergenceSpec};
+pub use feature::{AttentionSpec, MseSpec};
+pub use hinton::HintonSpec;
+pub use softmax::SoftmaxSpec;
 
 use crate::error::{Error, Result};
 
@@ -189,7 +202,7 @@ pub(crate) fn check_grad_scale(g: f32) -> Result<()> {
     Ok(())
 }
 
-fn check_unit(
+pub(crate) fn check_unit(
     name: &'static str,
     v: f32,
     open_low: bool,
@@ -311,282 +324,31 @@ pub fn check_teacher(
     Ok(())
 }
 
-/// Reverse KL is `+inf` where the teacher gives a class probability 0 and the student does not:
-/// without a floor (`teacher_eps` 0) such an input is an error, on the host API and the CPU
-/// backends (device backends give the row a `+inf` loss and a NaN gradient).
-pub fn check_reverse_kl_support(
-    spec: &DivergenceSpec,
-    teacher: &[f32],
-    labels: Option<&[i32]>,
-) -> Result<()> {
-    if spec.divergence != Divergence::ReverseKl
-        || spec.teacher == TeacherInput::Logits
-        || spec.teacher_eps > 0.0
-    {
-        return Ok(());
-    }
-    let zero = |v: f32| match spec.teacher {
-        TeacherInput::Probs => v == 0.0,
-        _ => v == f32::NEG_INFINITY,
-    };
-    for (row, t) in teacher.chunks_exact(spec.shape.cols).enumerate() {
-        if labels.is_some_and(|l| l.get(row) == Some(&spec.ignore_index)) {
-            continue;
-        }
-        if let Some(j) = t.iter().position(|&v| zero(v)) {
-            return Err(Error::Input {
-                what: "reverse KL teacher",
-                row,
-                problem: format!(
-                    "the teacher gives class {j} probability 0, where reverse KL \
-                     sum p (log p - log q) is +inf: set a floor (DivergenceSpec::teacher_eps, \
-                     SoftTargetLoss::teacher_eps or the C ABI's teacher_eps argument, e.g. 1e-8), \
-                     or use forward KL or JSD, which are finite there"
-                ),
-            });
-        }
-    }
-    Ok(())
+// ---- what the row losses share (sections 2-4) ----
+
+/// What a row loss's CPU reference returns (f64).
+#[derive(Clone, Debug, Default)]
+pub struct RowLossResult {
+    /// The reduced loss.
+    pub loss: f64,
+    /// Each row's loss (masked rows 0).
+    pub row_loss: Vec<f64>,
+    /// `dL/ds` times `grad_scale`.
+    pub grad_student: Vec<f64>,
+    /// `dL/dt` times `grad_scale` (empty where the op has none).
+    pub grad_teacher: Vec<f64>,
 }
 
-/// Temperature softmax or log-softmax over rows (section 1).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SoftmaxSpec {
-    pub shape: RowShape,
-    pub temperature: f32,
-    /// `log_softmax` instead of `softmax`.
-    pub log: bool,
-}
-
-impl SoftmaxSpec {
-    pub fn validate(&self) -> Result<()> {
-        self.shape.validate()?;
-        check_temperature(self.temperature)
+/// The valid-row count and the factor that turns a row sum into the reduced loss.
+pub(crate) fn reduction_factor(reduction: Reduction, valid: usize) -> f64 {
+    match reduction {
+        Reduction::BatchMean if valid == 0 => 0.0,
+        Reduction::BatchMean => 1.0 / valid as f64,
+        Reduction::Sum | Reduction::None => 1.0,
     }
 }
 
-/// A soft-target divergence (section 2).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DivergenceSpec {
-    pub shape: RowShape,
-    pub divergence: Divergence,
-    pub teacher: TeacherInput,
-    pub temperature: f32,
-    pub reduction: Reduction,
-    pub ignore_index: i32,
-    /// Upstream gradient `g` multiplied into every gradient (1 for the loss's own gradient).
-    pub grad_scale: f32,
-    /// Reverse KL with a given teacher (probabilities or log-probabilities) only: a floor on the
-    /// teacher's probabilities inside the log, `log max(q_j, eps)`, so that a class the teacher
-    /// gives probability 0 (one-hot or top-k targets) costs `p_j (log p_j - log eps)` instead of
-    /// making the divergence `+inf` (as Liger's `eps`). 0 (the default) is no floor: an exact zero
-    /// then gives `+inf`, which the host API and the CPU backends report as an `Err`
-    /// (`docs/LOSSES.md`, section 2).
-    pub teacher_eps: f32,
-}
-
-impl DivergenceSpec {
-    /// Forward KL at temperature `t` over `[rows, cols]` logits, batchmean, upstream gradient 1.
-    pub fn new(shape: RowShape, temperature: f32) -> Self {
-        DivergenceSpec {
-            shape,
-            divergence: Divergence::ForwardKl,
-            teacher: TeacherInput::Logits,
-            temperature,
-            reduction: Reduction::BatchMean,
-            ignore_index: IGNORE_INDEX,
-            grad_scale: 1.0,
-            teacher_eps: 0.0,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.shape.validate()?;
-        check_temperature(self.temperature)?;
-        check_grad_scale(self.grad_scale)?;
-        if let Divergence::Jsd { beta } = self.divergence {
-            check_unit(
-                "beta",
-                beta,
-                true,
-                true,
-                "JSD's beta must be in (0, 1); use Divergence::ForwardKl for beta = 0 and \
-                 Divergence::ReverseKl for beta = 1",
-            )?;
-        }
-        if self.teacher_eps != 0.0 {
-            if !(self.teacher_eps.is_finite() && self.teacher_eps > 0.0 && self.teacher_eps < 1.0) {
-                return Err(Error::Param {
-                    name: "teacher_eps",
-                    value: self.teacher_eps as f64,
-                    hint: "the teacher's probability floor must be 0 (none) or in (0, 1); 1e-8 is \
-                           a common choice",
-                });
-            }
-            if self.divergence != Divergence::ReverseKl || self.teacher == TeacherInput::Logits {
-                return Err(Error::Unsupported(
-                    "teacher_eps applies to reverse KL with the teacher given as probabilities or \
-                     log-probabilities (where a probability can be exactly 0); forward KL and JSD \
-                     are finite there and a softmax of logits is never 0: set teacher_eps to 0"
-                        .into(),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Cross-entropy with hard labels (section 3).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CrossEntropySpec {
-    pub shape: RowShape,
-    pub label_smoothing: f32,
-    pub reduction: Reduction,
-    pub ignore_index: i32,
-    pub grad_scale: f32,
-}
-
-impl CrossEntropySpec {
-    pub fn new(shape: RowShape) -> Self {
-        CrossEntropySpec {
-            shape,
-            label_smoothing: 0.0,
-            reduction: Reduction::BatchMean,
-            ignore_index: IGNORE_INDEX,
-            grad_scale: 1.0,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.shape.validate()?;
-        check_grad_scale(self.grad_scale)?;
-        check_unit(
-            "label_smoothing",
-            self.label_smoothing,
-            false,
-            true,
-            "label smoothing must be in [0, 1) (0 disables it; 0.1 is common)",
-        )
-    }
-}
-
-/// The fused Hinton loss `alpha*CE + (1-alpha)*T^2*KL` (section 4).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct HintonSpec {
-    pub shape: RowShape,
-    pub temperature: f32,
-    pub alpha: f32,
-    pub label_smoothing: f32,
-    pub reduction: Reduction,
-    pub ignore_index: i32,
-    pub grad_scale: f32,
-}
-
-impl HintonSpec {
-    pub fn new(shape: RowShape, temperature: f32, alpha: f32) -> Self {
-        HintonSpec {
-            shape,
-            temperature,
-            alpha,
-            label_smoothing: 0.0,
-            reduction: Reduction::BatchMean,
-            ignore_index: IGNORE_INDEX,
-            grad_scale: 1.0,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.shape.validate()?;
-        check_temperature(self.temperature)?;
-        check_grad_scale(self.grad_scale)?;
-        check_unit(
-            "alpha",
-            self.alpha,
-            false,
-            false,
-            "alpha weighs hard-label CE against the soft-target KL and must be in [0, 1]",
-        )?;
-        check_unit(
-            "label_smoothing",
-            self.label_smoothing,
-            false,
-            true,
-            "label smoothing must be in [0, 1) (0 disables it)",
-        )
-    }
-}
-
-/// Feature-map MSE over `len` elements (section 5).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MseSpec {
-    pub len: usize,
-    pub grad_scale: f32,
-}
-
-impl MseSpec {
-    pub fn new(len: usize) -> Self {
-        MseSpec {
-            len,
-            grad_scale: 1.0,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.len == 0 {
-            return Err(Error::Empty(
-                "MSE over 0 elements: pass at least one element".into(),
-            ));
-        }
-        if self.len > u32::MAX as usize {
-            return Err(Error::Limit("MSE over more than 2^32 elements".into()));
-        }
-        check_grad_scale(self.grad_scale)
-    }
-}
-
-/// Attention transfer between `[n, student_channels, hw]` and `[n, teacher_channels, hw]` feature
-/// maps (section 6; `hw = H*W`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttentionSpec {
-    pub n: usize,
-    pub student_channels: usize,
-    pub teacher_channels: usize,
-    pub hw: usize,
-    pub grad_scale: f32,
-}
-
-impl AttentionSpec {
-    pub fn new(n: usize, student_channels: usize, teacher_channels: usize, hw: usize) -> Self {
-        AttentionSpec {
-            n,
-            student_channels,
-            teacher_channels,
-            hw,
-            grad_scale: 1.0,
-        }
-    }
-
-    pub fn student_len(&self) -> usize {
-        self.n * self.student_channels * self.hw
-    }
-
-    pub fn teacher_len(&self) -> usize {
-        self.n * self.teacher_channels * self.hw
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if self.n == 0 || self.student_channels == 0 || self.teacher_channels == 0 || self.hw == 0 {
-            return Err(Error::Empty(format!(
-                "attention transfer needs n, channels and H*W all >= 1, got n={}, student channels={}, \
-                 teacher channels={}, H*W={}",
-                self.n, self.student_channels, self.teacher_channels, self.hw
-            )));
-        }
-        if self.student_len().max(self.teacher_len()) > u32::MAX as usize {
-            return Err(Error::Limit(
-                "attention transfer over more than 2^32 elements".into(),
-            ));
-        }
-        check_grad_scale(self.grad_scale)
-    }
+/// Whether row `r` is masked by `ignore_index`.
+pub(crate) fn masked(labels: Option<&[i32]>, r: usize, ignore_index: i32) -> bool {
+    labels.is_some_and(|l| l[r] == ignore_index)
 }

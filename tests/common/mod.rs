@@ -196,7 +196,7 @@ pub fn check_matmul<B: Backend>(
     b.matmul(&spec, &b.upload(&a).unwrap(), &b.upload(&bb).unwrap(), &c)
         .map_err(|e| e.to_string())?;
     let mut want = to_f64(&c0);
-    distillation::ops::dense::matmul_reference(&spec, &to_f64(&a), &to_f64(&bb), &mut want);
+    distillation::ops::dense::reference::matmul(&spec, &to_f64(&a), &to_f64(&bb), &mut want);
     let got = b.download(&c).unwrap();
     assert_close(
         &format!("matmul {spec:?} on {}", b.name()),

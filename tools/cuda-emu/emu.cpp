@@ -1,19 +1,19 @@
-// Runs kernels/*.cu on the CPU (shim.h) with the launch configurations of src/backend/cuda.rs and
+// Runs the CUDA kernels (src/ops/*/*.cu) on the CPU (shim.h) with the launch configurations of src/backend/cuda/launch.rs and
 // compares them with ports of the f64 CPU references of src/ops/*.rs.
 //   g++ -std=c++20 -O1 -pthread tools/cuda-emu/emu.cpp -o /tmp/emu && /tmp/emu [cases]
 #include "shim.h"
 
-#include "../../kernels/common.cuh"
-#include "../../kernels/softmax.cu"
-#include "../../kernels/reduce.cu"
-#include "../../kernels/divergence.cu"
-#include "../../kernels/cross_entropy.cu"
-#include "../../kernels/hinton.cu"
-#include "../../kernels/feature.cu"
-#include "../../kernels/dense.cu"
-#include "../../kernels/optim.cu"
-#include "../../kernels/conv.cu"
-#include "../../kernels/relational.cu"
+#include "../../src/backend/cuda/common.cuh"
+#include "../../src/ops/softmax/softmax.cu"
+#include "../../src/backend/cuda/reduce.cu"
+#include "../../src/ops/divergence/divergence.cu"
+#include "../../src/ops/cross_entropy/cross_entropy.cu"
+#include "../../src/ops/hinton/hinton.cu"
+#include "../../src/ops/feature/feature.cu"
+#include "../../src/ops/dense/dense.cu"
+#include "../../src/ops/optim/optim.cu"
+#include "../../src/ops/conv/conv.cu"
+#include "../../src/ops/relational/relational.cu"
 
 #include <algorithm>
 #include <functional>
@@ -25,7 +25,7 @@
 using std::vector;
 static const double NaN = std::numeric_limits<double>::quiet_NaN();
 
-// ---- launch configurations (mirror of src/backend/cuda.rs) ----
+// ---- launch configurations (mirror of src/backend/cuda/) ----
 struct Cfg {
     dim3 grid, block;
     bool block_form;
@@ -70,7 +70,7 @@ static const double REF_EPS = 4 * 2.220446049250313e-16;
 static double fin_abs(double v) { return std::isfinite(v) ? fabs(v) : 0.0; }
 static double red_factor(int red, size_t valid) { return red == 0 ? (valid == 0 ? 0.0 : 1.0 / valid) : 1.0; }
 // sum_j a_j (log a_j - log b_j): a term with a_j = 0 exactly (log a_j = -inf) is 0, one with
-// b_j = 0 exactly and a_j > 0 is +inf (src/ops/divergence.rs `kl`).
+// b_j = 0 exactly and a_j > 0 is +inf (src/ops/divergence/ `kl`).
 static double kl(const vector<double>& la, const vector<double>& lb) {
     double s = 0;
     for (size_t j = 0; j < la.size(); ++j) {
@@ -84,7 +84,7 @@ static double log_add_exp(double x, double y) {
     if (m == -INFINITY) return m;
     return m + log(exp(x - m) + exp(y - m));
 }
-// src/ops/divergence.rs `teacher_valid`: logits and probabilities finite; log-probabilities
+// src/ops/divergence/ `teacher_valid`: logits and probabilities finite; log-probabilities
 // finite or -inf (a probability 0).
 static bool teacher_valid(const double* t, size_t c, int teach) {
     for (size_t j = 0; j < c; ++j)
@@ -800,7 +800,7 @@ static void test_hinton(size_t n, size_t c, float T, float alpha, float eps, int
     if (T >= 5e3f) note(worst_hinton_t_hi);
 }
 
-// mode 0: MSE; mode 1: smooth L1 (src/ops/relational.rs smooth_l1_reference).
+// mode 0: MSE; mode 1: smooth L1 (src/ops/relational/ smooth_l1_reference).
 static void test_mse(size_t m, bool grads, bool inject, unsigned mode = 0) {
     auto a = rand_logits(m, 3.0), b = rand_logits(m, 3.0);
     if (inject) a[(size_t)irand(0, (int)m - 1)] = INFINITY;
@@ -1106,7 +1106,7 @@ static void test_pool(size_t N, size_t h, size_t w, size_t c, size_t k, bool max
     check(std::string(name) + " transpose", t, wt, 0);
 }
 
-// ---- relational.cu (ports of src/ops/relational.rs) ----
+// ---- relational.cu (ports of src/ops/relational/) ----
 
 static void test_relational(size_t n, size_t dim, int dup) {
     auto f = rand_logits(n * dim, 2.0);

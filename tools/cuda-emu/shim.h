@@ -1,4 +1,4 @@
-// A CPU stand-in for the bits of CUDA the kernels use, so that kernels/*.cu run unchanged (on the
+// A CPU stand-in for the bits of CUDA the kernels use, so that src/ops/*/*.cu run unchanged (on the
 // host, one std::thread per CUDA thread) on a machine without a GPU. Blocks run one at a time;
 // __syncthreads is a barrier of the block's threads, warp shuffles are barriers of the warp's 32
 // threads. A shuffle with a lane that already returned aborts: that is a bug on a GPU too.

@@ -5,7 +5,7 @@
 
 use super::rows::{threads_for, Simd};
 use super::vmath::LANES;
-use crate::ops::feature::AT_EPS;
+use crate::ops::feature::reference::AT_EPS;
 use crate::ops::{AttentionSpec, MseSpec};
 
 /// Elements per MSE chunk: the unit of both the threads' shares and the fixed-order sum.

@@ -1,6 +1,6 @@
 //! Single-precision matmul for the fast CPU backend, `C[m, n] (+)= op(A)[m, k] op(B)[k, n]`
 //! (layouts as [`crate::ops::dense::MatmulSpec`]; the f64 reference is
-//! [`crate::ops::dense::matmul_reference`]).
+//! [`crate::ops::dense::reference::matmul`]).
 //!
 //! BLIS-style: B is packed a `KC x NC` block at a time into panels `NR` columns wide (`[p][0..NR]`
 //! contiguous, zero-padded past `n`), A an `MC x KC` block at a time into panels `MR` rows tall
@@ -386,7 +386,7 @@ unsafe fn micro_kernel_avx2(kc: usize, a: *const f32, b: *const f32) -> [[f32; N
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::dense::matmul_reference;
+    use crate::ops::dense::reference::matmul as matmul_reference;
 
     /// Deterministic operands with varied values for `spec`.
     fn operands(spec: &MatmulSpec) -> (Vec<f32>, Vec<f32>) {

@@ -1,14 +1,85 @@
-//! The wgpu backend: WGSL shaders from `shaders/` on Vulkan, Metal or DX12 (and on Mesa's lavapipe,
+//! The wgpu backend: WGSL shaders (`src/ops/*/*.wgsl`) on Vulkan, Metal or DX12 (and on Mesa's lavapipe,
 //! a software Vulkan device, where there is no GPU).
 //!
-//! The device and queue are made once; each pipeline is compiled once and cached
-//! ([`pipelines::PipelineCache`]); small scratch buffers (valid-row counts, row losses, partial sums)
-//! are kept and reused. The kernels can also be recorded into a caller's `wgpu::CommandEncoder`
-//! on the caller's own buffers ([`record`]): no submit, no readback.
+//! This folder is the backend's runtime only: the device, buffers and scratch memory (here), the
+//! table of kernels and the pipeline cache ([`pipelines`]; each pipeline is compiled once),
+//! dispatch and the row-loss sequence ([`dispatch`]), and [`Recorder`], which records any kernel
+//! into a caller's `wgpu::CommandEncoder` (no submit, no readback) with the same validation as
+//! the backend. The kernels themselves, their uniforms and their dispatch code live in the op
+//! folders (`src/ops/<family>/{<family>.wgsl, wgpu.rs}`); each is one line of the table below.
 
-mod dense;
+/// The kernel methods of [`Backend`] for [`WgpuBackend`] (which submits each call) and
+/// [`Recorder`] (which records it into the caller's encoder): one line per kernel, naming the
+/// dispatch function in the op's folder. Both types provide
+/// `run_kernel(|backend, encoder| ..)`.
+macro_rules! kernels {
+    () => {
+        kernels! { @each
+            softmax_unchecked(spec: &SoftmaxSpec, x: &WgpuBuffer, y: &WgpuBuffer) => softmax::wgpu::softmax;
+            softmax_backward_unchecked(spec: &SoftmaxSpec, y: &WgpuBuffer, dy: &WgpuBuffer, dx: &WgpuBuffer)
+                => softmax::wgpu::softmax_backward;
+            divergence_unchecked(spec: &DivergenceSpec, student: &WgpuBuffer, teacher: &WgpuBuffer,
+                labels: Option<&WgpuLabels>, out: LossOut<'_, Self>) => divergence::wgpu::divergence;
+            cross_entropy_unchecked(spec: &CrossEntropySpec, student: &WgpuBuffer, labels: &WgpuLabels,
+                out: LossOut<'_, Self>) => cross_entropy::wgpu::cross_entropy;
+            hinton_unchecked(spec: &HintonSpec, student: &WgpuBuffer, teacher: &WgpuBuffer, labels: &WgpuLabels,
+                out: LossOut<'_, Self>) => hinton::wgpu::hinton;
+            mse_unchecked(spec: &MseSpec, a: &WgpuBuffer, b: &WgpuBuffer, loss: &WgpuBuffer, grad_a: Option<&WgpuBuffer>,
+                grad_b: Option<&WgpuBuffer>) => feature::wgpu::mse;
+            smooth_l1_unchecked(spec: &MseSpec, a: &WgpuBuffer, b: &WgpuBuffer, loss: &WgpuBuffer, grad_a: Option<&WgpuBuffer>,
+                grad_b: Option<&WgpuBuffer>) => feature::wgpu::smooth_l1;
+            attention_transfer_unchecked(spec: &AttentionSpec, student: &WgpuBuffer, teacher: &WgpuBuffer,
+                loss: &WgpuBuffer, grad_student: Option<&WgpuBuffer>, grad_teacher: Option<&WgpuBuffer>)
+                => feature::wgpu::attention_transfer;
+            matmul_unchecked(spec: &MatmulSpec, a: &WgpuBuffer, b: &WgpuBuffer, c: &WgpuBuffer) => dense::wgpu::matmul;
+            bias_add_unchecked(x: &WgpuBuffer, bias: &WgpuBuffer, y: &WgpuBuffer) => dense::wgpu::bias_add;
+            sum_rows_unchecked(x: &WgpuBuffer, out: &WgpuBuffer, accumulate: bool) => dense::wgpu::sum_rows;
+            relu_unchecked(x: &WgpuBuffer, y: &WgpuBuffer) => dense::wgpu::relu;
+            relu_backward_unchecked(y: &WgpuBuffer, dy: &WgpuBuffer, dx: &WgpuBuffer) => dense::wgpu::relu_backward;
+            axpy_unchecked(alpha: f32, x: &WgpuBuffer, y: &WgpuBuffer) => dense::wgpu::axpy;
+            adam_step_unchecked(spec: &AdamSpec, w: &WgpuBuffer, grad: &WgpuBuffer, m: &WgpuBuffer, v: &WgpuBuffer)
+                => optim::wgpu::adam_step;
+            sgd_step_unchecked(spec: &SgdSpec, w: &WgpuBuffer, grad: &WgpuBuffer, velocity: &WgpuBuffer)
+                => optim::wgpu::sgd_step;
+            im2col_unchecked(spec: &ConvSpec, x: &WgpuBuffer, cols: &WgpuBuffer) => conv::wgpu::im2col;
+            col2im_unchecked(spec: &ConvSpec, dcols: &WgpuBuffer, dx: &WgpuBuffer) => conv::wgpu::col2im;
+            pool_unchecked(spec: &PoolSpec, x: &WgpuBuffer, y: &WgpuBuffer) => conv::wgpu::pool;
+            pool_backward_unchecked(spec: &PoolSpec, x: &WgpuBuffer, dy: &WgpuBuffer, dx: &WgpuBuffer)
+                => conv::wgpu::pool_backward;
+            transpose_unchecked(batch: usize, rows: usize, cols: usize, x: &WgpuBuffer, y: &WgpuBuffer)
+                => conv::wgpu::transpose;
+            row_normalize_unchecked(cols: usize, x: &WgpuBuffer, y: &WgpuBuffer) => relational::wgpu::row_normalize;
+            row_normalize_backward_unchecked(cols: usize, x: &WgpuBuffer, dy: &WgpuBuffer, dx: &WgpuBuffer)
+                => relational::wgpu::row_normalize_backward;
+            pairwise_distance_unchecked(n: usize, dim: usize, f: &WgpuBuffer, d: &WgpuBuffer)
+                => relational::wgpu::pairwise_distance;
+            pairwise_distance_backward_unchecked(n: usize, dim: usize, f: &WgpuBuffer, d: &WgpuBuffer, dd: &WgpuBuffer,
+                df: &WgpuBuffer) => relational::wgpu::pairwise_distance_backward;
+            offdiag_normalize_unchecked(n: usize, d: &WgpuBuffer, y: &WgpuBuffer)
+                => relational::wgpu::offdiag_normalize;
+            offdiag_normalize_backward_unchecked(n: usize, d: &WgpuBuffer, dy: &WgpuBuffer, dd: &WgpuBuffer)
+                => relational::wgpu::offdiag_normalize_backward;
+        }
+    };
+    (@each $($name:ident($($arg:ident: $ty:ty),* $(,)?) => $($f:ident)::+;)*) => {
+        $(
+            unsafe fn $name(&self, $($arg: $ty),*) -> $crate::error::Result<()> {
+                self.run_kernel(|backend, encoder| {
+                    $crate::ops::$($f)::+(backend, encoder, $($arg),*)
+                })
+            }
+        )*
+    };
+}
+
+mod buffer;
+pub mod dispatch;
 pub mod pipelines;
-pub mod record;
+mod recorder;
+
+pub use crate::ops::divergence::wgpu::GIVEN_TEACHER_MAX_TEMPERATURE;
+pub use buffer::{WgpuBuffer, WgpuLabels};
+pub use recorder::Recorder;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +92,7 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
 
 const BACKEND: &str = "wgpu";
@@ -54,84 +125,21 @@ pub(crate) use uniform_layout;
 /// Every uniform struct the backend uploads, for the layout test.
 #[doc(hidden)]
 pub fn uniform_layouts() -> Vec<UniformLayout> {
-    let mut v = record::uniform_layouts();
-    v.extend(dense::uniform_layouts());
-    v
-}
-
-/// A wgpu storage buffer of `len` f32 values (the first `len * 4` bytes of `buffer`).
-#[derive(Clone, Debug)]
-pub struct WgpuBuffer {
-    buffer: wgpu::Buffer,
-    len: usize,
-}
-
-/// A wgpu storage buffer of `len` i32 labels.
-#[derive(Clone, Debug)]
-pub struct WgpuLabels {
-    buffer: wgpu::Buffer,
-    len: usize,
-}
-
-fn check_caller_buffer(buffer: &wgpu::Buffer, len: usize, what: &str) -> Result<()> {
-    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(Error::Unsupported(format!(
-            "{what}: the buffer needs BufferUsages::STORAGE (add COPY_SRC too to download it)"
-        )));
-    }
-    if len == 0 || (len as u64) * 4 > buffer.size() {
-        return Err(Error::shape(
-            "caller buffer",
-            (buffer.size() / 4) as usize,
-            len.max(1),
-            format!("{what}: a wgpu buffer of at least {len} 4-byte elements (len >= 1)"),
-        ));
-    }
-    Ok(())
-}
-
-impl WgpuBuffer {
-    /// Wraps a caller's buffer (usage STORAGE) holding at least `len` f32 values.
-    pub fn from_buffer(buffer: wgpu::Buffer, len: usize) -> Result<Self> {
-        check_caller_buffer(&buffer, len, "f32 buffer")?;
-        Ok(WgpuBuffer { buffer, len })
-    }
-
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn bytes(&self) -> u64 {
-        self.len as u64 * 4
-    }
-}
-
-impl WgpuLabels {
-    /// Wraps a caller's buffer (usage STORAGE) holding at least `len` i32 labels.
-    pub fn from_buffer(buffer: wgpu::Buffer, len: usize) -> Result<Self> {
-        check_caller_buffer(&buffer, len, "label buffer")?;
-        Ok(WgpuLabels { buffer, len })
-    }
-
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+    [
+        dispatch::uniform_layouts(),
+        ops::softmax::wgpu::uniform_layouts(),
+        ops::divergence::wgpu::uniform_layouts(),
+        ops::cross_entropy::wgpu::uniform_layouts(),
+        ops::hinton::wgpu::uniform_layouts(),
+        ops::feature::wgpu::uniform_layouts(),
+        ops::dense::wgpu::uniform_layouts(),
+        ops::optim::wgpu::uniform_layouts(),
+        ops::conv::wgpu::uniform_layouts(),
+        ops::relational::wgpu::uniform_layouts(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Options for [`WgpuBackend::with_options`].
@@ -327,6 +335,11 @@ impl WgpuBackend {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// The device's limits.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
     /// The largest storage binding this backend uses, in bytes; larger row sets run in chunks.
     pub fn max_binding_bytes(&self) -> u64 {
         self.max_binding
@@ -335,7 +348,7 @@ impl WgpuBackend {
     /// Compiles every pipeline now (otherwise each compiles at first use).
     pub fn warm_up(&self) -> Result<()> {
         self.with_error_scope(|| {
-            for k in pipelines::Kernel::ALL {
+            for k in pipelines::KERNELS {
                 self.pipelines.get(&self.device, k, 256);
             }
             Ok(())
@@ -376,7 +389,7 @@ impl WgpuBackend {
     }
 
     /// A reused scratch buffer of at least `bytes` bytes.
-    fn scratch(&self, name: &'static str, bytes: u64) -> Result<wgpu::Buffer> {
+    pub(crate) fn scratch(&self, name: &'static str, bytes: u64) -> Result<wgpu::Buffer> {
         let bytes = bytes.max(256).next_power_of_two();
         let mut map = self.scratch.lock().unwrap();
         if let Some(b) = map.get(name) {
@@ -399,7 +412,7 @@ impl WgpuBackend {
         Ok(b)
     }
 
-    fn uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
+    pub(crate) fn uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
         self.device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
@@ -409,7 +422,7 @@ impl WgpuBackend {
     }
 
     /// Runs `f` with validation and out-of-memory errors captured and returned as `Err`.
-    fn with_error_scope<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    pub(crate) fn with_error_scope<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out = f();
@@ -436,6 +449,14 @@ impl WgpuBackend {
             self.queue.submit([encoder.finish()]);
             Ok(())
         })
+    }
+
+    /// Records `f` into a new encoder and submits it: each kernel method of [`Backend`].
+    fn run_kernel(
+        &self,
+        f: impl FnOnce(&WgpuBackend, &mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<()> {
+        self.submit(|enc| f(self, enc))
     }
 
     /// Blocks until the device has finished all submitted work.
@@ -487,8 +508,13 @@ impl WgpuBackend {
         Ok(out)
     }
 
+    /// A recorder of this backend's kernels into `encoder` (see [`Recorder`]).
+    pub fn recorder<'a>(&'a self, encoder: &'a mut wgpu::CommandEncoder) -> Recorder<'a> {
+        Recorder::new(self, encoder)
+    }
+
     /// Reads a label buffer back (used by [`Backend::check_labels`]).
-    fn download_labels(&self, labels: &WgpuLabels) -> Result<Vec<i32>> {
+    pub(crate) fn download_labels(&self, labels: &WgpuLabels) -> Result<Vec<i32>> {
         let bytes = self.read_back(&labels.buffer, labels.len as u64 * 4)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
@@ -544,340 +570,5 @@ impl Backend for WgpuBackend {
         crate::ops::check_labels(&self.download_labels(labels)?, classes, ignore_index)
     }
 
-    unsafe fn softmax_unchecked(
-        &self,
-        spec: &SoftmaxSpec,
-        x: &WgpuBuffer,
-        y: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_softmax(enc, spec, x, None, y))
-    }
-
-    unsafe fn softmax_backward_unchecked(
-        &self,
-        spec: &SoftmaxSpec,
-        y: &WgpuBuffer,
-        dy: &WgpuBuffer,
-        dx: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_softmax(enc, spec, y, Some(dy), dx))
-    }
-
-    unsafe fn divergence_unchecked(
-        &self,
-        spec: &DivergenceSpec,
-        student: &WgpuBuffer,
-        teacher: &WgpuBuffer,
-        labels: Option<&WgpuLabels>,
-        out: LossOut<'_, Self>,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_divergence(enc, spec, student, teacher, labels, &out))
-    }
-
-    unsafe fn cross_entropy_unchecked(
-        &self,
-        spec: &CrossEntropySpec,
-        student: &WgpuBuffer,
-        labels: &WgpuLabels,
-        out: LossOut<'_, Self>,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_cross_entropy(enc, spec, student, labels, &out))
-    }
-
-    unsafe fn hinton_unchecked(
-        &self,
-        spec: &HintonSpec,
-        student: &WgpuBuffer,
-        teacher: &WgpuBuffer,
-        labels: &WgpuLabels,
-        out: LossOut<'_, Self>,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_hinton(enc, spec, student, teacher, labels, &out))
-    }
-
-    unsafe fn mse_unchecked(
-        &self,
-        spec: &MseSpec,
-        a: &WgpuBuffer,
-        b: &WgpuBuffer,
-        loss: &WgpuBuffer,
-        grad_a: Option<&WgpuBuffer>,
-        grad_b: Option<&WgpuBuffer>,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b, false))
-    }
-
-    unsafe fn attention_transfer_unchecked(
-        &self,
-        spec: &AttentionSpec,
-        student: &WgpuBuffer,
-        teacher: &WgpuBuffer,
-        loss: &WgpuBuffer,
-        grad_student: Option<&WgpuBuffer>,
-        grad_teacher: Option<&WgpuBuffer>,
-    ) -> Result<()> {
-        self.submit(|enc| {
-            self.encode_attention(
-                enc,
-                spec,
-                student,
-                teacher,
-                loss,
-                grad_student,
-                grad_teacher,
-            )
-        })
-    }
-
-    unsafe fn matmul_unchecked(
-        &self,
-        spec: &MatmulSpec,
-        a: &WgpuBuffer,
-        b: &WgpuBuffer,
-        c: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_matmul(enc, spec, a, b, c))
-    }
-
-    unsafe fn bias_add_unchecked(
-        &self,
-        x: &WgpuBuffer,
-        bias: &WgpuBuffer,
-        y: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_bias_add(enc, x, bias, y))
-    }
-
-    unsafe fn sum_rows_unchecked(
-        &self,
-        x: &WgpuBuffer,
-        out: &WgpuBuffer,
-        accumulate: bool,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_sum_rows(enc, x, out, accumulate))
-    }
-
-    unsafe fn relu_unchecked(&self, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
-        self.submit(|enc| self.encode_elementwise(enc, pipelines::Kernel::Relu, x, None, y, 0.0))
-    }
-
-    unsafe fn relu_backward_unchecked(
-        &self,
-        y: &WgpuBuffer,
-        dy: &WgpuBuffer,
-        dx: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| {
-            self.encode_elementwise(enc, pipelines::Kernel::ReluBackward, y, Some(dy), dx, 0.0)
-        })
-    }
-
-    unsafe fn axpy_unchecked(&self, alpha: f32, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
-        self.submit(|enc| self.encode_elementwise(enc, pipelines::Kernel::Axpy, x, None, y, alpha))
-    }
-
-    unsafe fn adam_step_unchecked(
-        &self,
-        spec: &AdamSpec,
-        w: &WgpuBuffer,
-        grad: &WgpuBuffer,
-        m: &WgpuBuffer,
-        v: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_adam(enc, spec, w, grad, m, v))
-    }
-
-    unsafe fn sgd_step_unchecked(
-        &self,
-        spec: &SgdSpec,
-        w: &WgpuBuffer,
-        grad: &WgpuBuffer,
-        velocity: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_sgd(enc, spec, w, grad, velocity))
-    }
-
-    unsafe fn im2col_unchecked(
-        &self,
-        spec: &ConvSpec,
-        x: &WgpuBuffer,
-        cols: &WgpuBuffer,
-    ) -> Result<()> {
-        let p = Self::conv_params(spec, cols.len);
-        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Im2col, p, x, None, cols))
-    }
-
-    unsafe fn col2im_unchecked(
-        &self,
-        spec: &ConvSpec,
-        dcols: &WgpuBuffer,
-        dx: &WgpuBuffer,
-    ) -> Result<()> {
-        let p = Self::conv_params(spec, dx.len);
-        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Col2im, p, dcols, None, dx))
-    }
-
-    unsafe fn pool_unchecked(&self, spec: &PoolSpec, x: &WgpuBuffer, y: &WgpuBuffer) -> Result<()> {
-        let p = Self::pool_params(spec, y.len);
-        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Pool, p, x, None, y))
-    }
-
-    unsafe fn pool_backward_unchecked(
-        &self,
-        spec: &PoolSpec,
-        x: &WgpuBuffer,
-        dy: &WgpuBuffer,
-        dx: &WgpuBuffer,
-    ) -> Result<()> {
-        let p = Self::pool_params(spec, dx.len);
-        self.submit(|enc| {
-            self.encode_conv(enc, pipelines::Kernel::PoolBackward, p, x, Some(dy), dx)
-        })
-    }
-
-    unsafe fn transpose_unchecked(
-        &self,
-        batch: usize,
-        rows: usize,
-        cols: usize,
-        x: &WgpuBuffer,
-        y: &WgpuBuffer,
-    ) -> Result<()> {
-        let p = Self::transpose_params(batch, rows, cols);
-        self.submit(|enc| self.encode_conv(enc, pipelines::Kernel::Transpose, p, x, None, y))
-    }
-
-    unsafe fn row_normalize_unchecked(
-        &self,
-        cols: usize,
-        x: &WgpuBuffer,
-        y: &WgpuBuffer,
-    ) -> Result<()> {
-        let rows = x.len / cols;
-        self.submit(|enc| {
-            self.encode_relational(
-                enc,
-                pipelines::Kernel::RowNormalize,
-                rows,
-                cols,
-                [Some(x), None, None],
-                y,
-                rows,
-            )
-        })
-    }
-
-    unsafe fn row_normalize_backward_unchecked(
-        &self,
-        cols: usize,
-        x: &WgpuBuffer,
-        dy: &WgpuBuffer,
-        dx: &WgpuBuffer,
-    ) -> Result<()> {
-        let rows = x.len / cols;
-        self.submit(|enc| {
-            self.encode_relational(
-                enc,
-                pipelines::Kernel::RowNormalizeBackward,
-                rows,
-                cols,
-                [Some(x), Some(dy), None],
-                dx,
-                rows,
-            )
-        })
-    }
-
-    unsafe fn pairwise_distance_unchecked(
-        &self,
-        n: usize,
-        dim: usize,
-        f: &WgpuBuffer,
-        d: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| {
-            self.encode_relational(
-                enc,
-                pipelines::Kernel::PairwiseDistance,
-                n,
-                dim,
-                [Some(f), None, None],
-                d,
-                n * n,
-            )
-        })
-    }
-
-    unsafe fn pairwise_distance_backward_unchecked(
-        &self,
-        n: usize,
-        dim: usize,
-        f: &WgpuBuffer,
-        d: &WgpuBuffer,
-        dd: &WgpuBuffer,
-        df: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| {
-            self.encode_relational(
-                enc,
-                pipelines::Kernel::PairwiseDistanceBackward,
-                n,
-                dim,
-                [Some(f), Some(d), Some(dd)],
-                df,
-                n * dim,
-            )
-        })
-    }
-
-    unsafe fn offdiag_normalize_unchecked(
-        &self,
-        n: usize,
-        d: &WgpuBuffer,
-        y: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| {
-            self.encode_relational(
-                enc,
-                pipelines::Kernel::OffdiagNormalize,
-                n,
-                0,
-                [Some(d), None, None],
-                y,
-                0,
-            )
-        })
-    }
-
-    unsafe fn offdiag_normalize_backward_unchecked(
-        &self,
-        n: usize,
-        d: &WgpuBuffer,
-        dy: &WgpuBuffer,
-        dd: &WgpuBuffer,
-    ) -> Result<()> {
-        self.submit(|enc| {
-            self.encode_relational(
-                enc,
-                pipelines::Kernel::OffdiagNormalizeBackward,
-                n,
-                0,
-                [Some(d), Some(dy), None],
-                dd,
-                0,
-            )
-        })
-    }
-
-    unsafe fn smooth_l1_unchecked(
-        &self,
-        spec: &MseSpec,
-        a: &WgpuBuffer,
-        b: &WgpuBuffer,
-        loss: &WgpuBuffer,
-        grad_a: Option<&WgpuBuffer>,
-        grad_b: Option<&WgpuBuffer>,
-    ) -> Result<()> {
-        self.submit(|enc| self.encode_mse(enc, spec, a, b, loss, grad_a, grad_b, true))
-    }
+    kernels!();
 }

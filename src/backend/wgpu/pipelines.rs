@@ -1,57 +1,20 @@
-//! The WGSL sources, their bind-group layouts, and the pipeline cache: every pipeline is compiled
-//! once per (kernel, threads-per-row) and kept for the life of the backend.
+//! The table of WGSL kernels and the pipeline cache: every pipeline is compiled once per (kernel,
+//! threads per row) and kept for the life of the backend.
+//!
+//! A kernel is a [`WgslKernel`] constant declared beside its shader in the op's folder
+//! (`src/ops/<family>/wgpu.rs`): its file, source, entry point and bindings. [`KERNELS`] lists
+//! them all, for [`super::WgpuBackend::warm_up`] and the shader tests.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Shader sources, embedded at build time. `common.wgsl` is prepended to every shader and
-/// `row_io.wgsl` to the row losses.
-pub const COMMON_WGSL: &str = include_str!("../../../shaders/common.wgsl");
-pub const ROW_IO_WGSL: &str = include_str!("../../../shaders/row_io.wgsl");
-pub const SOFTMAX_WGSL: &str = include_str!("../../../shaders/softmax.wgsl");
-pub const DIVERGENCE_WGSL: &str = include_str!("../../../shaders/divergence.wgsl");
-pub const CROSS_ENTROPY_WGSL: &str = include_str!("../../../shaders/cross_entropy.wgsl");
-pub const HINTON_WGSL: &str = include_str!("../../../shaders/hinton.wgsl");
-pub const REDUCE_WGSL: &str = include_str!("../../../shaders/reduce.wgsl");
-pub const MSE_WGSL: &str = include_str!("../../../shaders/mse.wgsl");
-pub const ATTENTION_WGSL: &str = include_str!("../../../shaders/attention.wgsl");
-pub const DENSE_WGSL: &str = include_str!("../../../shaders/dense.wgsl");
-pub const OPTIM_WGSL: &str = include_str!("../../../shaders/optim.wgsl");
-pub const CONV_WGSL: &str = include_str!("../../../shaders/conv.wgsl");
-pub const RELATIONAL_WGSL: &str = include_str!("../../../shaders/relational.wgsl");
+use crate::ops;
 
-/// One entry point of one shader.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kernel {
-    SoftmaxForward,
-    SoftmaxBackward,
-    Divergence,
-    CrossEntropy,
-    Hinton,
-    CountValid,
-    ReduceRows,
-    Mse,
-    Attention,
-    Matmul,
-    BiasAdd,
-    SumRows,
-    Relu,
-    ReluBackward,
-    Axpy,
-    Adam,
-    Sgd,
-    Im2col,
-    Col2im,
-    Pool,
-    PoolBackward,
-    Transpose,
-    RowNormalize,
-    RowNormalizeBackward,
-    PairwiseDistance,
-    PairwiseDistanceBackward,
-    OffdiagNormalize,
-    OffdiagNormalizeBackward,
-}
+/// `common.wgsl`, prepended to every shader (numerics shared by the kernels).
+pub const COMMON_WGSL: &str = include_str!("common.wgsl");
+/// `row_io.wgsl`, prepended to the row losses after `common.wgsl` (the row-loss bindings and the
+/// online softmax statistics).
+pub const ROW_IO_WGSL: &str = include_str!("row_io.wgsl");
 
 /// How a binding is used: the uniform parameters, a read-only or a read-write storage buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,148 +24,102 @@ pub enum Bind {
     ReadWrite,
 }
 
-use Bind::{Read, ReadWrite, Uniform};
-
-const ROW_LOSS_BINDINGS: &[Bind] = &[
-    Uniform,   // params
-    ReadWrite, // student (read_write for the in-place gradient)
-    Read,      // teacher
-    Read,      // labels
-    Read,      // valid count
-    ReadWrite, // row_loss
-    ReadWrite, // grad_student
-    ReadWrite, // grad_teacher
+/// The bindings of every row loss (`row_io.wgsl`).
+pub const ROW_LOSS_BINDINGS: &[Bind] = &[
+    Bind::Uniform,   // params
+    Bind::ReadWrite, // student (read_write for the in-place gradient)
+    Bind::Read,      // teacher
+    Bind::Read,      // labels
+    Bind::Read,      // valid count
+    Bind::ReadWrite, // row_loss
+    Bind::ReadWrite, // grad_student
+    Bind::ReadWrite, // grad_teacher
 ];
 
-impl Kernel {
-    pub const ALL: [Kernel; 28] = [
-        Kernel::SoftmaxForward,
-        Kernel::SoftmaxBackward,
-        Kernel::Divergence,
-        Kernel::CrossEntropy,
-        Kernel::Hinton,
-        Kernel::CountValid,
-        Kernel::ReduceRows,
-        Kernel::Mse,
-        Kernel::Attention,
-        Kernel::Matmul,
-        Kernel::BiasAdd,
-        Kernel::SumRows,
-        Kernel::Relu,
-        Kernel::ReluBackward,
-        Kernel::Axpy,
-        Kernel::Adam,
-        Kernel::Sgd,
-        Kernel::Im2col,
-        Kernel::Col2im,
-        Kernel::Pool,
-        Kernel::PoolBackward,
-        Kernel::Transpose,
-        Kernel::RowNormalize,
-        Kernel::RowNormalizeBackward,
-        Kernel::PairwiseDistance,
-        Kernel::PairwiseDistanceBackward,
-        Kernel::OffdiagNormalize,
-        Kernel::OffdiagNormalizeBackward,
-    ];
+/// One compute entry point of one WGSL file.
+#[derive(Debug)]
+pub struct WgslKernel {
+    /// The shader's file name (for messages and the tests).
+    pub file: &'static str,
+    /// The file's text (without the preludes).
+    pub body: &'static str,
+    /// The `@compute` function.
+    pub entry: &'static str,
+    /// Whether `row_io.wgsl` is prepended (the row losses).
+    pub row_io: bool,
+    /// Binding 0 is the uniform; then one per buffer, in the shader's order.
+    pub bindings: &'static [Bind],
+}
 
-    /// The shader's file name (for messages) and full source (preludes included).
-    pub fn source(self) -> (&'static str, String) {
-        let (name, body, row_io) = match self {
-            Kernel::SoftmaxForward | Kernel::SoftmaxBackward => {
-                ("softmax.wgsl", SOFTMAX_WGSL, false)
-            }
-            Kernel::Divergence => ("divergence.wgsl", DIVERGENCE_WGSL, true),
-            Kernel::CrossEntropy => ("cross_entropy.wgsl", CROSS_ENTROPY_WGSL, true),
-            Kernel::Hinton => ("hinton.wgsl", HINTON_WGSL, true),
-            Kernel::CountValid | Kernel::ReduceRows => ("reduce.wgsl", REDUCE_WGSL, false),
-            Kernel::Mse => ("mse.wgsl", MSE_WGSL, false),
-            Kernel::Attention => ("attention.wgsl", ATTENTION_WGSL, false),
-            Kernel::Matmul
-            | Kernel::BiasAdd
-            | Kernel::SumRows
-            | Kernel::Relu
-            | Kernel::ReluBackward
-            | Kernel::Axpy => ("dense.wgsl", DENSE_WGSL, false),
-            Kernel::Adam | Kernel::Sgd => ("optim.wgsl", OPTIM_WGSL, false),
-            Kernel::Im2col
-            | Kernel::Col2im
-            | Kernel::Pool
-            | Kernel::PoolBackward
-            | Kernel::Transpose => ("conv.wgsl", CONV_WGSL, false),
-            Kernel::RowNormalize
-            | Kernel::RowNormalizeBackward
-            | Kernel::PairwiseDistance
-            | Kernel::PairwiseDistanceBackward
-            | Kernel::OffdiagNormalize
-            | Kernel::OffdiagNormalizeBackward => ("relational.wgsl", RELATIONAL_WGSL, false),
-        };
-        let mut src = String::with_capacity(COMMON_WGSL.len() + ROW_IO_WGSL.len() + body.len());
+impl WgslKernel {
+    /// The full source: `common.wgsl`, `row_io.wgsl` for the row losses, then the file.
+    pub fn source(&self) -> String {
+        let mut src =
+            String::with_capacity(COMMON_WGSL.len() + ROW_IO_WGSL.len() + self.body.len());
         src.push_str(COMMON_WGSL);
-        if row_io {
+        if self.row_io {
             src.push_str(ROW_IO_WGSL);
         }
-        src.push_str(body);
-        (name, src)
-    }
-
-    pub fn entry_point(self) -> &'static str {
-        match self {
-            Kernel::SoftmaxForward => "forward",
-            Kernel::SoftmaxBackward => "backward",
-            Kernel::CountValid => "count_valid",
-            Kernel::ReduceRows => "reduce_rows",
-            Kernel::Matmul => "matmul",
-            Kernel::BiasAdd => "bias_add",
-            Kernel::SumRows => "sum_rows",
-            Kernel::Relu => "relu",
-            Kernel::ReluBackward => "relu_backward",
-            Kernel::Axpy => "axpy",
-            Kernel::Adam => "adam",
-            Kernel::Sgd => "sgd",
-            Kernel::Im2col => "im2col",
-            Kernel::Col2im => "col2im",
-            Kernel::Pool => "pool",
-            Kernel::PoolBackward => "pool_backward",
-            Kernel::Transpose => "transpose",
-            Kernel::RowNormalize => "row_normalize",
-            Kernel::RowNormalizeBackward => "row_normalize_backward",
-            Kernel::PairwiseDistance => "pairwise_distance",
-            Kernel::PairwiseDistanceBackward => "pairwise_distance_backward",
-            Kernel::OffdiagNormalize => "offdiag_normalize",
-            Kernel::OffdiagNormalizeBackward => "offdiag_normalize_backward",
-            _ => "main",
-        }
-    }
-
-    pub fn bindings(self) -> &'static [Bind] {
-        match self {
-            Kernel::SoftmaxForward | Kernel::SoftmaxBackward => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Divergence | Kernel::CrossEntropy | Kernel::Hinton => ROW_LOSS_BINDINGS,
-            Kernel::CountValid | Kernel::ReduceRows => &[Uniform, Read, ReadWrite, Read, ReadWrite],
-            Kernel::Mse => &[Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite],
-            Kernel::Attention => &[Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite],
-            Kernel::Matmul
-            | Kernel::BiasAdd
-            | Kernel::SumRows
-            | Kernel::Relu
-            | Kernel::ReluBackward
-            | Kernel::Axpy => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Adam | Kernel::Sgd => &[Uniform, Read, ReadWrite, ReadWrite, ReadWrite],
-            Kernel::Im2col
-            | Kernel::Col2im
-            | Kernel::Pool
-            | Kernel::PoolBackward
-            | Kernel::Transpose => &[Uniform, Read, Read, ReadWrite],
-            Kernel::RowNormalize
-            | Kernel::RowNormalizeBackward
-            | Kernel::PairwiseDistance
-            | Kernel::PairwiseDistanceBackward
-            | Kernel::OffdiagNormalize
-            | Kernel::OffdiagNormalizeBackward => &[Uniform, Read, Read, Read, ReadWrite],
-        }
+        src.push_str(self.body);
+        src
     }
 }
+
+/// The valid-row count and the fixed-order reduction of the row losses (`reduce.wgsl`).
+pub const REDUCE_WGSL: &str = include_str!("reduce.wgsl");
+const REDUCE_BINDINGS: &[Bind] = &[
+    Bind::Uniform,
+    Bind::Read,
+    Bind::ReadWrite,
+    Bind::Read,
+    Bind::ReadWrite,
+];
+pub const COUNT_VALID: WgslKernel = WgslKernel {
+    file: "reduce.wgsl",
+    body: REDUCE_WGSL,
+    entry: "count_valid",
+    row_io: false,
+    bindings: REDUCE_BINDINGS,
+};
+pub const REDUCE_ROWS: WgslKernel = WgslKernel {
+    file: "reduce.wgsl",
+    body: REDUCE_WGSL,
+    entry: "reduce_rows",
+    row_io: false,
+    bindings: REDUCE_BINDINGS,
+};
+
+/// Every kernel of the backend, one line each.
+pub const KERNELS: &[&WgslKernel] = &[
+    &COUNT_VALID,
+    &REDUCE_ROWS,
+    &ops::softmax::wgpu::FORWARD,
+    &ops::softmax::wgpu::BACKWARD,
+    &ops::divergence::wgpu::DIVERGENCE,
+    &ops::cross_entropy::wgpu::CROSS_ENTROPY,
+    &ops::hinton::wgpu::HINTON,
+    &ops::feature::wgpu::MSE,
+    &ops::feature::wgpu::ATTENTION,
+    &ops::dense::wgpu::MATMUL,
+    &ops::dense::wgpu::BIAS_ADD,
+    &ops::dense::wgpu::SUM_ROWS,
+    &ops::dense::wgpu::RELU,
+    &ops::dense::wgpu::RELU_BACKWARD,
+    &ops::dense::wgpu::AXPY,
+    &ops::optim::wgpu::ADAM,
+    &ops::optim::wgpu::SGD,
+    &ops::conv::wgpu::IM2COL,
+    &ops::conv::wgpu::COL2IM,
+    &ops::conv::wgpu::POOL,
+    &ops::conv::wgpu::POOL_BACKWARD,
+    &ops::conv::wgpu::TRANSPOSE,
+    &ops::relational::wgpu::ROW_NORMALIZE,
+    &ops::relational::wgpu::ROW_NORMALIZE_BACKWARD,
+    &ops::relational::wgpu::PAIRWISE_DISTANCE,
+    &ops::relational::wgpu::PAIRWISE_DISTANCE_BACKWARD,
+    &ops::relational::wgpu::OFFDIAG_NORMALIZE,
+    &ops::relational::wgpu::OFFDIAG_NORMALIZE_BACKWARD,
+];
 
 /// A compiled pipeline and the layout its bind groups are made with.
 pub struct Compiled {
@@ -210,33 +127,36 @@ pub struct Compiled {
     pub layout: wgpu::BindGroupLayout,
 }
 
-/// Pipelines by (kernel, threads per row); modules by kernel.
+/// The cache key of a kernel: its file and entry point.
+type Key = (&'static str, &'static str);
+
+/// Pipelines by (kernel, threads per row); modules by file.
 #[derive(Default)]
 pub struct PipelineCache {
-    modules: Mutex<HashMap<Kernel, Arc<wgpu::ShaderModule>>>,
-    pipelines: Mutex<HashMap<(Kernel, u32), Arc<Compiled>>>,
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<(Key, u32), Arc<Compiled>>>,
 }
 
 impl PipelineCache {
-    pub fn get(&self, device: &wgpu::Device, kernel: Kernel, tpr: u32) -> Arc<Compiled> {
-        if let Some(c) = self.pipelines.lock().unwrap().get(&(kernel, tpr)) {
+    pub fn get(&self, device: &wgpu::Device, kernel: &WgslKernel, tpr: u32) -> Arc<Compiled> {
+        let key = ((kernel.file, kernel.entry), tpr);
+        if let Some(c) = self.pipelines.lock().unwrap().get(&key) {
             return c.clone();
         }
-        let module = {
-            let mut modules = self.modules.lock().unwrap();
-            modules
-                .entry(kernel)
-                .or_insert_with(|| {
-                    let (name, src) = kernel.source();
-                    Arc::new(device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(name),
-                        source: wgpu::ShaderSource::Wgsl(src.into()),
-                    }))
-                })
-                .clone()
-        };
+        let module = self
+            .modules
+            .lock()
+            .unwrap()
+            .entry(kernel.file)
+            .or_insert_with(|| {
+                Arc::new(device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(kernel.file),
+                    source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
+                }))
+            })
+            .clone();
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
-            .bindings()
+            .bindings
             .iter()
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupLayoutEntry {
@@ -255,20 +175,20 @@ impl PipelineCache {
             })
             .collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(kernel.entry_point()),
+            label: Some(kernel.entry),
             entries: &entries,
         });
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(kernel.entry_point()),
+            label: Some(kernel.entry),
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
         let constants = [("TPR", tpr as f64)];
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.entry_point()),
+            label: Some(kernel.entry),
             layout: Some(&pipeline_layout),
             module: &module,
-            entry_point: Some(kernel.entry_point()),
+            entry_point: Some(kernel.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 // Every shader writes its workgroup memory before reading it.
@@ -277,10 +197,7 @@ impl PipelineCache {
             cache: None,
         });
         let compiled = Arc::new(Compiled { pipeline, layout });
-        self.pipelines
-            .lock()
-            .unwrap()
-            .insert((kernel, tpr), compiled.clone());
+        self.pipelines.lock().unwrap().insert(key, compiled.clone());
         compiled
     }
 }

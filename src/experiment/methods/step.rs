@@ -59,7 +59,7 @@ pub(super) fn mean_soft_probs(logits: &[Vec<f32>], classes: usize, t: f32) -> Ve
     let k = logits.len() as f64;
     let mut acc = vec![0.0f64; logits[0].len()];
     for l in logits {
-        let p = softmax::reference_forward(
+        let p = softmax::reference::softmax(
             &l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
             classes,
             t as f64,

@@ -1,6 +1,6 @@
 //! The fast CPU backend's row losses in f32 (`docs/LOSSES.md` sections 1-4): temperature softmax
 //! and its backward, cross-entropy, the fused Hinton loss and the three divergences, each a
-//! [`RowOp`] for the driver in `rows.rs`. The math is the GPU kernels' (`shaders/divergence.wgsl`
+//! [`RowOp`] for the driver in `rows.rs`. The math is the GPU kernels' (`divergence.wgsl`
 //! explains the high-temperature forms): per block of a row, pass 1 takes the maxima and the
 //! sums of exponentials, pass 2 the loss sums and the gradients.
 //!

@@ -1,0 +1,106 @@
+//! [`Recorder`]: the wgpu backend's kernels recorded into a caller's `wgpu::CommandEncoder`.
+//!
+//! ```ignore
+//! let mut encoder = backend.device().create_command_encoder(&Default::default());
+//! backend.recorder(&mut encoder).hinton(&spec, &student, &teacher, &labels, out)?;
+//! // ... the trainer's own passes ...
+//! backend.queue().submit([encoder.finish()]);
+//! ```
+//!
+//! A `Recorder` implements [`Backend`] with the same buffers ([`WgpuBuffer`], including the
+//! caller's own through `WgpuBuffer::from_buffer`), so every kernel is recordable with the trait's
+//! validation (specs, lengths, aliasing) and nothing is submitted or read back. Data movement that
+//! needs a submit is the backend's: `upload` writes through the queue (visible to the recorded
+//! commands when the caller submits), `download` is an error (submit the encoder, then download
+//! with [`WgpuBackend`]).
+
+use std::cell::RefCell;
+
+use super::{WgpuBackend, WgpuBuffer, WgpuLabels};
+use crate::backend::{Backend, LossOut};
+use crate::error::{Error, Result};
+use crate::ops::conv::{ConvSpec, PoolSpec};
+use crate::ops::dense::MatmulSpec;
+use crate::ops::optim::{AdamSpec, SgdSpec};
+use crate::ops::{
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+};
+
+/// Records kernels into a caller's command encoder (see the module documentation).
+pub struct Recorder<'a> {
+    backend: &'a WgpuBackend,
+    encoder: RefCell<&'a mut wgpu::CommandEncoder>,
+}
+
+impl<'a> Recorder<'a> {
+    pub(super) fn new(backend: &'a WgpuBackend, encoder: &'a mut wgpu::CommandEncoder) -> Self {
+        Recorder {
+            backend,
+            encoder: RefCell::new(encoder),
+        }
+    }
+
+    /// The backend whose device the commands are for.
+    pub fn backend(&self) -> &'a WgpuBackend {
+        self.backend
+    }
+
+    /// Records `f` into the caller's encoder, with the device's validation errors returned.
+    fn run_kernel(
+        &self,
+        f: impl FnOnce(&WgpuBackend, &mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<()> {
+        let mut encoder = self.encoder.try_borrow_mut().map_err(|_| {
+            Error::Unsupported("a Recorder records one kernel at a time (re-entrant call)".into())
+        })?;
+        self.backend
+            .with_error_scope(|| f(self.backend, &mut encoder))
+    }
+}
+
+impl Backend for Recorder<'_> {
+    type Buffer = WgpuBuffer;
+    type Labels = WgpuLabels;
+
+    fn name(&self) -> String {
+        format!("{} (recording)", self.backend.name())
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<WgpuBuffer> {
+        self.backend.upload(data)
+    }
+
+    fn upload_labels(&self, labels: &[i32]) -> Result<WgpuLabels> {
+        self.backend.upload_labels(labels)
+    }
+
+    fn download(&self, _buf: &WgpuBuffer) -> Result<Vec<f32>> {
+        Err(Error::Unsupported(
+            "a Recorder only records: finish and submit the encoder, then download with the \
+             WgpuBackend"
+                .into(),
+        ))
+    }
+
+    fn len(&self, buf: &WgpuBuffer) -> usize {
+        buf.len()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.backend.wait()
+    }
+
+    fn overlaps(&self, a: &WgpuBuffer, b: &WgpuBuffer) -> bool {
+        self.backend.overlaps(a, b)
+    }
+
+    fn labels_len(&self, labels: &WgpuLabels) -> usize {
+        labels.len()
+    }
+
+    fn check_labels(&self, labels: &WgpuLabels, classes: usize, ignore_index: i32) -> Result<()> {
+        self.backend.check_labels(labels, classes, ignore_index)
+    }
+
+    kernels!();
+}

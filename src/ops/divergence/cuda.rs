@@ -1,0 +1,66 @@
+//! Launch of `divergence.cu` through the row-loss sequence ([`CudaBackend::row_loss`]).
+
+use super::DivergenceSpec;
+use crate::backend::cuda::{
+    grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource, RowLaunch,
+};
+use crate::backend::LossOut;
+use crate::error::Result;
+
+pub const SOURCE: CudaSource = CudaSource {
+    file: "divergence.cu",
+    code: include_str!("divergence.cu"),
+};
+pub const WARP: CudaKernel = CudaKernel {
+    file: "divergence.cu",
+    name: "divergence_warp",
+    signature: "pppppppuufffffiuuu",
+};
+pub const BLOCK: CudaKernel = CudaKernel {
+    file: "divergence.cu",
+    name: "divergence_block",
+    signature: "pppppppuufffffiuuu",
+};
+
+/// The divergence (see [`crate::Backend::divergence`]).
+pub(crate) fn divergence(
+    b: &CudaBackend,
+    spec: &DivergenceSpec,
+    student: &CudaBuffer,
+    teacher: &CudaBuffer,
+    labels: Option<&CudaLabels>,
+    out: LossOut<'_, CudaBackend>,
+) -> Result<()> {
+    let launch = RowLaunch {
+        warp: &WARP,
+        block: &BLOCK,
+        shape: spec.shape,
+        labels,
+        ignore_index: spec.ignore_index,
+        reduction: spec.reduction,
+        row_loss: out.row_loss,
+        loss: out.loss,
+    };
+    b.row_loss(launch, |count, row_loss| {
+        vec![
+            Arg::Ptr(student.ptr),
+            Arg::Ptr(teacher.ptr),
+            Arg::Ptr(labels.map_or(0, |l| l.ptr)),
+            Arg::Ptr(count),
+            Arg::Ptr(row_loss),
+            Arg::Ptr(grad_ptr(out.grad_student, student)),
+            Arg::Ptr(out.grad_teacher.map_or(0, |g| g.ptr)),
+            Arg::U32(spec.shape.rows as u32),
+            Arg::U32(spec.shape.cols as u32),
+            Arg::F32(inv(spec.temperature)),
+            Arg::F32(spec.temperature),
+            Arg::F32(spec.divergence.beta()),
+            Arg::F32(spec.teacher_eps),
+            Arg::F32(spec.grad_scale),
+            Arg::I32(spec.ignore_index),
+            Arg::U32(spec.divergence.code()),
+            Arg::U32(spec.teacher.code()),
+            Arg::U32(spec.reduction.code()),
+        ]
+    })
+}

@@ -1,0 +1,64 @@
+//! Launch of `hinton.cu` through the row-loss sequence ([`CudaBackend::row_loss`]).
+
+use super::HintonSpec;
+use crate::backend::cuda::{
+    grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource, RowLaunch,
+};
+use crate::backend::LossOut;
+use crate::error::Result;
+
+pub const SOURCE: CudaSource = CudaSource {
+    file: "hinton.cu",
+    code: include_str!("hinton.cu"),
+};
+pub const WARP: CudaKernel = CudaKernel {
+    file: "hinton.cu",
+    name: "hinton_warp",
+    signature: "pppppppuufffffiu",
+};
+pub const BLOCK: CudaKernel = CudaKernel {
+    file: "hinton.cu",
+    name: "hinton_block",
+    signature: "pppppppuufffffiu",
+};
+
+/// The fused Hinton loss (see [`crate::Backend::hinton`]).
+pub(crate) fn hinton(
+    b: &CudaBackend,
+    spec: &HintonSpec,
+    student: &CudaBuffer,
+    teacher: &CudaBuffer,
+    labels: &CudaLabels,
+    out: LossOut<'_, CudaBackend>,
+) -> Result<()> {
+    let launch = RowLaunch {
+        warp: &WARP,
+        block: &BLOCK,
+        shape: spec.shape,
+        labels: Some(labels),
+        ignore_index: spec.ignore_index,
+        reduction: spec.reduction,
+        row_loss: out.row_loss,
+        loss: out.loss,
+    };
+    b.row_loss(launch, |count, row_loss| {
+        vec![
+            Arg::Ptr(student.ptr),
+            Arg::Ptr(teacher.ptr),
+            Arg::Ptr(labels.ptr),
+            Arg::Ptr(count),
+            Arg::Ptr(row_loss),
+            Arg::Ptr(grad_ptr(out.grad_student, student)),
+            Arg::Ptr(out.grad_teacher.map_or(0, |g| g.ptr)),
+            Arg::U32(spec.shape.rows as u32),
+            Arg::U32(spec.shape.cols as u32),
+            Arg::F32(inv(spec.temperature)),
+            Arg::F32(spec.temperature),
+            Arg::F32(spec.alpha),
+            Arg::F32(spec.label_smoothing),
+            Arg::F32(spec.grad_scale),
+            Arg::I32(spec.ignore_index),
+            Arg::U32(spec.reduction.code()),
+        ]
+    })
+}
