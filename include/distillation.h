@@ -99,8 +99,6 @@
  */
 typedef struct dst_cuda dst_cuda;
 
-
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

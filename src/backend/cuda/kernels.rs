@@ -26,16 +26,16 @@ pub struct CudaKernel {
 }
 
 /// `reduce.cu`: the valid-row count and the fixed-order reduction of the row losses.
-pub const REDUCE: CudaSource = CudaSource {
+pub(crate) const REDUCE: CudaSource = CudaSource {
     file: "reduce.cu",
     code: include_str!("reduce.cu"),
 };
-pub const COUNT_VALID: CudaKernel = CudaKernel {
+pub(crate) const COUNT_VALID: CudaKernel = CudaKernel {
     file: "reduce.cu",
     name: "count_valid",
     signature: "puip",
 };
-pub const REDUCE_ROWS: CudaKernel = CudaKernel {
+pub(crate) const REDUCE_ROWS: CudaKernel = CudaKernel {
     file: "reduce.cu",
     name: "reduce_rows",
     signature: "pupup",

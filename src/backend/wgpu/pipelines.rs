@@ -25,7 +25,7 @@ pub enum Bind {
 }
 
 /// The bindings of every row loss (`row_io.wgsl`).
-pub const ROW_LOSS_BINDINGS: &[Bind] = &[
+pub(crate) const ROW_LOSS_BINDINGS: &[Bind] = &[
     Bind::Uniform,   // params
     Bind::ReadWrite, // student (read_write for the in-place gradient)
     Bind::Read,      // teacher
@@ -66,7 +66,7 @@ impl WgslKernel {
 }
 
 /// The valid-row count and the fixed-order reduction of the row losses (`reduce.wgsl`).
-pub const REDUCE_WGSL: &str = include_str!("reduce.wgsl");
+pub(crate) const REDUCE_WGSL: &str = include_str!("reduce.wgsl");
 const REDUCE_BINDINGS: &[Bind] = &[
     Bind::Uniform,
     Bind::Read,
@@ -74,14 +74,14 @@ const REDUCE_BINDINGS: &[Bind] = &[
     Bind::Read,
     Bind::ReadWrite,
 ];
-pub const COUNT_VALID: WgslKernel = WgslKernel {
+pub(crate) const COUNT_VALID: WgslKernel = WgslKernel {
     file: "reduce.wgsl",
     body: REDUCE_WGSL,
     entry: "count_valid",
     row_io: false,
     bindings: REDUCE_BINDINGS,
 };
-pub const REDUCE_ROWS: WgslKernel = WgslKernel {
+pub(crate) const REDUCE_ROWS: WgslKernel = WgslKernel {
     file: "reduce.wgsl",
     body: REDUCE_WGSL,
     entry: "reduce_rows",

@@ -6,15 +6,15 @@ use crate::backend::cuda::{
 };
 use crate::error::{Error, Result};
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "conv.cu",
     code: include_str!("conv.cu"),
 };
-pub const IM2COL: CudaKernel = kernel("im2col", "ppuuuuuuuuu");
-pub const COL2IM: CudaKernel = kernel("col2im", "ppuuuuuuuuu");
-pub const POOL: CudaKernel = kernel("pool", "ppuuuuuuuu");
-pub const POOL_BACKWARD: CudaKernel = kernel("pool_backward", "pppuuuuuuuu");
-pub const TRANSPOSE: CudaKernel = kernel("transpose", "ppuuu");
+pub(crate) const IM2COL: CudaKernel = kernel("im2col", "ppuuuuuuuuu");
+pub(crate) const COL2IM: CudaKernel = kernel("col2im", "ppuuuuuuuuu");
+pub(crate) const POOL: CudaKernel = kernel("pool", "ppuuuuuuuu");
+pub(crate) const POOL_BACKWARD: CudaKernel = kernel("pool_backward", "pppuuuuuuuu");
+pub(crate) const TRANSPOSE: CudaKernel = kernel("transpose", "ppuuu");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {

@@ -22,11 +22,11 @@ const fn kernel(entry: &'static str) -> WgslKernel {
     }
 }
 
-pub const IM2COL: WgslKernel = kernel("im2col");
-pub const COL2IM: WgslKernel = kernel("col2im");
-pub const POOL: WgslKernel = kernel("pool");
-pub const POOL_BACKWARD: WgslKernel = kernel("pool_backward");
-pub const TRANSPOSE: WgslKernel = kernel("transpose");
+pub(crate) const IM2COL: WgslKernel = kernel("im2col");
+pub(crate) const COL2IM: WgslKernel = kernel("col2im");
+pub(crate) const POOL: WgslKernel = kernel("pool");
+pub(crate) const POOL_BACKWARD: WgslKernel = kernel("pool_backward");
+pub(crate) const TRANSPOSE: WgslKernel = kernel("transpose");
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]

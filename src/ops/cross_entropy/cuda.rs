@@ -7,16 +7,16 @@ use crate::backend::cuda::{
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "cross_entropy.cu",
     code: include_str!("cross_entropy.cu"),
 };
-pub const WARP: CudaKernel = CudaKernel {
+pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "cross_entropy.cu",
     name: "cross_entropy_warp",
     signature: "pppppuuffiu",
 };
-pub const BLOCK: CudaKernel = CudaKernel {
+pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "cross_entropy.cu",
     name: "cross_entropy_block",
     signature: "pppppuuffiu",

@@ -9,7 +9,7 @@ use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffe
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const CROSS_ENTROPY: WgslKernel = WgslKernel {
+pub(crate) const CROSS_ENTROPY: WgslKernel = WgslKernel {
     file: "cross_entropy.wgsl",
     body: include_str!("cross_entropy.wgsl"),
     entry: "cross_entropy",

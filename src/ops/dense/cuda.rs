@@ -7,16 +7,16 @@ use crate::backend::cuda::{
 };
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "dense.cu",
     code: include_str!("dense.cu"),
 };
-pub const MATMUL: CudaKernel = kernel("matmul", "pppuuuuuu");
-pub const BIAS_ADD: CudaKernel = kernel("bias_add", "pppuu");
-pub const SUM_ROWS: CudaKernel = kernel("sum_rows", "ppuuu");
-pub const RELU: CudaKernel = kernel("relu", "ppl");
-pub const RELU_BACKWARD: CudaKernel = kernel("relu_backward", "pppl");
-pub const AXPY: CudaKernel = kernel("axpy", "pplf");
+pub(crate) const MATMUL: CudaKernel = kernel("matmul", "pppuuuuuu");
+pub(crate) const BIAS_ADD: CudaKernel = kernel("bias_add", "pppuu");
+pub(crate) const SUM_ROWS: CudaKernel = kernel("sum_rows", "ppuuu");
+pub(crate) const RELU: CudaKernel = kernel("relu", "ppl");
+pub(crate) const RELU_BACKWARD: CudaKernel = kernel("relu_backward", "pppl");
+pub(crate) const AXPY: CudaKernel = kernel("axpy", "pplf");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {

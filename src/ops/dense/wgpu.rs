@@ -22,12 +22,12 @@ const fn kernel(entry: &'static str) -> WgslKernel {
     }
 }
 
-pub const MATMUL: WgslKernel = kernel("matmul");
-pub const BIAS_ADD: WgslKernel = kernel("bias_add");
-pub const SUM_ROWS: WgslKernel = kernel("sum_rows");
-pub const RELU: WgslKernel = kernel("relu");
-pub const RELU_BACKWARD: WgslKernel = kernel("relu_backward");
-pub const AXPY: WgslKernel = kernel("axpy");
+pub(crate) const MATMUL: WgslKernel = kernel("matmul");
+pub(crate) const BIAS_ADD: WgslKernel = kernel("bias_add");
+pub(crate) const SUM_ROWS: WgslKernel = kernel("sum_rows");
+pub(crate) const RELU: WgslKernel = kernel("relu");
+pub(crate) const RELU_BACKWARD: WgslKernel = kernel("relu_backward");
+pub(crate) const AXPY: WgslKernel = kernel("axpy");
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]

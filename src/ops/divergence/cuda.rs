@@ -7,16 +7,16 @@ use crate::backend::cuda::{
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "divergence.cu",
     code: include_str!("divergence.cu"),
 };
-pub const WARP: CudaKernel = CudaKernel {
+pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "divergence.cu",
     name: "divergence_warp",
     signature: "pppppppuufffffiuuu",
 };
-pub const BLOCK: CudaKernel = CudaKernel {
+pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "divergence.cu",
     name: "divergence_block",
     signature: "pppppppuufffffiuuu",

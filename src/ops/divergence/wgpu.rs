@@ -11,7 +11,7 @@ use crate::backend::LossOut;
 use crate::error::{Error, Result};
 use crate::ops::TeacherInput;
 
-pub const DIVERGENCE: WgslKernel = WgslKernel {
+pub(crate) const DIVERGENCE: WgslKernel = WgslKernel {
     file: "divergence.wgsl",
     body: include_str!("divergence.wgsl"),
     entry: "divergence",

@@ -7,16 +7,16 @@ use crate::backend::cuda::{
 };
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "feature.cu",
     code: include_str!("feature.cu"),
 };
-pub const MSE_PARTIAL: CudaKernel = kernel("mse_partial", "pppplfpu");
-pub const MSE_FINAL: CudaKernel = kernel("mse_final", "pudp");
-pub const AT_MAP: CudaKernel = kernel("at_map", "ppuuu");
-pub const AT_NORM: CudaKernel = kernel("at_norm", "ppuupp");
-pub const AT_LOSS: CudaKernel = kernel("at_loss", "pudp");
-pub const AT_GRAD: CudaKernel = kernel("at_grad", "pppppuuuuf");
+pub(crate) const MSE_PARTIAL: CudaKernel = kernel("mse_partial", "pppplfpu");
+pub(crate) const MSE_FINAL: CudaKernel = kernel("mse_final", "pudp");
+pub(crate) const AT_MAP: CudaKernel = kernel("at_map", "ppuuu");
+pub(crate) const AT_NORM: CudaKernel = kernel("at_norm", "ppuupp");
+pub(crate) const AT_LOSS: CudaKernel = kernel("at_loss", "pudp");
+pub(crate) const AT_GRAD: CudaKernel = kernel("at_grad", "pppppuuuuf");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {

@@ -18,14 +18,14 @@ const FEATURE_BINDINGS: &[Bind] = &[
     Bind::ReadWrite,
 ];
 
-pub const MSE: WgslKernel = WgslKernel {
+pub(crate) const MSE: WgslKernel = WgslKernel {
     file: "mse.wgsl",
     body: include_str!("mse.wgsl"),
     entry: "mse",
     row_io: false,
     bindings: FEATURE_BINDINGS,
 };
-pub const ATTENTION: WgslKernel = WgslKernel {
+pub(crate) const ATTENTION: WgslKernel = WgslKernel {
     file: "attention.wgsl",
     body: include_str!("attention.wgsl"),
     entry: "attention",

@@ -7,16 +7,16 @@ use crate::backend::cuda::{
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "hinton.cu",
     code: include_str!("hinton.cu"),
 };
-pub const WARP: CudaKernel = CudaKernel {
+pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "hinton.cu",
     name: "hinton_warp",
     signature: "pppppppuufffffiu",
 };
-pub const BLOCK: CudaKernel = CudaKernel {
+pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "hinton.cu",
     name: "hinton_block",
     signature: "pppppppuufffffiu",

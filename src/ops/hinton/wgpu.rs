@@ -9,7 +9,7 @@ use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffe
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const HINTON: WgslKernel = WgslKernel {
+pub(crate) const HINTON: WgslKernel = WgslKernel {
     file: "hinton.wgsl",
     body: include_str!("hinton.wgsl"),
     entry: "hinton",

@@ -4,16 +4,16 @@ use super::{AdamSpec, SgdSpec};
 use crate::backend::cuda::{elementwise, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaSource};
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "optim.cu",
     code: include_str!("optim.cu"),
 };
-pub const ADAM: CudaKernel = CudaKernel {
+pub(crate) const ADAM: CudaKernel = CudaKernel {
     file: "optim.cu",
     name: "adam_step",
     signature: "pppplffffff",
 };
-pub const SGD: CudaKernel = CudaKernel {
+pub(crate) const SGD: CudaKernel = CudaKernel {
     file: "optim.cu",
     name: "sgd_step",
     signature: "ppplfff",

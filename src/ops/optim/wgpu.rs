@@ -17,14 +17,14 @@ const BINDINGS: &[Bind] = &[
     Bind::ReadWrite,
 ];
 
-pub const ADAM: WgslKernel = WgslKernel {
+pub(crate) const ADAM: WgslKernel = WgslKernel {
     file: "optim.wgsl",
     body: BODY,
     entry: "adam",
     row_io: false,
     bindings: BINDINGS,
 };
-pub const SGD: WgslKernel = WgslKernel {
+pub(crate) const SGD: WgslKernel = WgslKernel {
     file: "optim.wgsl",
     body: BODY,
     entry: "sgd",

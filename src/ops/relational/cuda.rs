@@ -7,16 +7,18 @@ use crate::backend::cuda::{
 };
 use crate::error::{Error, Result};
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "relational.cu",
     code: include_str!("relational.cu"),
 };
-pub const ROW_NORMALIZE: CudaKernel = kernel("row_normalize", "ppuu");
-pub const ROW_NORMALIZE_BACKWARD: CudaKernel = kernel("row_normalize_backward", "pppuu");
-pub const PAIRWISE_DISTANCE: CudaKernel = kernel("pairwise_distance", "ppuu");
-pub const PAIRWISE_DISTANCE_BACKWARD: CudaKernel = kernel("pairwise_distance_backward", "ppppuu");
-pub const OFFDIAG_NORMALIZE: CudaKernel = kernel("offdiag_normalize", "ppu");
-pub const OFFDIAG_NORMALIZE_BACKWARD: CudaKernel = kernel("offdiag_normalize_backward", "pppu");
+pub(crate) const ROW_NORMALIZE: CudaKernel = kernel("row_normalize", "ppuu");
+pub(crate) const ROW_NORMALIZE_BACKWARD: CudaKernel = kernel("row_normalize_backward", "pppuu");
+pub(crate) const PAIRWISE_DISTANCE: CudaKernel = kernel("pairwise_distance", "ppuu");
+pub(crate) const PAIRWISE_DISTANCE_BACKWARD: CudaKernel =
+    kernel("pairwise_distance_backward", "ppppuu");
+pub(crate) const OFFDIAG_NORMALIZE: CudaKernel = kernel("offdiag_normalize", "ppu");
+pub(crate) const OFFDIAG_NORMALIZE_BACKWARD: CudaKernel =
+    kernel("offdiag_normalize_backward", "pppu");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {

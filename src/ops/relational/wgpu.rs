@@ -26,12 +26,12 @@ const fn kernel(entry: &'static str) -> WgslKernel {
     }
 }
 
-pub const ROW_NORMALIZE: WgslKernel = kernel("row_normalize");
-pub const ROW_NORMALIZE_BACKWARD: WgslKernel = kernel("row_normalize_backward");
-pub const PAIRWISE_DISTANCE: WgslKernel = kernel("pairwise_distance");
-pub const PAIRWISE_DISTANCE_BACKWARD: WgslKernel = kernel("pairwise_distance_backward");
-pub const OFFDIAG_NORMALIZE: WgslKernel = kernel("offdiag_normalize");
-pub const OFFDIAG_NORMALIZE_BACKWARD: WgslKernel = kernel("offdiag_normalize_backward");
+pub(crate) const ROW_NORMALIZE: WgslKernel = kernel("row_normalize");
+pub(crate) const ROW_NORMALIZE_BACKWARD: WgslKernel = kernel("row_normalize_backward");
+pub(crate) const PAIRWISE_DISTANCE: WgslKernel = kernel("pairwise_distance");
+pub(crate) const PAIRWISE_DISTANCE_BACKWARD: WgslKernel = kernel("pairwise_distance_backward");
+pub(crate) const OFFDIAG_NORMALIZE: WgslKernel = kernel("offdiag_normalize");
+pub(crate) const OFFDIAG_NORMALIZE_BACKWARD: WgslKernel = kernel("offdiag_normalize_backward");
 
 /// `relational.wgsl`'s uniform: `[n, dim, 0, 0]` as written by [`encode`].
 #[repr(C)]

@@ -4,14 +4,14 @@ use super::SoftmaxSpec;
 use crate::backend::cuda::{inv, row_launch, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaSource};
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "softmax.cu",
     code: include_str!("softmax.cu"),
 };
-pub const FORWARD_WARP: CudaKernel = kernel("softmax_fwd_warp", "ppuufu");
-pub const FORWARD_BLOCK: CudaKernel = kernel("softmax_fwd_block", "ppuufu");
-pub const BACKWARD_WARP: CudaKernel = kernel("softmax_bwd_warp", "pppuufu");
-pub const BACKWARD_BLOCK: CudaKernel = kernel("softmax_bwd_block", "pppuufu");
+pub(crate) const FORWARD_WARP: CudaKernel = kernel("softmax_fwd_warp", "ppuufu");
+pub(crate) const FORWARD_BLOCK: CudaKernel = kernel("softmax_fwd_block", "ppuufu");
+pub(crate) const BACKWARD_WARP: CudaKernel = kernel("softmax_bwd_warp", "pppuufu");
+pub(crate) const BACKWARD_BLOCK: CudaKernel = kernel("softmax_bwd_block", "pppuufu");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {

@@ -12,14 +12,14 @@ use crate::error::Result;
 const BODY: &str = include_str!("softmax.wgsl");
 const BINDINGS: &[Bind] = &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite];
 
-pub const FORWARD: WgslKernel = WgslKernel {
+pub(crate) const FORWARD: WgslKernel = WgslKernel {
     file: "softmax.wgsl",
     body: BODY,
     entry: "forward",
     row_io: false,
     bindings: BINDINGS,
 };
-pub const BACKWARD: WgslKernel = WgslKernel {
+pub(crate) const BACKWARD: WgslKernel = WgslKernel {
     file: "softmax.wgsl",
     body: BODY,
     entry: "backward",
