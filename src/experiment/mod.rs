@@ -101,7 +101,7 @@ fn run_in_order<B: Backend>(
         cfg,
         results,
         teacher_params,
-        student,
+        (teacher, student),
         latencies,
         start,
     )
@@ -225,12 +225,13 @@ pub fn run_parallel<B: Backend + Sync>(
     })?;
     let teacher_params = t.iter().map(Vec::len).sum();
     let student = rebuild(false, &s)?;
+    let teacher = rebuild(true, &t)?;
     finish(
         backend,
         cfg,
         results,
         teacher_params,
-        student,
+        (teacher, student),
         latencies,
         start,
     )
