@@ -71,6 +71,9 @@ const QUICK: [&str; 10] = [
 
 // ---------------------------------------------------------------- CSV
 
+/// `(channels, height, width)`.
+type Image = (usize, usize, usize);
+
 const ROWS: &str = "0.5,1,-2,0\n1.5,2e-1,3,2\n\n-0.25,0,1,1\n4,4,4,2.0\n";
 
 #[test]
@@ -200,7 +203,7 @@ fn bad_csv_files_are_errors_naming_the_file_line_and_fix() {
         "{msg}"
     );
     // Data the pipeline cannot use: configuration errors.
-    let config_cases: [(&str, &str, Option<(usize, usize, usize)>, &str); 2] = [
+    let config_cases: [(&str, &str, Option<Image>, &str); 2] = [
         (
             "one-class",
             "1,2,3\n3,4,3\n",
@@ -379,8 +382,11 @@ fn layer_sizes_are_flags_and_bad_ones_are_config_errors() {
 
 // ---------------------------------------------------------------- checkpoints
 
+/// Named tensors: `(name, shape, f32 values)`.
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// A safetensors file of `(name, shape, f32 values)`, each stored as `dtype`.
-fn safetensors_file(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: Dtype) -> Vec<u8> {
+fn safetensors_file(tensors: &Tensors, dtype: Dtype) -> Vec<u8> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| match dtype {
@@ -426,7 +432,7 @@ fn f32_to_f16(x: f32) -> u16 {
 
 /// A PyTorch-layout MLP `sizes[0] -> ... -> sizes[last]`: `(2i).weight` `[out, in]`,
 /// `(2i).bias`, with weights that are multiples of 1/64 (exact in every float dtype).
-fn pytorch_mlp(sizes: &[usize], seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+fn pytorch_mlp(sizes: &[usize], seed: u64) -> Tensors {
     let mut rng = Rng::new(seed);
     let mut v = Vec::new();
     for (i, w) in sizes.windows(2).enumerate() {
@@ -444,7 +450,7 @@ fn pytorch_mlp(sizes: &[usize], seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)
 
 /// `nn.Sequential(Linear, ReLU, ..., Linear)` on rows `x` of `dim`, in f64, from the PyTorch
 /// layout: `y = x W^T + b`.
-fn forward_directly(tensors: &[(String, Vec<usize>, Vec<f32>)], x: &[f32], dim: usize) -> Vec<f64> {
+fn forward_directly(tensors: &Tensors, x: &[f32], dim: usize) -> Vec<f64> {
     let layers = tensors.len() / 2;
     let mut h: Vec<Vec<f64>> = x
         .chunks(dim)
@@ -720,7 +726,7 @@ fn save_teacher_then_teacher_reproduces_the_run() {
 fn bad_checkpoints_are_errors_naming_the_tensor_and_the_shape() {
     let dir = scratch("bad-checkpoints");
     let good = pytorch_mlp(&[64, 12, 10], 1);
-    let edit = |f: &dyn Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)| {
+    let edit = |f: &dyn Fn(&mut Tensors)| {
         let mut t = good.clone();
         f(&mut t);
         t
@@ -840,7 +846,7 @@ fn bad_checkpoints_are_errors_naming_the_tensor_and_the_shape() {
 
     // Files that are fine but do not fit the data or the configuration.
     let digits = Dataset::digits().unwrap();
-    let load = |name: &str, tensors: &[(String, Vec<usize>, Vec<f32>)]| {
+    let load = |name: &str, tensors: &Tensors| {
         let path = dir.join(format!("{name}.safetensors"));
         std::fs::write(&path, safetensors_file(tensors, Dtype::F32)).unwrap();
         Checkpoint::load(&path).unwrap()
