@@ -121,6 +121,43 @@ impl Dataset {
         Self::new(x, y, dim, classes, image)
     }
 
+    /// A CSV file of your own (`--data FILE.csv`): each row the features then an integer label,
+    /// comma-separated, plain or gzip-compressed (detected from the content, whatever the name).
+    ///
+    /// - A first row with a cell that does not parse as a number is a header and is skipped
+    ///   ([`CsvFile::header`] says whether one was); every other row must be numbers. A header
+    ///   whose cells are all numbers (`0,1,...,64`) is read as data: drop it, or name a column.
+    /// - Every row has the first row's number of cells (blank lines are skipped); the last cell is
+    ///   the label, the others are the features.
+    /// - Features are any finite numbers, used as they are: unlike [`Dataset::digits`] (whose
+    ///   pixels are divided by 16) and [`Dataset::from_idx`] (by 255), nothing is rescaled, so
+    ///   scale them yourself (to about [0, 1], or standardised) and feed a teacher trained
+    ///   elsewhere the same values it was trained on.
+    /// - Labels are integers `0, 1, 2, ...` (`3` or `3.0`); the number of classes is the largest
+    ///   label + 1 (at most [`MAX_CSV_CLASSES`]), and at least two distinct labels are needed.
+    /// - `image`: `(channels, height, width)` when the rows are images (the features in `C, H, W`
+    ///   order, as PyTorch flattens an `[N, C, H, W]` batch), for the CNN and augmentation;
+    ///   `channels * height * width` must be the number of features.
+    ///
+    /// Errors: [`Error::Io`] naming the file (and the line and column) for a file that cannot be
+    /// read or a cell that does not parse; [`Error::Config`] for data the pipeline cannot use
+    /// (fewer than two classes, an image shape that does not fit the rows).
+    pub fn from_csv_file(path: &Path, image: Option<(usize, usize, usize)>) -> Result<CsvFile> {
+        let bytes = read_maybe_gz(path)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::io(
+                "read",
+                path,
+                format!(
+                    "not UTF-8 text (invalid byte at offset {}): --data takes a CSV file of \
+                     numbers, plain or gzip-compressed",
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })?;
+        parse_csv_file(&text, path, image)
+    }
+
     /// MNIST-format IDX files (images `0x00000803`, labels `0x00000801`; `.gz` is read too), pixels
     /// scaled by 1/255. For MNIST and Fashion-MNIST, which users bring themselves.
     pub fn from_idx(images: &Path, labels: &Path) -> Result<Self> {
@@ -230,6 +267,169 @@ impl Dataset {
             image: self.image,
         }
     }
+}
+
+/// The most classes a CSV file may have (its largest label + 1).
+pub const MAX_CSV_CLASSES: usize = 100_000;
+
+/// What [`Dataset::from_csv_file`] read: the data, and whether the first row was a header.
+#[derive(Clone, Debug)]
+pub struct CsvFile {
+    pub data: Dataset,
+    pub header: bool,
+}
+
+/// A CSV cell as a number: `None` unless it parses as a (possibly non-finite) number.
+fn csv_number(cell: &str) -> Option<f64> {
+    cell.parse::<f64>().ok()
+}
+
+fn parse_csv_file(
+    text: &str,
+    path: &Path,
+    image: Option<(usize, usize, usize)>,
+) -> Result<CsvFile> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let at =
+        |line: usize, problem: String| Error::io("parse", path, format!("line {line}: {problem}"));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty());
+    let Some((first_line, first)) = lines.next() else {
+        return Err(Error::io(
+            "read",
+            path,
+            "the file has no rows: --data takes rows of features then an integer label",
+        ));
+    };
+    let first_cells: Vec<&str> = first.split(',').map(str::trim).collect();
+    let cells = first_cells.len();
+    if cells < 2 {
+        let sep = [';', '\t', ' ']
+            .into_iter()
+            .find(|c| first.contains(*c))
+            .map_or(String::new(), |c| {
+                format!(" (it holds {c:?}: cells must be separated by commas)")
+            });
+        return Err(at(
+            first_line,
+            format!(
+                "one cell{sep}; each row holds the features, then the label, separated by commas"
+            ),
+        ));
+    }
+    let header = first_cells.iter().any(|c| csv_number(c).is_none());
+    let dim = cells - 1;
+    let rows = (!header)
+        .then_some((first_line, first))
+        .into_iter()
+        .chain(lines);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::BTreeSet::new();
+    for (line, row) in rows {
+        let fields: Vec<&str> = row.split(',').map(str::trim).collect();
+        if fields.len() != cells {
+            return Err(at(
+                line,
+                format!(
+                    "{} cells, but line {first_line} has {cells}: every row must have the same \
+                     number of cells ({dim} features, then the label)",
+                    fields.len()
+                ),
+            ));
+        }
+        for (c, f) in fields[..dim].iter().enumerate() {
+            let v: f32 = f.parse().map_err(|_| {
+                let why = if f.is_empty() {
+                    "is empty".to_string()
+                } else {
+                    format!("{f:?} is not a number")
+                };
+                at(
+                    line,
+                    format!(
+                        "column {}: {why} (features must be numbers; only the first row may be \
+                         a header)",
+                        c + 1
+                    ),
+                )
+            })?;
+            if !v.is_finite() {
+                return Err(at(
+                    line,
+                    format!(
+                        "column {}: {f:?} is not a finite f32 (features must be finite numbers \
+                         within +-3.4e38)",
+                        c + 1
+                    ),
+                ));
+            }
+            x.push(v);
+        }
+        let cell = fields[dim];
+        let label = csv_number(cell).ok_or_else(|| {
+            at(
+                line,
+                format!(
+                    "label {cell:?} (column {cells}, the last) is not a number: labels must be \
+                     integers 0, 1, 2, ..."
+                ),
+            )
+        })?;
+        if !(label >= 0.0 && label.fract() == 0.0) {
+            return Err(at(
+                line,
+                format!(
+                    "label {cell:?} (column {cells}, the last) is not a class: labels must be \
+                     integers 0, 1, 2, ... (the classes are 0 to the largest label)"
+                ),
+            ));
+        }
+        if label >= MAX_CSV_CLASSES as f64 {
+            return Err(at(
+                line,
+                format!(
+                    "label {cell:?} is too large: the classes are 0 to the largest label, and \
+                     at most {MAX_CSV_CLASSES} are supported; number the classes from 0"
+                ),
+            ));
+        }
+        y.push(label as i32);
+        seen.insert(label as i32);
+    }
+    if y.is_empty() {
+        return Err(Error::io(
+            "read",
+            path,
+            format!("only a header (line {first_line}) and no data rows"),
+        ));
+    }
+    if seen.len() < 2 {
+        return Err(Error::Config(format!(
+            "{}: every one of the {} rows has label {}: distillation needs at least 2 classes \
+             (labels 0, 1, ... in the last column)",
+            path.display(),
+            y.len(),
+            y[0]
+        )));
+    }
+    let classes = seen.last().map_or(0, |&l| l as usize + 1);
+    if let Some((c, h, w)) = image {
+        let size = c.checked_mul(h).and_then(|v| v.checked_mul(w));
+        if size != Some(dim) {
+            return Err(Error::Config(format!(
+                "image shape {c}x{h}x{w} does not hold the {dim} features of each row of {}: \
+                 give --image-shape CxHxW (or HxW) with C*H*W = {dim}, or drop it for the MLP",
+                path.display()
+            )));
+        }
+    }
+    Ok(CsvFile {
+        data: Dataset::new(x, y, dim, classes, image)?,
+        header,
+    })
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {

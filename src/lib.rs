@@ -18,6 +18,7 @@
 
 pub mod backend;
 pub mod capi;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod experiment;

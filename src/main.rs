@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
+use distillation::checkpoint::Checkpoint;
 use distillation::data::Dataset;
-use distillation::experiment::{self, Config, Method, ModelKind, Progress, Report};
-use distillation::nn::Net;
+use distillation::experiment::{self, Config, Method, ModelKind, Outcome, Progress, Report};
 use distillation::{Backend, CpuBackend, Error, FastCpuBackend, Result, WgpuBackend};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -115,6 +115,53 @@ struct Opts {
     idx_images: Option<PathBuf>,
     #[arg(long, requires = "idx_images", global = true)]
     idx_labels: Option<PathBuf>,
+    /// Your own data instead of the shipped digits set: a CSV file (plain or gzip'ed), each row
+    /// the features then an integer label 0, 1, ...; a first row that is not all numbers is a
+    /// header. The features are used as they are (not rescaled).
+    #[arg(
+        long,
+        value_name = "FILE.csv",
+        conflicts_with = "idx_images",
+        global = true
+    )]
+    data: Option<PathBuf>,
+    /// The image shape of the --data rows, HxW or CxHxW (features in C, H, W order), for
+    /// --model cnn and --augment.
+    #[arg(long, value_name = "HxW", requires = "data", value_parser = parse_image_shape, global = true)]
+    image_shape: Option<(usize, usize, usize)>,
+    /// A teacher trained elsewhere, used in every fold instead of training one: safetensors of a
+    /// PyTorch nn.Sequential(Linear, ReLU, ..., Linear) (keys 0.weight [out, in], 0.bias,
+    /// 2.weight, ...) or of the crate's CNN, as --save-teacher writes them.
+    #[arg(long, value_name = "FILE.safetensors", global = true)]
+    teacher: Option<PathBuf>,
+    /// Also write the last fold's teacher (the student checkpoint's layout; with --teacher, the
+    /// loaded one).
+    #[arg(long, value_name = "FILE.safetensors", global = true)]
+    save_teacher: Option<PathBuf>,
+    /// Hidden layer sizes of the teacher MLP (with --teacher: the file's).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "256,256",
+        conflicts_with = "teacher",
+        global = true
+    )]
+    teacher_hidden: Vec<usize>,
+    /// Hidden layer sizes of the student MLP (and of the simple model).
+    #[arg(long, value_delimiter = ',', default_value = "32", global = true)]
+    student_hidden: Vec<usize>,
+    /// Channels of the teacher CNN's conv blocks (with --teacher: the file's).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "32,64",
+        conflicts_with = "teacher",
+        global = true
+    )]
+    teacher_channels: Vec<usize>,
+    /// Channels of the student CNN's conv blocks.
+    #[arg(long, value_delimiter = ',', default_value = "8,16", global = true)]
+    student_channels: Vec<usize>,
     /// No progress bars.
     #[arg(long, global = true)]
     quiet: bool,
@@ -123,6 +170,28 @@ struct Opts {
     /// core. Results are the same for any value.
     #[arg(long, global = true)]
     jobs: Option<usize>,
+}
+
+/// `--image-shape`: `HxW` (one channel) or `CxHxW`.
+fn parse_image_shape(s: &str) -> std::result::Result<(usize, usize, usize), String> {
+    let dims: Vec<usize> = s
+        .split(['x', 'X'])
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| {
+            format!("{s:?} is not HxW or CxHxW (positive integers, e.g. 8x8 or 3x32x32)")
+        })?;
+    let shape = match dims[..] {
+        [h, w] => (1, h, w),
+        [c, h, w] => (c, h, w),
+        _ => return Err(format!("{s:?} is not HxW or CxHxW (e.g. 8x8 or 3x32x32)")),
+    };
+    let (c, h, w) = shape;
+    let limit = 1 << 16;
+    if [c, h, w].iter().any(|&d| d == 0 || d > limit) {
+        return Err(format!("{s:?}: each dimension must be in 1..={limit}"));
+    }
+    Ok(shape)
 }
 
 fn main() -> ExitCode {
@@ -156,19 +225,61 @@ fn config(o: &Opts) -> Config {
         lr: o.lr,
         augment: o.augment,
         cache_dir: o.out.join("soft-targets"),
+        teacher_hidden: o.teacher_hidden.clone(),
+        student_hidden: o.student_hidden.clone(),
+        teacher_channels: o.teacher_channels.clone(),
+        student_channels: o.student_channels.clone(),
         ..Config::default()
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
     let o = &cli.opts;
-    let data = match (&o.idx_images, &o.idx_labels) {
-        (Some(i), Some(l)) => Dataset::from_idx(i, l)?,
+    let command = cli.command.unwrap_or(Command::Run);
+    if let (Command::Sweep { .. }, Some(_)) = (&command, &o.save_teacher) {
+        return Err(Error::Config(
+            "--save-teacher writes the teacher of a run; the sweep trains many: drop it, or run \
+             without `sweep`"
+                .into(),
+        ));
+    }
+    let data = match (&o.data, &o.idx_images, &o.idx_labels) {
+        (Some(file), _, _) => {
+            let csv = Dataset::from_csv_file(file, o.image_shape)?;
+            let d = &csv.data;
+            eprintln!(
+                "data: {}: {} rows of {} features{}, {} classes{}",
+                file.display(),
+                d.len(),
+                d.dim,
+                d.image
+                    .map_or(String::new(), |(c, h, w)| format!(" ({c}x{h}x{w} images)")),
+                d.classes,
+                if csv.header {
+                    " (first row: a header)"
+                } else {
+                    ""
+                }
+            );
+            csv.data
+        }
+        (None, Some(i), Some(l)) => Dataset::from_idx(i, l)?,
         _ => Dataset::digits()?,
     };
-    let cfg = config(o);
+    let mut cfg = config(o);
+    if let Some(file) = &o.teacher {
+        cfg = cfg.with_teacher(Checkpoint::load(file)?)?;
+    }
     cfg.validate(&data)?;
-    let command = cli.command.unwrap_or(Command::Run);
+    if let Some(t) = &cfg.teacher {
+        eprintln!(
+            "teacher: {} ({}, {} parameters, {}), loaded, not trained",
+            t.file().display(),
+            t.describe(),
+            t.parameter_count(),
+            t.dtype()
+        );
+    }
     match o.backend {
         BackendChoice::Cpu => dispatch(&FastCpuBackend::new(), &data, &cfg, &command, o, cores(o)),
         BackendChoice::Reference => {
@@ -230,7 +341,7 @@ fn dispatch<B: Backend + Sync>(
             let mut progress = progress_printer(o.quiet);
             let outcome = experiment::run_parallel(backend, data, cfg, jobs, &mut progress)?;
             print_table(&outcome.report);
-            write_outputs(&o.out, &outcome.report, backend, &outcome.student)
+            write_outputs(&o.out, &outcome, backend, o.save_teacher.as_deref())
         }
         Command::Sweep {
             temperatures,
@@ -287,15 +398,21 @@ fn progress_printer(quiet: bool) -> impl FnMut(Progress<'_>) + Send {
 fn print_table(r: &Report) {
     let c = &r.config;
     println!();
+    let teacher = match &c.teacher {
+        Some(t) => format!(
+            "the teacher loaded from {}, not trained",
+            t.file().display()
+        ),
+        None => format!("{} for the teacher", c.teacher_epochs),
+    };
     println!(
-        "{} folds, method {:?}, T = {}, alpha = {}, {}% labelled, {} epochs ({} for the teacher), backend {}",
+        "{} folds, method {:?}, T = {}, alpha = {}, {}% labelled, {} epochs ({teacher}), backend {}",
         r.folds.len(),
         c.method,
         c.temperature,
         c.alpha,
         100.0 * c.label_fraction,
         c.epochs,
-        c.teacher_epochs,
         r.backend
     );
     println!(
@@ -332,6 +449,12 @@ fn print_table(r: &Report) {
         r.teacher_latency / r.student_latency,
         r.seconds
     );
+    if c.teacher.is_some() {
+        println!(
+            "the loaded teacher's accuracy is measured on each fold's test split, which may hold \
+             examples it was trained on"
+        );
+    }
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -342,7 +465,13 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     )
 }
 
-fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Net<B>) -> Result<()> {
+fn write_outputs<B: Backend>(
+    out: &Path,
+    outcome: &Outcome<B>,
+    backend: &B,
+    save_teacher: Option<&Path>,
+) -> Result<()> {
+    let r = &outcome.report;
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let json = out.join("results.json");
     std::fs::write(
@@ -353,13 +482,17 @@ fn write_outputs<B: Backend>(out: &Path, r: &Report, backend: &B, student: &Net<
     let svg = out.join("curves.svg");
     std::fs::write(&svg, distillation::report::curves_svg(r)).map_err(|e| io_err(&svg, e))?;
     let st = out.join("student.safetensors");
-    distillation::report::save_net(student, backend, &st)?;
+    distillation::report::save_net(&outcome.student, backend, &st)?;
     println!(
         "wrote {}, {}, {}",
         json.display(),
         svg.display(),
         st.display()
     );
+    if let Some(path) = save_teacher {
+        distillation::report::save_net(&outcome.teacher, backend, path)?;
+        println!("wrote {} (the last fold's teacher)", path.display());
+    }
     Ok(())
 }
 

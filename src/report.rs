@@ -9,13 +9,17 @@ use crate::error::{Error, Result};
 use crate::experiment::Report;
 use crate::nn::{Cnn, Mlp, Net};
 
-/// Mean training loss per epoch: one panel each for the teacher (cross-entropy), the distilled
-/// student (its objective `alpha CE + (1 - alpha) T^2 KL`) and the simple model (cross-entropy),
-/// each on its own scale, one line per fold.
+/// Mean training loss per epoch: one panel each for the teacher (cross-entropy; empty for a
+/// loaded teacher), the distilled student (its objective `alpha CE + (1 - alpha) T^2 KL`) and the
+/// simple model (cross-entropy), each on its own scale, one line per fold.
 pub fn curves_svg(r: &Report) -> String {
     let panels: [(&str, &str, Vec<&Vec<f64>>); 3] = [
         (
-            "teacher: cross-entropy",
+            if r.config.teacher.is_some() {
+                "teacher: loaded, not trained"
+            } else {
+                "teacher: cross-entropy"
+            },
             "#1f77b4",
             r.folds.iter().map(|f| &f.teacher_curve).collect(),
         ),

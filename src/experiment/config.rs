@@ -1,9 +1,12 @@
 //! What a run depends on ([`Config`]), its checks, and the networks it builds.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use super::methods::Method;
 use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::nn::{Cnn, Mlp, Net};
@@ -59,6 +62,53 @@ pub struct Config {
     pub rkd_weight: f32,
     /// Where `Method::Cached` writes the soft targets.
     pub cache_dir: std::path::PathBuf,
+    /// A teacher trained elsewhere (`--teacher`), used in every fold instead of training one;
+    /// set it with [`Config::with_teacher`], which also sets the teacher's architecture. In
+    /// `results.json`: its file, architecture, parameter count and dtype.
+    #[serde(serialize_with = "loaded_teacher")]
+    pub teacher: Option<Arc<Checkpoint>>,
+}
+
+fn loaded_teacher<S: serde::Serializer>(
+    t: &Option<Arc<Checkpoint>>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    t.as_deref().serialize(s)
+}
+
+/// The most entries of a layer-size list (`teacher_hidden`, ...).
+pub const MAX_LAYERS: usize = 64;
+/// The widest layer (or the most channels of a conv block) a configuration may ask for.
+pub const MAX_LAYER_SIZE: usize = 65_536;
+/// The most parameters a network of a configuration may have.
+pub const MAX_PARAMETERS: usize = 100_000_000;
+
+/// Parameters of an MLP of layer sizes `sizes`, saturating.
+fn mlp_parameters(sizes: &[usize]) -> usize {
+    sizes.windows(2).fold(0usize, |n, w| {
+        n.saturating_add(w[0].saturating_mul(w[1]).saturating_add(w[1]))
+    })
+}
+
+/// Parameters of the crate's CNN on `image` with conv blocks `channels`, saturating.
+fn cnn_parameters(image: (usize, usize, usize), channels: &[usize], classes: usize) -> usize {
+    let (mut c, mut h, mut w) = image;
+    let mut n = 0usize;
+    for &oc in channels {
+        n = n.saturating_add(
+            9usize
+                .saturating_mul(c)
+                .saturating_mul(oc)
+                .saturating_add(oc),
+        );
+        c = oc;
+        if h >= 2 && w >= 2 {
+            h /= 2;
+            w /= 2;
+        }
+    }
+    let head = c.saturating_mul(h).saturating_mul(w);
+    n.saturating_add(head.saturating_mul(classes).saturating_add(classes))
 }
 
 impl Default for Config {
@@ -90,6 +140,7 @@ impl Default for Config {
             sp_weight: 3000.0,
             rkd_weight: 25.0,
             cache_dir: std::env::temp_dir().join("distillation-cache"),
+            teacher: None,
         }
     }
 }
@@ -138,6 +189,7 @@ impl Config {
                 hint: "the learning rate must be > 0",
             });
         }
+        self.check_sizes(data)?;
         if self.folds < 2 || self.folds > data.len() {
             return Err(Error::Config(format!(
                 "{} folds of {} examples: folds must be in 2..={}",
@@ -149,17 +201,159 @@ impl Config {
         if self.model == ModelKind::Cnn && data.image.is_none() {
             return Err(Error::Config(
                 "the CNN needs image data (a data set with an image shape): use the MLP model, \
-                 or image data"
+                 or image data (with --data FILE.csv, give --image-shape HxW or CxHxW)"
                     .into(),
             ));
         }
         if self.augment && data.image.is_none() {
             return Err(Error::Config(
-                "augmentation shifts images: this data set has no image shape; drop --augment"
+                "augmentation shifts images: this data set has no image shape; drop --augment \
+                 (or, with --data FILE.csv, give --image-shape HxW or CxHxW)"
                     .into(),
             ));
         }
+        self.check_teacher(data)?;
         self.method.validate(self, data)
+    }
+
+    /// This configuration with a teacher read from a checkpoint: the model family must be the
+    /// checkpoint's, and `teacher_hidden` (MLP) or `teacher_channels` (CNN) become its sizes.
+    pub fn with_teacher(mut self, teacher: Checkpoint) -> Result<Self> {
+        if teacher.kind() != self.model {
+            let (is, flag) = match teacher.kind() {
+                ModelKind::Mlp => ("an MLP", "mlp"),
+                ModelKind::Cnn => ("a CNN", "cnn"),
+            };
+            return Err(Error::Config(format!(
+                "teacher {} is {is} ({}), but the model is {:?}: pass --model {flag}",
+                teacher.file().display(),
+                teacher.describe(),
+                self.model
+            )));
+        }
+        match self.model {
+            ModelKind::Mlp => self.teacher_hidden = teacher.hidden(),
+            ModelKind::Cnn => self.teacher_channels = teacher.hidden(),
+        }
+        self.teacher = Some(Arc::new(teacher));
+        Ok(self)
+    }
+
+    /// The layer-size lists: none empty, none with a 0, none absurd, and networks of at most
+    /// [`MAX_PARAMETERS`] parameters (a loaded teacher's sizes are the file's).
+    fn check_sizes(&self, data: &Dataset) -> Result<()> {
+        let loaded = self.teacher.is_some();
+        let lists = [
+            (
+                "teacher_hidden",
+                "--teacher-hidden",
+                &self.teacher_hidden,
+                !loaded,
+            ),
+            (
+                "student_hidden",
+                "--student-hidden",
+                &self.student_hidden,
+                true,
+            ),
+            (
+                "teacher_channels",
+                "--teacher-channels",
+                &self.teacher_channels,
+                !loaded,
+            ),
+            (
+                "student_channels",
+                "--student-channels",
+                &self.student_channels,
+                true,
+            ),
+        ];
+        for (field, flag, list, check) in lists {
+            if !check {
+                continue;
+            }
+            let problem = if list.is_empty() {
+                "is empty: give at least one size".to_string()
+            } else if list.len() > MAX_LAYERS {
+                format!("has {} layers, more than {MAX_LAYERS}", list.len())
+            } else if list.contains(&0) {
+                format!("{list:?} has a size 0: every size must be at least 1")
+            } else if let Some(s) = list.iter().find(|&&s| s > MAX_LAYER_SIZE) {
+                format!("{list:?} has a layer of {s}, more than {MAX_LAYER_SIZE}")
+            } else {
+                continue;
+            };
+            return Err(Error::Config(format!(
+                "{field} ({flag}) {problem}: give comma-separated sizes such as {flag} 256,256"
+            )));
+        }
+        let nets = [
+            ("teacher", "--teacher-hidden", "--teacher-channels", !loaded),
+            ("student", "--student-hidden", "--student-channels", true),
+        ];
+        for (which, mlp_flag, cnn_flag, check) in nets {
+            if !check {
+                continue;
+            }
+            let teacher = which == "teacher";
+            let (n, flag) = match self.model {
+                ModelKind::Mlp => {
+                    let hidden = if teacher {
+                        &self.teacher_hidden
+                    } else {
+                        &self.student_hidden
+                    };
+                    (mlp_parameters(&self.sizes(data, hidden)), mlp_flag)
+                }
+                ModelKind::Cnn => {
+                    let Some(image) = data.image else { continue };
+                    let ch = if teacher {
+                        &self.teacher_channels
+                    } else {
+                        &self.student_channels
+                    };
+                    (cnn_parameters(image, ch, data.classes), cnn_flag)
+                }
+            };
+            if n > MAX_PARAMETERS {
+                return Err(Error::Config(format!(
+                    "the {which} would have {n} parameters, more than {MAX_PARAMETERS}: give \
+                     smaller sizes with {flag}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A loaded teacher: the model family and sizes it was set with, one teacher for the
+    /// method, and shapes that fit the data.
+    fn check_teacher(&self, data: &Dataset) -> Result<()> {
+        let Some(t) = &self.teacher else {
+            return Ok(());
+        };
+        let file = t.file().display();
+        let sizes = match self.model {
+            ModelKind::Mlp => &self.teacher_hidden,
+            ModelKind::Cnn => &self.teacher_channels,
+        };
+        if t.kind() != self.model || *sizes != t.hidden() {
+            return Err(Error::Config(format!(
+                "the configuration ({:?}, teacher sizes {sizes:?}) does not describe the loaded \
+                 teacher {file} ({}): set it with Config::with_teacher",
+                self.model,
+                t.describe()
+            )));
+        }
+        let teachers = self.method.needs(self).teachers;
+        if teachers > 1 {
+            return Err(Error::Config(format!(
+                "method {} trains {teachers} teachers, but a loaded teacher (--teacher {file}) is \
+                 one: choose another method, or drop --teacher",
+                self.method.name()
+            )));
+        }
+        t.check(data)
     }
 
     /// The student's hidden layers (MLP) or conv blocks (CNN), as configured.

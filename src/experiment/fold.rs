@@ -1,5 +1,5 @@
-//! One fold: the teacher(s) on every label of the training part, the simple model and the
-//! distilled student on its labelled part, each scored on the test part.
+//! One fold: the teacher(s) on every label of the training part (or the loaded one), the simple
+//! model and the distilled student on its labelled part, each scored on the test part.
 
 use super::config::Arch;
 use super::distil::distil;
@@ -83,7 +83,7 @@ pub(super) fn run_fold<B: Backend>(
 }
 
 /// The method's teachers (one unless it asks for more), each on every label of `train`, and the
-/// first one's curve.
+/// first one's curve; or the loaded teacher (`Config::teacher`), not trained, with no curve.
 fn train_teachers<B: Backend>(
     cx: Ctx<'_, B>,
     streams: &FoldStreams,
@@ -91,6 +91,9 @@ fn train_teachers<B: Backend>(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Vec<Net<B>>, Vec<f64>)> {
     let cfg = cx.cfg;
+    if let Some(loaded) = &cfg.teacher {
+        return Ok((vec![loaded.build(cx.backend, cx.data)?], Vec::new()));
+    }
     let mut teachers = Vec::new();
     let mut first_curve = Vec::new();
     for k in 0..cfg.method.needs(cfg).teachers.max(1) {

@@ -9,6 +9,10 @@
 //! of the same size from the unlabelled rest, which gets only the soft-target term:
 //! `alpha * CE(labelled) + (1 - alpha) * T^2 * KL(teacher || student)(labelled and unlabelled)`.
 //!
+//! With a loaded teacher (`Config::teacher`, the CLI's `--teacher`) no teacher is trained: every
+//! fold uses that one, and its accuracy is measured on each fold's test split, which may hold
+//! examples it was trained on.
+//!
 //! The layout: this file runs the folds (one after another, or side by side: [`run`],
 //! [`run_parallel`]); `config.rs` holds [`Config`] and its checks; `fold.rs` one fold (teachers,
 //! simple model, distilled student, fine-tuning); `distil.rs` the distillation loop every method
@@ -101,7 +105,7 @@ fn run_in_order<B: Backend>(
         cfg,
         results,
         teacher_params,
-        student,
+        (teacher, student),
         latencies,
         start,
     )
@@ -225,12 +229,13 @@ pub fn run_parallel<B: Backend + Sync>(
     })?;
     let teacher_params = t.iter().map(Vec::len).sum();
     let student = rebuild(false, &s)?;
+    let teacher = rebuild(true, &t)?;
     finish(
         backend,
         cfg,
         results,
         teacher_params,
-        student,
+        (teacher, student),
         latencies,
         start,
     )

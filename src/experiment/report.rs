@@ -54,10 +54,12 @@ pub struct Report {
     pub seconds: f64,
 }
 
-/// The trained student of the last fold, for saving.
+/// The report, and the last fold's networks for saving: its distilled student and its teacher
+/// (the one trained on that fold's training part, or the loaded one).
 pub struct Outcome<B: Backend> {
     pub report: Report,
     pub student: Net<B>,
+    pub teacher: Net<B>,
 }
 
 /// The report: accuracies over the folds, sizes and (given) latencies of the last fold's models.
@@ -66,7 +68,7 @@ pub(super) fn finish<B: Backend>(
     cfg: &Config,
     results: Vec<FoldResult>,
     teacher_params: usize,
-    student: Net<B>,
+    (teacher, student): (Net<B>, Net<B>),
     (teacher_latency, student_latency): (f64, f64),
     start: Instant,
 ) -> Result<Outcome<B>> {
@@ -84,5 +86,9 @@ pub(super) fn finish<B: Backend>(
         student_latency,
         seconds: start.elapsed().as_secs_f64(),
     };
-    Ok(Outcome { report, student })
+    Ok(Outcome {
+        report,
+        student,
+        teacher,
+    })
 }
