@@ -40,8 +40,8 @@ pub use cudarc;
 pub use error::{Error, Result};
 pub use loss::{CrossEntropyLoss, KdLoss, LossAndGrad, SoftTargetLoss};
 pub use ops::{
-    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, MseSpec, Reduction,
-    RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.
 pub use wgpu;

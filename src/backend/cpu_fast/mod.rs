@@ -42,7 +42,7 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
 
 /// The fast CPU backend (f32). See the module documentation for what runs in f32.
@@ -376,6 +376,18 @@ impl Backend for FastCpuBackend {
         self.row_loss(student, out, |st, gt| {
             self.hinton_rows(spec, st, &tv, labels, gt)
         })
+    }
+
+    unsafe fn dkd_unchecked(
+        &self,
+        spec: &DkdSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        let tv = read(teacher, "teacher")?;
+        self.row_loss(student, out, |st, _| self.dkd_rows(spec, st, &tv, labels))
     }
 
     unsafe fn mse_unchecked(
