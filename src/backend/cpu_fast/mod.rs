@@ -3,7 +3,7 @@
 //! The dense ops that dominate training (matmul, bias, ReLU, column sums, `axpy`, Adam, SGD) run
 //! in f32 here: matmul through the packed, register-blocked [`gemm`] (AVX2 + FMA when the CPU has
 //! them), the rest as plain loops the compiler vectorises. The losses (softmax and its backward,
-//! the divergences, cross-entropy, Hinton, MSE, attention transfer) have their own f32 kernels
+//! the divergences, cross-entropy, Hinton, DKD, MSE, attention transfer) have their own f32 kernels
 //! (`row_losses/`, one file per op family, and `feature.rs`) in the GPU kernels' passes, driven by [`rows`] over blocks of
 //! a row, on all cores for large calls, compiled for AVX-512, AVX2 or the baseline as the CPU
 //! allows (`vmath.rs`: the vectorised `exp` and `log` with their stated errors). The other ops
