@@ -12,9 +12,9 @@
 
 /*
  The version of this C ABI; bumped on any incompatible change of the header, and when codes
- are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]).
+ are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`).
  */
-#define DST_ABI_VERSION 4
+#define DST_ABI_VERSION 5
 
 /*
  Success.
@@ -170,6 +170,62 @@ int32_t dst_fast_hinton(int32_t threads,
                         float *row_loss,
                         float *grad_student,
                         float *grad_teacher);
+
+/*
+ Decoupled knowledge distillation `ce_weight CE + T^2 (tckd_weight TCKD + nckd_weight NCKD)` on
+ host memory (CPU reference backend, f64 inside; [`dst_fast_dkd`] is the fast f32 backend):
+ TCKD the binary KL of the label's class against the rest, NCKD the KL among the other classes
+ renormalised (`docs/LOSSES.md` section 8). DKD's paper uses `ce_weight` 1, `tckd_weight`
+ alpha = 1 and `nckd_weight` beta = 8 (both times its warm-up factor), T = 4.
+
+ `student`, `teacher`: `[n, c]` logits, `c >= 2`; `labels`: `[n]`. Outputs: `loss` (1 float,
+ required), `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`, optional, may equal
+ `student` for an in-place gradient). The teacher is detached: there is no teacher gradient.
+ Labels out of range are an error.
+
+ # Safety
+ Every non-null pointer must be valid for the number of elements named above.
+ */
+int32_t dst_cpu_dkd(const float *student,
+                    const float *teacher,
+                    const int32_t *labels,
+                    size_t n,
+                    size_t c,
+                    float temperature,
+                    float ce_weight,
+                    float tckd_weight,
+                    float nckd_weight,
+                    float label_smoothing,
+                    int32_t ignore_index,
+                    int32_t reduction_code,
+                    float grad_scale,
+                    float *loss,
+                    float *row_loss,
+                    float *grad_student);
+
+/*
+ [`dst_cpu_dkd`] on the fast CPU backend, as [`dst_fast_hinton`] is to [`dst_cpu_hinton`].
+
+ # Safety
+ As [`dst_cpu_dkd`].
+ */
+int32_t dst_fast_dkd(int32_t threads,
+                     const float *student,
+                     const float *teacher,
+                     const int32_t *labels,
+                     size_t n,
+                     size_t c,
+                     float temperature,
+                     float ce_weight,
+                     float tckd_weight,
+                     float nckd_weight,
+                     float label_smoothing,
+                     int32_t ignore_index,
+                     int32_t reduction_code,
+                     float grad_scale,
+                     float *loss,
+                     float *row_loss,
+                     float *grad_student);
 
 /*
  A soft-target divergence on host memory (CPU reference backend, f64 inside;
@@ -380,6 +436,31 @@ int32_t dst_cuda_hinton(const struct dst_cuda *ctx,
                         float *row_loss,
                         float *grad_student,
                         float *grad_teacher);
+
+/*
+ [`dst_cpu_dkd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules; labels out
+ of range give those rows a NaN loss).
+
+ # Safety
+ As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_dkd`].
+ */
+int32_t dst_cuda_dkd(const struct dst_cuda *ctx,
+                     const float *student,
+                     const float *teacher,
+                     const int32_t *labels,
+                     size_t n,
+                     size_t c,
+                     float temperature,
+                     float ce_weight,
+                     float tckd_weight,
+                     float nckd_weight,
+                     float label_smoothing,
+                     int32_t ignore_index,
+                     int32_t reduction_code,
+                     float grad_scale,
+                     float *loss,
+                     float *row_loss,
+                     float *grad_student);
 
 /*
  [`dst_cpu_divergence`] on device pointers (see [`dst_cuda_hinton`] for the stream rules).

@@ -1,8 +1,9 @@
 //! # distillation
 //!
 //! Hand-written GPU kernels for knowledge distillation: fused temperature softmax, forward and
-//! reverse KL, JSD, cross-entropy, the fused Hinton loss, feature-map MSE and attention transfer,
-//! each with its backward pass, on four backends behind one boundary ([`backend::Backend`]):
+//! reverse KL, JSD, cross-entropy, the fused Hinton loss, decoupled KD (DKD), feature-map MSE and
+//! attention transfer, each with its backward pass, on four backends behind one boundary
+//! ([`backend::Backend`]):
 //!
 //! - [`CpuBackend`]: the f64 reference every other backend is checked against;
 //! - [`FastCpuBackend`]: f32 kernels for the CPU (packed matmul, vectorised multi-threaded losses);
@@ -41,8 +42,8 @@ pub use cudarc;
 pub use error::{Error, Result};
 pub use loss::{CrossEntropyLoss, KdLoss, LossAndGrad, SoftTargetLoss};
 pub use ops::{
-    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, MseSpec, Reduction,
-    RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.
 pub use wgpu;

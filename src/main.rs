@@ -107,6 +107,15 @@ struct Opts {
     /// Random +-1 pixel shifts and Gaussian noise on the student's inputs.
     #[arg(long, global = true)]
     augment: bool,
+    /// DKD (--method dkd): the weight of TCKD, the target-vs-rest part (the paper's alpha).
+    #[arg(long, default_value_t = 1.0, global = true)]
+    dkd_alpha: f32,
+    /// DKD: the weight of NCKD, the part among the non-target classes (the paper's beta).
+    #[arg(long, default_value_t = 8.0, global = true)]
+    dkd_beta: f32,
+    /// DKD: epochs of linear warm-up of its two KD terms (0: none).
+    #[arg(long, default_value_t = 20, global = true)]
+    dkd_warmup: usize,
     /// Output folder for results.json, curves.svg and student.safetensors.
     #[arg(long, default_value = "out", global = true)]
     out: PathBuf,
@@ -224,6 +233,9 @@ fn config(o: &Opts) -> Config {
         batch: o.batch,
         lr: o.lr,
         augment: o.augment,
+        dkd_alpha: o.dkd_alpha,
+        dkd_beta: o.dkd_beta,
+        dkd_warmup: o.dkd_warmup,
         cache_dir: o.out.join("soft-targets"),
         teacher_hidden: o.teacher_hidden.clone(),
         student_hidden: o.student_hidden.clone(),

@@ -15,8 +15,8 @@ use distillation::capi::{
     DST_ERR_UNAVAILABLE, DST_ERR_UNSUPPORTED, DST_OK,
 };
 use distillation::{
-    CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, KdLoss, MseSpec, Reduction, RowShape,
-    TeacherInput,
+    CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, KdLoss, MseSpec, Reduction,
+    RowShape, TeacherInput,
 };
 
 const N: usize = 4;
@@ -286,6 +286,29 @@ fn c_program_matches_the_rust_api() {
     same(&got, "ce.row_loss", &b.download(&rows).unwrap());
     same(&got, "ce.grad_student", &b.download(&gs).unwrap());
 
+    // DKD through the backend.
+    let spec = DkdSpec {
+        label_smoothing: 0.1,
+        grad_scale: 0.5,
+        ..DkdSpec::new(shape, 4.0, 1.0, 8.0)
+    };
+    let (l, rows, gs, _) = row_loss(&b, |o| {
+        b.dkd(
+            &spec,
+            &sb,
+            &tb,
+            &lb,
+            LossOut {
+                grad_teacher: None,
+                ..o
+            },
+        )
+    });
+    same(&got, "dkd.loss", &l);
+    same(&got, "dkd.row_loss", &rows);
+    same(&got, "dkd.grad_student", &gs);
+    same(&got, "dkd_inplace.grad_student", &gs);
+
     // MSE.
     let spec = MseSpec {
         len: N * C,
@@ -345,6 +368,11 @@ fn c_program_matches_the_rust_api() {
         "label_hinton",
         "label_ce",
         "label_divergence",
+        "label_dkd",
+        "dkd_one_class",
+        "dkd_weight",
+        "dkd_alias",
+        "cuda_dkd_null_ctx",
         "alias",
         "rkl_zero",
         "eps_forward_kl",

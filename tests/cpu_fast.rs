@@ -223,8 +223,8 @@ fn an_output_that_is_an_input_is_an_error() {
 use distillation::backend::cpu_fast::rows::Simd;
 use distillation::ops as dops;
 use distillation::{
-    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec, LossOut,
-    MseSpec, Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, GradOut, HintonSpec,
+    LossOut, MseSpec, Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
 
 /// Every loss of the fast backend on one input (a masked row, a teacher given three ways, every
@@ -299,6 +299,26 @@ fn all_losses(b: &FastCpuBackend, n: usize, c: usize) -> Vec<Vec<f32>> {
     };
     b.hinton(&spec, &s_in_place, &tb, &lb, out).unwrap();
     take(&[&loss, &rows, &s_in_place, &gt]);
+    let spec = DkdSpec {
+        label_smoothing: 0.1,
+        ..DkdSpec::new(shape, 4.0, 1.0, 8.0)
+    };
+    let (loss, rows, gs) = (
+        b.filled(1, f32::NAN).unwrap(),
+        b.filled(n, f32::NAN).unwrap(),
+        b.filled(n * c, f32::NAN).unwrap(),
+    );
+    let s_in_place = b.upload(&s).unwrap();
+    let out = LossOut {
+        loss: &loss,
+        row_loss: Some(&rows),
+        grad_student: GradOut::InPlace,
+        grad_teacher: None,
+    };
+    b.dkd(&spec, &s_in_place, &tb, &lb, out).unwrap();
+    b.dkd(&spec, &sb, &tb, &lb, LossOut::with_grad(&loss, &gs))
+        .unwrap();
+    take(&[&loss, &rows, &s_in_place, &gs]);
     let spec = CrossEntropySpec {
         label_smoothing: 0.05,
         reduction: Reduction::Sum,
@@ -385,7 +405,7 @@ fn losses_give_the_same_bits_for_any_thread_count_and_instruction_set() {
     }
 }
 
-/// Few long rows (the rows split among threads): Hinton and the divergences against the f64
+/// Few long rows (the rows split among threads): Hinton, DKD and the divergences against the f64
 /// reference, with a block-sized spread of maxima (a large logit far into the row).
 #[test]
 fn long_rows_match_the_reference() {
@@ -426,6 +446,12 @@ fn long_rows_match_the_reference() {
         common::assert_close("loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
         close("grad", &b.download(&gs).unwrap(), &want.grad_student);
         close("grad t", &b.download(&gt).unwrap(), &want.grad_teacher);
+        let spec = DkdSpec::new(RowShape::new(n, c), temperature, 1.0, 8.0);
+        b.dkd(&spec, &sb, &tb, &lb, LossOut::with_grad(&loss, &gs))
+            .unwrap();
+        let want = dops::dkd::reference::dkd(&spec, &sd, &td, &labels);
+        common::assert_close("dkd loss", &b.download(&loss).unwrap(), &[want.loss], 1e-4).unwrap();
+        close("dkd grad", &b.download(&gs).unwrap(), &want.grad_student);
         for div in [Divergence::ReverseKl, Divergence::Jsd { beta: 0.5 }] {
             let spec = DivergenceSpec {
                 divergence: div,

@@ -377,6 +377,15 @@ fn bad_configurations_are_config_errors() {
             &flat,
             "drop --augment",
         ),
+        (
+            Config {
+                method: Method::Dkd,
+                dkd_beta: -8.0,
+                ..Config::default()
+            },
+            &digits,
+            "--dkd-beta -8: DKD's weights",
+        ),
     ];
     for (cfg, data, needle) in cases {
         let e = cfg.validate(data).unwrap_err();

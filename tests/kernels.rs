@@ -1,15 +1,15 @@
 //! Every kernel against the f64 CPU reference on random inputs drawn by proptest, on every backend:
-//! N 1..70, C 1..5000 (1, primes, sizes that are not a multiple of the workgroup), T 1e-3..1e4,
-//! some logits up to |1e4|, masked rows (all rows masked too). Outputs are poisoned with NaN before
-//! each launch, so a missed write shows.
+//! N 1..70, C 1..5000 (1, primes, sizes that are not a multiple of the workgroup; DKD refuses 1),
+//! T 1e-3..1e4, some logits up to |1e4|, masked rows (all rows masked too). Outputs are poisoned
+//! with NaN before each launch, so a missed write shows.
 
 mod common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::ops::{self, feature, softmax};
 use distillation::{
-    AttentionSpec, Backend, CrossEntropySpec, Divergence, DivergenceSpec, GradOut, HintonSpec,
-    LossOut, MseSpec, Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    AttentionSpec, Backend, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, GradOut,
+    HintonSpec, LossOut, MseSpec, Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -394,6 +394,49 @@ fn hinton_matches_reference<B: Backend>(b: &B) {
     );
 }
 
+/// DKD's weights: the paper's (1, 1, 8), one term alone, or random (0 allowed).
+fn dkd_weights() -> impl Strategy<Value = (f32, f32, f32)> {
+    prop_oneof![
+        Just((1.0f32, 1.0f32, 8.0f32)),
+        Just((0.0, 1.0, 0.0)),
+        Just((0.0, 0.0, 1.0)),
+        (0f32..2.0, 0f32..3.0, 0f32..10.0),
+    ]
+}
+
+fn dkd_matches_reference<B: Backend>(b: &B) {
+    let options = (dkd_weights(), 0f32..0.3, 0u8..3, any::<bool>(), -2f32..2.0);
+    run_cases(
+        (rows(), options),
+        |(r, ((w_ce, w_tc, w_nc), eps, red, in_place, grad_scale))| {
+            let spec = DkdSpec {
+                ce_weight: w_ce,
+                label_smoothing: eps,
+                reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize],
+                grad_scale,
+                ..DkdSpec::new(RowShape::new(r.n, r.c), r.temperature, w_tc, w_nc)
+            };
+            let tb = b.upload(&r.t).unwrap();
+            let lb = b.upload_labels(&r.labels).unwrap();
+            let got = run_row_loss(b, &r.s, r.n, in_place, false, |b, s, out| {
+                b.dkd(&spec, s, &tb, &lb, out)
+            });
+            if r.c < 2 {
+                // One class: no non-target class, an error that says so.
+                return match got {
+                    Err(e) if e.contains("at least 2 classes") => Ok(()),
+                    other => Err(format!("C = 1 must be refused: {:?}", other.err())),
+                };
+            }
+            let got = got?;
+            let want = ops::dkd::reference::dkd(&spec, &to_f64(&r.s), &to_f64(&r.t), &r.labels);
+            let weight = w_ce.max(w_tc).max(w_nc).max(1e-3) * grad_scale.abs().max(1e-3);
+            let unit = grad_unit(&r, weight, r.temperature, spec.reduction, Some(&r.labels));
+            compare(&got, &want, false, unit, &r)
+        },
+    );
+}
+
 fn mse_matches_reference<B: Backend>(b: &B) {
     run_cases((1usize..20000, any::<u64>(), 0u8..4), |(m, seed, mode)| {
         let mut g = Lcg(seed);
@@ -464,6 +507,7 @@ backend_tests!(
     divergence_matches_reference,
     cross_entropy_matches_reference,
     hinton_matches_reference,
+    dkd_matches_reference,
     mse_matches_reference,
     attention_matches_reference,
 );

@@ -5,9 +5,11 @@ mod common;
 use common::{to_f64, Lcg};
 use distillation::ops::{self, feature};
 use distillation::{
-    AttentionSpec, Backend, CrossEntropySpec, DivergenceSpec, GradOut, HintonSpec, LossOut,
-    MseSpec, RowShape, SoftmaxSpec,
+    AttentionSpec, Backend, CrossEntropySpec, DivergenceSpec, DkdSpec, GradOut, HintonSpec,
+    LossOut, MseSpec, Reduction, RowShape, SoftmaxSpec, IGNORE_INDEX,
 };
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 fn softmax_rows_sum_to_one_and_ignore_shifts<B: Backend>(b: &B) {
     let mut g = Lcg(7);
@@ -127,6 +129,161 @@ fn cross_entropy_is_nonnegative<B: Backend>(b: &B) {
     assert!(b.download(&rows).unwrap().iter().all(|&r| r >= 0.0));
 }
 
+/// A DKD case drawn over everything `DkdSpec::validate` accepts: C from 2, T log-uniform over
+/// [1e-3, 1e4], each weight 0 or up to 10, label smoothing in [0, 1), every reduction, any finite
+/// upstream gradient, logits up to |1e4|, masked rows, any `ignore_index`.
+#[derive(Clone, Debug)]
+struct DkdCase {
+    spec: DkdSpec,
+    s: Vec<f32>,
+    t: Vec<f32>,
+    labels: Vec<i32>,
+}
+
+fn dkd_case() -> impl Strategy<Value = DkdCase> {
+    let weight = prop_oneof![Just(0f32), 0f32..10.0];
+    let shape = (
+        1usize..24,
+        prop_oneof![2usize..=12, 13usize..700, Just(1025usize)],
+    );
+    (
+        shape,
+        (1e-3f64.ln()..1e4f64.ln()),
+        (weight.clone(), weight.clone(), weight),
+        (
+            0f32..0.99,
+            0u8..3,
+            -5f32..5.0,
+            prop_oneof![Just(IGNORE_INDEX), -3i32..0],
+        ),
+        (prop_oneof![Just(1f32), Just(10.0), Just(1e4)], any::<u64>()),
+    )
+        .prop_map(|((n, c), lt, w, (eps, red, gs, ignore), (scale, seed))| {
+            let mut g = Lcg(seed);
+            let labels = (0..n)
+                .map(|_| {
+                    if g.next_f32() > 0.6 {
+                        ignore
+                    } else {
+                        (((g.next_f32() + 1.0) * 0.5 * c as f32) as usize).min(c - 1) as i32
+                    }
+                })
+                .collect();
+            let spec = DkdSpec {
+                ce_weight: w.0,
+                label_smoothing: eps,
+                reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize],
+                grad_scale: gs,
+                ignore_index: ignore,
+                ..DkdSpec::new(RowShape::new(n, c), lt.exp() as f32, w.1, w.2)
+            };
+            DkdCase {
+                spec,
+                s: g.vec(n * c, scale),
+                t: g.vec(n * c, scale),
+                labels,
+            }
+        })
+}
+
+/// DKD on `b`: (loss, row losses, student gradient).
+fn run_dkd<B: Backend>(b: &B, spec: &DkdSpec, s: &[f32], t: &[f32], labels: &[i32]) -> Outputs {
+    let (n, len) = (spec.shape.rows, spec.shape.len());
+    let (loss, rows, gs) = (
+        b.filled(1, f32::NAN).unwrap(),
+        b.filled(n, f32::NAN).unwrap(),
+        b.filled(len, f32::NAN).unwrap(),
+    );
+    let out = LossOut {
+        loss: &loss,
+        row_loss: Some(&rows),
+        grad_student: GradOut::Into(&gs),
+        grad_teacher: None,
+    };
+    let (sb, tb) = (b.upload(s).unwrap(), b.upload(t).unwrap());
+    b.dkd(spec, &sb, &tb, &b.upload_labels(labels).unwrap(), out)
+        .unwrap();
+    let get = |x| b.download(x).unwrap();
+    (get(&loss)[0], get(&rows), get(&gs))
+}
+
+type Outputs = (f32, Vec<f32>, Vec<f32>);
+
+/// Over every accepted input: finite, non-negative row losses; masked rows exactly 0 with a 0
+/// gradient; each row's gradient sums to 0 (every term's does: `p1 - target`, `T (p^ - q^)`, and
+/// TCKD's `T (p_g - q_g) (1 - sum p^)`); and with the teacher equal to the student both KD terms
+/// vanish, loss and gradient: DKD is then `ce_weight` times cross-entropy.
+fn dkd_properties<B: Backend>(b: &B) {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let check = |k: DkdCase| -> Result<(), String> {
+        let (spec, c) = (k.spec, k.spec.shape.cols);
+        let (loss, rows, gs) = run_dkd(b, &spec, &k.s, &k.t, &k.labels);
+        let weight = spec.ce_weight.max(spec.tckd_weight).max(spec.nckd_weight) as f64;
+        let kscale = (spec.grad_scale.abs() as f64) * weight * (spec.temperature as f64).max(1.0);
+        if !loss.is_finite() {
+            return Err(format!("loss {loss}"));
+        }
+        for (r, (&l, g)) in rows.iter().zip(gs.chunks(c)).enumerate() {
+            if k.labels[r] == spec.ignore_index {
+                if l != 0.0 || g.iter().any(|&v| v != 0.0) {
+                    return Err(format!("masked row {r}: loss {l}, gradient {g:?}"));
+                }
+                continue;
+            }
+            // f32 rounding of the CE and KD sums: a few ulps of the row's log terms, T^2 times.
+            let t2 = (spec.temperature as f64).powi(2).max(1.0);
+            let floor = 1e-6 * t2 * (1.0 + (c as f64).ln()) * 10.0;
+            if !(l.is_finite() && l as f64 >= -floor) {
+                return Err(format!("row {r}: loss {l}"));
+            }
+            let sum: f64 = g.iter().map(|&v| v as f64).sum();
+            let abs: f64 = g.iter().map(|&v| (v as f64).abs()).sum();
+            // Where the row's gradient is tiny (confident rows: p^ - q^ of two probabilities near
+            // 1), its elements are the rounding of their O(k T w) terms.
+            if sum.abs() > 1e-4 * abs + 1e-7 * kscale {
+                return Err(format!("row {r}: gradient sums to {sum} (|g| = {abs})"));
+            }
+        }
+        // Teacher = student: DKD = ce_weight CE.
+        let (_, rows, gs) = run_dkd(b, &spec, &k.s, &k.s, &k.labels);
+        let ce = CrossEntropySpec {
+            label_smoothing: spec.label_smoothing,
+            reduction: spec.reduction,
+            ignore_index: spec.ignore_index,
+            grad_scale: spec.grad_scale * spec.ce_weight,
+            ..CrossEntropySpec::new(spec.shape)
+        };
+        let want = ops::cross_entropy::reference::cross_entropy(&ce, &to_f64(&k.s), &k.labels);
+        let w = spec.ce_weight as f64;
+        let want_rows: Vec<f64> = want.row_loss.iter().map(|v| w * v).collect();
+        let t = spec.temperature as f64;
+        // The KD terms of equal inputs are 0 up to f32 rounding of second-order sums, T^2 times.
+        let atol = 1e-7 * t * t.max(1.0) * (1.0 + (c as f64).ln());
+        common::assert_close_abs("rows (teacher = student)", &rows, &want_rows, 1e-4, atol)?;
+        let gunit = (spec.grad_scale.abs()
+            * spec.ce_weight.max(spec.tckd_weight).max(spec.nckd_weight))
+            as f64;
+        common::assert_close_abs(
+            "gradient (teacher = student)",
+            &gs,
+            &want.grad_student,
+            1e-4,
+            1e-6 * gunit * t.max(1.0),
+        )
+    };
+    runner
+        .run(&dkd_case(), |k| check(k).map_err(TestCaseError::fail))
+        .unwrap();
+}
+
 /// Every op twice on the same inputs: bit-identical outputs.
 fn same_input_gives_same_bits<B: Backend>(b: &B) {
     let mut g = Lcg(5);
@@ -158,6 +315,19 @@ fn same_input_gives_same_bits<B: Backend>(b: &B) {
         };
         b.hinton(&HintonSpec::new(shape, 3.0, 0.3), &s, &t, &labels, out)
             .unwrap();
+        let (dloss, drows, dgs) = (
+            b.filled(1, f32::NAN).unwrap(),
+            b.filled(n, f32::NAN).unwrap(),
+            b.filled(n * c, f32::NAN).unwrap(),
+        );
+        let dout = LossOut {
+            loss: &dloss,
+            row_loss: Some(&drows),
+            grad_student: GradOut::Into(&dgs),
+            grad_teacher: None,
+        };
+        b.dkd(&DkdSpec::new(shape, 4.0, 1.0, 8.0), &s, &t, &labels, dout)
+            .unwrap();
         let m = MseSpec::new(n * c);
         let mloss = b.filled(1, f32::NAN).unwrap();
         b.mse(&m, &s, &t, &mloss, None, None).unwrap();
@@ -165,7 +335,7 @@ fn same_input_gives_same_bits<B: Backend>(b: &B) {
         let aloss = b.filled(1, f32::NAN).unwrap();
         b.attention_transfer(&at, &s, &t, &aloss, None, None)
             .unwrap();
-        [loss, rows, gs, gt, mloss, aloss].map(|x| {
+        [loss, rows, gs, gt, mloss, aloss, dloss, drows, dgs].map(|x| {
             b.download(&x)
                 .unwrap()
                 .iter()
@@ -213,6 +383,28 @@ fn non_finite_input_gives_nan_loss<B: Backend>(b: &B) {
         b.hinton(&HintonSpec::new(shape, 2.0, 0.5), &sb, &tb, &labels, out())
             .unwrap();
         check("hinton");
+        b.dkd(
+            &DkdSpec::new(shape, 2.0, 1.0, 8.0),
+            &sb,
+            &tb,
+            &labels,
+            out(),
+        )
+        .unwrap();
+        check("dkd");
+        // A non-finite teacher logit (here the label's own) also gives a NaN row.
+        let mut tl = t.clone();
+        tl[c + 2] = bad;
+        let tb2 = b.upload(&tl).unwrap();
+        b.dkd(
+            &DkdSpec::new(shape, 2.0, 1.0, 8.0),
+            &b.upload(&Lcg(1).vec(n * c, 2.0)).unwrap(),
+            &tb2,
+            &labels,
+            out(),
+        )
+        .unwrap();
+        check("dkd (teacher)");
         let y = b.filled(n * c, 0.0).unwrap();
         b.softmax(
             &SoftmaxSpec {
@@ -260,6 +452,10 @@ fn invalid_label_is_never_silent<B: Backend>(b: &B) {
             "hinton, label {bad}"
         );
         assert!(
+            !silent(b.dkd(&DkdSpec::new(shape, 2.0, 1.0, 8.0), &s, &t, &labels, out())),
+            "dkd, label {bad}"
+        );
+        assert!(
             !silent(b.divergence(
                 &DivergenceSpec::new(shape, 2.0),
                 &s,
@@ -300,6 +496,7 @@ backend_tests!(
     softmax_rows_sum_to_one_and_ignore_shifts,
     kl_is_nonnegative_and_zero_on_equal_inputs,
     cross_entropy_is_nonnegative,
+    dkd_properties,
     same_input_gives_same_bits,
     non_finite_input_gives_nan_loss,
     invalid_label_is_never_silent,

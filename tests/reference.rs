@@ -4,10 +4,10 @@
 mod common;
 
 use common::Lcg;
-use distillation::ops::{cross_entropy, divergence, feature, hinton, softmax};
+use distillation::ops::{cross_entropy, divergence, dkd, feature, hinton, softmax};
 use distillation::{
-    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, MseSpec, Reduction,
-    RowShape, TeacherInput, IGNORE_INDEX,
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    Reduction, RowShape, TeacherInput, IGNORE_INDEX,
 };
 use proptest::prelude::*;
 
@@ -135,6 +135,38 @@ proptest! {
         let r = hinton::reference::hinton(&spec, &s, &tv, &y);
         assert_grad("student", &r.grad_student, &numeric_grad(&s, |s| hinton::reference::hinton(&spec, s, &tv, &y).loss))?;
         assert_grad("teacher", &r.grad_teacher, &numeric_grad(&tv, |tv| hinton::reference::hinton(&spec, &s, tv, &y).loss))?;
+    }
+
+    #[test]
+    fn dkd_gradient_is_the_derivative(
+        (n, c, t, seed) in inputs(),
+        w in (0.0f32..2.0, 0.0f32..3.0, 0.0f32..10.0),
+        eps in 0.0f32..0.3,
+        red in 0u8..3,
+        confident in any::<bool>(),
+    ) {
+        let mut g = Lcg(seed);
+        let c = c.max(2); // DKD needs a non-target class
+        let spec = DkdSpec {
+            ce_weight: w.0,
+            label_smoothing: eps,
+            reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize],
+            grad_scale: 0.7,
+            ..DkdSpec::new(RowShape::new(n, c), t as f32, w.1, w.2)
+        };
+        let (mut s, tv) = (vec64(&mut g, n * c, 3.0), vec64(&mut g, n * c, 3.0));
+        let y = labels(&mut g, n, c);
+        if confident {
+            // A student sure of the label: p_g near 1, where 1 - p_g comes from the rest's terms.
+            for (r, &l) in y.iter().enumerate() {
+                if l >= 0 {
+                    s[r * c + l as usize] += 6.0 * t;
+                }
+            }
+        }
+        let r = dkd::reference::dkd(&spec, &s, &tv, &y);
+        let f = |s: &[f64]| 0.7 * dkd::reference::dkd(&spec, s, &tv, &y).loss;
+        assert_grad("student", &r.grad_student, &numeric_grad(&s, f))?;
     }
 
     #[test]

@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)
@@ -76,6 +76,8 @@ def _declare(lib) -> None:
         _i32, _f32, _P, _P, _P, _P)
     sig("dst_fast_cross_entropy", _i32, _P, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P, _P, _P)
     sig("dst_fast_mse", _i32, _P, _P, _SZ, _f32, _P, _P, _P)
+    sig("dst_fast_dkd", _i32, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32, _i32, _i32,
+        _f32, _P, _P, _P)
     # Device memory, the CUDA backend (a context first).
     sig("dst_cuda_create_on_stream", _i32, _P, ctypes.POINTER(_P))
     sig("dst_cuda_destroy", _P)
@@ -86,6 +88,8 @@ def _declare(lib) -> None:
         _i32, _f32, _P, _P, _P, _P)
     sig("dst_cuda_cross_entropy", _P, _P, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P, _P, _P)
     sig("dst_cuda_mse", _P, _P, _P, _SZ, _f32, _P, _P, _P)
+    sig("dst_cuda_dkd", _P, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32, _i32, _i32, _f32,
+        _P, _P, _P)
 
 
 def lib():
@@ -117,7 +121,7 @@ def check(status: int) -> None:
 
 
 def version() -> tuple[int, str]:
-    """(C ABI version, crate version), e.g. ``(4, "0.1.0")``."""
+    """(C ABI version, crate version), e.g. ``(5, "0.1.0")``."""
     h = lib()
     return int(h.dst_version()), h.dst_version_string().decode()
 

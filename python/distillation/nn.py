@@ -26,6 +26,32 @@ class KDLoss(nn.Module):
                            reduction=self.reduction)
 
 
+class DKDLoss(nn.Module):
+    """Decoupled knowledge distillation: ``forward(student_logits, teacher_logits, labels,
+    epoch=None)``; see :func:`distillation.dkd_loss`. The KD terms are scaled by the linear
+    warm-up ``min(epoch / warmup_epochs, 1)`` (mdistiller's, epochs counted from 1) when
+    ``epoch`` is given and ``warmup_epochs > 0``, by 1 otherwise."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
+                 ce_weight: float = 1.0, warmup_epochs: int = 20, label_smoothing: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "batchmean"):
+        super().__init__()
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        self.ce_weight, self.warmup_epochs = ce_weight, warmup_epochs
+        self.label_smoothing, self.ignore_index, self.reduction = (
+            label_smoothing, ignore_index, reduction)
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor,
+                epoch: Optional[float] = None) -> Tensor:
+        warmup = 1.0
+        if epoch is not None and self.warmup_epochs > 0:
+            warmup = min(float(epoch) / self.warmup_epochs, 1.0)
+        return ops.dkd_loss(student, teacher, labels, self.temperature, self.alpha, self.beta,
+                            ce_weight=self.ce_weight, warmup=warmup,
+                            label_smoothing=self.label_smoothing,
+                            ignore_index=self.ignore_index, reduction=self.reduction)
+
+
 class SoftTargetLoss(nn.Module):
     """A soft-target divergence: ``forward(student_logits, teacher, labels=None)``; see
     :func:`distillation.soft_target_loss`."""

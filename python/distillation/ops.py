@@ -126,6 +126,33 @@ def _(student, labels, label_smoothing, ignore_index, reduction, rows, want_stud
     return student.new_empty((n,) if rows else ()), _grad_buffer(student, want_student)
 
 
+# ---- decoupled knowledge distillation ----
+
+@torch.library.custom_op("distillation::dkd", mutates_args=())
+def dkd_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float,
+           ce_weight: float, tckd_weight: float, nckd_weight: float, label_smoothing: float,
+           ignore_index: int, reduction: int, rows: bool,
+           want_student: bool) -> tuple[Tensor, Tensor]:
+    """DKD ``ce_weight * CE + T^2 * (tckd_weight * TCKD + nckd_weight * NCKD)`` on ``[N, C]``
+    float32 logits (``C >= 2``) and ``[N]`` int32 labels: (loss, grad_student or empty). The
+    teacher is detached (no teacher gradient)."""
+    n, c = student.shape
+    loss = student.new_zeros(())
+    row = student.new_zeros(n) if rows else None
+    gs = _grad_buffer(student, want_student)
+    _launch("dkd", student.device, _ptr(student), _ptr(teacher), _ptr(labels), n, c, temperature,
+            ce_weight, tckd_weight, nckd_weight, label_smoothing, ignore_index, reduction, 1.0,
+            _ptr(loss), _ptr(row), _ptr(gs))
+    return (row if rows else loss), gs
+
+
+@dkd_op.register_fake
+def _(student, teacher, labels, temperature, ce_weight, tckd_weight, nckd_weight,
+      label_smoothing, ignore_index, reduction, rows, want_student):
+    n = student.shape[0]
+    return student.new_empty((n,) if rows else ()), _grad_buffer(student, want_student)
+
+
 # ---- feature MSE ----
 
 @torch.library.custom_op("distillation::mse", mutates_args=())
@@ -172,6 +199,9 @@ divergence_op.register_autograd(
 cross_entropy_op.register_autograd(
     lambda ctx, upstream, *_: _backward(ctx, upstream) + (None,) * 6,
     setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 5))
+dkd_op.register_autograd(
+    lambda ctx, upstream, *_: _backward(ctx, upstream) + (None,) * 11,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 10))
 mse_op.register_autograd(
     lambda ctx, upstream, *_: _backward(ctx, upstream) + (None, None),
     setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, None))
@@ -294,6 +324,30 @@ def soft_target_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0,
                                _wants(t) and tin == 0)
     if not scale_t2:
         loss = loss / (float(temperature) ** 2)
+    return _out(loss, student, rows)
+
+
+def dkd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float = 4.0,
+             alpha: float = 1.0, beta: float = 8.0, *, ce_weight: float = 1.0,
+             warmup: float = 1.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+             reduction: str = "batchmean") -> Tensor:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022; ``docs/LOSSES.md`` section 8),
+    one fused kernel: ``ce_weight * CE(student, labels) + warmup * T^2 * (alpha * TCKD + beta *
+    NCKD)`` with ``p = softmax(student/T)``, ``q = softmax(teacher/T)`` and the label's class g:
+    TCKD the KL of the binary ``[q_g, 1 - q_g]`` against ``[p_g, 1 - p_g]``, NCKD the KL among
+    the other classes renormalised. The paper's defaults: T 4, alpha 1, beta 8, ``warmup =
+    min(epoch / 20, 1)`` (pass it; :class:`distillation.DKDLoss` computes it from the epoch).
+    ``[..., C]`` logits (C >= 2), ``[...]`` labels; ``reduction`` ``"batchmean"`` (mean over the
+    rows whose label is not ``ignore_index``), ``"sum"`` or ``"none"``. Differentiable in
+    ``student``; the teacher is detached (no gradient even if it requires one)."""
+    s, t = _float_rows(student, "student"), _float_rows(teacher, "teacher")
+    _same_shape(student, teacher, "student", "teacher")
+    y = _labels(labels, s, s.shape[0])
+    red, rows = _reduction(reduction, _KL_REDUCTIONS)
+    w = float(warmup)
+    loss, _ = dkd_op(s, t.detach(), y, float(temperature), float(ce_weight), float(alpha) * w,
+                     float(beta) * w, float(label_smoothing), _ignore(ignore_index), red, rows,
+                     _wants(s))
     return _out(loss, student, rows)
 
 

@@ -13,7 +13,8 @@ use crate::ops::optim::{self as optim_ops, AdamSpec, SgdSpec};
 use crate::ops::relational as rel;
 use crate::ops::RowLossResult;
 use crate::ops::{
-    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    SoftmaxSpec,
 };
 
 /// A host array standing in for a device buffer.
@@ -199,6 +200,19 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
         let r = ops::hinton::reference::hinton(spec, &student.to_f64(), &teacher.to_f64(), labels);
+        self.write_loss_out(student, &r, out)
+    }
+
+    unsafe fn dkd_unchecked(
+        &self,
+        spec: &DkdSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
+        let r = ops::dkd::reference::dkd(spec, &student.to_f64(), &teacher.to_f64(), labels);
         self.write_loss_out(student, &r, out)
     }
 

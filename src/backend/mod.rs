@@ -19,7 +19,7 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
 
 /// Where the student's gradient goes.
@@ -45,7 +45,7 @@ impl<B: Backend + ?Sized> GradOut<'_, B> {
     }
 }
 
-/// The outputs of a row loss (divergence, cross-entropy, Hinton).
+/// The outputs of a row loss (divergence, cross-entropy, Hinton, DKD).
 pub struct LossOut<'a, B: Backend + ?Sized> {
     /// `[1]`: the reduced loss (for `Reduction::None`, the sum of the rows).
     pub loss: &'a B::Buffer,
@@ -173,6 +173,21 @@ pub trait Backend {
         validate::hinton(self, spec, student, teacher, labels, &out)?;
         // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
         unsafe { self.hinton_unchecked(spec, student, teacher, labels, out) }
+    }
+
+    /// Decoupled knowledge distillation `w_ce CE + T^2 (w_tc TCKD + w_nc NCKD)` (spec section 8).
+    /// The teacher is detached: `out.grad_teacher` must be `None`.
+    fn dkd(
+        &self,
+        spec: &DkdSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        labels: &Self::Labels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        validate::dkd(self, spec, student, teacher, labels, &out)?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.dkd_unchecked(spec, student, teacher, labels, out) }
     }
 
     /// Feature-map MSE (spec section 5): `loss[0]`, and `dL/da`, `dL/db` when given.
@@ -491,6 +506,15 @@ pub trait Backend {
     unsafe fn hinton_unchecked(
         &self,
         spec: &HintonSpec,
+        student: &Self::Buffer,
+        teacher: &Self::Buffer,
+        labels: &Self::Labels,
+        out: LossOut<'_, Self>,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    unsafe fn dkd_unchecked(
+        &self,
+        spec: &DkdSpec,
         student: &Self::Buffer,
         teacher: &Self::Buffer,
         labels: &Self::Labels,

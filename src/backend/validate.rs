@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec, TeacherInput,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    TeacherInput,
 };
 
 fn check_len<B: Backend + ?Sized>(
@@ -204,6 +205,27 @@ pub fn hinton<B: Backend + ?Sized>(
     spec.shape.check_len("student", b.len(student))?;
     spec.shape.check_len("teacher", b.len(teacher))?;
     check_labels_len(b, labels, spec.shape.rows)?;
+    loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    loss_out_alias(b, out, student, Some(teacher))
+}
+
+pub fn dkd<B: Backend + ?Sized>(
+    b: &B,
+    spec: &DkdSpec,
+    student: &B::Buffer,
+    teacher: &B::Buffer,
+    labels: &B::Labels,
+    out: &LossOut<'_, B>,
+) -> Result<()> {
+    spec.validate()?;
+    spec.shape.check_len("student", b.len(student))?;
+    spec.shape.check_len("teacher", b.len(teacher))?;
+    check_labels_len(b, labels, spec.shape.rows)?;
+    if out.grad_teacher.is_some() {
+        return Err(Error::Unsupported(
+            "DKD's teacher is detached: pass no grad_teacher (grad_teacher: None)".into(),
+        ));
+    }
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
     loss_out_alias(b, out, student, Some(teacher))
 }

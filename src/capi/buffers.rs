@@ -104,6 +104,15 @@ impl<M: Buffers> Memory for M {
                         b.cross_entropy(spec, s, &l, o)
                     })
                 }
+                RowLoss::Dkd {
+                    spec,
+                    teacher,
+                    labels,
+                } => {
+                    let t = self.input(teacher, len)?;
+                    let l = self.labels(labels, n, c, spec.ignore_index)?;
+                    rows(self, shape, student, out, |s, o| b.dkd(spec, s, &t, &l, o))
+                }
             }
         }
     }

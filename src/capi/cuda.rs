@@ -8,7 +8,7 @@ use std::ffi::c_void;
 use super::args::non_null;
 #[cfg(feature = "cuda")]
 use super::buffers::{Buf, Buffers, Labels};
-use super::losses::{CrossEntropyArgs, DivergenceArgs, HintonArgs, MseArgs};
+use super::losses::{CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, MseArgs};
 #[cfg(any(doc, not(feature = "cuda")))]
 use super::status::DST_ERR_UNAVAILABLE;
 use super::status::{ffi, Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
@@ -19,7 +19,7 @@ use super::{
 };
 #[cfg(doc)]
 use super::{
-    host::{dst_cpu_cross_entropy, dst_cpu_divergence, dst_cpu_hinton, dst_cpu_mse},
+    host::{dst_cpu_cross_entropy, dst_cpu_divergence, dst_cpu_dkd, dst_cpu_hinton, dst_cpu_mse},
     status::DST_ERR_LABEL,
 };
 #[cfg(not(feature = "cuda"))]
@@ -282,6 +282,39 @@ pub unsafe extern "C" fn dst_cuda_hinton(
     #[rustfmt::skip]
     let args = HintonArgs { student, teacher, labels, n, c, temperature, alpha, label_smoothing,
         ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher };
+    // SAFETY: this function's contract is `run`'s and `Device`'s.
+    unsafe { args.run(Device(ctx)) }
+}
+
+/// [`dst_cpu_dkd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules; labels out
+/// of range give those rows a NaN loss).
+///
+/// # Safety
+/// As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_dkd`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_cuda_dkd(
+    ctx: *const dst_cuda,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    temperature: f32,
+    ce_weight: f32,
+    tckd_weight: f32,
+    nckd_weight: f32,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+) -> i32 {
+    #[rustfmt::skip]
+    let args = DkdArgs { student, teacher, labels, n, c, temperature, ce_weight, tckd_weight,
+        nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
+        grad_student };
     // SAFETY: this function's contract is `run`'s and `Device`'s.
     unsafe { args.run(Device(ctx)) }
 }

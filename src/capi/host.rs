@@ -4,7 +4,9 @@
 
 use super::args::RawOut;
 use super::buffers::{Buf, Buffers, Labels};
-use super::losses::{CrossEntropyArgs, DivergenceArgs, HintonArgs, Memory, MseArgs, RowLoss};
+use super::losses::{
+    CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, Memory, MseArgs, RowLoss,
+};
 use super::status::{Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
 use crate::backend::cpu_fast::HostOut;
 use crate::backend::Backend;
@@ -136,6 +138,14 @@ impl Memory for HostBorrow {
                 RowLoss::CrossEntropy { spec, labels } => {
                     fast.cross_entropy_host(spec, student, host_slice(labels, n), out)?
                 }
+                RowLoss::Dkd {
+                    spec,
+                    teacher,
+                    labels,
+                } => {
+                    let (t, l) = (host_slice(teacher, len), host_slice(labels, n));
+                    fast.dkd_host(spec, student, t, l, out)?
+                }
             }
         }
         Ok(())
@@ -221,6 +231,78 @@ pub unsafe extern "C" fn dst_fast_hinton(
     #[rustfmt::skip]
     let args = HintonArgs { student, teacher, labels, n, c, temperature, alpha, label_smoothing,
         ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher };
+    // SAFETY: this function's contract is `run`'s.
+    unsafe { args.run(HostBorrow { threads }) }
+}
+
+/// Decoupled knowledge distillation `ce_weight CE + T^2 (tckd_weight TCKD + nckd_weight NCKD)` on
+/// host memory (CPU reference backend, f64 inside; [`dst_fast_dkd`] is the fast f32 backend):
+/// TCKD the binary KL of the label's class against the rest, NCKD the KL among the other classes
+/// renormalised (`docs/LOSSES.md` section 8). DKD's paper uses `ce_weight` 1, `tckd_weight`
+/// alpha = 1 and `nckd_weight` beta = 8 (both times its warm-up factor), T = 4.
+///
+/// `student`, `teacher`: `[n, c]` logits, `c >= 2`; `labels`: `[n]`. Outputs: `loss` (1 float,
+/// required), `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`, optional, may equal
+/// `student` for an in-place gradient). The teacher is detached: there is no teacher gradient.
+/// Labels out of range are an error.
+///
+/// # Safety
+/// Every non-null pointer must be valid for the number of elements named above.
+#[no_mangle]
+pub unsafe extern "C" fn dst_cpu_dkd(
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    temperature: f32,
+    ce_weight: f32,
+    tckd_weight: f32,
+    nckd_weight: f32,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+) -> i32 {
+    #[rustfmt::skip]
+    let args = DkdArgs { student, teacher, labels, n, c, temperature, ce_weight, tckd_weight,
+        nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
+        grad_student };
+    // SAFETY: this function's contract is `run`'s.
+    unsafe { args.run(HostCopy::new()) }
+}
+
+/// [`dst_cpu_dkd`] on the fast CPU backend, as [`dst_fast_hinton`] is to [`dst_cpu_hinton`].
+///
+/// # Safety
+/// As [`dst_cpu_dkd`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_fast_dkd(
+    threads: i32,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    temperature: f32,
+    ce_weight: f32,
+    tckd_weight: f32,
+    nckd_weight: f32,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+) -> i32 {
+    #[rustfmt::skip]
+    let args = DkdArgs { student, teacher, labels, n, c, temperature, ce_weight, tckd_weight,
+        nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
+        grad_student };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostBorrow { threads }) }
 }

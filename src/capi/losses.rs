@@ -11,7 +11,7 @@
 
 use super::args::{divergence, non_null, reduction, teacher_input, RawOut};
 use super::status::{ffi, FfiResult};
-use crate::ops::{CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, RowShape};
+use crate::ops::{CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, RowShape};
 
 /// Where an entry point's pointers point and which backend computes on them: the only thing in
 /// which `dst_cpu_*`, `dst_fast_*` and `dst_cuda_*` differ.
@@ -56,6 +56,11 @@ pub(super) enum RowLoss<'a> {
         spec: &'a CrossEntropySpec,
         labels: *const i32,
     },
+    Dkd {
+        spec: &'a DkdSpec,
+        teacher: *const f32,
+        labels: *const i32,
+    },
 }
 
 impl RowLoss<'_> {
@@ -65,6 +70,7 @@ impl RowLoss<'_> {
             RowLoss::Hinton { spec, .. } => spec.shape,
             RowLoss::Divergence { spec, .. } => spec.shape,
             RowLoss::CrossEntropy { spec, .. } => spec.shape,
+            RowLoss::Dkd { spec, .. } => spec.shape,
         }
     }
 }
@@ -235,6 +241,68 @@ impl CrossEntropyArgs {
             spec.validate()?;
             let loss = RowLoss::CrossEntropy {
                 spec: &spec,
+                labels: self.labels,
+            };
+            // SAFETY: as in `HintonArgs::run`.
+            unsafe { memory.row_loss(loss, self.student, out) }
+        })
+    }
+}
+
+/// The arguments of `dst_*_dkd` after the memory's own, in the C order (no teacher gradient:
+/// DKD's teacher is detached).
+pub(super) struct DkdArgs {
+    pub student: *const f32,
+    pub teacher: *const f32,
+    pub labels: *const i32,
+    pub n: usize,
+    pub c: usize,
+    pub temperature: f32,
+    pub ce_weight: f32,
+    pub tckd_weight: f32,
+    pub nckd_weight: f32,
+    pub label_smoothing: f32,
+    pub ignore_index: i32,
+    pub reduction_code: i32,
+    pub grad_scale: f32,
+    pub loss: *mut f32,
+    pub row_loss: *mut f32,
+    pub grad_student: *mut f32,
+}
+
+impl DkdArgs {
+    /// Checks the arguments, builds the spec and runs DKD on `memory`; the status code.
+    ///
+    /// # Safety
+    /// As [`HintonArgs::run`].
+    pub unsafe fn run(self, memory: impl Memory) -> i32 {
+        ffi(|| {
+            memory.check_handle()?;
+            non_null("student", self.student)?;
+            non_null("teacher", self.teacher)?;
+            non_null("labels", self.labels)?;
+            let out = RawOut {
+                loss: self.loss,
+                row_loss: self.row_loss,
+                grad_student: self.grad_student,
+                grad_teacher: std::ptr::null_mut(),
+            };
+            out.check((self.n, self.c), self.student, self.teacher, self.labels)?;
+            let spec = DkdSpec {
+                shape: RowShape::new(self.n, self.c),
+                temperature: self.temperature,
+                ce_weight: self.ce_weight,
+                tckd_weight: self.tckd_weight,
+                nckd_weight: self.nckd_weight,
+                label_smoothing: self.label_smoothing,
+                reduction: reduction(self.reduction_code)?,
+                ignore_index: self.ignore_index,
+                grad_scale: self.grad_scale,
+            };
+            spec.validate()?;
+            let loss = RowLoss::Dkd {
+                spec: &spec,
+                teacher: self.teacher,
                 labels: self.labels,
             };
             // SAFETY: as in `HintonArgs::run`.

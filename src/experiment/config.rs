@@ -60,6 +60,11 @@ pub struct Config {
     /// Weights of the similarity-preserving and RKD-distance terms (the papers' 3000 and 25).
     pub sp_weight: f32,
     pub rkd_weight: f32,
+    /// DKD's weights of TCKD and NCKD (the paper's alpha 1 and beta 8) and the epochs of the
+    /// linear warm-up of both (20).
+    pub dkd_alpha: f32,
+    pub dkd_beta: f32,
+    pub dkd_warmup: usize,
     /// Where `Method::Cached` writes the soft targets.
     pub cache_dir: std::path::PathBuf,
     /// A teacher trained elsewhere (`--teacher`), used in every fold instead of training one;
@@ -139,6 +144,9 @@ impl Default for Config {
             at_weight: 100.0,
             sp_weight: 3000.0,
             rkd_weight: 25.0,
+            dkd_alpha: crate::ops::dkd::DEFAULT_ALPHA,
+            dkd_beta: crate::ops::dkd::DEFAULT_BETA,
+            dkd_warmup: crate::ops::dkd::DEFAULT_WARMUP_EPOCHS,
             cache_dir: std::env::temp_dir().join("distillation-cache"),
             teacher: None,
         }

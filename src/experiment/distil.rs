@@ -155,7 +155,7 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
             let augment = cfg.augment.then_some((&mut order.augment, cfg.noise));
             let (batch, x_host) = gather(backend, self.cx.data, &idx, b.len(), augment)?;
             let targets = self.batch_targets(&idx, &x_host, batch.rows)?;
-            self.step(epoch, batch, targets.as_ref(), &total)?;
+            self.step(epoch, (batch, b.len()), targets.as_ref(), &total)?;
             progress(Progress::Step(self.cx.fold));
         }
         Ok(total.to_host(backend)?[0] as f64 / batches.len() as f64)
@@ -180,12 +180,13 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
         Ok(Some((values, t.form)))
     }
 
-    /// One step: the student's cross-entropy and the method's terms on one tape, backward, the
-    /// optimizer on the student and the modules; adds the student's objective to `total`.
+    /// One step (a batch whose first `labelled` rows have labels): the student's cross-entropy
+    /// and the method's terms on one tape, backward, the optimizer on the student and the
+    /// modules; adds the student's objective to `total`.
     fn step(
         &mut self,
         epoch: usize,
-        batch: Batch<B>,
+        (batch, labelled): (Batch<B>, usize),
         targets: Option<&(Vec<f32>, TeacherInput)>,
         total: &Tensor<B>,
     ) -> Result<()> {
@@ -199,7 +200,7 @@ impl<'r, B: Backend, M: Distill> Learner<'r, B, M> {
             x,
             &fwd,
             epoch,
-            &batch.labels,
+            (&batch.labels, labelled),
             self.teachers,
             targets.map(|(v, form)| (v.as_slice(), *form)),
             self.features,

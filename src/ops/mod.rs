@@ -9,6 +9,7 @@
 //! | forward KL, reverse KL, JSD | 2 | [`divergence`] | `divergence.wgsl` | `divergence.cu` |
 //! | cross-entropy | 3 | [`cross_entropy`] | `cross_entropy.wgsl` | `cross_entropy.cu` |
 //! | fused Hinton loss | 4 | [`hinton`] | `hinton.wgsl` | `hinton.cu` |
+//! | decoupled KD (DKD) | 8 | [`dkd`] | `dkd.wgsl` | `dkd.cu` |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
 //! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
@@ -22,6 +23,7 @@ pub mod conv;
 pub mod cross_entropy;
 pub mod dense;
 pub mod divergence;
+pub mod dkd;
 pub mod feature;
 pub mod hinton;
 pub mod optim;
@@ -30,6 +32,7 @@ pub mod softmax;
 
 pub use cross_entropy::CrossEntropySpec;
 pub use divergence::{check_reverse_kl_support, DivergenceSpec};
+pub use dkd::DkdSpec;
 pub use feature::{AttentionSpec, MseSpec};
 pub use hinton::HintonSpec;
 pub use softmax::SoftmaxSpec;

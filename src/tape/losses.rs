@@ -7,7 +7,8 @@ use super::{Tape, Tensor, Var};
 use crate::backend::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, RowShape, TeacherInput,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, RowShape,
+    TeacherInput,
 };
 
 impl<'a, B: Backend + 'a> Tape<'a, B> {
@@ -105,6 +106,33 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             |l, gs, gt| {
                 self.backend
                     .hinton(&spec, &s.buf, &t.buf, labels, Self::loss_out(l, gs, gt))
+            },
+        )
+    }
+
+    /// Decoupled knowledge distillation `w_ce CE + T^2 (w_tc TCKD + w_nc NCKD)` (`docs/LOSSES.md`
+    /// section 8) of student logits against teacher logits, which are detached: the teacher
+    /// gets no gradient even where it is a variable (DKD distils a fixed teacher). Weight
+    /// `spec.grad_scale`; `spec.shape` is taken from the logits.
+    pub fn dkd(
+        &self,
+        student: Var,
+        teacher: Var,
+        labels: &B::Labels,
+        spec: DkdSpec,
+    ) -> Result<Var> {
+        let spec = DkdSpec {
+            shape: self.row_shape(student),
+            ..spec
+        };
+        let (s, t) = (self.value(student), self.value(teacher));
+        self.loss_op(
+            spec.grad_scale,
+            (student, self.requires_grad(student)),
+            (teacher, false),
+            |l, gs, _| {
+                self.backend
+                    .dkd(&spec, &s.buf, &t.buf, labels, Self::loss_out(l, gs, None))
             },
         )
     }
@@ -230,8 +258,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 /// The error for a loss operation on a value that is not a loss.
 pub(super) fn not_a_loss() -> Error {
     Error::Unsupported(
-        "not a loss value: backward and the loss weights take the values of hinton, divergence, \
-         cross_entropy, mse, smooth_l1, attention_transfer, similarity_preserving, rkd_distance"
+        "not a loss value: backward and the loss weights take the values of hinton, dkd, \
+         divergence, cross_entropy, mse, smooth_l1, attention_transfer, similarity_preserving, \
+         rkd_distance"
             .into(),
     )
 }

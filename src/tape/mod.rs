@@ -19,7 +19,7 @@
 //! family: `dense.rs` (matmul, bias add, ReLU, reshape),
 //! `conv.rs` (im2col, conv2d, pooling, channels-first), `relational.rs` (row normalisation,
 //! pairwise distances, off-diagonal normalisation, similarity-preserving and RKD losses) and
-//! `losses.rs` (Hinton, divergences, cross-entropy, MSE, attention transfer, smooth L1).
+//! `losses.rs` (Hinton, DKD, divergences, cross-entropy, MSE, attention transfer, smooth L1).
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -201,6 +201,48 @@ int main(void) {
                    DST_ERR_ALIAS);
     }
 
+    /* DKD: T = 4, ce_weight 1, TCKD 1, NCKD 8 (the paper's), label smoothing 0.1, batchmean,
+     * grad_scale 0.5; in place; the fast backend within 1e-4 on 1 and 3 threads (same bits). */
+    {
+        float ref_g[LEN], fast_g[LEN], fast1_g[LEN], ref_loss;
+        expect_ok("dkd", dst_cpu_dkd(s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.1f, -100, 0, 0.5f,
+                                     &loss, rows, g));
+        print_array("dkd.loss", &loss, 1);
+        print_array("dkd.row_loss", rows, N);
+        print_array("dkd.grad_student", g, LEN);
+        memcpy(inplace, s, sizeof s);
+        expect_ok("dkd_inplace", dst_cpu_dkd(inplace, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.1f,
+                                             -100, 0, 0.5f, &loss, NULL, inplace));
+        print_array("dkd_inplace.grad_student", inplace, LEN);
+        ref_loss = loss;
+        memcpy(ref_g, inplace, sizeof ref_g);
+        for (int threads = 1; threads <= 3; threads += 2) {
+            float *dst = threads == 1 ? fast1_g : fast_g;
+            expect_ok("fast_dkd", dst_fast_dkd(threads, s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f,
+                                               0.1f, -100, 0, 0.5f, &loss, NULL, dst));
+            expect_close("fast_dkd.loss", &loss, &ref_loss, 1);
+            expect_close("fast_dkd.grad_student", dst, ref_g, LEN);
+        }
+        if (memcmp(fast_g, fast1_g, sizeof fast_g) != 0) {
+            fprintf(stderr, "FAIL fast_dkd: 1 and 3 threads give different bits\n");
+            failures++;
+        }
+        int32_t bad[N] = {1, 5, 0, 0};
+        expect_err("label_dkd", dst_cpu_dkd(s, t, bad, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f, -100, 0,
+                                            1.0f, &loss, NULL, g), DST_ERR_LABEL);
+        expect_err("dkd_one_class", dst_cpu_dkd(s, t, labels, N, 1, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f,
+                                                -100, 0, 1.0f, &loss, NULL, NULL),
+                   DST_ERR_INVALID_ARGUMENT);
+        expect_err("dkd_weight", dst_fast_dkd(0, s, t, labels, N, C, 4.0f, 1.0f, -1.0f, 8.0f, 0.0f,
+                                              -100, 0, 1.0f, &loss, NULL, g),
+                   DST_ERR_INVALID_ARGUMENT);
+        expect_err("dkd_alias", dst_cpu_dkd(s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f, -100, 0,
+                                            1.0f, &loss, NULL, t), DST_ERR_ALIAS);
+        expect_err("cuda_dkd_null_ctx", dst_cuda_dkd(NULL, s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f,
+                                                     0.0f, -100, 0, 1.0f, &loss, NULL, g),
+                   DST_ERR_NULL_POINTER);
+    }
+
     /* MSE between s and t, grad_scale 2. */
     expect_ok("mse", dst_cpu_mse(s, t, LEN, 2.0f, &loss, g, gt));
     print_array("mse.loss", &loss, 1);

@@ -9,6 +9,7 @@
 #include "../../src/ops/divergence/divergence.cu"
 #include "../../src/ops/cross_entropy/cross_entropy.cu"
 #include "../../src/ops/hinton/hinton.cu"
+#include "../../src/ops/dkd/dkd.cu"
 #include "../../src/ops/feature/feature.cu"
 #include "../../src/ops/dense/dense.cu"
 #include "../../src/ops/optim/optim.cu"
@@ -800,6 +801,8 @@ static void test_hinton(size_t n, size_t c, float T, float alpha, float eps, int
     if (T >= 5e3f) note(worst_hinton_t_hi);
 }
 
+#include "dkd_checks.h"  // test_dkd, dkd_cases (src/ops/dkd/dkd.cu)
+
 // mode 0: MSE; mode 1: smooth L1 (src/ops/relational/ smooth_l1_reference).
 static void test_mse(size_t m, bool grads, bool inject, unsigned mode = 0) {
     auto a = rand_logits(m, 3.0), b = rand_logits(m, 3.0);
@@ -1321,6 +1324,13 @@ int main(int argc, char** argv) {
         printf("hinton T>=5e3: worst %.3g (%s)\n", worst_hinton_t_hi.rel, worst_hinton_t_hi.what.c_str());
         return finish();
     }
+    // DKD over the whole accepted T range, C from 2 to 2^15; EMU_DKD_T fixes T.
+    const float dkd_t = getenv("EMU_DKD_T") ? (float)atof(getenv("EMU_DKD_T")) : 0.f;
+    if (getenv("EMU_DKD")) {  // only the DKD cases, with a summary at the T ends
+        dkd_cases(cases, dkd_t, pickT, pickN);
+        print_dkd_summary();
+        return finish();
+    }
     for (int i = 0; i < cases; ++i) {
         size_t c = pickC(), n = pickN();
         test_softmax(n, c, pickT(), irand(0, 1), scales[irand(0, 2)]);
@@ -1367,6 +1377,14 @@ int main(int argc, char** argv) {
         test_ce(pickN(), pickC(), irand(0, 1) ? 0.f : 0.1f, irand(0, 2), scales[irand(0, 2)], irand(0, 1),
                 irand(0, 4) == 0, irand(0, 9) == 0);
     hinton_cases(cases);
+    {
+        // DKD's cases draw from a stream of their own, so that the families after them get the
+        // cases they had before DKD was added, seed for seed.
+        const std::mt19937_64 saved = rng;
+        rng.seed(rng() ^ 0xd1cd1cull);
+        dkd_cases(cases, dkd_t, pickT, pickN);
+        rng = saved;
+    }
     for (size_t m : {1ul, 5ul, 300ul, 4097ul, 100000ul}) {
         test_mse(m, true, false);
         test_mse(m, m > 1, m > 4);

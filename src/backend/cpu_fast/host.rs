@@ -9,7 +9,9 @@ use super::{read, write, FastCpuBackend};
 use crate::backend::cpu::CpuBuffer;
 use crate::backend::{GradOut, LossOut};
 use crate::error::Result;
-use crate::ops::{self, reduction_factor, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec};
+use crate::ops::{
+    self, reduction_factor, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+};
 
 /// The factor that turns the sum of the valid rows' losses into the reduced loss.
 fn scale_for(reduction: crate::ops::Reduction, rows: row_losses::Rows<'_>) -> f64 {
@@ -214,6 +216,57 @@ impl FastCpuBackend {
             k,
         };
         Ok((rows::run(&op, self.simd, self.threads), scale))
+    }
+
+    /// Decoupled knowledge distillation over arrays (after the spec's validation).
+    pub(super) fn dkd_rows(
+        &self,
+        spec: &DkdSpec,
+        student: row_losses::Student,
+        teacher: &[f32],
+        labels: &[i32],
+    ) -> Result<RowLosses> {
+        ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
+        let rows = row_losses::Rows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            labels: Some(labels),
+            ignore_index: spec.ignore_index,
+        };
+        let scale = scale_for(spec.reduction, rows);
+        let k = (spec.grad_scale as f64 * scale) as f32;
+        let op = row_losses::DkdRows {
+            rows,
+            student,
+            teacher: In::new(teacher),
+            temperature: spec.temperature,
+            ce_weight: spec.ce_weight,
+            tckd_weight: spec.tckd_weight,
+            nckd_weight: spec.nckd_weight,
+            label_smoothing: spec.label_smoothing,
+            k,
+        };
+        Ok((rows::run(&op, self.simd, self.threads), scale))
+    }
+
+    /// DKD on host memory, without copies (the C ABI's `dst_fast_dkd`).
+    ///
+    /// # Safety
+    /// As [`FastCpuBackend::hinton_host`] (`out.grad_teacher` null).
+    pub(crate) unsafe fn dkd_host(
+        &self,
+        spec: &DkdSpec,
+        student: *const f32,
+        teacher: &[f32],
+        labels: &[i32],
+        out: HostOut,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        let (st, _) = unsafe { out.arrays(student) };
+        let (losses, scale) = self.dkd_rows(spec, st, teacher, labels)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { out.store(&losses, scale) };
+        Ok(())
     }
 
     /// The fused Hinton loss on host memory, without copies (the C ABI's `dst_fast_hinton`).

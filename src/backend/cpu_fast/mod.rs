@@ -3,7 +3,7 @@
 //! The dense ops that dominate training (matmul, bias, ReLU, column sums, `axpy`, Adam, SGD) run
 //! in f32 here: matmul through the packed, register-blocked [`gemm`] (AVX2 + FMA when the CPU has
 //! them), the rest as plain loops the compiler vectorises. The losses (softmax and its backward,
-//! the divergences, cross-entropy, Hinton, MSE, attention transfer) have their own f32 kernels
+//! the divergences, cross-entropy, Hinton, DKD, MSE, attention transfer) have their own f32 kernels
 //! (`row_losses/`, one file per op family, and `feature.rs`) in the GPU kernels' passes, driven by [`rows`] over blocks of
 //! a row, on all cores for large calls, compiled for AVX-512, AVX2 or the baseline as the CPU
 //! allows (`vmath.rs`: the vectorised `exp` and `log` with their stated errors). The other ops
@@ -42,7 +42,7 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
 
 /// The fast CPU backend (f32). See the module documentation for what runs in f32.
@@ -376,6 +376,18 @@ impl Backend for FastCpuBackend {
         self.row_loss(student, out, |st, gt| {
             self.hinton_rows(spec, st, &tv, labels, gt)
         })
+    }
+
+    unsafe fn dkd_unchecked(
+        &self,
+        spec: &DkdSpec,
+        student: &CpuBuffer,
+        teacher: &CpuBuffer,
+        labels: &Vec<i32>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        let tv = read(teacher, "teacher")?;
+        self.row_loss(student, out, |st, _| self.dkd_rows(spec, st, &tv, labels))
     }
 
     unsafe fn mse_unchecked(

@@ -2,9 +2,9 @@
 //! reusable scratch memory, and [`CudaBackend::row_loss`], the sequence every row loss shares.
 //!
 //! Launch configurations (kept in sync with the comments of each `.cu` file):
-//! - row kernels (`softmax_*`, `divergence_*`, `cross_entropy_*`, `hinton_*`): `*_warp` (256 threads,
-//!   a warp per row, 8 rows per block) when C <= 1024, else `*_block` (a block per row, 128 to 1024
-//!   threads as C grows); grids go 2D past 2^31-1 blocks (`grid_for`);
+//! - row kernels (`softmax_*`, `divergence_*`, `cross_entropy_*`, `hinton_*`, `dkd_*`): `*_warp`
+//!   (256 threads, a warp per row, 8 rows per block) when C <= 1024, else `*_block` (a block per
+//!   row, 128 to 1024 threads as C grows); grids go 2D past 2^31-1 blocks (`grid_for`);
 //! - `count_valid`, `reduce_rows`, `mse_final`, `at_loss`, `offdiag_normalize*`: one block of 1024
 //!   threads;
 //! - `mse_partial` (MSE, and smooth L1 in mode 1): min(ceil(M/2048), 1024) blocks of 256, a

@@ -50,7 +50,8 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    SoftmaxSpec,
 };
 
 const BACKEND: &str = "cuda";
@@ -269,6 +270,8 @@ impl Backend for CudaBackend {
             labels: &CudaLabels, out: LossOut<'_, Self>) => cross_entropy::cuda::cross_entropy;
         hinton_unchecked(spec: &HintonSpec, student: &CudaBuffer, teacher: &CudaBuffer,
             labels: &CudaLabels, out: LossOut<'_, Self>) => hinton::cuda::hinton;
+        dkd_unchecked(spec: &DkdSpec, student: &CudaBuffer, teacher: &CudaBuffer,
+            labels: &CudaLabels, out: LossOut<'_, Self>) => dkd::cuda::dkd;
         mse_unchecked(spec: &MseSpec, a: &CudaBuffer, b: &CudaBuffer, loss: &CudaBuffer,
             grad_a: Option<&CudaBuffer>, grad_b: Option<&CudaBuffer>) => feature::cuda::mse;
         smooth_l1_unchecked(spec: &MseSpec, a: &CudaBuffer, b: &CudaBuffer, loss: &CudaBuffer,

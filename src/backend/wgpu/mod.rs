@@ -24,6 +24,8 @@ macro_rules! kernels {
                 out: LossOut<'_, Self>) => cross_entropy::wgpu::cross_entropy;
             hinton_unchecked(spec: &HintonSpec, student: &WgpuBuffer, teacher: &WgpuBuffer, labels: &WgpuLabels,
                 out: LossOut<'_, Self>) => hinton::wgpu::hinton;
+            dkd_unchecked(spec: &DkdSpec, student: &WgpuBuffer, teacher: &WgpuBuffer, labels: &WgpuLabels,
+                out: LossOut<'_, Self>) => dkd::wgpu::dkd;
             mse_unchecked(spec: &MseSpec, a: &WgpuBuffer, b: &WgpuBuffer, loss: &WgpuBuffer, grad_a: Option<&WgpuBuffer>,
                 grad_b: Option<&WgpuBuffer>) => feature::wgpu::mse;
             smooth_l1_unchecked(spec: &MseSpec, a: &WgpuBuffer, b: &WgpuBuffer, loss: &WgpuBuffer, grad_a: Option<&WgpuBuffer>,
@@ -92,7 +94,8 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    SoftmaxSpec,
 };
 
 const BACKEND: &str = "wgpu";
@@ -131,6 +134,7 @@ pub fn uniform_layouts() -> Vec<UniformLayout> {
         ops::divergence::wgpu::uniform_layouts(),
         ops::cross_entropy::wgpu::uniform_layouts(),
         ops::hinton::wgpu::uniform_layouts(),
+        ops::dkd::wgpu::uniform_layouts(),
         ops::feature::wgpu::uniform_layouts(),
         ops::dense::wgpu::uniform_layouts(),
         ops::optim::wgpu::uniform_layouts(),

@@ -98,6 +98,7 @@ pub const KERNELS: &[&WgslKernel] = &[
     &ops::divergence::wgpu::DIVERGENCE,
     &ops::cross_entropy::wgpu::CROSS_ENTROPY,
     &ops::hinton::wgpu::HINTON,
+    &ops::dkd::wgpu::DKD,
     &ops::feature::wgpu::MSE,
     &ops::feature::wgpu::ATTENTION,
     &ops::dense::wgpu::MATMUL,

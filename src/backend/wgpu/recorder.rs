@@ -23,7 +23,7 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
-    AttentionSpec, CrossEntropySpec, DivergenceSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
 };
 
 /// Records kernels into a caller's command encoder (see the module documentation).

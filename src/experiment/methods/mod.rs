@@ -22,6 +22,7 @@ use crate::ops::TeacherInput;
 mod attention;
 mod born_again;
 mod cached;
+mod dkd;
 mod ensemble;
 mod fitnets;
 mod kd;
@@ -163,6 +164,8 @@ macro_rules! registry {
 registry! {
     /// Response-based KD (Hinton): soft targets of a frozen teacher.
     Kd => kd::Kd,
+    /// Decoupled KD (Zhao et al. 2022): TCKD and NCKD weighed apart, with a warm-up.
+    Dkd => dkd::Dkd,
     /// FitNets: also match the teacher's first hidden layer through a learned regressor (MSE).
     FitNets => fitnets::FitNets,
     /// A teacher ensemble: the target is the mean of several teachers' `softmax(t/T)`.

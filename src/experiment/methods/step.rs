@@ -146,6 +146,8 @@ pub struct Step<'a, 'r, B: Backend> {
     /// The epoch, from 0 (for terms with a schedule, such as a warm-up).
     pub epoch: usize,
     labels: &'r B::Labels,
+    /// The batch's labelled rows (its first rows).
+    labelled: usize,
     teachers: &'r [&'r Net<B>],
     /// The batch's soft targets, `[rows, classes]`, when the method has them.
     targets: Option<(&'r [f32], TeacherInput)>,
@@ -162,7 +164,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         x: Var,
         student: &'r NetForward,
         epoch: usize,
-        labels: &'r B::Labels,
+        (labels, labelled): (&'r B::Labels, usize),
         teachers: &'r [&'r Net<B>],
         targets: Option<(&'r [f32], TeacherInput)>,
         features: Option<Features>,
@@ -174,6 +176,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
             student,
             epoch,
             labels,
+            labelled,
             teachers,
             targets,
             features,
@@ -182,7 +185,8 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         }
     }
 
-    fn shape(&self) -> RowShape {
+    /// The batch's shape, `[rows, classes]`.
+    pub fn shape(&self) -> RowShape {
         let (rows, classes) = self.tape.value(self.student.logits).rows_cols();
         RowShape::new(rows, classes)
     }
@@ -191,6 +195,18 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
     /// unlabelled rows.
     pub fn labels(&self) -> &'r B::Labels {
         self.labels
+    }
+
+    /// How many of the batch's rows are labelled: the first ones (the others' labels are
+    /// `IGNORE_INDEX`).
+    pub fn labelled_rows(&self) -> usize {
+        self.labelled
+    }
+
+    /// The batch's soft targets, `[rows, classes]` on the host, and their form (`None` for a
+    /// method without them).
+    pub fn soft_targets(&self) -> Option<(&'r [f32], TeacherInput)> {
+        self.targets
     }
 
     /// Cross-entropy of `logits` against the batch's labels (the unlabelled rows masked), of

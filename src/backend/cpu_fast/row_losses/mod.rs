@@ -1,5 +1,5 @@
 //! The fast CPU backend's row losses in f32 (`docs/LOSSES.md` sections 1-4): temperature softmax
-//! and its backward, cross-entropy, the fused Hinton loss and the three divergences, each a
+//! and its backward, cross-entropy, the fused Hinton loss, the three divergences and DKD, each a
 //! [`RowOp`] for the driver in `rows.rs`. The math is the GPU kernels' (`divergence.wgsl`
 //! explains the high-temperature forms): per block of a row, pass 1 takes the maxima and the
 //! sums of exponentials, pass 2 the loss sums and the gradients.
@@ -121,11 +121,13 @@ pub(super) fn max_and_bad(x: In, base: usize, j0: usize, j1: usize) -> (f32, boo
 // After the helpers above: `for_steps!` must be defined before the modules that use it.
 mod cross_entropy;
 mod divergence;
+mod dkd;
 mod hinton;
 mod soft_targets;
 mod softmax;
 
 pub use cross_entropy::{CrossEntropyRows, Student};
 pub use divergence::DivergenceRows;
+pub use dkd::DkdRows;
 pub use hinton::HintonRows;
 pub use softmax::{SoftmaxBackwardRows, SoftmaxRows};
