@@ -16,6 +16,7 @@
 //! The passes run compiled for AVX-512, AVX2 or baseline x86-64 / other targets ([`Simd`]), chosen
 //! once at run time: the same source and, since no operation is fused or reordered, the same bits.
 
+use crate::dtype::{Dtype, HostVec};
 use std::sync::{Barrier, Mutex};
 
 /// Columns per block.
@@ -357,39 +358,78 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A read-only input array shared by the threads of a call.
+/// A read-only input array shared by the threads of a call, of any [`Dtype`]: elements are
+/// read as f32 (exactly: bf16 and f16 widen without rounding).
 #[derive(Clone, Copy)]
-pub struct In(*const f32);
+pub struct In {
+    p: *const u8,
+    dtype: Dtype,
+}
 
-/// An output array shared by the threads of a call, each writing its own elements.
+/// An output array shared by the threads of a call, each writing its own elements; values are
+/// rounded once to the array's [`Dtype`] (to nearest, ties to even) as they are stored.
 #[derive(Clone, Copy)]
-pub struct Out(*mut f32);
+pub struct Out {
+    p: *mut u8,
+    dtype: Dtype,
+}
 
 // SAFETY: the arrays outlive the call (the driver's threads are scoped), `In` is only read, and
 // the driver hands each element of an `Out` to one thread (see `RowOp`). An in-place gradient
 // (`In` and `Out` over the same student array) is written only in a pass after the last read of
-// the same elements, or at the same index right after reading it.
+// the same elements, or at the same index right after reading it. bf16 and f16 elements are 2
+// bytes each: no two threads write the same byte.
 unsafe impl Send for In {}
 unsafe impl Sync for In {}
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// Element `i` of a 2-byte array as f32.
+#[inline(always)]
+unsafe fn half_at(p: *const u8, dtype: Dtype, i: usize) -> f32 {
+    // SAFETY: the caller's bound; 2-byte elements, read unaligned (host memory from C may be).
+    let bits = unsafe { p.cast::<u16>().add(i).read_unaligned() };
+    match dtype {
+        Dtype::Bf16 => f32::from_bits((bits as u32) << 16),
+        _ => half::f16::from_bits(bits).to_f32(),
+    }
+}
+
 impl In {
     pub fn new(data: &[f32]) -> In {
-        In(data.as_ptr())
+        In {
+            p: data.as_ptr().cast(),
+            dtype: Dtype::F32,
+        }
     }
 
-    /// Over a raw array (host memory of the C ABI).
+    /// Over a host vector of any dtype.
+    pub fn of(data: &HostVec) -> In {
+        In {
+            p: data.as_ptr(),
+            dtype: data.dtype(),
+        }
+    }
+
+    /// Over a raw array of `dtype` (host memory of the C ABI).
     ///
     /// # Safety
     /// `p` is readable for every index the call uses, for as long as the call runs.
-    pub unsafe fn from_raw(p: *const f32) -> In {
-        In(p)
+    pub unsafe fn from_raw(p: *const u8, dtype: Dtype) -> In {
+        In { p, dtype }
     }
 
     /// Over an array that is also written in place (the in-place gradient).
     pub fn over(out: Out) -> In {
-        In(out.0)
+        In {
+            p: out.p,
+            dtype: out.dtype,
+        }
+    }
+
+    /// The array's element type.
+    pub fn dtype(self) -> Dtype {
+        self.dtype
     }
 
     /// Element `i`.
@@ -399,7 +439,12 @@ impl In {
     #[inline(always)]
     pub unsafe fn at(self, i: usize) -> f32 {
         // SAFETY: the caller's bound.
-        unsafe { self.0.add(i).read() }
+        unsafe {
+            match self.dtype {
+                Dtype::F32 => self.p.cast::<f32>().add(i).read_unaligned(),
+                d => half_at(self.p, d, i),
+            }
+        }
     }
 
     /// `n <= LANES` elements from `i`, zeros after them.
@@ -409,24 +454,50 @@ impl In {
     #[inline(always)]
     pub unsafe fn load(self, i: usize, n: usize) -> [f32; super::vmath::LANES] {
         let mut v = [0.0f32; super::vmath::LANES];
-        // SAFETY: the caller's bound; `v` is a local of LANES >= n floats.
-        unsafe { std::ptr::copy_nonoverlapping(self.0.add(i), v.as_mut_ptr(), n) };
+        match self.dtype {
+            // SAFETY: the caller's bound; `v` is a local of LANES >= n floats.
+            Dtype::F32 => unsafe {
+                std::ptr::copy_nonoverlapping(self.p.cast::<f32>().add(i), v.as_mut_ptr(), n)
+            },
+            d => {
+                for (k, vk) in v.iter_mut().enumerate().take(n) {
+                    // SAFETY: the caller's bound.
+                    *vk = unsafe { half_at(self.p, d, i + k) };
+                }
+            }
+        }
         v
     }
 }
 
 impl Out {
     pub fn new(data: &mut [f32]) -> Out {
-        Out(data.as_mut_ptr())
+        Out {
+            p: data.as_mut_ptr().cast(),
+            dtype: Dtype::F32,
+        }
     }
 
-    /// Over a raw array (host memory of the C ABI).
+    /// Over a host vector of any dtype.
+    pub fn of(data: &mut HostVec) -> Out {
+        Out {
+            dtype: data.dtype(),
+            p: data.as_mut_ptr(),
+        }
+    }
+
+    /// Over a raw array of `dtype` (host memory of the C ABI).
     ///
     /// # Safety
     /// `p` is writable for every index the call uses, for as long as the call runs, and nothing
     /// else reads or writes it meanwhile (other than the in-place student it may be).
-    pub unsafe fn from_raw(p: *mut f32) -> Out {
-        Out(p)
+    pub unsafe fn from_raw(p: *mut u8, dtype: Dtype) -> Out {
+        Out { p, dtype }
+    }
+
+    /// The array's element type.
+    pub fn dtype(self) -> Dtype {
+        self.dtype
     }
 
     /// Writes the first `n` lanes of `v` from `i`.
@@ -435,8 +506,18 @@ impl Out {
     /// `i + n` is within the array, and no other thread touches these elements now.
     #[inline(always)]
     pub unsafe fn store(self, i: usize, v: &[f32; super::vmath::LANES], n: usize) {
-        // SAFETY: the caller's bound and exclusivity.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), n) };
+        match self.dtype {
+            // SAFETY: the caller's bound and exclusivity.
+            Dtype::F32 => unsafe {
+                std::ptr::copy_nonoverlapping(v.as_ptr(), self.p.cast::<f32>().add(i), n)
+            },
+            _ => {
+                for (k, &vk) in v.iter().enumerate().take(n) {
+                    // SAFETY: the caller's bound and exclusivity.
+                    unsafe { self.set(i + k, vk) };
+                }
+            }
+        }
     }
 
     /// Writes element `i`.
@@ -445,8 +526,20 @@ impl Out {
     /// As [`Out::store`].
     #[inline(always)]
     pub unsafe fn set(self, i: usize, v: f32) {
-        // SAFETY: the caller's bound and exclusivity.
-        unsafe { self.0.add(i).write(v) };
+        // SAFETY: the caller's bound and exclusivity; unaligned writes (host memory from C).
+        unsafe {
+            match self.dtype {
+                Dtype::F32 => self.p.cast::<f32>().add(i).write_unaligned(v),
+                Dtype::Bf16 => {
+                    let b = half::bf16::from_f32(v).to_bits();
+                    self.p.cast::<u16>().add(i).write_unaligned(b)
+                }
+                Dtype::F16 => {
+                    let b = half::f16::from_f32(v).to_bits();
+                    self.p.cast::<u16>().add(i).write_unaligned(b)
+                }
+            }
+        }
     }
 }
 
