@@ -10,8 +10,8 @@ pub(crate) const SOURCE: CudaSource = CudaSource {
 };
 pub(crate) const FORWARD_WARP: CudaKernel = kernel("softmax_fwd_warp", "ppuufuuu");
 pub(crate) const FORWARD_BLOCK: CudaKernel = kernel("softmax_fwd_block", "ppuufuuu");
-pub(crate) const BACKWARD_WARP: CudaKernel = kernel("softmax_bwd_warp", "pppuufuuu");
-pub(crate) const BACKWARD_BLOCK: CudaKernel = kernel("softmax_bwd_block", "pppuufuuu");
+pub(crate) const BACKWARD_WARP: CudaKernel = kernel("softmax_bwd_warp", "pppuufuuuu");
+pub(crate) const BACKWARD_BLOCK: CudaKernel = kernel("softmax_bwd_block", "pppuufuuuu");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {
