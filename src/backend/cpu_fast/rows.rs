@@ -384,14 +384,46 @@ unsafe impl Sync for In {}
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// bf16 bits as f32 (exact).
+#[inline(always)]
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// f16 bits as f32 (exact), without branches so that a lane of them vectorises: the magnitude's
+/// bits moved to f32's position and scaled by 2^112 give normals and subnormals alike; an
+/// all-ones exponent (infinity, NaN) is set to f32's.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let mag = h & 0x7fff;
+    let scaled = (f32::from_bits(mag << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let special = 0x7f80_0000 | ((mag & 0x3ff) << 13);
+    f32::from_bits(select_u32(mag >= 0x7c00, special, scaled) | ((h & 0x8000) << 16))
+}
+
+#[inline(always)]
+fn select_u32(c: bool, a: u32, b: u32) -> u32 {
+    let m = (c as u32).wrapping_neg();
+    (a & m) | (b & !m)
+}
+
+/// f32 to bf16 bits, rounded to nearest even (NaN stays a quiet NaN), without branches.
+#[inline(always)]
+fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    select_u32(v.is_nan(), (b >> 16) | 0x40, rounded) as u16
+}
+
 /// Element `i` of a 2-byte array as f32.
 #[inline(always)]
 unsafe fn half_at(p: *const u8, dtype: Dtype, i: usize) -> f32 {
     // SAFETY: the caller's bound; 2-byte elements, read unaligned (host memory from C may be).
     let bits = unsafe { p.cast::<u16>().add(i).read_unaligned() };
     match dtype {
-        Dtype::Bf16 => f32::from_bits((bits as u32) << 16),
-        _ => half::f16::from_bits(bits).to_f32(),
+        Dtype::Bf16 => bf16_to_f32(bits),
+        _ => f16_to_f32(bits),
     }
 }
 
@@ -460,10 +492,22 @@ impl In {
                 std::ptr::copy_nonoverlapping(self.p.cast::<f32>().add(i), v.as_mut_ptr(), n)
             },
             d => {
-                for (k, vk) in v.iter_mut().enumerate().take(n) {
-                    // SAFETY: the caller's bound.
-                    *vk = unsafe { half_at(self.p, d, i + k) };
+                // A lane of 16-bit elements, then converted as a whole (vectorises).
+                let mut h = [0u16; super::vmath::LANES];
+                // SAFETY: the caller's bound; `h` holds LANES >= n elements.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.p.cast::<u16>().add(i), h.as_mut_ptr(), n)
+                };
+                if d == Dtype::Bf16 {
+                    for (vk, &hk) in v.iter_mut().zip(&h) {
+                        *vk = bf16_to_f32(hk);
+                    }
+                } else {
+                    for (vk, &hk) in v.iter_mut().zip(&h) {
+                        *vk = f16_to_f32(hk);
+                    }
                 }
+                // Lanes past n are 0 as for f32 (the 0 bits of both convert to 0).
             }
         }
         v
@@ -511,7 +555,17 @@ impl Out {
             Dtype::F32 => unsafe {
                 std::ptr::copy_nonoverlapping(v.as_ptr(), self.p.cast::<f32>().add(i), n)
             },
-            _ => {
+            Dtype::Bf16 => {
+                let mut h = [0u16; super::vmath::LANES];
+                for (hk, &vk) in h.iter_mut().zip(v) {
+                    *hk = f32_to_bf16(vk);
+                }
+                // SAFETY: the caller's bound and exclusivity.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(h.as_ptr(), self.p.cast::<u16>().add(i), n)
+                };
+            }
+            Dtype::F16 => {
                 for (k, &vk) in v.iter().enumerate().take(n) {
                     // SAFETY: the caller's bound and exclusivity.
                     unsafe { self.set(i + k, vk) };
@@ -530,10 +584,7 @@ impl Out {
         unsafe {
             match self.dtype {
                 Dtype::F32 => self.p.cast::<f32>().add(i).write_unaligned(v),
-                Dtype::Bf16 => {
-                    let b = half::bf16::from_f32(v).to_bits();
-                    self.p.cast::<u16>().add(i).write_unaligned(b)
-                }
+                Dtype::Bf16 => self.p.cast::<u16>().add(i).write_unaligned(f32_to_bf16(v)),
                 Dtype::F16 => {
                     let b = half::f16::from_f32(v).to_bits();
                     self.p.cast::<u16>().add(i).write_unaligned(b)
@@ -594,4 +645,41 @@ pub fn exp_ns_per_element(simd: Simd) -> crate::Result<f64> {
     }
     std::hint::black_box(sink);
     Ok(start.elapsed().as_secs_f64() * 1e9 / (reps * x.len()) as f64)
+}
+
+#[cfg(test)]
+mod conversion_tests {
+    use super::*;
+
+    /// The branch-free conversions agree with the `half` crate's on every 16-bit pattern, and
+    /// the rounding on values around every tie.
+    #[test]
+    fn half_conversions_match_the_half_crate() {
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16_to_f32(h), half::f16::from_bits(h).to_f32());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "f16 {h:#x}"
+            );
+            let (a, b) = (bf16_to_f32(h), half::bf16::from_bits(h).to_f32());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "bf16 {h:#x}"
+            );
+        }
+        let mut x = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let v = f32::from_bits(x);
+            let (a, b) = (f32_to_bf16(v), half::bf16::from_f32(v).to_bits());
+            assert!(
+                a == b || (v.is_nan() && a & 0x7fc0 == 0x7fc0),
+                "{v:e}: {a:#x} vs {b:#x}"
+            );
+            // Ties: the low 16 bits exactly 0x8000.
+            let t = f32::from_bits((x & 0xffff_0000) | 0x8000);
+            let (a, b) = (f32_to_bf16(t), half::bf16::from_f32(t).to_bits());
+            assert!(a == b || t.is_nan(), "tie {t:e}: {a:#x} vs {b:#x}");
+        }
+    }
 }
