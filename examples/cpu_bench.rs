@@ -7,13 +7,15 @@
 //! per element: the floor's bandwidth), then forward + backward of the fused Hinton loss (reads
 //! student and teacher, writes the gradient: 12 bytes per element), forward KL (12) and
 //! cross-entropy (8), each through `Backend` with the gradient written into a buffer allocated
-//! once. Medians of `--runs` runs after two warm-ups; GB/s of the minimal traffic and its share
-//! of the `c = a + b` bandwidth.
+//! once; then the same three with bf16 student, teacher and gradient (`*_bf16`: 6 and 4 bytes per
+//! element). Medians of `--runs` runs after two warm-ups; GB/s of the minimal traffic and its
+//! share of the `c = a + b` bandwidth.
 
 use std::time::Instant;
 
+use distillation::half::bf16;
 use distillation::{
-    Backend, CrossEntropySpec, DivergenceSpec, FastCpuBackend, HintonSpec, LossOut, RowShape,
+    Backend, CrossEntropySpec, DivergenceSpec, Dtype, FastCpuBackend, HintonSpec, LossOut, RowShape,
 };
 
 struct Args {
@@ -159,6 +161,22 @@ fn main() -> distillation::Result<()> {
         run("cross_entropy", 8.0, &mut || {
             b.cross_entropy(&ce, &sb, &lb, LossOut::with_grad(&loss, &grad))
                 .expect("cross-entropy")
+        });
+        // bf16 inputs and gradient: half the traffic.
+        let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+        let (sh, th) = (b.upload_as(&to_bf16(&s))?, b.upload_as(&to_bf16(&t))?);
+        let gh = b.filled_as(Dtype::Bf16, len, 0.0)?;
+        run("hinton_bf16", 6.0, &mut || {
+            b.hinton(&hinton, &sh, &th, &lb, LossOut::with_grad(&loss, &gh))
+                .expect("hinton bf16")
+        });
+        run("forward_kl_bf16", 6.0, &mut || {
+            b.divergence(&kl, &sh, &th, None, LossOut::with_grad(&loss, &gh))
+                .expect("forward KL bf16")
+        });
+        run("cross_entropy_bf16", 4.0, &mut || {
+            b.cross_entropy(&ce, &sh, &lb, LossOut::with_grad(&loss, &gh))
+                .expect("cross-entropy bf16")
         });
     }
     if a.json {

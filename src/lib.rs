@@ -21,6 +21,7 @@ pub mod backend;
 pub mod capi;
 pub mod checkpoint;
 pub mod data;
+pub mod dtype;
 pub mod error;
 pub mod experiment;
 pub mod loss;
@@ -39,8 +40,10 @@ pub use backend::{Backend, GradOut, LossOut};
 #[cfg(feature = "cuda")]
 /// The cudarc version of the CUDA backend, for callers that bring their own device memory.
 pub use cudarc;
+pub use dtype::{Dtype, Element, HostSlice, HostVec};
 pub use error::{Error, Result};
-pub use loss::{CrossEntropyLoss, KdLoss, LossAndGrad, SoftTargetLoss};
+pub use half;
+pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss};
 pub use ops::{
     AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
     Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,

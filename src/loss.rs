@@ -5,23 +5,27 @@
 //! ([`Backend::hinton`], [`Backend::divergence`], ...).
 
 use crate::backend::{Backend, GradOut, LossOut};
+use crate::dtype::{Element, HostSlice};
 use crate::error::{Error, Result};
 use crate::ops::{
     check_finite, check_labels, check_reverse_kl_support, check_teacher, CrossEntropySpec,
-    Divergence, DivergenceSpec, HintonSpec, Reduction, RowShape, TeacherInput, IGNORE_INDEX,
+    Divergence, DivergenceSpec, DkdSpec, HintonSpec, Reduction, RowShape, TeacherInput,
+    IGNORE_INDEX,
 };
 
-/// A loss, its per-row values and its gradients, on the host.
+/// A loss, its per-row values and its gradients, on the host. The gradients are in the inputs'
+/// element types (`S` the student's, `T` the teacher's: f32, bf16 or f16, rounded once to nearest
+/// even), or f32 from the `*_f32` methods; the losses are f32.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LossAndGrad {
+pub struct LossAndGrad<S = f32, T = S> {
     /// The reduced loss.
     pub loss: f32,
     /// Each row's loss (masked rows 0).
     pub row_loss: Vec<f32>,
     /// `dL/d student logits`, `[N, C]`.
-    pub grad_student: Vec<f32>,
+    pub grad_student: Vec<S>,
     /// `dL/d teacher logits`, `[N, C]`, when asked for.
-    pub grad_teacher: Option<Vec<f32>>,
+    pub grad_teacher: Option<Vec<T>>,
 }
 
 /// The Hinton distillation loss `alpha*CE(s, y) + (1-alpha)*T^2*KL(softmax(t/T) || softmax(s/T))`
@@ -77,32 +81,165 @@ impl KdLoss {
         }
     }
 
-    /// Loss and gradients for `[N, classes]` student and teacher logits and `N` labels.
-    pub fn forward_backward<B: Backend>(
+    /// Loss and gradients for `[N, classes]` student and teacher logits and `N` labels, each of
+    /// f32, bf16 or f16 (mixed allowed); the gradients in the inputs' types.
+    pub fn forward_backward<B: Backend, S: Element, T: Element>(
         &self,
         backend: &B,
-        student: &[f32],
-        teacher: &[f32],
+        student: &[S],
+        teacher: &[T],
         labels: &[i32],
         classes: usize,
-    ) -> Result<LossAndGrad> {
+    ) -> Result<LossAndGrad<S, T>> {
+        self.forward_backward_as(backend, student, teacher, labels, classes)
+    }
+
+    /// [`KdLoss::forward_backward`] with the gradients in f32 whatever the inputs' types.
+    pub fn forward_backward_f32<B: Backend, S: Element, T: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<f32, f32>> {
+        self.forward_backward_as(backend, student, teacher, labels, classes)
+    }
+
+    fn forward_backward_as<B: Backend, S: Element, T: Element, GS: Element, GT: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<GS, GT>> {
         let shape = shape_of(student.len(), classes)?;
         let spec = self.spec(shape);
         spec.validate()?;
         shape.check_len("teacher", teacher.len())?;
         check_host_labels(labels, shape, self.ignore_index)?;
         if self.check_inputs {
-            check_finite("student", student)?;
-            check_finite("teacher", teacher)?;
+            check_finite("student", &T32::of(student))?;
+            check_finite("teacher", &T32::of(teacher))?;
         }
         run(
             backend,
-            student,
-            Some(teacher),
+            S::host(student),
+            Some(T::host(teacher)),
             Some(labels),
             shape,
             self.teacher_grad,
             |b, s, t, l, out| b.hinton(&spec, s, t.expect("teacher"), l.expect("labels"), out),
+        )
+    }
+}
+
+/// Decoupled knowledge distillation (Zhao et al. 2022; `docs/LOSSES.md` section 8):
+/// `ce_weight CE(s, y) + T^2 (alpha TCKD + beta NCKD)`, fused in one kernel. The teacher is
+/// detached (DKD gives it no gradient); every row needs a label and at least 2 classes.
+///
+/// ```
+/// use distillation::{CpuBackend, DkdLoss};
+/// let dkd = DkdLoss::new(4.0, 1.0, 8.0);
+/// let (s, t) = (vec![1.0, 2.0, 0.5, 0.0, -1.0, 3.0], vec![0.5, 2.5, 0.0, 1.0, -2.0, 2.0]);
+/// let out = dkd.forward_backward(&CpuBackend::new(), &s, &t, &[1, 2], 3).unwrap();
+/// assert!(out.loss > 0.0 && out.grad_student.len() == 6);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DkdLoss {
+    /// Temperature T of both binary and non-target distributions.
+    pub temperature: f32,
+    /// The weight of TCKD (the paper's alpha, times a warm-up factor if the trainer has one).
+    pub alpha: f32,
+    /// The weight of NCKD (the paper's beta, 8 on CIFAR-100).
+    pub beta: f32,
+    /// The weight of the hard-label cross-entropy (1 in the paper).
+    pub ce_weight: f32,
+    /// Label smoothing of the cross-entropy term, in [0, 1).
+    pub label_smoothing: f32,
+    /// Rows whose label equals this are masked (PyTorch's -100 by default).
+    pub ignore_index: i32,
+    pub reduction: Reduction,
+    /// Check the inputs first (logits finite) and return an error naming the first bad one.
+    pub check_inputs: bool,
+}
+
+impl DkdLoss {
+    pub fn new(temperature: f32, alpha: f32, beta: f32) -> Self {
+        DkdLoss {
+            temperature,
+            alpha,
+            beta,
+            ce_weight: 1.0,
+            label_smoothing: 0.0,
+            ignore_index: IGNORE_INDEX,
+            reduction: Reduction::BatchMean,
+            check_inputs: false,
+        }
+    }
+
+    /// The kernel spec this loss runs.
+    pub fn spec(&self, shape: RowShape) -> DkdSpec {
+        DkdSpec {
+            ce_weight: self.ce_weight,
+            label_smoothing: self.label_smoothing,
+            reduction: self.reduction,
+            ignore_index: self.ignore_index,
+            ..DkdSpec::new(shape, self.temperature, self.alpha, self.beta)
+        }
+    }
+
+    /// Loss and the student's gradient for `[N, classes]` student and teacher logits and `N`
+    /// labels, each of f32, bf16 or f16 (mixed allowed); the gradient in the student's type.
+    pub fn forward_backward<B: Backend, S: Element, T: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<S, T>> {
+        self.forward_backward_as(backend, student, teacher, labels, classes)
+    }
+
+    /// [`DkdLoss::forward_backward`] with the gradient in f32 whatever the inputs' types.
+    pub fn forward_backward_f32<B: Backend, S: Element, T: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<f32, f32>> {
+        self.forward_backward_as(backend, student, teacher, labels, classes)
+    }
+
+    fn forward_backward_as<B: Backend, S: Element, T: Element, GS: Element, GT: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<GS, GT>> {
+        let shape = shape_of(student.len(), classes)?;
+        let spec = self.spec(shape);
+        spec.validate()?;
+        shape.check_len("teacher", teacher.len())?;
+        check_host_labels(labels, shape, self.ignore_index)?;
+        if self.check_inputs {
+            check_finite("student", &T32::of(student))?;
+            check_finite("teacher", &T32::of(teacher))?;
+        }
+        run(
+            backend,
+            S::host(student),
+            Some(T::host(teacher)),
+            Some(labels),
+            shape,
+            false,
+            |b, s, t, l, out| b.dkd(&spec, s, t.expect("teacher"), l.expect("labels"), out),
         )
     }
 }
@@ -141,15 +278,39 @@ impl SoftTargetLoss {
         }
     }
 
-    /// Loss and gradients; `labels`, when given, only mask rows equal to `ignore_index`.
-    pub fn forward_backward<B: Backend>(
+    /// Loss and gradients; `labels`, when given, only mask rows equal to `ignore_index`. Student
+    /// and teacher of f32, bf16 or f16 (mixed allowed); the gradients in the inputs' types.
+    pub fn forward_backward<B: Backend, S: Element, T: Element>(
         &self,
         backend: &B,
-        student: &[f32],
-        teacher: &[f32],
+        student: &[S],
+        teacher: &[T],
         labels: Option<&[i32]>,
         classes: usize,
-    ) -> Result<LossAndGrad> {
+    ) -> Result<LossAndGrad<S, T>> {
+        self.forward_backward_as(backend, student, teacher, labels, classes)
+    }
+
+    /// [`SoftTargetLoss::forward_backward`] with the gradients in f32.
+    pub fn forward_backward_f32<B: Backend, S: Element, T: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: Option<&[i32]>,
+        classes: usize,
+    ) -> Result<LossAndGrad<f32, f32>> {
+        self.forward_backward_as(backend, student, teacher, labels, classes)
+    }
+
+    fn forward_backward_as<B: Backend, S: Element, T: Element, GS: Element, GT: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        teacher: &[T],
+        labels: Option<&[i32]>,
+        classes: usize,
+    ) -> Result<LossAndGrad<GS, GT>> {
         let shape = shape_of(student.len(), classes)?;
         let spec = DivergenceSpec {
             shape,
@@ -166,15 +327,16 @@ impl SoftTargetLoss {
         if let Some(l) = labels {
             check_host_labels(l, shape, self.ignore_index)?;
         }
+        let teacher32 = T32::of(teacher);
         if self.check_inputs {
-            check_finite("student", student)?;
-            check_teacher(self.teacher, teacher, shape, labels, self.ignore_index)?;
+            check_finite("student", &T32::of(student))?;
+            check_teacher(self.teacher, &teacher32, shape, labels, self.ignore_index)?;
         }
-        check_reverse_kl_support(&spec, teacher, labels)?;
+        check_reverse_kl_support(&spec, &teacher32, labels)?;
         run(
             backend,
-            student,
-            Some(teacher),
+            S::host(student),
+            Some(T::host(teacher)),
             labels,
             shape,
             self.teacher_grad,
@@ -205,13 +367,36 @@ impl Default for CrossEntropyLoss {
 }
 
 impl CrossEntropyLoss {
-    pub fn forward_backward<B: Backend>(
+    /// Loss and gradient for `[N, classes]` logits of f32, bf16 or f16 (the gradient in their
+    /// type) and `N` labels.
+    pub fn forward_backward<B: Backend, S: Element>(
         &self,
         backend: &B,
-        student: &[f32],
+        student: &[S],
         labels: &[i32],
         classes: usize,
-    ) -> Result<LossAndGrad> {
+    ) -> Result<LossAndGrad<S>> {
+        self.forward_backward_as(backend, student, labels, classes)
+    }
+
+    /// [`CrossEntropyLoss::forward_backward`] with the gradient in f32.
+    pub fn forward_backward_f32<B: Backend, S: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<f32>> {
+        self.forward_backward_as(backend, student, labels, classes)
+    }
+
+    fn forward_backward_as<B: Backend, S: Element, GS: Element>(
+        &self,
+        backend: &B,
+        student: &[S],
+        labels: &[i32],
+        classes: usize,
+    ) -> Result<LossAndGrad<GS>> {
         let shape = shape_of(student.len(), classes)?;
         let spec = CrossEntropySpec {
             shape,
@@ -223,11 +408,11 @@ impl CrossEntropyLoss {
         spec.validate()?;
         check_host_labels(labels, shape, self.ignore_index)?;
         if self.check_inputs {
-            check_finite("student", student)?;
+            check_finite("student", &T32::of(student))?;
         }
-        run(
+        run::<B, GS, GS>(
             backend,
-            student,
+            S::host(student),
             None,
             Some(labels),
             shape,
@@ -264,11 +449,25 @@ fn check_host_labels(labels: &[i32], shape: RowShape, ignore_index: i32) -> Resu
     check_labels(labels, shape.cols, ignore_index)
 }
 
-/// Uploads, runs one row-loss kernel, downloads.
-fn run<B: Backend>(
+/// Host values as f32 for the optional input checks (borrowed when they already are).
+struct T32;
+
+impl T32 {
+    fn of<E: Element>(data: &[E]) -> std::borrow::Cow<'_, [f32]> {
+        match E::host(data) {
+            HostSlice::F32(v) => std::borrow::Cow::Borrowed(v),
+            other => std::borrow::Cow::Owned(other.to_f32()),
+        }
+    }
+}
+
+/// Uploads, runs one row-loss kernel, downloads. The gradients are allocated as `GS` (student)
+/// and `GT` (teacher) buffers, so the kernel writes them in those types.
+#[allow(clippy::type_complexity)]
+fn run<B: Backend, GS: Element, GT: Element>(
     backend: &B,
-    student: &[f32],
-    teacher: Option<&[f32]>,
+    student: HostSlice<'_>,
+    teacher: Option<HostSlice<'_>>,
     labels: Option<&[i32]>,
     shape: RowShape,
     teacher_grad: bool,
@@ -279,15 +478,15 @@ fn run<B: Backend>(
         Option<&B::Labels>,
         LossOut<'_, B>,
     ) -> Result<()>,
-) -> Result<LossAndGrad> {
-    let s = backend.upload(student)?;
-    let t = teacher.map(|t| backend.upload(t)).transpose()?;
+) -> Result<LossAndGrad<GS, GT>> {
+    let s = backend.upload_host(student)?;
+    let t = teacher.map(|t| backend.upload_host(t)).transpose()?;
     let l = labels.map(|l| backend.upload_labels(l)).transpose()?;
     let loss = backend.filled(1, f32::NAN)?;
     let rows = backend.filled(shape.rows, f32::NAN)?;
-    let grad = backend.filled(shape.len(), f32::NAN)?;
+    let grad = backend.filled_as(GS::DTYPE, shape.len(), f32::NAN)?;
     let grad_t = if teacher_grad {
-        Some(backend.filled(shape.len(), f32::NAN)?)
+        Some(backend.filled_as(GT::DTYPE, shape.len(), f32::NAN)?)
     } else {
         None
     };
@@ -306,7 +505,9 @@ fn run<B: Backend>(
     Ok(LossAndGrad {
         loss: backend.download(&loss)?[0],
         row_loss: backend.download(&rows)?,
-        grad_student: backend.download(&grad)?,
-        grad_teacher: grad_t.map(|g| backend.download(&g)).transpose()?,
+        grad_student: GS::from_host(backend.download_host(&grad)?),
+        grad_teacher: grad_t
+            .map(|g| backend.download_host(&g).map(GT::from_host))
+            .transpose()?,
     })
 }

@@ -84,7 +84,7 @@ fn kd_loss_rejects_bad_input<B: Backend>(b: &B) {
     );
     expect_err(kd.forward_backward(b, &s, &t, &[0, 1], 0), "classes");
     expect_err(
-        kd.forward_backward(b, &[], &[], &[], 3),
+        kd.forward_backward(b, &[] as &[f32], &[] as &[f32], &[], 3),
         "whole number of rows",
     );
     let mut bad = s.clone();

@@ -1,14 +1,17 @@
 //! Every kernel against the f64 CPU reference on random inputs drawn by proptest, on every backend:
 //! N 1..70, C 1..5000 (1, primes, sizes that are not a multiple of the workgroup; DKD refuses 1),
-//! T 1e-3..1e4, some logits up to |1e4|, masked rows (all rows masked too). Outputs are poisoned
-//! with NaN before each launch, so a missed write shows.
+//! T 1e-3..1e4, some logits up to |1e4|, masked rows (all rows masked too), the row losses' student
+//! and teacher in f32, bf16 or f16 (the reference computing from the same rounded values; the
+//! gradients here are f32, held to the f32 contract; tests/half.rs checks half-precision gradients
+//! against their budget). Outputs are poisoned with NaN before each launch, so a missed write shows.
 
 mod common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
+use distillation::half::{bf16, f16};
 use distillation::ops::{self, feature, softmax};
 use distillation::{
-    AttentionSpec, Backend, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, GradOut,
+    AttentionSpec, Backend, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, Dtype, GradOut,
     HintonSpec, LossOut, MseSpec, Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
 use proptest::prelude::*;
@@ -26,6 +29,33 @@ struct Rows {
     s: Vec<f32>,
     t: Vec<f32>,
     labels: Vec<i32>,
+    /// The dtypes the student and teacher are uploaded in (`s` and `t` hold values rounded to
+    /// them).
+    dtype_s: Dtype,
+    dtype_t: Dtype,
+}
+
+/// f32 half of the time, else bf16 or f16.
+fn dtype() -> impl Strategy<Value = Dtype> {
+    prop_oneof![
+        2 => Just(Dtype::F32),
+        1 => Just(Dtype::Bf16),
+        1 => Just(Dtype::F16),
+    ]
+}
+
+/// `v` (values already representable in `dtype`) uploaded as `dtype`.
+fn upload_as<B: Backend>(b: &B, v: &[f32], dtype: Dtype) -> B::Buffer {
+    match dtype {
+        Dtype::F32 => b.upload(v),
+        Dtype::Bf16 => b.upload_as(&v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+        Dtype::F16 => b.upload_as(&v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()),
+    }
+    .unwrap()
+}
+
+fn round_to(v: Vec<f32>, dtype: Dtype) -> Vec<f32> {
+    v.into_iter().map(|x| dtype.round(x)).collect()
 }
 
 fn classes() -> impl Strategy<Value = usize> {
@@ -48,8 +78,9 @@ fn rows() -> impl Strategy<Value = Rows> {
         any::<bool>(),
         0u8..3,
         any::<u64>(),
+        (dtype(), dtype()),
     )
-        .prop_map(|(n, c, lt, extreme, mask, seed)| {
+        .prop_map(|(n, c, lt, extreme, mask, seed, (dtype_s, dtype_t))| {
             let mut g = Lcg(seed);
             let draw = |g: &mut Lcg| {
                 let mut v = g.vec(n * c, 5.0);
@@ -62,8 +93,8 @@ fn rows() -> impl Strategy<Value = Rows> {
                 }
                 v
             };
-            let s = draw(&mut g);
-            let t = draw(&mut g);
+            let s = round_to(draw(&mut g), dtype_s);
+            let t = round_to(draw(&mut g), dtype_t);
             let labels = (0..n)
                 .map(|_| {
                     let u = g.next_f32();
@@ -86,6 +117,8 @@ fn rows() -> impl Strategy<Value = Rows> {
                 s,
                 t,
                 labels,
+                dtype_s,
+                dtype_t,
             }
         })
 }
@@ -124,13 +157,17 @@ struct RowOut {
 fn run_row_loss<B: Backend>(
     b: &B,
     s: &[f32],
+    dtype_s: Dtype,
     n: usize,
     in_place: bool,
     want_gt: bool,
     kernel: impl FnOnce(&B, &B::Buffer, LossOut<'_, B>) -> distillation::Result<()>,
 ) -> Result<RowOut, String> {
     let len = s.len();
-    let sb = b.upload(s).unwrap();
+    let sb = upload_as(b, s, dtype_s);
+    // An in-place gradient takes the student's dtype: with a bf16 / f16 student it is checked
+    // against the half-precision budget in tests/half.rs, here the gradient goes to f32.
+    let in_place = in_place && dtype_s == Dtype::F32;
     let loss = poisoned(b, 1);
     let rows = poisoned(b, n);
     let gs = poisoned(b, len);
@@ -242,7 +279,7 @@ fn softmax_matches_reference<B: Backend>(b: &B) {
             temperature: r.temperature,
             log,
         };
-        let x = b.upload(&r.s).unwrap();
+        let x = upload_as(b, &r.s, r.dtype_s);
         let y = poisoned(b, r.s.len());
         b.softmax(&spec, &x, &y).map_err(|e| e.to_string())?;
         let want = softmax::reference::softmax(&to_f64(&r.s), r.c, r.temperature as f64, log);
@@ -309,13 +346,13 @@ fn divergence_matches_reference<B: Backend>(b: &B) {
                 grad_scale: 0.75,
                 ..DivergenceSpec::new(RowShape::new(r.n, r.c), r.temperature)
             };
-            let t = teacher_as(teacher, &r.t, r.c, r.temperature);
+            let t = round_to(teacher_as(teacher, &r.t, r.c, r.temperature), r.dtype_t);
             let labels = use_labels.then_some(r.labels.as_slice());
-            let tb = b.upload(&t).unwrap();
+            let tb = upload_as(b, &t, r.dtype_t);
             let lb = labels.map(|l| b.upload_labels(l).unwrap());
             let want =
                 ops::divergence::reference::divergence(&spec, &to_f64(&r.s), &to_f64(&t), labels);
-            let got = match run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
+            let got = match run_row_loss(b, &r.s, r.dtype_s, r.n, in_place, want_gt, |b, s, out| {
                 b.divergence(&spec, s, &tb, lb.as_ref(), out)
             }) {
                 // Reverse KL where the teacher gives 0 is +inf: the CPU backends say so with an
@@ -350,7 +387,7 @@ fn cross_entropy_matches_reference<B: Backend>(b: &B) {
                 ..CrossEntropySpec::new(RowShape::new(r.n, r.c))
             };
             let lb = b.upload_labels(&r.labels).unwrap();
-            let got = run_row_loss(b, &r.s, r.n, in_place, false, |b, s, out| {
+            let got = run_row_loss(b, &r.s, r.dtype_s, r.n, in_place, false, |b, s, out| {
                 b.cross_entropy(&spec, s, &lb, out)
             })?;
             let want =
@@ -381,9 +418,9 @@ fn hinton_matches_reference<B: Backend>(b: &B) {
                 },
                 ..HintonSpec::new(RowShape::new(r.n, r.c), r.temperature, alpha)
             };
-            let tb = b.upload(&r.t).unwrap();
+            let tb = upload_as(b, &r.t, r.dtype_t);
             let lb = b.upload_labels(&r.labels).unwrap();
-            let got = run_row_loss(b, &r.s, r.n, in_place, want_gt, |b, s, out| {
+            let got = run_row_loss(b, &r.s, r.dtype_s, r.n, in_place, want_gt, |b, s, out| {
                 b.hinton(&spec, s, &tb, &lb, out)
             })?;
             let want =
@@ -416,9 +453,9 @@ fn dkd_matches_reference<B: Backend>(b: &B) {
                 grad_scale,
                 ..DkdSpec::new(RowShape::new(r.n, r.c), r.temperature, w_tc, w_nc)
             };
-            let tb = b.upload(&r.t).unwrap();
+            let tb = upload_as(b, &r.t, r.dtype_t);
             let lb = b.upload_labels(&r.labels).unwrap();
-            let got = run_row_loss(b, &r.s, r.n, in_place, false, |b, s, out| {
+            let got = run_row_loss(b, &r.s, r.dtype_s, r.n, in_place, false, |b, s, out| {
                 b.dkd(&spec, s, &tb, &lb, out)
             });
             if r.c < 2 {

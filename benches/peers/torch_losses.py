@@ -6,8 +6,10 @@ same run: a device-to-device copy on the GPU, a streaming c = a + b on the CPU).
 
     python3 benches/peers/torch_losses.py [--large] [--runs 20]            # CUDA
     python3 benches/peers/torch_losses.py --device cpu --threads 2         # CPU
+    python3 benches/peers/torch_losses.py --device cpu --dtype bf16        # bf16 logits
 
-Forward and backward from raw f32 logits: Hinton alpha*CE + (1-alpha)*T^2*KL, forward KL, and
+Forward and backward from raw f32 (or, with --dtype, bf16 / f16: PyTorch computing on those tensors
+as a trainer with half logits would, its traffic counted at 2 bytes per element) logits: Hinton alpha*CE + (1-alpha)*T^2*KL, forward KL, and
 cross-entropy. Liger's KL path is log_softmax in PyTorch + LigerKLDIVLoss, as its docs show; its
 cross-entropy is LigerCrossEntropyLoss. Liger (the `liger-kernel` wheel) travels with the staged
 files, the GPU machine having no registry: pip install --no-index --target /tmp/site .whl/*.whl.
@@ -107,7 +109,10 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32", help="logits' dtype")
     args = ap.parse_args()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    size = 4 if args.dtype == "f32" else 2
     dev = args.device
     if dev == "cpu":
         if args.threads:
@@ -128,7 +133,7 @@ def main():
         if dev == "cpu":
             sets = 1
         inputs = [
-            (torch.randn(n, c, device=dev, requires_grad=True), torch.randn(n, c, device=dev),
+            (torch.randn(n, c, device=dev).to(dtype).requires_grad_(), torch.randn(n, c, device=dev).to(dtype),
              torch.randint(0, c, (n,), device=dev))
             for _ in range(sets)
         ]
@@ -149,7 +154,9 @@ def main():
 
             peers.append(("liger", l_hinton, l_kl, lambda s, t, y: lce(s, y)))
         for backend, h, kl, ce in peers:
-            for name, fn, per_elem in (("hinton", h, 12), ("forward_kl", kl, 12), ("cross_entropy", ce, 8)):
+            suffix = "" if args.dtype == "f32" else f"_{args.dtype}"
+            for name, fn, per_elem in (("hinton", h, 3 * size), ("forward_kl", kl, 3 * size), ("cross_entropy", ce, 2 * size)):
+                name += suffix
                 try:
                     med = timed(fn, inputs, args.runs)
                 except torch.OutOfMemoryError:

@@ -5,6 +5,8 @@
 
 use std::cell::RefCell;
 
+use crate::dtype::{Dtype, HostSlice, HostVec};
+
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::conv::{self, ConvSpec, PoolSpec};
@@ -17,23 +19,34 @@ use crate::ops::{
     SoftmaxSpec,
 };
 
-/// A host array standing in for a device buffer.
+/// A host array of any [`Dtype`] standing in for a device buffer.
 #[derive(Debug, Default)]
-pub struct CpuBuffer(pub(super) RefCell<Vec<f32>>);
+pub struct CpuBuffer(pub(super) RefCell<HostVec>);
 
 impl CpuBuffer {
-    fn to_f64(&self) -> Vec<f64> {
-        self.0.borrow().iter().map(|&v| v as f64).collect()
+    pub(super) fn new(data: HostVec) -> Self {
+        CpuBuffer(RefCell::new(data))
     }
 
+    pub(super) fn dtype(&self) -> Dtype {
+        self.0.borrow().dtype()
+    }
+
+    fn to_f64(&self) -> Vec<f64> {
+        self.0.borrow().to_f64()
+    }
+
+    fn to_f32(&self) -> Vec<f32> {
+        self.0.borrow().clone().to_f32()
+    }
+
+    /// Stores `values`, each rounded once to the buffer's dtype.
     fn store(&self, what: &str, values: &[f64]) -> Result<()> {
         let mut dst = self
             .0
             .try_borrow_mut()
             .map_err(|_| Error::Alias(format!("{what} is borrowed elsewhere")))?;
-        for (d, &v) in dst.iter_mut().zip(values) {
-            *d = v as f32;
-        }
+        dst.store_f64(values);
         Ok(())
     }
 }
@@ -96,16 +109,20 @@ impl Backend for CpuBackend {
         "cpu (f64 reference)".into()
     }
 
-    fn upload(&self, data: &[f32]) -> Result<CpuBuffer> {
-        Ok(CpuBuffer(RefCell::new(data.to_vec())))
+    fn upload_host(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
+        Ok(CpuBuffer::new(data.to_vec()))
+    }
+
+    fn download_host(&self, buf: &CpuBuffer) -> Result<HostVec> {
+        Ok(buf.0.borrow().clone())
+    }
+
+    fn dtype(&self, buf: &CpuBuffer) -> Dtype {
+        buf.dtype()
     }
 
     fn upload_labels(&self, labels: &[i32]) -> Result<Vec<i32>> {
         Ok(labels.to_vec())
-    }
-
-    fn download(&self, buf: &CpuBuffer) -> Result<Vec<f32>> {
-        Ok(buf.0.borrow().clone())
     }
 
     fn len(&self, buf: &CpuBuffer) -> usize {
@@ -168,7 +185,7 @@ impl Backend for CpuBackend {
         if let Some(l) = labels {
             ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
         }
-        ops::check_reverse_kl_support(spec, &teacher.0.borrow(), labels.map(|l| l.as_slice()))?;
+        ops::check_reverse_kl_support(spec, &teacher.to_f32(), labels.map(|l| l.as_slice()))?;
         let r = ops::divergence::reference::divergence(
             spec,
             &student.to_f64(),

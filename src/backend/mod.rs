@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod validate;
 pub mod wgpu;
 
+use crate::dtype::{Dtype, Element, HostSlice, HostVec};
 use crate::error::Result;
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
@@ -71,7 +72,7 @@ impl<'a, B: Backend + ?Sized> LossOut<'a, B> {
 
 /// A compute backend: buffers plus one method per kernel.
 pub trait Backend {
-    /// A device array of `f32`.
+    /// A device array of `f32`, `bf16` or `f16` ([`Backend::dtype`]).
     type Buffer;
     /// A device array of `i32` labels.
     type Labels;
@@ -79,17 +80,54 @@ pub trait Backend {
     /// A human-readable name, e.g. `wgpu (llvmpipe, Vulkan)`.
     fn name(&self) -> String;
 
-    /// Copies host data into a new device buffer.
-    fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
+    /// Copies host data of any [`Dtype`] into a new device buffer of that dtype.
+    fn upload_host(&self, data: HostSlice<'_>) -> Result<Self::Buffer>;
+    /// Copies a device buffer back to the host in its own dtype (waits for the device).
+    fn download_host(&self, buf: &Self::Buffer) -> Result<HostVec>;
+    /// The element type of a buffer.
+    fn dtype(&self, buf: &Self::Buffer) -> Dtype;
+
+    /// Copies f32 host data into a new f32 device buffer.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer> {
+        self.upload_host(HostSlice::F32(data))
+    }
+    /// Copies `f32`, `bf16` or `f16` host data into a new buffer of that dtype.
+    fn upload_as<T: Element>(&self, data: &[T]) -> Result<Self::Buffer>
+    where
+        Self: Sized,
+    {
+        self.upload_host(T::host(data))
+    }
     /// Copies labels into a new device buffer.
     fn upload_labels(&self, labels: &[i32]) -> Result<Self::Labels>;
-    /// A new buffer of `len` elements, each `value` (tests poison outputs with NaN this way).
+    /// A new f32 buffer of `len` elements, each `value` (tests poison outputs with NaN this way).
     fn filled(&self, len: usize, value: f32) -> Result<Self::Buffer> {
         self.upload(&vec![value; len])
     }
-    /// Copies a device buffer back to the host (waits for the device).
-    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
-    /// Number of `f32` elements in a buffer.
+    /// A new buffer of `len` elements of `dtype`, each `value` rounded to it.
+    fn filled_as(&self, dtype: Dtype, len: usize, value: f32) -> Result<Self::Buffer> {
+        match dtype {
+            Dtype::F32 => self.filled(len, value),
+            Dtype::Bf16 => {
+                self.upload_host(HostSlice::Bf16(&vec![half::bf16::from_f32(value); len]))
+            }
+            Dtype::F16 => self.upload_host(HostSlice::F16(&vec![half::f16::from_f32(value); len])),
+        }
+    }
+    /// Copies a device buffer back to the host as f32 (exact for every dtype; waits for the
+    /// device).
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>> {
+        Ok(self.download_host(buf)?.to_f32())
+    }
+    /// Copies a device buffer back as `T` (exact from a dtype no wider than `T`, else rounded to
+    /// nearest even).
+    fn download_as<T: Element>(&self, buf: &Self::Buffer) -> Result<Vec<T>>
+    where
+        Self: Sized,
+    {
+        Ok(T::from_host(self.download_host(buf)?))
+    }
+    /// Number of elements in a buffer.
     fn len(&self, buf: &Self::Buffer) -> usize;
     /// Waits until the device has finished all submitted work (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()> {

@@ -2,6 +2,7 @@
 //! output combinations. Each returns an `Err` that says what to fix.
 
 use super::{Backend, GradOut, LossOut};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
@@ -20,6 +21,21 @@ fn check_len<B: Backend + ?Sized>(
     let got = b.len(buf);
     if got != n {
         return Err(Error::shape(what, got, n, hint));
+    }
+    Ok(())
+}
+
+/// Every buffer is f32: the ops other than the row losses take no other dtype.
+pub fn f32_only<B: Backend + ?Sized>(b: &B, bufs: &[(&'static str, &B::Buffer)]) -> Result<()> {
+    for (what, buf) in bufs {
+        let d = b.dtype(buf);
+        if d != Dtype::F32 {
+            return Err(Error::Unsupported(format!(
+                "{what} is a {d} buffer, but this op takes f32 buffers only (bf16 and f16 are \
+                 accepted by the row losses: softmax, the divergences, cross-entropy, Hinton, \
+                 DKD); upload it as f32 (Backend::upload or upload_as::<f32>)"
+            )));
+        }
     }
     Ok(())
 }
@@ -97,8 +113,10 @@ fn loss_out<B: Backend + ?Sized>(
     len: usize,
 ) -> Result<()> {
     check_len(b, "loss", out.loss, 1, "the loss output holds one f32")?;
+    f32_only(b, &[("loss", out.loss)])?;
     if let Some(r) = out.row_loss {
         check_len(b, "row_loss", r, rows, "one f32 per row")?;
+        f32_only(b, &[("row_loss", r)])?;
     }
     if let GradOut::Into(g) = out.grad_student {
         check_len(
@@ -240,6 +258,15 @@ pub fn mse<B: Backend + ?Sized>(
     grad_b: Option<&B::Buffer>,
 ) -> Result<()> {
     spec.validate()?;
+    f32_only(b, &[("a", a), ("b", bb), ("loss", loss)])?;
+    f32_only(
+        b,
+        &grad_a
+            .map(|g| ("grad_a", g))
+            .into_iter()
+            .chain(grad_b.map(|g| ("grad_b", g)))
+            .collect::<Vec<_>>(),
+    )?;
     let hint = "both feature maps have the same number of elements";
     check_len(b, "a", a, spec.len, hint)?;
     check_len(b, "b", bb, spec.len, hint)?;
@@ -266,6 +293,18 @@ pub fn attention<B: Backend + ?Sized>(
     grad_teacher: Option<&B::Buffer>,
 ) -> Result<()> {
     spec.validate()?;
+    f32_only(
+        b,
+        &[("student", student), ("teacher", teacher), ("loss", loss)],
+    )?;
+    f32_only(
+        b,
+        &grad_student
+            .map(|g| ("grad_student", g))
+            .into_iter()
+            .chain(grad_teacher.map(|g| ("grad_teacher", g)))
+            .collect::<Vec<_>>(),
+    )?;
     let hint = "[N, C, H*W] row-major; student and teacher share N and H*W";
     check_len(b, "student", student, spec.student_len(), hint)?;
     check_len(b, "teacher", teacher, spec.teacher_len(), hint)?;
@@ -290,6 +329,7 @@ pub fn matmul<B: Backend + ?Sized>(
     c: &B::Buffer,
 ) -> Result<()> {
     spec.validate()?;
+    f32_only(b, &[("a", a), ("b", bb), ("c", c)])?;
     let (m, k, n) = (spec.m, spec.k, spec.n);
     let la = if spec.trans_a {
         format!("A^T: A stored [{k}, {m}]")
@@ -313,6 +353,7 @@ pub fn bias_add<B: Backend + ?Sized>(
     bias: &B::Buffer,
     y: &B::Buffer,
 ) -> Result<()> {
+    f32_only(b, &[("x", x), ("bias", bias), ("y", y)])?;
     let (lx, lb) = (b.len(x), b.len(bias));
     if lb == 0 || lx == 0 || lx % lb != 0 {
         return Err(Error::shape(
@@ -327,6 +368,7 @@ pub fn bias_add<B: Backend + ?Sized>(
 }
 
 pub fn sum_rows<B: Backend + ?Sized>(b: &B, x: &B::Buffer, out: &B::Buffer) -> Result<()> {
+    f32_only(b, &[("x", x), ("out", out)])?;
     let (lx, lo) = (b.len(x), b.len(out));
     if lo == 0 || lx == 0 || lx % lo != 0 {
         return Err(Error::shape(
@@ -341,6 +383,7 @@ pub fn sum_rows<B: Backend + ?Sized>(b: &B, x: &B::Buffer, out: &B::Buffer) -> R
 
 /// Every buffer has the length of the first, which is at least 1.
 pub fn same_len<B: Backend + ?Sized>(b: &B, bufs: &[(&'static str, &B::Buffer)]) -> Result<()> {
+    f32_only(b, bufs)?;
     let n = b.len(bufs[0].1);
     if n == 0 {
         return Err(Error::Unsupported(format!("{} is empty", bufs[0].0)));
@@ -358,6 +401,7 @@ pub fn im2col<B: Backend + ?Sized>(
     cols: &B::Buffer,
 ) -> Result<()> {
     spec.validate()?;
+    f32_only(b, &[("image", x), ("cols", cols)])?;
     let (r, c) = spec.cols_shape();
     check_len(
         b,
@@ -386,6 +430,7 @@ pub fn pool<B: Backend + ?Sized>(
     y: &B::Buffer,
 ) -> Result<()> {
     spec.validate()?;
+    f32_only(b, &[("x", x), ("y", y)])?;
     let (oh, ow) = spec.out_hw();
     check_len(
         b,
@@ -415,6 +460,7 @@ pub fn transpose<B: Backend + ?Sized>(
     x: &B::Buffer,
     y: &B::Buffer,
 ) -> Result<()> {
+    f32_only(b, &[("x", x), ("y", y)])?;
     let n = batch * rows * cols;
     if n == 0 {
         return Err(Error::Unsupported("transpose of an empty tensor".into()));
@@ -456,6 +502,7 @@ pub fn pairwise<B: Backend + ?Sized>(
         )));
     }
     check_len(b, "f", f, n * dim, &format!("[{n}, {dim}]"))?;
+    f32_only(b, &[("f", f)])?;
     square(b, n, others)
 }
 
@@ -473,5 +520,5 @@ pub fn square<B: Backend + ?Sized>(
     for (what, buf) in bufs {
         check_len(b, what, buf, n * n, &format!("[{n}, {n}]"))?;
     }
-    Ok(())
+    f32_only(b, bufs)
 }

@@ -8,8 +8,10 @@ use super::losses::{
     CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, Memory, MseArgs, RowLoss,
 };
 use super::status::{Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
+use crate::backend::cpu_fast::rows::{In, Out};
 use crate::backend::cpu_fast::HostOut;
 use crate::backend::Backend;
+use crate::dtype::Dtype;
 use crate::{CpuBackend, FastCpuBackend};
 
 /// Host memory copied into the reference CPU backend's buffers (`dst_cpu_*`).
@@ -107,23 +109,26 @@ impl Memory for HostBorrow {
     unsafe fn row_loss(&self, loss: RowLoss<'_>, student: *const f32, out: RawOut) -> FfiResult {
         let fast = self.backend()?;
         let shape = loss.shape();
-        let (n, len) = (shape.rows, shape.len());
-        let out = HostOut {
-            loss: out.loss,
-            row_loss: out.row_loss,
-            grad_student: out.grad_student,
-            grad_teacher: out.grad_teacher,
-        };
+        let n = shape.rows;
         // SAFETY: the pointers are valid for these sizes by `Memory::row_loss`'s contract, which
         // is the `*_host` functions' (labels are read only when non-null).
         unsafe {
+            let f32_out = |p: *mut f32| (!p.is_null()).then(|| Out::from_raw(p.cast(), Dtype::F32));
+            let out = HostOut {
+                loss: out.loss,
+                row_loss: out.row_loss,
+                grad_student: f32_out(out.grad_student),
+                grad_teacher: f32_out(out.grad_teacher),
+            };
+            let student = In::from_raw(student.cast(), Dtype::F32);
+            let f32_in = |p: *const f32| In::from_raw(p.cast(), Dtype::F32);
             match loss {
                 RowLoss::Hinton {
                     spec,
                     teacher,
                     labels,
                 } => {
-                    let (t, l) = (host_slice(teacher, len), host_slice(labels, n));
+                    let (t, l) = (f32_in(teacher), host_slice(labels, n));
                     fast.hinton_host(spec, student, t, l, out)?
                 }
                 RowLoss::Divergence {
@@ -131,7 +136,7 @@ impl Memory for HostBorrow {
                     teacher,
                     labels,
                 } => {
-                    let t = host_slice(teacher, len);
+                    let t = f32_in(teacher);
                     let l = (!labels.is_null()).then(|| host_slice(labels, n));
                     fast.divergence_host(spec, student, t, l, out)?
                 }
@@ -143,7 +148,7 @@ impl Memory for HostBorrow {
                     teacher,
                     labels,
                 } => {
-                    let (t, l) = (host_slice(teacher, len), host_slice(labels, n));
+                    let (t, l) = (f32_in(teacher), host_slice(labels, n));
                     fast.dkd_host(spec, student, t, l, out)?
                 }
             }

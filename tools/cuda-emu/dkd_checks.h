@@ -254,7 +254,7 @@ static void test_dkd(size_t n, size_t c, float T, float wce, float wtc, float wn
     const float it = (float)(1.0 / T);
     emu_launch(cfg.grid, cfg.block, [&] {
         (cfg.block_form ? dkd_block : dkd_warp)(S.data(), t.data(), labels.data(), &count, rows.data(), gsp, n, c, it,
-                                                T, wce, wtc, wnc, eps, gsc, ignore, red);
+                                                T, wce, wtc, wnc, eps, gsc, ignore, red, 0u, 0u, 0u);
     });
     emu_launch(ONE, T1024, [&] { reduce_rows(rows.data(), n, &count, red, &loss); });
     if (inplace) gs = S;

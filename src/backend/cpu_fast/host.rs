@@ -5,7 +5,7 @@
 
 use super::row_losses;
 use super::rows::{self, In, Out};
-use super::{read, write, FastCpuBackend};
+use super::{read_any, write, write_any, FastCpuBackend};
 use crate::backend::cpu::CpuBuffer;
 use crate::backend::{GradOut, LossOut};
 use crate::error::Result;
@@ -28,27 +28,21 @@ fn scale_for(reduction: crate::ops::Reduction, rows: row_losses::Rows<'_>) -> f6
 pub(crate) struct HostOut {
     pub loss: *mut f32,
     pub row_loss: *mut f32,
-    pub grad_student: *mut f32,
-    pub grad_teacher: *mut f32,
+    /// The student's gradient (any dtype), or none.
+    pub grad_student: Option<Out>,
+    /// The teacher's gradient (any dtype), or none.
+    pub grad_teacher: Option<Out>,
 }
 
 impl HostOut {
-    /// The student's input and gradient arrays, and the teacher's gradient.
-    ///
-    /// # Safety
-    /// As [`FastCpuBackend::hinton_host`].
-    unsafe fn arrays(&self, student: *const f32) -> (row_losses::Student, Option<Out>) {
-        // SAFETY (the raw constructors): forwarded from the caller; an in-place gradient is the
-        // same array as the student, which the kernels allow (`In::over`).
-        unsafe {
-            let g = (!self.grad_student.is_null()).then(|| Out::from_raw(self.grad_student));
-            let gt = (!self.grad_teacher.is_null()).then(|| Out::from_raw(self.grad_teacher));
-            let s = row_losses::Student {
-                s: In::from_raw(student),
-                g,
-            };
-            (s, gt)
-        }
+    /// The student's input and gradient arrays, and the teacher's gradient. An in-place gradient
+    /// is an `Out` over the student's own array, which the kernels allow (as `In::over`).
+    fn arrays(&self, student: In) -> (row_losses::Student, Option<Out>) {
+        let s = row_losses::Student {
+            s: student,
+            g: self.grad_student,
+        };
+        (s, self.grad_teacher)
     }
 
     /// Stores the reduced loss and the row losses.
@@ -85,28 +79,28 @@ impl FastCpuBackend {
         let s_ref = if in_place {
             None
         } else {
-            Some(read(student, "student")?)
+            Some(read_any(student, "student")?)
         };
         let mut s_mut = if in_place {
-            Some(write(student, "student (in-place gradient)")?)
+            Some(write_any(student, "student (in-place gradient)")?)
         } else {
             None
         };
         let mut g_mut = match out.grad_student {
-            GradOut::Into(g) => Some(write(g, "grad_student")?),
+            GradOut::Into(g) => Some(write_any(g, "grad_student")?),
             _ => None,
         };
         let mut gt_mut = out
             .grad_teacher
-            .map(|g| write(g, "grad_teacher"))
+            .map(|g| write_any(g, "grad_teacher"))
             .transpose()?;
         let st = match (&s_ref, &mut s_mut) {
             (Some(s), _) => row_losses::Student {
-                s: In::new(s),
-                g: g_mut.as_deref_mut().map(|g| Out::new(g)),
+                s: In::of(s),
+                g: g_mut.as_deref_mut().map(Out::of),
             },
             (None, Some(s)) => {
-                let o = Out::new(s);
+                let o = Out::of(s);
                 row_losses::Student {
                     s: In::over(o),
                     g: Some(o),
@@ -114,7 +108,7 @@ impl FastCpuBackend {
             }
             (None, None) => unreachable!("one of the two borrows was taken above"),
         };
-        let gt = gt_mut.as_deref_mut().map(|g| Out::new(g));
+        let gt = gt_mut.as_deref_mut().map(Out::of);
         let (losses, scale) = run(st, gt)?;
         drop((s_ref, s_mut, g_mut, gt_mut));
         let loss = losses.iter().sum::<f64>() * scale;
@@ -132,14 +126,20 @@ impl FastCpuBackend {
         &self,
         spec: &DivergenceSpec,
         student: row_losses::Student,
-        teacher: &[f32],
+        teacher: In,
         labels: Option<&[i32]>,
         grad_teacher: Option<Out>,
     ) -> Result<RowLosses> {
         if let Some(l) = labels {
             ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
         }
-        ops::check_reverse_kl_support(spec, teacher, labels)?;
+        if ops::divergence::needs_support_check(spec) {
+            // SAFETY: the teacher holds the shape's elements (the caller's validation).
+            let values: Vec<f32> = (0..spec.shape.len())
+                .map(|i| unsafe { teacher.at(i) })
+                .collect();
+            ops::check_reverse_kl_support(spec, &values, labels)?;
+        }
         let rows = row_losses::Rows {
             rows: spec.shape.rows,
             cols: spec.shape.cols,
@@ -151,7 +151,7 @@ impl FastCpuBackend {
         let op = row_losses::DivergenceRows {
             rows,
             student,
-            teacher: In::new(teacher),
+            teacher,
             grad_teacher,
             divergence: spec.divergence,
             form: spec.teacher,
@@ -192,7 +192,7 @@ impl FastCpuBackend {
         &self,
         spec: &HintonSpec,
         student: row_losses::Student,
-        teacher: &[f32],
+        teacher: In,
         labels: &[i32],
         grad_teacher: Option<Out>,
     ) -> Result<RowLosses> {
@@ -208,7 +208,7 @@ impl FastCpuBackend {
         let op = row_losses::HintonRows {
             rows,
             student,
-            teacher: In::new(teacher),
+            teacher,
             grad_teacher,
             temperature: spec.temperature,
             alpha: spec.alpha,
@@ -223,7 +223,7 @@ impl FastCpuBackend {
         &self,
         spec: &DkdSpec,
         student: row_losses::Student,
-        teacher: &[f32],
+        teacher: In,
         labels: &[i32],
     ) -> Result<RowLosses> {
         ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
@@ -238,7 +238,7 @@ impl FastCpuBackend {
         let op = row_losses::DkdRows {
             rows,
             student,
-            teacher: In::new(teacher),
+            teacher,
             temperature: spec.temperature,
             ce_weight: spec.ce_weight,
             tckd_weight: spec.tckd_weight,
@@ -256,13 +256,12 @@ impl FastCpuBackend {
     pub(crate) unsafe fn dkd_host(
         &self,
         spec: &DkdSpec,
-        student: *const f32,
-        teacher: &[f32],
+        student: In,
+        teacher: In,
         labels: &[i32],
         out: HostOut,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        let (st, _) = unsafe { out.arrays(student) };
+        let (st, _) = out.arrays(student);
         let (losses, scale) = self.dkd_rows(spec, st, teacher, labels)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { out.store(&losses, scale) };
@@ -272,20 +271,19 @@ impl FastCpuBackend {
     /// The fused Hinton loss on host memory, without copies (the C ABI's `dst_fast_hinton`).
     ///
     /// # Safety
-    /// `spec` is validated; `student` is readable for `spec.shape.len()` floats; `teacher` and
-    /// `labels` have `spec.shape.len()` and `spec.shape.rows` elements; the non-null pointers of
-    /// `out` are writable for their sizes ([`HostOut`]); no output overlaps an input except the
-    /// in-place gradient (`grad_student == student`), and the outputs do not overlap each other.
+    /// `spec` is validated; `student` and `teacher` are readable for `spec.shape.len()` elements
+    /// of their dtypes, `labels` has `spec.shape.rows`; the arrays of `out` are writable for their
+    /// sizes ([`HostOut`]); no output overlaps an input except the in-place gradient (the
+    /// student's own array, same dtype), and the outputs do not overlap each other.
     pub(crate) unsafe fn hinton_host(
         &self,
         spec: &HintonSpec,
-        student: *const f32,
-        teacher: &[f32],
+        student: In,
+        teacher: In,
         labels: &[i32],
         out: HostOut,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        let (st, gt) = unsafe { out.arrays(student) };
+        let (st, gt) = out.arrays(student);
         let (losses, scale) = self.hinton_rows(spec, st, teacher, labels, gt)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { out.store(&losses, scale) };
@@ -299,13 +297,12 @@ impl FastCpuBackend {
     pub(crate) unsafe fn divergence_host(
         &self,
         spec: &DivergenceSpec,
-        student: *const f32,
-        teacher: &[f32],
+        student: In,
+        teacher: In,
         labels: Option<&[i32]>,
         out: HostOut,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        let (st, gt) = unsafe { out.arrays(student) };
+        let (st, gt) = out.arrays(student);
         let (losses, scale) = self.divergence_rows(spec, st, teacher, labels, gt)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { out.store(&losses, scale) };
@@ -319,12 +316,11 @@ impl FastCpuBackend {
     pub(crate) unsafe fn cross_entropy_host(
         &self,
         spec: &CrossEntropySpec,
-        student: *const f32,
+        student: In,
         labels: &[i32],
         out: HostOut,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        let (st, _) = unsafe { out.arrays(student) };
+        let (st, _) = out.arrays(student);
         let (losses, scale) = self.cross_entropy_rows(spec, st, labels)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { out.store(&losses, scale) };

@@ -30,13 +30,14 @@ mod row_losses;
 pub mod rows;
 pub(crate) mod vmath;
 
-use std::cell::{Ref, RefCell, RefMut};
+use std::cell::{Ref, RefMut};
 
 use self::adam::adam_split;
 pub(crate) use self::host::HostOut;
 use self::rows::{In, Out, Simd};
 use super::cpu::{CpuBackend, CpuBuffer};
 use super::{Backend, LossOut};
+use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
@@ -107,18 +108,37 @@ impl FastCpuBackend {
     }
 }
 
-fn read<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, Vec<f32>>> {
+/// A buffer of any dtype, borrowed to read.
+fn read_any<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, HostVec>> {
     buf.0
         .try_borrow()
         .map_err(|_| Error::Alias(format!("{what} is also an output of this call")))
 }
 
-fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
+/// A buffer of any dtype, borrowed to write.
+fn write_any<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, HostVec>> {
     buf.0.try_borrow_mut().map_err(|_| {
         Error::Alias(format!(
             "{what} is also an input of this call: pass a separate output buffer"
         ))
     })
+}
+
+fn not_f32(what: &str, dtype: Dtype) -> Error {
+    Error::Unsupported(format!(
+        "{what} is {dtype}: this op takes f32 buffers (half precision is for the row losses)"
+    ))
+}
+
+/// An f32 buffer, borrowed to read.
+fn read<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, [f32]>> {
+    Ref::filter_map(read_any(buf, what)?, |v| v.as_f32()).map_err(|v| not_f32(what, v.dtype()))
+}
+
+/// An f32 buffer, borrowed to write.
+fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
+    RefMut::filter_map(write_any(buf, what)?, |v| v.as_f32_mut())
+        .map_err(|v| not_f32(what, v.dtype()))
 }
 
 const REF: CpuBackend = CpuBackend;
@@ -140,12 +160,20 @@ impl Backend for FastCpuBackend {
         format!("cpu (f32, {k} matmul, {l} losses)")
     }
 
-    fn upload(&self, data: &[f32]) -> Result<CpuBuffer> {
-        REF.upload(data)
+    fn upload_host(&self, data: HostSlice<'_>) -> Result<CpuBuffer> {
+        REF.upload_host(data)
+    }
+
+    fn download_host(&self, buf: &CpuBuffer) -> Result<HostVec> {
+        REF.download_host(buf)
+    }
+
+    fn dtype(&self, buf: &CpuBuffer) -> Dtype {
+        buf.dtype()
     }
 
     fn filled(&self, len: usize, value: f32) -> Result<CpuBuffer> {
-        Ok(CpuBuffer(RefCell::new(vec![value; len])))
+        Ok(CpuBuffer::new(HostVec::F32(vec![value; len])))
     }
 
     fn help_until(&self, stop: &dyn Fn() -> bool) {
@@ -154,10 +182,6 @@ impl Backend for FastCpuBackend {
 
     fn upload_labels(&self, labels: &[i32]) -> Result<Vec<i32>> {
         REF.upload_labels(labels)
-    }
-
-    fn download(&self, buf: &CpuBuffer) -> Result<Vec<f32>> {
-        REF.download(buf)
     }
 
     fn len(&self, buf: &CpuBuffer) -> usize {
@@ -301,15 +325,15 @@ impl Backend for FastCpuBackend {
         x: &CpuBuffer,
         y: &CpuBuffer,
     ) -> Result<()> {
-        let xv = read(x, "x")?;
-        let mut yv = write(y, "y")?;
+        let xv = read_any(x, "x")?;
+        let mut yv = write_any(y, "y")?;
         let op = row_losses::SoftmaxRows {
             rows: spec.shape.rows,
             cols: spec.shape.cols,
             inv_t: 1.0 / spec.temperature,
             log: spec.log,
-            x: In::new(&xv),
-            y: Out::new(&mut yv),
+            x: In::of(&xv),
+            y: Out::of(&mut yv),
         };
         rows::run(&op, self.simd, self.threads);
         Ok(())
@@ -322,16 +346,16 @@ impl Backend for FastCpuBackend {
         dy: &CpuBuffer,
         dx: &CpuBuffer,
     ) -> Result<()> {
-        let (yv, dyv) = (read(y, "y")?, read(dy, "dy")?);
-        let mut dxv = write(dx, "dx")?;
+        let (yv, dyv) = (read_any(y, "y")?, read_any(dy, "dy")?);
+        let mut dxv = write_any(dx, "dx")?;
         let op = row_losses::SoftmaxBackwardRows {
             rows: spec.shape.rows,
             cols: spec.shape.cols,
             inv_t: 1.0 / spec.temperature as f64,
             log: spec.log,
-            y: In::new(&yv),
-            dy: In::new(&dyv),
-            dx: Out::new(&mut dxv),
+            y: In::of(&yv),
+            dy: In::of(&dyv),
+            dx: Out::of(&mut dxv),
         };
         rows::run(&op, self.simd, self.threads);
         Ok(())
@@ -346,9 +370,9 @@ impl Backend for FastCpuBackend {
         out: LossOut<'_, Self>,
     ) -> Result<()> {
         let labels = labels.map(|l| l.as_slice());
-        let tv = read(teacher, "teacher")?;
+        let tv = read_any(teacher, "teacher")?;
         self.row_loss(student, out, |st, gt| {
-            self.divergence_rows(spec, st, &tv, labels, gt)
+            self.divergence_rows(spec, st, In::of(&tv), labels, gt)
         })
     }
 
@@ -372,9 +396,9 @@ impl Backend for FastCpuBackend {
         labels: &Vec<i32>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        let tv = read(teacher, "teacher")?;
+        let tv = read_any(teacher, "teacher")?;
         self.row_loss(student, out, |st, gt| {
-            self.hinton_rows(spec, st, &tv, labels, gt)
+            self.hinton_rows(spec, st, In::of(&tv), labels, gt)
         })
     }
 
@@ -386,8 +410,10 @@ impl Backend for FastCpuBackend {
         labels: &Vec<i32>,
         out: LossOut<'_, Self>,
     ) -> Result<()> {
-        let tv = read(teacher, "teacher")?;
-        self.row_loss(student, out, |st, _| self.dkd_rows(spec, st, &tv, labels))
+        let tv = read_any(teacher, "teacher")?;
+        self.row_loss(student, out, |st, _| {
+            self.dkd_rows(spec, st, In::of(&tv), labels)
+        })
     }
 
     unsafe fn mse_unchecked(

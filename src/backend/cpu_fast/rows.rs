@@ -16,6 +16,7 @@
 //! The passes run compiled for AVX-512, AVX2 or baseline x86-64 / other targets ([`Simd`]), chosen
 //! once at run time: the same source and, since no operation is fused or reordered, the same bits.
 
+use crate::dtype::{Dtype, HostVec};
 use std::sync::{Barrier, Mutex};
 
 /// Columns per block.
@@ -357,39 +358,110 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A read-only input array shared by the threads of a call.
+/// A read-only input array shared by the threads of a call, of any [`Dtype`]: elements are
+/// read as f32 (exactly: bf16 and f16 widen without rounding).
 #[derive(Clone, Copy)]
-pub struct In(*const f32);
+pub struct In {
+    p: *const u8,
+    dtype: Dtype,
+}
 
-/// An output array shared by the threads of a call, each writing its own elements.
+/// An output array shared by the threads of a call, each writing its own elements; values are
+/// rounded once to the array's [`Dtype`] (to nearest, ties to even) as they are stored.
 #[derive(Clone, Copy)]
-pub struct Out(*mut f32);
+pub struct Out {
+    p: *mut u8,
+    dtype: Dtype,
+}
 
 // SAFETY: the arrays outlive the call (the driver's threads are scoped), `In` is only read, and
 // the driver hands each element of an `Out` to one thread (see `RowOp`). An in-place gradient
 // (`In` and `Out` over the same student array) is written only in a pass after the last read of
-// the same elements, or at the same index right after reading it.
+// the same elements, or at the same index right after reading it. bf16 and f16 elements are 2
+// bytes each: no two threads write the same byte.
 unsafe impl Send for In {}
 unsafe impl Sync for In {}
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// bf16 bits as f32 (exact).
+#[inline(always)]
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// f16 bits as f32 (exact), without branches so that a lane of them vectorises: the magnitude's
+/// bits moved to f32's position and scaled by 2^112 give normals and subnormals alike; an
+/// all-ones exponent (infinity, NaN) is set to f32's.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let mag = h & 0x7fff;
+    let scaled = (f32::from_bits(mag << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let special = 0x7f80_0000 | ((mag & 0x3ff) << 13);
+    f32::from_bits(select_u32(mag >= 0x7c00, special, scaled) | ((h & 0x8000) << 16))
+}
+
+#[inline(always)]
+fn select_u32(c: bool, a: u32, b: u32) -> u32 {
+    let m = (c as u32).wrapping_neg();
+    (a & m) | (b & !m)
+}
+
+/// f32 to bf16 bits, rounded to nearest even (NaN stays a quiet NaN), without branches.
+#[inline(always)]
+fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    select_u32(v.is_nan(), (b >> 16) | 0x40, rounded) as u16
+}
+
+/// Element `i` of a 2-byte array as f32.
+#[inline(always)]
+unsafe fn half_at(p: *const u8, dtype: Dtype, i: usize) -> f32 {
+    // SAFETY: the caller's bound; 2-byte elements, read unaligned (host memory from C may be).
+    let bits = unsafe { p.cast::<u16>().add(i).read_unaligned() };
+    match dtype {
+        Dtype::Bf16 => bf16_to_f32(bits),
+        _ => f16_to_f32(bits),
+    }
+}
+
 impl In {
     pub fn new(data: &[f32]) -> In {
-        In(data.as_ptr())
+        In {
+            p: data.as_ptr().cast(),
+            dtype: Dtype::F32,
+        }
     }
 
-    /// Over a raw array (host memory of the C ABI).
+    /// Over a host vector of any dtype.
+    pub fn of(data: &HostVec) -> In {
+        In {
+            p: data.as_ptr(),
+            dtype: data.dtype(),
+        }
+    }
+
+    /// Over a raw array of `dtype` (host memory of the C ABI).
     ///
     /// # Safety
     /// `p` is readable for every index the call uses, for as long as the call runs.
-    pub unsafe fn from_raw(p: *const f32) -> In {
-        In(p)
+    pub unsafe fn from_raw(p: *const u8, dtype: Dtype) -> In {
+        In { p, dtype }
     }
 
     /// Over an array that is also written in place (the in-place gradient).
     pub fn over(out: Out) -> In {
-        In(out.0)
+        In {
+            p: out.p,
+            dtype: out.dtype,
+        }
+    }
+
+    /// The array's element type.
+    pub fn dtype(self) -> Dtype {
+        self.dtype
     }
 
     /// Element `i`.
@@ -399,7 +471,12 @@ impl In {
     #[inline(always)]
     pub unsafe fn at(self, i: usize) -> f32 {
         // SAFETY: the caller's bound.
-        unsafe { self.0.add(i).read() }
+        unsafe {
+            match self.dtype {
+                Dtype::F32 => self.p.cast::<f32>().add(i).read_unaligned(),
+                d => half_at(self.p, d, i),
+            }
+        }
     }
 
     /// `n <= LANES` elements from `i`, zeros after them.
@@ -409,24 +486,62 @@ impl In {
     #[inline(always)]
     pub unsafe fn load(self, i: usize, n: usize) -> [f32; super::vmath::LANES] {
         let mut v = [0.0f32; super::vmath::LANES];
-        // SAFETY: the caller's bound; `v` is a local of LANES >= n floats.
-        unsafe { std::ptr::copy_nonoverlapping(self.0.add(i), v.as_mut_ptr(), n) };
+        match self.dtype {
+            // SAFETY: the caller's bound; `v` is a local of LANES >= n floats.
+            Dtype::F32 => unsafe {
+                std::ptr::copy_nonoverlapping(self.p.cast::<f32>().add(i), v.as_mut_ptr(), n)
+            },
+            d => {
+                // A lane of 16-bit elements, then converted as a whole (vectorises).
+                let mut h = [0u16; super::vmath::LANES];
+                // SAFETY: the caller's bound; `h` holds LANES >= n elements.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.p.cast::<u16>().add(i), h.as_mut_ptr(), n)
+                };
+                if d == Dtype::Bf16 {
+                    for (vk, &hk) in v.iter_mut().zip(&h) {
+                        *vk = bf16_to_f32(hk);
+                    }
+                } else {
+                    for (vk, &hk) in v.iter_mut().zip(&h) {
+                        *vk = f16_to_f32(hk);
+                    }
+                }
+                // Lanes past n are 0 as for f32 (the 0 bits of both convert to 0).
+            }
+        }
         v
     }
 }
 
 impl Out {
     pub fn new(data: &mut [f32]) -> Out {
-        Out(data.as_mut_ptr())
+        Out {
+            p: data.as_mut_ptr().cast(),
+            dtype: Dtype::F32,
+        }
     }
 
-    /// Over a raw array (host memory of the C ABI).
+    /// Over a host vector of any dtype.
+    pub fn of(data: &mut HostVec) -> Out {
+        Out {
+            dtype: data.dtype(),
+            p: data.as_mut_ptr(),
+        }
+    }
+
+    /// Over a raw array of `dtype` (host memory of the C ABI).
     ///
     /// # Safety
     /// `p` is writable for every index the call uses, for as long as the call runs, and nothing
     /// else reads or writes it meanwhile (other than the in-place student it may be).
-    pub unsafe fn from_raw(p: *mut f32) -> Out {
-        Out(p)
+    pub unsafe fn from_raw(p: *mut u8, dtype: Dtype) -> Out {
+        Out { p, dtype }
+    }
+
+    /// The array's element type.
+    pub fn dtype(self) -> Dtype {
+        self.dtype
     }
 
     /// Writes the first `n` lanes of `v` from `i`.
@@ -435,8 +550,28 @@ impl Out {
     /// `i + n` is within the array, and no other thread touches these elements now.
     #[inline(always)]
     pub unsafe fn store(self, i: usize, v: &[f32; super::vmath::LANES], n: usize) {
-        // SAFETY: the caller's bound and exclusivity.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(i), n) };
+        match self.dtype {
+            // SAFETY: the caller's bound and exclusivity.
+            Dtype::F32 => unsafe {
+                std::ptr::copy_nonoverlapping(v.as_ptr(), self.p.cast::<f32>().add(i), n)
+            },
+            Dtype::Bf16 => {
+                let mut h = [0u16; super::vmath::LANES];
+                for (hk, &vk) in h.iter_mut().zip(v) {
+                    *hk = f32_to_bf16(vk);
+                }
+                // SAFETY: the caller's bound and exclusivity.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(h.as_ptr(), self.p.cast::<u16>().add(i), n)
+                };
+            }
+            Dtype::F16 => {
+                for (k, &vk) in v.iter().enumerate().take(n) {
+                    // SAFETY: the caller's bound and exclusivity.
+                    unsafe { self.set(i + k, vk) };
+                }
+            }
+        }
     }
 
     /// Writes element `i`.
@@ -445,8 +580,17 @@ impl Out {
     /// As [`Out::store`].
     #[inline(always)]
     pub unsafe fn set(self, i: usize, v: f32) {
-        // SAFETY: the caller's bound and exclusivity.
-        unsafe { self.0.add(i).write(v) };
+        // SAFETY: the caller's bound and exclusivity; unaligned writes (host memory from C).
+        unsafe {
+            match self.dtype {
+                Dtype::F32 => self.p.cast::<f32>().add(i).write_unaligned(v),
+                Dtype::Bf16 => self.p.cast::<u16>().add(i).write_unaligned(f32_to_bf16(v)),
+                Dtype::F16 => {
+                    let b = half::f16::from_f32(v).to_bits();
+                    self.p.cast::<u16>().add(i).write_unaligned(b)
+                }
+            }
+        }
     }
 }
 
@@ -501,4 +645,41 @@ pub fn exp_ns_per_element(simd: Simd) -> crate::Result<f64> {
     }
     std::hint::black_box(sink);
     Ok(start.elapsed().as_secs_f64() * 1e9 / (reps * x.len()) as f64)
+}
+
+#[cfg(test)]
+mod conversion_tests {
+    use super::*;
+
+    /// The branch-free conversions agree with the `half` crate's on every 16-bit pattern, and
+    /// the rounding on values around every tie.
+    #[test]
+    fn half_conversions_match_the_half_crate() {
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16_to_f32(h), half::f16::from_bits(h).to_f32());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "f16 {h:#x}"
+            );
+            let (a, b) = (bf16_to_f32(h), half::bf16::from_bits(h).to_f32());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "bf16 {h:#x}"
+            );
+        }
+        let mut x = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let v = f32::from_bits(x);
+            let (a, b) = (f32_to_bf16(v), half::bf16::from_f32(v).to_bits());
+            assert!(
+                a == b || (v.is_nan() && a & 0x7fc0 == 0x7fc0),
+                "{v:e}: {a:#x} vs {b:#x}"
+            );
+            // Ties: the low 16 bits exactly 0x8000.
+            let t = f32::from_bits((x & 0xffff_0000) | 0x8000);
+            let (a, b) = (f32_to_bf16(t), half::bf16::from_f32(t).to_bits());
+            assert!(a == b || t.is_nan(), "tie {t:e}: {a:#x} vs {b:#x}");
+        }
+    }
 }

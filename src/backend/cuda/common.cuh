@@ -30,6 +30,110 @@ __device__ __forceinline__ bool is_finite_f(float x) {
     return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
 }
 
+// ---- element types: f32, bf16, f16 (docs/LOSSES.md, half precision) ---------------------------
+// Codes 0 f32, 1 bf16, 2 f16. The row losses read their inputs and write their gradients in the
+// buffers' own dtypes through RowIn / RowOut; all math is f32 (f64 where the kernels say so), and a
+// gradient is rounded once, to nearest with ties to even, as it is stored. The conversions are
+// bit manipulations (NVRTC has no cuda_fp16.h / cuda_bf16.h without the toolkit's headers, and the
+// emulator runs the same code).
+
+#define DT_F32 0u
+#define DT_BF16 1u
+#define DT_F16 2u
+
+typedef unsigned short u16;
+
+__device__ __forceinline__ float half_bits_to_f32(u16 h, u32 dt) {
+    if (dt == DT_BF16) return __int_as_float((int)((u32)h << 16));
+    const u32 sign = ((u32)h & 0x8000u) << 16;
+    const u32 e = ((u32)h >> 10) & 0x1fu;
+    const u32 m = (u32)h & 0x3ffu;
+    if (e == 0x1fu) return __int_as_float((int)(sign | 0x7f800000u | (m << 13)));  // inf / NaN
+    if (e == 0u) {                                                                   // zero, subnormal
+        const float v = (float)m * 5.9604644775390625e-8f;                           // m * 2^-24, exact
+        return sign != 0u ? -v : v;
+    }
+    return __int_as_float((int)(sign | ((e + 112u) << 23) | (m << 13)));
+}
+
+__device__ __forceinline__ u16 f32_to_half_bits(float v, u32 dt) {
+    const u32 b = __float_as_uint(v);
+    const u32 a = b & 0x7fffffffu;
+    if (dt == DT_BF16) {
+        if (a > 0x7f800000u) return (u16)((b >> 16) | 0x40u);  // NaN stays a quiet NaN
+        return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+    const u32 sign = (b >> 16) & 0x8000u;
+    if (a > 0x7f800000u) return (u16)(sign | 0x7e00u);
+    if (a >= 0x477ff000u) return (u16)(sign | 0x7c00u);  // 65520 and above: infinity
+    if (a < 0x38800000u) {
+        // Below 2^-14: a subnormal count of 2^-24, rounded to nearest even (exact scaling first).
+        const float x = __int_as_float((int)a) * 16777216.0f;
+        u32 k = (u32)x;
+        const float frac = x - (float)k;
+        if (frac > 0.5f || (frac == 0.5f && (k & 1u))) k += 1u;
+        return (u16)(sign | k);
+    }
+    return (u16)(sign | (((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10)));
+}
+
+// A read-only row (or array) of any dtype: s[j] is element j as f32.
+struct RowIn {
+    const void* p;
+    u32 dt;
+    __device__ __forceinline__ float operator[](u64 j) const {
+        if (dt == DT_F32) return ((const float*)p)[j];
+        return half_bits_to_f32(((const u16*)p)[j], dt);
+    }
+    __device__ __forceinline__ RowIn operator+(u64 off) const {
+        RowIn r;
+        r.p = dt == DT_F32 ? (const void*)((const float*)p + off) : (const void*)((const u16*)p + off);
+        r.dt = dt;
+        return r;
+    }
+};
+
+// One element of a RowOut: `out[j] = v` stores v rounded to the row's dtype.
+struct ElemOut {
+    void* p;
+    u64 j;
+    u32 dt;
+    __device__ __forceinline__ void operator=(float v) const {
+        if (dt == DT_F32) {
+            ((float*)p)[j] = v;
+        } else {
+            ((u16*)p)[j] = f32_to_half_bits(v, dt);
+        }
+    }
+};
+
+// A writable row (or array) of any dtype, or none (null: `out != 0` is false).
+struct RowOut {
+    void* p;
+    u32 dt;
+    __device__ __forceinline__ RowOut(void* ptr = 0, u32 dtype = DT_F32) : p(ptr), dt(dtype) {}
+    __device__ __forceinline__ ElemOut operator[](u64 j) const {
+        ElemOut e;
+        e.p = p;
+        e.j = j;
+        e.dt = dt;
+        return e;
+    }
+    __device__ __forceinline__ RowOut operator+(u64 off) const {
+        if (p == 0) return RowOut(0, dt);
+        return RowOut(dt == DT_F32 ? (void*)((float*)p + off) : (void*)((u16*)p + off), dt);
+    }
+    __device__ __forceinline__ bool operator!=(int) const { return p != 0; }
+    __device__ __forceinline__ bool operator==(int) const { return p == 0; }
+};
+
+__device__ __forceinline__ RowIn row_in(const void* p, u32 dt) {
+    RowIn r;
+    r.p = p;
+    r.dt = dt;
+    return r;
+}
+
 // ---- grid indexing ------------------------------------------------------------------------------
 
 // The linear index of this block in a 2D grid (the host splits more than 2^31-1 blocks over y;
@@ -256,7 +360,7 @@ __device__ __forceinline__ BlockGroup block_group() {
 
 // Fills a row's output with one value (a masked row's zeros, a bad row's NaN). Null: nothing.
 template <class G>
-__device__ __forceinline__ void fill_row(const G& g, float* out, u32 c, float value) {
+__device__ __forceinline__ void fill_row(const G& g, RowOut out, u32 c, float value) {
     if (out == 0) return;
     for (u32 j = g.rank; j < c; j += g.size()) out[j] = value;
 }
@@ -379,7 +483,7 @@ __device__ __forceinline__ bool kl_needs_refining(float d, float center, float l
 // (for the gradients' dl = delta - lr) and center = -(a + E/Z) (the teacher's gradient). Reads
 // s and t only (in-place safe before the gradient pass).
 template <class G>
-__device__ __forceinline__ void refine_kl_row(const G& g, const float* s, const float* t, u32 c, float ms, float mt,
+__device__ __forceinline__ void refine_kl_row(const G& g, RowIn s, RowIn t, u32 c, float ms, float mt,
                                               float it, double it_d, bool forward, float& d, float& lr,
                                               float& center) {
     const double anc = -(double)center;

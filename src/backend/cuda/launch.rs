@@ -30,6 +30,7 @@ use super::kernels::{CudaKernel, COUNT_VALID, REDUCE_ROWS};
 use super::nvrtc::cached_ptx;
 use super::{device_error, poisoned, CudaBackend, BACKEND};
 use crate::backend::GradOut;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::{Reduction, RowShape};
 
@@ -358,6 +359,15 @@ impl CudaBackend {
         .map_err(|e| device_error("copying to the host", e))?;
         self.synchronize()?;
         Ok(host)
+    }
+}
+
+/// The student gradient's dtype: its buffer's, or the student's in place (f32 for none).
+pub(crate) fn grad_dtype(grad: GradOut<'_, CudaBackend>, student: &CudaBuffer) -> Dtype {
+    match grad {
+        GradOut::None => Dtype::F32,
+        GradOut::Into(g) => g.dtype,
+        GradOut::InPlace => student.dtype,
     }
 }
 

@@ -35,8 +35,8 @@ use cudarc::driver::{CudaContext, CudaStream, DriverError};
 pub use self::buffer::{CudaBuffer, CudaLabels};
 pub use self::kernels::{CudaKernel, CudaSource, COMMON_SOURCE, KERNELS, SOURCES};
 pub(crate) use self::launch::{
-    config, elementwise, ensure, grad_ptr, index_u32, one_block, row_launch, stride_launch, Arg,
-    RowLaunch, WARP_ROWS,
+    config, elementwise, ensure, grad_dtype, grad_ptr, index_u32, one_block, row_launch,
+    stride_launch, Arg, RowLaunch, WARP_ROWS,
 };
 use self::launch::{Scratch, State};
 pub use self::nvrtc::{
@@ -45,6 +45,7 @@ pub use self::nvrtc::{
 };
 use self::nvrtc::{nvrtc_missing, panic_message};
 use super::{Backend, LossOut};
+use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
@@ -209,15 +210,35 @@ impl Backend for CudaBackend {
         format!("cuda ({}, {}, NVRTC)", self.device_name, self.arch)
     }
 
-    fn upload(&self, data: &[f32]) -> Result<CudaBuffer> {
+    fn upload_host(&self, data: HostSlice<'_>) -> Result<CudaBuffer> {
         if data.is_empty() {
-            return Ok(CudaBuffer::empty());
+            return Ok(CudaBuffer::empty(data.dtype()));
         }
-        let slice = self
-            .stream
-            .clone_htod(data)
-            .map_err(|e| device_error("copying to the device", e))?;
-        Ok(CudaBuffer::from_slice(slice))
+        let copied = |e| device_error("copying to the device", e);
+        match data {
+            HostSlice::F32(v) => Ok(CudaBuffer::from_slice(
+                self.stream.clone_htod(v).map_err(copied)?,
+            )),
+            HostSlice::Bf16(_) | HostSlice::F16(_) => {
+                let bits: Vec<u16> = bytemuck::pod_collect_to_vec(data.bytes());
+                let slice = self.stream.clone_htod(&bits).map_err(copied)?;
+                CudaBuffer::from_half_slice(slice, data.dtype())
+            }
+        }
+    }
+
+    fn download_host(&self, buf: &CudaBuffer) -> Result<HostVec> {
+        Ok(match buf.dtype {
+            Dtype::F32 => HostVec::F32(self.copy_to_host(buf.ptr, buf.len)?),
+            d => {
+                let bits: Vec<u16> = self.copy_to_host(buf.ptr, buf.len)?;
+                HostVec::from_bytes(d, bytemuck::cast_slice(&bits))
+            }
+        })
+    }
+
+    fn dtype(&self, buf: &CudaBuffer) -> Dtype {
+        buf.dtype
     }
 
     fn upload_labels(&self, labels: &[i32]) -> Result<CudaLabels> {
@@ -231,10 +252,6 @@ impl Backend for CudaBackend {
         Ok(CudaLabels::from_slice(slice))
     }
 
-    fn download(&self, buf: &CudaBuffer) -> Result<Vec<f32>> {
-        self.copy_to_host(buf.ptr, buf.len)
-    }
-
     fn len(&self, buf: &CudaBuffer) -> usize {
         buf.len
     }
@@ -246,7 +263,7 @@ impl Backend for CudaBackend {
     fn overlaps(&self, a: &CudaBuffer, b: &CudaBuffer) -> bool {
         // Caller memory is wrapped by address: compare the byte ranges.
         let (a0, b0) = (a.ptr, b.ptr);
-        let (a1, b1) = (a0 + a.len as u64 * 4, b0 + b.len as u64 * 4);
+        let (a1, b1) = (a0 + a.bytes(), b0 + b.bytes());
         a0 < b1 && b0 < a1
     }
 

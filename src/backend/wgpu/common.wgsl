@@ -222,3 +222,52 @@ fn gap_pq(q: f32, pv: f32, u: f32) -> f32 {
     }
     return q * expm1_f32(u);
 }
+
+// ---- bf16 / f16 (docs/LOSSES.md, half precision) ----
+// Dtype codes: 0 f32, 1 bf16, 2 f16. A buffer of 16-bit elements is an array<u32> of pairs, the
+// element of even index in the low half. Conversions are exact bit manipulations (no
+// unpack2x16float, whose handling of infinities and NaN WGSL leaves to the implementation).
+
+// The 16-bit value in the low half of `h` as an f32 (exact: every bf16 and f16 is an f32).
+fn half_to_f32(h: u32, dt: u32) -> f32 {
+    let b = h & 0xffffu;
+    if (dt == 1u) {
+        return bitcast<f32>(b << 16u);
+    }
+    let sign = (b & 0x8000u) << 16u;
+    let e = (b >> 10u) & 0x1fu;
+    let m = b & 0x3ffu;
+    if (e == 0x1fu) {
+        return bitcast<f32>(sign | 0x7f800000u | (m << 13u)); // infinity or NaN
+    }
+    if (e == 0u) {
+        // Zero or subnormal: m * 2^-24, exact in f32.
+        let v = f32(m) * 5.9604644775390625e-8;
+        return select(v, -v, sign != 0u);
+    }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
+}
+
+// v rounded to bf16 (dt 1) or f16 (dt 2), to nearest with ties to even, in the low 16 bits.
+fn f32_to_half(v: f32, dt: u32) -> u32 {
+    let b = bitcast<u32>(v);
+    let a = b & 0x7fffffffu;
+    if (dt == 1u) {
+        if (a > 0x7f800000u) {
+            return ((b >> 16u) | 0x40u) & 0xffffu; // NaN stays a (quiet) NaN
+        }
+        return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+    }
+    let sign = (b >> 16u) & 0x8000u;
+    if (a > 0x7f800000u) {
+        return sign | 0x7e00u;
+    }
+    if (a >= 0x477ff000u) {
+        return sign | 0x7c00u; // 65520 and above round to infinity
+    }
+    if (a < 0x38800000u) {
+        // Below f16's smallest normal 2^-14: a subnormal count of 2^-24 (round is ties-to-even).
+        return sign | u32(round(bitcast<f32>(a) * 16777216.0));
+    }
+    return sign | (((a + 0xfffu + ((a >> 13u) & 1u)) >> 13u) - (112u << 10u));
+}

@@ -10,9 +10,10 @@ use std::num::NonZeroU64;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::pipelines::{WgslKernel, COUNT_VALID, REDUCE_ROWS};
+use super::pipelines::{WgslKernel, COUNT_VALID, PACK_HALF, REDUCE_ROWS};
 use super::{WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::{Backend, GradOut, LossOut};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::{Reduction, RowShape};
 
@@ -64,6 +65,17 @@ impl<'a> Window<'a> {
             size: count * 4,
         }
     }
+
+    /// Elements `first..first + count` of a buffer of any dtype (`first` even for 16-bit
+    /// elements; the size padded to whole 32-bit words, which the buffer's own padding covers).
+    pub(crate) fn of(buf: &'a WgpuBuffer, first: u64, count: u64) -> Self {
+        let size = buf.dtype.size() as u64;
+        Window {
+            buffer: &buf.buffer,
+            offset: first * size,
+            size: (count * size).div_ceil(4) * 4,
+        }
+    }
 }
 
 /// A whole buffer as a binding window.
@@ -86,38 +98,63 @@ struct ReduceParams {
 /// The layouts of this file's uniform structs (see [`super::uniform_layouts`]).
 pub(super) fn uniform_layouts() -> Vec<super::UniformLayout> {
     use super::uniform_layout as l;
-    vec![l!(
-        ReduceParams,
-        "reduce.wgsl",
-        [n, has_labels, ignore_index, cols, mode, scale]
-    )]
+    vec![
+        l!(
+            ReduceParams,
+            "reduce.wgsl",
+            [n, has_labels, ignore_index, cols, mode, scale]
+        ),
+        l!(PackParams, "pack.wgsl", [words, len, dtype]),
+    ]
 }
 
-/// The shaders' `grad_mode`: 0 no gradient, 1 into a buffer, 2 in place over the student.
-pub(crate) fn grad_mode<B: RowBackend>(g: &GradOut<'_, B>) -> u32 {
-    match g {
-        GradOut::None => 0,
-        GradOut::Into(_) => 1,
-        GradOut::InPlace => 2,
+/// The shaders' `grad_mode` (`row_io.wgsl`): no gradient, into a buffer, over the student.
+pub(crate) const GRAD_NONE: u32 = 0;
+pub(crate) const GRAD_INTO: u32 = 1;
+pub(crate) const GRAD_IN_PLACE: u32 = 2;
+
+/// Where a row loss's student gradient goes (as [`GradOut`], on wgpu buffers).
+#[derive(Clone, Copy)]
+pub(crate) enum GradTarget<'a> {
+    None,
+    Into(&'a WgpuBuffer),
+    InPlace,
+}
+
+impl<'a> GradTarget<'a> {
+    pub(crate) fn of<B: RowBackend>(g: &GradOut<'a, B>) -> Self {
+        match g {
+            GradOut::None => GradTarget::None,
+            GradOut::Into(b) => GradTarget::Into(b),
+            GradOut::InPlace => GradTarget::InPlace,
+        }
     }
 }
 
-/// The gradient buffer of [`GradOut::Into`] (none for `None` and `InPlace`).
-pub(crate) fn grad_into<'a, B: RowBackend>(g: &GradOut<'a, B>) -> Option<&'a wgpu::Buffer> {
-    match g {
-        GradOut::Into(b) => Some(&b.buffer),
-        _ => None,
-    }
-}
-
-/// The row kernel's optional outputs, bound whole or as the chunk's window.
+/// The row kernel's inputs and outputs, bound whole or as the chunk's window.
 pub(crate) struct RowBuffers<'a> {
-    pub student: &'a wgpu::Buffer,
-    pub teacher: Option<&'a wgpu::Buffer>,
+    pub student: &'a WgpuBuffer,
+    pub teacher: Option<&'a WgpuBuffer>,
     pub labels: Option<&'a wgpu::Buffer>,
     pub row_loss: &'a wgpu::Buffer,
-    pub grad_student: Option<&'a wgpu::Buffer>,
-    pub grad_teacher: Option<&'a wgpu::Buffer>,
+    pub grad_student: GradTarget<'a>,
+    pub grad_teacher: Option<&'a WgpuBuffer>,
+}
+
+/// A gradient the row kernel writes in f32 into scratch, to be packed into a bf16 / f16 buffer.
+struct Pending<'a> {
+    scratch: wgpu::Buffer,
+    dst: &'a wgpu::Buffer,
+    dtype: Dtype,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PackParams {
+    words: u32,
+    len: u32,
+    dtype: u32,
+    pad0: u32,
 }
 
 impl WgpuBackend {
@@ -136,8 +173,15 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// Splits `rows` rows of `cols` f32 into chunks that fit one storage binding.
-    pub(crate) fn row_chunks(&self, rows: usize, cols: usize) -> Result<Vec<(usize, usize)>> {
+    /// Splits `rows` rows of `cols` elements into chunks that fit one storage binding (at 4 bytes
+    /// an element, the widest). `min_size` is the smallest element bound (2 for bf16 / f16): chunk
+    /// starts keep `r0 * C * min_size` (and `r0 * 4`) on the storage offset alignment.
+    pub(crate) fn row_chunks(
+        &self,
+        rows: usize,
+        cols: usize,
+        min_size: usize,
+    ) -> Result<Vec<(usize, usize)>> {
         let row_bytes = cols as u64 * 4;
         let fit = (self.max_binding / row_bytes) as usize;
         if fit >= rows {
@@ -145,7 +189,7 @@ impl WgpuBackend {
         }
         // Chunk starts must keep every window on the storage offset alignment, for the [N, C]
         // buffers (r0 * C * 4 bytes) and the per-row ones (r0 * 4 bytes) alike.
-        let align = (self.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let align = (self.limits.min_storage_buffer_offset_alignment as usize / min_size).max(1);
         let chunk = fit / align * align;
         if chunk == 0 {
             return Err(Error::Limit(format!(
@@ -246,8 +290,12 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// count_valid -> row kernel per chunk -> reduce_rows. `params(rows)` gives the row kernel's
-    /// uniform bytes for a chunk of `rows` rows.
+    /// count_valid -> row kernel per chunk -> reduce_rows. `params(rows, grad_mode)` gives the
+    /// row kernel's uniform bytes for a chunk of `rows` rows and the student gradient's mode.
+    ///
+    /// The kernels write f32 gradients: a gradient that goes to a bf16 or f16 buffer (or in place
+    /// over a half-precision student) is written into an f32 scratch buffer and packed into its
+    /// buffer afterwards (`pack.wgsl`), one invocation per 32-bit word.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn encode_row_loss(
         &self,
@@ -258,7 +306,7 @@ impl WgpuBackend {
         ignore_index: i32,
         bufs: RowBuffers<'_>,
         loss: &wgpu::Buffer,
-        params: impl Fn(u32) -> Vec<u8>,
+        params: impl Fn(u32, u32) -> Vec<u8>,
     ) -> Result<()> {
         let (n, c) = (shape.rows, shape.cols);
         if n as u64 * 4 > self.max_binding {
@@ -269,7 +317,48 @@ impl WgpuBackend {
                 self.max_binding
             )));
         }
-        let chunks = self.row_chunks(n, c)?;
+        let len = shape.len();
+        let half = |b: &WgpuBuffer| b.dtype != Dtype::F32;
+        let mut pending = Vec::new();
+        // The student gradient: (buffer the kernel writes, grad_mode).
+        let (gs, grad_mode) = match bufs.grad_student {
+            GradTarget::None => (None, GRAD_NONE),
+            GradTarget::Into(g) if !half(g) => (Some(g.buffer.clone()), GRAD_INTO),
+            GradTarget::InPlace if !half(bufs.student) => (None, GRAD_IN_PLACE),
+            GradTarget::Into(g) => {
+                let scratch = self.scratch("grad_student_f32", len as u64 * 4)?;
+                pending.push(Pending {
+                    scratch: scratch.clone(),
+                    dst: &g.buffer,
+                    dtype: g.dtype,
+                });
+                (Some(scratch), GRAD_INTO)
+            }
+            GradTarget::InPlace => {
+                let scratch = self.scratch("grad_student_f32", len as u64 * 4)?;
+                pending.push(Pending {
+                    scratch: scratch.clone(),
+                    dst: &bufs.student.buffer,
+                    dtype: bufs.student.dtype,
+                });
+                (Some(scratch), GRAD_INTO)
+            }
+        };
+        let gt = match bufs.grad_teacher {
+            Some(g) if half(g) => {
+                let scratch = self.scratch("grad_teacher_f32", len as u64 * 4)?;
+                pending.push(Pending {
+                    scratch: scratch.clone(),
+                    dst: &g.buffer,
+                    dtype: g.dtype,
+                });
+                Some(scratch)
+            }
+            Some(g) => Some(g.buffer.clone()),
+            None => None,
+        };
+        let any_half = half(bufs.student) || bufs.teacher.is_some_and(half);
+        let chunks = self.row_chunks(n, c, if any_half { 2 } else { 4 })?;
         let counts = self.scratch("valid_count", 16)?;
         let counts_w = Window::whole(&counts, 16);
         let labels_w = bufs.labels.map(|l| Window::whole(l, n as u64 * 4));
@@ -293,25 +382,29 @@ impl WgpuBackend {
         let tpr = threads_per_row(c);
         let rows_per_group = (WG / tpr) as usize;
         for (r0, rows) in chunks {
-            let mat = |b| Window::elems(b, (r0 * c) as u64, (rows * c) as u64);
+            let (first, count) = ((r0 * c) as u64, (rows * c) as u64);
+            let mat = |b| Window::elems(b, first, count);
             let vec_w = |b| Window::elems(b, r0 as u64, rows as u64);
-            let bytes = params(rows as u32);
+            let bytes = params(rows as u32, grad_mode);
             self.dispatch(
                 encoder,
                 kernel,
                 tpr,
                 &bytes,
                 &[
-                    Some(mat(bufs.student)),
-                    bufs.teacher.map(mat),
+                    Some(Window::of(bufs.student, first, count)),
+                    bufs.teacher.map(|t| Window::of(t, first, count)),
                     bufs.labels.map(vec_w),
                     Some(counts_w),
                     Some(vec_w(bufs.row_loss)),
-                    bufs.grad_student.map(mat),
-                    bufs.grad_teacher.map(mat),
+                    gs.as_ref().map(mat),
+                    gt.as_ref().map(mat),
                 ],
                 rows.div_ceil(rows_per_group) as u32,
             )?;
+        }
+        for p in &pending {
+            self.encode_pack(encoder, &p.scratch, p.dst, p.dtype, len)?;
         }
         let mode = if reduction == Reduction::BatchMean {
             0
@@ -333,6 +426,51 @@ impl WgpuBackend {
         )
     }
 
+    /// Rounds `len` f32 values of `src` to `dtype` (bf16 or f16) and packs them into `dst`, in
+    /// chunks of whole words that fit one storage binding.
+    pub(crate) fn encode_pack(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        dtype: Dtype,
+        len: usize,
+    ) -> Result<()> {
+        let words = len.div_ceil(2) as u64;
+        // Window starts on multiples of 64 words: 256 bytes of dst, 512 of src.
+        let chunk = (self.max_binding / 8) / 64 * 64;
+        if chunk == 0 {
+            return Err(Error::Limit(
+                "the storage binding limit is too small to pack a half-precision gradient".into(),
+            ));
+        }
+        let mut w0 = 0u64;
+        while w0 < words {
+            let count = chunk.min(words - w0);
+            let elems = (len as u64 - 2 * w0).min(2 * count);
+            let params = PackParams {
+                words: count as u32,
+                len: elems as u32,
+                dtype: dtype.code(),
+                pad0: 0,
+            };
+            self.dispatch(
+                encoder,
+                &PACK_HALF,
+                WG,
+                bytemuck::bytes_of(&params),
+                &[
+                    Some(Window::elems(src, 2 * w0, elems)),
+                    Some(Window::elems(dst, w0, count)),
+                ],
+                count.div_ceil(WG as u64) as u32,
+            )?;
+            w0 += count;
+        }
+        Ok(())
+    }
+
+    /// The row-loss buffer: the caller's, or scratch.
     pub(crate) fn row_loss_buffer<B: RowBackend>(
         &self,
         out: &LossOut<'_, B>,

@@ -89,6 +89,7 @@ use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 use super::{Backend, LossOut};
+use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
@@ -361,12 +362,17 @@ impl WgpuBackend {
 
     /// A storage buffer of `len` f32 that can be copied from and to (for the caller's own use too).
     pub fn create_buffer(&self, len: usize) -> Result<WgpuBuffer> {
-        let buffer = self.raw_buffer("buffer", len)?;
-        Ok(WgpuBuffer { buffer, len })
+        self.create_buffer_as(len, Dtype::F32)
     }
 
-    fn raw_buffer(&self, label: &str, len: usize) -> Result<wgpu::Buffer> {
-        let bytes = (len.max(1) as u64) * 4;
+    /// A storage buffer of `len` elements of `dtype` that can be copied from and to.
+    pub fn create_buffer_as(&self, len: usize, dtype: Dtype) -> Result<WgpuBuffer> {
+        let buffer = self.raw_buffer("buffer", len, dtype.size() as u64)?;
+        Ok(WgpuBuffer { buffer, len, dtype })
+    }
+
+    fn raw_buffer(&self, label: &str, len: usize, size: u64) -> Result<wgpu::Buffer> {
+        let bytes = buffer::padded_bytes(len.max(1), size);
         if bytes > self.limits.max_buffer_size {
             return Err(Error::Limit(format!(
                 "a buffer of {len} elements ({bytes} bytes) exceeds the device's max_buffer_size \
@@ -384,10 +390,23 @@ impl WgpuBackend {
         }))
     }
 
-    fn upload_bytes(&self, label: &str, len: usize, bytes: &[u8]) -> Result<wgpu::Buffer> {
-        let buffer = self.raw_buffer(label, len)?;
+    fn upload_bytes(
+        &self,
+        label: &str,
+        len: usize,
+        size: u64,
+        bytes: &[u8],
+    ) -> Result<wgpu::Buffer> {
+        let buffer = self.raw_buffer(label, len, size)?;
         if !bytes.is_empty() {
-            self.queue.write_buffer(&buffer, 0, bytes);
+            // write_buffer wants a multiple of 4 bytes: pad an odd count of 2-byte elements.
+            if bytes.len().is_multiple_of(4) {
+                self.queue.write_buffer(&buffer, 0, bytes);
+            } else {
+                let mut padded = bytes.to_vec();
+                padded.resize(bytes.len().div_ceil(4) * 4, 0);
+                self.queue.write_buffer(&buffer, 0, &padded);
+            }
         }
         Ok(buffer)
     }
@@ -532,25 +551,36 @@ impl Backend for WgpuBackend {
         format!("wgpu ({}, {:?})", self.info.name, self.info.backend)
     }
 
-    fn upload(&self, data: &[f32]) -> Result<WgpuBuffer> {
-        let buffer = self.upload_bytes("f32", data.len(), bytemuck::cast_slice(data))?;
+    fn upload_host(&self, data: HostSlice<'_>) -> Result<WgpuBuffer> {
+        let dtype = data.dtype();
+        let buffer =
+            self.upload_bytes(dtype.name(), data.len(), dtype.size() as u64, data.bytes())?;
         Ok(WgpuBuffer {
             buffer,
             len: data.len(),
+            dtype,
         })
     }
 
+    fn download_host(&self, buf: &WgpuBuffer) -> Result<HostVec> {
+        let bytes = self.read_back(&buf.buffer, buf.bytes())?;
+        let used = buf.len * buf.dtype.size();
+        Ok(HostVec::from_bytes(
+            buf.dtype,
+            &bytes[..used.min(bytes.len())],
+        ))
+    }
+
+    fn dtype(&self, buf: &WgpuBuffer) -> Dtype {
+        buf.dtype
+    }
+
     fn upload_labels(&self, labels: &[i32]) -> Result<WgpuLabels> {
-        let buffer = self.upload_bytes("labels", labels.len(), bytemuck::cast_slice(labels))?;
+        let buffer = self.upload_bytes("labels", labels.len(), 4, bytemuck::cast_slice(labels))?;
         Ok(WgpuLabels {
             buffer,
             len: labels.len(),
         })
-    }
-
-    fn download(&self, buf: &WgpuBuffer) -> Result<Vec<f32>> {
-        let bytes = self.read_back(&buf.buffer, buf.bytes())?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     fn len(&self, buf: &WgpuBuffer) -> usize {

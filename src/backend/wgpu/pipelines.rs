@@ -89,10 +89,20 @@ pub(crate) const REDUCE_ROWS: WgslKernel = WgslKernel {
     bindings: REDUCE_BINDINGS,
 };
 
+/// Rounding an f32 gradient to bf16 / f16 and packing it (`pack.wgsl`).
+pub(crate) const PACK_HALF: WgslKernel = WgslKernel {
+    file: "pack.wgsl",
+    body: include_str!("pack.wgsl"),
+    entry: "pack_half",
+    row_io: false,
+    bindings: &[Bind::Uniform, Bind::Read, Bind::ReadWrite],
+};
+
 /// Every kernel of the backend, one line each.
 pub const KERNELS: &[&WgslKernel] = &[
     &COUNT_VALID,
     &REDUCE_ROWS,
+    &PACK_HALF,
     &ops::softmax::wgpu::FORWARD,
     &ops::softmax::wgpu::BACKWARD,
     &ops::divergence::wgpu::DIVERGENCE,

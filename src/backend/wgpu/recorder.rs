@@ -18,6 +18,7 @@ use std::cell::RefCell;
 
 use super::{WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::{Backend, LossOut};
+use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
@@ -66,15 +67,19 @@ impl Backend for Recorder<'_> {
         format!("{} (recording)", self.backend.name())
     }
 
-    fn upload(&self, data: &[f32]) -> Result<WgpuBuffer> {
-        self.backend.upload(data)
+    fn upload_host(&self, data: HostSlice<'_>) -> Result<WgpuBuffer> {
+        self.backend.upload_host(data)
+    }
+
+    fn dtype(&self, buf: &WgpuBuffer) -> Dtype {
+        buf.dtype()
     }
 
     fn upload_labels(&self, labels: &[i32]) -> Result<WgpuLabels> {
         self.backend.upload_labels(labels)
     }
 
-    fn download(&self, _buf: &WgpuBuffer) -> Result<Vec<f32>> {
+    fn download_host(&self, _buf: &WgpuBuffer) -> Result<HostVec> {
         Err(Error::Unsupported(
             "a Recorder only records: finish and submit the encoder, then download with the \
              WgpuBackend"

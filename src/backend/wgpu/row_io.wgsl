@@ -5,8 +5,12 @@
 // when the whole set is larger than max_storage_buffer_binding_size; `row` below is always relative
 // to the window, and the count of valid rows (binding 4) is of the whole batch.
 
-@group(0) @binding(1) var<storage, read_write> student: array<f32>; // read_write: in-place gradient
-@group(0) @binding(2) var<storage, read> teacher: array<f32>;
+// The student and teacher are any dtype (Params' dtype_s, dtype_t: 0 f32, 1 bf16, 2 f16), read
+// through load_s / load_t; 16-bit elements are packed two to a word (common.wgsl). The gradients
+// the kernels write are f32: a bf16 or f16 gradient is written into an f32 scratch buffer and
+// packed afterwards by pack.wgsl, so the in-place gradient here is always over an f32 student.
+@group(0) @binding(1) var<storage, read_write> student: array<u32>; // read_write: in-place gradient
+@group(0) @binding(2) var<storage, read> teacher: array<u32>;
 @group(0) @binding(3) var<storage, read> labels: array<i32>;
 @group(0) @binding(4) var<storage, read> valid_count: array<u32>;  // [0]: N_valid of the batch
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
@@ -19,6 +23,22 @@ const GRAD_IN_PLACE: u32 = 2u;
 
 const REDUCTION_BATCHMEAN: u32 = 0u;
 
+// Student element i (of the bound window) as f32.
+fn load_s(i: u32) -> f32 {
+    if (p.dtype_s == 0u) {
+        return bitcast<f32>(student[i]);
+    }
+    return half_to_f32(student[i >> 1u] >> ((i & 1u) * 16u), p.dtype_s);
+}
+
+// Teacher element i (of the bound window) as f32.
+fn load_t(i: u32) -> f32 {
+    if (p.dtype_t == 0u) {
+        return bitcast<f32>(teacher[i]);
+    }
+    return half_to_f32(teacher[i >> 1u] >> ((i & 1u) * 16u), p.dtype_t);
+}
+
 // Writes the student's gradient where the caller asked (a separate buffer, or over the logits).
 // In place is safe: the lane that writes index i read student[i] earlier in the same pass and no
 // other lane touches i.
@@ -26,7 +46,7 @@ fn write_grad_student(mode: u32, i: u32, v: f32) {
     if (mode == GRAD_INTO) {
         grad_student[i] = v;
     } else if (mode == GRAD_IN_PLACE) {
-        student[i] = v;
+        student[i] = bitcast<u32>(v);
     }
 }
 

@@ -72,13 +72,13 @@ struct CeMerge {
 };
 
 template <class G>
-__device__ __forceinline__ void cross_entropy_dispatch(const G& g, u64 row, const float* s_all, const int* labels,
-                                                       const u32* count, float* row_loss, float* grad_s, u32 c,
+__device__ __forceinline__ void cross_entropy_dispatch(const G& g, u64 row, RowIn s_all, const int* labels,
+                                                       const u32* count, float* row_loss, RowOut grad_s, u32 c,
                                                        float eps, float grad_scale, int ignore_index,
                                                        u32 reduction) {
     const u64 off = row * (u64)c;
-    const float* s = s_all + off;
-    float* gs = grad_s != 0 ? grad_s + off : 0;
+    const RowIn s = s_all + off;
+    const RowOut gs = grad_s + off;
     const int y = labels[row];
     if (y == ignore_index) {
         fill_row(g, gs, c, 0.f);
@@ -133,22 +133,23 @@ __device__ __forceinline__ void cross_entropy_dispatch(const G& g, u64 row, cons
     if (g.rank == 0) row_loss[row] = ce;
 }
 
-// s: [n, c]; labels: [n]; count: [1] (count_valid); row_loss: [n]; grad_s: [n, c], null or s itself;
-// eps: label smoothing; reduction: 0 batchmean, 1 sum, 2 none.
-extern "C" __global__ void cross_entropy_warp(const float* s, const int* labels, const u32* count, float* row_loss,
-                                              float* grad_s, u32 n, u32 c, float eps, float grad_scale,
-                                              int ignore_index, u32 reduction) {
+// s: [n, c] of dtype dt_s (0 f32, 1 bf16, 2 f16); labels: [n]; count: [1] (count_valid); row_loss:
+// [n]; grad_s: [n, c] of dtype dt_gs, null, or s itself (then dt_gs = dt_s); eps: label smoothing;
+// reduction: 0 batchmean, 1 sum, 2 none.
+extern "C" __global__ void cross_entropy_warp(const void* s, const int* labels, const u32* count, float* row_loss,
+                                              void* grad_s, u32 n, u32 c, float eps, float grad_scale,
+                                              int ignore_index, u32 reduction, u32 dt_s, u32 dt_gs) {
     const u64 row = warp_row();
     if (row >= n) return;  // the whole warp
-    cross_entropy_dispatch(warp_group(), row, s, labels, count, row_loss, grad_s, c, eps, grad_scale, ignore_index,
-                           reduction);
+    cross_entropy_dispatch(warp_group(), row, row_in(s, dt_s), labels, count, row_loss, RowOut(grad_s, dt_gs), c,
+                           eps, grad_scale, ignore_index, reduction);
 }
 
-extern "C" __global__ void cross_entropy_block(const float* s, const int* labels, const u32* count, float* row_loss,
-                                               float* grad_s, u32 n, u32 c, float eps, float grad_scale,
-                                               int ignore_index, u32 reduction) {
+extern "C" __global__ void cross_entropy_block(const void* s, const int* labels, const u32* count, float* row_loss,
+                                               void* grad_s, u32 n, u32 c, float eps, float grad_scale,
+                                               int ignore_index, u32 reduction, u32 dt_s, u32 dt_gs) {
     const u64 row = block_linear();
     if (row >= n) return;  // the whole block
-    cross_entropy_dispatch(block_group(), row, s, labels, count, row_loss, grad_s, c, eps, grad_scale, ignore_index,
-                           reduction);
+    cross_entropy_dispatch(block_group(), row, row_in(s, dt_s), labels, count, row_loss, RowOut(grad_s, dt_gs), c,
+                           eps, grad_scale, ignore_index, reduction);
 }

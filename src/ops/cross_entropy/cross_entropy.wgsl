@@ -14,7 +14,11 @@ struct Params {
     ignore_index: i32,
     reduction: u32,
     grad_mode: u32,
+    dtype_s: u32, // the student's dtype: 0 f32, 1 bf16, 2 f16
+    dtype_t: u32, // unused (row_io.wgsl's load_t)
     pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -41,11 +45,11 @@ fn cross_entropy(
     var sy = 0.0;
     if (live) {
         for (var j = lane; j < c; j = j + TPR) {
-            st = stats_push(st, student[base + j], 0.0, false, 1.0);
+            st = stats_push(st, load_s(base + j), 0.0, false, 1.0);
         }
         // Read s_y before the barrier: an in-place gradient overwrites it after.
         y = u32(labels[row]);
-        sy = student[base + y];
+        sy = load_s(base + y);
     }
     sh_stats[lid] = st;
     let rs = reduce_stats(lid, 1.0);
@@ -65,7 +69,7 @@ fn cross_entropy(
             if (bad) {
                 g = nan_f32();
             } else if (live) {
-                let pj = exp(student[i] - rs.ms - lz);
+                let pj = exp(load_s(i) - rs.ms - lz);
                 let tgt = select(0.0, 1.0 - eps, j == y) + eps / cf;
                 g = k * (pj - tgt);
             }

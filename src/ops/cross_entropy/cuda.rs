@@ -2,7 +2,8 @@
 
 use super::CrossEntropySpec;
 use crate::backend::cuda::{
-    grad_ptr, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource, RowLaunch,
+    grad_dtype, grad_ptr, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource,
+    RowLaunch,
 };
 use crate::backend::LossOut;
 use crate::error::Result;
@@ -14,12 +15,12 @@ pub(crate) const SOURCE: CudaSource = CudaSource {
 pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "cross_entropy.cu",
     name: "cross_entropy_warp",
-    signature: "pppppuuffiu",
+    signature: "pppppuuffiuuu",
 };
 pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "cross_entropy.cu",
     name: "cross_entropy_block",
-    signature: "pppppuuffiu",
+    signature: "pppppuuffiuuu",
 };
 
 /// Cross-entropy (see [`crate::Backend::cross_entropy`]).
@@ -53,6 +54,8 @@ pub(crate) fn cross_entropy(
             Arg::F32(spec.grad_scale),
             Arg::I32(spec.ignore_index),
             Arg::U32(spec.reduction.code()),
+            Arg::U32(student.dtype.code()),
+            Arg::U32(grad_dtype(out.grad_student, student).code()),
         ]
     })
 }

@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::CrossEntropySpec;
-use crate::backend::wgpu::dispatch::{grad_into, grad_mode, RowBackend, RowBuffers};
+use crate::backend::wgpu::dispatch::{GradTarget, RowBackend, RowBuffers};
 use crate::backend::wgpu::pipelines::{WgslKernel, ROW_LOSS_BINDINGS};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::LossOut;
@@ -27,7 +27,9 @@ struct CrossEntropyParams {
     ignore_index: i32,
     reduction: u32,
     grad_mode: u32,
-    pad: u32,
+    dtype_s: u32,
+    dtype_t: u32,
+    pad: [u32; 3],
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
@@ -41,7 +43,9 @@ pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
             grad_scale,
             ignore_index,
             reduction,
-            grad_mode
+            grad_mode,
+            dtype_s,
+            dtype_t
         ]
     )]
 }
@@ -56,7 +60,7 @@ pub(crate) fn cross_entropy<B: RowBackend>(
     out: LossOut<'_, B>,
 ) -> Result<()> {
     let row_loss = w.row_loss_buffer(&out, spec.shape.rows)?;
-    let params = |rows: u32| {
+    let params = |rows: u32, grad_mode: u32| {
         bytemuck::bytes_of(&CrossEntropyParams {
             rows,
             cols: spec.shape.cols as u32,
@@ -64,8 +68,10 @@ pub(crate) fn cross_entropy<B: RowBackend>(
             grad_scale: spec.grad_scale,
             ignore_index: spec.ignore_index,
             reduction: spec.reduction.code(),
-            grad_mode: grad_mode(&out.grad_student),
-            pad: 0,
+            grad_mode,
+            dtype_s: student.dtype().code(),
+            dtype_t: 0,
+            pad: [0; 3],
         })
         .to_vec()
     };
@@ -76,11 +82,11 @@ pub(crate) fn cross_entropy<B: RowBackend>(
         spec.reduction,
         spec.ignore_index,
         RowBuffers {
-            student: student.buffer(),
+            student,
             teacher: None,
             labels: Some(labels.buffer()),
             row_loss: &row_loss,
-            grad_student: grad_into(&out.grad_student),
+            grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: None,
         },
         out.loss.buffer(),

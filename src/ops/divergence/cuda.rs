@@ -2,7 +2,8 @@
 
 use super::DivergenceSpec;
 use crate::backend::cuda::{
-    grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource, RowLaunch,
+    grad_dtype, grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource,
+    RowLaunch,
 };
 use crate::backend::LossOut;
 use crate::error::Result;
@@ -14,12 +15,12 @@ pub(crate) const SOURCE: CudaSource = CudaSource {
 pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "divergence.cu",
     name: "divergence_warp",
-    signature: "pppppppuufffffiuuu",
+    signature: "pppppppuufffffiuuuuuuu",
 };
 pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "divergence.cu",
     name: "divergence_block",
-    signature: "pppppppuufffffiuuu",
+    signature: "pppppppuufffffiuuuuuuu",
 };
 
 /// The divergence (see [`crate::Backend::divergence`]).
@@ -61,6 +62,10 @@ pub(crate) fn divergence(
             Arg::U32(spec.divergence.code()),
             Arg::U32(spec.teacher.code()),
             Arg::U32(spec.reduction.code()),
+            Arg::U32(student.dtype.code()),
+            Arg::U32(teacher.dtype.code()),
+            Arg::U32(grad_dtype(out.grad_student, student).code()),
+            Arg::U32(out.grad_teacher.map_or(0, |g| g.dtype.code())),
         ]
     })
 }

@@ -328,7 +328,7 @@ __device__ __forceinline__ JsdLogs jsd_logs(float dl, float log_beta, float log_
 
 // One row: s, t, gs, gt point at the row (gs / gt null when not wanted; gt only for logits).
 template <class G, int DIV, int TEACH>
-__device__ void divergence_row(const G& g, const float* s, const float* t, float* gs, float* gt, float* row_loss,
+__device__ void divergence_row(const G& g, RowIn s, RowIn t, RowOut gs, RowOut gt, float* row_loss,
                                bool bad_label, const DivArgs& a, u32 c) {
     const float it = a.inv_t;
     // Pass 1.
@@ -579,14 +579,14 @@ __device__ void divergence_row(const G& g, const float* s, const float* t, float
 
 // Masking, the label check and the dispatch to the (divergence, teacher form) instantiation.
 template <class G>
-__device__ __forceinline__ void divergence_dispatch(const G& g, u64 row, const float* s, const float* t,
+__device__ __forceinline__ void divergence_dispatch(const G& g, u64 row, RowIn s, RowIn t,
                                                     const int* labels, const u32* count, float* row_loss,
-                                                    float* grad_s, float* grad_t, u32 c, float inv_t, float temp,
+                                                    RowOut grad_s, RowOut grad_t, u32 c, float inv_t, float temp,
                                                     float beta, float teacher_eps, float grad_scale, int ignore_index,
                                                     u32 div, u32 teacher, u32 reduction) {
     const u64 off = row * (u64)c;
-    float* gs = grad_s != 0 ? grad_s + off : 0;
-    float* gt = grad_t != 0 ? grad_t + off : 0;
+    const RowOut gs = grad_s + off;
+    const RowOut gt = grad_t + off;
     bool bad_label = false;
     if (labels != 0) {
         const int y = labels[row];
@@ -606,8 +606,8 @@ __device__ __forceinline__ void divergence_dispatch(const G& g, u64 row, const f
     a.inv_t_d = 1.0 / (double)temp;
     a.eps = teacher_eps;
     a.log_eps = teacher_eps > 0.f ? logf(teacher_eps) : f_neg_inf();
-    const float* sr = s + off;
-    const float* tr = t + off;
+    const RowIn sr = s + off;
+    const RowIn tr = t + off;
     float* rl = row_loss + row;
     switch (div * 3u + teacher) {
         case 0: divergence_row<G, DIV_FKL, TEACH_LOGITS>(g, sr, tr, gs, gt, rl, bad_label, a, c); break;
@@ -622,27 +622,32 @@ __device__ __forceinline__ void divergence_dispatch(const G& g, u64 row, const f
     }
 }
 
-// s, t: [n, c]; labels: [n] or null; count: [1] (count_valid); row_loss: [n]; grad_s: [n, c], null, or
-// s itself; grad_t: [n, c] or null (teacher logits only); div: 0 forward KL, 1 reverse KL, 2 JSD;
-// teacher: 0 logits, 1 probs, 2 log-probs; reduction: 0 batchmean, 1 sum, 2 none; teacher_eps: reverse
-// KL's floor on a given teacher's probabilities (0: none; > 0 only with div 1 and teacher 1 or 2,
-// DivergenceSpec::validate).
-extern "C" __global__ void divergence_warp(const float* s, const float* t, const int* labels, const u32* count,
-                                           float* row_loss, float* grad_s, float* grad_t, u32 n, u32 c, float inv_t,
+// s, t: [n, c] of dtypes dt_s, dt_t (0 f32, 1 bf16, 2 f16); labels: [n] or null; count: [1]
+// (count_valid); row_loss: [n]; grad_s: [n, c] of dtype dt_gs, null, or s itself (dt_gs = dt_s);
+// grad_t: [n, c] of dtype dt_gt or null (teacher logits only); div: 0 forward KL, 1 reverse KL, 2
+// JSD; teacher: 0 logits, 1 probs, 2 log-probs; reduction: 0 batchmean, 1 sum, 2 none;
+// teacher_eps: reverse KL's floor on a given teacher's probabilities (0: none; > 0 only with div 1
+// and teacher 1 or 2, DivergenceSpec::validate).
+extern "C" __global__ void divergence_warp(const void* s, const void* t, const int* labels, const u32* count,
+                                           float* row_loss, void* grad_s, void* grad_t, u32 n, u32 c, float inv_t,
                                            float temp, float beta, float teacher_eps, float grad_scale,
-                                           int ignore_index, u32 div, u32 teacher, u32 reduction) {
+                                           int ignore_index, u32 div, u32 teacher, u32 reduction, u32 dt_s,
+                                           u32 dt_t, u32 dt_gs, u32 dt_gt) {
     const u64 row = warp_row();
     if (row >= n) return;  // the whole warp
-    divergence_dispatch(warp_group(), row, s, t, labels, count, row_loss, grad_s, grad_t, c, inv_t, temp, beta,
-                        teacher_eps, grad_scale, ignore_index, div, teacher, reduction);
+    divergence_dispatch(warp_group(), row, row_in(s, dt_s), row_in(t, dt_t), labels, count, row_loss,
+                        RowOut(grad_s, dt_gs), RowOut(grad_t, dt_gt), c, inv_t, temp, beta, teacher_eps, grad_scale,
+                        ignore_index, div, teacher, reduction);
 }
 
-extern "C" __global__ void divergence_block(const float* s, const float* t, const int* labels, const u32* count,
-                                            float* row_loss, float* grad_s, float* grad_t, u32 n, u32 c, float inv_t,
+extern "C" __global__ void divergence_block(const void* s, const void* t, const int* labels, const u32* count,
+                                            float* row_loss, void* grad_s, void* grad_t, u32 n, u32 c, float inv_t,
                                             float temp, float beta, float teacher_eps, float grad_scale,
-                                            int ignore_index, u32 div, u32 teacher, u32 reduction) {
+                                            int ignore_index, u32 div, u32 teacher, u32 reduction, u32 dt_s,
+                                            u32 dt_t, u32 dt_gs, u32 dt_gt) {
     const u64 row = block_linear();
     if (row >= n) return;  // the whole block
-    divergence_dispatch(block_group(), row, s, t, labels, count, row_loss, grad_s, grad_t, c, inv_t, temp, beta,
-                        teacher_eps, grad_scale, ignore_index, div, teacher, reduction);
+    divergence_dispatch(block_group(), row, row_in(s, dt_s), row_in(t, dt_t), labels, count, row_loss,
+                        RowOut(grad_s, dt_gs), RowOut(grad_t, dt_gt), c, inv_t, temp, beta, teacher_eps, grad_scale,
+                        ignore_index, div, teacher, reduction);
 }

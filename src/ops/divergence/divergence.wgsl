@@ -33,8 +33,8 @@ struct Params {
     grad_mode: u32,    // GRAD_NONE / GRAD_INTO / GRAD_IN_PLACE
     want_grad_t: u32,
     teacher_eps: f32,  // reverse KL, given teacher: log q floored at log(eps); 0 = no floor
-    pad1: u32,
-    pad2: u32,
+    dtype_s: u32,      // 0 f32, 1 bf16, 2 f16
+    dtype_t: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -182,8 +182,8 @@ fn divergence(
     var st = stats_empty();
     if (live) {
         for (var j = lane; j < c; j = j + TPR) {
-            let tv = teacher[base + j];
-            st = stats_push(st, student[base + j], tv, logits, p.inv_t);
+            let tv = load_t(base + j);
+            st = stats_push(st, load_s(base + j), tv, logits, p.inv_t);
             if (!logits && !teacher_ok(p.teacher_form, tv)) {
                 st.bad = 1.0;
             }
@@ -207,7 +207,7 @@ fn divergence(
     if (live && !bad) {
         for (var j = lane; j < c; j = j + TPR) {
             let i = base + j;
-            let e = element(student[i], teacher[i], rs, lzs, lzt, dlz);
+            let e = element(load_s(i), load_t(i), rs, lzs, lzt, dlz);
             if (p.divergence == 0u) {
                 acc.x = acc.x + fkl_term(e);
                 if (!logits) {
@@ -267,7 +267,7 @@ fn divergence(
                     gs = nan_f32();
                     gt = nan_f32();
                 } else if (live) {
-                    let e = element(student[i], teacher[i], rs, lzs, lzt, dlz);
+                    let e = element(load_s(i), load_t(i), rs, lzs, lzt, dlz);
                     if (p.divergence == 0u) {
                         gs = k * p_minus_q(e);
                         gt = select(k * e.q * (e.diff - d), 0.0, e.q == 0.0);

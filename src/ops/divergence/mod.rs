@@ -95,6 +95,14 @@ impl DivergenceSpec {
 /// Reverse KL is `+inf` where the teacher gives a class probability 0 and the student does not:
 /// without a floor (`teacher_eps` 0) such an input is an error, on the host API and the CPU
 /// backends (device backends give the row a `+inf` loss and a NaN gradient).
+/// Whether [`check_reverse_kl_support`] has anything to check for this spec (reverse KL, a given
+/// teacher, no floor).
+pub fn needs_support_check(spec: &DivergenceSpec) -> bool {
+    spec.divergence == Divergence::ReverseKl
+        && spec.teacher != TeacherInput::Logits
+        && spec.teacher_eps == 0.0
+}
+
 pub fn check_reverse_kl_support(
     spec: &DivergenceSpec,
     teacher: &[f32],

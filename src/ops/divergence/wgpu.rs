@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::DivergenceSpec;
-use crate::backend::wgpu::dispatch::{grad_into, grad_mode, RowBackend, RowBuffers};
+use crate::backend::wgpu::dispatch::{GradTarget, RowBackend, RowBuffers};
 use crate::backend::wgpu::pipelines::{WgslKernel, ROW_LOSS_BINDINGS};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::LossOut;
@@ -42,7 +42,8 @@ struct DivergenceParams {
     grad_mode: u32,
     want_grad_t: u32,
     teacher_eps: f32,
-    pad: [u32; 2],
+    dtype_s: u32,
+    dtype_t: u32,
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
@@ -63,7 +64,9 @@ pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
             reduction,
             grad_mode,
             want_grad_t,
-            teacher_eps
+            teacher_eps,
+            dtype_s,
+            dtype_t
         ]
     )]
 }
@@ -89,7 +92,7 @@ pub(crate) fn divergence<B: RowBackend>(
         )));
     }
     let row_loss = w.row_loss_buffer(&out, spec.shape.rows)?;
-    let params = |rows: u32| {
+    let params = |rows: u32, grad_mode: u32| {
         bytemuck::bytes_of(&DivergenceParams {
             rows,
             cols: spec.shape.cols as u32,
@@ -102,10 +105,11 @@ pub(crate) fn divergence<B: RowBackend>(
             has_labels: labels.is_some() as u32,
             ignore_index: spec.ignore_index,
             reduction: spec.reduction.code(),
-            grad_mode: grad_mode(&out.grad_student),
+            grad_mode,
             want_grad_t: out.grad_teacher.is_some() as u32,
             teacher_eps: spec.teacher_eps,
-            pad: [0; 2],
+            dtype_s: student.dtype().code(),
+            dtype_t: teacher.dtype().code(),
         })
         .to_vec()
     };
@@ -116,12 +120,12 @@ pub(crate) fn divergence<B: RowBackend>(
         spec.reduction,
         spec.ignore_index,
         RowBuffers {
-            student: student.buffer(),
-            teacher: Some(teacher.buffer()),
+            student,
+            teacher: Some(teacher),
             labels: labels.map(|l| l.buffer()),
             row_loss: &row_loss,
-            grad_student: grad_into(&out.grad_student),
-            grad_teacher: out.grad_teacher.map(|g| g.buffer()),
+            grad_student: GradTarget::of(&out.grad_student),
+            grad_teacher: out.grad_teacher,
         },
         out.loss.buffer(),
         params,

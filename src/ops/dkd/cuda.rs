@@ -2,24 +2,25 @@
 
 use super::DkdSpec;
 use crate::backend::cuda::{
-    grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource, RowLaunch,
+    grad_dtype, grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource,
+    RowLaunch,
 };
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const SOURCE: CudaSource = CudaSource {
+pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "dkd.cu",
     code: include_str!("dkd.cu"),
 };
-pub const WARP: CudaKernel = CudaKernel {
+pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "dkd.cu",
     name: "dkd_warp",
-    signature: "ppppppuufffffffiu",
+    signature: "ppppppuufffffffiuuuu",
 };
-pub const BLOCK: CudaKernel = CudaKernel {
+pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "dkd.cu",
     name: "dkd_block",
-    signature: "ppppppuufffffffiu",
+    signature: "ppppppuufffffffiuuuu",
 };
 
 /// DKD (see [`crate::Backend::dkd`]; the teacher's gradient was refused by validation).
@@ -60,6 +61,9 @@ pub(crate) fn dkd(
             Arg::F32(spec.grad_scale),
             Arg::I32(spec.ignore_index),
             Arg::U32(spec.reduction.code()),
+            Arg::U32(student.dtype.code()),
+            Arg::U32(teacher.dtype.code()),
+            Arg::U32(grad_dtype(out.grad_student, student).code()),
         ]
     })
 }

@@ -200,14 +200,14 @@ __device__ __forceinline__ void dkd_binary(double d_t, double d_s, double e, dou
 }
 
 template <class G>
-__device__ __forceinline__ void dkd_dispatch(const G& g, u64 row, const float* s_all, const float* t_all,
-                                             const int* labels, const u32* count, float* row_loss, float* grad_s,
+__device__ __forceinline__ void dkd_dispatch(const G& g, u64 row, RowIn s_all, RowIn t_all,
+                                             const int* labels, const u32* count, float* row_loss, RowOut grad_s,
                                              u32 c, float inv_t, float temp, float w_ce, float w_tc, float w_nc,
                                              float eps, float grad_scale, int ignore_index, u32 reduction) {
     const u64 off = row * (u64)c;
-    const float* s = s_all + off;
-    const float* t = t_all + off;
-    float* gs = grad_s != 0 ? grad_s + off : 0;
+    const RowIn s = s_all + off;
+    const RowIn t = t_all + off;
+    const RowOut gs = grad_s + off;
     const int y = labels[row];
     if (y == ignore_index) {
         fill_row(g, gs, c, 0.f);
@@ -290,24 +290,25 @@ __device__ __forceinline__ void dkd_dispatch(const G& g, u64 row, const float* s
                                 (double)temp * (double)temp * ((double)w_tc * tckd + (double)w_nc * nckd));
 }
 
-// s, t: [n, c]; labels: [n]; count: [1] (count_valid); row_loss: [n]; grad_s: [n, c], null or s
-// itself; eps: label smoothing; reduction: 0 batchmean, 1 sum, 2 none.
-extern "C" __global__ void dkd_warp(const float* s, const float* t, const int* labels, const u32* count,
-                                    float* row_loss, float* grad_s, u32 n, u32 c, float inv_t, float temp, float w_ce,
+// s, t: [n, c] of dtypes dt_s, dt_t (0 f32, 1 bf16, 2 f16); labels: [n]; count: [1] (count_valid);
+// row_loss: [n]; grad_s: [n, c] of dtype dt_gs, null or s itself (dt_gs = dt_s); eps: label
+// smoothing; reduction: 0 batchmean, 1 sum, 2 none.
+extern "C" __global__ void dkd_warp(const void* s, const void* t, const int* labels, const u32* count,
+                                    float* row_loss, void* grad_s, u32 n, u32 c, float inv_t, float temp, float w_ce,
                                     float w_tc, float w_nc, float eps, float grad_scale, int ignore_index,
-                                    u32 reduction) {
+                                    u32 reduction, u32 dt_s, u32 dt_t, u32 dt_gs) {
     const u64 row = warp_row();
     if (row >= n) return;  // the whole warp
-    dkd_dispatch(warp_group(), row, s, t, labels, count, row_loss, grad_s, c, inv_t, temp, w_ce, w_tc, w_nc, eps,
+    dkd_dispatch(warp_group(), row, row_in(s, dt_s), row_in(t, dt_t), labels, count, row_loss, RowOut(grad_s, dt_gs), c, inv_t, temp, w_ce, w_tc, w_nc, eps,
                  grad_scale, ignore_index, reduction);
 }
 
-extern "C" __global__ void dkd_block(const float* s, const float* t, const int* labels, const u32* count,
-                                     float* row_loss, float* grad_s, u32 n, u32 c, float inv_t, float temp,
+extern "C" __global__ void dkd_block(const void* s, const void* t, const int* labels, const u32* count,
+                                     float* row_loss, void* grad_s, u32 n, u32 c, float inv_t, float temp,
                                      float w_ce, float w_tc, float w_nc, float eps, float grad_scale,
-                                     int ignore_index, u32 reduction) {
+                                     int ignore_index, u32 reduction, u32 dt_s, u32 dt_t, u32 dt_gs) {
     const u64 row = block_linear();
     if (row >= n) return;  // the whole block
-    dkd_dispatch(block_group(), row, s, t, labels, count, row_loss, grad_s, c, inv_t, temp, w_ce, w_tc, w_nc, eps,
+    dkd_dispatch(block_group(), row, row_in(s, dt_s), row_in(t, dt_t), labels, count, row_loss, RowOut(grad_s, dt_gs), c, inv_t, temp, w_ce, w_tc, w_nc, eps,
                  grad_scale, ignore_index, reduction);
 }

@@ -39,6 +39,10 @@ struct Params {
     ignore_index: i32,
     reduction: u32,
     grad_mode: u32,
+    dtype_s: u32, // 0 f32, 1 bf16, 2 f16
+    dtype_t: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -171,15 +175,15 @@ fn dkd(
     if (labelled) {
         y = u32(labels[row]);
         // Every lane reads s_g and t_g before the barrier: an in-place gradient overwrites s_g.
-        sy = student[base + y];
-        ty = teacher[base + y];
+        sy = load_s(base + y);
+        ty = load_t(base + y);
     }
     if (live) {
         for (var j = lane; j < c; j = j + TPR) {
             if (labelled && j == y) {
                 continue;
             }
-            st = dkd_push(st, student[base + j], teacher[base + j], p.inv_t);
+            st = dkd_push(st, load_s(base + j), load_t(base + j), p.inv_t);
         }
     }
     sh_stats[lid] = st;
@@ -236,8 +240,8 @@ fn dkd(
                     }
                     continue;
                 }
-                let sv = student[i];
-                let tv = teacher[i];
+                let sv = load_s(i);
+                let tv = load_t(i);
                 let ph = exp((sv - rs.ms) * p.inv_t - lzs);
                 let qh = exp((tv - rs.mt) * p.inv_t - lzt);
                 let u = logit_gap(sv, rs.ms, tv, rs.mt) * p.inv_t - dlz; // log p^ - log q^

@@ -3,13 +3,13 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::DkdSpec;
-use crate::backend::wgpu::dispatch::{grad_into, grad_mode, RowBackend, RowBuffers};
+use crate::backend::wgpu::dispatch::{GradTarget, RowBackend, RowBuffers};
 use crate::backend::wgpu::pipelines::{WgslKernel, ROW_LOSS_BINDINGS};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::LossOut;
 use crate::error::Result;
 
-pub const DKD: WgslKernel = WgslKernel {
+pub(crate) const DKD: WgslKernel = WgslKernel {
     file: "dkd.wgsl",
     body: include_str!("dkd.wgsl"),
     entry: "dkd",
@@ -32,6 +32,9 @@ struct DkdParams {
     ignore_index: i32,
     reduction: u32,
     grad_mode: u32,
+    dtype_s: u32,
+    dtype_t: u32,
+    pad: [u32; 2],
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
@@ -50,7 +53,9 @@ pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
             grad_scale,
             ignore_index,
             reduction,
-            grad_mode
+            grad_mode,
+            dtype_s,
+            dtype_t
         ]
     )]
 }
@@ -66,7 +71,7 @@ pub(crate) fn dkd<B: RowBackend>(
     out: LossOut<'_, B>,
 ) -> Result<()> {
     let row_loss = w.row_loss_buffer(&out, spec.shape.rows)?;
-    let params = |rows: u32| {
+    let params = |rows: u32, grad_mode: u32| {
         bytemuck::bytes_of(&DkdParams {
             rows,
             cols: spec.shape.cols as u32,
@@ -79,7 +84,10 @@ pub(crate) fn dkd<B: RowBackend>(
             grad_scale: spec.grad_scale,
             ignore_index: spec.ignore_index,
             reduction: spec.reduction.code(),
-            grad_mode: grad_mode(&out.grad_student),
+            grad_mode,
+            dtype_s: student.dtype().code(),
+            dtype_t: teacher.dtype().code(),
+            pad: [0; 2],
         })
         .to_vec()
     };
@@ -90,11 +98,11 @@ pub(crate) fn dkd<B: RowBackend>(
         spec.reduction,
         spec.ignore_index,
         RowBuffers {
-            student: student.buffer(),
-            teacher: Some(teacher.buffer()),
+            student,
+            teacher: Some(teacher),
             labels: Some(labels.buffer()),
             row_loss: &row_loss,
-            grad_student: grad_into(&out.grad_student),
+            grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: None,
         },
         out.loss.buffer(),

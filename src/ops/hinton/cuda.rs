@@ -2,7 +2,8 @@
 
 use super::HintonSpec;
 use crate::backend::cuda::{
-    grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource, RowLaunch,
+    grad_dtype, grad_ptr, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaLabels, CudaSource,
+    RowLaunch,
 };
 use crate::backend::LossOut;
 use crate::error::Result;
@@ -14,12 +15,12 @@ pub(crate) const SOURCE: CudaSource = CudaSource {
 pub(crate) const WARP: CudaKernel = CudaKernel {
     file: "hinton.cu",
     name: "hinton_warp",
-    signature: "pppppppuufffffiu",
+    signature: "pppppppuufffffiuuuuu",
 };
 pub(crate) const BLOCK: CudaKernel = CudaKernel {
     file: "hinton.cu",
     name: "hinton_block",
-    signature: "pppppppuufffffiu",
+    signature: "pppppppuufffffiuuuuu",
 };
 
 /// The fused Hinton loss (see [`crate::Backend::hinton`]).
@@ -59,6 +60,10 @@ pub(crate) fn hinton(
             Arg::F32(spec.grad_scale),
             Arg::I32(spec.ignore_index),
             Arg::U32(spec.reduction.code()),
+            Arg::U32(student.dtype.code()),
+            Arg::U32(teacher.dtype.code()),
+            Arg::U32(grad_dtype(out.grad_student, student).code()),
+            Arg::U32(out.grad_teacher.map_or(0, |g| g.dtype.code())),
         ]
     })
 }

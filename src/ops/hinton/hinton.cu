@@ -126,15 +126,15 @@ struct HintonMerge {
 };
 
 template <class G>
-__device__ __forceinline__ void hinton_dispatch(const G& g, u64 row, const float* s_all, const float* t_all,
-                                                const int* labels, const u32* count, float* row_loss, float* grad_s,
-                                                float* grad_t, u32 c, float inv_t, float temp, float alpha,
-                                                float eps, float grad_scale, int ignore_index, u32 reduction) {
+__device__ __forceinline__ void hinton_dispatch(const G& g, u64 row, RowIn s_all, RowIn t_all, const int* labels,
+                                                const u32* count, float* row_loss, RowOut grad_s, RowOut grad_t,
+                                                u32 c, float inv_t, float temp, float alpha, float eps,
+                                                float grad_scale, int ignore_index, u32 reduction) {
     const u64 off = row * (u64)c;
-    const float* s = s_all + off;
-    const float* t = t_all + off;
-    float* gs = grad_s != 0 ? grad_s + off : 0;
-    float* gt = grad_t != 0 ? grad_t + off : 0;
+    const RowIn s = s_all + off;
+    const RowIn t = t_all + off;
+    const RowOut gs = grad_s + off;
+    const RowOut gt = grad_t + off;
     const int y = labels[row];
     if (y == ignore_index) {
         fill_row(g, gs, c, 0.f);
@@ -239,24 +239,27 @@ __device__ __forceinline__ void hinton_dispatch(const G& g, u64 row, const float
     if (g.rank == 0) row_loss[row] = alpha * ce + (1.f - alpha) * temp * temp * kl;
 }
 
-// s, t: [n, c]; labels: [n]; count: [1] (count_valid); row_loss: [n]; grad_s: [n, c], null or s
-// itself; grad_t: [n, c] or null; eps: label smoothing; reduction: 0 batchmean, 1 sum, 2 none.
-extern "C" __global__ void hinton_warp(const float* s, const float* t, const int* labels, const u32* count,
-                                       float* row_loss, float* grad_s, float* grad_t, u32 n, u32 c, float inv_t,
+// s, t: [n, c] of dtypes dt_s, dt_t (0 f32, 1 bf16, 2 f16); labels: [n]; count: [1] (count_valid);
+// row_loss: [n]; grad_s: [n, c] of dtype dt_gs, null or s itself (dt_gs = dt_s); grad_t: [n, c] of
+// dtype dt_gt or null; eps: label smoothing; reduction: 0 batchmean, 1 sum, 2 none.
+extern "C" __global__ void hinton_warp(const void* s, const void* t, const int* labels, const u32* count,
+                                       float* row_loss, void* grad_s, void* grad_t, u32 n, u32 c, float inv_t,
                                        float temp, float alpha, float eps, float grad_scale, int ignore_index,
-                                       u32 reduction) {
+                                       u32 reduction, u32 dt_s, u32 dt_t, u32 dt_gs, u32 dt_gt) {
     const u64 row = warp_row();
     if (row >= n) return;  // the whole warp
-    hinton_dispatch(warp_group(), row, s, t, labels, count, row_loss, grad_s, grad_t, c, inv_t, temp, alpha, eps,
-                    grad_scale, ignore_index, reduction);
+    hinton_dispatch(warp_group(), row, row_in(s, dt_s), row_in(t, dt_t), labels, count, row_loss,
+                    RowOut(grad_s, dt_gs), RowOut(grad_t, dt_gt), c, inv_t, temp, alpha, eps, grad_scale,
+                    ignore_index, reduction);
 }
 
-extern "C" __global__ void hinton_block(const float* s, const float* t, const int* labels, const u32* count,
-                                        float* row_loss, float* grad_s, float* grad_t, u32 n, u32 c, float inv_t,
+extern "C" __global__ void hinton_block(const void* s, const void* t, const int* labels, const u32* count,
+                                        float* row_loss, void* grad_s, void* grad_t, u32 n, u32 c, float inv_t,
                                         float temp, float alpha, float eps, float grad_scale, int ignore_index,
-                                        u32 reduction) {
+                                        u32 reduction, u32 dt_s, u32 dt_t, u32 dt_gs, u32 dt_gt) {
     const u64 row = block_linear();
     if (row >= n) return;  // the whole block
-    hinton_dispatch(block_group(), row, s, t, labels, count, row_loss, grad_s, grad_t, c, inv_t, temp, alpha, eps,
-                    grad_scale, ignore_index, reduction);
+    hinton_dispatch(block_group(), row, row_in(s, dt_s), row_in(t, dt_t), labels, count, row_loss,
+                    RowOut(grad_s, dt_gs), RowOut(grad_t, dt_gt), c, inv_t, temp, alpha, eps, grad_scale,
+                    ignore_index, reduction);
 }

@@ -22,7 +22,11 @@ struct Params {
     reduction: u32,
     grad_mode: u32,
     want_grad_t: u32,
+    dtype_s: u32, // 0 f32, 1 bf16, 2 f16
+    dtype_t: u32,
     pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -49,12 +53,12 @@ fn hinton(
     var sy = 0.0;
     if (live) {
         for (var j = lane; j < c; j = j + TPR) {
-            st = stats_push(st, student[base + j], teacher[base + j], true, p.inv_t);
+            st = stats_push(st, load_s(base + j), load_t(base + j), true, p.inv_t);
         }
         if (lstate == 0u) {
             // Read s_y before the barrier: an in-place gradient overwrites it in pass 2.
             y = u32(labels[row]);
-            sy = student[base + y];
+            sy = load_s(base + y);
         }
     }
     sh_stats[lid] = st;
@@ -80,9 +84,9 @@ fn hinton(
     if (live && !bad) {
         for (var j = lane; j < c; j = j + TPR) {
             let i = base + j;
-            let sv = student[i];
+            let sv = load_s(i);
             let ds = (sv - rs.ms) * p.inv_t;
-            let dt = (teacher[i] - rs.mt) * p.inv_t;
+            let dt = (load_t(i) - rs.mt) * p.inv_t;
             let lp = ds - lzs;
             let qj = exp(dt - lzt);
             let pj = exp(lp);
@@ -113,9 +117,9 @@ fn hinton(
                 gs = nan_f32();
                 gt = nan_f32();
             } else if (live) {
-                let sv = student[i];
+                let sv = load_s(i);
                 let ds = (sv - rs.ms) * p.inv_t;
-                let dt = (teacher[i] - rs.mt) * p.inv_t;
+                let dt = (load_t(i) - rs.mt) * p.inv_t;
                 let lp = ds - lzs;
                 let qj = exp(dt - lzt);
                 let pj = exp(lp);

@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::HintonSpec;
-use crate::backend::wgpu::dispatch::{grad_into, grad_mode, RowBackend, RowBuffers};
+use crate::backend::wgpu::dispatch::{GradTarget, RowBackend, RowBuffers};
 use crate::backend::wgpu::pipelines::{WgslKernel, ROW_LOSS_BINDINGS};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::LossOut;
@@ -31,7 +31,9 @@ struct HintonParams {
     reduction: u32,
     grad_mode: u32,
     want_grad_t: u32,
-    pad: u32,
+    dtype_s: u32,
+    dtype_t: u32,
+    pad: [u32; 3],
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
@@ -49,7 +51,9 @@ pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
             ignore_index,
             reduction,
             grad_mode,
-            want_grad_t
+            want_grad_t,
+            dtype_s,
+            dtype_t
         ]
     )]
 }
@@ -65,7 +69,7 @@ pub(crate) fn hinton<B: RowBackend>(
     out: LossOut<'_, B>,
 ) -> Result<()> {
     let row_loss = w.row_loss_buffer(&out, spec.shape.rows)?;
-    let params = |rows: u32| {
+    let params = |rows: u32, grad_mode: u32| {
         bytemuck::bytes_of(&HintonParams {
             rows,
             cols: spec.shape.cols as u32,
@@ -76,9 +80,11 @@ pub(crate) fn hinton<B: RowBackend>(
             grad_scale: spec.grad_scale,
             ignore_index: spec.ignore_index,
             reduction: spec.reduction.code(),
-            grad_mode: grad_mode(&out.grad_student),
+            grad_mode,
             want_grad_t: out.grad_teacher.is_some() as u32,
-            pad: 0,
+            dtype_s: student.dtype().code(),
+            dtype_t: teacher.dtype().code(),
+            pad: [0; 3],
         })
         .to_vec()
     };
@@ -89,12 +95,12 @@ pub(crate) fn hinton<B: RowBackend>(
         spec.reduction,
         spec.ignore_index,
         RowBuffers {
-            student: student.buffer(),
-            teacher: Some(teacher.buffer()),
+            student,
+            teacher: Some(teacher),
             labels: Some(labels.buffer()),
             row_loss: &row_loss,
-            grad_student: grad_into(&out.grad_student),
-            grad_teacher: out.grad_teacher.map(|g| g.buffer()),
+            grad_student: GradTarget::of(&out.grad_student),
+            grad_teacher: out.grad_teacher,
         },
         out.loss.buffer(),
         params,

@@ -8,10 +8,10 @@ pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "softmax.cu",
     code: include_str!("softmax.cu"),
 };
-pub(crate) const FORWARD_WARP: CudaKernel = kernel("softmax_fwd_warp", "ppuufu");
-pub(crate) const FORWARD_BLOCK: CudaKernel = kernel("softmax_fwd_block", "ppuufu");
-pub(crate) const BACKWARD_WARP: CudaKernel = kernel("softmax_bwd_warp", "pppuufu");
-pub(crate) const BACKWARD_BLOCK: CudaKernel = kernel("softmax_bwd_block", "pppuufu");
+pub(crate) const FORWARD_WARP: CudaKernel = kernel("softmax_fwd_warp", "ppuufuuu");
+pub(crate) const FORWARD_BLOCK: CudaKernel = kernel("softmax_fwd_block", "ppuufuuu");
+pub(crate) const BACKWARD_WARP: CudaKernel = kernel("softmax_bwd_warp", "pppuufuuuu");
+pub(crate) const BACKWARD_BLOCK: CudaKernel = kernel("softmax_bwd_block", "pppuufuuuu");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {
@@ -42,6 +42,8 @@ pub(crate) fn softmax(
             Arg::U32(cols as u32),
             Arg::F32(inv(spec.temperature)),
             Arg::U32(spec.log as u32),
+            Arg::U32(x.dtype.code()),
+            Arg::U32(y.dtype.code()),
         ],
     )
 }
@@ -73,6 +75,9 @@ pub(crate) fn softmax_backward(
             Arg::U32(cols as u32),
             Arg::F32(inv(spec.temperature)),
             Arg::U32(spec.log as u32),
+            Arg::U32(y.dtype.code()),
+            Arg::U32(dy.dtype.code()),
+            Arg::U32(dx.dtype.code()),
         ],
     )
 }

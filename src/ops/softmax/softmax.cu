@@ -13,7 +13,7 @@
 // the element of a dominant max of y from the others (ComplementTracker, common.cuh).
 
 template <class G>
-__device__ void softmax_fwd_row(const G& g, const float* x, float* y, u32 c, float inv_t, u32 log_out) {
+__device__ void softmax_fwd_row(const G& g, RowIn x, RowOut y, u32 c, float inv_t, u32 log_out) {
     // Pass 1: online max and rescaled sum.
     SoftmaxState st = softmax_empty();
     bool bad = false;
@@ -62,8 +62,7 @@ struct SumMaxMerge {
 };
 
 template <class G>
-__device__ void softmax_bwd_row(const G& g, const float* y, const float* dy, float* dx, u32 c, float inv_t,
-                                u32 log_out) {
+__device__ void softmax_bwd_row(const G& g, RowIn y, RowIn dy, RowOut dx, u32 c, float inv_t, u32 log_out) {
     // Pass 1: sum_k dy_k y_k (softmax) or sum_k dy_k (log-softmax), and the max of y.
     SumMax acc = SumMaxMerge().identity();
     for (u32 j = g.rank; j < c; j += g.size()) {
@@ -103,34 +102,40 @@ __device__ void softmax_bwd_row(const G& g, const float* y, const float* dy, flo
     }
 }
 
-// x, y: [n, c] row-major. inv_t = 1/T. log_out: 0 softmax, 1 log-softmax.
-extern "C" __global__ void softmax_fwd_warp(const float* x, float* y, u32 n, u32 c, float inv_t, u32 log_out) {
+// x, y: [n, c] row-major, of dtypes dt_x, dt_y (0 f32, 1 bf16, 2 f16). inv_t = 1/T. log_out: 0
+// softmax, 1 log-softmax.
+extern "C" __global__ void softmax_fwd_warp(const void* x, void* y, u32 n, u32 c, float inv_t, u32 log_out,
+                                            u32 dt_x, u32 dt_y) {
     const u64 row = warp_row();
     if (row >= n) return;  // the whole warp: no block-wide barrier in this layout
     const u64 off = row * (u64)c;
-    softmax_fwd_row(warp_group(), x + off, y + off, c, inv_t, log_out);
+    softmax_fwd_row(warp_group(), row_in(x, dt_x) + off, RowOut(y, dt_y) + off, c, inv_t, log_out);
 }
 
-extern "C" __global__ void softmax_fwd_block(const float* x, float* y, u32 n, u32 c, float inv_t, u32 log_out) {
+extern "C" __global__ void softmax_fwd_block(const void* x, void* y, u32 n, u32 c, float inv_t, u32 log_out,
+                                             u32 dt_x, u32 dt_y) {
     const u64 row = block_linear();
     if (row >= n) return;  // the whole block
     const u64 off = row * (u64)c;
-    softmax_fwd_row(block_group(), x + off, y + off, c, inv_t, log_out);
+    softmax_fwd_row(block_group(), row_in(x, dt_x) + off, RowOut(y, dt_y) + off, c, inv_t, log_out);
 }
 
-// y: the forward output, dy: upstream gradient, dx: input gradient, all [n, c].
-extern "C" __global__ void softmax_bwd_warp(const float* y, const float* dy, float* dx, u32 n, u32 c, float inv_t,
-                                            u32 log_out) {
+// y: the forward output, dy: upstream gradient, dx: input gradient, all [n, c], of dtypes dt_y,
+// dt_dy, dt_dx.
+extern "C" __global__ void softmax_bwd_warp(const void* y, const void* dy, void* dx, u32 n, u32 c, float inv_t,
+                                            u32 log_out, u32 dt_y, u32 dt_dy, u32 dt_dx) {
     const u64 row = warp_row();
     if (row >= n) return;
     const u64 off = row * (u64)c;
-    softmax_bwd_row(warp_group(), y + off, dy + off, dx + off, c, inv_t, log_out);
+    softmax_bwd_row(warp_group(), row_in(y, dt_y) + off, row_in(dy, dt_dy) + off, RowOut(dx, dt_dx) + off, c, inv_t,
+                    log_out);
 }
 
-extern "C" __global__ void softmax_bwd_block(const float* y, const float* dy, float* dx, u32 n, u32 c,
-                                             float inv_t, u32 log_out) {
+extern "C" __global__ void softmax_bwd_block(const void* y, const void* dy, void* dx, u32 n, u32 c, float inv_t,
+                                             u32 log_out, u32 dt_y, u32 dt_dy, u32 dt_dx) {
     const u64 row = block_linear();
     if (row >= n) return;
     const u64 off = row * (u64)c;
-    softmax_bwd_row(block_group(), y + off, dy + off, dx + off, c, inv_t, log_out);
+    softmax_bwd_row(block_group(), row_in(y, dt_y) + off, row_in(dy, dt_dy) + off, RowOut(dx, dt_dx) + off, c,
+                    inv_t, log_out);
 }

@@ -7,12 +7,30 @@ struct Params {
     cols: u32,
     inv_t: f32,
     log_mode: u32, // 1: log_softmax
+    dtype_x: u32,  // 0 f32, 1 bf16, 2 f16 (the output is f32: a half one is packed afterwards)
+    dtype_dy: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;   // forward: x; backward: y
-@group(0) @binding(2) var<storage, read> dy: array<f32>;  // backward only
+@group(0) @binding(1) var<storage, read> x: array<u32>;   // forward: x; backward: y
+@group(0) @binding(2) var<storage, read> dy: array<u32>;  // backward only
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn load_x(i: u32) -> f32 {
+    if (p.dtype_x == 0u) {
+        return bitcast<f32>(x[i]);
+    }
+    return half_to_f32(x[i >> 1u] >> ((i & 1u) * 16u), p.dtype_x);
+}
+
+fn load_dy(i: u32) -> f32 {
+    if (p.dtype_dy == 0u) {
+        return bitcast<f32>(dy[i]);
+    }
+    return half_to_f32(dy[i >> 1u] >> ((i & 1u) * 16u), p.dtype_dy);
+}
 
 // Forward: pass 1 online max and sum, pass 2 writes y.
 @compute @workgroup_size(256)
@@ -28,7 +46,7 @@ fn forward(
     var st = stats_empty();
     if (in_range) {
         for (var j = lane; j < p.cols; j = j + TPR) {
-            st = stats_push(st, x[base + j], 0.0, false, p.inv_t);
+            st = stats_push(st, load_x(base + j), 0.0, false, p.inv_t);
         }
     }
     sh_stats[lid] = st;
@@ -38,7 +56,7 @@ fn forward(
     }
     let lz = log(rs.zs);
     for (var j = lane; j < p.cols; j = j + TPR) {
-        let l = (x[base + j] - rs.ms) * p.inv_t - lz;
+        let l = (load_x(base + j) - rs.ms) * p.inv_t - lz;
         var v = select(exp(l), l, p.log_mode == 1u);
         if (rs.bad > 0.0) {
             v = nan_f32();
@@ -62,8 +80,8 @@ fn backward(
     var acc = vec4<f32>(0.0);
     if (in_range) {
         for (var j = lane; j < p.cols; j = j + TPR) {
-            let d = dy[base + j];
-            acc.x = acc.x + select(d * x[base + j], d, p.log_mode == 1u);
+            let d = load_dy(base + j);
+            acc.x = acc.x + select(d * load_x(base + j), d, p.log_mode == 1u);
         }
     }
     sh_sum[lid] = acc;
@@ -72,8 +90,8 @@ fn backward(
         return;
     }
     for (var j = lane; j < p.cols; j = j + TPR) {
-        let yj = x[base + j];
-        let d = dy[base + j];
+        let yj = load_x(base + j);
+        let d = load_dy(base + j);
         var v = yj * (d - tot);
         if (p.log_mode == 1u) {
             v = d - exp(yj) * tot;

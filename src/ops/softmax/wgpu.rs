@@ -7,6 +7,7 @@ use super::SoftmaxSpec;
 use crate::backend::wgpu::dispatch::{threads_per_row, Window, WG};
 use crate::backend::wgpu::pipelines::{Bind, WgslKernel};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer};
+use crate::dtype::Dtype;
 use crate::error::Result;
 
 const BODY: &str = include_str!("softmax.wgsl");
@@ -34,13 +35,16 @@ struct SoftmaxParams {
     cols: u32,
     inv_t: f32,
     log_mode: u32,
+    dtype_x: u32,
+    dtype_dy: u32,
+    pad: [u32; 2],
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
     vec![uniform_layout!(
         SoftmaxParams,
         "softmax.wgsl",
-        [rows, cols, inv_t, log_mode]
+        [rows, cols, inv_t, log_mode, dtype_x, dtype_dy]
     )]
 }
 
@@ -67,6 +71,8 @@ pub(crate) fn softmax_backward(
     encode(w, enc, spec, y, Some(dy), dx)
 }
 
+/// The row kernel per chunk of rows; an output of bf16 or f16 is written in f32 into scratch and
+/// packed afterwards (`pack.wgsl`).
 fn encode(
     w: &WgpuBackend,
     enc: &mut wgpu::CommandEncoder,
@@ -76,15 +82,25 @@ fn encode(
     out: &WgpuBuffer,
 ) -> Result<()> {
     let c = spec.shape.cols;
+    let len = spec.shape.len();
     let tpr = threads_per_row(c);
     let kernel = if dy.is_some() { &BACKWARD } else { &FORWARD };
-    for (r0, rows) in w.row_chunks(spec.shape.rows, c)? {
-        let mat = |b| Window::elems(b, (r0 * c) as u64, (rows * c) as u64);
+    let scratch = match out.dtype() {
+        Dtype::F32 => None,
+        _ => Some(w.scratch("softmax_out_f32", len as u64 * 4)?),
+    };
+    let dst = scratch.as_ref().unwrap_or(out.buffer());
+    let any_half = x.dtype() != Dtype::F32 || dy.is_some_and(|d| d.dtype() != Dtype::F32);
+    for (r0, rows) in w.row_chunks(spec.shape.rows, c, if any_half { 2 } else { 4 })? {
+        let (first, count) = ((r0 * c) as u64, (rows * c) as u64);
         let params = SoftmaxParams {
             rows: rows as u32,
             cols: c as u32,
             inv_t: 1.0 / spec.temperature,
             log_mode: spec.log as u32,
+            dtype_x: x.dtype().code(),
+            dtype_dy: dy.map_or(0, |d| d.dtype().code()),
+            pad: [0; 2],
         };
         w.dispatch(
             enc,
@@ -92,12 +108,15 @@ fn encode(
             tpr,
             bytemuck::bytes_of(&params),
             &[
-                Some(mat(x.buffer())),
-                dy.map(|d| mat(d.buffer())),
-                Some(mat(out.buffer())),
+                Some(Window::of(x, first, count)),
+                dy.map(|d| Window::of(d, first, count)),
+                Some(Window::elems(dst, first, count)),
             ],
             rows.div_ceil((WG / tpr) as usize) as u32,
         )?;
+    }
+    if let Some(scratch) = &scratch {
+        w.encode_pack(enc, scratch, out.buffer(), out.dtype(), len)?;
     }
     Ok(())
 }
