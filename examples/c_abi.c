@@ -19,8 +19,8 @@ int main(void) {
     printf("distillation %s, ABI %u\n", dst_version_string(), dst_version());
 
     /* T = 4, alpha = 0.2, no label smoothing, ignore_index -100, batchmean, grad_scale 1. */
-    if (dst_cpu_hinton(student, teacher, labels, N, C, 4.0f, 0.2f, 0.0f, -100, 0, 1.0f, &loss, NULL,
-                       grad, NULL) != DST_OK) {
+    if (dst_cpu_hinton(student, DST_F32, teacher, DST_F32, labels, N, C, 4.0f, 0.2f, 0.0f, -100, 0, 1.0f, &loss, NULL,
+                       grad, DST_F32, NULL, DST_F32) != DST_OK) {
         fprintf(stderr, "error: %s\n", dst_last_error());
         return 1;
     }
@@ -28,8 +28,8 @@ int main(void) {
 
     /* On a GPU the same call takes device pointers (e.g. from cudaMalloc or a framework's tensor):
      *   dst_cuda *ctx; dst_cuda_create(0, &ctx);
-     *   dst_cuda_hinton(ctx, d_student, d_teacher, d_labels, N, C, 4.0f, 0.2f, 0.0f, -100, 0, 1.0f,
-     *                   d_loss, NULL, d_grad, NULL);
+     *   dst_cuda_hinton(ctx, d_student, DST_F32, d_teacher, DST_F32, d_labels, N, C, 4.0f, 0.2f, 0.0f, -100, 0, 1.0f,
+     *                   d_loss, NULL, d_grad, DST_F32, NULL, DST_F32);
      *   dst_cuda_synchronize(ctx); dst_cuda_destroy(ctx); */
     dst_cuda *ctx = NULL;
     if (dst_cuda_create(0, &ctx) != DST_OK) {

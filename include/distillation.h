@@ -12,9 +12,26 @@
 
 /*
  The version of this C ABI; bumped on any incompatible change of the header, and when codes
- are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`).
+ are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`; 6: a
+ dtype argument after each student, teacher and gradient pointer of the row losses, with
+ [`DST_F32`], [`DST_BF16`], [`DST_F16`]).
  */
-#define DST_ABI_VERSION 5
+#define DST_ABI_VERSION 6
+
+/*
+ The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
+ */
+#define DST_F32 0
+
+/*
+ The dtype code of bfloat16 arrays (8 exponent bits, 7 mantissa bits; PyTorch's `torch.bfloat16`).
+ */
+#define DST_BF16 1
+
+/*
+ The dtype code of IEEE half arrays (`torch.float16`).
+ */
+#define DST_F16 2
 
 /*
  Success.
@@ -127,11 +144,20 @@ const char *dst_last_error(void);
  `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`, optional, may equal `student` for an
  in-place gradient), `grad_teacher` (`[n, c]`, optional). Labels out of range are an error.
 
+ Each of `student`, `teacher`, `grad_student`, `grad_teacher` is followed by its dtype:
+ [`DST_F32`], [`DST_BF16`] or [`DST_F16`] (`docs/LOSSES.md`, half precision), mixed as the
+ caller likes. The math is f32 (f64 here), `loss` and `row_loss` are f32, and each gradient is
+ rounded once to its own dtype (an in-place gradient has the student's). The dtype code of a
+ NULL gradient is checked too: pass `DST_F32`. The row losses' other entry points take their
+ arrays' dtypes the same way.
+
  # Safety
  Every non-null pointer must be valid for the number of elements named above.
  */
-int32_t dst_cpu_hinton(const float *student,
-                       const float *teacher,
+int32_t dst_cpu_hinton(const void *student,
+                       int32_t student_dtype,
+                       const void *teacher,
+                       int32_t teacher_dtype,
                        const int32_t *labels,
                        size_t n,
                        size_t c,
@@ -143,8 +169,10 @@ int32_t dst_cpu_hinton(const float *student,
                        float grad_scale,
                        float *loss,
                        float *row_loss,
-                       float *grad_student,
-                       float *grad_teacher);
+                       void *grad_student,
+                       int32_t grad_student_dtype,
+                       void *grad_teacher,
+                       int32_t grad_teacher_dtype);
 
 /*
  [`dst_cpu_hinton`] on the fast CPU backend: f32 kernels on at most `threads` threads (0: one
@@ -155,8 +183,10 @@ int32_t dst_cpu_hinton(const float *student,
  As [`dst_cpu_hinton`].
  */
 int32_t dst_fast_hinton(int32_t threads,
-                        const float *student,
-                        const float *teacher,
+                        const void *student,
+                        int32_t student_dtype,
+                        const void *teacher,
+                        int32_t teacher_dtype,
                         const int32_t *labels,
                         size_t n,
                         size_t c,
@@ -168,8 +198,10 @@ int32_t dst_fast_hinton(int32_t threads,
                         float grad_scale,
                         float *loss,
                         float *row_loss,
-                        float *grad_student,
-                        float *grad_teacher);
+                        void *grad_student,
+                        int32_t grad_student_dtype,
+                        void *grad_teacher,
+                        int32_t grad_teacher_dtype);
 
 /*
  Decoupled knowledge distillation `ce_weight CE + T^2 (tckd_weight TCKD + nckd_weight NCKD)` on
@@ -186,8 +218,10 @@ int32_t dst_fast_hinton(int32_t threads,
  # Safety
  Every non-null pointer must be valid for the number of elements named above.
  */
-int32_t dst_cpu_dkd(const float *student,
-                    const float *teacher,
+int32_t dst_cpu_dkd(const void *student,
+                    int32_t student_dtype,
+                    const void *teacher,
+                    int32_t teacher_dtype,
                     const int32_t *labels,
                     size_t n,
                     size_t c,
@@ -201,7 +235,8 @@ int32_t dst_cpu_dkd(const float *student,
                     float grad_scale,
                     float *loss,
                     float *row_loss,
-                    float *grad_student);
+                    void *grad_student,
+                    int32_t grad_student_dtype);
 
 /*
  [`dst_cpu_dkd`] on the fast CPU backend, as [`dst_fast_hinton`] is to [`dst_cpu_hinton`].
@@ -210,8 +245,10 @@ int32_t dst_cpu_dkd(const float *student,
  As [`dst_cpu_dkd`].
  */
 int32_t dst_fast_dkd(int32_t threads,
-                     const float *student,
-                     const float *teacher,
+                     const void *student,
+                     int32_t student_dtype,
+                     const void *teacher,
+                     int32_t teacher_dtype,
                      const int32_t *labels,
                      size_t n,
                      size_t c,
@@ -225,7 +262,8 @@ int32_t dst_fast_dkd(int32_t threads,
                      float grad_scale,
                      float *loss,
                      float *row_loss,
-                     float *grad_student);
+                     void *grad_student,
+                     int32_t grad_student_dtype);
 
 /*
  A soft-target divergence on host memory (CPU reference backend, f64 inside;
@@ -243,8 +281,10 @@ int32_t dst_fast_dkd(int32_t threads,
  # Safety
  Every non-null pointer must be valid for the number of elements named above.
  */
-int32_t dst_cpu_divergence(const float *student,
-                           const float *teacher,
+int32_t dst_cpu_divergence(const void *student,
+                           int32_t student_dtype,
+                           const void *teacher,
+                           int32_t teacher_dtype,
                            const int32_t *labels,
                            size_t n,
                            size_t c,
@@ -258,8 +298,10 @@ int32_t dst_cpu_divergence(const float *student,
                            float grad_scale,
                            float *loss,
                            float *row_loss,
-                           float *grad_student,
-                           float *grad_teacher);
+                           void *grad_student,
+                           int32_t grad_student_dtype,
+                           void *grad_teacher,
+                           int32_t grad_teacher_dtype);
 
 /*
  [`dst_cpu_divergence`] on the fast CPU backend, as [`dst_fast_hinton`] is to
@@ -269,8 +311,10 @@ int32_t dst_cpu_divergence(const float *student,
  As [`dst_cpu_divergence`].
  */
 int32_t dst_fast_divergence(int32_t threads,
-                            const float *student,
-                            const float *teacher,
+                            const void *student,
+                            int32_t student_dtype,
+                            const void *teacher,
+                            int32_t teacher_dtype,
                             const int32_t *labels,
                             size_t n,
                             size_t c,
@@ -284,8 +328,10 @@ int32_t dst_fast_divergence(int32_t threads,
                             float grad_scale,
                             float *loss,
                             float *row_loss,
-                            float *grad_student,
-                            float *grad_teacher);
+                            void *grad_student,
+                            int32_t grad_student_dtype,
+                            void *grad_teacher,
+                            int32_t grad_teacher_dtype);
 
 /*
  Cross-entropy with hard labels on host memory (CPU reference backend, f64 inside;
@@ -297,7 +343,8 @@ int32_t dst_fast_divergence(int32_t threads,
  # Safety
  Every non-null pointer must be valid for the number of elements named above.
  */
-int32_t dst_cpu_cross_entropy(const float *student,
+int32_t dst_cpu_cross_entropy(const void *student,
+                              int32_t student_dtype,
                               const int32_t *labels,
                               size_t n,
                               size_t c,
@@ -307,7 +354,8 @@ int32_t dst_cpu_cross_entropy(const float *student,
                               float grad_scale,
                               float *loss,
                               float *row_loss,
-                              float *grad_student);
+                              void *grad_student,
+                              int32_t grad_student_dtype);
 
 /*
  [`dst_cpu_cross_entropy`] on the fast CPU backend, as [`dst_fast_hinton`] is to
@@ -317,7 +365,8 @@ int32_t dst_cpu_cross_entropy(const float *student,
  As [`dst_cpu_cross_entropy`].
  */
 int32_t dst_fast_cross_entropy(int32_t threads,
-                               const float *student,
+                               const void *student,
+                               int32_t student_dtype,
                                const int32_t *labels,
                                size_t n,
                                size_t c,
@@ -327,7 +376,8 @@ int32_t dst_fast_cross_entropy(int32_t threads,
                                float grad_scale,
                                float *loss,
                                float *row_loss,
-                               float *grad_student);
+                               void *grad_student,
+                               int32_t grad_student_dtype);
 
 /*
  Feature-map MSE `mean((a - b)^2)` over `len` floats on host memory (CPU reference backend;
@@ -421,8 +471,10 @@ int32_t dst_cuda_stream(const struct dst_cuda *ctx, void **stream, int32_t *devi
  the sizes of [`dst_cpu_hinton`] until the kernels finish, and not written by other work meanwhile.
  */
 int32_t dst_cuda_hinton(const struct dst_cuda *ctx,
-                        const float *student,
-                        const float *teacher,
+                        const void *student,
+                        int32_t student_dtype,
+                        const void *teacher,
+                        int32_t teacher_dtype,
                         const int32_t *labels,
                         size_t n,
                         size_t c,
@@ -434,8 +486,10 @@ int32_t dst_cuda_hinton(const struct dst_cuda *ctx,
                         float grad_scale,
                         float *loss,
                         float *row_loss,
-                        float *grad_student,
-                        float *grad_teacher);
+                        void *grad_student,
+                        int32_t grad_student_dtype,
+                        void *grad_teacher,
+                        int32_t grad_teacher_dtype);
 
 /*
  [`dst_cpu_dkd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules; labels out
@@ -445,8 +499,10 @@ int32_t dst_cuda_hinton(const struct dst_cuda *ctx,
  As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_dkd`].
  */
 int32_t dst_cuda_dkd(const struct dst_cuda *ctx,
-                     const float *student,
-                     const float *teacher,
+                     const void *student,
+                     int32_t student_dtype,
+                     const void *teacher,
+                     int32_t teacher_dtype,
                      const int32_t *labels,
                      size_t n,
                      size_t c,
@@ -460,7 +516,8 @@ int32_t dst_cuda_dkd(const struct dst_cuda *ctx,
                      float grad_scale,
                      float *loss,
                      float *row_loss,
-                     float *grad_student);
+                     void *grad_student,
+                     int32_t grad_student_dtype);
 
 /*
  [`dst_cpu_divergence`] on device pointers (see [`dst_cuda_hinton`] for the stream rules).
@@ -469,8 +526,10 @@ int32_t dst_cuda_dkd(const struct dst_cuda *ctx,
  As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_divergence`].
  */
 int32_t dst_cuda_divergence(const struct dst_cuda *ctx,
-                            const float *student,
-                            const float *teacher,
+                            const void *student,
+                            int32_t student_dtype,
+                            const void *teacher,
+                            int32_t teacher_dtype,
                             const int32_t *labels,
                             size_t n,
                             size_t c,
@@ -484,8 +543,10 @@ int32_t dst_cuda_divergence(const struct dst_cuda *ctx,
                             float grad_scale,
                             float *loss,
                             float *row_loss,
-                            float *grad_student,
-                            float *grad_teacher);
+                            void *grad_student,
+                            int32_t grad_student_dtype,
+                            void *grad_teacher,
+                            int32_t grad_teacher_dtype);
 
 /*
  [`dst_cpu_cross_entropy`] on device pointers (see [`dst_cuda_hinton`] for the stream rules).
@@ -494,7 +555,8 @@ int32_t dst_cuda_divergence(const struct dst_cuda *ctx,
  As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_cross_entropy`].
  */
 int32_t dst_cuda_cross_entropy(const struct dst_cuda *ctx,
-                               const float *student,
+                               const void *student,
+                               int32_t student_dtype,
                                const int32_t *labels,
                                size_t n,
                                size_t c,
@@ -504,7 +566,8 @@ int32_t dst_cuda_cross_entropy(const struct dst_cuda *ctx,
                                float grad_scale,
                                float *loss,
                                float *row_loss,
-                               float *grad_student);
+                               void *grad_student,
+                               int32_t grad_student_dtype);
 
 /*
  [`dst_cpu_mse`] on device pointers (see [`dst_cuda_hinton`] for the stream rules).

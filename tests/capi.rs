@@ -383,6 +383,8 @@ fn c_program_matches_the_rust_api() {
         "cuda_null_ctx",
         "cuda_divergence_null_ctx",
         "cuda_sync_null",
+        "dtype_code",
+        "dtype_inplace",
     ] {
         let prefix = format!("error {case} ");
         let line = stdout

@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)
@@ -69,28 +69,30 @@ def _declare(lib) -> None:
     lib.dst_version_string.argtypes = []
     lib.dst_last_error.restype = ctypes.c_char_p
     lib.dst_last_error.argtypes = []
-    # Host memory, the fast CPU backend (threads first).
-    sig("dst_fast_hinton", _i32, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _i32, _i32, _f32,
-        _P, _P, _P, _P)
-    sig("dst_fast_divergence", _i32, _P, _P, _P, _SZ, _SZ, _i32, _f32, _f32, _i32, _f32, _i32,
-        _i32, _f32, _P, _P, _P, _P)
-    sig("dst_fast_cross_entropy", _i32, _P, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P, _P, _P)
+    # Host memory, the fast CPU backend (threads first). Each student, teacher and gradient
+    # pointer of the row losses is followed by its dtype code (DTYPES).
+    sig("dst_fast_hinton", _i32, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _i32, _i32,
+        _f32, _P, _P, _P, _i32, _P, _i32)
+    sig("dst_fast_divergence", _i32, _P, _i32, _P, _i32, _P, _SZ, _SZ, _i32, _f32, _f32, _i32,
+        _f32, _i32, _i32, _f32, _P, _P, _P, _i32, _P, _i32)
+    sig("dst_fast_cross_entropy", _i32, _P, _i32, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P, _P,
+        _P, _i32)
     sig("dst_fast_mse", _i32, _P, _P, _SZ, _f32, _P, _P, _P)
-    sig("dst_fast_dkd", _i32, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32, _i32, _i32,
-        _f32, _P, _P, _P)
+    sig("dst_fast_dkd", _i32, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32,
+        _i32, _i32, _f32, _P, _P, _P, _i32)
     # Device memory, the CUDA backend (a context first).
     sig("dst_cuda_create_on_stream", _i32, _P, ctypes.POINTER(_P))
     sig("dst_cuda_destroy", _P)
     sig("dst_cuda_synchronize", _P)
-    sig("dst_cuda_hinton", _P, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _i32, _i32, _f32, _P, _P,
-        _P, _P)
-    sig("dst_cuda_divergence", _P, _P, _P, _P, _SZ, _SZ, _i32, _f32, _f32, _i32, _f32, _i32,
-        _i32, _f32, _P, _P, _P, _P)
-    sig("dst_cuda_cross_entropy", _P, _P, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P, _P, _P)
+    sig("dst_cuda_hinton", _P, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _i32, _i32,
+        _f32, _P, _P, _P, _i32, _P, _i32)
+    sig("dst_cuda_divergence", _P, _P, _i32, _P, _i32, _P, _SZ, _SZ, _i32, _f32, _f32, _i32,
+        _f32, _i32, _i32, _f32, _P, _P, _P, _i32, _P, _i32)
+    sig("dst_cuda_cross_entropy", _P, _P, _i32, _P, _SZ, _SZ, _f32, _i32, _i32, _f32, _P, _P,
+        _P, _i32)
     sig("dst_cuda_mse", _P, _P, _P, _SZ, _f32, _P, _P, _P)
-    sig("dst_cuda_dkd", _P, _P, _P, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32, _i32, _i32, _f32,
-        _P, _P, _P)
-
+    sig("dst_cuda_dkd", _P, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32,
+        _i32, _i32, _f32, _P, _P, _P, _i32)
 
 def lib():
     """The loaded library (loaded and checked once)."""

@@ -7,8 +7,11 @@ Each op's forward runs the crate's fused kernel once: it computes the loss and t
 together (``docs/LOSSES.md``), keeps the gradient, and the backward multiplies it by the upstream
 gradient. CPU tensors run on the fast CPU backend (``dst_fast_*``, ``torch.get_num_threads()``
 threads, no copies of contiguous float32 inputs), CUDA tensors on the CUDA backend on PyTorch's
-current stream (``dst_cuda_*``). Inputs are computed in float32: other floating dtypes are
-converted (the gradient returns in the input's dtype) and non-contiguous tensors are copied.
+current stream (``dst_cuda_*``). The logits of the row losses may be float32, bfloat16 or
+float16 (student and teacher independently): the kernels read them as they are, compute in
+float32, return the loss in float32 and each gradient in its input's dtype, rounded once
+(``docs/LOSSES.md``, half precision). float64 inputs are computed in float32 (the loss returns
+in float64); non-contiguous tensors are copied.
 """
 
 from __future__ import annotations
@@ -30,6 +33,23 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 def _ptr(t: Optional[Tensor]):
     return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
+
+
+# The C ABI's dtype codes (DST_F32, DST_BF16, DST_F16).
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _dt(t: Optional[Tensor]) -> int:
+    """The dtype code of a row loss's array (an absent one: DST_F32)."""
+    return 0 if t is None or t.numel() == 0 else _DTYPES[t.dtype]
+
+
+def _f32_zeros(like: Tensor, *shape: int) -> Tensor:
+    return torch.zeros(shape, dtype=torch.float32, device=like.device)
+
+
+def _f32_empty(like: Tensor, *shape: int) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
 
 
 def _launch(kind: str, device: torch.device, *args) -> None:
@@ -56,16 +76,16 @@ def _grad_buffer(like: Tensor, wanted: bool) -> Tensor:
 def hinton_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float, alpha: float,
               label_smoothing: float, ignore_index: int, reduction: int, rows: bool,
               want_student: bool, want_teacher: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``[N, C]`` float32 logits, ``[N]`` int32 labels; ``reduction`` 0 batchmean or 1 sum;
+    """``[N, C]`` float32 / bfloat16 / float16 logits, ``[N]`` int32 labels; ``reduction`` 0 batchmean or 1 sum;
     ``rows``: return the ``[N]`` row losses (with the sum's gradient). Returns (loss,
     grad_student or empty, grad_teacher or empty)."""
     n, c = student.shape
-    loss = student.new_zeros(())
-    row = student.new_zeros(n) if rows else None
+    loss = _f32_zeros(student)
+    row = _f32_zeros(student, n) if rows else None
     gs, gt = _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher)
-    _launch("hinton", student.device, _ptr(student), _ptr(teacher), _ptr(labels), n, c,
-            temperature, alpha, label_smoothing, ignore_index, reduction, 1.0,
-            _ptr(loss), _ptr(row), _ptr(gs), _ptr(gt))
+    _launch("hinton", student.device, _ptr(student), _dt(student), _ptr(teacher), _dt(teacher),
+            _ptr(labels), n, c, temperature, alpha, label_smoothing, ignore_index, reduction, 1.0,
+            _ptr(loss), _ptr(row), _ptr(gs), _dt(gs), _ptr(gt), _dt(gt))
     return (row if rows else loss), gs, gt
 
 
@@ -73,7 +93,7 @@ def hinton_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: flo
 def _(student, teacher, labels, temperature, alpha, label_smoothing, ignore_index, reduction,
       rows, want_student, want_teacher):
     n = student.shape[0]
-    return (student.new_empty((n,) if rows else ()),
+    return (_f32_empty(student, *((n,) if rows else ())),
             _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher))
 
 
@@ -88,12 +108,13 @@ def divergence_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], di
     JSD(beta) (2) and the teacher given as logits (0), probabilities (1) or log-probabilities
     (2); ``labels`` optional (masks rows whose label is ``ignore_index``)."""
     n, c = student.shape
-    loss = student.new_zeros(())
-    row = student.new_zeros(n) if rows else None
+    loss = _f32_zeros(student)
+    row = _f32_zeros(student, n) if rows else None
     gs, gt = _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher)
-    _launch("divergence", student.device, _ptr(student), _ptr(teacher), _ptr(labels), n, c,
-            divergence, beta, teacher_eps, teacher_input, temperature, ignore_index, reduction,
-            1.0, _ptr(loss), _ptr(row), _ptr(gs), _ptr(gt))
+    _launch("divergence", student.device, _ptr(student), _dt(student), _ptr(teacher),
+            _dt(teacher), _ptr(labels), n, c, divergence, beta, teacher_eps, teacher_input,
+            temperature, ignore_index, reduction, 1.0, _ptr(loss), _ptr(row), _ptr(gs), _dt(gs),
+            _ptr(gt), _dt(gt))
     return (row if rows else loss), gs, gt
 
 
@@ -101,7 +122,7 @@ def divergence_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], di
 def _(student, teacher, labels, divergence, beta, teacher_eps, teacher_input, temperature,
       ignore_index, reduction, rows, want_student, want_teacher):
     n = student.shape[0]
-    return (student.new_empty((n,) if rows else ()),
+    return (_f32_empty(student, *((n,) if rows else ())),
             _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher))
 
 
@@ -112,18 +133,19 @@ def cross_entropy_op(student: Tensor, labels: Tensor, label_smoothing: float, ig
                      reduction: int, rows: bool, want_student: bool) -> tuple[Tensor, Tensor]:
     """Cross-entropy with hard labels: (loss, grad_student or empty)."""
     n, c = student.shape
-    loss = student.new_zeros(())
-    row = student.new_zeros(n) if rows else None
+    loss = _f32_zeros(student)
+    row = _f32_zeros(student, n) if rows else None
     gs = _grad_buffer(student, want_student)
-    _launch("cross_entropy", student.device, _ptr(student), _ptr(labels), n, c, label_smoothing,
-            ignore_index, reduction, 1.0, _ptr(loss), _ptr(row), _ptr(gs))
+    _launch("cross_entropy", student.device, _ptr(student), _dt(student), _ptr(labels), n, c,
+            label_smoothing, ignore_index, reduction, 1.0, _ptr(loss), _ptr(row), _ptr(gs),
+            _dt(gs))
     return (row if rows else loss), gs
 
 
 @cross_entropy_op.register_fake
 def _(student, labels, label_smoothing, ignore_index, reduction, rows, want_student):
     n = student.shape[0]
-    return student.new_empty((n,) if rows else ()), _grad_buffer(student, want_student)
+    return _f32_empty(student, *((n,) if rows else ())), _grad_buffer(student, want_student)
 
 
 # ---- decoupled knowledge distillation ----
@@ -137,12 +159,12 @@ def dkd_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float,
     float32 logits (``C >= 2``) and ``[N]`` int32 labels: (loss, grad_student or empty). The
     teacher is detached (no teacher gradient)."""
     n, c = student.shape
-    loss = student.new_zeros(())
-    row = student.new_zeros(n) if rows else None
+    loss = _f32_zeros(student)
+    row = _f32_zeros(student, n) if rows else None
     gs = _grad_buffer(student, want_student)
-    _launch("dkd", student.device, _ptr(student), _ptr(teacher), _ptr(labels), n, c, temperature,
-            ce_weight, tckd_weight, nckd_weight, label_smoothing, ignore_index, reduction, 1.0,
-            _ptr(loss), _ptr(row), _ptr(gs))
+    _launch("dkd", student.device, _ptr(student), _dt(student), _ptr(teacher), _dt(teacher),
+            _ptr(labels), n, c, temperature, ce_weight, tckd_weight, nckd_weight, label_smoothing,
+            ignore_index, reduction, 1.0, _ptr(loss), _ptr(row), _ptr(gs), _dt(gs))
     return (row if rows else loss), gs
 
 
@@ -150,7 +172,7 @@ def dkd_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float,
 def _(student, teacher, labels, temperature, ce_weight, tckd_weight, nckd_weight,
       label_smoothing, ignore_index, reduction, rows, want_student):
     n = student.shape[0]
-    return student.new_empty((n,) if rows else ()), _grad_buffer(student, want_student)
+    return _f32_empty(student, *((n,) if rows else ())), _grad_buffer(student, want_student)
 
 
 # ---- feature MSE ----
@@ -182,7 +204,9 @@ def _setup(ctx, inputs, output, rows_at: Optional[int]):
 def _scaled(grad: Tensor, upstream: Tensor, rows: bool) -> Optional[Tensor]:
     if grad.numel() == 0:
         return None
-    return grad * (upstream[:, None] if rows else upstream)
+    # The kernel's gradient is already in the input's dtype; the upstream (float32, as the loss)
+    # scales it in float32 and the product returns in that dtype.
+    return (grad * (upstream[:, None] if rows else upstream)).to(grad.dtype)
 
 
 def _backward(ctx, upstream, *_ignored):
@@ -210,7 +234,8 @@ mse_op.register_autograd(
 # ---- argument preparation (plain PyTorch ops, traced by torch.compile) ----
 
 def _float_rows(x, name: str) -> Tensor:
-    """``[..., C]`` floating logits as contiguous float32 ``[N, C]``."""
+    """``[..., C]`` floating logits as contiguous ``[N, C]``: float32, bfloat16 and float16 as
+    they are, other floating dtypes (float64) converted to float32."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -223,7 +248,9 @@ def _float_rows(x, name: str) -> Tensor:
                          "one class")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} is on {x.device}: only CPU and CUDA tensors are supported")
-    return x.to(torch.float32).contiguous().reshape(-1, x.shape[-1])
+    if x.dtype not in _DTYPES:
+        x = x.to(torch.float32)
+    return x.contiguous().reshape(-1, x.shape[-1])
 
 
 def _labels(y, like: Tensor, rows: int, name: str = "labels") -> Tensor:

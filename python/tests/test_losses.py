@@ -248,3 +248,86 @@ def test_nan_in_nan_out():
     s, t, y = make(seed=12)
     s[3, 4] = float("nan")
     assert math.isnan(dl.kd_loss(s, t, y).item())
+
+
+def _budget(got, exact, dtype):
+    """docs/LOSSES.md's half-precision budget: the returned gradient's error within 1.5x the
+    error of rounding the exact gradient once to ``dtype`` (mean and norm), >= 99.9% faithful."""
+    got, exact = got.double(), exact.double()
+    r = exact.to(dtype).double() - exact
+    e = got - exact
+    floor = 1e-6 * exact.norm()
+    assert e.abs().mean() <= 1.5 * r.abs().mean() + floor / math.sqrt(e.numel()), (e, r)
+    assert e.norm() <= 1.5 * r.norm() + floor, (e.norm(), r.norm())
+    # Faithful: the rounded exact value or one of its two neighbours in ``dtype``.
+    up = torch.nextafter(exact.to(dtype), torch.tensor(float("inf"), dtype=dtype)).double()
+    down = torch.nextafter(exact.to(dtype), torch.tensor(float("-inf"), dtype=dtype)).double()
+    faithful = (got == exact.to(dtype).double()) | (got == up) | (got == down)
+    assert faithful.double().mean() >= 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", ["kd", "jsd", "ce", "dkd"])
+def test_half_inputs_are_read_as_they_are_within_the_budget(dtype, loss):
+    """bf16 / f16 logits go to the kernels as they are (no float32 copy): the loss is within 1e-4
+    of the float64 loss of the same half values, the gradient (in the input's dtype) within the
+    half-precision budget of the exact one."""
+    s, t, y = make(n=16, c=1031, seed=11)
+    s, t = s.to(dtype), t.to(dtype)
+    y[3] = -100
+
+    def ours(a, b):
+        if loss == "kd":
+            return dl.kd_loss(a, b, y, 2.0, 0.3)
+        if loss == "jsd":
+            return dl.soft_target_loss(a, b, 2.0, divergence="jsd", beta=0.3, labels=y)
+        if loss == "ce":
+            return dl.cross_entropy(a, y, label_smoothing=0.1)
+        return dl.dkd_loss(a, b, y)
+
+    def ref(a, b):
+        a, b = a.double(), b.double()
+        mask = (y != -100).double()
+        valid = mask.sum()
+        if loss == "kd":
+            ce = F.cross_entropy(a, y, reduction="none", ignore_index=-100)
+            return (0.3 * ce + 0.7 * kl_ref(a, b, 2.0, mask=mask)).mul(mask).sum() / valid
+        if loss == "jsd":
+            return kl_ref(a, b, 2.0, "jsd", 0.3, mask=mask).sum() / valid
+        if loss == "ce":
+            return F.cross_entropy(a, y, label_smoothing=0.1, ignore_index=-100)
+        # DKD, mdistiller's composition, T = 4, alpha 1, beta 8.
+        T, keep = 4.0, y.clamp(min=0)
+        gt = F.one_hot(keep, a.shape[1]).bool()
+        ps, pt = F.softmax(a / T, -1), F.softmax(b / T, -1)
+        bs = torch.stack([(ps * gt).sum(-1), (ps * ~gt).sum(-1)], -1)
+        bt = torch.stack([(pt * gt).sum(-1), (pt * ~gt).sum(-1)], -1)
+        tckd = (bt * (bt.log() - bs.log())).sum(-1)
+        ls = F.log_softmax(a / T - 1000.0 * gt, -1)
+        lt = F.log_softmax(b / T - 1000.0 * gt, -1)
+        nckd = (lt.exp() * (lt - ls)).sum(-1)
+        ce = F.cross_entropy(a, y, reduction="none", ignore_index=-100)
+        return ((ce + T * T * (tckd + 8.0 * nckd)) * mask).sum() / valid
+
+    a = s.clone().requires_grad_()
+    got = ours(a, t)
+    got.backward()
+    assert got.dtype == torch.float32 and a.grad.dtype == dtype
+    x = s.double().requires_grad_()
+    want = ref(x, t)
+    want.backward()
+    assert abs(got.item() - want.item()) <= 1e-4 * max(1.0, abs(want.item())), (got, want)
+    _budget(a.grad, x.grad, dtype)
+
+
+def test_mixed_dtypes_bf16_student_f32_teacher():
+    s, t, y = make(n=8, c=257, seed=12)
+    a = s.to(torch.bfloat16).requires_grad_()
+    b = t.clone().requires_grad_()
+    dl.kd_loss(a, b, y, 3.0, 0.2).backward()
+    assert a.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
+    a32 = s.to(torch.bfloat16).float().requires_grad_()
+    b32 = t.clone().requires_grad_()
+    dl.kd_loss(a32, b32, y, 3.0, 0.2).backward()
+    close(b.grad, b32.grad, atol=1e-6)
+    assert (a.grad.float() - a32.grad).abs().max() <= 2 ** -7 * a32.grad.abs().max()

@@ -6,6 +6,7 @@ use std::ffi::c_void;
 use super::status::{
     Fail, FfiResult, DST_ERR_ALIAS, DST_ERR_INVALID_ARGUMENT, DST_ERR_NULL_POINTER,
 };
+use crate::dtype::Dtype;
 use crate::ops::{Divergence, Reduction, TeacherInput};
 
 /// [`DST_ERR_NULL_POINTER`] when `p` is NULL.
@@ -17,6 +18,80 @@ pub(super) fn non_null<T>(what: &str, p: *const T) -> FfiResult {
         ));
     }
     Ok(())
+}
+
+/// A dtype code (`DST_F32` 0, `DST_BF16` 1, `DST_F16` 2) of the array `what`.
+pub(super) fn dtype(what: &str, code: i32) -> FfiResult<Dtype> {
+    Dtype::from_code(code as i64).ok_or_else(|| {
+        Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("invalid {what}_dtype {code}: use 0 (DST_F32), 1 (DST_BF16) or 2 (DST_F16)"),
+        )
+    })
+}
+
+/// An input array in the caller's memory: its address and element type.
+#[derive(Clone, Copy)]
+pub(super) struct Src {
+    pub ptr: *const c_void,
+    pub dtype: Dtype,
+}
+
+impl Src {
+    /// An array of `dtype` at `ptr` given as a C pointer and its dtype code.
+    pub fn new(what: &str, ptr: *const c_void, code: i32) -> FfiResult<Src> {
+        Ok(Src {
+            ptr,
+            dtype: dtype(what, code)?,
+        })
+    }
+
+    /// An f32 array (the feature losses, the labels' neighbours).
+    pub fn f32(ptr: *const f32) -> Src {
+        Src {
+            ptr: ptr.cast(),
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// The null array (an absent teacher).
+    pub fn null() -> Src {
+        Src::f32(std::ptr::null())
+    }
+}
+
+/// An output array in the caller's memory (NULL: not wanted).
+#[derive(Clone, Copy)]
+pub(super) struct Dst {
+    pub ptr: *mut c_void,
+    pub dtype: Dtype,
+}
+
+impl Dst {
+    /// An output array given as a C pointer and its dtype code.
+    pub fn new(what: &str, ptr: *mut c_void, code: i32) -> FfiResult<Dst> {
+        Ok(Dst {
+            ptr,
+            dtype: dtype(what, code)?,
+        })
+    }
+
+    /// An f32 output.
+    pub fn f32(ptr: *mut f32) -> Dst {
+        Dst {
+            ptr: ptr.cast(),
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// No output.
+    pub fn null() -> Dst {
+        Dst::f32(std::ptr::null_mut())
+    }
+
+    pub fn is_null(&self) -> bool {
+        self.ptr.is_null()
+    }
 }
 
 /// `reduction`: 0 batchmean, 1 sum, 2 none.
@@ -99,32 +174,34 @@ pub(super) fn check_no_alias(inputs: &[Span<'_>], outputs: &[Span<'_>]) -> FfiRe
     Ok(())
 }
 
-/// The outputs of a row loss, as raw pointers (`loss` required, the others optional).
+/// The outputs of a row loss, as raw pointers (`loss` required, the others optional); the
+/// gradients of any dtype.
 #[derive(Clone, Copy)]
 pub(super) struct RawOut {
     pub loss: *mut f32,
     pub row_loss: *mut f32,
-    pub grad_student: *mut f32,
-    pub grad_teacher: *mut f32,
+    pub grad_student: Dst,
+    pub grad_teacher: Dst,
 }
 
 impl RawOut {
     /// Whether the student's gradient is written over the student (`grad_student == student`).
-    pub fn in_place(&self, student: *const f32) -> bool {
-        std::ptr::eq(self.grad_student, student)
+    pub fn in_place(&self, student: Src) -> bool {
+        std::ptr::eq(self.grad_student.ptr.cast_const(), student.ptr)
     }
 
     /// Null checks and aliasing rules of a row loss on `[n, c]` `student` (and `teacher`,
-    /// `labels`, either of which may be NULL when the loss has none).
+    /// `labels`, either of which may be NULL when the loss has none). An in-place gradient has
+    /// the student's dtype.
     pub fn check(
         &self,
         (n, c): (usize, usize),
-        student: *const f32,
-        teacher: *const f32,
+        student: Src,
+        teacher: Src,
         labels: *const i32,
     ) -> FfiResult {
         non_null("loss", self.loss)?;
-        let mat = n.saturating_mul(c).saturating_mul(4);
+        let mat = |dtype: Dtype| n.saturating_mul(c).saturating_mul(dtype.size());
         let mut outputs = vec![
             ("loss", self.loss as *const c_void, 4),
             (
@@ -132,22 +209,40 @@ impl RawOut {
                 self.row_loss as *const c_void,
                 n.saturating_mul(4),
             ),
-            ("grad_teacher", self.grad_teacher as *const c_void, mat),
+            (
+                "grad_teacher",
+                self.grad_teacher.ptr.cast_const(),
+                mat(self.grad_teacher.dtype),
+            ),
         ];
         let mut inputs = vec![
-            ("teacher", teacher as *const c_void, mat),
+            ("teacher", teacher.ptr, mat(teacher.dtype)),
             ("labels", labels as *const c_void, n.saturating_mul(4)),
         ];
         if self.in_place(student) {
+            if self.grad_student.dtype != student.dtype {
+                return Err(Fail::new(
+                    DST_ERR_INVALID_ARGUMENT,
+                    format!(
+                        "grad_student is the student (an in-place gradient) but grad_student_dtype \
+                         is {} and student_dtype {}: an in-place gradient has the student's dtype",
+                        self.grad_student.dtype, student.dtype
+                    ),
+                ));
+            }
             // The student is written: it is an output, which nothing else may overlap.
             outputs.push((
                 "grad_student (in place over student)",
-                student as *const c_void,
-                mat,
+                student.ptr,
+                mat(student.dtype),
             ));
         } else {
-            outputs.push(("grad_student", self.grad_student as *const c_void, mat));
-            inputs.push(("student", student as *const c_void, mat));
+            outputs.push((
+                "grad_student",
+                self.grad_student.ptr.cast_const(),
+                mat(self.grad_student.dtype),
+            ));
+            inputs.push(("student", student.ptr, mat(student.dtype)));
         }
         check_no_alias(&inputs, &outputs)
     }

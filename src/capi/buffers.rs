@@ -4,13 +4,13 @@
 //! [`Buffers`] makes the calls; each memory says only how a pointer becomes a buffer and how an
 //! output gets back to the caller.
 
-use super::args::RawOut;
+use super::args::{Dst, RawOut, Src};
 use super::losses::{Memory, MseArgs, RowLoss};
 use super::status::FfiResult;
 use crate::backend::{Backend, GradOut, LossOut};
 use crate::ops::{MseSpec, RowShape};
 
-/// A backend's `f32` buffer.
+/// A backend's buffer (of any dtype).
 pub(super) type Buf<M> = <<M as Buffers>::Backend as Backend>::Buffer;
 /// A backend's label buffer.
 pub(super) type Labels<M> = <<M as Buffers>::Backend as Backend>::Labels;
@@ -27,11 +27,11 @@ pub(super) trait Buffers {
     /// The backend that runs the loss.
     fn backend(&self) -> FfiResult<&Self::Backend>;
 
-    /// An input of `len` floats at `p` (non-null).
+    /// An input of `len` elements of `p.dtype` at `p` (non-null).
     ///
     /// # Safety
-    /// `p` readable for `len` floats in this memory.
-    unsafe fn input(&self, p: *const f32, len: usize) -> FfiResult<Buf<Self>>;
+    /// `p` readable for `len` elements in this memory.
+    unsafe fn input(&self, p: Src, len: usize) -> FfiResult<Buf<Self>>;
 
     /// `n` labels at `p` (non-null). Labels read on the host are checked against `0..classes`
     /// and `ignore_index` here; device labels are not (`dst_cuda_check_labels` does it).
@@ -46,18 +46,18 @@ pub(super) trait Buffers {
         ignore_index: i32,
     ) -> FfiResult<Labels<Self>>;
 
-    /// An output of `len` floats at `p`, `None` when `p` is NULL.
+    /// An output of `len` elements of `p.dtype` at `p`, `None` when `p` is NULL.
     ///
     /// # Safety
-    /// `p` NULL or writable for `len` floats in this memory.
-    unsafe fn output(&self, p: *mut f32, len: usize) -> FfiResult<Option<Buf<Self>>>;
+    /// `p` NULL or writable for `len` elements in this memory.
+    unsafe fn output(&self, p: Dst, len: usize) -> FfiResult<Option<Buf<Self>>>;
 
     /// Makes an output's result visible at `p`, the pointer it was made from (a copy back to the
     /// host, or nothing where the buffer is the caller's memory).
     ///
     /// # Safety
     /// `p` writable for the buffer's length in this memory.
-    unsafe fn store(&self, p: *mut f32, buf: &Buf<Self>) -> FfiResult;
+    unsafe fn store(&self, p: Dst, buf: &Buf<Self>) -> FfiResult;
 }
 
 impl<M: Buffers> Memory for M {
@@ -65,7 +65,7 @@ impl<M: Buffers> Memory for M {
         Buffers::check_handle(self)
     }
 
-    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: *const f32, out: RawOut) -> FfiResult {
+    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: Src, out: RawOut) -> FfiResult {
         let b = self.backend()?;
         let shape = loss.shape();
         let (n, c, len) = (shape.rows, shape.cols, shape.len());
@@ -122,20 +122,20 @@ impl<M: Buffers> Memory for M {
         let len = spec.len;
         // SAFETY: by `Memory::mse`'s contract.
         unsafe {
-            let a = self.input(args.a, len)?;
-            let b = self.input(args.b, len)?;
+            let a = self.input(Src::f32(args.a), len)?;
+            let b = self.input(Src::f32(args.b), len)?;
             let loss = self
-                .output(args.loss, 1)?
+                .output(Dst::f32(args.loss), 1)?
                 .expect("loss is checked non-null");
-            let ga = self.output(args.grad_a, len)?;
-            let gb = self.output(args.grad_b, len)?;
+            let ga = self.output(Dst::f32(args.grad_a), len)?;
+            let gb = self.output(Dst::f32(args.grad_b), len)?;
             be.mse(spec, &a, &b, &loss, ga.as_ref(), gb.as_ref())?;
-            self.store(args.loss, &loss)?;
+            self.store(Dst::f32(args.loss), &loss)?;
             if let Some(g) = &ga {
-                self.store(args.grad_a, g)?;
+                self.store(Dst::f32(args.grad_a), g)?;
             }
             if let Some(g) = &gb {
-                self.store(args.grad_b, g)?;
+                self.store(Dst::f32(args.grad_b), g)?;
             }
         }
         Ok(())
@@ -150,7 +150,7 @@ impl<M: Buffers> Memory for M {
 unsafe fn rows<M: Buffers>(
     m: &M,
     shape: RowShape,
-    student: *const f32,
+    student: Src,
     out: RawOut,
     run: impl FnOnce(&Buf<M>, LossOut<'_, M::Backend>) -> crate::Result<()>,
 ) -> FfiResult {
@@ -160,8 +160,10 @@ unsafe fn rows<M: Buffers>(
     // used with the size the contract names, and NULL outputs are skipped.
     unsafe {
         let s = m.input(student, len)?;
-        let loss = m.output(out.loss, 1)?.expect("loss is checked non-null");
-        let row = m.output(out.row_loss, shape.rows)?;
+        let loss = m
+            .output(Dst::f32(out.loss), 1)?
+            .expect("loss is checked non-null");
+        let row = m.output(Dst::f32(out.row_loss), shape.rows)?;
         let gs = match in_place {
             true => None,
             false => m.output(out.grad_student, len)?,
@@ -181,12 +183,16 @@ unsafe fn rows<M: Buffers>(
                 grad_teacher: gt.as_ref(),
             },
         )?;
-        m.store(out.loss, &loss)?;
+        m.store(Dst::f32(out.loss), &loss)?;
         if let Some(r) = &row {
-            m.store(out.row_loss, r)?;
+            m.store(Dst::f32(out.row_loss), r)?;
         }
         if in_place {
-            m.store(out.grad_student, &s)?;
+            let s_out = Dst {
+                ptr: student.ptr.cast_mut(),
+                dtype: student.dtype,
+            };
+            m.store(s_out, &s)?;
         } else if let Some(g) = &gs {
             m.store(out.grad_student, g)?;
         }

@@ -7,6 +7,8 @@ use std::ffi::c_void;
 
 use super::args::non_null;
 #[cfg(feature = "cuda")]
+use super::args::{Dst, Src};
+#[cfg(feature = "cuda")]
 use super::buffers::{Buf, Buffers, Labels};
 use super::losses::{CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, MseArgs};
 #[cfg(any(doc, not(feature = "cuda")))]
@@ -14,7 +16,7 @@ use super::status::DST_ERR_UNAVAILABLE;
 use super::status::{ffi, Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
 #[cfg(not(feature = "cuda"))]
 use super::{
-    args::RawOut,
+    args::{RawOut, Src},
     losses::{Memory, RowLoss},
 };
 #[cfg(doc)]
@@ -217,9 +219,9 @@ impl Buffers for Device {
         unsafe { cuda_ref(self.0) }
     }
 
-    unsafe fn input(&self, p: *const f32, len: usize) -> FfiResult<Buf<Self>> {
+    unsafe fn input(&self, p: Src, len: usize) -> FfiResult<Buf<Self>> {
         // SAFETY: forwarded from this function's contract.
-        Ok(unsafe { CudaBuffer::from_raw(p as u64, len) })
+        Ok(unsafe { CudaBuffer::from_raw_as(p.ptr as u64, len, p.dtype) })
     }
 
     unsafe fn labels(&self, p: *const i32, n: usize, _: usize, _: i32) -> FfiResult<Labels<Self>> {
@@ -227,12 +229,12 @@ impl Buffers for Device {
         Ok(unsafe { CudaLabels::from_raw(p as u64, n) })
     }
 
-    unsafe fn output(&self, p: *mut f32, len: usize) -> FfiResult<Option<Buf<Self>>> {
+    unsafe fn output(&self, p: Dst, len: usize) -> FfiResult<Option<Buf<Self>>> {
         // SAFETY: forwarded from this function's contract (only non-null pointers wrapped).
-        Ok((!p.is_null()).then(|| unsafe { CudaBuffer::from_raw(p as u64, len) }))
+        Ok((!p.is_null()).then(|| unsafe { CudaBuffer::from_raw_as(p.ptr as u64, len, p.dtype) }))
     }
 
-    unsafe fn store(&self, _: *mut f32, _: &Buf<Self>) -> FfiResult {
+    unsafe fn store(&self, _: Dst, _: &Buf<Self>) -> FfiResult {
         // The kernels wrote the caller's memory.
         Ok(())
     }
@@ -244,7 +246,7 @@ impl Memory for Device {
         non_null("ctx", self.0)
     }
 
-    unsafe fn row_loss(&self, _: RowLoss<'_>, _: *const f32, _: RawOut) -> FfiResult {
+    unsafe fn row_loss(&self, _: RowLoss<'_>, _: Src, _: RawOut) -> FfiResult {
         no_cuda()
     }
 
@@ -263,8 +265,10 @@ impl Memory for Device {
 #[no_mangle]
 pub unsafe extern "C" fn dst_cuda_hinton(
     ctx: *const dst_cuda,
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -276,12 +280,15 @@ pub unsafe extern "C" fn dst_cuda_hinton(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
-    grad_teacher: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+    grad_teacher: *mut c_void,
+    grad_teacher_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = HintonArgs { student, teacher, labels, n, c, temperature, alpha, label_smoothing,
-        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher };
+        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher,
+        student_dtype, teacher_dtype, grad_student_dtype, grad_teacher_dtype };
     // SAFETY: this function's contract is `run`'s and `Device`'s.
     unsafe { args.run(Device(ctx)) }
 }
@@ -294,8 +301,10 @@ pub unsafe extern "C" fn dst_cuda_hinton(
 #[no_mangle]
 pub unsafe extern "C" fn dst_cuda_dkd(
     ctx: *const dst_cuda,
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -309,12 +318,14 @@ pub unsafe extern "C" fn dst_cuda_dkd(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = DkdArgs { student, teacher, labels, n, c, temperature, ce_weight, tckd_weight,
         nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
-        grad_student };
+        grad_student,
+        student_dtype, teacher_dtype, grad_student_dtype };
     // SAFETY: this function's contract is `run`'s and `Device`'s.
     unsafe { args.run(Device(ctx)) }
 }
@@ -326,8 +337,10 @@ pub unsafe extern "C" fn dst_cuda_dkd(
 #[no_mangle]
 pub unsafe extern "C" fn dst_cuda_divergence(
     ctx: *const dst_cuda,
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -341,13 +354,16 @@ pub unsafe extern "C" fn dst_cuda_divergence(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
-    grad_teacher: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+    grad_teacher: *mut c_void,
+    grad_teacher_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = DivergenceArgs { student, teacher, labels, n, c, divergence_code, beta, teacher_eps,
         teacher_input_code, temperature, ignore_index, reduction_code, grad_scale, loss, row_loss,
-        grad_student, grad_teacher };
+        grad_student, grad_teacher,
+        student_dtype, teacher_dtype, grad_student_dtype, grad_teacher_dtype };
     // SAFETY: this function's contract is `run`'s and `Device`'s.
     unsafe { args.run(Device(ctx)) }
 }
@@ -359,7 +375,8 @@ pub unsafe extern "C" fn dst_cuda_divergence(
 #[no_mangle]
 pub unsafe extern "C" fn dst_cuda_cross_entropy(
     ctx: *const dst_cuda,
-    student: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -369,11 +386,13 @@ pub unsafe extern "C" fn dst_cuda_cross_entropy(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = CrossEntropyArgs { student, labels, n, c, label_smoothing, ignore_index,
-        reduction_code, grad_scale, loss, row_loss, grad_student };
+        reduction_code, grad_scale, loss, row_loss, grad_student,
+        student_dtype, grad_student_dtype };
     // SAFETY: this function's contract is `run`'s and `Device`'s.
     unsafe { args.run(Device(ctx)) }
 }

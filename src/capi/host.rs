@@ -2,16 +2,20 @@
 //! inside) and copy the outputs back; `dst_fast_*` run the fast CPU backend (f32 kernels) on the
 //! caller's memory with no copies, on at most `threads` threads.
 
-use super::args::RawOut;
+use std::ffi::c_void;
+
+use super::args::{Dst, RawOut, Src};
 use super::buffers::{Buf, Buffers, Labels};
 use super::losses::{
     CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, Memory, MseArgs, RowLoss,
 };
 use super::status::{Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
+#[cfg(doc)]
+use super::status::{DST_BF16, DST_F16, DST_F32};
 use crate::backend::cpu_fast::rows::{In, Out};
 use crate::backend::cpu_fast::HostOut;
 use crate::backend::Backend;
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, HostSlice};
 use crate::{CpuBackend, FastCpuBackend};
 
 /// Host memory copied into the reference CPU backend's buffers (`dst_cpu_*`).
@@ -40,9 +44,16 @@ impl Buffers for HostCopy {
         Ok(&self.0)
     }
 
-    unsafe fn input(&self, p: *const f32, len: usize) -> FfiResult<Buf<Self>> {
-        // SAFETY: forwarded from this function's contract.
-        Ok(self.0.upload(&unsafe { host_vec(p, len) })?)
+    unsafe fn input(&self, p: Src, len: usize) -> FfiResult<Buf<Self>> {
+        // SAFETY: forwarded from this function's contract (`len` elements of `p.dtype`).
+        let data = unsafe {
+            match p.dtype {
+                Dtype::F32 => HostSlice::F32(host_slice(p.ptr.cast(), len)),
+                Dtype::Bf16 => HostSlice::Bf16(host_slice(p.ptr.cast(), len)),
+                Dtype::F16 => HostSlice::F16(host_slice(p.ptr.cast(), len)),
+            }
+        };
+        Ok(self.0.upload_host(data)?)
     }
 
     unsafe fn labels(
@@ -58,18 +69,21 @@ impl Buffers for HostCopy {
         Ok(self.0.upload_labels(&l)?)
     }
 
-    unsafe fn output(&self, p: *mut f32, len: usize) -> FfiResult<Option<Buf<Self>>> {
+    unsafe fn output(&self, p: Dst, len: usize) -> FfiResult<Option<Buf<Self>>> {
         match p.is_null() {
             true => Ok(None),
-            false => Ok(Some(self.0.filled(len, 0.0)?)),
+            false => Ok(Some(self.0.filled_as(p.dtype, len, 0.0)?)),
         }
     }
 
-    unsafe fn store(&self, p: *mut f32, buf: &Buf<Self>) -> FfiResult {
-        let v = self.0.download(buf)?;
-        // SAFETY: `p` is writable for the buffer's length by the contract; `v` is our own Vec, so
+    unsafe fn store(&self, p: Dst, buf: &Buf<Self>) -> FfiResult {
+        let v = self.0.download_host(buf)?;
+        let bytes = v.as_slice();
+        let bytes = bytes.bytes();
+        // SAFETY: `p` is writable for the buffer's length in its dtype (the buffer was made by
+        // `output` or `input` with that dtype and length) by the contract; `v` is our own Vec, so
         // the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, v.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.ptr.cast::<u8>(), bytes.len()) };
         Ok(())
     }
 }
@@ -106,29 +120,29 @@ unsafe fn host_slice<'a, T>(p: *const T, len: usize) -> &'a [T] {
 }
 
 impl Memory for HostBorrow {
-    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: *const f32, out: RawOut) -> FfiResult {
+    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: Src, out: RawOut) -> FfiResult {
         let fast = self.backend()?;
         let shape = loss.shape();
         let n = shape.rows;
         // SAFETY: the pointers are valid for these sizes by `Memory::row_loss`'s contract, which
         // is the `*_host` functions' (labels are read only when non-null).
         unsafe {
-            let f32_out = |p: *mut f32| (!p.is_null()).then(|| Out::from_raw(p.cast(), Dtype::F32));
+            let typed_out = |p: Dst| (!p.is_null()).then(|| Out::from_raw(p.ptr.cast(), p.dtype));
             let out = HostOut {
                 loss: out.loss,
                 row_loss: out.row_loss,
-                grad_student: f32_out(out.grad_student),
-                grad_teacher: f32_out(out.grad_teacher),
+                grad_student: typed_out(out.grad_student),
+                grad_teacher: typed_out(out.grad_teacher),
             };
-            let student = In::from_raw(student.cast(), Dtype::F32);
-            let f32_in = |p: *const f32| In::from_raw(p.cast(), Dtype::F32);
+            let student = In::from_raw(student.ptr.cast(), student.dtype);
+            let typed_in = |p: Src| In::from_raw(p.ptr.cast(), p.dtype);
             match loss {
                 RowLoss::Hinton {
                     spec,
                     teacher,
                     labels,
                 } => {
-                    let (t, l) = (f32_in(teacher), host_slice(labels, n));
+                    let (t, l) = (typed_in(teacher), host_slice(labels, n));
                     fast.hinton_host(spec, student, t, l, out)?
                 }
                 RowLoss::Divergence {
@@ -136,7 +150,7 @@ impl Memory for HostBorrow {
                     teacher,
                     labels,
                 } => {
-                    let t = f32_in(teacher);
+                    let t = typed_in(teacher);
                     let l = (!labels.is_null()).then(|| host_slice(labels, n));
                     fast.divergence_host(spec, student, t, l, out)?
                 }
@@ -148,7 +162,7 @@ impl Memory for HostBorrow {
                     teacher,
                     labels,
                 } => {
-                    let (t, l) = (f32_in(teacher), host_slice(labels, n));
+                    let (t, l) = (typed_in(teacher), host_slice(labels, n));
                     fast.dkd_host(spec, student, t, l, out)?
                 }
             }
@@ -181,12 +195,21 @@ impl Memory for HostBorrow {
 /// `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`, optional, may equal `student` for an
 /// in-place gradient), `grad_teacher` (`[n, c]`, optional). Labels out of range are an error.
 ///
+/// Each of `student`, `teacher`, `grad_student`, `grad_teacher` is followed by its dtype:
+/// [`DST_F32`], [`DST_BF16`] or [`DST_F16`] (`docs/LOSSES.md`, half precision), mixed as the
+/// caller likes. The math is f32 (f64 here), `loss` and `row_loss` are f32, and each gradient is
+/// rounded once to its own dtype (an in-place gradient has the student's). The dtype code of a
+/// NULL gradient is checked too: pass `DST_F32`. The row losses' other entry points take their
+/// arrays' dtypes the same way.
+///
 /// # Safety
 /// Every non-null pointer must be valid for the number of elements named above.
 #[no_mangle]
 pub unsafe extern "C" fn dst_cpu_hinton(
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -198,12 +221,15 @@ pub unsafe extern "C" fn dst_cpu_hinton(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
-    grad_teacher: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+    grad_teacher: *mut c_void,
+    grad_teacher_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = HintonArgs { student, teacher, labels, n, c, temperature, alpha, label_smoothing,
-        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher };
+        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher,
+        student_dtype, teacher_dtype, grad_student_dtype, grad_teacher_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostCopy::new()) }
 }
@@ -217,8 +243,10 @@ pub unsafe extern "C" fn dst_cpu_hinton(
 #[no_mangle]
 pub unsafe extern "C" fn dst_fast_hinton(
     threads: i32,
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -230,12 +258,15 @@ pub unsafe extern "C" fn dst_fast_hinton(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
-    grad_teacher: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+    grad_teacher: *mut c_void,
+    grad_teacher_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = HintonArgs { student, teacher, labels, n, c, temperature, alpha, label_smoothing,
-        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher };
+        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student, grad_teacher,
+        student_dtype, teacher_dtype, grad_student_dtype, grad_teacher_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostBorrow { threads }) }
 }
@@ -255,8 +286,10 @@ pub unsafe extern "C" fn dst_fast_hinton(
 /// Every non-null pointer must be valid for the number of elements named above.
 #[no_mangle]
 pub unsafe extern "C" fn dst_cpu_dkd(
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -270,12 +303,14 @@ pub unsafe extern "C" fn dst_cpu_dkd(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = DkdArgs { student, teacher, labels, n, c, temperature, ce_weight, tckd_weight,
         nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
-        grad_student };
+        grad_student,
+        student_dtype, teacher_dtype, grad_student_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostCopy::new()) }
 }
@@ -287,8 +322,10 @@ pub unsafe extern "C" fn dst_cpu_dkd(
 #[no_mangle]
 pub unsafe extern "C" fn dst_fast_dkd(
     threads: i32,
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -302,12 +339,14 @@ pub unsafe extern "C" fn dst_fast_dkd(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = DkdArgs { student, teacher, labels, n, c, temperature, ce_weight, tckd_weight,
         nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
-        grad_student };
+        grad_student,
+        student_dtype, teacher_dtype, grad_student_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostBorrow { threads }) }
 }
@@ -328,8 +367,10 @@ pub unsafe extern "C" fn dst_fast_dkd(
 /// Every non-null pointer must be valid for the number of elements named above.
 #[no_mangle]
 pub unsafe extern "C" fn dst_cpu_divergence(
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -343,13 +384,16 @@ pub unsafe extern "C" fn dst_cpu_divergence(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
-    grad_teacher: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+    grad_teacher: *mut c_void,
+    grad_teacher_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = DivergenceArgs { student, teacher, labels, n, c, divergence_code, beta, teacher_eps,
         teacher_input_code, temperature, ignore_index, reduction_code, grad_scale, loss, row_loss,
-        grad_student, grad_teacher };
+        grad_student, grad_teacher,
+        student_dtype, teacher_dtype, grad_student_dtype, grad_teacher_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostCopy::new()) }
 }
@@ -362,8 +406,10 @@ pub unsafe extern "C" fn dst_cpu_divergence(
 #[no_mangle]
 pub unsafe extern "C" fn dst_fast_divergence(
     threads: i32,
-    student: *const f32,
-    teacher: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
+    teacher: *const c_void,
+    teacher_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -377,13 +423,16 @@ pub unsafe extern "C" fn dst_fast_divergence(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
-    grad_teacher: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+    grad_teacher: *mut c_void,
+    grad_teacher_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = DivergenceArgs { student, teacher, labels, n, c, divergence_code, beta, teacher_eps,
         teacher_input_code, temperature, ignore_index, reduction_code, grad_scale, loss, row_loss,
-        grad_student, grad_teacher };
+        grad_student, grad_teacher,
+        student_dtype, teacher_dtype, grad_student_dtype, grad_teacher_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostBorrow { threads }) }
 }
@@ -398,7 +447,8 @@ pub unsafe extern "C" fn dst_fast_divergence(
 /// Every non-null pointer must be valid for the number of elements named above.
 #[no_mangle]
 pub unsafe extern "C" fn dst_cpu_cross_entropy(
-    student: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -408,11 +458,13 @@ pub unsafe extern "C" fn dst_cpu_cross_entropy(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = CrossEntropyArgs { student, labels, n, c, label_smoothing, ignore_index,
-        reduction_code, grad_scale, loss, row_loss, grad_student };
+        reduction_code, grad_scale, loss, row_loss, grad_student,
+        student_dtype, grad_student_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostCopy::new()) }
 }
@@ -425,7 +477,8 @@ pub unsafe extern "C" fn dst_cpu_cross_entropy(
 #[no_mangle]
 pub unsafe extern "C" fn dst_fast_cross_entropy(
     threads: i32,
-    student: *const f32,
+    student: *const c_void,
+    student_dtype: i32,
     labels: *const i32,
     n: usize,
     c: usize,
@@ -435,11 +488,13 @@ pub unsafe extern "C" fn dst_fast_cross_entropy(
     grad_scale: f32,
     loss: *mut f32,
     row_loss: *mut f32,
-    grad_student: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
 ) -> i32 {
     #[rustfmt::skip]
     let args = CrossEntropyArgs { student, labels, n, c, label_smoothing, ignore_index,
-        reduction_code, grad_scale, loss, row_loss, grad_student };
+        reduction_code, grad_scale, loss, row_loss, grad_student,
+        student_dtype, grad_student_dtype };
     // SAFETY: this function's contract is `run`'s.
     unsafe { args.run(HostBorrow { threads }) }
 }

@@ -9,7 +9,9 @@
 //! integer codes and the spec are valid; then the memory's backend runs (the fast backend checks
 //! `threads` there).
 
-use super::args::{divergence, non_null, reduction, teacher_input, RawOut};
+use std::ffi::c_void;
+
+use super::args::{divergence, non_null, reduction, teacher_input, Dst, RawOut, Src};
 use super::status::{ffi, FfiResult};
 use crate::ops::{CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, RowShape};
 
@@ -24,10 +26,11 @@ pub(super) trait Memory {
     /// Runs a row loss on checked arguments.
     ///
     /// # Safety
-    /// `student` (`[n, c]`) and the inputs of `loss` (teacher `[n, c]`, labels `[n]`) are
-    /// readable in this memory, the non-null outputs of `out` writable for their sizes (`loss`
-    /// 1, `row_loss` `[n]`, gradients `[n, c]`), and they alias only as [`RawOut::check`] allows.
-    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: *const f32, out: RawOut) -> FfiResult;
+    /// `student` (`[n, c]` of its dtype) and the inputs of `loss` (teacher `[n, c]` of its dtype,
+    /// labels `[n]`) are readable in this memory, the non-null outputs of `out` writable for
+    /// their sizes (`loss` 1, `row_loss` `[n]`, gradients `[n, c]` of their dtypes), and they
+    /// alias only as [`RawOut::check`] allows.
+    unsafe fn row_loss(&self, loss: RowLoss<'_>, student: Src, out: RawOut) -> FfiResult;
 
     /// Runs the feature-map MSE on checked arguments.
     ///
@@ -43,13 +46,13 @@ pub(super) trait Memory {
 pub(super) enum RowLoss<'a> {
     Hinton {
         spec: &'a HintonSpec,
-        teacher: *const f32,
+        teacher: Src,
         labels: *const i32,
     },
     /// `labels` may be NULL: then no row is masked.
     Divergence {
         spec: &'a DivergenceSpec,
-        teacher: *const f32,
+        teacher: Src,
         labels: *const i32,
     },
     CrossEntropy {
@@ -58,7 +61,7 @@ pub(super) enum RowLoss<'a> {
     },
     Dkd {
         spec: &'a DkdSpec,
-        teacher: *const f32,
+        teacher: Src,
         labels: *const i32,
     },
 }
@@ -77,8 +80,10 @@ impl RowLoss<'_> {
 
 /// The arguments of `dst_*_hinton` after the memory's own (`threads`, `ctx`), in the C order.
 pub(super) struct HintonArgs {
-    pub student: *const f32,
-    pub teacher: *const f32,
+    pub student: *const c_void,
+    pub student_dtype: i32,
+    pub teacher: *const c_void,
+    pub teacher_dtype: i32,
     pub labels: *const i32,
     pub n: usize,
     pub c: usize,
@@ -90,8 +95,10 @@ pub(super) struct HintonArgs {
     pub grad_scale: f32,
     pub loss: *mut f32,
     pub row_loss: *mut f32,
-    pub grad_student: *mut f32,
-    pub grad_teacher: *mut f32,
+    pub grad_student: *mut c_void,
+    pub grad_student_dtype: i32,
+    pub grad_teacher: *mut c_void,
+    pub grad_teacher_dtype: i32,
 }
 
 impl HintonArgs {
@@ -108,10 +115,12 @@ impl HintonArgs {
             let out = RawOut {
                 loss: self.loss,
                 row_loss: self.row_loss,
-                grad_student: self.grad_student,
-                grad_teacher: self.grad_teacher,
+                grad_student: Dst::new("grad_student", self.grad_student, self.grad_student_dtype)?,
+                grad_teacher: Dst::new("grad_teacher", self.grad_teacher, self.grad_teacher_dtype)?,
             };
-            out.check((self.n, self.c), self.student, self.teacher, self.labels)?;
+            let student = Src::new("student", self.student, self.student_dtype)?;
+            let teacher = Src::new("teacher", self.teacher, self.teacher_dtype)?;
+            out.check((self.n, self.c), student, teacher, self.labels)?;
             let spec = HintonSpec {
                 shape: RowShape::new(self.n, self.c),
                 temperature: self.temperature,
@@ -124,20 +133,22 @@ impl HintonArgs {
             spec.validate()?;
             let loss = RowLoss::Hinton {
                 spec: &spec,
-                teacher: self.teacher,
+                teacher,
                 labels: self.labels,
             };
             // SAFETY: the pointers are checked non-null and non-aliasing above, and valid for
             // their sizes by this function's contract.
-            unsafe { memory.row_loss(loss, self.student, out) }
+            unsafe { memory.row_loss(loss, student, out) }
         })
     }
 }
 
 /// The arguments of `dst_*_divergence` after the memory's own, in the C order.
 pub(super) struct DivergenceArgs {
-    pub student: *const f32,
-    pub teacher: *const f32,
+    pub student: *const c_void,
+    pub student_dtype: i32,
+    pub teacher: *const c_void,
+    pub teacher_dtype: i32,
     pub labels: *const i32,
     pub n: usize,
     pub c: usize,
@@ -151,8 +162,10 @@ pub(super) struct DivergenceArgs {
     pub grad_scale: f32,
     pub loss: *mut f32,
     pub row_loss: *mut f32,
-    pub grad_student: *mut f32,
-    pub grad_teacher: *mut f32,
+    pub grad_student: *mut c_void,
+    pub grad_student_dtype: i32,
+    pub grad_teacher: *mut c_void,
+    pub grad_teacher_dtype: i32,
 }
 
 impl DivergenceArgs {
@@ -168,10 +181,12 @@ impl DivergenceArgs {
             let out = RawOut {
                 loss: self.loss,
                 row_loss: self.row_loss,
-                grad_student: self.grad_student,
-                grad_teacher: self.grad_teacher,
+                grad_student: Dst::new("grad_student", self.grad_student, self.grad_student_dtype)?,
+                grad_teacher: Dst::new("grad_teacher", self.grad_teacher, self.grad_teacher_dtype)?,
             };
-            out.check((self.n, self.c), self.student, self.teacher, self.labels)?;
+            let student = Src::new("student", self.student, self.student_dtype)?;
+            let teacher = Src::new("teacher", self.teacher, self.teacher_dtype)?;
+            out.check((self.n, self.c), student, teacher, self.labels)?;
             let spec = DivergenceSpec {
                 shape: RowShape::new(self.n, self.c),
                 divergence: divergence(self.divergence_code, self.beta)?,
@@ -185,18 +200,19 @@ impl DivergenceArgs {
             spec.validate()?;
             let loss = RowLoss::Divergence {
                 spec: &spec,
-                teacher: self.teacher,
+                teacher,
                 labels: self.labels,
             };
             // SAFETY: as in `HintonArgs::run`.
-            unsafe { memory.row_loss(loss, self.student, out) }
+            unsafe { memory.row_loss(loss, student, out) }
         })
     }
 }
 
 /// The arguments of `dst_*_cross_entropy` after the memory's own, in the C order.
 pub(super) struct CrossEntropyArgs {
-    pub student: *const f32,
+    pub student: *const c_void,
+    pub student_dtype: i32,
     pub labels: *const i32,
     pub n: usize,
     pub c: usize,
@@ -206,7 +222,8 @@ pub(super) struct CrossEntropyArgs {
     pub grad_scale: f32,
     pub loss: *mut f32,
     pub row_loss: *mut f32,
-    pub grad_student: *mut f32,
+    pub grad_student: *mut c_void,
+    pub grad_student_dtype: i32,
 }
 
 impl CrossEntropyArgs {
@@ -222,15 +239,11 @@ impl CrossEntropyArgs {
             let out = RawOut {
                 loss: self.loss,
                 row_loss: self.row_loss,
-                grad_student: self.grad_student,
-                grad_teacher: std::ptr::null_mut(),
+                grad_student: Dst::new("grad_student", self.grad_student, self.grad_student_dtype)?,
+                grad_teacher: Dst::null(),
             };
-            out.check(
-                (self.n, self.c),
-                self.student,
-                std::ptr::null(),
-                self.labels,
-            )?;
+            let student = Src::new("student", self.student, self.student_dtype)?;
+            out.check((self.n, self.c), student, Src::null(), self.labels)?;
             let spec = CrossEntropySpec {
                 shape: RowShape::new(self.n, self.c),
                 label_smoothing: self.label_smoothing,
@@ -244,7 +257,7 @@ impl CrossEntropyArgs {
                 labels: self.labels,
             };
             // SAFETY: as in `HintonArgs::run`.
-            unsafe { memory.row_loss(loss, self.student, out) }
+            unsafe { memory.row_loss(loss, student, out) }
         })
     }
 }
@@ -252,8 +265,10 @@ impl CrossEntropyArgs {
 /// The arguments of `dst_*_dkd` after the memory's own, in the C order (no teacher gradient:
 /// DKD's teacher is detached).
 pub(super) struct DkdArgs {
-    pub student: *const f32,
-    pub teacher: *const f32,
+    pub student: *const c_void,
+    pub student_dtype: i32,
+    pub teacher: *const c_void,
+    pub teacher_dtype: i32,
     pub labels: *const i32,
     pub n: usize,
     pub c: usize,
@@ -267,7 +282,8 @@ pub(super) struct DkdArgs {
     pub grad_scale: f32,
     pub loss: *mut f32,
     pub row_loss: *mut f32,
-    pub grad_student: *mut f32,
+    pub grad_student: *mut c_void,
+    pub grad_student_dtype: i32,
 }
 
 impl DkdArgs {
@@ -284,10 +300,12 @@ impl DkdArgs {
             let out = RawOut {
                 loss: self.loss,
                 row_loss: self.row_loss,
-                grad_student: self.grad_student,
-                grad_teacher: std::ptr::null_mut(),
+                grad_student: Dst::new("grad_student", self.grad_student, self.grad_student_dtype)?,
+                grad_teacher: Dst::null(),
             };
-            out.check((self.n, self.c), self.student, self.teacher, self.labels)?;
+            let student = Src::new("student", self.student, self.student_dtype)?;
+            let teacher = Src::new("teacher", self.teacher, self.teacher_dtype)?;
+            out.check((self.n, self.c), student, teacher, self.labels)?;
             let spec = DkdSpec {
                 shape: RowShape::new(self.n, self.c),
                 temperature: self.temperature,
@@ -302,11 +320,11 @@ impl DkdArgs {
             spec.validate()?;
             let loss = RowLoss::Dkd {
                 spec: &spec,
-                teacher: self.teacher,
+                teacher,
                 labels: self.labels,
             };
             // SAFETY: as in `HintonArgs::run`.
-            unsafe { memory.row_loss(loss, self.student, out) }
+            unsafe { memory.row_loss(loss, student, out) }
         })
     }
 }

@@ -8,8 +8,17 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::error::Error;
 
 /// The version of this C ABI; bumped on any incompatible change of the header, and when codes
-/// are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`).
-pub const DST_ABI_VERSION: u32 = 5;
+/// are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`; 6: a
+/// dtype argument after each student, teacher and gradient pointer of the row losses, with
+/// [`DST_F32`], [`DST_BF16`], [`DST_F16`]).
+pub const DST_ABI_VERSION: u32 = 6;
+
+/// The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
+pub const DST_F32: i32 = 0;
+/// The dtype code of bfloat16 arrays (8 exponent bits, 7 mantissa bits; PyTorch's `torch.bfloat16`).
+pub const DST_BF16: i32 = 1;
+/// The dtype code of IEEE half arrays (`torch.float16`).
+pub const DST_F16: i32 = 2;
 
 /// Success.
 pub const DST_OK: i32 = 0;

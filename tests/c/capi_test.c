@@ -7,6 +7,7 @@
  * expected. Inputs are exact in f32: x[i] = ((i * 37 + 11) % 101) / 10 - 5, the formula the Rust
  * test uses. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,51 @@ static void expect_close(const char *what, const float *got, const float *want, 
         if (!(fabsf(got[i] - want[i]) <= tol)) {
             fprintf(stderr, "FAIL %s[%zu]: %.9g, the reference gives %.9g\n", what, i, got[i],
                     want[i]);
+            failures++;
+            return;
+        }
+    }
+}
+
+/* f32 -> bfloat16 / IEEE half bits, rounded to nearest even (finite, normal inputs: these tests'). */
+static uint16_t to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+static float from_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31u, m = h & 1023u, u;
+    if (e == 0) { /* subnormal or zero */
+        float v = ldexpf((float)m, -24);
+        return sign ? -v : v;
+    }
+    u = sign | ((e + 112u) << 23) | (m << 13);
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+static uint16_t to_f16(float x) { /* |x| in the normal range of f16 */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    return (uint16_t)(sign | (((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10)));
+}
+
+/* Fails unless each half-precision gradient element is one of the two values of its dtype that
+ * bracket the f32 gradient of the same (rounded) inputs, within a relative 2^-7 (bf16) or 2^-10
+ * (f16) of it, or within 1e-6 absolutely near 0. */
+static void expect_half_close(const char *what, const uint16_t *got, int bf16, const float *want, size_t len) {
+    float rel = bf16 ? 1.0f / 128.0f : 1.0f / 1024.0f;
+    for (size_t i = 0; i < len; i++) {
+        float g = bf16 ? from_bf16(got[i]) : from_f16(got[i]);
+        if (!(fabsf(g - want[i]) <= rel * fabsf(want[i]) + 1e-6f)) {
+            fprintf(stderr, "FAIL %s[%zu]: %.9g, the f32 gradient is %.9g\n", what, i, g, want[i]);
             failures++;
             return;
         }
@@ -110,8 +156,8 @@ int main(void) {
     printf("\n");
 
     /* Hinton: T = 2, alpha = 0.3, label smoothing 0.1, batchmean, teacher gradient. */
-    expect_ok("hinton", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f, &loss,
-                                       rows, g, gt));
+    expect_ok("hinton", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f, &loss,
+                                       rows, g, DST_F32, gt, DST_F32));
     print_array("hinton.loss", &loss, 1);
     print_array("hinton.row_loss", rows, N);
     print_array("hinton.grad_student", g, LEN);
@@ -119,14 +165,14 @@ int main(void) {
 
     /* The same with the gradient written over the student logits. */
     memcpy(inplace, s, sizeof s);
-    expect_ok("hinton_inplace", dst_cpu_hinton(inplace, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0,
-                                               1.0f, &loss, NULL, inplace, NULL));
+    expect_ok("hinton_inplace", dst_cpu_hinton(inplace, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0,
+                                               1.0f, &loss, NULL, inplace, DST_F32, NULL, DST_F32));
     print_array("hinton_inplace.loss", &loss, 1);
     print_array("hinton_inplace.grad_student", inplace, LEN);
 
     /* JSD(beta = 0.4), teacher logits, T = 3, labels masking row 1, sum, grad_scale 0.5. */
-    expect_ok("jsd", dst_cpu_divergence(s, t, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f, -100, 1, 0.5f,
-                                        &loss, rows, g, gt));
+    expect_ok("jsd", dst_cpu_divergence(s, DST_F32, t, DST_F32, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f, -100, 1, 0.5f,
+                                        &loss, rows, g, DST_F32, gt, DST_F32));
     print_array("jsd.loss", &loss, 1);
     print_array("jsd.row_loss", rows, N);
     print_array("jsd.grad_student", g, LEN);
@@ -137,8 +183,8 @@ int main(void) {
         float p[LEN];
         const float row[C] = {0.1f, 0.2f, 0.3f, 0.25f, 0.15f};
         for (int i = 0; i < LEN; i++) p[i] = row[i % C];
-        expect_ok("rkl_probs", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 0.0f, 1, 1.5f, -100, 0,
-                                                  1.0f, &loss, NULL, g, NULL));
+        expect_ok("rkl_probs", dst_cpu_divergence(s, DST_F32, p, DST_F32, NULL, N, C, 1, 0.0f, 0.0f, 1, 1.5f, -100, 0,
+                                                  1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32));
         print_array("rkl_probs.loss", &loss, 1);
         print_array("rkl_probs.grad_student", g, LEN);
     }
@@ -146,7 +192,7 @@ int main(void) {
     /* Cross-entropy, label smoothing 0.1, ignore_index -1, no reduction. */
     {
         int32_t ce_labels[N] = {2, -1, 0, 3};
-        expect_ok("ce", dst_cpu_cross_entropy(s, ce_labels, N, C, 0.1f, -1, 2, 1.0f, &loss, rows, g));
+        expect_ok("ce", dst_cpu_cross_entropy(s, DST_F32, ce_labels, N, C, 0.1f, -1, 2, 1.0f, &loss, rows, g, DST_F32));
         print_array("ce.loss", &loss, 1);
         print_array("ce.row_loss", rows, N);
         print_array("ce.grad_student", g, LEN);
@@ -156,12 +202,12 @@ int main(void) {
      * and 3 threads (and the same bits for both); a negative thread count is an error. */
     {
         float ref_loss, ref_g[LEN], ref_gt[LEN], fast_g[LEN], fast_gt[LEN], fast1_g[LEN];
-        expect_ok("ref_hinton", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f,
-                                               &ref_loss, NULL, ref_g, ref_gt));
+        expect_ok("ref_hinton", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0, 1.0f,
+                                               &ref_loss, NULL, ref_g, DST_F32, ref_gt, DST_F32));
         for (int threads = 1; threads <= 3; threads += 2) {
             float *dst = threads == 1 ? fast1_g : fast_g;
-            expect_ok("fast_hinton", dst_fast_hinton(threads, s, t, labels, N, C, 2.0f, 0.3f, 0.1f,
-                                                     -100, 0, 1.0f, &loss, NULL, dst, fast_gt));
+            expect_ok("fast_hinton", dst_fast_hinton(threads, s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.1f,
+                                                     -100, 0, 1.0f, &loss, NULL, dst, DST_F32, fast_gt, DST_F32));
             expect_close("fast_hinton.loss", &loss, &ref_loss, 1);
             expect_close("fast_hinton.grad_student", dst, ref_g, LEN);
             expect_close("fast_hinton.grad_teacher", fast_gt, ref_gt, LEN);
@@ -170,19 +216,19 @@ int main(void) {
             fprintf(stderr, "FAIL fast_hinton: 1 and 3 threads give different bits\n");
             failures++;
         }
-        expect_ok("ref_jsd", dst_cpu_divergence(s, t, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f, -100, 1,
-                                                0.5f, &ref_loss, NULL, ref_g, ref_gt));
-        expect_ok("fast_jsd", dst_fast_divergence(0, s, t, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f,
-                                                  -100, 1, 0.5f, &loss, NULL, fast_g, fast_gt));
+        expect_ok("ref_jsd", dst_cpu_divergence(s, DST_F32, t, DST_F32, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f, -100, 1,
+                                                0.5f, &ref_loss, NULL, ref_g, DST_F32, ref_gt, DST_F32));
+        expect_ok("fast_jsd", dst_fast_divergence(0, s, DST_F32, t, DST_F32, labels, N, C, 2, 0.4f, 0.0f, 0, 3.0f,
+                                                  -100, 1, 0.5f, &loss, NULL, fast_g, DST_F32, fast_gt, DST_F32));
         expect_close("fast_jsd.loss", &loss, &ref_loss, 1);
         expect_close("fast_jsd.grad_student", fast_g, ref_g, LEN);
         expect_close("fast_jsd.grad_teacher", fast_gt, ref_gt, LEN);
         int32_t ce_labels[N] = {2, -1, 0, 3};
-        expect_ok("ref_ce", dst_cpu_cross_entropy(s, ce_labels, N, C, 0.1f, -1, 0, 1.0f, &ref_loss,
-                                                  NULL, ref_g));
+        expect_ok("ref_ce", dst_cpu_cross_entropy(s, DST_F32, ce_labels, N, C, 0.1f, -1, 0, 1.0f, &ref_loss,
+                                                  NULL, ref_g, DST_F32));
         memcpy(fast_g, s, sizeof fast_g);
-        expect_ok("fast_ce_inplace", dst_fast_cross_entropy(2, fast_g, ce_labels, N, C, 0.1f, -1,
-                                                            0, 1.0f, &loss, NULL, fast_g));
+        expect_ok("fast_ce_inplace", dst_fast_cross_entropy(2, fast_g, DST_F32, ce_labels, N, C, 0.1f, -1,
+                                                            0, 1.0f, &loss, NULL, fast_g, DST_F32));
         expect_close("fast_ce.loss", &loss, &ref_loss, 1);
         expect_close("fast_ce.grad_student", fast_g, ref_g, LEN);
         expect_ok("ref_mse", dst_cpu_mse(s, t, LEN, 2.0f, &ref_loss, ref_g, ref_gt));
@@ -190,14 +236,14 @@ int main(void) {
         expect_close("fast_mse.loss", &loss, &ref_loss, 1);
         expect_close("fast_mse.grad_a", fast_g, ref_g, LEN);
         expect_close("fast_mse.grad_b", fast_gt, ref_gt, LEN);
-        expect_err("fast_threads", dst_fast_hinton(-1, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
-                                                   1.0f, &loss, NULL, g, NULL),
+        expect_err("fast_threads", dst_fast_hinton(-1, s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
+                                                   1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32),
                    DST_ERR_INVALID_ARGUMENT);
-        expect_err("fast_label", dst_fast_cross_entropy(0, s, ce_labels, N, C, 0.0f, -100, 0, 1.0f,
-                                                        &loss, NULL, g),
+        expect_err("fast_label", dst_fast_cross_entropy(0, s, DST_F32, ce_labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                        &loss, NULL, g, DST_F32),
                    DST_ERR_LABEL);
-        expect_err("fast_alias", dst_fast_hinton(0, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
-                                                 1.0f, &loss, NULL, g, g),
+        expect_err("fast_alias", dst_fast_hinton(0, s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
+                                                 1.0f, &loss, NULL, g, DST_F32, g, DST_F32),
                    DST_ERR_ALIAS);
     }
 
@@ -205,21 +251,21 @@ int main(void) {
      * grad_scale 0.5; in place; the fast backend within 1e-4 on 1 and 3 threads (same bits). */
     {
         float ref_g[LEN], fast_g[LEN], fast1_g[LEN], ref_loss;
-        expect_ok("dkd", dst_cpu_dkd(s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.1f, -100, 0, 0.5f,
-                                     &loss, rows, g));
+        expect_ok("dkd", dst_cpu_dkd(s, DST_F32, t, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.1f, -100, 0, 0.5f,
+                                     &loss, rows, g, DST_F32));
         print_array("dkd.loss", &loss, 1);
         print_array("dkd.row_loss", rows, N);
         print_array("dkd.grad_student", g, LEN);
         memcpy(inplace, s, sizeof s);
-        expect_ok("dkd_inplace", dst_cpu_dkd(inplace, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.1f,
-                                             -100, 0, 0.5f, &loss, NULL, inplace));
+        expect_ok("dkd_inplace", dst_cpu_dkd(inplace, DST_F32, t, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.1f,
+                                             -100, 0, 0.5f, &loss, NULL, inplace, DST_F32));
         print_array("dkd_inplace.grad_student", inplace, LEN);
         ref_loss = loss;
         memcpy(ref_g, inplace, sizeof ref_g);
         for (int threads = 1; threads <= 3; threads += 2) {
             float *dst = threads == 1 ? fast1_g : fast_g;
-            expect_ok("fast_dkd", dst_fast_dkd(threads, s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f,
-                                               0.1f, -100, 0, 0.5f, &loss, NULL, dst));
+            expect_ok("fast_dkd", dst_fast_dkd(threads, s, DST_F32, t, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f,
+                                               0.1f, -100, 0, 0.5f, &loss, NULL, dst, DST_F32));
             expect_close("fast_dkd.loss", &loss, &ref_loss, 1);
             expect_close("fast_dkd.grad_student", dst, ref_g, LEN);
         }
@@ -228,18 +274,18 @@ int main(void) {
             failures++;
         }
         int32_t bad[N] = {1, 5, 0, 0};
-        expect_err("label_dkd", dst_cpu_dkd(s, t, bad, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f, -100, 0,
-                                            1.0f, &loss, NULL, g), DST_ERR_LABEL);
-        expect_err("dkd_one_class", dst_cpu_dkd(s, t, labels, N, 1, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f,
-                                                -100, 0, 1.0f, &loss, NULL, NULL),
+        expect_err("label_dkd", dst_cpu_dkd(s, DST_F32, t, DST_F32, bad, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f, -100, 0,
+                                            1.0f, &loss, NULL, g, DST_F32), DST_ERR_LABEL);
+        expect_err("dkd_one_class", dst_cpu_dkd(s, DST_F32, t, DST_F32, labels, N, 1, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f,
+                                                -100, 0, 1.0f, &loss, NULL, NULL, DST_F32),
                    DST_ERR_INVALID_ARGUMENT);
-        expect_err("dkd_weight", dst_fast_dkd(0, s, t, labels, N, C, 4.0f, 1.0f, -1.0f, 8.0f, 0.0f,
-                                              -100, 0, 1.0f, &loss, NULL, g),
+        expect_err("dkd_weight", dst_fast_dkd(0, s, DST_F32, t, DST_F32, labels, N, C, 4.0f, 1.0f, -1.0f, 8.0f, 0.0f,
+                                              -100, 0, 1.0f, &loss, NULL, g, DST_F32),
                    DST_ERR_INVALID_ARGUMENT);
-        expect_err("dkd_alias", dst_cpu_dkd(s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f, -100, 0,
-                                            1.0f, &loss, NULL, t), DST_ERR_ALIAS);
-        expect_err("cuda_dkd_null_ctx", dst_cuda_dkd(NULL, s, t, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f,
-                                                     0.0f, -100, 0, 1.0f, &loss, NULL, g),
+        expect_err("dkd_alias", dst_cpu_dkd(s, DST_F32, t, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f, -100, 0,
+                                            1.0f, &loss, NULL, t, DST_F32), DST_ERR_ALIAS);
+        expect_err("cuda_dkd_null_ctx", dst_cuda_dkd(NULL, s, DST_F32, t, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f,
+                                                     0.0f, -100, 0, 1.0f, &loss, NULL, g, DST_F32),
                    DST_ERR_NULL_POINTER);
     }
 
@@ -250,35 +296,35 @@ int main(void) {
     print_array("mse.grad_b", gt, LEN);
 
     /* Bad arguments: status codes with messages. */
-    expect_err("null_student", dst_cpu_hinton(NULL, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
-                                              &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
-    expect_err("null_loss", dst_cpu_cross_entropy(s, labels, N, C, 0.0f, -100, 0, 1.0f, NULL, NULL, g),
+    expect_err("null_student", dst_cpu_hinton(NULL, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                              &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_NULL_POINTER);
+    expect_err("null_loss", dst_cpu_cross_entropy(s, DST_F32, labels, N, C, 0.0f, -100, 0, 1.0f, NULL, NULL, g, DST_F32),
                DST_ERR_NULL_POINTER);
-    expect_err("n_zero", dst_cpu_hinton(s, t, labels, 0, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
-                                        NULL, g, NULL), DST_ERR_SHAPE);
-    expect_err("t_zero", dst_cpu_hinton(s, t, labels, N, C, 0.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
-                                        NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
-    expect_err("t_negative", dst_cpu_divergence(s, t, NULL, N, C, 0, 0.0f, 0.0f, 0, -1.0f, -100, 0,
-                                                1.0f, &loss, NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
-    expect_err("alpha", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 1.5f, 0.0f, -100, 0, 1.0f, &loss,
-                                       NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
-    expect_err("reduction", dst_cpu_cross_entropy(s, labels, N, C, 0.0f, -100, 7, 1.0f, &loss, NULL, g),
+    expect_err("n_zero", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, 0, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
+                                        NULL, g, DST_F32, NULL, DST_F32), DST_ERR_SHAPE);
+    expect_err("t_zero", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 0.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
+                                        NULL, g, DST_F32, NULL, DST_F32), DST_ERR_INVALID_ARGUMENT);
+    expect_err("t_negative", dst_cpu_divergence(s, DST_F32, t, DST_F32, NULL, N, C, 0, 0.0f, 0.0f, 0, -1.0f, -100, 0,
+                                                1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_INVALID_ARGUMENT);
+    expect_err("alpha", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 1.5f, 0.0f, -100, 0, 1.0f, &loss,
+                                       NULL, g, DST_F32, NULL, DST_F32), DST_ERR_INVALID_ARGUMENT);
+    expect_err("reduction", dst_cpu_cross_entropy(s, DST_F32, labels, N, C, 0.0f, -100, 7, 1.0f, &loss, NULL, g, DST_F32),
                DST_ERR_INVALID_ARGUMENT);
     {
         int32_t bad[N] = {1, 5, 0, 0}; /* 5 is not a class of C = 5 */
-        expect_err("label_hinton", dst_cpu_hinton(s, t, bad, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
-                                                  &loss, NULL, g, NULL), DST_ERR_LABEL);
-        expect_err("label_ce", dst_cpu_cross_entropy(s, bad, N, C, 0.0f, -100, 0, 1.0f, &loss, NULL, g),
+        expect_err("label_hinton", dst_cpu_hinton(s, DST_F32, t, DST_F32, bad, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                                  &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_LABEL);
+        expect_err("label_ce", dst_cpu_cross_entropy(s, DST_F32, bad, N, C, 0.0f, -100, 0, 1.0f, &loss, NULL, g, DST_F32),
                    DST_ERR_LABEL);
-        expect_err("label_divergence", dst_cpu_divergence(s, t, bad, N, C, 0, 0.0f, 0.0f, 0, 1.0f, -100,
-                                                          0, 1.0f, &loss, NULL, g, NULL), DST_ERR_LABEL);
+        expect_err("label_divergence", dst_cpu_divergence(s, DST_F32, t, DST_F32, bad, N, C, 0, 0.0f, 0.0f, 0, 1.0f, -100,
+                                                          0, 1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_LABEL);
     }
-    expect_err("alias", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
-                                       NULL, g, t), DST_ERR_ALIAS);
+    expect_err("alias", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f, &loss,
+                                       NULL, g, DST_F32, t, DST_F32), DST_ERR_ALIAS);
     expect_err("mse_empty", dst_cpu_mse(s, t, 0, 1.0f, &loss, NULL, NULL), DST_ERR_SHAPE);
     /* Partial overlaps are aliases too, not only equal pointers. */
-    expect_err("alias_partial", dst_cpu_hinton(s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
-                                               &loss, NULL, s + 1, NULL), DST_ERR_ALIAS);
+    expect_err("alias_partial", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                               &loss, NULL, s + 1, DST_F32, NULL, DST_F32), DST_ERR_ALIAS);
     expect_err("alias_outputs", dst_cpu_mse(s, t, LEN, 1.0f, &loss, g, g + 3), DST_ERR_ALIAS);
     expect_err("alias_loss_in_grad", dst_cpu_mse(s, t, LEN, 1.0f, g + 2, g, NULL), DST_ERR_ALIAS);
     {
@@ -287,10 +333,10 @@ int main(void) {
          * it with the Rust API). */
         float p[LEN];
         for (int i = 0; i < LEN; ++i) p[i] = (i % C == 0) ? 0.0f : 0.25f;
-        expect_err("rkl_zero", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 0.0f, 1, 1.0f, -100, 0,
-                                                  1.0f, &loss, NULL, g, NULL), DST_ERR_INPUT);
-        expect_ok("rkl_eps", dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1e-8f, 1, 1.0f, -100, 0,
-                                                1.0f, &loss, rows, g, NULL));
+        expect_err("rkl_zero", dst_cpu_divergence(s, DST_F32, p, DST_F32, NULL, N, C, 1, 0.0f, 0.0f, 1, 1.0f, -100, 0,
+                                                  1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_INPUT);
+        expect_ok("rkl_eps", dst_cpu_divergence(s, DST_F32, p, DST_F32, NULL, N, C, 1, 0.0f, 1e-8f, 1, 1.0f, -100, 0,
+                                                1.0f, &loss, rows, g, DST_F32, NULL, DST_F32));
         if (!isfinite(loss)) {
             fprintf(stderr, "FAIL rkl_eps: loss %g is not finite\n", loss);
             failures++;
@@ -300,11 +346,11 @@ int main(void) {
         print_array("rkl_eps.grad_student", g, LEN);
         /* The floor is reverse KL's, with a given teacher only. */
         expect_err("eps_forward_kl",
-                   dst_cpu_divergence(s, p, NULL, N, C, 0, 0.0f, 1e-8f, 1, 1.0f, -100, 0, 1.0f, &loss,
-                                      NULL, g, NULL), DST_ERR_UNSUPPORTED);
+                   dst_cpu_divergence(s, DST_F32, p, DST_F32, NULL, N, C, 0, 0.0f, 1e-8f, 1, 1.0f, -100, 0, 1.0f, &loss,
+                                      NULL, g, DST_F32, NULL, DST_F32), DST_ERR_UNSUPPORTED);
         expect_err("eps_range",
-                   dst_cpu_divergence(s, p, NULL, N, C, 1, 0.0f, 1.5f, 1, 1.0f, -100, 0, 1.0f, &loss,
-                                      NULL, g, NULL), DST_ERR_INVALID_ARGUMENT);
+                   dst_cpu_divergence(s, DST_F32, p, DST_F32, NULL, N, C, 1, 0.0f, 1.5f, 1, 1.0f, -100, 0, 1.0f, &loss,
+                                      NULL, g, DST_F32, NULL, DST_F32), DST_ERR_INVALID_ARGUMENT);
     }
 
     /* CUDA: argument checks never need a device; creation works or says why not. */
@@ -337,13 +383,62 @@ int main(void) {
         expect_err("cuda_on_stream_null_out", dst_cuda_create_on_stream(0, NULL, NULL), DST_ERR_NULL_POINTER);
         expect_err("cuda_create_null_out", dst_cuda_create(0, NULL), DST_ERR_NULL_POINTER);
         expect_err("cuda_create_negative", dst_cuda_create(-1, &ctx), DST_ERR_INVALID_ARGUMENT);
-        expect_err("cuda_null_ctx", dst_cuda_hinton(NULL, s, t, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
-                                                    1.0f, &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
+        expect_err("cuda_null_ctx", dst_cuda_hinton(NULL, s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0,
+                                                    1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_NULL_POINTER);
         expect_err("cuda_divergence_null_ctx",
-                   dst_cuda_divergence(NULL, s, t, NULL, N, C, 1, 0.0f, 1e-8f, 1, 1.0f, -100, 0,
-                                       1.0f, &loss, NULL, g, NULL), DST_ERR_NULL_POINTER);
+                   dst_cuda_divergence(NULL, s, DST_F32, t, DST_F32, NULL, N, C, 1, 0.0f, 1e-8f, 1, 1.0f, -100, 0,
+                                       1.0f, &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_NULL_POINTER);
         expect_err("cuda_sync_null", dst_cuda_synchronize(NULL), DST_ERR_NULL_POINTER);
         expect_ok("cuda_destroy_null", dst_cuda_destroy(NULL));
+    }
+
+    /* Half precision: bf16 and f16 student and teacher with gradients in their dtype, against f32
+     * inputs holding the same (rounded) values; a mixed call (bf16 student, f32 teacher and
+     * gradients); a bad dtype code; an in-place gradient of another dtype. */
+    {
+        for (int bf = 1; bf >= 0; bf--) {
+            int32_t dt = bf ? DST_BF16 : DST_F16;
+            uint16_t hs[LEN], ht[LEN], hg[LEN], hgt[LEN];
+            float rs[LEN], rt[LEN], fg[LEN], fgt[LEN], mg[LEN], hloss = NAN, floss = NAN, mloss = NAN;
+            for (size_t i = 0; i < LEN; i++) {
+                hs[i] = bf ? to_bf16(s[i]) : to_f16(s[i]);
+                ht[i] = bf ? to_bf16(t[i]) : to_f16(t[i]);
+                rs[i] = bf ? from_bf16(hs[i]) : from_f16(hs[i]);
+                rt[i] = bf ? from_bf16(ht[i]) : from_f16(ht[i]);
+            }
+            expect_ok("half_hinton", dst_fast_hinton(0, hs, dt, ht, dt, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0,
+                                                     1.0f, &hloss, NULL, hg, dt, hgt, dt));
+            expect_ok("half_hinton_f32", dst_fast_hinton(0, rs, DST_F32, rt, DST_F32, labels, N, C, 2.0f, 0.3f, 0.1f,
+                                                         -100, 0, 1.0f, &floss, NULL, fg, DST_F32, fgt, DST_F32));
+            expect_close(bf ? "bf16_hinton.loss" : "f16_hinton.loss", &hloss, &floss, 1);
+            expect_half_close(bf ? "bf16_hinton.grad_student" : "f16_hinton.grad_student", hg, bf, fg, LEN);
+            expect_half_close(bf ? "bf16_hinton.grad_teacher" : "f16_hinton.grad_teacher", hgt, bf, fgt, LEN);
+            /* The reference backend (dst_cpu_*) reads and writes the same dtypes. */
+            expect_ok("half_hinton_ref", dst_cpu_hinton(hs, dt, ht, dt, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0,
+                                                        1.0f, &hloss, NULL, hg, dt, NULL, DST_F32));
+            expect_close(bf ? "bf16_hinton_ref.loss" : "f16_hinton_ref.loss", &hloss, &floss, 1);
+            expect_half_close(bf ? "bf16_hinton_ref.grad_student" : "f16_hinton_ref.grad_student", hg, bf, fg, LEN);
+            /* Mixed: a half student, an f32 teacher, an f32 gradient meet the f32 contract. */
+            expect_ok("mixed_dkd", dst_fast_dkd(0, hs, dt, rt, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f, 8.0f, 0.0f,
+                                                -100, 0, 1.0f, &mloss, NULL, mg, DST_F32));
+            expect_ok("mixed_dkd_f32", dst_fast_dkd(0, rs, DST_F32, rt, DST_F32, labels, N, C, 4.0f, 1.0f, 1.0f,
+                                                    8.0f, 0.0f, -100, 0, 1.0f, &floss, NULL, fg, DST_F32));
+            expect_close("mixed_dkd.loss", &mloss, &floss, 1);
+            expect_close("mixed_dkd.grad_student", mg, fg, LEN);
+            /* In place over a half student: the gradient in the student's dtype. */
+            memcpy(hg, hs, sizeof hs);
+            expect_ok("half_ce_inplace", dst_fast_cross_entropy(0, hg, dt, labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                                &hloss, NULL, hg, dt));
+            expect_ok("half_ce_f32", dst_fast_cross_entropy(0, rs, DST_F32, labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                            &floss, NULL, fg, DST_F32));
+            expect_half_close(bf ? "bf16_ce_inplace" : "f16_ce_inplace", hg, bf, fg, LEN);
+        }
+        uint16_t hs[LEN];
+        for (size_t i = 0; i < LEN; i++) hs[i] = to_bf16(s[i]);
+        expect_err("dtype_code", dst_fast_hinton(0, s, 7, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
+                                                 &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_INVALID_ARGUMENT);
+        expect_err("dtype_inplace", dst_fast_cross_entropy(0, hs, DST_BF16, labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                           &loss, NULL, hs, DST_F32), DST_ERR_INVALID_ARGUMENT);
     }
 
     if (failures != 0) {
