@@ -279,7 +279,8 @@ mod tests {
     fn codes_are_distinct_and_keep_their_numbers() {
         // The numbers are the ABI: 0..=11 as in ABI 3, then the codes added in ABI 4.
         assert_eq!(CODES, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
-        assert_eq!(DST_ABI_VERSION, 5);
+        assert_eq!(DST_ABI_VERSION, 6);
+        assert_eq!((DST_F32, DST_BF16, DST_F16), (0, 1, 2));
         // I/O and configuration errors have codes of their own, not another variant's.
         let others: Vec<i32> = examples()
             .iter()
