@@ -18,6 +18,8 @@
 //! caller's `wgpu::CommandEncoder`).
 
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capi;
 pub mod checkpoint;
 pub mod data;
