@@ -17,6 +17,9 @@
 //! checked against each other when the file is read ([`Checkpoint::load`]) and against the data
 //! (input features, image channels and size, classes) by [`Checkpoint::check`], which
 //! `Config::validate` runs; each error names the tensor, its shape and the shape expected.
+//!
+//! (Over 600 lines on purpose: the two layouts, their error messages for every malformed tensor and
+//! the mapping onto [`crate::nn`] are one format's reader; split, each half would need the other.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

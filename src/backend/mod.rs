@@ -6,6 +6,9 @@
 //!
 //! Buffers are handles (`&Self::Buffer`, interior mutability on the CPU) so that the gradient can be
 //! written in place over the student logits ([`GradOut::InPlace`]).
+//!
+//! (Over 600 lines on purpose: the trait is the one boundary, and each kernel's validated provided
+//! method sits beside its `*_unchecked` twin so that the contract of every kernel reads in one place.)
 
 pub mod cpu;
 pub mod cpu_fast;

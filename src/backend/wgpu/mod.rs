@@ -7,6 +7,9 @@
 //! into a caller's `wgpu::CommandEncoder` (no submit, no readback) with the same validation as
 //! the backend. The kernels themselves, their uniforms and their dispatch code live in the op
 //! folders (`src/ops/<family>/{<family>.wgsl, wgpu.rs}`); each is one line of the table below.
+//!
+//! (Over 600 lines on purpose: the `kernels!` macro that generates the backend's and the recorder's
+//! `Backend` implementations from one list needs the buffer and scratch helpers beside it.)
 
 /// The kernel methods of [`Backend`] for [`WgpuBackend`] (which submits each call) and
 /// [`Recorder`] (which records it into the caller's encoder): one line per kernel, naming the
