@@ -490,4 +490,5 @@ pub unsafe extern "C" fn dst_fast_sharded_loss_and_grad(
 }
 
 /// Floats of stats per row (`DST_SHARDED_STATS`): 2 maxima, then 9 sums.
-pub const DST_SHARDED_STATS: usize = STATS;
+pub const DST_SHARDED_STATS: usize = 11;
+const _: () = assert!(DST_SHARDED_STATS == STATS);

@@ -63,7 +63,6 @@ pub(crate) struct RowGlobals {
     pub mt: f64,
     pub log_zs: f64,
     pub log_zs1: f64,
-    pub log_zt: f64,
     /// `log Zs - log Zt`
     pub log_ratio: f64,
     /// `KL(q || p)`
@@ -85,11 +84,21 @@ impl RowGlobals {
             mt: m[1],
             log_zs: zs.ln(),
             log_zs1: z[Sum::Student1 as usize].ln(),
-            log_zt: zt.ln(),
             log_ratio,
             forward: z[Sum::Forward as usize] / (temperature * zt) + log_ratio,
             reverse: z[Sum::Reverse as usize] / (temperature * zs) - log_ratio,
         }
+    }
+}
+
+impl RowGlobals {
+    /// `(log p_j, log q_j)` of one element, `log q_j` as `log p_j + (v_j - u_j)/T + log Zs -
+    /// log Zt`: the difference that the divergences weigh keeps the digits of `log1p(D / Zt)`
+    /// rather than those of two rounded logs near `log C`.
+    pub(crate) fn logs(&self, s: f64, t: f64, temperature: f64) -> (f64, f64) {
+        let (u, v) = (s - self.ms, t - self.mt);
+        let lp = u / temperature - self.log_zs;
+        (lp, lp + (v - u) / temperature + self.log_ratio)
     }
 }
 
@@ -126,8 +135,7 @@ pub fn jsd_terms(
         }
         let g = RowGlobals::of(global, r, temp);
         for j in 0..width {
-            let lp = (s[r * width + j] - g.ms) / temp - g.log_zs;
-            let lq = (t[r * width + j] - g.mt) / temp - g.log_zt;
+            let (lp, lq) = g.logs(s[r * width + j], t[r * width + j], temp);
             let lm = log_mix(beta, lq, lp);
             out[r * JSD_TERMS] += lq.exp() * (lq - lm);
             out[r * JSD_TERMS + 1] += lp.exp() * (lp - lm);
@@ -185,8 +193,7 @@ pub fn loss_and_grad(
                 gs += w_ce * (lp1.exp() - target);
             }
             if let (true, Some(t)) = (w_div != 0.0, t) {
-                let lp = u / temp - g.log_zs;
-                let lq = (t[i] - g.mt) / temp - g.log_zt;
+                let (lp, lq) = g.logs(s[i], t[i], temp);
                 let (p, q) = (lp.exp(), lq.exp());
                 let (d, ds, dt) = match div {
                     Divergence::ForwardKl => (
