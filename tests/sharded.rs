@@ -2,7 +2,8 @@
 //! into 1, 2, 3 and 7 shards (uneven widths, shards of width 1), each shard's stats combined in
 //! this process (the in-process combine, or the distributed recipe: MAX of the maxima, rescale,
 //! SUM of the sums), then each shard's loss part and gradient columns, compared with the
-//! unsharded f64 reference of the same loss, on the reference backend and the fast CPU backend.
+//! unsharded f64 reference of the same loss, on the reference backend, the fast CPU backend and
+//! wgpu (`sharded.wgsl`; required with `DISTILLATION_REQUIRE=wgpu`).
 
 mod common;
 
@@ -338,6 +339,12 @@ fn check_case(
                 10.0 * atol_row,
                 10.0 * atol_grad,
             )?;
+        }
+        if let Some(w) = common::wgpu() {
+            let r = run(w, &kd, n, c, widths, &s, t, Some(&labels), true)
+                .map_err(|e| format!("{what}: {e}"))?;
+            let (row, grad) = (30.0 * atol_row, 30.0 * atol_grad);
+            compare(&format!("wgpu {what}"), &r, &want, 1e-4, row, grad)?;
         }
     }
     Ok(())

@@ -19,8 +19,10 @@
 //! | spec, layout, validation, the combine rule | here |
 //! | f64 reference | `reference.rs` |
 //! | fast CPU (f32) | `backend/cpu_fast/row_losses/sharded.rs` |
+//! | WGSL and its dispatch (host slices) | `sharded.wgsl`, `wgpu.rs` |
 
 pub mod reference;
+pub mod wgpu;
 
 use super::{
     check_grad_scale, check_temperature, check_unit, count, Divergence, Reduction, IGNORE_INDEX,
