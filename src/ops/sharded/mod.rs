@@ -20,7 +20,10 @@
 //! | f64 reference | `reference.rs` |
 //! | fast CPU (f32) | `backend/cpu_fast/row_losses/sharded.rs` |
 //! | WGSL and its dispatch (host slices) | `sharded.wgsl`, `wgpu.rs` |
+//! | CUDA and its launch (host slices) | `sharded.cu`, `cuda.rs` |
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 pub mod wgpu;
 
