@@ -97,6 +97,9 @@ unsafe fn slice_mut<'a, T>(p: *mut T, len: usize) -> &'a mut [T] {
     unsafe { std::slice::from_raw_parts_mut(p, len) }
 }
 
+/// A call's checked spec, student, teacher and labels.
+type Inputs<'a> = (ShardedSpec, &'a [f32], Option<&'a [f32]>, Option<&'a [i32]>);
+
 /// The spec, the student, the teacher (required unless cross-entropy; NULL allowed then) and
 /// the labels (NULL allowed for a divergence).
 ///
@@ -107,7 +110,7 @@ unsafe fn inputs<'a>(
     student: *const f32,
     teacher: *const f32,
     labels: *const i32,
-) -> FfiResult<(ShardedSpec, &'a [f32], Option<&'a [f32]>, Option<&'a [i32]>)> {
+) -> FfiResult<Inputs<'a>> {
     non_null("spec", spec)?;
     // SAFETY: non-null and the caller's contract.
     let spec = unsafe { *spec }.spec()?;

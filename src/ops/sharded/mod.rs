@@ -342,7 +342,7 @@ pub fn rescale_stats(temperature: f32, stats: &mut [f64], global_maxima: &[f64])
 
 /// The rows of a stats buffer of `len` floats.
 pub(crate) fn stats_rows(len: usize) -> Result<usize> {
-    if len == 0 || len % STATS != 0 {
+    if len == 0 || !len.is_multiple_of(STATS) {
         return Err(Error::shape(
             "stats",
             len,
