@@ -88,7 +88,7 @@ extern "C" __global__ void sharded_stats(const float* student, const float* teac
 
 // A row's constants from the combined stats (in f64, used in f32).
 struct ShardedRow {
-    float ms, mt, log_zs, log_zs1, ratio, forward, reverse;
+    float ms, mt, log_zs, log_zt, log_zs1, ratio, forward, reverse;
 };
 
 __device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, u64 r, float temperature) {
@@ -100,6 +100,7 @@ __device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, 
     g.ms = m[0];
     g.mt = m[1];
     g.log_zs = (float)log(zs);
+    g.log_zt = (float)(log(zs) - ratio);
     g.log_zs1 = (float)log((double)z[1]);
     g.ratio = (float)ratio;
     g.forward = (float)((double)z[3] / ((double)temperature * zt) + ratio);
@@ -107,13 +108,46 @@ __device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, 
     return g;
 }
 
-// (log q - log M, log p - log M) from dq = log q - log p, M = beta q + (1 - beta) p.
-__device__ __forceinline__ void sharded_mix(float dq, float log_beta, float log_1m_beta, float* lq_m, float* lp_m) {
-    const float a = log_beta + dq, b = log_1m_beta;
-    const float m = fmaxf(a, b);
-    const float lm_p = m + logf(expf(a - m) + expf(b - m));
-    *lq_m = dq - lm_p;
-    *lp_m = -lm_p;
+// JSD's per-element pieces from dl = log p - log q (as divergence.cu's jsd_logs and its series):
+// lq_m = log q - log M = -log1p((1-beta) expm1(dl)), lp_m = log p - log M = -log1p(beta expm1(-dl))
+// (the softplus forms where the log1p argument is below -1/2), and the divergence's term
+// c = beta q lq_m + (1-beta) p lp_m >= 0, from its series q f(dl) where |dl| < 0.1 (first-order
+// halves that cancel to second order where p ~ q).
+struct ShardedJsd {
+    float beta, one_m_beta, log_beta, log_1m_beta, c2, c3, c4, c5, c6;
+};
+
+__device__ __forceinline__ ShardedJsd sharded_jsd_consts(float beta) {
+    ShardedJsd j;
+    j.beta = beta;
+    j.one_m_beta = 1.f - beta;
+    j.log_beta = logf(beta);
+    j.log_1m_beta = logf(1.f - beta);
+    j.c2 = 0.5f * beta * (1.f - beta);
+    j.c3 = (1.f + beta) * (1.f / 6.f);
+    j.c4 = (2.f * beta * beta + 1.f) * (1.f / 24.f);
+    j.c5 = (3.f * beta + 1.f) * (2.f * beta * beta - 2.f * beta + 1.f) * (1.f / 120.f);
+    j.c6 = (((24.f * beta - 30.f) * beta + 10.f) * beta * beta + 1.f) * (1.f / 720.f);
+    return j;
+}
+
+__device__ __forceinline__ float sharded_softplus(float z) {
+    return fmaxf(z, 0.f) + log1pf(expf(-fabsf(z)));
+}
+
+// (lq_m, lp_m) of one element, and its term c (given p and q).
+__device__ __forceinline__ void sharded_jsd(const ShardedJsd& j, float dl, float p, float q, float* lq_m,
+                                            float* lp_m, float* c) {
+    const float log_rho = j.log_beta - j.log_1m_beta;
+    const float arg_q = j.one_m_beta * expm1f(dl), arg_p = j.beta * expm1f(-dl);
+    *lq_m = arg_q >= -0.5f && arg_q <= 3.0e38f ? -log1pf(arg_q) : -sharded_softplus(dl - log_rho) - j.log_beta;
+    *lp_m = arg_p >= -0.5f && arg_p <= 3.0e38f ? -log1pf(arg_p) : -sharded_softplus(log_rho - dl) - j.log_1m_beta;
+    if (fabsf(dl) < 0.1f) {
+        const float x = dl;
+        *c = q * (j.c2 * x * x * (1.f + 2.f * x * (j.c3 + x * (j.c4 + x * (j.c5 + x * j.c6)))));
+    } else {
+        *c = j.beta * q * *lq_m + j.one_m_beta * p * *lp_m;
+    }
 }
 
 extern "C" __global__ void sharded_jsd_terms(const float* student, const float* teacher, const int* labels,
@@ -124,16 +158,17 @@ extern "C" __global__ void sharded_jsd_terms(const float* student, const float* 
     if (r >= rows) return;
     const u64 base = r * (u64)width;
     const ShardedRow g = sharded_row(stats, rows, r, temperature);
-    const float lb = logf(beta), l1b = logf(1.f - beta);
+    const ShardedJsd jc = sharded_jsd_consts(beta);
     DArr<2> acc = SumDArr<2>().identity();
     for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
         const float u = student[base + j] - g.ms, v = teacher[base + j] - g.mt;
         const float lp = u * inv_t - g.log_zs;
         const float dq = (v - u) * inv_t + g.ratio;
-        float lq_m, lp_m;
-        sharded_mix(dq, lb, l1b, &lq_m, &lp_m);
-        acc.v[0] += expf(lp + dq) * lq_m;
-        acc.v[1] += expf(lp) * lp_m;
+        const float p = expf(lp), q = expf(v * inv_t - g.log_zt);
+        float lq_m, lp_m, c;
+        sharded_jsd(jc, -dq, p, q, &lq_m, &lp_m, &c);
+        acc.v[0] += q * lq_m;
+        acc.v[1] += p * lp_m;
     }
     acc = block_allreduce(acc, SumDArr<2>());
     if (threadIdx.x == 0) {
@@ -163,7 +198,7 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
     const float uniform_part = eps / (float)classes;
     const float k_ce = k * w_ce, k_div = k * w_div * temperature;
     const float w_div_t2 = w_div * temperature * temperature;
-    const float lb = logf(beta), l1b = logf(1.f - beta);
+    const ShardedJsd jc = sharded_jsd_consts(beta);
     double part = 0.0;
     for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
         const float s = student[base + j];
@@ -178,7 +213,7 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
             const float u = s - g.ms, v = teacher[base + j] - g.mt;
             const float lp = u * inv_t - g.log_zs;
             const float dq = (v - u) * inv_t + g.ratio;
-            const float p = expf(lp), q = expf(lp + dq);
+            const float p = expf(lp), q = expf(v * inv_t - g.log_zt);
             float d, ds, dt;
             if (div == 0u) {
                 d = q * dq;
@@ -190,8 +225,7 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
                 dt = q - p;
             } else {
                 float lq_m, lp_m;
-                sharded_mix(dq, lb, l1b, &lq_m, &lp_m);
-                d = beta * q * lq_m + (1.f - beta) * p * lp_m;
+                sharded_jsd(jc, -dq, p, q, &lq_m, &lp_m, &d);
                 ds = (1.f - beta) * p * (lp_m - kl_p);
                 dt = beta * q * (lq_m - kl_q);
             }

@@ -183,6 +183,7 @@ struct Globals {
     ms: f32,
     mt: f32,
     log_zs: f32,
+    log_zt: f32,
     log_zs1: f32,
     ratio: f32,   // log Zs - log Zt
     forward: f32, // KL(q || p)
@@ -205,6 +206,7 @@ fn globals(r: u32) -> Globals {
         stats[m0],
         stats[m0 + 1u],
         log(zs),
+        log(zt),
         log(stats[z0 + 1u]),
         ratio,
         stats[z0 + 3u] / (p.temperature * zt) + ratio,
@@ -212,13 +214,41 @@ fn globals(r: u32) -> Globals {
     );
 }
 
-// (log q - log M, log p - log M) from dq = log q - log p.
-fn mix(dq: f32) -> vec2<f32> {
-    let a = log(p.beta) + dq;
-    let b = log(1.0 - p.beta);
-    let m = max(a, b);
-    let lm_p = m + log(exp(a - m) + exp(b - m));
-    return vec2<f32>(dq - lm_p, -lm_p);
+fn softplus_f32(z: f32) -> f32 {
+    return max(z, 0.0) + log1p_f32(exp(-abs(z)));
+}
+
+// JSD's per-element (log q - log M, log p - log M, c) from dq = log q - log p (as divergence.cu's
+// jsd_logs): -log1p((1-beta) expm1(dl)), -log1p(beta expm1(-dl)) with dl = -dq (softplus forms
+// where the argument is below -1/2), and the divergence's term c = beta q lq_m + (1-beta) p lp_m,
+// from its series q f(dl) where |dl| < 0.1 (first-order halves that cancel where p ~ q).
+fn jsd_parts(dq: f32, pv: f32, q: f32) -> vec3<f32> {
+    let b = p.beta;
+    let b1 = 1.0 - b;
+    let dl = -dq;
+    let log_b = log(b);
+    let log_b1 = log(b1);
+    let log_rho = log_b - log_b1;
+    let arg_q = b1 * expm1_f32(dl);
+    let arg_p = b * expm1_f32(-dl);
+    var lq_m = -softplus_f32(dl - log_rho) - log_b;
+    if (arg_q >= -0.5 && arg_q <= 3.0e38) {
+        lq_m = -log1p_f32(arg_q);
+    }
+    var lp_m = -softplus_f32(log_rho - dl) - log_b1;
+    if (arg_p >= -0.5 && arg_p <= 3.0e38) {
+        lp_m = -log1p_f32(arg_p);
+    }
+    var c = b * q * lq_m + b1 * pv * lp_m;
+    if (abs(dl) < 0.1) {
+        let c2 = 0.5 * b * b1;
+        let c3 = (1.0 + b) / 6.0;
+        let c4 = (2.0 * b * b + 1.0) / 24.0;
+        let c5 = (3.0 * b + 1.0) * (2.0 * b * b - 2.0 * b + 1.0) / 120.0;
+        let c6 = (((24.0 * b - 30.0) * b + 10.0) * b * b + 1.0) / 720.0;
+        c = q * (c2 * dl * dl * (1.0 + 2.0 * dl * (c3 + dl * (c4 + dl * (c5 + dl * c6)))));
+    }
+    return vec3<f32>(lq_m, lp_m, c);
 }
 
 @compute @workgroup_size(256)
@@ -241,8 +271,8 @@ fn sharded_jsd_terms(
         let lp = u * p.inv_t - g.log_zs;
         let dq = (v - u) * p.inv_t + g.ratio;
         let pv = exp(lp);
-        let q = exp(lp + dq);
-        let d = mix(dq);
+        let q = exp(v * p.inv_t - g.log_zt);
+        let d = jsd_parts(dq, pv, q);
         kq = kq + q * d.x;
         kp = kp + pv * d.y;
     }
@@ -297,7 +327,7 @@ fn sharded_loss_and_grad(
             let lp = u * p.inv_t - g.log_zs;
             let dq = (v - u) * p.inv_t + g.ratio;
             let pv = exp(lp);
-            let q = exp(lp + dq);
+            let q = exp(v * p.inv_t - g.log_zt);
             var d = 0.0;
             var ds = 0.0;
             var dt = 0.0;
@@ -310,8 +340,8 @@ fn sharded_loss_and_grad(
                 ds = pv * (-dq - g.reverse);
                 dt = q - pv;
             } else {
-                let m = mix(dq);
-                d = p.beta * q * m.x + (1.0 - p.beta) * pv * m.y;
+                let m = jsd_parts(dq, pv, q);
+                d = m.z;
                 ds = (1.0 - p.beta) * pv * (m.y - kl_p);
                 dt = p.beta * q * (m.x - kl_q);
             }

@@ -145,13 +145,18 @@ struct Consts {
     mt: f32,
     inv_t: f32,
     log_zs: f32,
+    /// `log Zt = log Zs - (log Zs - log Zt)`
+    log_zt: f32,
     log_zs1: f32,
     /// `log Zs - log Zt`
     ratio: f32,
     forward: f32,
     reverse: f32,
+    beta: f32,
     log_beta: f32,
     log_1m_beta: f32,
+    /// JSD's series coefficients `c2..c6` (`jsd`).
+    series: [f32; 5],
 }
 
 impl Consts {
@@ -165,13 +170,29 @@ impl Consts {
             mt: g.mt as f32,
             inv_t: 1.0 / spec.temperature,
             log_zs: g.log_zs as f32,
+            log_zt: (g.log_zs - g.log_ratio) as f32,
             log_zs1: g.log_zs1 as f32,
             ratio: g.log_ratio as f32,
             forward: g.forward as f32,
             reverse: g.reverse as f32,
+            beta,
             log_beta: beta.ln(),
             log_1m_beta: (1.0 - beta).ln(),
+            series: [
+                0.5 * beta * (1.0 - beta),
+                (1.0 + beta) / 6.0,
+                (2.0 * beta * beta + 1.0) / 24.0,
+                (3.0 * beta + 1.0) * (2.0 * beta * beta - 2.0 * beta + 1.0) / 120.0,
+                (((24.0 * beta - 30.0) * beta + 10.0) * beta * beta + 1.0) / 720.0,
+            ],
         }
+    }
+
+    /// `q` of one element, from its own logit (not `exp(log p + dq)`, which would carry the rounding
+    /// of `log p` where both are large and cancel).
+    #[inline(always)]
+    fn q(&self, t: f32) -> f32 {
+        vmath::exp((t - self.mt) * self.inv_t - self.log_zt)
     }
 
     /// `(log p, log q - log p)` of one element.
@@ -184,14 +205,37 @@ impl Consts {
         )
     }
 
-    /// `(log q - log M, log p - log M)` for `M = beta q + (1 - beta) p`.
+    /// JSD's per-element `(log q - log M, log p - log M, c)` from `dq = log q - log p` (as
+    /// `divergence.cu`'s `jsd_logs`): `-log1p((1-beta) expm1(dl))`, `-log1p(beta expm1(-dl))` with
+    /// `dl = -dq` (softplus forms where the argument is below -1/2), and the divergence's term
+    /// `c = beta q lq_m + (1-beta) p lp_m`, from its series `q f(dl)` where `|dl| < 0.1` (two
+    /// first-order halves that cancel to second order where p ~ q).
     #[inline(always)]
-    fn mix(&self, dq: f32) -> (f32, f32) {
-        // log M - log p = log(beta e^{dq} + (1 - beta)), formed around the larger term.
-        let (a, b) = (self.log_beta + dq, self.log_1m_beta);
-        let m = vmath::max(a, b);
-        let lm_p = m + vmath::ln(vmath::exp(a - m) + vmath::exp(b - m));
-        (dq - lm_p, -lm_p)
+    fn jsd(&self, dq: f32, p: f32, q: f32) -> (f32, f32, f32) {
+        let dl = -dq;
+        let (b, b1) = (self.beta, 1.0 - self.beta);
+        let log_rho = self.log_beta - self.log_1m_beta;
+        let softplus = |z: f32| vmath::max(z, 0.0) + vmath::log1p(vmath::exp(-z.abs()));
+        let (arg_q, arg_p) = (b1 * vmath::expm1(dl), b * vmath::expm1(-dl));
+        let ok = |a: f32| (-0.5..=3.0e38).contains(&a);
+        let lq_m = if ok(arg_q) {
+            -vmath::log1p(arg_q)
+        } else {
+            -softplus(dl - log_rho) - self.log_beta
+        };
+        let lp_m = if ok(arg_p) {
+            -vmath::log1p(arg_p)
+        } else {
+            -softplus(log_rho - dl) - self.log_1m_beta
+        };
+        let c = if dl.abs() < 0.1 {
+            let x = dl;
+            let f = &self.series;
+            q * (f[0] * x * x * (1.0 + 2.0 * x * (f[1] + x * (f[2] + x * (f[3] + x * f[4])))))
+        } else {
+            b * q * lq_m + b1 * p * lp_m
+        };
+        (lq_m, lp_m, c)
     }
 }
 
@@ -217,8 +261,8 @@ pub fn jsd_terms(
             let (mut kq, mut kp) = (0.0f64, 0.0f64);
             for j in 0..width {
                 let (lp, dq) = c.logs(s[r * width + j], t[r * width + j]);
-                let (p, q) = (vmath::exp(lp), vmath::exp(lp + dq));
-                let (lq_m, lp_m) = c.mix(dq);
+                let (p, q) = (vmath::exp(lp), c.q(t[r * width + j]));
+                let (lq_m, lp_m, _) = c.jsd(dq, p, q);
                 kq += (q * lq_m) as f64;
                 kp += (p * lp_m) as f64;
             }
@@ -291,14 +335,14 @@ pub fn loss_and_grad(
                 }
                 if let (true, Some(t)) = (w_div != 0.0, t) {
                     let (lp, dq) = c.logs(sv, t[r * width + j]);
-                    let (p, q) = (vmath::exp(lp), vmath::exp(lp + dq));
+                    let (p, q) = (vmath::exp(lp), c.q(t[r * width + j]));
                     let (d, ds, dt) = match div {
                         Divergence::ForwardKl => (q * dq, p - q, q * (dq - c.forward)),
                         Divergence::ReverseKl => (-p * dq, p * (-dq - c.reverse), q - p),
                         Divergence::Jsd { .. } => {
-                            let (lq_m, lp_m) = c.mix(dq);
+                            let (lq_m, lp_m, term) = c.jsd(dq, p, q);
                             (
-                                beta * q * lq_m + (1.0 - beta) * p * lp_m,
+                                term,
                                 (1.0 - beta) * p * (lp_m - kl_p),
                                 beta * q * (lq_m - kl_q),
                             )
