@@ -14,9 +14,10 @@
  The version of this C ABI; bumped on any incompatible change of the header, and when codes
  are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`; 6: a
  dtype argument after each student, teacher and gradient pointer of the row losses, with
- [`DST_F32`], [`DST_BF16`], [`DST_F16`]).
+ [`DST_F32`], [`DST_BF16`], [`DST_F16`]; 7: the vocab-sharded losses `dst_*_sharded_*` and
+ `DstShardedSpec`).
  */
-#define DST_ABI_VERSION 6
+#define DST_ABI_VERSION 7
 
 /*
  The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
@@ -110,11 +111,54 @@
 #define DST_ERR_CONFIG 13
 
 /*
+ `DstShardedSpec::loss`: `T^2 D(q || p)` for the divergence `divergence` (labels optional).
+ */
+#define DST_SHARDED_DIVERGENCE 0
+
+/*
+ `DstShardedSpec::loss`: cross-entropy with label smoothing (no teacher).
+ */
+#define DST_SHARDED_CROSS_ENTROPY 1
+
+/*
+ `DstShardedSpec::loss`: the Hinton loss `alpha CE + (1 - alpha) T^2 KL`.
+ */
+#define DST_SHARDED_HINTON 2
+
+/*
+ Floats of stats per row (`DST_SHARDED_STATS`): 2 maxima, then 9 sums.
+ */
+#define DST_SHARDED_STATS 11
+
+/*
  An opaque CUDA context: a `CudaBackend` bound to one device, with its own stream. Create it with
  [`dst_cuda_create`], free it with [`dst_cuda_destroy`]. It may be used from several threads, but
  calls on one context are serialized on its stream.
  */
 typedef struct dst_cuda dst_cuda;
+
+/*
+ One shard of a vocab-sharded loss: the columns `offset..offset + width` of `[n, c]` logits
+ (stored `[n, width]`), the loss (`DST_SHARDED_*`), `divergence` (0 forward KL, 1 reverse KL,
+ 2 JSD with `beta`; for `DST_SHARDED_DIVERGENCE`), `alpha` (Hinton), `temperature`,
+ `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none) and `grad_scale`.
+ Every shard of one loss passes the same values except `offset` and `width`.
+ */
+typedef struct DstShardedSpec {
+  size_t n;
+  size_t c;
+  size_t offset;
+  size_t width;
+  int32_t loss;
+  int32_t divergence;
+  float beta;
+  float alpha;
+  float temperature;
+  float label_smoothing;
+  int32_t ignore_index;
+  int32_t reduction;
+  float grad_scale;
+} DstShardedSpec;
 
 #ifdef __cplusplus
 extern "C" {
@@ -410,6 +454,133 @@ int32_t dst_fast_mse(int32_t threads,
                      float *loss,
                      float *grad_a,
                      float *grad_b);
+
+/*
+ Phase 1 of a vocab-sharded loss on the reference CPU backend (f64 inside): writes the
+ shard's `stats` (`n * DST_SHARDED_STATS` floats: the maxima plane `[n, 2]`, then the sums
+ plane `[n, 9]`, relative to the shard's own maxima; `docs/LOSSES.md` section 9).
+ `student`, `teacher`: `[n, width]` (the shard's columns; `teacher` may be NULL for
+ cross-entropy); `labels`: `[n]` global classes (NULL allowed for a divergence).
+
+ # Safety
+ Every non-null pointer must be valid for the number of elements named above, `stats`
+ overlapping no input.
+ */
+int32_t dst_cpu_sharded_stats(const struct DstShardedSpec *spec,
+                              const float *student,
+                              const float *teacher,
+                              const int32_t *labels,
+                              float *stats_out);
+
+/*
+ [`dst_cpu_sharded_stats`] on the fast CPU backend (f32, at most `threads` threads).
+
+ # Safety
+ As [`dst_cpu_sharded_stats`].
+ */
+int32_t dst_fast_sharded_stats(int32_t threads,
+                               const struct DstShardedSpec *spec,
+                               const float *student,
+                               const float *teacher,
+                               const int32_t *labels,
+                               float *stats_out);
+
+/*
+ The distributed combine's middle step: after the caller's all-reduce MAX of the maxima plane
+ (the first `2 n` floats of `stats`) into `global_maxima` (`[n, 2]`), rescales this shard's
+ sums to the global maxima and copies them into `stats`' maxima plane; then the caller
+ all-reduces SUM the sums plane (the last `9 n` floats). `temperature` is the spec's.
+
+ # Safety
+ `stats` valid for `n * DST_SHARDED_STATS` floats, `global_maxima` for `2 n`.
+ */
+int32_t dst_sharded_rescale_stats(size_t n,
+                                  float temperature,
+                                  float *stats,
+                                  const float *global_maxima);
+
+/*
+ The in-process combine: `shards` stats arrays, `stats` of shard `k` at
+ `stats[k * n * DST_SHARDED_STATS ..]`, combined into `out` (`n * DST_SHARDED_STATS`).
+
+ # Safety
+ `stats` valid for `shards * n * DST_SHARDED_STATS` floats, `out` for `n * DST_SHARDED_STATS`.
+ */
+int32_t dst_sharded_combine_stats(size_t n,
+                                  size_t shards,
+                                  float temperature,
+                                  const float *stats,
+                                  float *out);
+
+/*
+ The JSD round (JSD only), reference backend: from the combined `global_stats`
+ (`n * DST_SHARDED_STATS`), the shard's `[n, 2]` partial `KL(q||M)`, `KL(p||M)` into `terms_out`,
+ to be all-reduced SUM and passed to phase 2.
+
+ # Safety
+ As [`dst_cpu_sharded_stats`]; `global_stats` valid for `n * DST_SHARDED_STATS` floats,
+ `terms_out` for `2 n`.
+ */
+int32_t dst_cpu_sharded_jsd_terms(const struct DstShardedSpec *spec,
+                                  const float *student,
+                                  const float *teacher,
+                                  const int32_t *labels,
+                                  const float *global_stats,
+                                  float *terms_out);
+
+/*
+ [`dst_cpu_sharded_jsd_terms`] on the fast CPU backend.
+
+ # Safety
+ As [`dst_cpu_sharded_jsd_terms`].
+ */
+int32_t dst_fast_sharded_jsd_terms(int32_t threads,
+                                   const struct DstShardedSpec *spec,
+                                   const float *student,
+                                   const float *teacher,
+                                   const int32_t *labels,
+                                   const float *global_stats,
+                                   float *terms_out);
+
+/*
+ Phase 2 of a vocab-sharded loss, reference backend: from the combined `global_stats`
+ (`n * DST_SHARDED_STATS`) and, for JSD, the all-reduced `jsd_terms` (`[n, 2]`; NULL
+ otherwise), writes `loss` (the shard's part of the reduced loss: the parts sum over the
+ shards to the loss), `row_loss` (`[n]` parts, optional), `grad_student` (`[n, width]`, the
+ shard's gradient columns) and `grad_teacher` (`[n, width]`, optional; not for cross-entropy).
+
+ # Safety
+ Every non-null pointer valid for the number of elements named above; no output overlaps an
+ input or another output.
+ */
+int32_t dst_cpu_sharded_loss_and_grad(const struct DstShardedSpec *spec,
+                                      const float *student,
+                                      const float *teacher,
+                                      const int32_t *labels,
+                                      const float *global_stats,
+                                      const float *jsd_terms,
+                                      float *loss,
+                                      float *row_loss,
+                                      float *grad_student,
+                                      float *grad_teacher);
+
+/*
+ [`dst_cpu_sharded_loss_and_grad`] on the fast CPU backend.
+
+ # Safety
+ As [`dst_cpu_sharded_loss_and_grad`].
+ */
+int32_t dst_fast_sharded_loss_and_grad(int32_t threads,
+                                       const struct DstShardedSpec *spec,
+                                       const float *student,
+                                       const float *teacher,
+                                       const int32_t *labels,
+                                       const float *global_stats,
+                                       const float *jsd_terms,
+                                       float *loss,
+                                       float *row_loss,
+                                       float *grad_student,
+                                       float *grad_teacher);
 
 /*
  Creates a CUDA context on device `device` (0-based) and stores it in `*out` (`*out` is set to

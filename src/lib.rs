@@ -31,6 +31,7 @@ pub mod nn;
 pub mod ops;
 pub mod report;
 pub mod rng;
+pub mod sharded;
 pub mod tape;
 
 pub use backend::cpu::CpuBackend;
@@ -46,9 +47,11 @@ pub use dtype::{Dtype, Element, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half;
 pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss};
+pub use ops::sharded::{Shard, ShardedLoss, ShardedSpec};
 pub use ops::{
     AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
     Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
 };
+pub use sharded::{ShardedBackend, ShardedKdLoss, ShardedOut};
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.
 pub use wgpu;

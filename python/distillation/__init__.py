@@ -14,8 +14,9 @@ The conventions beside ``F.kl_div``, ``F.cross_entropy``, TRL and Liger: ``docs/
 from ._lib import DistillationError, version
 from .nn import CrossEntropyLoss, DKDLoss, KDLoss, MSELoss, SoftTargetLoss
 from .ops import cross_entropy, dkd_loss, kd_loss, mse, soft_target_loss
+from . import sharded
 
 __all__ = [
     "DistillationError", "version", "kd_loss", "dkd_loss", "soft_target_loss", "cross_entropy",
-    "mse", "KDLoss", "DKDLoss", "SoftTargetLoss", "CrossEntropyLoss", "MSELoss",
+    "mse", "KDLoss", "DKDLoss", "SoftTargetLoss", "CrossEntropyLoss", "MSELoss", "sharded",
 ]

@@ -1,5 +1,7 @@
-"""Data parallel: a DDP-wrapped student trained with our loss on 2 gloo processes ends with the
-parameters of a single-process run on the same global batch."""
+"""torch.distributed with gloo: data parallel (a DDP-wrapped student trained with our loss on 2
+processes ends with the parameters of a single-process run on the same global batch), and vocab
+parallel (the sharded two-phase losses with the vocabulary split over 2 processes, the stats
+all-reduced with torch.distributed, against the unsharded loss and gradients)."""
 
 import os
 import socket
@@ -64,3 +66,126 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     # batchmean over each half, gradients averaged by DDP: the mean over the global batch.
     for a, b in zip(ddp, single):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+# ---- vocab-parallel: the sharded two-phase losses over 2 gloo processes ----
+
+ROWS, VOCAB, SPLIT = 6, 11, 5  # rank 0 holds columns 0..5, rank 1 columns 5..11
+
+
+def vocab_data():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(ROWS, VOCAB, generator=g) * 3
+    t = torch.randn(ROWS, VOCAB, generator=g) * 3
+    y = torch.tensor([0, 10, -100, 4, 5, 7])  # labels in both halves, one masked row
+    return s, t, y
+
+
+VOCAB_CASES = [
+    dict(loss="hinton", temperature=2.0, alpha=0.3, label_smoothing=0.1),
+    dict(loss="cross_entropy", label_smoothing=0.2),
+    dict(loss="divergence", divergence="reverse_kl", temperature=3.0),
+    dict(loss="divergence", divergence="jsd", beta=0.3, temperature=1.5),
+]
+
+
+def vocab_worker(rank, world, port, out):
+    import distillation.sharded as sh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    s, t, y = vocab_data()
+    cols = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    offset = 0 if rank == 0 else SPLIT
+    results = []
+    for case in VOCAB_CASES:
+        s_shard = s[:, cols].clone().requires_grad_(True)
+        t_shard = t[:, cols].clone().requires_grad_(case["loss"] != "cross_entropy")
+        teacher = t_shard if case["loss"] != "cross_entropy" else None
+        labels = y if case["loss"] != "divergence" else None
+        loss = sh.sharded_kd_loss(s_shard, teacher, labels, classes=VOCAB, offset=offset, **case)
+        loss.backward()
+        results.append((loss.detach(), s_shard.grad, t_shard.grad))
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def unsharded(case, s, t, y):
+    """The same loss in float64 with PyTorch's own functions, and its gradients."""
+    import torch.nn.functional as F
+
+    s = s.double().requires_grad_(True)
+    t = t.double().requires_grad_(True)
+    T = case.get("temperature", 1.0)
+    valid = (y != -100).sum()
+    if case["loss"] == "cross_entropy":
+        loss = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case["label_smoothing"])
+    elif case["loss"] == "hinton":
+        ce = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case["label_smoothing"])
+        mask = (y != -100).double()[:, None]
+        kl = (F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                       reduction="none") * mask).sum() / valid
+        loss = case["alpha"] * ce + (1 - case["alpha"]) * T * T * kl
+    else:
+        lp, lq = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        if case["divergence"] == "reverse_kl":
+            d = (lp.exp() * (lp - lq)).sum(-1)
+        else:
+            b = case["beta"]
+            lm = torch.logsumexp(torch.stack([lq + torch.log(torch.tensor(b, dtype=torch.float64)),
+                                              lp + torch.log(torch.tensor(1 - b, dtype=torch.float64))]), 0)
+            d = b * (lq.exp() * (lq - lm)).sum(-1) + (1 - b) * (lp.exp() * (lp - lm)).sum(-1)
+        loss = T * T * d.mean()  # no labels: every row valid
+    loss.backward()
+    return loss.detach(), s.grad, t.grad
+
+
+def test_vocab_parallel_two_processes_match_unsharded(tmp_path):
+    out = str(tmp_path / "vocab")
+    mp.spawn(vocab_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    s, t, y = vocab_data()
+    for case, a, b in zip(VOCAB_CASES, r0, r1):
+        want_loss, want_gs, want_gt = unsharded(case, s, t, y)
+        # every rank has the whole loss
+        for got in (a[0], b[0]):
+            assert abs(float(got) - float(want_loss)) <= 1e-5 * abs(float(want_loss)) + 1e-6, case
+        gs = torch.cat([a[1], b[1]], dim=1).double()
+        assert torch.allclose(gs, want_gs, atol=2e-6, rtol=1e-4), (case, (gs - want_gs).abs().max())
+        if case["loss"] != "cross_entropy":
+            gt = torch.cat([a[2], b[2]], dim=1).double()
+            assert torch.allclose(gt, want_gt, atol=2e-6, rtol=1e-4), (case, (gt - want_gt).abs().max())
+
+
+def test_sharded_in_one_process_matches_the_unsharded_ops():
+    """Three shards in one process, combined with combine_stats, against dl.kd_loss."""
+    import distillation.sharded as sh
+
+    s, t, y = vocab_data()
+    cfg = sh.Config("hinton", temperature=2.0, alpha=0.3)
+    bounds = [(0, 1), (1, 6), (6, VOCAB)]
+    parts = [(s[:, a:b].contiguous(), t[:, a:b].contiguous(), a) for a, b in bounds]
+    st = sh.combine_stats([sh.stats(cfg, ps, pt, y, VOCAB, o) for ps, pt, o in parts], 2.0)
+    outs = [sh.loss_and_grad(cfg, ps, pt, y, st, VOCAB, o) for ps, pt, o in parts]
+    loss = sum(float(o[0]) for o in outs)
+    grad = torch.cat([o[2] for o in outs], dim=1)
+    ss = s.clone().requires_grad_(True)
+    want = dl.kd_loss(ss, t, y, 2.0, 0.3)
+    want.backward()
+    assert abs(loss - float(want.detach())) <= 1e-5 * abs(float(want.detach()))
+    assert torch.allclose(grad, ss.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sharded_bad_input_is_a_python_error():
+    import distillation.sharded as sh
+    import pytest
+
+    s, t, y = vocab_data()
+    cfg = sh.Config("hinton", temperature=2.0, alpha=0.3)
+    with pytest.raises(dl.DistillationError, match="offset"):
+        sh.stats(cfg, s[:, :5].contiguous(), t[:, :5].contiguous(), y, VOCAB, 8)
+    with pytest.raises(dl.DistillationError, match="label"):
+        sh.stats(cfg, s[:, :5].contiguous(), t[:, :5].contiguous(), y + 20, VOCAB, 0)
+    with pytest.raises(ValueError, match="float32"):
+        sh.stats(cfg, s[:, :5].double(), t[:, :5].contiguous(), y, VOCAB, 0)

@@ -31,6 +31,8 @@ mod status;
 // The entry points on host memory, then on CUDA device memory: cbindgen writes the header in
 // the order the modules are declared (and this comment keeps rustfmt from sorting the two).
 mod host;
+// The vocab-sharded losses after the row losses.
+mod sharded;
 // CUDA after host.
 mod cuda;
 
@@ -38,6 +40,7 @@ use std::ffi::c_char;
 
 pub use cuda::*;
 pub use host::*;
+pub use sharded::*;
 pub use status::*;
 
 /// The ABI version ([`DST_ABI_VERSION`]); check it against the header's `DST_ABI_VERSION`.

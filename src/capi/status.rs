@@ -10,8 +10,9 @@ use crate::error::Error;
 /// The version of this C ABI; bumped on any incompatible change of the header, and when codes
 /// are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`; 6: a
 /// dtype argument after each student, teacher and gradient pointer of the row losses, with
-/// [`DST_F32`], [`DST_BF16`], [`DST_F16`]).
-pub const DST_ABI_VERSION: u32 = 6;
+/// [`DST_F32`], [`DST_BF16`], [`DST_F16`]; 7: the vocab-sharded losses `dst_*_sharded_*` and
+/// `DstShardedSpec`).
+pub const DST_ABI_VERSION: u32 = 7;
 
 /// The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
 pub const DST_F32: i32 = 0;

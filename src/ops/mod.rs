@@ -10,6 +10,7 @@
 //! | cross-entropy | 3 | [`cross_entropy`] | `cross_entropy.wgsl` | `cross_entropy.cu` |
 //! | fused Hinton loss | 4 | [`hinton`] | `hinton.wgsl` | `hinton.cu` |
 //! | decoupled KD (DKD) | 8 | [`dkd`] | `dkd.wgsl` | `dkd.cu` |
+//! | vocab-sharded row losses (two phases) | 9 | [`sharded`] | | |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
 //! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
@@ -28,6 +29,7 @@ pub mod feature;
 pub mod hinton;
 pub mod optim;
 pub mod relational;
+pub mod sharded;
 pub mod softmax;
 
 pub use cross_entropy::CrossEntropySpec;
@@ -35,6 +37,7 @@ pub use divergence::{check_reverse_kl_support, DivergenceSpec};
 pub use dkd::DkdSpec;
 pub use feature::{AttentionSpec, MseSpec};
 pub use hinton::HintonSpec;
+pub use sharded::{Shard, ShardedLoss, ShardedSpec};
 pub use softmax::SoftmaxSpec;
 
 use crate::error::{Error, Result};

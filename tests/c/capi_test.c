@@ -441,6 +441,59 @@ int main(void) {
                                                            &loss, NULL, hs, DST_F32), DST_ERR_INVALID_ARGUMENT);
     }
 
+    /* Vocab-sharded Hinton (ABI 7): the 5 classes split into shards of 2 and 3 columns, stats
+     * combined in-process and by the distributed recipe, against the unsharded dst_cpu_hinton. */
+    {
+        float want_g[LEN], want_loss, st[2][N * DST_SHARDED_STATS], global[N * DST_SHARDED_STATS];
+        float gm[N * 2], dist_global[N * DST_SHARDED_STATS];
+        expect_ok("sharded_want", dst_cpu_hinton(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.3f, 0.1f, -100, 0,
+                                                 1.0f, &want_loss, NULL, want_g, DST_F32, NULL, DST_F32));
+        for (int fast = 0; fast < 2; fast++) {
+            const size_t off[2] = {0, 2}, wid[2] = {2, 3};
+            float ss[2][N * 3], ts[2][N * 3], gs[2][N * 3], part, total = 0.0f, got_g[LEN];
+            for (int k = 0; k < 2; k++) {
+                DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
+                                     1.0f};
+                for (size_t r = 0; r < N; r++) {
+                    for (size_t j = 0; j < wid[k]; j++) {
+                        ss[k][r * wid[k] + j] = s[r * C + off[k] + j];
+                        ts[k][r * wid[k] + j] = t[r * C + off[k] + j];
+                    }
+                }
+                expect_ok("sharded_stats", fast ? dst_fast_sharded_stats(0, &sp, ss[k], ts[k], labels, st[k])
+                                                : dst_cpu_sharded_stats(&sp, ss[k], ts[k], labels, st[k]));
+            }
+            expect_ok("sharded_combine", dst_sharded_combine_stats(N, 2, 2.0f, &st[0][0], global));
+            /* The distributed recipe: MAX of the maxima planes, rescale each, SUM of the sums planes. */
+            for (size_t i = 0; i < N * 2; i++) gm[i] = fmaxf(st[0][i], st[1][i]);
+            for (int k = 0; k < 2; k++) expect_ok("sharded_rescale", dst_sharded_rescale_stats(N, 2.0f, st[k], gm));
+            for (size_t i = 0; i < N * DST_SHARDED_STATS; i++) {
+                dist_global[i] = i < N * 2 ? gm[i] : st[0][i] + st[1][i];
+            }
+            expect_close("sharded_distributed_combine", dist_global, global, N * DST_SHARDED_STATS);
+            for (int k = 0; k < 2; k++) {
+                DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
+                                     1.0f};
+                expect_ok("sharded_loss", fast ? dst_fast_sharded_loss_and_grad(0, &sp, ss[k], ts[k], labels, global,
+                                                                                NULL, &part, NULL, gs[k], NULL)
+                                               : dst_cpu_sharded_loss_and_grad(&sp, ss[k], ts[k], labels, global,
+                                                                               NULL, &part, NULL, gs[k], NULL));
+                total += part;
+                for (size_t r = 0; r < N; r++) {
+                    for (size_t j = 0; j < wid[k]; j++) got_g[r * C + off[k] + j] = gs[k][r * wid[k] + j];
+                }
+            }
+            expect_close(fast ? "fast_sharded.loss" : "sharded.loss", &total, &want_loss, 1);
+            expect_close(fast ? "fast_sharded.grad_student" : "sharded.grad_student", got_g, want_g, LEN);
+        }
+        DstShardedSpec bad = {N, C, 4, 3, DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.0f, -100, 0, 1.0f};
+        expect_err("sharded_offset", dst_cpu_sharded_stats(&bad, s, t, labels, st[0]), DST_ERR_UNSUPPORTED);
+        DstShardedSpec jsd = {N, C, 0, 2, DST_SHARDED_DIVERGENCE, 2, 0.5f, 0.0f, 1.0f, 0.0f, -100, 0, 1.0f};
+        expect_err("sharded_jsd_terms", dst_fast_sharded_loss_and_grad(0, &jsd, s, t, NULL, global, NULL, &loss,
+                                                                         NULL, g, NULL), DST_ERR_UNSUPPORTED);
+        expect_err("sharded_null", dst_cpu_sharded_stats(NULL, s, t, labels, st[0]), DST_ERR_NULL_POINTER);
+    }
+
     if (failures != 0) {
         fprintf(stderr, "%d failure(s)\n", failures);
         return 1;

@@ -10,6 +10,7 @@
 #include "../../src/ops/cross_entropy/cross_entropy.cu"
 #include "../../src/ops/hinton/hinton.cu"
 #include "../../src/ops/dkd/dkd.cu"
+#include "../../src/ops/sharded/sharded.cu"
 #include "../../src/ops/feature/feature.cu"
 #include "../../src/ops/dense/dense.cu"
 #include "../../src/ops/optim/optim.cu"
@@ -802,6 +803,7 @@ static void test_hinton(size_t n, size_t c, float T, float alpha, float eps, int
 }
 
 #include "dkd_checks.h"  // test_dkd, dkd_cases (src/ops/dkd/dkd.cu)
+#include "sharded_checks.h"  // test_sharded, sharded_cases (src/ops/sharded/sharded.cu)
 
 // mode 0: MSE; mode 1: smooth L1 (src/ops/relational/ smooth_l1_reference).
 static void test_mse(size_t m, bool grads, bool inject, unsigned mode = 0) {
@@ -1486,6 +1488,10 @@ int main(int argc, char** argv) {
     }
     // DKD over the whole accepted T range, C from 2 to 2^15; EMU_DKD_T fixes T.
     const float dkd_t = getenv("EMU_DKD_T") ? (float)atof(getenv("EMU_DKD_T")) : 0.f;
+    if (getenv("EMU_SHARDED")) {  // only the vocab-sharded losses (1, 2, 3, 7 shards)
+        sharded_cases(cases);
+        return finish();
+    }
     if (getenv("EMU_DKD")) {  // only the DKD cases, with a summary at the T ends
         dkd_cases(cases, dkd_t, pickT, pickN);
         print_dkd_summary();
@@ -1563,5 +1569,12 @@ int main(int argc, char** argv) {
                 std::pow(10.0, uni(-15, 38)), irand(0, 1));
     test_tape_kernels(cases);
     test_relational_kernels(cases);
+    {
+        // The sharded cases draw from a stream of their own (the other families keep their cases).
+        const std::mt19937_64 saved = rng;
+        rng.seed(rng() ^ 0x5a4dedull);
+        sharded_cases(cases);
+        rng = saved;
+    }
     return finish();
 }

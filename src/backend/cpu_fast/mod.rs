@@ -26,7 +26,7 @@ mod feature;
 pub mod gemm;
 mod helper;
 mod host;
-mod row_losses;
+pub(crate) mod row_losses;
 pub mod rows;
 pub(crate) mod vmath;
 

@@ -139,6 +139,7 @@ pub fn uniform_layouts() -> Vec<UniformLayout> {
         ops::cross_entropy::wgpu::uniform_layouts(),
         ops::hinton::wgpu::uniform_layouts(),
         ops::dkd::wgpu::uniform_layouts(),
+        ops::sharded::wgpu::uniform_layouts(),
         ops::feature::wgpu::uniform_layouts(),
         ops::dense::wgpu::uniform_layouts(),
         ops::optim::wgpu::uniform_layouts(),
@@ -464,7 +465,10 @@ impl WgpuBackend {
     }
 
     /// Records with `f` into a new encoder and submits it (no wait).
-    fn submit(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>) -> Result<()> {
+    pub(crate) fn submit(
+        &self,
+        f: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<()> {
         self.with_error_scope(|| {
             let mut encoder = self
                 .device

@@ -123,6 +123,7 @@ mod cross_entropy;
 mod divergence;
 mod dkd;
 mod hinton;
+pub(crate) mod sharded;
 mod soft_targets;
 mod softmax;
 

@@ -1,0 +1,269 @@
+"""Vocab-sharded losses for vocab-parallel output layers (``docs/LOSSES.md`` section 9).
+
+Each rank holds the columns ``offset:offset + width`` of the ``[N, C]`` student (and teacher)
+logits and the same global labels. The two phases run on the crate's fast CPU backend
+(``dst_fast_sharded_*``, CPU float32 tensors); the collectives are torch.distributed's::
+
+    import distillation.sharded as sh
+    loss = sh.sharded_kd_loss(student_shard, teacher_shard, labels, classes=C, offset=off,
+                              loss="hinton", temperature=2.0, alpha=0.5, group=group)
+    loss.backward()          # student_shard.grad: the shard's columns of the unsharded gradient
+
+or step by step: ``stats`` (phase 1), ``all_reduce_stats`` (all-reduce MAX of the maxima plane,
+``rescale_stats``, all-reduce SUM of the sums plane), ``jsd_terms`` + ``all_reduce(SUM)`` for
+JSD, then ``loss_and_grad`` (phase 2: this shard's part of the loss and its gradient columns).
+In one process, ``combine_stats`` combines a list of shards' stats.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _lib
+
+MAXIMA, SUMS = 2, 9
+STATS = MAXIMA + SUMS
+LOSSES = {"divergence": 0, "cross_entropy": 1, "hinton": 2}
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1, "none": 2}
+
+_F = ctypes.POINTER(ctypes.c_float)
+_I = ctypes.POINTER(ctypes.c_int32)
+
+
+class _Spec(ctypes.Structure):
+    """``DstShardedSpec`` of ``include/distillation.h``."""
+
+    _fields_ = [
+        ("n", ctypes.c_size_t), ("c", ctypes.c_size_t), ("offset", ctypes.c_size_t),
+        ("width", ctypes.c_size_t), ("loss", ctypes.c_int32), ("divergence", ctypes.c_int32),
+        ("beta", ctypes.c_float), ("alpha", ctypes.c_float), ("temperature", ctypes.c_float),
+        ("label_smoothing", ctypes.c_float), ("ignore_index", ctypes.c_int32),
+        ("reduction", ctypes.c_int32), ("grad_scale", ctypes.c_float),
+    ]
+
+
+_declared = False
+
+
+def _h():
+    global _declared
+    h = _lib.lib()
+    if not _declared:
+        sp, p, i32, sz, f32 = ctypes.POINTER(_Spec), ctypes.c_void_p, ctypes.c_int32, ctypes.c_size_t, ctypes.c_float
+
+        def sig(name, *args):
+            f = getattr(h, name)
+            f.restype = i32
+            f.argtypes = list(args)
+
+        sig("dst_fast_sharded_stats", i32, sp, p, p, p, p)
+        sig("dst_fast_sharded_jsd_terms", i32, sp, p, p, p, p, p)
+        sig("dst_fast_sharded_loss_and_grad", i32, sp, p, p, p, p, p, p, p, p, p)
+        sig("dst_sharded_rescale_stats", sz, f32, p, p)
+        sig("dst_sharded_combine_stats", sz, sz, f32, p, p)
+        _declared = True
+    return h
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _f32(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device}: the sharded losses take CPU tensors")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{name} has dtype {x.dtype}: the sharded losses take float32")
+    return x.detach().contiguous()
+
+
+def _shard(x: Tensor, name: str) -> Tensor:
+    x = _f32(x, name)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be [N, width] (the shard's columns), got {list(x.shape)}")
+    return x
+
+
+def _labels(labels: Optional[Tensor], n: int) -> Optional[Tensor]:
+    if labels is None:
+        return None
+    if labels.dtype not in (torch.int32, torch.int64) or labels.shape != (n,):
+        raise ValueError(f"labels must be [{n}] int32 or int64 global classes, got "
+                         f"{labels.dtype} {list(labels.shape)}")
+    return labels.detach().to(device="cpu", dtype=torch.int32).contiguous()
+
+
+def _choice(value: str, table: dict, name: str) -> int:
+    if value not in table:
+        raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}")
+    return table[value]
+
+
+class Config:
+    """One sharded loss: ``loss`` ("hinton", "divergence" or "cross_entropy"), ``divergence``
+    and ``beta`` (for "divergence"), ``alpha`` (Hinton), ``temperature``, ``label_smoothing``,
+    ``ignore_index``, ``reduction`` ("batchmean", "sum" or "none": the sum's gradient)."""
+
+    def __init__(self, loss: str = "hinton", *, temperature: float = 1.0, alpha: float = 0.5,
+                 divergence: str = "forward_kl", beta: float = 0.5, label_smoothing: float = 0.0,
+                 ignore_index: int = -100, reduction: str = "batchmean"):
+        self.loss = _choice(loss, LOSSES, "loss")
+        self.divergence = _choice(divergence, DIVERGENCES, "divergence")
+        self.reduction = _choice(reduction, REDUCTIONS, "reduction")
+        self.temperature = float(temperature)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
+
+    @property
+    def is_jsd(self) -> bool:
+        return self.loss == 0 and self.divergence == 2
+
+    def spec(self, n: int, classes: int, offset: int, width: int, grad_scale: float = 1.0):
+        return _Spec(n, classes, offset, width, self.loss, self.divergence, self.beta, self.alpha,
+                     self.temperature, self.label_smoothing, self.ignore_index, self.reduction,
+                     grad_scale)
+
+
+def stats(cfg: Config, student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
+          classes: int, offset: int) -> Tensor:
+    """Phase 1: this shard's ``[N * STATS]`` float32 stats (maxima plane ``[N, 2]``, then sums
+    plane ``[N, 9]``), relative to its own maxima."""
+    s = _shard(student, "student")
+    n, width = s.shape
+    t = None if teacher is None else _shard(teacher, "teacher")
+    y = _labels(labels, n)
+    out = torch.empty(n * STATS, dtype=torch.float32)
+    spec = cfg.spec(n, classes, offset, width)
+    _lib.check(_h().dst_fast_sharded_stats(torch.get_num_threads(), ctypes.byref(spec), _ptr(s),
+                                           _ptr(t), _ptr(y), _ptr(out)))
+    return out
+
+
+def rescale_stats(stats_: Tensor, global_maxima: Tensor, temperature: float) -> None:
+    """In place: this shard's sums rescaled to ``global_maxima`` (``[N * 2]``, the all-reduce MAX of
+    every shard's maxima plane), which it also copies into the maxima plane."""
+    if stats_.dtype != torch.float32 or not stats_.is_contiguous() or stats_.numel() % STATS:
+        raise ValueError(f"stats must be a contiguous float32 [N * {STATS}] tensor")
+    n = stats_.numel() // STATS
+    g = _f32(global_maxima, "global_maxima")
+    if g.numel() != n * MAXIMA:
+        raise ValueError(f"global_maxima must have {n * MAXIMA} elements, got {g.numel()}")
+    _lib.check(_h().dst_sharded_rescale_stats(n, temperature, _ptr(stats_), _ptr(g)))
+
+
+def all_reduce_stats(stats_: Tensor, temperature: float, group=None) -> Tensor:
+    """The distributed combine, in place: all-reduce MAX of the maxima plane, ``rescale_stats``,
+    all-reduce SUM of the sums plane (two collectives). Returns ``stats_``."""
+    import torch.distributed as dist
+
+    n = stats_.numel() // STATS
+    maxima = stats_[: n * MAXIMA].clone()
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    rescale_stats(stats_, maxima, temperature)
+    sums = stats_[n * MAXIMA:]  # a contiguous view: reduced in place
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return stats_
+
+
+def combine_stats(shards: Sequence[Tensor], temperature: float) -> Tensor:
+    """The in-process combine of every shard's stats (in shard order)."""
+    parts = [_f32(s, "stats").reshape(-1) for s in shards]
+    if not parts or parts[0].numel() % STATS:
+        raise ValueError(f"combine_stats needs at least one [N * {STATS}] stats tensor")
+    n = parts[0].numel() // STATS
+    if any(p.numel() != n * STATS for p in parts):
+        raise ValueError("every shard's stats must cover the same rows")
+    allp = torch.cat(parts)
+    out = torch.empty(n * STATS, dtype=torch.float32)
+    _lib.check(_h().dst_sharded_combine_stats(n, len(parts), temperature, _ptr(allp), _ptr(out)))
+    return out
+
+
+def jsd_terms(cfg: Config, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+              global_stats: Tensor, classes: int, offset: int) -> Tensor:
+    """The JSD round: this shard's ``[N * 2]`` partial ``KL(q||M)``, ``KL(p||M)``, to be
+    all-reduced SUM."""
+    s, t = _shard(student, "student"), _shard(teacher, "teacher")
+    n, width = s.shape
+    y = _labels(labels, n)
+    g = _f32(global_stats, "global_stats")
+    out = torch.empty(n * 2, dtype=torch.float32)
+    spec = cfg.spec(n, classes, offset, width)
+    _lib.check(_h().dst_fast_sharded_jsd_terms(torch.get_num_threads(), ctypes.byref(spec),
+                                               _ptr(s), _ptr(t), _ptr(y), _ptr(g), _ptr(out)))
+    return out
+
+
+def loss_and_grad(cfg: Config, student: Tensor, teacher: Optional[Tensor],
+                  labels: Optional[Tensor], global_stats: Tensor, classes: int, offset: int,
+                  jsd: Optional[Tensor] = None, teacher_grad: bool = False):
+    """Phase 2: ``(loss_part, row_loss_part, grad_student, grad_teacher or None)``: this shard's
+    part of the reduced loss (the parts sum over the shards to the loss), of each row's loss, and
+    its gradient columns."""
+    s = _shard(student, "student")
+    n, width = s.shape
+    t = None if teacher is None else _shard(teacher, "teacher")
+    y = _labels(labels, n)
+    g = _f32(global_stats, "global_stats")
+    j = None if jsd is None else _f32(jsd, "jsd_terms")
+    loss = torch.empty(1, dtype=torch.float32)
+    rows = torch.empty(n, dtype=torch.float32)
+    gs = torch.empty(n, width, dtype=torch.float32)
+    gt = torch.empty(n, width, dtype=torch.float32) if teacher_grad and t is not None else None
+    spec = cfg.spec(n, classes, offset, width)
+    _lib.check(_h().dst_fast_sharded_loss_and_grad(
+        torch.get_num_threads(), ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(g), _ptr(j),
+        _ptr(loss), _ptr(rows), _ptr(gs), _ptr(gt)))
+    return loss[0], rows, gs, gt
+
+
+class _ShardedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, labels, cfg, classes, offset, group, teacher_grad):
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        st = stats(cfg, student, teacher, labels, classes, offset)
+        if distributed:
+            all_reduce_stats(st, cfg.temperature, group)
+        jsd = None
+        if cfg.is_jsd:
+            jsd = jsd_terms(cfg, student, teacher, labels, st, classes, offset)
+            if distributed:
+                dist.all_reduce(jsd, op=dist.ReduceOp.SUM, group=group)
+        loss, _, gs, gt = loss_and_grad(cfg, student, teacher, labels, st, classes, offset, jsd,
+                                        teacher_grad)
+        total = loss.reshape(1).clone()
+        if distributed:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        ctx.save_for_backward(gs, gt if gt is not None else gs.new_empty(0))
+        ctx.has_gt = gt is not None
+        return total[0]
+
+    @staticmethod
+    def backward(ctx, upstream):
+        gs, gt = ctx.saved_tensors
+        return (gs * upstream, gt * upstream if ctx.has_gt else None, None, None, None, None,
+                None, None)
+
+
+def sharded_kd_loss(student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor], *,
+                    classes: int, offset: int, loss: str = "hinton", temperature: float = 1.0,
+                    alpha: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
+                    label_smoothing: float = 0.0, ignore_index: int = -100,
+                    reduction: str = "batchmean", group=None) -> Tensor:
+    """The whole loss on every rank (the shards' parts all-reduced), differentiable: the
+    backward gives ``student`` (and ``teacher`` when it requires grad) this shard's columns of
+    the unsharded gradient. With torch.distributed not initialised, one shard holding every
+    column (``offset`` 0, ``width`` ``classes``) is the unsharded loss."""
+    cfg = Config(loss, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                 label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    want_t = teacher is not None and teacher.requires_grad and cfg.loss != 1
+    return _ShardedLoss.apply(student, teacher, labels, cfg, classes, offset, group, want_t)

@@ -1,0 +1,222 @@
+//! Launch of `sharded.cu` (one block of 256 threads per row) for the vocab-sharded losses on host
+//! slices ([`ShardedBackend`] for [`CudaBackend`]: upload, one launch, download, synchronised).
+
+use super::{check_call, Phase, ShardedSpec, JSD_TERMS, STATS};
+use crate::backend::cuda::{config, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaSource};
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::ops::Divergence;
+use crate::sharded::{check_out, ShardedBackend, ShardedOut};
+
+pub(crate) const SOURCE: CudaSource = CudaSource {
+    file: "sharded.cu",
+    code: include_str!("sharded.cu"),
+};
+pub(crate) const STATS_KERNEL: CudaKernel = kernel("sharded_stats", "ppppuuufuui");
+pub(crate) const JSD_KERNEL: CudaKernel = kernel("sharded_jsd_terms", "pppppuufffui");
+pub(crate) const LOSS_KERNEL: CudaKernel =
+    kernel("sharded_loss_and_grad", "ppppppppuuuuffffufffuui");
+
+const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
+    CudaKernel {
+        file: "sharded.cu",
+        name,
+        signature,
+    }
+}
+
+const THREADS: u32 = 256;
+
+fn ptr(b: &Option<CudaBuffer>) -> u64 {
+    b.as_ref().map_or(0, |b| b.ptr)
+}
+
+impl CudaBackend {
+    fn sharded_inputs(
+        &self,
+        student: &[f32],
+        teacher: Option<&[f32]>,
+        labels: Option<&[i32]>,
+    ) -> Result<(
+        CudaBuffer,
+        Option<CudaBuffer>,
+        u64,
+        Option<crate::backend::cuda::CudaLabels>,
+    )> {
+        let s = self.upload(student)?;
+        let t = teacher.map(|t| self.upload(t)).transpose()?;
+        let l = labels.map(|l| self.upload_labels(l)).transpose()?;
+        let lp = l.as_ref().map_or(0, |l| l.ptr);
+        Ok((s, t, lp, l))
+    }
+}
+
+impl ShardedBackend for CudaBackend {
+    fn sharded_stats(
+        &self,
+        spec: &ShardedSpec,
+        student: &[f32],
+        teacher: Option<&[f32]>,
+        labels: Option<&[i32]>,
+        stats: &mut [f32],
+    ) -> Result<()> {
+        check_call(
+            spec,
+            Phase::Stats,
+            student.len(),
+            teacher.map(<[f32]>::len),
+            labels,
+            None,
+            None,
+        )?;
+        spec.shard.check("stats", stats.len(), STATS)?;
+        let (s, t, lp, _l) = self.sharded_inputs(student, teacher, labels)?;
+        let out = self.filled(stats.len(), f32::NAN)?;
+        let sh = spec.shard;
+        self.launch_one(
+            &STATS_KERNEL,
+            config(sh.rows as u64, THREADS),
+            &[
+                Arg::Ptr(s.ptr),
+                Arg::Ptr(ptr(&t)),
+                Arg::Ptr(lp),
+                Arg::Ptr(out.ptr),
+                Arg::U32(sh.rows as u32),
+                Arg::U32(sh.width as u32),
+                Arg::U32(sh.offset as u32),
+                Arg::F32(inv(spec.temperature)),
+                Arg::U32(teacher.is_some() as u32),
+                Arg::U32(labels.is_some() as u32),
+                Arg::I32(spec.ignore_index),
+            ],
+        )?;
+        stats.copy_from_slice(&self.download(&out)?);
+        Ok(())
+    }
+
+    fn sharded_jsd_terms(
+        &self,
+        spec: &ShardedSpec,
+        student: &[f32],
+        teacher: &[f32],
+        labels: Option<&[i32]>,
+        global: &[f32],
+        terms: &mut [f32],
+    ) -> Result<()> {
+        check_call(
+            spec,
+            Phase::JsdTerms,
+            student.len(),
+            Some(teacher.len()),
+            labels,
+            Some(global.len()),
+            None,
+        )?;
+        spec.shard.check("JSD terms", terms.len(), JSD_TERMS)?;
+        let (s, t, lp, _l) = self.sharded_inputs(student, Some(teacher), labels)?;
+        let g = self.upload(global)?;
+        let out = self.filled(terms.len(), f32::NAN)?;
+        let sh = spec.shard;
+        let beta = match spec.loss.weights().2 {
+            Divergence::Jsd { beta } => beta,
+            _ => 0.5,
+        };
+        self.launch_one(
+            &JSD_KERNEL,
+            config(sh.rows as u64, THREADS),
+            &[
+                Arg::Ptr(s.ptr),
+                Arg::Ptr(ptr(&t)),
+                Arg::Ptr(lp),
+                Arg::Ptr(g.ptr),
+                Arg::Ptr(out.ptr),
+                Arg::U32(sh.rows as u32),
+                Arg::U32(sh.width as u32),
+                Arg::F32(inv(spec.temperature)),
+                Arg::F32(spec.temperature),
+                Arg::F32(beta),
+                Arg::U32(labels.is_some() as u32),
+                Arg::I32(spec.ignore_index),
+            ],
+        )?;
+        terms.copy_from_slice(&self.download(&out)?);
+        Ok(())
+    }
+
+    fn sharded_loss_and_grad(
+        &self,
+        spec: &ShardedSpec,
+        student: &[f32],
+        teacher: Option<&[f32]>,
+        labels: Option<&[i32]>,
+        global: &[f32],
+        jsd: Option<&[f32]>,
+        out: ShardedOut<'_>,
+    ) -> Result<f32> {
+        check_call(
+            spec,
+            Phase::LossAndGrad,
+            student.len(),
+            teacher.map(<[f32]>::len),
+            labels,
+            Some(global.len()),
+            jsd.map(<[f32]>::len),
+        )?;
+        check_out(spec, teacher.is_some(), &out)?;
+        let (s, t, lp, _l) = self.sharded_inputs(student, teacher, labels)?;
+        let g = self.upload(global)?;
+        let j = jsd.map(|j| self.upload(j)).transpose()?;
+        let sh = spec.shard;
+        let rows = self.filled(sh.rows, f32::NAN)?;
+        let gs = self.filled(sh.len(), f32::NAN)?;
+        let gt = out
+            .grad_teacher
+            .is_some()
+            .then(|| self.filled(sh.len(), f32::NAN))
+            .transpose()?;
+        let (w_ce, w_div, div) = spec.loss.weights();
+        let scale = spec.scale(labels);
+        let k = spec.grad_scale as f64 * scale;
+        self.launch_one(
+            &LOSS_KERNEL,
+            config(sh.rows as u64, THREADS),
+            &[
+                Arg::Ptr(s.ptr),
+                Arg::Ptr(ptr(&t)),
+                Arg::Ptr(lp),
+                Arg::Ptr(g.ptr),
+                Arg::Ptr(ptr(&j)),
+                Arg::Ptr(rows.ptr),
+                Arg::Ptr(gs.ptr),
+                Arg::Ptr(ptr(&gt)),
+                Arg::U32(sh.rows as u32),
+                Arg::U32(sh.width as u32),
+                Arg::U32(sh.classes as u32),
+                Arg::U32(sh.offset as u32),
+                Arg::F32(inv(spec.temperature)),
+                Arg::F32(spec.temperature),
+                Arg::F32(w_ce as f32),
+                Arg::F32(w_div as f32),
+                Arg::U32(div.code()),
+                Arg::F32(match div {
+                    Divergence::Jsd { beta } => beta,
+                    _ => 0.5,
+                }),
+                Arg::F32(spec.label_smoothing),
+                Arg::F32(k as f32),
+                Arg::U32(teacher.is_some() as u32),
+                Arg::U32(labels.is_some() as u32),
+                Arg::I32(spec.ignore_index),
+            ],
+        )?;
+        out.grad_student.copy_from_slice(&self.download(&gs)?);
+        if let (Some(dst), Some(b)) = (out.grad_teacher, gt.as_ref()) {
+            dst.copy_from_slice(&self.download(b)?);
+        }
+        let row = self.download(&rows)?;
+        if let Some(r) = out.row_loss {
+            r.copy_from_slice(&row);
+        }
+        Ok((row.iter().map(|&v| v as f64).sum::<f64>() * scale) as f32)
+    }
+}

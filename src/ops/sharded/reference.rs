@@ -1,0 +1,245 @@
+//! The vocab-sharded row losses' f64 reference (`docs/LOSSES.md` section 9).
+//!
+//! From the combined stats of a row (maxima `M_s`, `M_t`; sums `Zs`, `Zs1`, `Zt`, `Af`, `Ar`, `S`,
+//! `s_y`, `t_y` relative to them, [`super::Sum`]), with `u_j = s_j - M_s`, `v_j = t_j - M_t`:
+//! `log p_j = u_j / T - log Zs`, `log q_j = v_j / T - log Zt`, `log p1_j = u_j - log Zs1`,
+//! `KL(q||p) = Af / (T Zt) + log Zs - log Zt`, `KL(p||q) = Ar / (T Zs) + log Zt - log Zs`,
+//! `CE = log Zs1 + M_s - (1 - eps) s_y - eps S / C`.
+//! A shard's part of a row's loss is the sum over its columns of the unsharded loss's terms
+//! (`-target_j log p1_j`, `q_j (log q_j - log p_j)`, ...), so the parts sum to the row loss; the
+//! gradients are the unsharded ones (sections 2-4) at the shard's columns, where the only global
+//! quantities are the normalisers and the divergence itself.
+
+use super::{Shard, ShardedSpec, Sum, JSD_TERMS, MAXIMA, STATS, SUMS};
+use crate::ops::{Divergence, RowLossResult};
+
+/// One shard's phase 1: each row's stats relative to the shard's own maxima, `[rows * STATS]`
+/// (maxima plane, then sums plane). Masked rows get zeros. `teacher` is `None` for
+/// cross-entropy (its teacher stats are then 0).
+pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[i32]>) -> Vec<f64> {
+    let Shard { rows, width, .. } = spec.shard;
+    let inv_t = 1.0 / spec.temperature as f64;
+    let mut out = vec![0.0; rows * STATS];
+    let (maxima, sums) = out.split_at_mut(rows * MAXIMA);
+    for r in 0..rows {
+        if spec.masked(labels, r) {
+            continue;
+        }
+        let sr = &s[r * width..(r + 1) * width];
+        let ms = sr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let tr = t.map(|t| &t[r * width..(r + 1) * width]);
+        let mt = tr.map_or(0.0, |tr| {
+            tr.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        });
+        maxima[r * MAXIMA] = ms;
+        maxima[r * MAXIMA + 1] = mt;
+        let z = &mut sums[r * SUMS..(r + 1) * SUMS];
+        for j in 0..width {
+            let u = sr[j] - ms;
+            let eu = (u * inv_t).exp();
+            z[Sum::StudentT as usize] += eu;
+            z[Sum::Student1 as usize] += u.exp();
+            z[Sum::LogitSum as usize] += sr[j];
+            if let Some(tr) = tr {
+                let v = tr[j] - mt;
+                let ev = (v * inv_t).exp();
+                z[Sum::TeacherT as usize] += ev;
+                z[Sum::Forward as usize] += ev * (v - u);
+                z[Sum::Reverse as usize] += eu * (u - v);
+                z[Sum::Difference as usize] += eu - ev;
+            }
+        }
+        if let Some(y) = labels.and_then(|l| spec.shard.local(l[r])) {
+            z[Sum::StudentLabel as usize] = sr[y];
+            z[Sum::TeacherLabel as usize] = tr.map_or(0.0, |tr| tr[y]);
+        }
+    }
+    out
+}
+
+/// A row's global quantities from the combined stats.
+pub(crate) struct RowGlobals {
+    pub ms: f64,
+    pub mt: f64,
+    pub log_zs: f64,
+    pub log_zs1: f64,
+    /// `log Zs - log Zt`
+    pub log_ratio: f64,
+    /// `KL(q || p)`
+    pub forward: f64,
+    /// `KL(p || q)`
+    pub reverse: f64,
+}
+
+impl RowGlobals {
+    pub(crate) fn of(stats: &[f64], r: usize, temperature: f64) -> Self {
+        let rows = stats.len() / STATS;
+        let m = &stats[r * MAXIMA..(r + 1) * MAXIMA];
+        let z = &stats[rows * MAXIMA + r * SUMS..rows * MAXIMA + (r + 1) * SUMS];
+        let (zs, zt) = (z[Sum::StudentT as usize], z[Sum::TeacherT as usize]);
+        // log Zs - log Zt without the cancellation of two logs near log C at high T.
+        let log_ratio = (z[Sum::Difference as usize] / zt).ln_1p();
+        RowGlobals {
+            ms: m[0],
+            mt: m[1],
+            log_zs: zs.ln(),
+            log_zs1: z[Sum::Student1 as usize].ln(),
+            log_ratio,
+            forward: z[Sum::Forward as usize] / (temperature * zt) + log_ratio,
+            reverse: z[Sum::Reverse as usize] / (temperature * zs) - log_ratio,
+        }
+    }
+}
+
+impl RowGlobals {
+    /// `(log p_j, log q_j)` of one element, `log q_j` as `log p_j + (v_j - u_j)/T + log Zs -
+    /// log Zt`: the difference that the divergences weigh keeps the digits of `log1p(D / Zt)`
+    /// rather than those of two rounded logs near `log C`.
+    pub(crate) fn logs(&self, s: f64, t: f64, temperature: f64) -> (f64, f64) {
+        let (u, v) = (s - self.ms, t - self.mt);
+        let lp = u / temperature - self.log_zs;
+        (lp, lp + (v - u) / temperature + self.log_ratio)
+    }
+}
+
+/// `log(beta q + (1 - beta) p)` from the logs, without underflow.
+fn log_mix(beta: f64, lq: f64, lp: f64) -> f64 {
+    let (a, b) = (beta.ln() + lq, (1.0 - beta).ln() + lp);
+    let m = a.max(b);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
+/// One shard's JSD round (JSD only): per row `[sum q (log q - log M), sum p (log p - log M)]` over
+/// the shard's columns, from the combined `global` stats; all-reduced SUM they are
+/// `KL(q || M)`, `KL(p || M)`.
+pub fn jsd_terms(
+    spec: &ShardedSpec,
+    s: &[f64],
+    t: &[f64],
+    labels: Option<&[i32]>,
+    global: &[f64],
+) -> Vec<f64> {
+    let Shard { rows, width, .. } = spec.shard;
+    let temp = spec.temperature as f64;
+    let beta = match spec.loss.weights().2 {
+        Divergence::Jsd { beta } => beta as f64,
+        _ => 0.5,
+    };
+    let mut out = vec![0.0; rows * JSD_TERMS];
+    for r in 0..rows {
+        if spec.masked(labels, r) {
+            continue;
+        }
+        let g = RowGlobals::of(global, r, temp);
+        for j in 0..width {
+            let (lp, lq) = g.logs(s[r * width + j], t[r * width + j], temp);
+            let lm = log_mix(beta, lq, lp);
+            out[r * JSD_TERMS] += lq.exp() * (lq - lm);
+            out[r * JSD_TERMS + 1] += lp.exp() * (lp - lm);
+        }
+    }
+    out
+}
+
+/// One shard's phase 2 from the combined `global` stats (and, for JSD, the all-reduced
+/// [`jsd_terms`]): `loss` is the shard's part of the reduced loss, `row_loss` each row's part,
+/// `grad_student` (`[rows, width]`) the shard's gradient columns, `grad_teacher` the teacher's
+/// (empty for cross-entropy). The parts and the columns over every shard are the unsharded
+/// loss's.
+pub fn loss_and_grad(
+    spec: &ShardedSpec,
+    s: &[f64],
+    t: Option<&[f64]>,
+    labels: Option<&[i32]>,
+    global: &[f64],
+    jsd: Option<&[f64]>,
+) -> RowLossResult {
+    let Shard {
+        rows,
+        width,
+        classes,
+        ..
+    } = spec.shard;
+    let temp = spec.temperature as f64;
+    let eps = spec.label_smoothing as f64;
+    let (w_ce, w_div, div) = spec.loss.weights();
+    let scale = spec.scale(labels);
+    let k = spec.grad_scale as f64 * scale;
+    let mut out = RowLossResult {
+        row_loss: vec![0.0; rows],
+        grad_student: vec![0.0; rows * width],
+        grad_teacher: vec![0.0; if t.is_some() { rows * width } else { 0 }],
+        ..Default::default()
+    };
+    for r in 0..rows {
+        if spec.masked(labels, r) {
+            continue;
+        }
+        let g = RowGlobals::of(global, r, temp);
+        let y = labels.and_then(|l| spec.shard.local(l[r]));
+        let (kl_q, kl_p) = jsd.map_or((0.0, 0.0), |j| (j[r * JSD_TERMS], j[r * JSD_TERMS + 1]));
+        let mut part = 0.0;
+        for j in 0..width {
+            let i = r * width + j;
+            let u = s[i] - g.ms;
+            let mut gs = 0.0;
+            if w_ce != 0.0 {
+                let lp1 = u - g.log_zs1;
+                let target = if y == Some(j) { 1.0 - eps } else { 0.0 } + eps / classes as f64;
+                part -= w_ce * target * lp1;
+                gs += w_ce * (lp1.exp() - target);
+            }
+            if let (true, Some(t)) = (w_div != 0.0, t) {
+                let (lp, lq) = g.logs(s[i], t[i], temp);
+                let (p, q) = (lp.exp(), lq.exp());
+                let (d, ds, dt) = match div {
+                    Divergence::ForwardKl => (
+                        q * (lq - lp),
+                        p - q,
+                        if q == 0.0 {
+                            0.0
+                        } else {
+                            q * (lq - lp - g.forward)
+                        },
+                    ),
+                    Divergence::ReverseKl => (
+                        p * (lp - lq),
+                        if p == 0.0 {
+                            0.0
+                        } else {
+                            p * (lp - lq - g.reverse)
+                        },
+                        q - p,
+                    ),
+                    Divergence::Jsd { beta } => {
+                        let beta = beta as f64;
+                        let lm = log_mix(beta, lq, lp);
+                        (
+                            beta * q * (lq - lm) + (1.0 - beta) * p * (lp - lm),
+                            if p == 0.0 {
+                                0.0
+                            } else {
+                                (1.0 - beta) * p * (lp - lm - kl_p)
+                            },
+                            if q == 0.0 {
+                                0.0
+                            } else {
+                                beta * q * (lq - lm - kl_q)
+                            },
+                        )
+                    }
+                };
+                part += w_div * temp * temp * d;
+                gs += w_div * temp * ds;
+                out.grad_teacher[i] = k * w_div * temp * dt;
+            }
+            out.grad_student[i] = k * gs;
+        }
+        out.row_loss[r] = part;
+    }
+    out.loss = out.row_loss.iter().sum::<f64>() * scale;
+    out
+}

@@ -1,0 +1,241 @@
+// Vocab-sharded row losses (docs/LOSSES.md section 9; f64 reference src/ops/sharded/reference.rs,
+// the stats layout src/ops/sharded/mod.rs; WGSL sharded.wgsl; fast CPU
+// backend/cpu_fast/row_losses/sharded.rs). One block per row (256 threads): each thread strides
+// over the shard's columns, elements in f32, each thread's sums in f64, merged by
+// block_allreduce (fixed order: the same bits on every run).
+//
+//   sharded_stats:         phase 1, the row's maxima and the 9 sums relative to them (masked rows 0)
+//   sharded_jsd_terms:     the JSD round, [sum q (log q - log M), sum p (log p - log M)] per row
+//   sharded_loss_and_grad: phase 2, the row's loss part and the shard's gradient columns
+//
+// From the combined stats: log p = u/T - log Zs, log q - log p = (v - u)/T + log(Zs/Zt) with
+// log(Zs/Zt) = log1p(D/Zt), KL(q||p) = Af/(T Zt) + log(Zs/Zt), KL(p||q) = Ar/(T Zs) - log(Zs/Zt).
+
+#define SHARDED_MAXIMA 2u
+#define SHARDED_SUMS 9u
+
+struct ShardedMax {
+    __device__ __forceinline__ float identity() const { return f_neg_inf(); }
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+__device__ __forceinline__ bool sharded_masked(const int* labels, u32 has_labels, u64 r, int ignore) {
+    return has_labels != 0u && labels[r] == ignore;
+}
+
+// The row's label as a column of the shard, or -1.
+__device__ __forceinline__ int sharded_local(const int* labels, u32 has_labels, u64 r, u32 offset, u32 width) {
+    if (has_labels == 0u) return -1;
+    const int y = labels[r];
+    if (y < (int)offset || (long long)y >= (long long)offset + (long long)width) return -1;
+    return y - (int)offset;
+}
+
+// e^a - e^b for a, b <= 0, around the larger: no cancellation, no overflow.
+__device__ __forceinline__ float sharded_exp_diff(float a, float b) {
+    const float mag = expf(fmaxf(a, b)) * -expm1f(-fabsf(a - b));
+    return a >= b ? mag : -mag;
+}
+
+extern "C" __global__ void sharded_stats(const float* student, const float* teacher, const int* labels,
+                                         float* stats, u32 rows, u32 width, u32 offset, float inv_t,
+                                         u32 has_teacher, u32 has_labels, int ignore_index) {
+    const u64 r = block_linear();
+    if (r >= rows) return;
+    const u64 base = r * (u64)width;
+    float ms = f_neg_inf(), mt = f_neg_inf();
+    for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
+        ms = fmaxf(ms, student[base + j]);
+        if (has_teacher) mt = fmaxf(mt, teacher[base + j]);
+    }
+    ms = block_allreduce(ms, ShardedMax());
+    mt = block_allreduce(mt, ShardedMax());
+    if (!has_teacher) mt = 0.f;
+    // zs, zs1, zt, af, ar, sum s, dz
+    DArr<7> acc = SumDArr<7>().identity();
+    for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
+        const float s = student[base + j];
+        const float u = s - ms;
+        const float us = u * inv_t;
+        const float eu = expf(us);
+        acc.v[0] += eu;
+        acc.v[1] += expf(u);
+        acc.v[5] += s;
+        if (has_teacher) {
+            const float v = teacher[base + j] - mt;
+            const float vs = v * inv_t;
+            const float ev = expf(vs);
+            acc.v[2] += ev;
+            acc.v[3] += ev * (v - u);
+            acc.v[4] += eu * (u - v);
+            acc.v[6] += sharded_exp_diff(us, vs);
+        }
+    }
+    acc = block_allreduce(acc, SumDArr<7>());
+    if (threadIdx.x == 0) {
+        const bool keep = !sharded_masked(labels, has_labels, r, ignore_index);
+        float* m = stats + r * SHARDED_MAXIMA;
+        float* z = stats + (u64)rows * SHARDED_MAXIMA + r * SHARDED_SUMS;
+        m[0] = keep ? ms : 0.f;
+        m[1] = keep ? mt : 0.f;
+        const int order[7] = {0, 1, 2, 3, 4, 5, 8};  // acc's sums in the stats' columns
+        for (int i = 0; i < 7; ++i) z[order[i]] = keep ? (float)acc.v[i] : 0.f;
+        const int y = sharded_local(labels, has_labels, r, offset, width);
+        z[6] = keep && y >= 0 ? student[base + y] : 0.f;
+        z[7] = keep && y >= 0 && has_teacher ? teacher[base + y] : 0.f;
+    }
+}
+
+// A row's constants from the combined stats (in f64, used in f32).
+struct ShardedRow {
+    float ms, mt, log_zs, log_zt, log_zs1, ratio, forward, reverse;
+};
+
+__device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, u64 r, float temperature) {
+    const float* m = stats + r * SHARDED_MAXIMA;
+    const float* z = stats + (u64)rows * SHARDED_MAXIMA + r * SHARDED_SUMS;
+    const double zs = z[0], zt = z[2];
+    const double ratio = log1p((double)z[8] / zt);
+    ShardedRow g;
+    g.ms = m[0];
+    g.mt = m[1];
+    g.log_zs = (float)log(zs);
+    g.log_zt = (float)(log(zs) - ratio);
+    g.log_zs1 = (float)log((double)z[1]);
+    g.ratio = (float)ratio;
+    g.forward = (float)((double)z[3] / ((double)temperature * zt) + ratio);
+    g.reverse = (float)((double)z[4] / ((double)temperature * zs) - ratio);
+    return g;
+}
+
+// JSD's per-element pieces from dl = log p - log q (as divergence.cu's jsd_logs and its series):
+// lq_m = log q - log M = -log1p((1-beta) expm1(dl)), lp_m = log p - log M = -log1p(beta expm1(-dl))
+// (the softplus forms where the log1p argument is below -1/2), and the divergence's term
+// c = beta q lq_m + (1-beta) p lp_m >= 0, from its series q f(dl) where |dl| < 0.1 (first-order
+// halves that cancel to second order where p ~ q).
+struct ShardedJsd {
+    float beta, one_m_beta, log_beta, log_1m_beta, c2, c3, c4, c5, c6;
+};
+
+__device__ __forceinline__ ShardedJsd sharded_jsd_consts(float beta) {
+    ShardedJsd j;
+    j.beta = beta;
+    j.one_m_beta = 1.f - beta;
+    j.log_beta = logf(beta);
+    j.log_1m_beta = logf(1.f - beta);
+    j.c2 = 0.5f * beta * (1.f - beta);
+    j.c3 = (1.f + beta) * (1.f / 6.f);
+    j.c4 = (2.f * beta * beta + 1.f) * (1.f / 24.f);
+    j.c5 = (3.f * beta + 1.f) * (2.f * beta * beta - 2.f * beta + 1.f) * (1.f / 120.f);
+    j.c6 = (((24.f * beta - 30.f) * beta + 10.f) * beta * beta + 1.f) * (1.f / 720.f);
+    return j;
+}
+
+__device__ __forceinline__ float sharded_softplus(float z) {
+    return fmaxf(z, 0.f) + log1pf(expf(-fabsf(z)));
+}
+
+// (lq_m, lp_m) of one element, and its term c (given p and q).
+__device__ __forceinline__ void sharded_jsd(const ShardedJsd& j, float dl, float p, float q, float* lq_m,
+                                            float* lp_m, float* c) {
+    const float log_rho = j.log_beta - j.log_1m_beta;
+    const float arg_q = j.one_m_beta * expm1f(dl), arg_p = j.beta * expm1f(-dl);
+    *lq_m = arg_q >= -0.5f && arg_q <= 3.0e38f ? -log1pf(arg_q) : -sharded_softplus(dl - log_rho) - j.log_beta;
+    *lp_m = arg_p >= -0.5f && arg_p <= 3.0e38f ? -log1pf(arg_p) : -sharded_softplus(log_rho - dl) - j.log_1m_beta;
+    if (fabsf(dl) < 0.1f) {
+        const float x = dl;
+        *c = q * (j.c2 * x * x * (1.f + 2.f * x * (j.c3 + x * (j.c4 + x * (j.c5 + x * j.c6)))));
+    } else {
+        *c = j.beta * q * *lq_m + j.one_m_beta * p * *lp_m;
+    }
+}
+
+extern "C" __global__ void sharded_jsd_terms(const float* student, const float* teacher, const int* labels,
+                                             const float* stats, float* terms, u32 rows, u32 width,
+                                             float inv_t, float temperature, float beta, u32 has_labels,
+                                             int ignore_index) {
+    const u64 r = block_linear();
+    if (r >= rows) return;
+    const u64 base = r * (u64)width;
+    const ShardedRow g = sharded_row(stats, rows, r, temperature);
+    const ShardedJsd jc = sharded_jsd_consts(beta);
+    DArr<2> acc = SumDArr<2>().identity();
+    for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
+        const float u = student[base + j] - g.ms, v = teacher[base + j] - g.mt;
+        const float lp = u * inv_t - g.log_zs;
+        const float dq = (v - u) * inv_t + g.ratio;
+        const float p = expf(lp), q = expf(v * inv_t - g.log_zt);
+        float lq_m, lp_m, c;
+        sharded_jsd(jc, -dq, p, q, &lq_m, &lp_m, &c);
+        acc.v[0] += q * lq_m;
+        acc.v[1] += p * lp_m;
+    }
+    acc = block_allreduce(acc, SumDArr<2>());
+    if (threadIdx.x == 0) {
+        const bool keep = !sharded_masked(labels, has_labels, r, ignore_index);
+        terms[r * 2] = keep ? (float)acc.v[0] : 0.f;
+        terms[r * 2 + 1] = keep ? (float)acc.v[1] : 0.f;
+    }
+}
+
+// div: 0 forward KL, 1 reverse KL, 2 JSD; k = grad_scale times the reduction's factor; grad_t
+// may be 0 (no teacher gradient), jsd 0 unless div 2.
+extern "C" __global__ void sharded_loss_and_grad(const float* student, const float* teacher, const int* labels,
+                                                 const float* stats, const float* jsd, float* row_loss,
+                                                 float* grad_s, float* grad_t, u32 rows, u32 width,
+                                                 u32 classes, u32 offset, float inv_t, float temperature,
+                                                 float w_ce, float w_div, u32 div, float beta, float eps,
+                                                 float k, u32 has_teacher, u32 has_labels, int ignore_index) {
+    const u64 r = block_linear();
+    if (r >= rows) return;
+    const u64 base = r * (u64)width;
+    const bool keep = !sharded_masked(labels, has_labels, r, ignore_index);
+    const ShardedRow g = sharded_row(stats, rows, r, temperature);
+    const int y = sharded_local(labels, has_labels, r, offset, width);
+    const bool with_t = has_teacher != 0u && w_div != 0.f;
+    const float kl_q = div == 2u && with_t ? jsd[r * 2] : 0.f;
+    const float kl_p = div == 2u && with_t ? jsd[r * 2 + 1] : 0.f;
+    const float uniform_part = eps / (float)classes;
+    const float k_ce = k * w_ce, k_div = k * w_div * temperature;
+    const float w_div_t2 = w_div * temperature * temperature;
+    const ShardedJsd jc = sharded_jsd_consts(beta);
+    double part = 0.0;
+    for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
+        const float s = student[base + j];
+        float gs = 0.f, gt = 0.f;
+        if (w_ce != 0.f) {
+            const float lp1 = s - g.ms - g.log_zs1;
+            const float tgt = ((int)j == y ? 1.f - eps : 0.f) + uniform_part;
+            part -= (double)(w_ce * tgt * lp1);
+            gs += k_ce * (expf(lp1) - tgt);
+        }
+        if (with_t) {
+            const float u = s - g.ms, v = teacher[base + j] - g.mt;
+            const float lp = u * inv_t - g.log_zs;
+            const float dq = (v - u) * inv_t + g.ratio;
+            const float p = expf(lp), q = expf(v * inv_t - g.log_zt);
+            float d, ds, dt;
+            if (div == 0u) {
+                d = q * dq;
+                ds = p - q;
+                dt = q * (dq - g.forward);
+            } else if (div == 1u) {
+                d = -p * dq;
+                ds = p * (-dq - g.reverse);
+                dt = q - p;
+            } else {
+                float lq_m, lp_m;
+                sharded_jsd(jc, -dq, p, q, &lq_m, &lp_m, &d);
+                ds = (1.f - beta) * p * (lp_m - kl_p);
+                dt = beta * q * (lq_m - kl_q);
+            }
+            part += (double)(w_div_t2 * d);
+            gs += k_div * ds;
+            gt = k_div * dt;
+        }
+        grad_s[base + j] = keep ? gs : 0.f;
+        if (grad_t) grad_t[base + j] = keep ? gt : 0.f;
+    }
+    part = block_allreduce(part, SumOp<double>());
+    if (threadIdx.x == 0) row_loss[r] = keep ? (float)part : 0.f;
+}

@@ -1,0 +1,598 @@
+//! The vocab-sharded losses (`docs/LOSSES.md` section 9): the columns of `[N, C]` logits split
+//! into 1, 2, 3 and 7 shards (uneven widths, shards of width 1), each shard's stats combined in
+//! this process (the in-process combine, or the distributed recipe: MAX of the maxima, rescale,
+//! SUM of the sums), then each shard's loss part and gradient columns, compared with the
+//! unsharded f64 reference of the same loss, on the reference backend, the fast CPU backend and
+//! wgpu (`sharded.wgsl`; required with `DISTILLATION_REQUIRE=wgpu`).
+
+mod common;
+
+use common::{assert_close, assert_close_abs, to_f64, Lcg};
+use distillation::ops::sharded::{JSD_TERMS, MAXIMA, STATS};
+use distillation::ops::{cross_entropy, divergence, hinton, RowLossResult};
+use distillation::{
+    CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, Error, FastCpuBackend, HintonSpec,
+    Reduction, RowShape, Shard, ShardedBackend, ShardedKdLoss, ShardedLoss, IGNORE_INDEX,
+};
+use proptest::prelude::*;
+
+/// The sharded run's outputs, shards concatenated back into `[N, C]`.
+struct Whole {
+    loss: f64,
+    row_loss: Vec<f32>,
+    grad_student: Vec<f32>,
+    grad_teacher: Option<Vec<f32>>,
+}
+
+/// Column `offset..offset + width` of every row.
+fn columns(x: &[f32], c: usize, offset: usize, width: usize) -> Vec<f32> {
+    x.chunks_exact(c)
+        .flat_map(|r| r[offset..offset + width].iter().copied())
+        .collect()
+}
+
+/// The shards' `(offset, width)` for `widths`.
+fn layout(widths: &[usize]) -> Vec<(usize, usize)> {
+    let mut o = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            o += w;
+            (o - w, w)
+        })
+        .collect()
+}
+
+/// Runs `kd` over the shards `widths` of `[n, c]` logits on `b`; `distributed` combines with the
+/// MAX / rescale / SUM recipe instead of `combine_shard_stats`.
+#[allow(clippy::too_many_arguments)]
+fn run<B: ShardedBackend>(
+    b: &B,
+    kd: &ShardedKdLoss,
+    n: usize,
+    c: usize,
+    widths: &[usize],
+    s: &[f32],
+    t: Option<&[f32]>,
+    labels: Option<&[i32]>,
+    distributed: bool,
+) -> distillation::Result<Whole> {
+    let shards: Vec<(Shard, Vec<f32>, Option<Vec<f32>>)> = layout(widths)
+        .into_iter()
+        .map(|(o, w)| {
+            (
+                Shard::new(n, c, o, w),
+                columns(s, c, o, w),
+                t.map(|t| columns(t, c, o, w)),
+            )
+        })
+        .collect();
+    let mut stats = Vec::new();
+    for (sh, ss, ts) in &shards {
+        stats.push(kd.stats(b, *sh, ss, ts.as_deref(), labels)?);
+    }
+    let global = if distributed {
+        // all-reduce MAX of the maxima planes
+        let mut maxima = stats[0][..n * MAXIMA].to_vec();
+        for st in &stats[1..] {
+            for (m, &v) in maxima.iter_mut().zip(&st[..n * MAXIMA]) {
+                *m = m.max(v);
+            }
+        }
+        // each shard rescales, then all-reduce SUM of the sums planes
+        let mut global = vec![0.0f32; n * STATS];
+        global[..n * MAXIMA].copy_from_slice(&maxima);
+        for st in &mut stats {
+            kd.rescale_stats(st, &maxima)?;
+            for (g, &v) in global[n * MAXIMA..].iter_mut().zip(&st[n * MAXIMA..]) {
+                *g += v;
+            }
+        }
+        global
+    } else {
+        let refs: Vec<&[f32]> = stats.iter().map(|v| v.as_slice()).collect();
+        kd.combine_shard_stats(&refs)?
+    };
+    let jsd = if kd.loss.needs_jsd_terms() {
+        let mut sum = vec![0.0f32; n * JSD_TERMS];
+        for (sh, ss, ts) in &shards {
+            let part = kd.jsd_terms(b, *sh, ss, ts.as_deref().unwrap(), labels, &global)?;
+            sum.iter_mut().zip(part).for_each(|(a, v)| *a += v);
+        }
+        Some(sum)
+    } else {
+        None
+    };
+    let mut out = Whole {
+        loss: 0.0,
+        row_loss: vec![0.0; n],
+        grad_student: vec![f32::NAN; n * c],
+        grad_teacher: (kd.teacher_grad && t.is_some()).then(|| vec![f32::NAN; n * c]),
+    };
+    for (sh, ss, ts) in &shards {
+        let r = kd.loss_and_grad(b, *sh, ss, ts.as_deref(), labels, &global, jsd.as_deref())?;
+        out.loss += r.loss as f64;
+        for (a, v) in out.row_loss.iter_mut().zip(&r.row_loss) {
+            *a += v;
+        }
+        for row in 0..n {
+            let (dst, src) = (row * c + sh.offset, row * sh.width);
+            out.grad_student[dst..dst + sh.width]
+                .copy_from_slice(&r.grad_student[src..src + sh.width]);
+            if let (Some(g), Some(rg)) = (out.grad_teacher.as_mut(), r.grad_teacher.as_ref()) {
+                g[dst..dst + sh.width].copy_from_slice(&rg[src..src + sh.width]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The unsharded f64 reference of `kd`.
+fn unsharded(
+    kd: &ShardedKdLoss,
+    n: usize,
+    c: usize,
+    s: &[f32],
+    t: Option<&[f32]>,
+    labels: Option<&[i32]>,
+) -> RowLossResult {
+    let shape = RowShape::new(n, c);
+    let (s, t) = (to_f64(s), t.map(to_f64));
+    match kd.loss {
+        ShardedLoss::Divergence(d) => divergence::reference::divergence(
+            &DivergenceSpec {
+                divergence: d,
+                reduction: kd.reduction,
+                ignore_index: kd.ignore_index,
+                ..DivergenceSpec::new(shape, kd.temperature)
+            },
+            &s,
+            t.as_deref().unwrap(),
+            labels,
+        ),
+        ShardedLoss::CrossEntropy => cross_entropy::reference::cross_entropy(
+            &CrossEntropySpec {
+                label_smoothing: kd.label_smoothing,
+                reduction: kd.reduction,
+                ignore_index: kd.ignore_index,
+                ..CrossEntropySpec::new(shape)
+            },
+            &s,
+            labels.unwrap(),
+        ),
+        ShardedLoss::Hinton { alpha } => hinton::reference::hinton(
+            &HintonSpec {
+                label_smoothing: kd.label_smoothing,
+                reduction: kd.reduction,
+                ignore_index: kd.ignore_index,
+                ..HintonSpec::new(shape, kd.temperature, alpha)
+            },
+            &s,
+            t.as_deref().unwrap(),
+            labels.unwrap(),
+        ),
+    }
+}
+
+/// Compares a sharded run with the unsharded reference: relative error `tol`, and absolute
+/// floors `atol_row` for the (row) losses and `atol_grad` per gradient element.
+fn compare(
+    what: &str,
+    got: &Whole,
+    want: &RowLossResult,
+    tol: f64,
+    atol_row: f64,
+    atol_grad: f64,
+) -> Result<(), String> {
+    let loss_tol = tol * want.loss.abs() + atol_row * got.row_loss.len() as f64;
+    if (got.loss - want.loss).abs() > loss_tol || got.loss.is_nan() != want.loss.is_nan() {
+        return Err(format!("{what}: loss {} != {}", got.loss, want.loss));
+    }
+    assert_close_abs(
+        &format!("{what} row_loss"),
+        &got.row_loss,
+        &want.row_loss,
+        tol,
+        atol_row,
+    )?;
+    assert_close_abs(
+        &format!("{what} grad_student"),
+        &got.grad_student,
+        &want.grad_student,
+        tol,
+        atol_grad,
+    )?;
+    if let Some(g) = &got.grad_teacher {
+        assert_close_abs(
+            &format!("{what} grad_teacher"),
+            g,
+            &want.grad_teacher,
+            tol,
+            atol_grad,
+        )?;
+    }
+    Ok(())
+}
+
+/// The absolute floors of a case (`compare`): the stats are f32, so the global quantities in
+/// each element (`log Z`, the divergence `D`) carry an f32 rounding of their magnitude,
+/// `δ ~ 1e-7 (|logit| / T + D)`; an element's gradient error is `δ p_j k T` (summing to
+/// `k T δ` over a row), a row loss's `T^2 δ`. The floors are 10 times that.
+fn floors(want: &RowLossResult, temp: f32, logits: f32, reduction: Reduction) -> (f64, f64) {
+    let (t, m) = (temp as f64, logits as f64);
+    let valid = want.row_loss.iter().filter(|v| **v != 0.0).count().max(1);
+    let k = if reduction == Reduction::BatchMean {
+        1.0 / valid as f64
+    } else {
+        1.0
+    };
+    // the largest row loss: T^2 D for a divergence, about CE + T^2 D for Hinton
+    let big = want.row_loss.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    (
+        1e-6 * (1.0 + m * (1.0 + t) + big),
+        1e-6 * k * (1.0 + m * (1.0 + t) + big / t + big),
+    )
+}
+
+/// The losses a case runs.
+fn losses(beta: f32, alpha: f32, eps: f32, t: f32) -> Vec<ShardedKdLoss> {
+    let mut v = vec![
+        ShardedKdLoss::divergence(Divergence::ForwardKl, t),
+        ShardedKdLoss::divergence(Divergence::ReverseKl, t),
+        ShardedKdLoss::divergence(Divergence::Jsd { beta }, t),
+        ShardedKdLoss {
+            label_smoothing: eps,
+            ..ShardedKdLoss::cross_entropy()
+        },
+        ShardedKdLoss {
+            label_smoothing: eps,
+            ..ShardedKdLoss::hinton(t, alpha)
+        },
+    ];
+    for kd in &mut v {
+        kd.teacher_grad = true;
+    }
+    v
+}
+
+/// Splits `c` columns into `k` uneven shards (the first of width 1 when `k > 1`).
+fn split(c: usize, k: usize, g: &mut Lcg) -> Vec<usize> {
+    let k = k.min(c);
+    if k == 1 {
+        return vec![c];
+    }
+    let mut cuts: Vec<usize> = vec![1];
+    while cuts.len() < k - 1 {
+        let x = 2 + ((g.next_f32() + 1.0) * 0.5 * (c - 2) as f32) as usize;
+        if x < c && !cuts.contains(&x) {
+            cuts.push(x);
+        }
+    }
+    cuts.sort();
+    let mut w = Vec::new();
+    let mut prev = 0;
+    for x in cuts.into_iter().chain([c]) {
+        w.push(x - prev);
+        prev = x;
+    }
+    w
+}
+
+/// One case over every loss, both backends, both combines.
+#[allow(clippy::too_many_arguments)]
+fn check_case(
+    n: usize,
+    c: usize,
+    widths: &[usize],
+    temp: f32,
+    scale: f32,
+    masked: bool,
+    reduction: Reduction,
+    seed: u64,
+    near: f32,
+) -> Result<(), String> {
+    let mut g = Lcg(seed);
+    let s = g.vec(n * c, scale);
+    let t: Vec<f32> = if near > 0.0 {
+        // a teacher close to the student: p ~ q, the divergences second order
+        s.iter().map(|&v| v + near * scale * g.next_f32()).collect()
+    } else {
+        g.vec(n * c, scale)
+    };
+    let labels: Vec<i32> = (0..n)
+        .map(|r| {
+            if masked && r % 3 == 1 {
+                IGNORE_INDEX
+            } else {
+                ((r * 7 + seed as usize) % c) as i32
+            }
+        })
+        .collect();
+    for kd in losses(0.3, 0.4, 0.1, temp) {
+        let kd = ShardedKdLoss { reduction, ..kd };
+        let t = kd.loss.needs_teacher().then_some(t.as_slice());
+        let want = unsharded(&kd, n, c, &s, t, Some(&labels));
+        let what = format!("{:?} T={temp} widths={widths:?}", kd.loss);
+        let (atol_row, atol_grad) = floors(&want, temp, scale, reduction);
+        let r = run(
+            &CpuBackend::new(),
+            &kd,
+            n,
+            c,
+            widths,
+            &s,
+            t,
+            Some(&labels),
+            false,
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        compare(
+            &format!("reference {what}"),
+            &r,
+            &want,
+            1e-5,
+            atol_row,
+            atol_grad,
+        )?;
+        for threads in [1, 3] {
+            let fast = FastCpuBackend::new().with_threads(threads);
+            let r = run(&fast, &kd, n, c, widths, &s, t, Some(&labels), threads == 3)
+                .map_err(|e| format!("{what}: {e}"))?;
+            compare(
+                &format!("fast {what}"),
+                &r,
+                &want,
+                1e-4,
+                10.0 * atol_row,
+                10.0 * atol_grad,
+            )?;
+        }
+        if let Some(w) = common::wgpu() {
+            let r = run(w, &kd, n, c, widths, &s, t, Some(&labels), true)
+                .map_err(|e| format!("{what}: {e}"))?;
+            let (row, grad) = (30.0 * atol_row, 30.0 * atol_grad);
+            compare(&format!("wgpu {what}"), &r, &want, 1e-4, row, grad)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn two_three_and_seven_shards_equal_the_unsharded_losses() {
+    let mut g = Lcg(7);
+    for (n, c) in [(5, 40), (3, 9), (1, 7), (4, 1000)] {
+        for k in [1, 2, 3, 7] {
+            let widths = split(c, k, &mut g);
+            for temp in [1.0, 4.0] {
+                check_case(
+                    n,
+                    c,
+                    &widths,
+                    temp,
+                    4.0,
+                    true,
+                    Reduction::BatchMean,
+                    11 + k as u64,
+                    0.0,
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn teacher_close_to_the_student_at_high_temperature() {
+    let mut g = Lcg(17);
+    for (n, c) in [(3, 50), (2, 700)] {
+        for k in [2, 7] {
+            let widths = split(c, k, &mut g);
+            for temp in [5.0, 20.0] {
+                for near in [1e-2, 1e-3] {
+                    check_case(n, c, &widths, temp, 3.0, true, Reduction::Sum, 5, near).unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_distributed_combine_equals_the_in_process_one() {
+    let kd = ShardedKdLoss::hinton(3.0, 0.3);
+    let (n, c) = (4, 30);
+    let mut g = Lcg(3);
+    let (s, t) = (g.vec(n * c, 6.0), g.vec(n * c, 6.0));
+    let labels = [0, 29, 5, IGNORE_INDEX];
+    let widths = [1, 13, 16];
+    let b = CpuBackend::new();
+    let a = run(&b, &kd, n, c, &widths, &s, Some(&t), Some(&labels), false).unwrap();
+    let d = run(&b, &kd, n, c, &widths, &s, Some(&t), Some(&labels), true).unwrap();
+    assert!((a.loss - d.loss).abs() <= 1e-6 * a.loss.abs());
+    assert_close("grad", &d.grad_student, &to_f64(&a.grad_student), 1e-6).unwrap();
+}
+
+#[test]
+fn rows_without_labels_and_every_row_masked() {
+    let (n, c) = (3, 11);
+    let mut g = Lcg(5);
+    let (s, t) = (g.vec(n * c, 3.0), g.vec(n * c, 3.0));
+    let kd = ShardedKdLoss::divergence(Divergence::ForwardKl, 2.0);
+    let want = unsharded(&kd, n, c, &s, Some(&t), None);
+    for b in [
+        &CpuBackend::new() as &dyn ShardedDyn,
+        &FastCpuBackend::new(),
+    ] {
+        let r = b.run(&kd, n, c, &[4, 1, 6], &s, Some(&t), None).unwrap();
+        compare("no labels", &r, &want, 1e-4, 1e-6, 1e-6).unwrap();
+    }
+    let kd = ShardedKdLoss::hinton(2.0, 0.5);
+    let labels = [IGNORE_INDEX; 3];
+    for b in [
+        &CpuBackend::new() as &dyn ShardedDyn,
+        &FastCpuBackend::new(),
+    ] {
+        let r = b
+            .run(&kd, n, c, &[4, 1, 6], &s, Some(&t), Some(&labels))
+            .unwrap();
+        assert_eq!(r.loss, 0.0);
+        assert!(r.grad_student.iter().all(|&v| v == 0.0));
+    }
+}
+
+/// Runs over either backend behind one reference.
+trait ShardedDyn {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        kd: &ShardedKdLoss,
+        n: usize,
+        c: usize,
+        widths: &[usize],
+        s: &[f32],
+        t: Option<&[f32]>,
+        labels: Option<&[i32]>,
+    ) -> distillation::Result<Whole>;
+}
+
+impl<B: ShardedBackend> ShardedDyn for B {
+    fn run(
+        &self,
+        kd: &ShardedKdLoss,
+        n: usize,
+        c: usize,
+        widths: &[usize],
+        s: &[f32],
+        t: Option<&[f32]>,
+        labels: Option<&[i32]>,
+    ) -> distillation::Result<Whole> {
+        run(self, kd, n, c, widths, s, t, labels, false)
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_saying_what_is_wrong() {
+    let b = CpuBackend::new();
+    let kd = ShardedKdLoss::hinton(2.0, 0.5);
+    let s = vec![0.0f32; 6];
+    // offset + width > C
+    let e = kd
+        .stats(&b, Shard::new(2, 4, 2, 3), &s, Some(&s), Some(&[0, 1]))
+        .unwrap_err();
+    assert!(e.to_string().contains("offset + width <= classes"), "{e}");
+    // a label outside the global vocabulary
+    let e = kd
+        .stats(&b, Shard::new(2, 8, 0, 3), &s, Some(&s), Some(&[0, 8]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Label {
+                row: 1,
+                label: 8,
+                classes: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // missing labels, missing teacher, student of the wrong length
+    assert!(kd
+        .stats(&b, Shard::new(2, 8, 0, 3), &s, Some(&s), None)
+        .is_err());
+    assert!(kd
+        .stats(&b, Shard::new(2, 8, 0, 3), &s, None, Some(&[0, 1]))
+        .is_err());
+    let e = kd
+        .stats(&b, Shard::new(2, 8, 0, 4), &s, Some(&s), Some(&[0, 1]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                what: "student",
+                got: 6,
+                expected: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // combined stats of the wrong size
+    let e = kd
+        .loss_and_grad(
+            &b,
+            Shard::new(2, 8, 0, 3),
+            &s,
+            Some(&s),
+            Some(&[0, 1]),
+            &[0.0; 5],
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                what: "combined stats",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // JSD without its terms
+    let jsd = ShardedKdLoss::divergence(Divergence::Jsd { beta: 0.5 }, 1.0);
+    let st = jsd
+        .stats(&b, Shard::new(2, 8, 0, 3), &s, Some(&s), None)
+        .unwrap();
+    let e = jsd
+        .loss_and_grad(&b, Shard::new(2, 8, 0, 3), &s, Some(&s), None, &st, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("JSD terms"), "{e}");
+    // shards that do not cover the same rows
+    let e = kd
+        .combine_shard_stats(&[&[0.0; 2 * STATS], &[0.0; STATS]])
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    // bad parameters
+    let bad = ShardedKdLoss::hinton(0.0, 0.5);
+    assert!(matches!(
+        bad.stats(&b, Shard::new(2, 8, 0, 3), &s, Some(&s), Some(&[0, 1])),
+        Err(Error::Param {
+            name: "temperature",
+            ..
+        })
+    ));
+    let bad = ShardedKdLoss::hinton(1.0, 1.5);
+    assert!(bad
+        .stats(
+            &FastCpuBackend::new(),
+            Shard::new(2, 8, 0, 3),
+            &s,
+            Some(&s),
+            Some(&[0, 1])
+        )
+        .is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sharded_equals_unsharded(
+        n in 1usize..6,
+        c in 1usize..90,
+        k in prop::sample::select(vec![1usize, 2, 3, 7]),
+        temp in prop::sample::select(vec![0.05f32, 0.5, 1.0, 2.0, 8.0, 30.0]),
+        scale in prop::sample::select(vec![0.1f32, 3.0, 20.0, 300.0]),
+        masked in any::<bool>(),
+        red in 0u8..3,
+        seed in 0u64..1000,
+    ) {
+        let mut g = Lcg(seed);
+        let widths = split(c, k, &mut g);
+        let reduction = [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize];
+        let near = if seed % 4 == 0 { 1e-3 } else { 0.0 };
+        check_case(n, c, &widths, temp, scale, masked, reduction, seed, near)
+            .map_err(TestCaseError::fail)?;
+    }
+}
