@@ -45,10 +45,11 @@ pub use cudarc;
 pub use dtype::{Dtype, Element, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half;
-pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss};
+pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss, SparseKdLoss};
 pub use ops::{
     AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    Reduction, RowShape, SoftmaxSpec, SparseSpec, SparseTail, SparseValues, TeacherInput,
+    IGNORE_INDEX,
 };
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.
 pub use wgpu;

@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)

@@ -10,6 +10,7 @@
 //! | cross-entropy | 3 | [`cross_entropy`] | `cross_entropy.wgsl` | `cross_entropy.cu` |
 //! | fused Hinton loss | 4 | [`hinton`] | `hinton.wgsl` | `hinton.cu` |
 //! | decoupled KD (DKD) | 8 | [`dkd`] | `dkd.wgsl` | `dkd.cu` |
+//! | sparse top-k teachers | 9 | [`sparse`] | not yet | not yet |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
 //! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
@@ -29,6 +30,7 @@ pub mod hinton;
 pub mod optim;
 pub mod relational;
 pub mod softmax;
+pub mod sparse;
 
 pub use cross_entropy::CrossEntropySpec;
 pub use divergence::{check_reverse_kl_support, DivergenceSpec};
@@ -36,6 +38,7 @@ pub use dkd::DkdSpec;
 pub use feature::{AttentionSpec, MseSpec};
 pub use hinton::HintonSpec;
 pub use softmax::SoftmaxSpec;
+pub use sparse::{SparseSpec, SparseTail, SparseValues};
 
 use crate::error::{Error, Result};
 

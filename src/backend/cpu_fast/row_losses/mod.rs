@@ -125,9 +125,11 @@ mod dkd;
 mod hinton;
 mod soft_targets;
 mod softmax;
+mod sparse;
 
 pub use cross_entropy::{CrossEntropyRows, Student};
 pub use divergence::DivergenceRows;
 pub use dkd::DkdRows;
 pub use hinton::HintonRows;
 pub use softmax::{SoftmaxBackwardRows, SoftmaxRows};
+pub use sparse::SparseRows;
