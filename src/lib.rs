@@ -32,6 +32,7 @@ pub mod ops;
 pub mod report;
 pub mod rng;
 pub mod tape;
+pub mod topk_cache;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::cpu_fast::FastCpuBackend;

@@ -59,7 +59,8 @@ pub enum SparseValues {
 }
 
 /// How the teacher's mass outside its top-k is handled (`docs/LOSSES.md` section 9).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SparseTail {
     /// The top-k is the whole distribution (renormalised over the support).
     #[default]
