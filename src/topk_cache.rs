@@ -166,7 +166,12 @@ impl TopKReader {
             }
             let dims: Vec<usize> = t["shape"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as usize)
+                        .collect()
+                })
                 .unwrap_or_default();
             let start = t["data_offsets"][0].as_u64();
             match (dims.as_slice(), start) {
@@ -211,7 +216,11 @@ impl TopKReader {
             return Err(Error::io(
                 "read",
                 &self.path,
-                format!("rows {start}..{} of a cache of {}", start + count, self.rows),
+                format!(
+                    "rows {start}..{} of a cache of {}",
+                    start + count,
+                    self.rows
+                ),
             ));
         }
         let (k, n) = (self.k, count * self.k);
@@ -244,11 +253,7 @@ pub fn top_k_logprobs(logits: &[f32], classes: usize, k: usize) -> (Vec<i32>, Ve
     let (mut idx, mut val) = (Vec::new(), Vec::new());
     for row in logits.chunks(classes) {
         let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = m + row
-            .iter()
-            .map(|&v| (v as f64 - m).exp())
-            .sum::<f64>()
-            .ln();
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
         let mut order: Vec<usize> = (0..classes).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
         for &j in &order[..k] {

@@ -50,7 +50,10 @@ fn round_trip_in_chunks() {
     assert_eq!(ti.shape(), &[rows, k]);
     assert_eq!(ti.dtype(), safetensors::Dtype::I32);
     assert_eq!(bytemuck::cast_slice::<u8, i32>(ti.data()), &idx[..]);
-    assert_eq!(st.tensor("values").unwrap().dtype(), safetensors::Dtype::BF16);
+    assert_eq!(
+        st.tensor("values").unwrap().dtype(),
+        safetensors::Dtype::BF16
+    );
     // The largest first, and no row's stored probabilities above 1.
     for (ri, rv) in idx.chunks(k).zip(val.chunks(k)) {
         assert!(rv.windows(2).all(|w| w[0] >= w[1]));

@@ -68,17 +68,17 @@ pub fn sparse_kd(
         let bucket = spec.tail == SparseTail::Bucket && spec.has_tail();
         let mut d = 0.0;
         let mut g_sum = 0.0;
-        // (the event's G / P_e for the bucket's members)
-        let mut bucket_a = 0.0;
+        // The tail event's log P and G (its members' `(p_j / P_tail) G_tail`).
+        let (mut lp_tail, mut g_tail) = (0.0, 0.0);
         if bucket {
-            let lp_tail = (0..c)
+            lp_tail = (0..c)
                 .filter(|&j| member[j] == usize::MAX)
                 .map(|j| lp[j])
                 .fold(f64::NEG_INFINITY, logaddexp);
-            let (f, a, g) = event_terms(spec.divergence, m.ln(), lp_tail);
+            let (f, _, g) = event_terms(spec.divergence, m.ln(), lp_tail);
             d += f;
             g_sum += g;
-            bucket_a = a;
+            g_tail = g;
         }
         // Each class's own G (none for the bucket's members, which use `bucket_a`).
         let mut g_own = vec![None; c];
@@ -105,7 +105,7 @@ pub fn sparse_kd(
             (1.0 - alpha) * temp * temp * d + ce.as_ref().map_or(0.0, |c| alpha * c.0);
         for j in 0..c {
             let pj = lp[j].exp();
-            let own = g_own[j].unwrap_or(pj * bucket_a);
+            let own = g_own[j].unwrap_or_else(|| (lp[j] - lp_tail).exp() * g_tail);
             let dd = (own - pj * g_sum) / temp;
             let ce_g = ce.as_ref().map_or(0.0, |c| alpha * c.1[j]);
             gs[j] = kk * ((1.0 - alpha) * temp * temp * dd + ce_g);

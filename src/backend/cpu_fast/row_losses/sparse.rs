@@ -67,7 +67,6 @@ enum Mode {
 /// A row's constants for the dense passes.
 #[derive(Clone, Copy)]
 struct Dense {
-    mode: Mode,
     ms: f32,
     inv_t: f32,
     lnz: f32,
@@ -180,7 +179,16 @@ impl SparseRows<'_> {
         let mut bad = false;
         for (b, blk) in sc.blocks.iter_mut().enumerate() {
             let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
-            *blk = self.block_stats(&sc.mask, base, (j0, j1), inv_t, (uniform, bucket, ce));
+            let (m, j) = (&sc.mask, (j0, j1));
+            // One loop per combination (const parameters), so that no branch sits in the lanes.
+            *blk = match (uniform, bucket, ce) {
+                (false, false, false) => self.block_stats::<false, false, false>(m, base, j, inv_t),
+                (false, false, true) => self.block_stats::<false, false, true>(m, base, j, inv_t),
+                (true, _, false) => self.block_stats::<true, false, false>(m, base, j, inv_t),
+                (true, _, true) => self.block_stats::<true, false, true>(m, base, j, inv_t),
+                (false, true, false) => self.block_stats::<false, true, false>(m, base, j, inv_t),
+                (false, true, true) => self.block_stats::<false, true, true>(m, base, j, inv_t),
+            };
             bad |= blk.bad;
         }
         if bad {
@@ -223,14 +231,17 @@ impl SparseRows<'_> {
         let off = (c - k) as f64;
         let p_tail = z_off / z;
         let (mut mode, mut coff, mut u, mut lu) = (Mode::Scaled, 0.0f64, 0.0f64, 0.0f64);
+        let mut tail_g: Option<(f64, f64)> = None;
         if c > k {
             match spec.tail {
                 _ if bucket => {
                     let lp_tail = (mo as f64 - ms as f64) / t + zt.ln() - lnz;
-                    let (f, a, g) = event_terms(div, m.ln(), lp_tail);
+                    let (f, _, g) = event_terms(div, m.ln(), lp_tail);
                     d_sum += f;
                     g_sum += g;
-                    coff = a;
+                    // `a = G / P_tail` in log form: forward KL's `m / P_tail` can overflow
+                    // where `p_j` underflows, their product finite.
+                    tail_g = Some((g, lp_tail));
                 }
                 _ if uniform => {
                     u = m / off;
@@ -269,7 +280,6 @@ impl SparseRows<'_> {
             }
         }
         let mut dn = Dense {
-            mode,
             ms,
             inv_t,
             lnz: lnz as f32,
@@ -320,10 +330,32 @@ impl SparseRows<'_> {
             _ => cc as f32,
         };
         dn.lc = cc.abs().ln() as f32;
+        if let Some((g, lp_tail)) = tail_g {
+            // c = G e^(-log P_tail) - Abar, with |G| e^(-log P_tail) possibly past f64's range.
+            let la = g.abs().ln() - lp_tail;
+            if la > 600.0 {
+                dn.c = g.signum() as f32;
+                dn.lc = la as f32;
+            } else {
+                let cc = g.signum() * la.exp() - abar;
+                dn.c = cc.signum() as f32;
+                dn.lc = cc.abs().ln() as f32;
+            }
+        }
         if let Some(o) = self.student.g {
             for b in 0..sc.blocks.len() {
                 let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(c));
-                self.block_grad(base, (j0, j1), &dn, o);
+                let j = (j0, j1);
+                match (mode, dn.ce.is_some()) {
+                    (Mode::Scaled, false) => self.block_grad::<0, false>(base, j, &dn, o),
+                    (Mode::Scaled, true) => self.block_grad::<0, true>(base, j, &dn, o),
+                    (Mode::UniformFkl, false) => self.block_grad::<1, false>(base, j, &dn, o),
+                    (Mode::UniformFkl, true) => self.block_grad::<1, true>(base, j, &dn, o),
+                    (Mode::UniformRkl, false) => self.block_grad::<2, false>(base, j, &dn, o),
+                    (Mode::UniformRkl, true) => self.block_grad::<2, true>(base, j, &dn, o),
+                    (Mode::UniformJsd, false) => self.block_grad::<3, false>(base, j, &dn, o),
+                    (Mode::UniformJsd, true) => self.block_grad::<3, true>(base, j, &dn, o),
+                }
             }
             // The support's entries, from their f64 values.
             let idx = &self.indices[r * k..(r + 1) * k];
@@ -344,14 +376,14 @@ impl SparseRows<'_> {
 
     /// Pass 1 over one block (see the module documentation).
     #[inline(always)]
-    fn block_stats(
+    fn block_stats<const UNIFORM: bool, const BUCKET: bool, const CE: bool>(
         &self,
         mask: &[u8],
         base: usize,
         (j0, j1): (usize, usize),
         inv_t: f32,
-        (uniform, bucket, ce): (bool, bool, bool),
     ) -> Block {
+        let (uniform, bucket, ce) = (UNIFORM, BUCKET, CE);
         let s = self.student.s;
         let (mb, bad) = max_and_bad(s, base, j0, j1);
         let mut blk = Block {
@@ -368,8 +400,9 @@ impl SparseRows<'_> {
             for_steps!(j0, j1, |j, n| {
                 // SAFETY: in bounds.
                 let v = unsafe { s.load(base + j, n) };
+                let mk: &[u8; LANES] = mask[j..j + LANES].try_into().expect("padded mask");
                 for l in 0..LANES {
-                    let off = l < n && mask[j + l] == 0;
+                    let off = l < n && mk[l] == 0;
                     mo[l] = select(off, vmath::max(mo[l], v[l]), mo[l]);
                 }
             });
@@ -393,9 +426,10 @@ impl SparseRows<'_> {
         for_steps!(j0, j1, |j, n| {
             // SAFETY: in bounds.
             let v = unsafe { s.load(base + j, n) };
+            let mk: &[u8; LANES] = mask[j..j + LANES].try_into().expect("padded mask");
             for l in 0..LANES {
                 let on = l < n;
-                let off = on && mask[j + l] == 0;
+                let off = on && mk[l] == 0;
                 let x = (v[l] - mb) * inv_t;
                 let e = vmath::exp_nonpos(select(on, x, 0.0));
                 z[l] += select(on, e, 0.0) as f64;
@@ -427,12 +461,22 @@ impl SparseRows<'_> {
         blk
     }
 
-    /// `log p_j`, `p_j` and the off-support `h_j` (see [`Mode`]) of one lane.
+    /// `log p_j`, `p_j` and the off-support `h_j` (see [`Mode`]; `MODE` its index) of one lane.
     #[inline(always)]
-    fn off_h(dn: &Dense, v: f32) -> (f32, f32, f32) {
+    fn off_h<const MODE: u8>(dn: &Dense, v: f32) -> (f32, f32, f32) {
         let x = (v - dn.ms) * dn.inv_t - dn.lnz;
+        if MODE == 0 {
+            // Scaled: one exponential.
+            return (x, 0.0, dn.c * vmath::exp(x + dn.lc));
+        }
         let p = vmath::exp(x);
-        let h = match dn.mode {
+        let mode = [
+            Mode::Scaled,
+            Mode::UniformFkl,
+            Mode::UniformRkl,
+            Mode::UniformJsd,
+        ][MODE as usize];
+        let h = match mode {
             Mode::Scaled => dn.c * vmath::exp(x + dn.lc),
             Mode::UniformFkl => p - dn.u,
             Mode::UniformRkl => p * (x + dn.c),
@@ -459,8 +503,9 @@ impl SparseRows<'_> {
             for_steps!(j0, j1, |j, n| {
                 // SAFETY: in bounds.
                 let v = unsafe { s.load(base + j, n) };
+                let mk: &[u8; LANES] = mask[j..j + LANES].try_into().expect("padded mask");
                 for l in 0..LANES {
-                    let off = l < n && mask[j + l] == 0;
+                    let off = l < n && mk[l] == 0;
                     let x = (v[l] - dn.ms) * dn.inv_t - dn.lnz;
                     let p = vmath::exp(x);
                     // The terms `beta u phi(log M - log u) + (1 - beta) p phi(log M - log p)`
@@ -487,17 +532,24 @@ impl SparseRows<'_> {
 
     /// The dense gradient over one block (the support's entries are written over it after).
     #[inline(always)]
-    fn block_grad(&self, base: usize, (j0, j1): (usize, usize), dn: &Dense, o: Out) {
+    fn block_grad<const MODE: u8, const CE: bool>(
+        &self,
+        base: usize,
+        (j0, j1): (usize, usize),
+        dn: &Dense,
+        o: Out,
+    ) {
         let s = self.student.s;
+        let (lnz1, ka, y, eps_c, one_m_eps) = dn.ce.unwrap_or((0.0, 0.0, 0, 0.0, 0.0));
         for_steps!(j0, j1, |j, n| {
             // SAFETY: in bounds; this row is this thread's (an in-place gradient writes each
             // element right after reading it).
             let v = unsafe { s.load(base + j, n) };
             let mut g = [0.0f32; LANES];
             for l in 0..LANES {
-                let (_, _, h) = Self::off_h(dn, v[l]);
+                let (_, _, h) = Self::off_h::<MODE>(dn, v[l]);
                 let mut gl = dn.gk * h;
-                if let Some((lnz1, ka, y, eps_c, one_m_eps)) = dn.ce {
+                if CE {
                     // (s - max) first: `max + log Z1` in f32 would lose log Z1 at large logits.
                     let p1 = vmath::exp((v[l] - dn.ms) - lnz1);
                     gl += ka * (p1 - eps_c - select(j + l == y, one_m_eps, 0.0));
