@@ -196,7 +196,7 @@ fn make_case(
         .zip(g.vec(n * c, scale))
         .map(|(&a, b)| 0.5 * a + b)
         .collect();
-    let (idx, vals) = teacher_of(&t, c, k, logits, seed % 3 == 0, &mut g);
+    let (idx, vals) = teacher_of(&t, c, k, logits, seed.is_multiple_of(3), &mut g);
     let labels = if alpha > 0.0 || mask {
         Some(
             (0..n)
