@@ -10,12 +10,19 @@
 //! once; then the same three with bf16 student, teacher and gradient (`*_bf16`: 6 and 4 bytes per
 //! element). Medians of `--runs` runs after two warm-ups; GB/s of the minimal traffic and its
 //! share of the `c = a + b` bandwidth.
+//!
+//! `--sparse` measures instead a sparse top-k teacher (`docs/LOSSES.md` section 10, forward KL,
+//! log-probabilities, renormalize and bucket tails, T = 1) at k = 16, 64 and 128: the minimal
+//! traffic is the student read and the gradient written (8 bytes per element) plus 8 bytes per
+//! teacher entry (an i32 index and an f32 value); the call includes the host-side check of the
+//! indices and values.
 
 use std::time::Instant;
 
 use distillation::half::bf16;
 use distillation::{
-    Backend, CrossEntropySpec, DivergenceSpec, Dtype, FastCpuBackend, HintonSpec, LossOut, RowShape,
+    Backend, CrossEntropySpec, DivergenceSpec, Dtype, FastCpuBackend, HintonSpec, LossOut,
+    RowShape, SparseSpec, SparseTail,
 };
 
 struct Args {
@@ -23,6 +30,7 @@ struct Args {
     threads: usize,
     shapes: Vec<(usize, usize)>,
     json: bool,
+    sparse: bool,
 }
 
 fn args() -> Args {
@@ -31,6 +39,7 @@ fn args() -> Args {
         threads: 0,
         shapes: vec![(1024, 1000), (2048, 32000), (4096, 32000)],
         json: false,
+        sparse: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,7 +57,10 @@ fn args() -> Args {
                     .collect()
             }
             "--json" => a.json = true,
-            other => panic!("unknown flag {other}: --runs N, --threads N, --shapes NxC,.., --json"),
+            "--sparse" => a.sparse = true,
+            other => panic!(
+                "unknown flag {other}: --runs N, --threads N, --shapes NxC,.., --json, --sparse"
+            ),
         }
     }
     a
@@ -100,6 +112,22 @@ fn lcg(seed: u64, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Each row's `k` largest log-probabilities of `t` (`[rows, c]`) and their classes.
+fn top_k(t: &[f32], c: usize, k: usize) -> (Vec<i32>, Vec<f32>) {
+    let (mut idx, mut val) = (Vec::new(), Vec::new());
+    for row in t.chunks(c) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        let mut order: Vec<usize> = (0..c).collect();
+        order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+        for &j in &order[..k] {
+            idx.push(j as i32);
+            val.push((row[j] as f64 - lse) as f32);
+        }
+    }
+    (idx, val)
+}
+
 fn main() -> distillation::Result<()> {
     let a = args();
     let b = FastCpuBackend::new().with_threads(a.threads);
@@ -128,6 +156,40 @@ fn main() -> distillation::Result<()> {
         let floor_s = time(a.runs, || add(&s, &t, &mut out, threads));
         let floor = 12.0 * len as f64 / floor_s / 1e9;
         drop(out);
+        if a.sparse {
+            let sb = b.upload(&s)?;
+            let (loss, grad) = (b.filled(1, 0.0)?, b.filled(len, 0.0)?);
+            for k in [16usize, 64, 128] {
+                let (idx, lq) = top_k(&t, c, k);
+                let (ib, vb) = (b.upload_labels(&idx)?, b.upload(&lq)?);
+                for tail in [SparseTail::Renormalize, SparseTail::Bucket] {
+                    let spec = SparseSpec {
+                        tail,
+                        ..SparseSpec::new(RowShape::new(n, c), k, 1.0)
+                    };
+                    let sec = time(a.runs, || {
+                        b.sparse_kd(&spec, &sb, &ib, &vb, None, LossOut::with_grad(&loss, &grad))
+                            .expect("sparse")
+                    });
+                    let bytes = 8.0 * len as f64 + 8.0 * (n * k) as f64;
+                    let gbps = bytes / sec / 1e9;
+                    let name = format!("sparse_k{k}_{}", tail.name());
+                    if a.json {
+                        rows.push(format!(
+                            "{{\"loss\":\"{name}\",\"n\":{n},\"c\":{c},\"ms\":{:.4},\"gbps\":{gbps:.2},\"floor_gbps\":{floor:.2}}}",
+                            sec * 1e3
+                        ));
+                    } else {
+                        println!(
+                            "| {name} | {n}x{c} | {:.3} | {gbps:.1} | {floor:.1} | {:.0}% |",
+                            sec * 1e3,
+                            100.0 * gbps / floor
+                        );
+                    }
+                }
+            }
+            continue;
+        }
         let (sb, tb, lb) = (b.upload(&s)?, b.upload(&t)?, b.upload_labels(&labels)?);
         let (loss, grad) = (b.filled(1, 0.0)?, b.filled(len, 0.0)?);
         let shape = RowShape::new(n, c);

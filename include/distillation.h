@@ -15,7 +15,7 @@
  are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`; 6: a
  dtype argument after each student, teacher and gradient pointer of the row losses, with
  [`DST_F32`], [`DST_BF16`], [`DST_F16`]; 7: the vocab-sharded losses `dst_*_sharded_*` and
- `DstShardedSpec`).
+ `DstShardedSpec`, the sparse top-k teacher entry points `dst_*_sparse_kd`).
  */
 #define DST_ABI_VERSION 7
 
@@ -691,6 +691,39 @@ int32_t dst_cuda_dkd(const struct dst_cuda *ctx,
                      int32_t grad_student_dtype);
 
 /*
+ [`dst_cpu_sparse_kd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules). The
+ CUDA kernel is not written yet: this returns `DST_ERR_UNSUPPORTED` after the arguments'
+ checks (the entry point is in the ABI so that the kernel can land without a version bump).
+
+ # Safety
+ As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_sparse_kd`].
+ */
+int32_t dst_cuda_sparse_kd(const struct dst_cuda *ctx,
+                           const void *student,
+                           int32_t student_dtype,
+                           const int32_t *indices,
+                           const void *values,
+                           int32_t values_dtype,
+                           const int32_t *labels,
+                           size_t n,
+                           size_t c,
+                           size_t k,
+                           int32_t divergence_code,
+                           float beta,
+                           int32_t values_code,
+                           int32_t tail_code,
+                           float temperature,
+                           float alpha,
+                           float label_smoothing,
+                           int32_t ignore_index,
+                           int32_t reduction_code,
+                           float grad_scale,
+                           float *loss,
+                           float *row_loss,
+                           void *grad_student,
+                           int32_t grad_student_dtype);
+
+/*
  [`dst_cpu_divergence`] on device pointers (see [`dst_cuda_hinton`] for the stream rules).
 
  # Safety
@@ -767,6 +800,80 @@ int32_t dst_cuda_check_labels(const struct dst_cuda *ctx,
                               size_t n,
                               size_t c,
                               int32_t ignore_index);
+
+/*
+ Distillation from a sparse top-k teacher on host memory (CPU reference backend, f64 inside;
+ [`dst_fast_sparse_kd`] is the fast f32 backend): `alpha CE + (1 - alpha) T^2 D(Q || P)`
+ (`docs/LOSSES.md` section 10).
+
+ `student`: `[n, c]` logits; `indices`: `[n, k]` i32 classes, distinct within a row, `1 <= k <=
+ min(c, 1024)`; `values`: `[n, k]`, log-probabilities (`values_code` 0) or logits (1);
+ `labels`: `[n]` or NULL (required when `alpha > 0`; `ignore_index` masks rows).
+ `divergence_code`: 0 forward KL, 1 reverse KL, 2 JSD with `beta` in (0, 1). `tail_code`: 0
+ renormalize over the top-k, 1 a tail bucket (one extra class of mass `1 - sum e^values`), 2
+ the tail spread uniformly over the other `c - k` classes (1 and 2 need log-probabilities).
+ Outputs: `loss` (1 float, required), `row_loss` (`[n]`, optional), `grad_student` (`[n, c]`,
+ optional, may equal `student` for an in-place gradient). Bad indices or values are an error
+ (`DST_ERR_INPUT`) naming the row. Dtypes as [`dst_cpu_hinton`] (`values_dtype` for the values).
+
+ # Safety
+ Every non-null pointer must be valid for the number of elements named above.
+ */
+int32_t dst_cpu_sparse_kd(const void *student,
+                          int32_t student_dtype,
+                          const int32_t *indices,
+                          const void *values,
+                          int32_t values_dtype,
+                          const int32_t *labels,
+                          size_t n,
+                          size_t c,
+                          size_t k,
+                          int32_t divergence_code,
+                          float beta,
+                          int32_t values_code,
+                          int32_t tail_code,
+                          float temperature,
+                          float alpha,
+                          float label_smoothing,
+                          int32_t ignore_index,
+                          int32_t reduction_code,
+                          float grad_scale,
+                          float *loss,
+                          float *row_loss,
+                          void *grad_student,
+                          int32_t grad_student_dtype);
+
+/*
+ [`dst_cpu_sparse_kd`] on the fast CPU backend, as [`dst_fast_hinton`] is to
+ [`dst_cpu_hinton`].
+
+ # Safety
+ As [`dst_cpu_sparse_kd`].
+ */
+int32_t dst_fast_sparse_kd(int32_t threads,
+                           const void *student,
+                           int32_t student_dtype,
+                           const int32_t *indices,
+                           const void *values,
+                           int32_t values_dtype,
+                           const int32_t *labels,
+                           size_t n,
+                           size_t c,
+                           size_t k,
+                           int32_t divergence_code,
+                           float beta,
+                           int32_t values_code,
+                           int32_t tail_code,
+                           float temperature,
+                           float alpha,
+                           float label_smoothing,
+                           int32_t ignore_index,
+                           int32_t reduction_code,
+                           float grad_scale,
+                           float *loss,
+                           float *row_loss,
+                           void *grad_student,
+                           int32_t grad_student_dtype);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -33,6 +33,7 @@ pub mod report;
 pub mod rng;
 pub mod sharded;
 pub mod tape;
+pub mod topk_cache;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::cpu_fast::FastCpuBackend;
@@ -46,11 +47,12 @@ pub use cudarc;
 pub use dtype::{Dtype, Element, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half;
-pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss};
+pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss, SparseKdLoss};
 pub use ops::sharded::{Shard, ShardedLoss, ShardedSpec};
 pub use ops::{
     AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    Reduction, RowShape, SoftmaxSpec, SparseSpec, SparseTail, SparseValues, TeacherInput,
+    IGNORE_INDEX,
 };
 pub use sharded::{ShardedBackend, ShardedKdLoss, ShardedOut};
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.

@@ -13,6 +13,9 @@ use crate::ops::{
     IGNORE_INDEX,
 };
 
+mod sparse;
+pub use sparse::SparseKdLoss;
+
 /// A loss, its per-row values and its gradients, on the host. The gradients are in the inputs'
 /// element types (`S` the student's, `T` the teacher's: f32, bf16 or f16, rounded once to nearest
 /// even), or f32 from the `*_f32` methods; the losses are f32.

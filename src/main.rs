@@ -116,6 +116,15 @@ struct Opts {
     /// DKD: epochs of linear warm-up of its two KD terms (0: none).
     #[arg(long, default_value_t = 20, global = true)]
     dkd_warmup: usize,
+    /// --method cached: store the teacher as its top K log-probabilities per example (a
+    /// safetensors top-k cache, indices i32 + values bf16) instead of dense probabilities.
+    #[arg(long, value_name = "K", global = true)]
+    top_k: Option<usize>,
+    /// --top-k: the teacher's mass outside its top K: renormalize (the top K is the whole
+    /// distribution), uniform (spread over the other classes) or bucket (one extra class; not
+    /// available in the experiment yet).
+    #[arg(long, default_value = "renormalize", value_parser = ["renormalize", "bucket", "uniform"], global = true)]
+    top_k_tail: String,
     /// Output folder for results.json, curves.svg and student.safetensors.
     #[arg(long, default_value = "out", global = true)]
     out: PathBuf,
@@ -237,6 +246,9 @@ fn config(o: &Opts) -> Config {
         dkd_beta: o.dkd_beta,
         dkd_warmup: o.dkd_warmup,
         cache_dir: o.out.join("soft-targets"),
+        top_k: o.top_k,
+        top_k_tail: distillation::ops::SparseTail::parse(&o.top_k_tail)
+            .expect("clap checked the value"),
         teacher_hidden: o.teacher_hidden.clone(),
         student_hidden: o.student_hidden.clone(),
         teacher_channels: o.teacher_channels.clone(),

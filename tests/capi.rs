@@ -309,6 +309,22 @@ fn c_program_matches_the_rust_api() {
     same(&got, "dkd.grad_student", &gs);
     same(&got, "dkd_inplace.grad_student", &gs);
 
+    // The sparse teacher through SparseKdLoss, on the indices and values the C program made.
+    let idx: Vec<i32> = got["sparse.indices"].iter().map(|&v| v as i32).collect();
+    let sparse = distillation::SparseKdLoss {
+        tail: distillation::SparseTail::Bucket,
+        alpha: 0.3,
+        ..distillation::SparseKdLoss::new(2.0)
+    };
+    let r = sparse
+        .forward_backward(&b, &s, &idx, &got["sparse.values"], Some(&labels), C, 2)
+        .unwrap();
+    same(&got, "sparse.loss", &[r.loss]);
+    same(&got, "sparse.row_loss", &r.row_loss);
+    // (grad_scale 0.5 in C)
+    let half: Vec<f32> = r.grad_student.iter().map(|g| g * 0.5).collect();
+    same(&got, "sparse.grad_student", &half);
+
     // MSE.
     let spec = MseSpec {
         len: N * C,

@@ -444,3 +444,39 @@ fn cli_short_run_writes_json_plot_and_checkpoint() {
     assert_eq!(header["2.weight"]["shape"], serde_json::json!([10, 32]));
     assert_eq!(header["2.bias"]["dtype"], "F32");
 }
+
+/// `--method cached --top-k K`: the teacher through a top-k safetensors cache learns with the
+/// renormalize and uniform tails; the bucket tail and a bad k are configuration errors.
+#[test]
+fn cached_top_k_runs_and_learns() {
+    use distillation::ops::SparseTail;
+    let b = distillation::FastCpuBackend::new();
+    let data = Dataset::digits().unwrap();
+    for tail in [SparseTail::Renormalize, SparseTail::Uniform] {
+        let cfg = Config {
+            epochs: 15,
+            top_k: Some(3),
+            top_k_tail: tail,
+            ..quick(Method::Cached)
+        };
+        let r = experiment::run(&b, &data, &cfg, &mut |_| {})
+            .unwrap()
+            .report;
+        let f = &r.folds[0];
+        assert!(f.student > 0.3, "{tail:?}: student accuracy {}", f.student);
+        assert!(f.student_curve.last().unwrap() < &f.student_curve[0]);
+    }
+    for (k, tail, want) in [
+        (3, SparseTail::Bucket, "bucket"),
+        (0, SparseTail::Renormalize, "--top-k 0"),
+        (11, SparseTail::Renormalize, "--top-k 11"),
+    ] {
+        let cfg = Config {
+            top_k: Some(k),
+            top_k_tail: tail,
+            ..quick(Method::Cached)
+        };
+        let e = experiment::run(&b, &data, &cfg, &mut |_| {}).err().unwrap();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+}

@@ -7,6 +7,12 @@ same run: a device-to-device copy on the GPU, a streaming c = a + b on the CPU).
     python3 benches/peers/torch_losses.py [--large] [--runs 20]            # CUDA
     python3 benches/peers/torch_losses.py --device cpu --threads 2         # CPU
     python3 benches/peers/torch_losses.py --device cpu --dtype bf16        # bf16 logits
+    python3 benches/peers/torch_losses.py --device cpu --sparse            # sparse top-k teachers
+
+--sparse: a teacher of k = 16, 64, 128 log-probabilities per row (forward KL, T = 1, the top-k
+renormalised): PyTorch's best composition, log_softmax of the student, gather at the teacher's
+indices, the renormalised teacher's weights (backward: autograd's scatter); traffic counted as in
+examples/cpu_bench.rs --sparse (8 bytes per dense element, 8 per teacher entry).
 
 Forward and backward from raw f32 (or, with --dtype, bf16 / f16: PyTorch computing on those tensors
 as a trainer with half logits would, its traffic counted at 2 bytes per element) logits: Hinton alpha*CE + (1-alpha)*T^2*KL, forward KL, and
@@ -42,6 +48,32 @@ def forward_kl(s, t, y):
 
 def cross_entropy(s, t, y):
     return F.cross_entropy(s, y)
+
+
+def sparse_kl(s, idx, lq):
+    """Forward KL against a top-k teacher renormalised over its support, batchmean (T = 1)."""
+    lp = F.log_softmax(s, -1).gather(1, idx)
+    q = F.softmax(lq, -1)
+    return (q * (q.clamp_min(1e-45).log() - lp)).sum() / s.shape[0]
+
+
+def sparse_main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device: cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| kernel | shape | backend | median ms | GB/s | c = a + b GB/s | % of c = a + b |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n, c in args.sparse_shapes:
+        s = torch.randn(n, c).mul(5).requires_grad_()
+        t = torch.randn(n, c).mul(5)
+        copy = add_bandwidth_cpu(n, c, args.runs)
+        for k in (16, 64, 128):
+            lq, idx = F.log_softmax(t, -1).topk(k, -1)
+            for backend, fn in (("eager", sparse_kl), ("torch.compile", torch.compile(sparse_kl))):
+                med = timed_cpu(fn, [(s, idx, lq)], args.runs)
+                gbps = (8 * n * c + 8 * n * k) / med / 1e9
+                print(f"| sparse_k{k}_renormalize | {n}x{c} | {backend} | {med * 1e3:.4f} | {gbps:.1f} | "
+                      f"{copy:.1f} | {100 * gbps / copy:.0f}% |")
 
 
 def timed_cpu(fn, inputs, runs):
@@ -110,7 +142,12 @@ def main():
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32", help="logits' dtype")
+    ap.add_argument("--sparse", action="store_true", help="CPU: sparse top-k teachers")
+    ap.add_argument("--sparse-shapes", default="256x32000,64x131072",
+                    type=lambda v: [tuple(int(x) for x in p.split("x")) for p in v.split(",")])
     args = ap.parse_args()
+    if args.sparse:
+        return sparse_main(args)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     size = 4 if args.dtype == "f32" else 2
     dev = args.device

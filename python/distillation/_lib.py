@@ -80,6 +80,12 @@ def _declare(lib) -> None:
     sig("dst_fast_mse", _i32, _P, _P, _SZ, _f32, _P, _P, _P)
     sig("dst_fast_dkd", _i32, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32,
         _i32, _i32, _f32, _P, _P, _P, _i32)
+    # (student, dtype, indices, values, dtype, labels, n, c, k, divergence, beta, values kind,
+    # tail, T, alpha, label smoothing, ignore_index, reduction, grad_scale, loss, rows, grad,
+    # dtype)
+    sparse = (_P, _i32, _P, _P, _i32, _P, _SZ, _SZ, _SZ, _i32, _f32, _i32, _i32, _f32, _f32, _f32,
+              _i32, _i32, _f32, _P, _P, _P, _i32)
+    sig("dst_fast_sparse_kd", _i32, *sparse)
     # Device memory, the CUDA backend (a context first).
     sig("dst_cuda_create_on_stream", _i32, _P, ctypes.POINTER(_P))
     sig("dst_cuda_destroy", _P)
@@ -93,6 +99,7 @@ def _declare(lib) -> None:
     sig("dst_cuda_mse", _P, _P, _P, _SZ, _f32, _P, _P, _P)
     sig("dst_cuda_dkd", _P, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32,
         _i32, _i32, _f32, _P, _P, _P, _i32)
+    sig("dst_cuda_sparse_kd", _P, *sparse)
 
 def lib():
     """The loaded library (loaded and checked once)."""

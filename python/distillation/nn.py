@@ -52,6 +52,29 @@ class DKDLoss(nn.Module):
                             ignore_index=self.ignore_index, reduction=self.reduction)
 
 
+class SparseKDLoss(nn.Module):
+    """Distillation from a sparse top-k teacher: ``forward(student_logits, indices, values,
+    labels=None)``; see :func:`distillation.sparse_kd_loss`."""
+
+    def __init__(self, temperature: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, values_kind: str = "logprobs", tail: str = "renormalize",
+                 alpha: float = 0.0, label_smoothing: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "batchmean"):
+        super().__init__()
+        self.temperature, self.divergence, self.beta = temperature, divergence, beta
+        self.values_kind, self.tail, self.alpha = values_kind, tail, alpha
+        self.label_smoothing, self.ignore_index, self.reduction = (
+            label_smoothing, ignore_index, reduction)
+
+    def forward(self, student: Tensor, indices: Tensor, values: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return ops.sparse_kd_loss(student, indices, values, self.temperature,
+                                  divergence=self.divergence, beta=self.beta,
+                                  values_kind=self.values_kind, tail=self.tail, labels=labels,
+                                  alpha=self.alpha, label_smoothing=self.label_smoothing,
+                                  ignore_index=self.ignore_index, reduction=self.reduction)
+
+
 class SoftTargetLoss(nn.Module):
     """A soft-target divergence: ``forward(student_logits, teacher, labels=None)``; see
     :func:`distillation.soft_target_loss`."""

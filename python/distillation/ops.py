@@ -28,6 +28,8 @@ _KL_REDUCTIONS = ("batchmean", "sum", "none")
 _CE_REDUCTIONS = ("mean", "batchmean", "sum", "none")
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 TEACHER_INPUTS = {"logits": 0, "probs": 1, "logprobs": 2}
+SPARSE_VALUES = {"logprobs": 0, "logits": 1}
+SPARSE_TAILS = {"renormalize": 0, "bucket": 1, "uniform": 2}
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 
@@ -175,6 +177,35 @@ def _(student, teacher, labels, temperature, ce_weight, tckd_weight, nckd_weight
     return _f32_empty(student, *((n,) if rows else ())), _grad_buffer(student, want_student)
 
 
+# ---- sparse top-k teachers ----
+
+@torch.library.custom_op("distillation::sparse_kd", mutates_args=())
+def sparse_kd_op(student: Tensor, indices: Tensor, values: Tensor, labels: Optional[Tensor],
+                 divergence: int, beta: float, values_kind: int, tail: int, temperature: float,
+                 alpha: float, label_smoothing: float, ignore_index: int, reduction: int,
+                 rows: bool, want_student: bool) -> tuple[Tensor, Tensor]:
+    """``alpha * CE + (1 - alpha) * T^2 * D(Q || P)`` for ``[N, C]`` logits and a teacher of
+    ``[N, k]`` int32 indices and values (``docs/LOSSES.md`` section 10): (loss, grad_student or
+    empty). The teacher is a constant."""
+    n, c = student.shape
+    k = indices.shape[1]
+    loss = _f32_zeros(student)
+    row = _f32_zeros(student, n) if rows else None
+    gs = _grad_buffer(student, want_student)
+    _launch("sparse_kd", student.device, _ptr(student), _dt(student), _ptr(indices),
+            _ptr(values), _dt(values), _ptr(labels), n, c, k, divergence, beta, values_kind,
+            tail, temperature, alpha, label_smoothing, ignore_index, reduction, 1.0, _ptr(loss),
+            _ptr(row), _ptr(gs), _dt(gs))
+    return (row if rows else loss), gs
+
+
+@sparse_kd_op.register_fake
+def _(student, indices, values, labels, divergence, beta, values_kind, tail, temperature, alpha,
+      label_smoothing, ignore_index, reduction, rows, want_student):
+    n = student.shape[0]
+    return _f32_empty(student, *((n,) if rows else ())), _grad_buffer(student, want_student)
+
+
 # ---- feature MSE ----
 
 @torch.library.custom_op("distillation::mse", mutates_args=())
@@ -226,6 +257,9 @@ cross_entropy_op.register_autograd(
 dkd_op.register_autograd(
     lambda ctx, upstream, *_: _backward(ctx, upstream) + (None,) * 11,
     setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 10))
+sparse_kd_op.register_autograd(
+    lambda ctx, upstream, *_: _backward(ctx, upstream) + (None,) * 14,
+    setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, 13))
 mse_op.register_autograd(
     lambda ctx, upstream, *_: _backward(ctx, upstream) + (None, None),
     setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, None))
@@ -375,6 +409,46 @@ def dkd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: floa
     loss, _ = dkd_op(s, t.detach(), y, float(temperature), float(ce_weight), float(alpha) * w,
                      float(beta) * w, float(label_smoothing), _ignore(ignore_index), red, rows,
                      _wants(s))
+    return _out(loss, student, rows)
+
+
+def sparse_kd_loss(student: Tensor, indices: Tensor, values: Tensor, temperature: float = 1.0,
+                   *, divergence: str = "forward_kl", beta: float = 0.5,
+                   values_kind: str = "logprobs", tail: str = "renormalize",
+                   labels: Optional[Tensor] = None, alpha: float = 0.0,
+                   label_smoothing: float = 0.0, ignore_index: int = -100,
+                   reduction: str = "batchmean") -> Tensor:
+    """Distillation from a sparse top-k teacher (``docs/LOSSES.md`` section 10): per row ``k``
+    class ``indices`` and ``values`` (``[..., k]``; ``values_kind`` ``"logprobs"``, the teacher's
+    log-probabilities as a top-k cache stores them, re-tempered as ``log q / T`` and renormalised
+    over the top-k, or ``"logits"``), the student ``[..., C]`` dense. ``tail``: ``"renormalize"``
+    (the top-k is the whole distribution), ``"bucket"`` (one extra class of mass ``1 - sum
+    exp(values)`` against the student's mass outside the top-k, TRL's ``loss_add_tail``) or
+    ``"uniform"`` (that mass spread over the other classes, DistillKit's). ``divergence`` as
+    :func:`soft_target_loss`. The loss is ``alpha * CE(student, labels) + (1 - alpha) * T^2 *
+    D``; ``labels`` (required when ``alpha > 0``) mask rows equal to ``ignore_index``.
+    Repeated or out-of-range indices are an error. Differentiable in ``student``."""
+    s = _float_rows(student, "student")
+    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
+        raise TypeError("indices must be an integer torch.Tensor of class indices")
+    if indices.shape[:-1] != student.shape[:-1] or indices.dim() < 1:
+        raise ValueError(f"indices has shape {tuple(indices.shape)} but the student "
+                         f"{tuple(student.shape)}: one row of k indices per student row")
+    if not isinstance(values, Tensor) or values.shape != indices.shape:
+        raise ValueError("values must be a tensor of the indices' shape [..., k]")
+    if indices.device != s.device or values.device != s.device:
+        raise ValueError("indices and values must be on the student's device")
+    k = indices.shape[-1]
+    idx = indices.reshape(-1, k).clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
+    v = _float_rows(values.detach(), "values") if k > 0 else values
+    y = None if labels is None else _labels(labels, s, s.shape[0])
+    red, rows = _reduction(reduction, _KL_REDUCTIONS)
+    div = _choice(divergence, DIVERGENCES, "divergence")
+    kind = _choice(values_kind, SPARSE_VALUES, "values_kind")
+    tl = _choice(tail, SPARSE_TAILS, "tail")
+    loss, _ = sparse_kd_op(s, idx, v, y, div, float(beta), kind, tl, float(temperature),
+                           float(alpha), float(label_smoothing), _ignore(ignore_index), red, rows,
+                           _wants(s))
     return _out(loss, student, rows)
 
 

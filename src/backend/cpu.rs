@@ -16,7 +16,7 @@ use crate::ops::relational as rel;
 use crate::ops::RowLossResult;
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    SoftmaxSpec,
+    SoftmaxSpec, SparseSpec,
 };
 
 /// A host array of any [`Dtype`] standing in for a device buffer.
@@ -230,6 +230,30 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         ops::check_labels(labels, spec.shape.cols, spec.ignore_index)?;
         let r = ops::dkd::reference::dkd(spec, &student.to_f64(), &teacher.to_f64(), labels);
+        self.write_loss_out(student, &r, out)
+    }
+
+    unsafe fn sparse_kd_unchecked(
+        &self,
+        spec: &SparseSpec,
+        student: &CpuBuffer,
+        indices: &Vec<i32>,
+        values: &CpuBuffer,
+        labels: Option<&Vec<i32>>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        let labels = labels.map(|l| l.as_slice());
+        if let Some(l) = labels {
+            ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
+        }
+        ops::sparse::check_sparse_teacher(spec, indices, &values.to_f32(), labels)?;
+        let r = ops::sparse::reference::sparse_kd(
+            spec,
+            &student.to_f64(),
+            indices,
+            &values.to_f64(),
+            labels,
+        );
         self.write_loss_out(student, &r, out)
     }
 

@@ -24,6 +24,7 @@ use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    SparseSpec,
 };
 
 /// Where the student's gradient goes.
@@ -229,6 +230,26 @@ pub trait Backend {
         validate::dkd(self, spec, student, teacher, labels, &out)?;
         // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
         unsafe { self.dkd_unchecked(spec, student, teacher, labels, out) }
+    }
+
+    /// A sparse top-k teacher's loss `alpha CE + (1 - alpha) T^2 D(Q || P)` (spec section 10):
+    /// `indices` and `values` are `[N, k]` (i32 classes, and log-probabilities or logits of any
+    /// dtype), the student `[N, C]`; `labels` mask rows and are required when `alpha > 0`. The
+    /// teacher is a constant: `out.grad_teacher` must be `None`. The CPU backends check the
+    /// indices (distinct, in `0..C`) and the values and return an `Err` naming the row; device
+    /// backends do not read them back.
+    fn sparse_kd(
+        &self,
+        spec: &SparseSpec,
+        student: &Self::Buffer,
+        indices: &Self::Labels,
+        values: &Self::Buffer,
+        labels: Option<&Self::Labels>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        validate::sparse_kd(self, spec, student, indices, values, labels, &out)?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.sparse_kd_unchecked(spec, student, indices, values, labels, out) }
     }
 
     /// Feature-map MSE (spec section 5): `loss[0]`, and `dL/da`, `dL/db` when given.
@@ -561,6 +582,25 @@ pub trait Backend {
         labels: &Self::Labels,
         out: LossOut<'_, Self>,
     ) -> Result<()>;
+    /// [`Backend::sparse_kd`] after validation. The backends without a sparse kernel yet (wgpu,
+    /// CUDA) keep this default, an `Err` saying so.
+    #[doc(hidden)]
+    unsafe fn sparse_kd_unchecked(
+        &self,
+        spec: &SparseSpec,
+        student: &Self::Buffer,
+        indices: &Self::Labels,
+        values: &Self::Buffer,
+        labels: Option<&Self::Labels>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        let _ = (spec, student, indices, values, labels, out);
+        Err(crate::Error::Unsupported(format!(
+            "sparse top-k teachers (Backend::sparse_kd) run on the CPU backends only for now \
+             (the reference and FastCpuBackend); {} has no sparse kernel yet",
+            self.name()
+        )))
+    }
     #[doc(hidden)]
     unsafe fn mse_unchecked(
         &self,

@@ -8,7 +8,7 @@ use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::MatmulSpec;
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
-    TeacherInput,
+    SparseSpec, TeacherInput,
 };
 
 fn check_len<B: Backend + ?Sized>(
@@ -246,6 +246,46 @@ pub fn dkd<B: Backend + ?Sized>(
     }
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
     loss_out_alias(b, out, student, Some(teacher))
+}
+
+/// A sparse teacher's call: the spec, the `[N, C]` student, `[N, k]` indices and values, the
+/// labels (required when `alpha > 0`), no teacher gradient. The indices' and values' contents are
+/// the CPU backends' and the host API's check ([`crate::ops::sparse::check_sparse_teacher`]).
+pub fn sparse_kd<B: Backend + ?Sized>(
+    b: &B,
+    spec: &SparseSpec,
+    student: &B::Buffer,
+    indices: &B::Labels,
+    values: &B::Buffer,
+    labels: Option<&B::Labels>,
+    out: &LossOut<'_, B>,
+) -> Result<()> {
+    spec.validate()?;
+    spec.shape.check_len("student", b.len(student))?;
+    let hint = format!("[N, k] = [{}, {}] row-major", spec.shape.rows, spec.k);
+    let got = b.labels_len(indices);
+    if got != spec.entries() {
+        return Err(Error::shape("indices", got, spec.entries(), &hint));
+    }
+    check_len(b, "values", values, spec.entries(), &hint)?;
+    match labels {
+        Some(l) => check_labels_len(b, l, spec.shape.rows)?,
+        None if spec.alpha > 0.0 => {
+            return Err(Error::Unsupported(
+                "alpha > 0 weighs a hard-label cross-entropy: pass the labels (or alpha = 0 for \
+                 the divergence alone)"
+                    .into(),
+            ))
+        }
+        None => {}
+    }
+    if out.grad_teacher.is_some() {
+        return Err(Error::Unsupported(
+            "a sparse teacher is a constant: pass no grad_teacher (grad_teacher: None)".into(),
+        ));
+    }
+    loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    loss_out_alias(b, out, student, Some(values))
 }
 
 pub fn mse<B: Backend + ?Sized>(

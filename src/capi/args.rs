@@ -7,7 +7,7 @@ use super::status::{
     Fail, FfiResult, DST_ERR_ALIAS, DST_ERR_INVALID_ARGUMENT, DST_ERR_NULL_POINTER,
 };
 use crate::dtype::Dtype;
-use crate::ops::{Divergence, Reduction, TeacherInput};
+use crate::ops::{Divergence, Reduction, SparseTail, SparseValues, TeacherInput};
 
 /// [`DST_ERR_NULL_POINTER`] when `p` is NULL.
 pub(super) fn non_null<T>(what: &str, p: *const T) -> FfiResult {
@@ -134,6 +134,31 @@ pub(super) fn divergence(code: i32, beta: f32) -> FfiResult<Divergence> {
 }
 
 /// A pointer argument and the number of bytes the call reads or writes through it.
+/// `values_code` of the sparse entry points: 0 log-probabilities, 1 logits.
+pub(super) fn sparse_values(code: i32) -> FfiResult<SparseValues> {
+    match code {
+        0 => Ok(SparseValues::LogProbs),
+        1 => Ok(SparseValues::Logits),
+        _ => Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("invalid values_code {code}: use 0 (log-probabilities) or 1 (logits)"),
+        )),
+    }
+}
+
+/// `tail_code` of the sparse entry points: 0 renormalize, 1 bucket, 2 uniform.
+pub(super) fn sparse_tail(code: i32) -> FfiResult<SparseTail> {
+    match code {
+        0 => Ok(SparseTail::Renormalize),
+        1 => Ok(SparseTail::Bucket),
+        2 => Ok(SparseTail::Uniform),
+        _ => Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("invalid tail_code {code}: use 0 (renormalize), 1 (bucket) or 2 (uniform)"),
+        )),
+    }
+}
+
 pub(super) type Span<'a> = (&'a str, *const c_void, usize);
 
 /// Whether two spans share a byte (null pointers and empty spans share none).
@@ -195,10 +220,22 @@ impl RawOut {
     /// the student's dtype.
     pub fn check(
         &self,
+        shape: (usize, usize),
+        student: Src,
+        teacher: Src,
+        labels: *const i32,
+    ) -> FfiResult {
+        self.check_with(shape, student, teacher, labels, &[])
+    }
+
+    /// [`RawOut::check`] with more inputs (a sparse teacher's indices and values).
+    pub fn check_with(
+        &self,
         (n, c): (usize, usize),
         student: Src,
         teacher: Src,
         labels: *const i32,
+        more_inputs: &[Span<'_>],
     ) -> FfiResult {
         non_null("loss", self.loss)?;
         let mat = |dtype: Dtype| n.saturating_mul(c).saturating_mul(dtype.size());
@@ -219,6 +256,7 @@ impl RawOut {
             ("teacher", teacher.ptr, mat(teacher.dtype)),
             ("labels", labels as *const c_void, n.saturating_mul(4)),
         ];
+        inputs.extend_from_slice(more_inputs);
         if self.in_place(student) {
             if self.grad_student.dtype != student.dtype {
                 return Err(Fail::new(

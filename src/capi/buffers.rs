@@ -46,6 +46,17 @@ pub(super) trait Buffers {
         ignore_index: i32,
     ) -> FfiResult<Labels<Self>>;
 
+    /// `len` i32 values at `p` (non-null) as a label buffer without the labels' check (a sparse
+    /// teacher's indices, which the backend checks where it can read them).
+    ///
+    /// # Safety
+    /// `p` readable for `len` values in this memory.
+    unsafe fn indices(&self, p: *const i32, len: usize) -> FfiResult<Labels<Self>> {
+        // SAFETY: forwarded; with no class above `usize::MAX` and no ignore_index of `i32::MIN`
+        // only negative indices could fail here, and memories that check override this.
+        unsafe { self.labels(p, len, usize::MAX, i32::MIN) }
+    }
+
     /// An output of `len` elements of `p.dtype` at `p`, `None` when `p` is NULL.
     ///
     /// # Safety
@@ -112,6 +123,22 @@ impl<M: Buffers> Memory for M {
                     let t = self.input(teacher, len)?;
                     let l = self.labels(labels, n, c, spec.ignore_index)?;
                     rows(self, shape, student, out, |s, o| b.dkd(spec, s, &t, &l, o))
+                }
+                RowLoss::Sparse {
+                    spec,
+                    indices,
+                    values,
+                    labels,
+                } => {
+                    let idx = self.indices(indices, spec.entries())?;
+                    let v = self.input(values, spec.entries())?;
+                    let l = match labels.is_null() {
+                        true => None,
+                        false => Some(self.labels(labels, n, c, spec.ignore_index)?),
+                    };
+                    rows(self, shape, student, out, |s, o| {
+                        b.sparse_kd(spec, s, &idx, &v, l.as_ref(), o)
+                    })
                 }
             }
         }

@@ -10,7 +10,7 @@ use super::args::non_null;
 use super::args::{Dst, Src};
 #[cfg(feature = "cuda")]
 use super::buffers::{Buf, Buffers, Labels};
-use super::losses::{CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, MseArgs};
+use super::losses::{CrossEntropyArgs, DivergenceArgs, DkdArgs, HintonArgs, MseArgs, SparseArgs};
 #[cfg(any(doc, not(feature = "cuda")))]
 use super::status::DST_ERR_UNAVAILABLE;
 use super::status::{ffi, Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
@@ -21,7 +21,10 @@ use super::{
 };
 #[cfg(doc)]
 use super::{
-    host::{dst_cpu_cross_entropy, dst_cpu_divergence, dst_cpu_dkd, dst_cpu_hinton, dst_cpu_mse},
+    host::{
+        dst_cpu_cross_entropy, dst_cpu_divergence, dst_cpu_dkd, dst_cpu_hinton, dst_cpu_mse,
+        dst_cpu_sparse_kd,
+    },
     status::DST_ERR_LABEL,
 };
 #[cfg(not(feature = "cuda"))]
@@ -326,6 +329,48 @@ pub unsafe extern "C" fn dst_cuda_dkd(
         nckd_weight, label_smoothing, ignore_index, reduction_code, grad_scale, loss, row_loss,
         grad_student,
         student_dtype, teacher_dtype, grad_student_dtype };
+    // SAFETY: this function's contract is `run`'s and `Device`'s.
+    unsafe { args.run(Device(ctx)) }
+}
+
+/// [`dst_cpu_sparse_kd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules). The
+/// CUDA kernel is not written yet: this returns `DST_ERR_UNSUPPORTED` after the arguments'
+/// checks (the entry point is in the ABI so that the kernel can land without a version bump).
+///
+/// # Safety
+/// As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_sparse_kd`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_cuda_sparse_kd(
+    ctx: *const dst_cuda,
+    student: *const c_void,
+    student_dtype: i32,
+    indices: *const i32,
+    values: *const c_void,
+    values_dtype: i32,
+    labels: *const i32,
+    n: usize,
+    c: usize,
+    k: usize,
+    divergence_code: i32,
+    beta: f32,
+    values_code: i32,
+    tail_code: i32,
+    temperature: f32,
+    alpha: f32,
+    label_smoothing: f32,
+    ignore_index: i32,
+    reduction_code: i32,
+    grad_scale: f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut c_void,
+    grad_student_dtype: i32,
+) -> i32 {
+    #[rustfmt::skip]
+    let args = SparseArgs { student, student_dtype, indices, values, values_dtype, labels, n, c,
+        k, divergence_code, beta, values_code, tail_code, temperature, alpha, label_smoothing,
+        ignore_index, reduction_code, grad_scale, loss, row_loss, grad_student,
+        grad_student_dtype };
     // SAFETY: this function's contract is `run`'s and `Device`'s.
     unsafe { args.run(Device(ctx)) }
 }

@@ -22,7 +22,7 @@ use crate::{CpuBackend, FastCpuBackend};
 pub(super) struct HostCopy(CpuBackend);
 
 impl HostCopy {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         HostCopy(CpuBackend::new())
     }
 }
@@ -69,6 +69,11 @@ impl Buffers for HostCopy {
         Ok(self.0.upload_labels(&l)?)
     }
 
+    unsafe fn indices(&self, p: *const i32, len: usize) -> FfiResult<Labels<Self>> {
+        // SAFETY: forwarded from this function's contract; the backend checks the indices.
+        Ok(self.0.upload_labels(&unsafe { host_vec(p, len) })?)
+    }
+
     unsafe fn output(&self, p: Dst, len: usize) -> FfiResult<Option<Buf<Self>>> {
         match p.is_null() {
             true => Ok(None),
@@ -91,7 +96,7 @@ impl Buffers for HostCopy {
 /// Host memory borrowed by the fast CPU backend (`dst_fast_*`), with at most `threads` threads
 /// (0: one per core).
 pub(super) struct HostBorrow {
-    threads: i32,
+    pub(super) threads: i32,
 }
 
 impl HostBorrow {
@@ -164,6 +169,16 @@ impl Memory for HostBorrow {
                 } => {
                     let (t, l) = (typed_in(teacher), host_slice(labels, n));
                     fast.dkd_host(spec, student, t, l, out)?
+                }
+                RowLoss::Sparse {
+                    spec,
+                    indices,
+                    values,
+                    labels,
+                } => {
+                    let idx = host_slice(indices, spec.entries());
+                    let l = (!labels.is_null()).then(|| host_slice(labels, n));
+                    fast.sparse_host(spec, student, idx, typed_in(values), l, out)?
                 }
             }
         }

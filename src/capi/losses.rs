@@ -11,9 +11,13 @@
 
 use std::ffi::c_void;
 
-use super::args::{divergence, non_null, reduction, teacher_input, Dst, RawOut, Src};
+use super::args::{
+    divergence, non_null, reduction, sparse_tail, sparse_values, teacher_input, Dst, RawOut, Src,
+};
 use super::status::{ffi, FfiResult};
-use crate::ops::{CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, RowShape};
+use crate::ops::{
+    CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, RowShape, SparseSpec,
+};
 
 /// Where an entry point's pointers point and which backend computes on them: the only thing in
 /// which `dst_cpu_*`, `dst_fast_*` and `dst_cuda_*` differ.
@@ -64,6 +68,13 @@ pub(super) enum RowLoss<'a> {
         teacher: Src,
         labels: *const i32,
     },
+    /// `indices` and `values` are `[n, k]`; `labels` may be NULL (then `alpha` is 0).
+    Sparse {
+        spec: &'a SparseSpec,
+        indices: *const i32,
+        values: Src,
+        labels: *const i32,
+    },
 }
 
 impl RowLoss<'_> {
@@ -74,6 +85,7 @@ impl RowLoss<'_> {
             RowLoss::Divergence { spec, .. } => spec.shape,
             RowLoss::CrossEntropy { spec, .. } => spec.shape,
             RowLoss::Dkd { spec, .. } => spec.shape,
+            RowLoss::Sparse { spec, .. } => spec.shape,
         }
     }
 }
@@ -321,6 +333,98 @@ impl DkdArgs {
             let loss = RowLoss::Dkd {
                 spec: &spec,
                 teacher,
+                labels: self.labels,
+            };
+            // SAFETY: as in `HintonArgs::run`.
+            unsafe { memory.row_loss(loss, student, out) }
+        })
+    }
+}
+
+/// The arguments of `dst_*_sparse_kd` after the memory's own, in the C order (no teacher
+/// gradient: a sparse teacher is a constant).
+pub(super) struct SparseArgs {
+    pub student: *const c_void,
+    pub student_dtype: i32,
+    pub indices: *const i32,
+    pub values: *const c_void,
+    pub values_dtype: i32,
+    pub labels: *const i32,
+    pub n: usize,
+    pub c: usize,
+    pub k: usize,
+    pub divergence_code: i32,
+    pub beta: f32,
+    pub values_code: i32,
+    pub tail_code: i32,
+    pub temperature: f32,
+    pub alpha: f32,
+    pub label_smoothing: f32,
+    pub ignore_index: i32,
+    pub reduction_code: i32,
+    pub grad_scale: f32,
+    pub loss: *mut f32,
+    pub row_loss: *mut f32,
+    pub grad_student: *mut c_void,
+    pub grad_student_dtype: i32,
+}
+
+impl SparseArgs {
+    /// Checks the arguments, builds the spec and runs the sparse loss on `memory`; the status.
+    ///
+    /// # Safety
+    /// As [`HintonArgs::run`]; `indices` and `values` valid for `n * k` elements, `labels` NULL
+    /// or valid for `n`.
+    pub unsafe fn run(self, memory: impl Memory) -> i32 {
+        ffi(|| {
+            memory.check_handle()?;
+            non_null("student", self.student)?;
+            non_null("indices", self.indices)?;
+            non_null("values", self.values)?;
+            let out = RawOut {
+                loss: self.loss,
+                row_loss: self.row_loss,
+                grad_student: Dst::new("grad_student", self.grad_student, self.grad_student_dtype)?,
+                grad_teacher: Dst::null(),
+            };
+            let student = Src::new("student", self.student, self.student_dtype)?;
+            let values = Src::new("values", self.values, self.values_dtype)?;
+            let entries = self.n.saturating_mul(self.k);
+            out.check_with(
+                (self.n, self.c),
+                student,
+                Src::null(),
+                self.labels,
+                &[
+                    ("indices", self.indices.cast(), entries.saturating_mul(4)),
+                    (
+                        "values",
+                        values.ptr,
+                        entries.saturating_mul(values.dtype.size()),
+                    ),
+                ],
+            )?;
+            let spec = SparseSpec {
+                shape: RowShape::new(self.n, self.c),
+                k: self.k,
+                divergence: divergence(self.divergence_code, self.beta)?,
+                values: sparse_values(self.values_code)?,
+                tail: sparse_tail(self.tail_code)?,
+                temperature: self.temperature,
+                alpha: self.alpha,
+                label_smoothing: self.label_smoothing,
+                reduction: reduction(self.reduction_code)?,
+                ignore_index: self.ignore_index,
+                grad_scale: self.grad_scale,
+            };
+            spec.validate()?;
+            if self.labels.is_null() && spec.alpha > 0.0 {
+                non_null("labels (required when alpha > 0)", self.labels)?;
+            }
+            let loss = RowLoss::Sparse {
+                spec: &spec,
+                indices: self.indices,
+                values,
                 labels: self.labels,
             };
             // SAFETY: as in `HintonArgs::run`.

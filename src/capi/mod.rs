@@ -35,12 +35,15 @@ mod host;
 mod sharded;
 // CUDA after host.
 mod cuda;
+// The sparse teacher's host entry points (after CUDA's).
+mod sparse;
 
 use std::ffi::c_char;
 
 pub use cuda::*;
 pub use host::*;
 pub use sharded::*;
+pub use sparse::*;
 pub use status::*;
 
 /// The ABI version ([`DST_ABI_VERSION`]); check it against the header's `DST_ABI_VERSION`.

@@ -67,6 +67,10 @@ pub struct Config {
     pub dkd_warmup: usize,
     /// Where `Method::Cached` writes the soft targets.
     pub cache_dir: std::path::PathBuf,
+    /// `Method::Cached` only: store the teacher as its top-k log-probabilities (a safetensors
+    /// cache, `crate::topk_cache`) instead of dense probabilities, with this tail.
+    pub top_k: Option<usize>,
+    pub top_k_tail: crate::ops::SparseTail,
     /// A teacher trained elsewhere (`--teacher`), used in every fold instead of training one;
     /// set it with [`Config::with_teacher`], which also sets the teacher's architecture. In
     /// `results.json`: its file, architecture, parameter count and dtype.
@@ -148,6 +152,8 @@ impl Default for Config {
             dkd_beta: crate::ops::dkd::DEFAULT_BETA,
             dkd_warmup: crate::ops::dkd::DEFAULT_WARMUP_EPOCHS,
             cache_dir: std::env::temp_dir().join("distillation-cache"),
+            top_k: None,
+            top_k_tail: crate::ops::SparseTail::Renormalize,
             teacher: None,
         }
     }

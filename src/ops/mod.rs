@@ -10,7 +10,8 @@
 //! | cross-entropy | 3 | [`cross_entropy`] | `cross_entropy.wgsl` | `cross_entropy.cu` |
 //! | fused Hinton loss | 4 | [`hinton`] | `hinton.wgsl` | `hinton.cu` |
 //! | decoupled KD (DKD) | 8 | [`dkd`] | `dkd.wgsl` | `dkd.cu` |
-//! | vocab-sharded row losses (two phases) | 9 | [`sharded`] | | |
+//! | vocab-sharded row losses (two phases) | 9 | [`sharded`] | `sharded.wgsl` | `sharded.cu` |
+//! | sparse top-k teachers | 10 | [`sparse`] | not yet | not yet |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
 //! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
@@ -31,6 +32,7 @@ pub mod optim;
 pub mod relational;
 pub mod sharded;
 pub mod softmax;
+pub mod sparse;
 
 pub use cross_entropy::CrossEntropySpec;
 pub use divergence::{check_reverse_kl_support, DivergenceSpec};
@@ -39,6 +41,7 @@ pub use feature::{AttentionSpec, MseSpec};
 pub use hinton::HintonSpec;
 pub use sharded::{Shard, ShardedLoss, ShardedSpec};
 pub use softmax::SoftmaxSpec;
+pub use sparse::{SparseSpec, SparseTail, SparseValues};
 
 use crate::error::{Error, Result};
 

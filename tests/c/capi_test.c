@@ -289,6 +289,92 @@ int main(void) {
                    DST_ERR_NULL_POINTER);
     }
 
+    /* A sparse top-k teacher: per row the two largest log-probabilities of t (log-softmax,
+     * computed here), forward KL against the bucket tail, alpha 0.3 with labels, T = 2,
+     * grad_scale 0.5; the fast backend within 1e-4 on 1 and 3 threads (same bits); bf16 values
+     * through the fast backend within the bf16 rounding; the errors of bad input. */
+    {
+        enum { K = 2 };
+        int32_t idx[N * K], dup[N * K];
+        float lq[N * K], idx_f[N * K], ref_g[LEN], fast_g[LEN], fast1_g[LEN], ref_loss;
+        uint16_t lq16[N * K];
+        for (int r = 0; r < N; r++) {
+            const float *row = t + r * C;
+            int a = 0, b = -1;
+            double z = 0.0;
+            for (int j = 1; j < C; j++) a = row[j] > row[a] ? j : a;
+            for (int j = 0; j < C; j++) {
+                if (j != a && (b < 0 || row[j] > row[b])) b = j;
+                z += exp((double)row[j] - row[a]);
+            }
+            idx[r * K] = a;
+            idx[r * K + 1] = b;
+            lq[r * K] = (float)(-log(z));
+            lq[r * K + 1] = (float)((double)row[b] - row[a] - log(z));
+        }
+        for (int i = 0; i < N * K; i++) {
+            idx_f[i] = (float)idx[i];
+            lq16[i] = to_bf16(lq[i]);
+            dup[i] = idx[i];
+        }
+        print_array("sparse.indices", idx_f, N * K);
+        print_array("sparse.values", lq, N * K);
+        expect_ok("sparse", dst_cpu_sparse_kd(s, DST_F32, idx, lq, DST_F32, labels, N, C, K, 0, 0.0f, 0, 1, 2.0f,
+                                              0.3f, 0.0f, -100, 0, 0.5f, &loss, rows, g, DST_F32));
+        print_array("sparse.loss", &loss, 1);
+        print_array("sparse.row_loss", rows, N);
+        print_array("sparse.grad_student", g, LEN);
+        ref_loss = loss;
+        memcpy(ref_g, g, sizeof ref_g);
+        for (int threads = 1; threads <= 3; threads += 2) {
+            float *dst = threads == 1 ? fast1_g : fast_g;
+            expect_ok("fast_sparse", dst_fast_sparse_kd(threads, s, DST_F32, idx, lq, DST_F32, labels, N, C, K, 0,
+                                                        0.0f, 0, 1, 2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL,
+                                                        dst, DST_F32));
+            expect_close("fast_sparse.loss", &loss, &ref_loss, 1);
+            expect_close("fast_sparse.grad_student", dst, ref_g, LEN);
+        }
+        if (memcmp(fast_g, fast1_g, sizeof fast_g) != 0) {
+            fprintf(stderr, "FAIL fast_sparse: 1 and 3 threads give different bits\n");
+            failures++;
+        }
+        /* bf16 values against f32 ones rounded the same way. */
+        for (int i = 0; i < N * K; i++) lq[i] = from_bf16(lq16[i]);
+        expect_ok("sparse_bf16_ref", dst_cpu_sparse_kd(s, DST_F32, idx, lq, DST_F32, labels, N, C, K, 0, 0.0f, 0, 1,
+                                                       2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &ref_loss, NULL, ref_g,
+                                                       DST_F32));
+        expect_ok("sparse_bf16", dst_fast_sparse_kd(0, s, DST_F32, idx, lq16, DST_BF16, labels, N, C, K, 0, 0.0f, 0,
+                                                    1, 2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, g, DST_F32));
+        expect_close("sparse_bf16.loss", &loss, &ref_loss, 1);
+        expect_close("sparse_bf16.grad_student", g, ref_g, LEN);
+        dup[1] = dup[0];
+        expect_err("sparse_duplicate", dst_cpu_sparse_kd(s, DST_F32, dup, lq, DST_F32, labels, N, C, K, 0, 0.0f, 0,
+                                                         1, 2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, g,
+                                                         DST_F32),
+                   DST_ERR_INPUT);
+        dup[1] = C;
+        expect_err("fast_sparse_range", dst_fast_sparse_kd(0, s, DST_F32, dup, lq, DST_F32, labels, N, C, K, 0, 0.0f,
+                                                           0, 1, 2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, g,
+                                                           DST_F32),
+                   DST_ERR_INPUT);
+        expect_err("sparse_k", dst_cpu_sparse_kd(s, DST_F32, idx, lq, DST_F32, labels, N, C, C + 1, 0, 0.0f, 0, 1,
+                                                 2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, g, DST_F32),
+                   DST_ERR_INVALID_ARGUMENT);
+        expect_err("sparse_tail_code", dst_cpu_sparse_kd(s, DST_F32, idx, lq, DST_F32, labels, N, C, K, 0, 0.0f, 0, 7,
+                                                         2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, g, DST_F32),
+                   DST_ERR_INVALID_ARGUMENT);
+        expect_err("sparse_no_labels", dst_cpu_sparse_kd(s, DST_F32, idx, lq, DST_F32, NULL, N, C, K, 0, 0.0f, 0, 1,
+                                                         2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, g, DST_F32),
+                   DST_ERR_NULL_POINTER);
+        expect_err("sparse_alias", dst_cpu_sparse_kd(s, DST_F32, idx, lq, DST_F32, labels, N, C, K, 0, 0.0f, 0, 1,
+                                                     2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss, NULL, lq, DST_F32),
+                   DST_ERR_ALIAS);
+        expect_err("cuda_sparse_null_ctx", dst_cuda_sparse_kd(NULL, s, DST_F32, idx, lq, DST_F32, labels, N, C, K, 0,
+                                                              0.0f, 0, 1, 2.0f, 0.3f, 0.0f, -100, 0, 0.5f, &loss,
+                                                              NULL, g, DST_F32),
+                   DST_ERR_NULL_POINTER);
+    }
+
     /* MSE between s and t, grad_scale 2. */
     expect_ok("mse", dst_cpu_mse(s, t, LEN, 2.0f, &loss, g, gt));
     print_array("mse.loss", &loss, 1);

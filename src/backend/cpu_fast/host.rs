@@ -11,6 +11,7 @@ use crate::backend::{GradOut, LossOut};
 use crate::error::Result;
 use crate::ops::{
     self, reduction_factor, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
+    SparseSpec,
 };
 
 /// The factor that turns the sum of the valid rows' losses into the reduced loss.
@@ -247,6 +248,64 @@ impl FastCpuBackend {
             k,
         };
         Ok((rows::run(&op, self.simd, self.threads), scale))
+    }
+
+    /// A sparse top-k teacher's loss over arrays (after the spec's validation): checks the
+    /// labels, the indices and the values first (`ops::sparse::check_sparse_teacher`).
+    pub(super) fn sparse_rows(
+        &self,
+        spec: &SparseSpec,
+        student: row_losses::Student,
+        indices: &[i32],
+        values: In,
+        labels: Option<&[i32]>,
+    ) -> Result<RowLosses> {
+        if let Some(l) = labels {
+            ops::check_labels(l, spec.shape.cols, spec.ignore_index)?;
+        }
+        // SAFETY: the values hold `[N, k]` elements (the caller's validation).
+        let vals: Vec<f32> = (0..spec.entries())
+            .map(|i| unsafe { values.at(i) })
+            .collect();
+        ops::sparse::check_sparse_teacher(spec, indices, &vals, labels)?;
+        let rows = row_losses::Rows {
+            rows: spec.shape.rows,
+            cols: spec.shape.cols,
+            labels,
+            ignore_index: spec.ignore_index,
+        };
+        let scale = scale_for(spec.reduction, rows);
+        let op = row_losses::SparseRows {
+            spec,
+            student,
+            indices,
+            values,
+            labels,
+            k: spec.grad_scale as f64 * scale,
+        };
+        Ok((op.run(self.simd, self.threads), scale))
+    }
+
+    /// A sparse teacher's loss on host memory, without copies (the C ABI's
+    /// `dst_fast_sparse_kd`).
+    ///
+    /// # Safety
+    /// As [`FastCpuBackend::hinton_host`] (`out.grad_teacher` null); `indices` and `values` hold
+    /// `spec.entries()` elements.
+    pub(crate) unsafe fn sparse_host(
+        &self,
+        spec: &SparseSpec,
+        student: In,
+        indices: &[i32],
+        values: In,
+        labels: Option<&[i32]>,
+        out: HostOut,
+    ) -> Result<()> {
+        let (st, _) = out.arrays(student);
+        let (losses, scale) = self.sparse_rows(spec, st, indices, values, labels)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { out.store(&losses, scale) };
+        Ok(())
     }
 
     /// DKD on host memory, without copies (the C ABI's `dst_fast_dkd`).

@@ -44,6 +44,7 @@ use crate::ops::dense::MatmulSpec;
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    SparseSpec,
 };
 
 /// The fast CPU backend (f32). See the module documentation for what runs in f32.
@@ -413,6 +414,21 @@ impl Backend for FastCpuBackend {
         let tv = read_any(teacher, "teacher")?;
         self.row_loss(student, out, |st, _| {
             self.dkd_rows(spec, st, In::of(&tv), labels)
+        })
+    }
+
+    unsafe fn sparse_kd_unchecked(
+        &self,
+        spec: &SparseSpec,
+        student: &CpuBuffer,
+        indices: &Vec<i32>,
+        values: &CpuBuffer,
+        labels: Option<&Vec<i32>>,
+        out: LossOut<'_, Self>,
+    ) -> Result<()> {
+        let vv = read_any(values, "values")?;
+        self.row_loss(student, out, |st, _| {
+            self.sparse_rows(spec, st, indices, In::of(&vv), labels.map(|l| l.as_slice()))
         })
     }
 

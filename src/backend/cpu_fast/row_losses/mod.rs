@@ -126,9 +126,11 @@ mod hinton;
 pub(crate) mod sharded;
 mod soft_targets;
 mod softmax;
+mod sparse;
 
 pub use cross_entropy::{CrossEntropyRows, Student};
 pub use divergence::DivergenceRows;
 pub use dkd::DkdRows;
 pub use hinton::HintonRows;
 pub use softmax::{SoftmaxBackwardRows, SoftmaxRows};
+pub use sparse::SparseRows;

@@ -1,0 +1,770 @@
+//! Sparse top-k teachers (`docs/LOSSES.md` section 10) on every backend: random cases drawn by
+//! proptest against the f64 reference (odd sizes, k = 1 and k = C, extreme logits, masked rows,
+//! every dtype, tail and divergence), the reference's gradient by finite differences, the
+//! reference against the dense loss of the densified teacher (renormalize: `-inf` outside the
+//! support; uniform: the uniform fill), the same bits for any thread count, and the errors of bad
+//! input. Outputs are poisoned with NaN.
+
+mod common;
+
+use common::{assert_close, assert_close_abs, to_f64, Lcg};
+use distillation::half::{bf16, f16};
+use distillation::ops::sparse::{check_sparse_teacher, reference::sparse_kd as reference};
+use distillation::{
+    Backend, CpuBackend, Divergence, DivergenceSpec, Dtype, Error, FastCpuBackend, GradOut,
+    HostSlice, LossOut, Reduction, RowShape, SparseKdLoss, SparseSpec, SparseTail, SparseValues,
+    TeacherInput, IGNORE_INDEX,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// One drawn case.
+#[derive(Clone, Debug)]
+struct Case {
+    spec: SparseSpec,
+    s: Vec<f32>,
+    idx: Vec<i32>,
+    vals: Vec<f32>,
+    labels: Option<Vec<i32>>,
+    s_dtype: Dtype,
+    v_dtype: Dtype,
+}
+
+struct Got {
+    loss: f32,
+    rows: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+fn rounded(v: &[f32], d: Dtype) -> Vec<f32> {
+    match d {
+        Dtype::F32 => v.to_vec(),
+        Dtype::Bf16 => v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+        Dtype::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+fn upload<B: Backend>(b: &B, v: &[f32], d: Dtype) -> B::Buffer {
+    match d {
+        Dtype::F32 => b.upload(v),
+        Dtype::Bf16 => b.upload_host(HostSlice::Bf16(
+            &v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+        )),
+        Dtype::F16 => b.upload_host(HostSlice::F16(
+            &v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
+        )),
+    }
+    .unwrap()
+}
+
+/// Runs the case on `b` (gradient into an f32 buffer, or in place over an f32 student).
+fn run<B: Backend>(b: &B, c: &Case, in_place: bool) -> distillation::Result<Got> {
+    let spec = &c.spec;
+    let (n, len) = (spec.shape.rows, spec.shape.len());
+    let s = upload(b, &c.s, c.s_dtype);
+    let v = upload(b, &c.vals, c.v_dtype);
+    let idx = b.upload_labels(&c.idx)?;
+    let labels = c.labels.as_ref().map(|l| b.upload_labels(l)).transpose()?;
+    let (loss, rows, g) = (
+        b.filled(1, f32::NAN)?,
+        b.filled(n, f32::NAN)?,
+        b.filled(len, f32::NAN)?,
+    );
+    let out = LossOut {
+        loss: &loss,
+        row_loss: Some(&rows),
+        grad_student: if in_place {
+            GradOut::InPlace
+        } else {
+            GradOut::Into(&g)
+        },
+        grad_teacher: None,
+    };
+    b.sparse_kd(spec, &s, &idx, &v, labels.as_ref(), out)?;
+    Ok(Got {
+        loss: b.download(&loss)?[0],
+        rows: b.download(&rows)?,
+        grad: b.download(if in_place { &s } else { &g })?,
+    })
+}
+
+fn want(c: &Case) -> distillation::ops::RowLossResult {
+    reference(
+        &c.spec,
+        &to_f64(&rounded(&c.s, c.s_dtype)),
+        &c.idx,
+        &to_f64(&rounded(&c.vals, c.v_dtype)),
+        c.labels.as_deref(),
+    )
+}
+
+/// The teacher's top-k (or, `random_support`, k random classes) of `t`'s log-softmax, as
+/// log-probabilities or as the logits themselves.
+fn teacher_of(
+    t: &[f32],
+    c: usize,
+    k: usize,
+    logits: bool,
+    random_support: bool,
+    g: &mut Lcg,
+) -> (Vec<i32>, Vec<f32>) {
+    let (mut idx, mut vals) = (Vec::new(), Vec::new());
+    for row in t.chunks(c) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        let mut order: Vec<usize> = (0..c).collect();
+        if random_support {
+            for i in (1..c).rev() {
+                let j = ((g.next_f32() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
+                order.swap(i, j);
+            }
+        } else {
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        }
+        for &j in &order[..k] {
+            idx.push(j as i32);
+            vals.push(if logits {
+                row[j]
+            } else {
+                (row[j] as f64 - lse) as f32
+            });
+        }
+    }
+    (idx, vals)
+}
+
+fn dtype_of(i: u8) -> Dtype {
+    [Dtype::F32, Dtype::Bf16, Dtype::F16][i as usize % 3]
+}
+
+/// A case from drawn parameters (the combinations validation refuses are mapped to accepted ones).
+#[allow(clippy::too_many_arguments)]
+fn make_case(
+    n: usize,
+    c: usize,
+    k_pick: usize,
+    div_pick: u8,
+    tail_pick: u8,
+    logits: bool,
+    temp: f32,
+    scale: f32,
+    alpha: f32,
+    eps: f32,
+    mask: bool,
+    dtypes: (u8, u8),
+    seed: u64,
+) -> Case {
+    let mut g = Lcg(seed);
+    let k = match k_pick % 4 {
+        0 => 1,
+        1 => c.min(1024),
+        _ => 1 + k_pick % c.min(64),
+    };
+    let divergence = match div_pick % 3 {
+        0 => Divergence::ForwardKl,
+        1 => Divergence::ReverseKl,
+        _ => Divergence::Jsd {
+            beta: [0.5, 0.1, 0.9, 1e-3][(div_pick / 3) as usize % 4],
+        },
+    };
+    let mut tail = [
+        SparseTail::Renormalize,
+        SparseTail::Bucket,
+        SparseTail::Uniform,
+    ][tail_pick as usize % 3];
+    let values = if logits {
+        tail = SparseTail::Renormalize;
+        SparseValues::Logits
+    } else {
+        SparseValues::LogProbs
+    };
+    let divergence =
+        if divergence == Divergence::ReverseKl && tail == SparseTail::Renormalize && k < c {
+            if logits {
+                Divergence::ForwardKl
+            } else {
+                tail = SparseTail::Bucket;
+                divergence
+            }
+        } else {
+            divergence
+        };
+    let s = g.vec(n * c, scale);
+    // A teacher related to the student (as a trained one is) plus its own noise.
+    let t: Vec<f32> = s
+        .iter()
+        .zip(g.vec(n * c, scale))
+        .map(|(&a, b)| 0.5 * a + b)
+        .collect();
+    let (idx, vals) = teacher_of(&t, c, k, logits, seed.is_multiple_of(3), &mut g);
+    let labels = if alpha > 0.0 || mask {
+        Some(
+            (0..n)
+                .map(|r| {
+                    if mask && r % 2 == 1 {
+                        IGNORE_INDEX
+                    } else {
+                        (g.next_f32().abs() * c as f32) as i32 % c as i32
+                    }
+                })
+                .collect(),
+        )
+    } else {
+        None
+    };
+    let spec = SparseSpec {
+        divergence,
+        values,
+        tail,
+        alpha: if labels.is_some() { alpha } else { 0.0 },
+        label_smoothing: eps,
+        reduction: [Reduction::BatchMean, Reduction::Sum, Reduction::None][seed as usize % 3],
+        grad_scale: 1.5,
+        ..SparseSpec::new(RowShape::new(n, c), k, temp)
+    };
+    Case {
+        spec,
+        s,
+        idx,
+        vals,
+        labels,
+        s_dtype: dtype_of(dtypes.0),
+        v_dtype: dtype_of(dtypes.1),
+    }
+}
+
+fn check_case<B: Backend>(b: &B, c: &Case) -> Result<(), String> {
+    c.spec.validate().map_err(|e| e.to_string())?;
+    let vals = rounded(&c.vals, c.v_dtype);
+    if check_sparse_teacher(&c.spec, &c.idx, &vals, c.labels.as_deref()).is_err() {
+        // (reverse KL with no tail mass left after rounding: an error everywhere, tested below)
+        return Ok(());
+    }
+    let got = run(b, c, false).map_err(|e| e.to_string())?;
+    let w = want(c);
+    // Absolute floors at the f32 resolution of the terms: the loss is T^2 times sums of terms
+    // of order 1, the gradient `grad_scale T` times differences of probabilities (a row whose
+    // exact gradient is 1e-15, a teacher and a student both one-hot, gets f32's 1e-8 there).
+    let tol = 2e-4;
+    let t = (c.spec.temperature as f64).max(1.0);
+    let (atol_loss, atol_grad) = (1e-6 * t * t, 1e-7 * c.spec.grad_scale as f64 * t);
+    assert_close_abs("loss", &[got.loss], &[w.loss], tol, atol_loss)?;
+    assert_close_abs("row_loss", &got.rows, &w.row_loss, tol, atol_loss)?;
+    assert_close_abs("grad", &got.grad, &w.grad_student, tol, atol_grad)?;
+    Ok(())
+}
+
+fn proptest_against_the_reference<B: Backend>(b: &B) {
+    let mut runner = TestRunner::new(Config {
+        cases: 160,
+        ..Config::default()
+    });
+    let sizes = prop_oneof![
+        4 => (1usize..5, 1usize..70),
+        2 => (1usize..4, 70usize..400),
+        1 => (1usize..3, 1000usize..2600),
+    ];
+    let strategy = (
+        sizes,
+        (0usize..1000, any::<u8>(), any::<u8>(), any::<bool>()),
+        (
+            prop_oneof![Just(1.0f32), Just(4.0), Just(0.05), Just(20.0), 0.3f32..8.0],
+            prop_oneof![Just(1.0f32), Just(8.0), Just(300.0), Just(1e4)],
+        ),
+        (
+            prop_oneof![Just(0.0f32), Just(0.3), 0.0f32..=1.0],
+            prop_oneof![Just(0.0f32), Just(0.1)],
+            any::<bool>(),
+            (any::<u8>(), any::<u8>()),
+            any::<u64>(),
+        ),
+    );
+    runner
+        .run(
+            &strategy,
+            |((n, c), (kp, dp, tp, lg), (temp, scale), (alpha, eps, mask, dt, seed))| {
+                let case = make_case(
+                    n, c, kp, dp, tp, lg, temp, scale, alpha, eps, mask, dt, seed,
+                );
+                check_case(b, &case).map_err(|m| {
+                    TestCaseError::fail(format!(
+                        "{m}\n{:?} {:?} {:?}",
+                        case.spec, case.s_dtype, case.v_dtype
+                    ))
+                })
+            },
+        )
+        .unwrap();
+}
+
+/// Every divergence and tail, by name, on a few fixed shapes (k = 1, k = C, several blocks).
+fn every_combination<B: Backend>(b: &B) {
+    let mut seed = 7;
+    for &(n, c) in &[(3usize, 5usize), (2, 37), (2, 1031), (1, 3000)] {
+        for kp in [0usize, 1, 2, 3] {
+            for dp in [0u8, 1, 2, 5] {
+                for tp in 0..3u8 {
+                    for lg in [false, true] {
+                        seed += 1;
+                        let case = make_case(
+                            n,
+                            c,
+                            kp,
+                            dp,
+                            tp,
+                            lg,
+                            2.0,
+                            4.0,
+                            0.25,
+                            0.1,
+                            true,
+                            (0, 0),
+                            seed,
+                        );
+                        check_case(b, &case).unwrap_or_else(|m| panic!("{m}\n{:?}", case.spec));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn in_place_and_half_gradients<B: Backend>(b: &B) {
+    for tp in 0..3u8 {
+        let case = make_case(
+            3,
+            301,
+            2,
+            2,
+            tp,
+            false,
+            2.0,
+            4.0,
+            0.3,
+            0.0,
+            true,
+            (1, 1),
+            11,
+        );
+        let w = want(&case);
+        // In place over an f32 student.
+        let mut c32 = case.clone();
+        c32.s_dtype = Dtype::F32;
+        let got = run(b, &c32, true).unwrap();
+        assert_close("in-place grad", &got.grad, &want(&c32).grad_student, 2e-4).unwrap();
+        // A bf16 gradient into a bf16 buffer: within bf16 rounding of the exact one.
+        let s = upload(b, &case.s, Dtype::Bf16);
+        let v = upload(b, &case.vals, Dtype::Bf16);
+        let g = b
+            .filled_as(Dtype::Bf16, case.spec.shape.len(), f32::NAN)
+            .unwrap();
+        let loss = b.filled(1, f32::NAN).unwrap();
+        let l = b.upload_labels(case.labels.as_ref().unwrap()).unwrap();
+        b.sparse_kd(
+            &case.spec,
+            &s,
+            &b.upload_labels(&case.idx).unwrap(),
+            &v,
+            Some(&l),
+            LossOut {
+                loss: &loss,
+                row_loss: None,
+                grad_student: GradOut::Into(&g),
+                grad_teacher: None,
+            },
+        )
+        .unwrap();
+        assert_close("bf16 grad", &b.download(&g).unwrap(), &w.grad_student, 6e-3).unwrap();
+        assert_close("loss", &b.download(&loss).unwrap(), &[w.loss], 2e-4).unwrap();
+    }
+}
+
+fn bad_rows_are_nan<B: Backend>(b: &B) {
+    let mut case = make_case(3, 40, 2, 0, 1, false, 2.0, 4.0, 0.0, 0.0, false, (0, 0), 5);
+    case.s[40 + 3] = f32::NAN;
+    let got = run(b, &case, false).unwrap();
+    assert!(got.rows[1].is_nan() && got.loss.is_nan());
+    assert!(got.grad[40..80].iter().all(|v| v.is_nan()));
+    assert!(got.rows[0].is_finite() && got.grad[..40].iter().all(|v| v.is_finite()));
+}
+
+fn errors_of_bad_input<B: Backend>(b: &B) {
+    let base = make_case(2, 10, 2, 0, 1, false, 2.0, 4.0, 0.5, 0.0, false, (0, 0), 3);
+    let k = base.spec.k;
+    let expect = |case: &Case, what: &str| {
+        let e = match run(b, case, false) {
+            Err(e) => e,
+            Ok(_) => panic!("{what}: no error"),
+        };
+        let msg = e.to_string();
+        eprintln!("{what}: {msg}");
+        e
+    };
+    // Duplicate and out-of-range indices.
+    let mut c = base.clone();
+    c.idx[k + 1] = c.idx[k];
+    assert!(matches!(
+        expect(&c, "duplicate"),
+        Error::Input { row: 1, .. }
+    ));
+    let mut c = base.clone();
+    c.idx[0] = 10;
+    assert!(matches!(
+        expect(&c, "out of range"),
+        Error::Input { row: 0, .. }
+    ));
+    let mut c = base.clone();
+    c.idx[1] = -1;
+    assert!(matches!(
+        expect(&c, "negative"),
+        Error::Input { row: 0, .. }
+    ));
+    // Values.
+    let mut c = base.clone();
+    c.vals[1] = f32::NAN;
+    assert!(matches!(expect(&c, "NaN value"), Error::Input { .. }));
+    let mut c = base.clone();
+    c.vals[1] = f32::INFINITY;
+    assert!(matches!(expect(&c, "+inf log-prob"), Error::Input { .. }));
+    let mut c = base.clone();
+    c.vals[0] = -0.01;
+    c.vals[1] = -0.01;
+    assert!(matches!(expect(&c, "sum above 1"), Error::Input { .. }));
+    let mut c = base.clone();
+    c.vals[0] = 0.5;
+    assert!(matches!(
+        expect(&c, "log-prob above 0"),
+        Error::Input { .. }
+    ));
+    let mut c = base.clone();
+    c.vals[..k].fill(f32::NEG_INFINITY);
+    assert!(matches!(
+        expect(&c, "all -inf"),
+        Error::Input { row: 0, .. }
+    ));
+    // A -inf entry among finite ones is a probability of 0: fine.
+    let mut c = base.clone();
+    c.vals[1] = f32::NEG_INFINITY;
+    check_case(b, &c).unwrap();
+    // Logits must be finite.
+    let mut c = base.clone();
+    c.spec.values = SparseValues::Logits;
+    c.spec.tail = SparseTail::Renormalize;
+    c.vals[k + 1] = f32::NEG_INFINITY;
+    assert!(matches!(
+        expect(&c, "logit -inf"),
+        Error::Input { row: 1, .. }
+    ));
+    // The spec: k > C, k = 0, k > 1024, logits with a tail, reverse KL renormalised.
+    for kk in [0, 11] {
+        let mut c = base.clone();
+        c.spec.k = kk;
+        assert!(matches!(expect(&c, "k"), Error::Param { name: "k", .. }));
+    }
+    let big = SparseSpec::new(RowShape::new(1, 2000), 1025, 1.0);
+    assert!(matches!(
+        big.validate(),
+        Err(Error::Param { name: "k", .. })
+    ));
+    let mut c = base.clone();
+    c.spec.values = SparseValues::Logits;
+    assert!(matches!(
+        expect(&c, "logits + bucket"),
+        Error::Unsupported(_)
+    ));
+    let mut c = base.clone();
+    c.spec.divergence = Divergence::ReverseKl;
+    c.spec.tail = SparseTail::Renormalize;
+    assert!(matches!(
+        expect(&c, "reverse KL renormalised"),
+        Error::Unsupported(_)
+    ));
+    // Reverse KL against a tail with no mass.
+    let mut c = base.clone();
+    c.spec.divergence = Divergence::ReverseKl;
+    c.vals[0] = -1e-9;
+    c.vals[1] = 0.0;
+    assert!(matches!(
+        expect(&c, "reverse KL, no tail"),
+        Error::Input { row: 0, .. }
+    ));
+    // alpha > 0 without labels; lengths.
+    let mut c = base.clone();
+    c.labels = None;
+    assert!(matches!(expect(&c, "no labels"), Error::Unsupported(_)));
+    let mut c = base.clone();
+    c.idx.pop();
+    assert!(matches!(expect(&c, "indices length"), Error::Shape { .. }));
+    let mut c = base.clone();
+    c.labels = Some(vec![0, 12]);
+    assert!(matches!(expect(&c, "label"), Error::Label { .. }));
+}
+
+/// The CPU backends (the reference and the fast one) run every body; wgpu and CUDA have no
+/// sparse kernel yet and must say so (`no_sparse_kernel_yet`).
+macro_rules! cpu_backend_tests {
+    ($($body:ident),* $(,)?) => {
+        mod cpu {
+            $( #[test] fn $body() { super::$body(&distillation::CpuBackend) } )*
+        }
+        mod cpu_fast {
+            $( #[test] fn $body() { super::$body(&distillation::FastCpuBackend::new()) } )*
+        }
+    };
+}
+
+cpu_backend_tests!(
+    proptest_against_the_reference,
+    every_combination,
+    in_place_and_half_gradients,
+    bad_rows_are_nan,
+    errors_of_bad_input
+);
+
+#[test]
+fn no_sparse_kernel_yet_on_wgpu() {
+    if let Some(b) = common::wgpu() {
+        let case = make_case(2, 10, 2, 0, 1, false, 2.0, 4.0, 0.0, 0.0, false, (0, 0), 3);
+        let e = run(b, &case, false)
+            .err()
+            .expect("an error until the WGSL kernel exists");
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    }
+}
+
+/// The reference's gradient against central differences of its loss.
+#[test]
+fn reference_gradient_by_finite_differences() {
+    let mut seed = 100;
+    for tp in 0..3u8 {
+        for dp in [0u8, 1, 2] {
+            for (alpha, eps) in [(0.0, 0.0), (0.4, 0.1)] {
+                for kp in [0usize, 2, 1] {
+                    seed += 1;
+                    let mut case = make_case(
+                        2,
+                        9,
+                        kp,
+                        dp,
+                        tp,
+                        false,
+                        1.7,
+                        3.0,
+                        alpha,
+                        eps,
+                        false,
+                        (0, 0),
+                        seed,
+                    );
+                    if check_sparse_teacher(
+                        &case.spec,
+                        &case.idx,
+                        &case.vals,
+                        case.labels.as_deref(),
+                    )
+                    .is_err()
+                    {
+                        continue;
+                    }
+                    case.spec.reduction = Reduction::Sum;
+                    case.spec.grad_scale = 1.0;
+                    let s = to_f64(&case.s);
+                    let vals = to_f64(&case.vals);
+                    let f = |s: &[f64]| {
+                        reference(&case.spec, s, &case.idx, &vals, case.labels.as_deref()).loss
+                    };
+                    let g = reference(&case.spec, &s, &case.idx, &vals, case.labels.as_deref())
+                        .grad_student;
+                    for j in 0..s.len() {
+                        let h = 1e-5;
+                        let (mut a, mut b) = (s.clone(), s.clone());
+                        a[j] += h;
+                        b[j] -= h;
+                        let fd = (f(&a) - f(&b)) / (2.0 * h);
+                        assert!(
+                            (fd - g[j]).abs() < 1e-6 * (1.0 + g[j].abs()),
+                            "{:?}: element {j}: finite differences {fd}, gradient {}",
+                            case.spec,
+                            g[j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The renormalize tail is the dense loss with a teacher of `-inf` outside the support, and the
+/// uniform tail the dense loss with `m / (C - k)` there (forward KL, reverse KL, JSD; the dense
+/// divergence takes the re-tempered log-probabilities with T on the student only).
+#[test]
+fn the_same_as_the_dense_loss_of_the_densified_teacher() {
+    let mut seed = 500;
+    for tail in [SparseTail::Renormalize, SparseTail::Uniform] {
+        for div in [
+            Divergence::ForwardKl,
+            Divergence::ReverseKl,
+            Divergence::Jsd { beta: 0.3 },
+        ] {
+            for (n, c, kp) in [(3usize, 7usize, 2usize), (2, 50, 3), (2, 6, 1)] {
+                seed += 1;
+                let tp = if tail == SparseTail::Uniform { 2 } else { 0 };
+                let mut case = make_case(
+                    n,
+                    c,
+                    kp,
+                    0,
+                    tp,
+                    false,
+                    1.5,
+                    3.0,
+                    0.0,
+                    0.0,
+                    true,
+                    (0, 0),
+                    seed,
+                );
+                case.spec.divergence = div;
+                if case.spec.validate().is_err() {
+                    continue;
+                }
+                let (k, temp) = (case.spec.k, case.spec.temperature as f64);
+                // The densified teacher's log-probabilities.
+                let mut dense = vec![0.0f64; n * c];
+                for r in 0..n {
+                    let vals = to_f64(&case.vals[r * k..(r + 1) * k]);
+                    let (lq, m) =
+                        distillation::ops::sparse::teacher_row(&case.spec, &vals).unwrap();
+                    let fill = if tail == SparseTail::Uniform && c > k {
+                        (m / (c - k) as f64).ln()
+                    } else {
+                        f64::NEG_INFINITY
+                    };
+                    dense[r * c..(r + 1) * c].fill(fill);
+                    for (i, &j) in case.idx[r * k..(r + 1) * k].iter().enumerate() {
+                        dense[r * c + j as usize] = lq[i];
+                    }
+                }
+                let dspec = DivergenceSpec {
+                    divergence: div,
+                    teacher: TeacherInput::LogProbs,
+                    reduction: case.spec.reduction,
+                    grad_scale: case.spec.grad_scale,
+                    ..DivergenceSpec::new(case.spec.shape, temp as f32)
+                };
+                let d = distillation::ops::divergence::reference::divergence(
+                    &dspec,
+                    &to_f64(&case.s),
+                    &dense,
+                    case.labels.as_deref(),
+                );
+                let w = want(&case);
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
+                assert!(
+                    close(w.loss, d.loss),
+                    "{:?}: loss {} vs dense {}",
+                    case.spec,
+                    w.loss,
+                    d.loss
+                );
+                for (x, y) in w.grad_student.iter().zip(&d.grad_student) {
+                    assert!(close(*x, *y), "{:?}: gradient {x} vs dense {y}", case.spec);
+                }
+            }
+        }
+    }
+}
+
+/// The fast backend's bits do not depend on its thread count.
+#[test]
+fn fast_cpu_same_bits_for_any_thread_count() {
+    let case = make_case(
+        37,
+        4099,
+        2,
+        2,
+        2,
+        false,
+        2.0,
+        4.0,
+        0.3,
+        0.1,
+        true,
+        (0, 0),
+        9,
+    );
+    let one = run(&FastCpuBackend::new().with_threads(1), &case, false).unwrap();
+    for t in [2, 3, 8] {
+        let many = run(&FastCpuBackend::new().with_threads(t), &case, false).unwrap();
+        assert_eq!(one.loss.to_bits(), many.loss.to_bits());
+        assert!(one
+            .grad
+            .iter()
+            .zip(&many.grad)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    let portable = run(&FastCpuBackend::portable().with_threads(2), &case, false).unwrap();
+    assert_eq!(one.loss.to_bits(), portable.loss.to_bits());
+}
+
+/// The host API: the same numbers as the reference, and its checks.
+#[test]
+fn host_api() {
+    let case = make_case(4, 33, 2, 0, 1, false, 2.0, 4.0, 0.5, 0.1, true, (0, 0), 21);
+    let loss = SparseKdLoss {
+        tail: case.spec.tail,
+        divergence: case.spec.divergence,
+        alpha: case.spec.alpha,
+        label_smoothing: case.spec.label_smoothing,
+        reduction: case.spec.reduction,
+        ..SparseKdLoss::new(case.spec.temperature)
+    };
+    let mut spec = case.spec;
+    spec.grad_scale = 1.0;
+    let w = reference(
+        &spec,
+        &to_f64(&case.s),
+        &case.idx,
+        &to_f64(&case.vals),
+        case.labels.as_deref(),
+    );
+    for out in [
+        loss.forward_backward(
+            &CpuBackend,
+            &case.s,
+            &case.idx,
+            &case.vals,
+            case.labels.as_deref(),
+            33,
+            case.spec.k,
+        )
+        .unwrap(),
+        loss.forward_backward(
+            &FastCpuBackend::new(),
+            &case.s,
+            &case.idx,
+            &case.vals,
+            case.labels.as_deref(),
+            33,
+            case.spec.k,
+        )
+        .unwrap(),
+    ] {
+        assert_close("loss", &[out.loss], &[w.loss], 1e-5).unwrap();
+        assert_close("grad", &out.grad_student, &w.grad_student, 1e-4).unwrap();
+    }
+    let mut idx = case.idx.clone();
+    idx[3] = 40;
+    let e = loss
+        .forward_backward(
+            &CpuBackend,
+            &case.s,
+            &idx,
+            &case.vals,
+            case.labels.as_deref(),
+            33,
+            case.spec.k,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("not in 0..33"), "{e}");
+}
