@@ -47,8 +47,9 @@ pub use error::{Error, Result};
 pub use half;
 pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss};
 pub use ops::{
-    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    Reduction, RowShape, SoftmaxSpec, TeacherInput, IGNORE_INDEX,
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, FusedGrads,
+    FusedLinearKd, HintonSpec, Linear, MseSpec, Reduction, RowShape, SoftmaxSpec, Teacher,
+    TeacherInput, Weighting, IGNORE_INDEX,
 };
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.
 pub use wgpu;

@@ -13,9 +13,15 @@
 //! split C by column panels and never share an element. On one machine the same input gives the
 //! same bits; the AVX2 path (fused multiply-add) and the portable one (separate multiply and add)
 //! differ in the last bits.
+//!
+//! Half precision: `A` and `B` may be bf16 or f16 ([`Element`]); each element is converted
+//! exactly to f32 as it is packed, so the products and sums are the f32 ones of the converted
+//! values and no f32 copy of an operand is ever made (the fused linear losses read a bf16
+//! weight matrix this way).
 
 use std::cell::RefCell;
 
+use crate::dtype::{Dtype, Element};
 use crate::ops::dense::MatmulSpec;
 
 /// Rows of the micro-kernel's C tile.
@@ -76,7 +82,13 @@ const SPLIT_MIN_WORK: usize = 1 << 14;
 /// the columns of C are split in two on a panel boundary and the second half is offered to
 /// that thread; otherwise everything runs on the calling thread. Either way every element is
 /// computed by the same code in the same order.
-pub fn sgemm(kernel: Kernel, spec: &MatmulSpec, a: &[f32], b: &[f32], c: &mut [f32]) {
+pub fn sgemm<A: Element, B: Element>(
+    kernel: Kernel,
+    spec: &MatmulSpec,
+    a: &[A],
+    b: &[B],
+    c: &mut [f32],
+) {
     let MatmulSpec { m, k, n, .. } = *spec;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     let out = Out(c.as_mut_ptr());
@@ -108,11 +120,11 @@ unsafe impl Sync for Out {}
 /// `out` must point to `m * n` floats, and nothing else may read or write columns `j0..j1`
 /// of them during the call.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_cols(
+unsafe fn sgemm_cols<A: Element, B: Element>(
     kernel: Kernel,
     spec: &MatmulSpec,
-    a: &[f32],
-    b: &[f32],
+    a: &[A],
+    b: &[B],
     out: Out,
     j0: usize,
     j1: usize,
@@ -168,10 +180,10 @@ unsafe fn sgemm_cols(
 /// Packs `op(B)[pc..pc+kc, jc..jc+nc]` into `NR`-wide panels: element `(p, j)` of panel `jp` at
 /// `jp*NR*kc + p*NR + j`, zeros past column `nc`.
 #[allow(clippy::too_many_arguments)]
-fn pack_b(
+fn pack_b<B: Element>(
     kernel: Kernel,
     spec: &MatmulSpec,
-    b: &[f32],
+    b: &[B],
     pc: usize,
     kc: usize,
     jc: usize,
@@ -190,28 +202,42 @@ fn pack_b(
         if width < NR {
             panel.fill(0.0);
         }
-        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma {
+        let b32 = as_f32(b);
+        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma && b32.is_some() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2Fma` means the CPU has AVX2; rows j0..j0+NR of B hold k >= pc + kc
             // floats each and the panel NR * kc (both checked by the slicing in the callee).
             unsafe {
-                pack_b_transposed_avx2(&b[j0 * k..(j0 + NR) * k], k, pc, kc, panel)
+                pack_b_transposed_avx2(
+                    &b32.expect("f32 B")[j0 * k..(j0 + NR) * k],
+                    k,
+                    pc,
+                    kc,
+                    panel,
+                )
             };
         } else if spec.trans_b {
             // B stored [n, k]: column j of op(B) is row j of B, contiguous in p.
             for j in 0..width {
                 let src = &b[(j0 + j) * k + pc..(j0 + j) * k + pc + kc];
                 for (p, &v) in src.iter().enumerate() {
-                    panel[p * NR + j] = v;
+                    panel[p * NR + j] = v.to_f32();
                 }
             }
         } else {
             for p in 0..kc {
                 let src = &b[(pc + p) * n + j0..(pc + p) * n + j0 + width];
                 let dst = &mut panel[p * NR..(p + 1) * NR];
-                match <&[f32; NR]>::try_from(src) {
-                    Ok(full) => *<&mut [f32; NR]>::try_from(dst).expect("NR floats") = *full,
-                    Err(_) => dst[..width].copy_from_slice(src),
+                match (b32, <&[B; NR]>::try_from(src)) {
+                    (Some(_), Ok(full)) => {
+                        let full: &[f32; NR] = bytemuck_f32(full);
+                        *<&mut [f32; NR]>::try_from(dst).expect("NR floats") = *full
+                    }
+                    _ => {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v.to_f32();
+                        }
+                    }
                 }
             }
         }
@@ -281,9 +307,9 @@ unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, p
 
 /// Packs `op(A)[ic..ic+mc, pc..pc+kc]` into `MR`-tall panels: element `(i, p)` of panel `ip` at
 /// `ip*MR*kc + p*MR + i`, zeros past row `mc`.
-fn pack_a(
+fn pack_a<A: Element>(
     spec: &MatmulSpec,
-    a: &[f32],
+    a: &[A],
     ic: usize,
     mc: usize,
     pc: usize,
@@ -305,20 +331,36 @@ fn pack_a(
             for p in 0..kc {
                 let src = &a[(pc + p) * m + i0..(pc + p) * m + i0 + height];
                 let dst = &mut panel[p * MR..(p + 1) * MR];
-                match <&[f32; MR]>::try_from(src) {
-                    Ok(full) => *<&mut [f32; MR]>::try_from(dst).expect("MR floats") = *full,
-                    Err(_) => dst[..height].copy_from_slice(src),
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v.to_f32();
                 }
             }
         } else {
             for i in 0..height {
                 let src = &a[(i0 + i) * k + pc..(i0 + i) * k + pc + kc];
                 for (p, &v) in src.iter().enumerate() {
-                    panel[p * MR + i] = v;
+                    panel[p * MR + i] = v.to_f32();
                 }
             }
         }
     }
+}
+
+/// `x` as f32 when its element type is f32.
+fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
+    if T::DTYPE == Dtype::F32 {
+        // SAFETY: T is f32 (the only Element of dtype F32), so the cast is the identity.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// A full row of NR elements known to be f32 (the caller checked `T::DTYPE`).
+fn bytemuck_f32<T: Element>(x: &[T; NR]) -> &[f32; NR] {
+    assert_eq!(T::DTYPE, Dtype::F32);
+    // SAFETY: T is f32 (asserted), so the cast is the identity.
+    unsafe { &*(x as *const [T; NR]).cast::<[f32; NR]>() }
 }
 
 /// One `MR x NR` tile: `sum_p a[p*MR + r] * b[p*NR + j]` over `p < kc`.

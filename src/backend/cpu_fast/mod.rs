@@ -37,10 +37,10 @@ pub(crate) use self::host::HostOut;
 use self::rows::{In, Out, Simd};
 use super::cpu::{CpuBackend, CpuBuffer};
 use super::{Backend, LossOut};
-use crate::dtype::{Dtype, HostSlice, HostVec};
+use crate::dtype::{Dtype, Element, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
-use crate::ops::dense::MatmulSpec;
+use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
@@ -143,6 +143,33 @@ fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
 
 const REF: CpuBackend = CpuBackend;
 
+/// [`gemm::sgemm`] with `b` of any dtype.
+fn gemm_b<A: Element>(kernel: gemm::Kernel, spec: &MatmulSpec, a: &[A], b: &HostVec, c: &mut [f32]) {
+    match b {
+        HostVec::F32(b) => gemm::sgemm(kernel, spec, a, b, c),
+        HostVec::Bf16(b) => gemm::sgemm(kernel, spec, a, b, c),
+        HostVec::F16(b) => gemm::sgemm(kernel, spec, a, b, c),
+    }
+}
+
+/// [`Backend::copy_rows`] into `dst` of type `D` from a source of any dtype.
+fn copy_from<D: Element>(spec: &CopySpec, src: &HostVec, dst: &mut [D]) {
+    fn rows<S: Element, D: Element>(spec: &CopySpec, src: &[S], dst: &mut [D]) {
+        for r in 0..spec.rows {
+            let s = &src[spec.src_offset + r * spec.src_stride..][..spec.cols];
+            let d = &mut dst[spec.dst_offset + r * spec.dst_stride..][..spec.cols];
+            for (o, &v) in d.iter_mut().zip(s) {
+                *o = D::from_f32(v.to_f32());
+            }
+        }
+    }
+    match src {
+        HostVec::F32(s) => rows(spec, s, dst),
+        HostVec::Bf16(s) => rows(spec, s, dst),
+        HostVec::F16(s) => rows(spec, s, dst),
+    }
+}
+
 impl Backend for FastCpuBackend {
     type Buffer = CpuBuffer;
     type Labels = Vec<i32>;
@@ -209,9 +236,33 @@ impl Backend for FastCpuBackend {
         b: &CpuBuffer,
         c: &CpuBuffer,
     ) -> Result<()> {
-        let (a, b) = (read(a, "a")?, read(b, "b")?);
+        let (a, b) = (read_any(a, "a")?, read_any(b, "b")?);
         let mut c = write(c, "c")?;
-        gemm::sgemm(self.kernel, spec, &a, &b, &mut c);
+        match &*a {
+            HostVec::F32(a) => gemm_b(self.kernel, spec, a, &b, &mut c),
+            HostVec::Bf16(a) => gemm_b(self.kernel, spec, a, &b, &mut c),
+            HostVec::F16(a) => gemm_b(self.kernel, spec, a, &b, &mut c),
+        }
+        Ok(())
+    }
+
+    fn matmul_reads_half(&self) -> bool {
+        true
+    }
+
+    unsafe fn copy_rows_unchecked(
+        &self,
+        spec: &CopySpec,
+        src: &CpuBuffer,
+        dst: &CpuBuffer,
+    ) -> Result<()> {
+        let src = read_any(src, "src")?;
+        let mut dst = write_any(dst, "dst")?;
+        match &mut *dst {
+            HostVec::F32(d) => copy_from(spec, &src, d),
+            HostVec::Bf16(d) => copy_from(spec, &src, d),
+            HostVec::F16(d) => copy_from(spec, &src, d),
+        }
         Ok(())
     }
 
