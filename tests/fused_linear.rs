@@ -12,8 +12,8 @@ use common::{assert_close, Lcg};
 use distillation::half::{bf16, f16};
 use distillation::ops::fused_linear::reference::{fused_linear_kd, LayerF64, TeacherF64};
 use distillation::{
-    Backend, Divergence, Dtype, Error, FusedGrads, FusedLinearKd, Linear, Reduction,
-    Teacher, IGNORE_INDEX,
+    Backend, Divergence, Dtype, Error, FusedGrads, FusedLinearKd, Linear, Reduction, Teacher,
+    IGNORE_INDEX,
 };
 
 /// How the teacher is given in a case.
@@ -22,7 +22,10 @@ enum TeacherKind {
     None,
     Logits,
     /// A layer of hidden size `ht` and vocabulary `V + pad`.
-    Layer { ht: usize, pad: usize },
+    Layer {
+        ht: usize,
+        pad: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -51,7 +54,10 @@ struct Inputs {
 }
 
 fn rounded(g: &mut Lcg, len: usize, scale: f32, dtype: Dtype) -> Vec<f32> {
-    g.vec(len, scale).into_iter().map(|x| dtype.round(x)).collect()
+    g.vec(len, scale)
+        .into_iter()
+        .map(|x| dtype.round(x))
+        .collect()
 }
 
 fn inputs(case: &Case, seed: u64, dtype: Dtype) -> Inputs {
@@ -114,7 +120,10 @@ fn expected(case: &Case, x: &Inputs, times: f64) -> (f64, Vec<f64>, Vec<f64>, Ve
     let labels = case.labels.then_some(&x.labels[..]);
     let r = fused_linear_kd(&case.spec, &student, &teacher, labels);
     let add = |init: &[f32], g: &[f64]| -> Vec<f64> {
-        init.iter().zip(g).map(|(&a, &b)| a as f64 + times * b).collect()
+        init.iter()
+            .zip(g)
+            .map(|(&a, &b)| a as f64 + times * b)
+            .collect()
     };
     (
         r.loss,
@@ -152,7 +161,11 @@ fn run<B: Backend>(
     times: usize,
 ) -> distillation::Result<Got> {
     let (n, h) = (case.n, case.spec.hidden);
-    let (hb, wb, bb) = (upload(b, &x.h, dtype), upload(b, &x.w, dtype), upload(b, &x.bias, dtype));
+    let (hb, wb, bb) = (
+        upload(b, &x.h, dtype),
+        upload(b, &x.w, dtype),
+        upload(b, &x.bias, dtype),
+    );
     let (tl, th, tw, tb) = (
         upload(b, &x.t_logits, dtype),
         upload(b, &x.th, dtype),
@@ -238,7 +251,10 @@ fn check_case<B: Backend>(b: &B, case: &Case, seed: u64, dtype: Dtype, grad_dtyp
     let x = inputs(case, seed, dtype);
     let got = run(b, case, &x, dtype, grad_dtype, 1).unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let (loss, gh, gw, gb) = expected(case, &x, 1.0);
-    let ctx = format!("{} {case:?} inputs {dtype}, gradients {grad_dtype}", b.name());
+    let ctx = format!(
+        "{} {case:?} inputs {dtype}, gradients {grad_dtype}",
+        b.name()
+    );
     let l = ((got.loss as f64 - loss).abs()) / loss.abs().max(1e-30);
     assert!(
         l <= 1e-4 || (got.loss as f64 - loss).abs() < 1e-7,
@@ -284,7 +300,13 @@ fn cases() -> Vec<Case> {
         labels: true,
     };
     let layer = TeacherKind::Layer { ht: 5, pad: 3 };
-    for (n, h, v) in [(1, 1, 1), (1, 4, 37), (9, 1, 13), (23, 7, 61), (16, 33, 131)] {
+    for (n, h, v) in [
+        (1, 1, 1),
+        (1, 4, 37),
+        (9, 1, 13),
+        (23, 7, 61),
+        (16, 33, 131),
+    ] {
         for chunk in [1, 7, n] {
             out.push(kd(n, h, v, chunk, TeacherKind::Logits, 3));
             out.push(kd(n, h, v, chunk, layer, 0));
@@ -458,17 +480,32 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         bias: None,
     };
     assert!(matches!(
-        err(spec.run(b, &bad_w, &Teacher::Logits(&t), Some(&labels), &grads), "weight length"),
+        err(
+            spec.run(b, &bad_w, &Teacher::Logits(&t), Some(&labels), &grads),
+            "weight length"
+        ),
         Error::Shape { .. }
     ));
-    err(spec.run(b, &student, &Teacher::Logits(&t), None, &grads), "labels missing");
-    err(spec.run(b, &student, &Teacher::None, Some(&labels), &grads), "teacher missing");
+    err(
+        spec.run(b, &student, &Teacher::Logits(&t), None, &grads),
+        "labels missing",
+    );
+    err(
+        spec.run(b, &student, &Teacher::None, Some(&labels), &grads),
+        "teacher missing",
+    );
     err(
         spec.run(b, &student, &Teacher::Logits(&t), Some(&[0, 1, 2]), &grads),
         "labels short",
     );
     err(
-        spec.run(b, &student, &Teacher::Logits(&t), Some(&[0, 1, 2, 7]), &grads),
+        spec.run(
+            b,
+            &student,
+            &Teacher::Logits(&t),
+            Some(&[0, 1, 2, 7]),
+            &grads,
+        ),
         "label out of range",
     );
     let small_teacher = Teacher::Linear {
@@ -480,9 +517,15 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         hidden: h,
         vocab: v - 1,
     };
-    err(spec.run(b, &student, &small_teacher, Some(&labels), &grads), "V_t < V");
+    err(
+        spec.run(b, &student, &small_teacher, Some(&labels), &grads),
+        "V_t < V",
+    );
     let ce = FusedLinearKd::cross_entropy_only(h, v);
-    err(ce.run(b, &student, &Teacher::Logits(&t), Some(&labels), &grads), "unused teacher");
+    err(
+        ce.run(b, &student, &Teacher::Logits(&t), Some(&labels), &grads),
+        "unused teacher",
+    );
     for bad in [
         FusedLinearKd::new(h, v, 0.0, 0.5),
         FusedLinearKd::new(h, v, 2.0, 1.5),
@@ -502,7 +545,10 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         },
         FusedLinearKd::new(0, v, 2.0, 0.5),
     ] {
-        err(bad.run(b, &student, &Teacher::Logits(&t), Some(&labels), &grads), "bad spec");
+        err(
+            bad.run(b, &student, &Teacher::Logits(&t), Some(&labels), &grads),
+            "bad spec",
+        );
     }
     // An output that is an input, or two outputs in one buffer.
     let alias = FusedGrads {
@@ -511,7 +557,10 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         bias: None,
     };
     assert!(matches!(
-        err(spec.run(b, &student, &Teacher::Logits(&t), Some(&labels), &alias), "alias"),
+        err(
+            spec.run(b, &student, &Teacher::Logits(&t), Some(&labels), &alias),
+            "alias"
+        ),
         Error::Alias(_)
     ));
     let twice = FusedGrads {
@@ -519,7 +568,10 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         weight: Some(&gh),
         bias: None,
     };
-    err(spec.run(b, &student, &Teacher::Logits(&t), Some(&labels), &twice), "two outputs");
+    err(
+        spec.run(b, &student, &Teacher::Logits(&t), Some(&labels), &twice),
+        "two outputs",
+    );
 }
 
 backend_tests!(
@@ -567,7 +619,11 @@ fn reference_gradients_match_finite_differences() {
         p[i] += eps;
         m[i] -= eps;
         let fd = (loss_at(&p, &x.w) - loss_at(&m, &x.w)) / (2.0 * eps as f64);
-        assert!((fd - gh[i]).abs() < 1e-4 + 1e-3 * gh[i].abs(), "grad_h[{i}]: {fd} vs {}", gh[i]);
+        assert!(
+            (fd - gh[i]).abs() < 1e-4 + 1e-3 * gh[i].abs(),
+            "grad_h[{i}]: {fd} vs {}",
+            gh[i]
+        );
     }
     for i in 0..x.w.len() {
         let (mut p, mut m) = (x.w.clone(), x.w.clone());
@@ -575,6 +631,9 @@ fn reference_gradients_match_finite_differences() {
         m[i] -= eps;
         let fd = (loss_at(&x.h, &p) - loss_at(&x.h, &m)) / (2.0 * eps as f64);
         let want = gw[i] - x.grad_w0[i] as f64;
-        assert!((fd - want).abs() < 1e-4 + 1e-3 * want.abs(), "grad_W[{i}]: {fd} vs {want}");
+        assert!(
+            (fd - want).abs() < 1e-4 + 1e-3 * want.abs(),
+            "grad_W[{i}]: {fd} vs {want}"
+        );
     }
 }

@@ -203,18 +203,14 @@ fn pack_b<B: Element>(
             panel.fill(0.0);
         }
         let b32 = as_f32(b);
-        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma && b32.is_some() {
+        let vector_load = B::DTYPE == Dtype::F32 || B::DTYPE == Dtype::Bf16;
+        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma && vector_load {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2Fma` means the CPU has AVX2; rows j0..j0+NR of B hold k >= pc + kc
-            // floats each and the panel NR * kc (both checked by the slicing in the callee).
+            // elements each and the panel NR * kc (both checked by the slicing in the callee);
+            // B is f32 or bf16 (checked above).
             unsafe {
-                pack_b_transposed_avx2(
-                    &b32.expect("f32 B")[j0 * k..(j0 + NR) * k],
-                    k,
-                    pc,
-                    kc,
-                    panel,
-                )
+                pack_b_transposed_avx2(&b[j0 * k..(j0 + NR) * k], k, pc, kc, panel)
             };
         } else if spec.trans_b {
             // B stored [n, k]: column j of op(B) is row j of B, contiguous in p.
@@ -233,6 +229,12 @@ fn pack_b<B: Element>(
                         let full: &[f32; NR] = bytemuck_f32(full);
                         *<&mut [f32; NR]>::try_from(dst).expect("NR floats") = *full
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    (None, Ok(full)) if B::DTYPE == Dtype::Bf16 && kernel == Kernel::Avx2Fma => {
+                        let out = <&mut [f32; NR]>::try_from(dst).expect("NR floats");
+                        // SAFETY: `Avx2Fma` means the CPU has AVX2; B is bf16 (checked).
+                        unsafe { widen_bf16_avx2(full, out) }
+                    }
                     _ => {
                         for (d, &v) in dst.iter_mut().zip(src) {
                             *d = v.to_f32();
@@ -244,7 +246,8 @@ fn pack_b<B: Element>(
     }
 }
 
-/// One full panel of a transposed B: `rows` holds the panel's `NR` rows of B (`k` floats each);
+/// One full panel of a transposed B: `rows` holds the panel's `NR` rows of B (`k` f32 or bf16
+/// elements each, a bf16 converted exactly to f32 as it is loaded);
 /// writes `panel[p*NR + j] = rows[j*k + pc + p]` for `p < kc`, eight `p` at a time by 8x8
 /// register transposes (rows `j` and `j+8` handled as two 8x8 blocks), the tail one by one.
 ///
@@ -252,9 +255,29 @@ fn pack_b<B: Element>(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, panel: &mut [f32]) {
+unsafe fn pack_b_transposed_avx2<T: Element>(
+    rows: &[T],
+    k: usize,
+    pc: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
     use std::arch::x86_64::*;
     assert!(rows.len() >= NR * k && pc + kc <= k && panel.len() >= NR * kc);
+    assert!(T::DTYPE == Dtype::F32 || T::DTYPE == Dtype::Bf16);
+    // Eight elements from `p` as f32: a bf16 is the high half of its f32 (exact).
+    let load8 = |p: *const T| -> __m256 {
+        if T::DTYPE == Dtype::F32 {
+            // SAFETY: the caller's index keeps 8 elements inside `rows`.
+            unsafe { _mm256_loadu_ps(p.cast::<f32>()) }
+        } else {
+            // SAFETY: as above; 8 bf16 are 16 bytes.
+            unsafe {
+                let h = _mm_loadu_si128(p.cast::<__m128i>());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+    };
     let full = kc - kc % 8;
     for p in (0..full).step_by(8) {
         for half in 0..2 {
@@ -263,7 +286,7 @@ unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, p
             for (i, ri) in r.iter_mut().enumerate() {
                 let at = (half * 8 + i) * k + pc + p;
                 // SAFETY: at + 8 <= (half*8 + i) * k + pc + kc <= NR * k (asserted above).
-                *ri = unsafe { _mm256_loadu_ps(rows.as_ptr().add(at)) };
+                *ri = load8(unsafe { rows.as_ptr().add(at) });
             }
             // Standard 8x8 transpose: pairs, then quads, then 128-bit halves.
             let t0 = _mm256_unpacklo_ps(r[0], r[1]);
@@ -300,7 +323,7 @@ unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, p
     }
     for j in 0..NR {
         for p in full..kc {
-            panel[p * NR + j] = rows[j * k + pc + p];
+            panel[p * NR + j] = rows[j * k + pc + p].to_f32();
         }
     }
 }
@@ -342,6 +365,26 @@ fn pack_a<A: Element>(
                     panel[p * MR + i] = v.to_f32();
                 }
             }
+        }
+    }
+}
+
+/// `NR` bf16 elements widened to f32 (exact: a bf16 is the high half of its f32), two vectors
+/// of 8.
+///
+/// # Safety
+/// The CPU must support AVX2, and `T` must be bf16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2<T: Element>(src: &[T; NR], dst: &mut [f32; NR]) {
+    use std::arch::x86_64::*;
+    assert_eq!(T::DTYPE, Dtype::Bf16);
+    for half in 0..2 {
+        // SAFETY: 8 bf16 (16 bytes) at src[half*8..] and 8 f32 at dst[half*8..], inside the arrays.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(half * 8).cast::<__m128i>());
+            let v = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(half * 8), v);
         }
     }
 }
@@ -502,6 +545,54 @@ mod tests {
                         .all(|(x, y)| x.to_bits() == y.to_bits()),
                     "{spec:?}: different bits with a helper"
                 );
+            }
+        }
+    }
+
+    /// bf16 and f16 operands, converted exactly while packing: the f32 result of the converted
+    /// values (the AVX2 transposed panels of bf16 included).
+    #[test]
+    fn half_operands_match_the_reference() {
+        use half::{bf16, f16};
+        for kernel in [Kernel::Portable, Kernel::detect()] {
+            for (m, k, n) in [(7, 3, 17), (13, 300, 40), (33, 257, 100)] {
+                for (ta, tb) in [(false, true), (true, false), (false, false)] {
+                    let spec = MatmulSpec {
+                        m,
+                        k,
+                        n,
+                        trans_a: ta,
+                        trans_b: tb,
+                        accumulate: false,
+                    };
+                    let (a, b) = operands(&spec);
+                    let ab: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+                    let bb: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+                    let bh: Vec<f16> = b.iter().map(|&x| f16::from_f32(x)).collect();
+                    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                    let a_r: Vec<f32> = ab.iter().map(|x| x.to_f32()).collect();
+                    for (b_r, got) in [
+                        (bb.iter().map(|x| x.to_f32()).collect::<Vec<f32>>(), {
+                            let mut c = vec![f32::NAN; m * n];
+                            sgemm(kernel, &spec, &ab, &bb, &mut c);
+                            c
+                        }),
+                        (bh.iter().map(|x| x.to_f32()).collect(), {
+                            let mut c = vec![f32::NAN; m * n];
+                            sgemm(kernel, &spec, &ab, &bh, &mut c);
+                            c
+                        }),
+                    ] {
+                        let mut want = vec![0.0; m * n];
+                        matmul_reference(&spec, &f64s(&a_r), &f64s(&b_r), &mut want);
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "{spec:?} {kernel:?} element {i}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

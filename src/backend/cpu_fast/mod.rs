@@ -144,7 +144,13 @@ fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
 const REF: CpuBackend = CpuBackend;
 
 /// [`gemm::sgemm`] with `b` of any dtype.
-fn gemm_b<A: Element>(kernel: gemm::Kernel, spec: &MatmulSpec, a: &[A], b: &HostVec, c: &mut [f32]) {
+fn gemm_b<A: Element>(
+    kernel: gemm::Kernel,
+    spec: &MatmulSpec,
+    a: &[A],
+    b: &HostVec,
+    c: &mut [f32],
+) {
     match b {
         HostVec::F32(b) => gemm::sgemm(kernel, spec, a, b, c),
         HostVec::Bf16(b) => gemm::sgemm(kernel, spec, a, b, c),

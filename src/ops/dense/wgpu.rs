@@ -67,18 +67,21 @@ struct DenseParams {
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
-    vec![uniform_layout!(
-        DenseParams,
-        "dense.wgsl",
-        [m, k, n, trans_a, trans_b, accumulate, len, alpha]
-    ), uniform_layout!(
-        CopyParams,
-        "copy.wgsl",
-        [
-            rows, cols, src_offset, src_stride, dst_offset, dst_stride, src_dtype, dst_dtype,
-            first_unit, units
-        ]
-    )]
+    vec![
+        uniform_layout!(
+            DenseParams,
+            "dense.wgsl",
+            [m, k, n, trans_a, trans_b, accumulate, len, alpha]
+        ),
+        uniform_layout!(
+            CopyParams,
+            "copy.wgsl",
+            [
+                rows, cols, src_offset, src_stride, dst_offset, dst_stride, src_dtype, dst_dtype,
+                first_unit, units
+            ]
+        ),
+    ]
 }
 
 /// The strided block copy of [`CopySpec`] (`copy.wgsl`).
@@ -103,7 +106,11 @@ pub(crate) fn copy_rows(
         src_offset: spec.src_offset as u32,
         src_stride: spec.src_stride as u32,
         dst_offset: spec.dst_offset as u32,
-        dst_stride: if spec.rows == 1 { spec.cols } else { spec.dst_stride } as u32,
+        dst_stride: if spec.rows == 1 {
+            spec.cols
+        } else {
+            spec.dst_stride
+        } as u32,
         src_dtype: src.dtype().code(),
         dst_dtype: dst.dtype().code(),
         first_unit: first_unit as u32,

@@ -37,8 +37,11 @@ use crate::ops::{
     CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, Reduction, RowShape, IGNORE_INDEX,
 };
 
-/// The default scratch budget of one chunk of rows: 64 MiB.
-pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
+/// The default scratch budget of one chunk of rows: 48 MiB. At the CPU benchmark's shape (N =
+/// 2048, H = 1024, V = 32000) that is 187 rows per chunk, a tenth of the unfused logits' memory
+/// within 1.07x of their time; smaller chunks save memory and cost time (the weight is re-packed
+/// per chunk), `docs/PERF.md`. GPUs run better with larger chunks: set it.
+pub const DEFAULT_MEMORY_BUDGET: usize = 48 << 20;
 
 /// How the hard (cross-entropy) and soft (divergence) terms are weighted.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -215,7 +218,11 @@ impl FusedLinearKd {
                 dst_offset: 0,
                 dst_stride: cols,
             };
-            b.copy_rows(&CopySpec::contiguous(c * h, r0 * h, 0), student.hidden, &sc.h)?;
+            b.copy_rows(
+                &CopySpec::contiguous(c * h, r0 * h, 0),
+                student.hidden,
+                &sc.h,
+            )?;
             if let Some(bias) = student.bias {
                 b.copy_rows(&bias_rows(v), bias, &sc.logits)?;
             }
@@ -331,9 +338,8 @@ impl FusedLinearKd {
             grad_scale: (g * scale * f) as f32,
             ..DivergenceSpec::new(shape, self.temperature)
         };
-        let labels_required = || {
-            labels.ok_or_else(|| Error::Unsupported("a cross-entropy term needs labels".into()))
-        };
+        let labels_required =
+            || labels.ok_or_else(|| Error::Unsupported("a cross-entropy term needs labels".into()));
         let teacher = || sc.teacher.as_ref().expect("teacher scratch");
         if soft == 0.0 {
             b.cross_entropy(

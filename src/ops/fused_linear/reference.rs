@@ -5,9 +5,7 @@
 
 use super::FusedLinearKd;
 use crate::ops::dense::{self, MatmulSpec};
-use crate::ops::{
-    cross_entropy, divergence, CrossEntropySpec, DivergenceSpec, RowShape,
-};
+use crate::ops::{cross_entropy, divergence, CrossEntropySpec, DivergenceSpec, RowShape};
 
 /// A layer in f64: `hidden` `[N, H]`, `weight` `[V, H]`, `bias` `[V]`.
 pub struct LayerF64<'a> {
@@ -113,7 +111,12 @@ pub fn fused_linear_kd(
         }
     }
     let mut grad_hidden = vec![0.0; n * h];
-    dense::reference::matmul(&MatmulSpec::new(n, v, h), &g, student.weight, &mut grad_hidden);
+    dense::reference::matmul(
+        &MatmulSpec::new(n, v, h),
+        &g,
+        student.weight,
+        &mut grad_hidden,
+    );
     let mut grad_weight = vec![0.0; v * h];
     let spec_w = MatmulSpec {
         trans_a: true,

@@ -83,7 +83,7 @@ pub(super) fn spec(s: &FusedLinearKd) -> Result<()> {
             name: "memory_budget",
             value: 0.0,
             hint: "the scratch budget is in bytes and must be at least 1 (one row runs at a \
-                   time below the size of a row); the default is 64 MiB",
+                   time below the size of a row); the default is 48 MiB",
         });
     }
     Ok(())
@@ -103,7 +103,13 @@ fn rows_of<B: Backend>(b: &B, what: &'static str, buf: &B::Buffer, cols: usize) 
     Ok(len / cols)
 }
 
-fn exact<B: Backend>(b: &B, what: &'static str, buf: &B::Buffer, n: usize, hint: String) -> Result<()> {
+fn exact<B: Backend>(
+    b: &B,
+    what: &'static str,
+    buf: &B::Buffer,
+    n: usize,
+    hint: String,
+) -> Result<()> {
     let got = b.len(buf);
     if got != n {
         return Err(Error::shape(what, got, n, hint));
@@ -127,7 +133,13 @@ pub(super) fn call<B: Backend>(
             "{n} rows of {v} classes: the logits would pass 2^32 elements; split the batch"
         )));
     }
-    exact(b, "weight", student.weight, v * h, format!("the student's weight is [{v}, {h}]"))?;
+    exact(
+        b,
+        "weight",
+        student.weight,
+        v * h,
+        format!("the student's weight is [{v}, {h}]"),
+    )?;
     if let Some(bias) = student.bias {
         exact(b, "bias", bias, v, format!("the student's bias is [{v}]"))?;
     }
@@ -141,7 +153,13 @@ pub(super) fn call<B: Backend>(
     match teacher {
         Teacher::None => {}
         Teacher::Logits(t) => {
-            exact(b, "teacher logits", t, n * v, format!("the teacher's logits are [{n}, {v}]"))?;
+            exact(
+                b,
+                "teacher logits",
+                t,
+                n * v,
+                format!("the teacher's logits are [{n}, {v}]"),
+            )?;
             inputs.push(("teacher logits", t));
         }
         Teacher::Linear {
@@ -175,7 +193,13 @@ pub(super) fn call<B: Backend>(
                 format!("the teacher's weight is [{vt}, {ht}]"),
             )?;
             if let Some(bias) = layer.bias {
-                exact(b, "teacher bias", bias, vt, format!("the teacher's bias is [{vt}]"))?;
+                exact(
+                    b,
+                    "teacher bias",
+                    bias,
+                    vt,
+                    format!("the teacher's bias is [{vt}]"),
+                )?;
             }
             if n.checked_mul(vt).is_none_or(|x| x > u32::MAX as usize) {
                 return Err(Error::Limit(
@@ -219,11 +243,23 @@ pub(super) fn call<B: Backend>(
     }
     let mut outputs = Vec::new();
     if let Some(g) = grads.hidden {
-        exact(b, "grad_hidden", g, n * h, format!("grad_hidden is [{n}, {h}], as hidden"))?;
+        exact(
+            b,
+            "grad_hidden",
+            g,
+            n * h,
+            format!("grad_hidden is [{n}, {h}], as hidden"),
+        )?;
         outputs.push(("grad_hidden", g));
     }
     if let Some(g) = grads.weight {
-        exact(b, "grad_weight", g, v * h, format!("grad_weight is [{v}, {h}], as weight"))?;
+        exact(
+            b,
+            "grad_weight",
+            g,
+            v * h,
+            format!("grad_weight is [{v}, {h}], as weight"),
+        )?;
         outputs.push(("grad_weight", g));
     }
     if let Some(g) = grads.bias {
