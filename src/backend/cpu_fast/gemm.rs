@@ -549,54 +549,6 @@ mod tests {
         }
     }
 
-    /// bf16 and f16 operands, converted exactly while packing: the f32 result of the converted
-    /// values (the AVX2 transposed panels of bf16 included).
-    #[test]
-    fn half_operands_match_the_reference() {
-        use half::{bf16, f16};
-        for kernel in [Kernel::Portable, Kernel::detect()] {
-            for (m, k, n) in [(7, 3, 17), (13, 300, 40), (33, 257, 100)] {
-                for (ta, tb) in [(false, true), (true, false), (false, false)] {
-                    let spec = MatmulSpec {
-                        m,
-                        k,
-                        n,
-                        trans_a: ta,
-                        trans_b: tb,
-                        accumulate: false,
-                    };
-                    let (a, b) = operands(&spec);
-                    let ab: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
-                    let bb: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
-                    let bh: Vec<f16> = b.iter().map(|&x| f16::from_f32(x)).collect();
-                    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-                    let a_r: Vec<f32> = ab.iter().map(|x| x.to_f32()).collect();
-                    for (b_r, got) in [
-                        (bb.iter().map(|x| x.to_f32()).collect::<Vec<f32>>(), {
-                            let mut c = vec![f32::NAN; m * n];
-                            sgemm(kernel, &spec, &ab, &bb, &mut c);
-                            c
-                        }),
-                        (bh.iter().map(|x| x.to_f32()).collect(), {
-                            let mut c = vec![f32::NAN; m * n];
-                            sgemm(kernel, &spec, &ab, &bh, &mut c);
-                            c
-                        }),
-                    ] {
-                        let mut want = vec![0.0; m * n];
-                        matmul_reference(&spec, &f64s(&a_r), &f64s(&b_r), &mut want);
-                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                            assert!(
-                                (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                                "{spec:?} {kernel:?} element {i}: {g} vs {w}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn matches_the_reference_over_block_edges() {
         for kernel in [Kernel::Portable, Kernel::detect()] {

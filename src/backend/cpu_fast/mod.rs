@@ -22,6 +22,7 @@
 //! is an [`Error::Alias`].
 
 mod adam;
+mod buffers;
 mod feature;
 pub mod gemm;
 mod helper;
@@ -30,14 +31,13 @@ mod row_losses;
 pub mod rows;
 pub(crate) mod vmath;
 
-use std::cell::{Ref, RefMut};
-
 use self::adam::adam_split;
+use self::buffers::{copy_from, gemm_b, read, read_any, write, write_any};
 pub(crate) use self::host::HostOut;
 use self::rows::{In, Out, Simd};
 use super::cpu::{CpuBackend, CpuBuffer};
 use super::{Backend, LossOut};
-use crate::dtype::{Dtype, Element, HostSlice, HostVec};
+use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::{CopySpec, MatmulSpec};
@@ -108,73 +108,7 @@ impl FastCpuBackend {
     }
 }
 
-/// A buffer of any dtype, borrowed to read.
-fn read_any<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, HostVec>> {
-    buf.0
-        .try_borrow()
-        .map_err(|_| Error::Alias(format!("{what} is also an output of this call")))
-}
-
-/// A buffer of any dtype, borrowed to write.
-fn write_any<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, HostVec>> {
-    buf.0.try_borrow_mut().map_err(|_| {
-        Error::Alias(format!(
-            "{what} is also an input of this call: pass a separate output buffer"
-        ))
-    })
-}
-
-fn not_f32(what: &str, dtype: Dtype) -> Error {
-    Error::Unsupported(format!(
-        "{what} is {dtype}: this op takes f32 buffers (half precision is for the row losses)"
-    ))
-}
-
-/// An f32 buffer, borrowed to read.
-fn read<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, [f32]>> {
-    Ref::filter_map(read_any(buf, what)?, |v| v.as_f32()).map_err(|v| not_f32(what, v.dtype()))
-}
-
-/// An f32 buffer, borrowed to write.
-fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
-    RefMut::filter_map(write_any(buf, what)?, |v| v.as_f32_mut())
-        .map_err(|v| not_f32(what, v.dtype()))
-}
-
 const REF: CpuBackend = CpuBackend;
-
-/// [`gemm::sgemm`] with `b` of any dtype.
-fn gemm_b<A: Element>(
-    kernel: gemm::Kernel,
-    spec: &MatmulSpec,
-    a: &[A],
-    b: &HostVec,
-    c: &mut [f32],
-) {
-    match b {
-        HostVec::F32(b) => gemm::sgemm(kernel, spec, a, b, c),
-        HostVec::Bf16(b) => gemm::sgemm(kernel, spec, a, b, c),
-        HostVec::F16(b) => gemm::sgemm(kernel, spec, a, b, c),
-    }
-}
-
-/// [`Backend::copy_rows`] into `dst` of type `D` from a source of any dtype.
-fn copy_from<D: Element>(spec: &CopySpec, src: &HostVec, dst: &mut [D]) {
-    fn rows<S: Element, D: Element>(spec: &CopySpec, src: &[S], dst: &mut [D]) {
-        for r in 0..spec.rows {
-            let s = &src[spec.src_offset + r * spec.src_stride..][..spec.cols];
-            let d = &mut dst[spec.dst_offset + r * spec.dst_stride..][..spec.cols];
-            for (o, &v) in d.iter_mut().zip(s) {
-                *o = D::from_f32(v.to_f32());
-            }
-        }
-    }
-    match src {
-        HostVec::F32(s) => rows(spec, s, dst),
-        HostVec::Bf16(s) => rows(spec, s, dst),
-        HostVec::F16(s) => rows(spec, s, dst),
-    }
-}
 
 impl Backend for FastCpuBackend {
     type Buffer = CpuBuffer;
