@@ -445,7 +445,69 @@ fn accumulates<B: Backend>(b: &B) {
     assert_close("grad_b (twice)", &got.grad_b, &gb, 1e-4).unwrap();
 }
 
-backend_tests!(matches_the_f64_composition, half_inputs, accumulates);
+/// `copy_rows` between every pair of dtypes, at odd offsets and strides (a 16-bit destination's
+/// words shared with elements outside the block keep them), and with a source stride of 0 (a
+/// broadcast): each element converted exactly and rounded once.
+fn copy_rows_between_dtypes<B: Backend>(b: &B) {
+    use distillation::ops::dense::CopySpec;
+    let mut g = Lcg(11);
+    let specs = [
+        CopySpec {
+            rows: 3,
+            cols: 5,
+            src_offset: 1,
+            src_stride: 7,
+            dst_offset: 3,
+            dst_stride: 9,
+        },
+        CopySpec {
+            rows: 4,
+            cols: 3,
+            src_offset: 2,
+            src_stride: 0,
+            dst_offset: 1,
+            dst_stride: 3,
+        },
+        CopySpec::contiguous(17, 4, 5),
+    ];
+    for spec in specs {
+        for sd in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            for dd in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+                let src: Vec<f32> = g.vec(spec.src_end() + 2, 3.0);
+                let src: Vec<f32> = src.into_iter().map(|x| sd.round(x)).collect();
+                let dst0: Vec<f32> = g.vec(spec.dst_end() + 3, 1.0);
+                let dst0: Vec<f32> = dst0.into_iter().map(|x| dd.round(x)).collect();
+                let (sb, db) = (upload(b, &src, sd), upload(b, &dst0, dd));
+                b.copy_rows(&spec, &sb, &db).unwrap();
+                let got = b.download(&db).unwrap();
+                let mut want = dst0.clone();
+                for r in 0..spec.rows {
+                    for c in 0..spec.cols {
+                        want[spec.dst_offset + r * spec.dst_stride + c] =
+                            dd.round(src[spec.src_offset + r * spec.src_stride + c]);
+                    }
+                }
+                assert_eq!(got, want, "{} {spec:?} {sd} -> {dd}", b.name());
+            }
+        }
+    }
+    // A block past the end of a buffer is an error.
+    let small = b.filled(4, 0.0).unwrap();
+    let big = b.filled(8, 0.0).unwrap();
+    assert!(b
+        .copy_rows(&CopySpec::contiguous(5, 0, 0), &small, &big)
+        .is_err());
+    assert!(b
+        .copy_rows(&CopySpec::contiguous(5, 0, 0), &big, &small)
+        .is_err());
+}
+
+backend_tests!(
+    matches_the_f64_composition,
+    half_inputs,
+    accumulates,
+    copy_rows_between_dtypes
+);
 
 /// The reference composition itself against finite differences of its loss (grad_h, grad_W).
 #[test]
