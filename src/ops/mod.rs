@@ -12,7 +12,8 @@
 //! | decoupled KD (DKD) | 8 | [`dkd`] | `dkd.wgsl` | `dkd.cu` |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
-//! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
+//! | matmul, bias, ReLU, axpy, strided copy between dtypes | | [`dense`] | `dense.wgsl`, `copy.wgsl` | `dense.cu` |
+//! | fused linear + loss, chunked over rows (a loop over the `Backend`) | 9 | [`fused_linear`] | | |
 //! | Adam, SGD | | [`optim`] | `optim.wgsl` | `optim.cu` |
 //! | im2col, col2im, pooling, transpose | | [`conv`] | `conv.wgsl` | `conv.cu` |
 //!
