@@ -50,9 +50,9 @@ pub use half;
 pub use loss::{CrossEntropyLoss, DkdLoss, KdLoss, LossAndGrad, SoftTargetLoss, SparseKdLoss};
 pub use ops::sharded::{Shard, ShardedLoss, ShardedSpec};
 pub use ops::{
-    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    Reduction, RowShape, SoftmaxSpec, SparseSpec, SparseTail, SparseValues, TeacherInput,
-    IGNORE_INDEX,
+    AttentionSpec, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, FusedGrads,
+    FusedLinearKd, HintonSpec, Linear, MseSpec, Reduction, RowShape, SoftmaxSpec, SparseSpec,
+    SparseTail, SparseValues, Teacher, TeacherInput, Weighting, IGNORE_INDEX,
 };
 pub use sharded::{ShardedBackend, ShardedKdLoss, ShardedOut};
 /// The wgpu version this crate records into, for callers that bring their own buffers and encoders.

@@ -466,3 +466,59 @@ fn long_rows_match_the_reference() {
         }
     }
 }
+
+/// bf16 and f16 operands, converted exactly while packing: the f32 result of the converted
+/// values (the AVX2 transposed panels of bf16 included).
+#[test]
+fn gemm_half_operands_match_the_reference() {
+    use distillation::backend::cpu_fast::gemm::{sgemm, Kernel};
+    use distillation::half::{bf16, f16};
+    use distillation::ops::dense::reference::matmul as matmul_reference;
+    use distillation::ops::dense::MatmulSpec;
+    for kernel in [Kernel::Portable, Kernel::detect()] {
+        for (m, k, n) in [(7, 3, 17), (13, 300, 40), (33, 257, 100)] {
+            for (ta, tb) in [(false, true), (true, false), (false, false)] {
+                let spec = MatmulSpec {
+                    m,
+                    k,
+                    n,
+                    trans_a: ta,
+                    trans_b: tb,
+                    accumulate: false,
+                };
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919 % 23) as f32 - 11.0) / 8.0)
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 104729 % 31) as f32 - 15.0) / 16.0)
+                    .collect();
+                let ab: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+                let bb: Vec<bf16> = b.iter().map(|&x| bf16::from_f32(x)).collect();
+                let bh: Vec<f16> = b.iter().map(|&x| f16::from_f32(x)).collect();
+                let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                let a_r: Vec<f32> = ab.iter().map(|x| x.to_f32()).collect();
+                for (b_r, got) in [
+                    (bb.iter().map(|x| x.to_f32()).collect::<Vec<f32>>(), {
+                        let mut c = vec![f32::NAN; m * n];
+                        sgemm(kernel, &spec, &ab, &bb, &mut c);
+                        c
+                    }),
+                    (bh.iter().map(|x| x.to_f32()).collect(), {
+                        let mut c = vec![f32::NAN; m * n];
+                        sgemm(kernel, &spec, &ab, &bh, &mut c);
+                        c
+                    }),
+                ] {
+                    let mut want = vec![0.0; m * n];
+                    matmul_reference(&spec, &f64s(&a_r), &f64s(&b_r), &mut want);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{spec:?} {kernel:?} element {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -10,7 +10,7 @@ use crate::dtype::{Dtype, HostSlice, HostVec};
 use super::{Backend, GradOut, LossOut};
 use crate::error::{Error, Result};
 use crate::ops::conv::{self, ConvSpec, PoolSpec};
-use crate::ops::dense::{self, MatmulSpec};
+use crate::ops::dense::{self, CopySpec, MatmulSpec};
 use crate::ops::optim::{self as optim_ops, AdamSpec, SgdSpec};
 use crate::ops::relational as rel;
 use crate::ops::RowLossResult;
@@ -294,6 +294,21 @@ impl Backend for CpuBackend {
         let mut out = c.to_f64();
         dense::reference::matmul(spec, &a.to_f64(), &b.to_f64(), &mut out);
         c.store("c", &out)
+    }
+
+    fn matmul_reads_half(&self) -> bool {
+        true
+    }
+
+    unsafe fn copy_rows_unchecked(
+        &self,
+        spec: &CopySpec,
+        src: &CpuBuffer,
+        dst: &CpuBuffer,
+    ) -> Result<()> {
+        let mut out = dst.to_f64();
+        dense::reference::copy_rows(spec, &src.to_f64(), &mut out);
+        dst.store("dst", &out)
     }
 
     unsafe fn bias_add_unchecked(

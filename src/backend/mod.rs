@@ -20,7 +20,7 @@ pub mod wgpu;
 use crate::dtype::{Dtype, Element, HostSlice, HostVec};
 use crate::error::Result;
 use crate::ops::conv::{ConvSpec, PoolSpec};
-use crate::ops::dense::MatmulSpec;
+use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
@@ -312,6 +312,22 @@ pub trait Backend {
         validate::matmul(self, spec, a, b, c)?;
         // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
         unsafe { self.matmul_unchecked(spec, a, b, c) }
+    }
+
+    /// Whether [`Backend::matmul`] reads bf16 / f16 `a` and `b` itself (converting each element
+    /// exactly to f32 as it loads it; `c` is f32 on every backend). The reference and fast CPU
+    /// backends do; the GPU backends' tiled matmuls read f32 only, so a caller converts a half
+    /// operand into f32 first ([`Backend::copy_rows`]).
+    fn matmul_reads_half(&self) -> bool {
+        false
+    }
+
+    /// A strided block copy between buffers of any dtypes (see [`CopySpec`]): converts exactly
+    /// to f32 and rounds once into a bf16 / f16 destination.
+    fn copy_rows(&self, spec: &CopySpec, src: &Self::Buffer, dst: &Self::Buffer) -> Result<()> {
+        validate::copy_rows(self, spec, src, dst)?;
+        // SAFETY: `validate` has checked this call's spec, lengths and aliasing.
+        unsafe { self.copy_rows_unchecked(spec, src, dst) }
     }
 
     /// `y[i, j] = x[i, j] + bias[j]` over `rows` rows of `bias.len()` columns.
@@ -628,6 +644,13 @@ pub trait Backend {
         a: &Self::Buffer,
         b: &Self::Buffer,
         c: &Self::Buffer,
+    ) -> Result<()>;
+    #[doc(hidden)]
+    unsafe fn copy_rows_unchecked(
+        &self,
+        spec: &CopySpec,
+        src: &Self::Buffer,
+        dst: &Self::Buffer,
     ) -> Result<()>;
     #[doc(hidden)]
     unsafe fn bias_add_unchecked(

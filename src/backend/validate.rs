@@ -5,7 +5,7 @@ use super::{Backend, GradOut, LossOut};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
-use crate::ops::dense::MatmulSpec;
+use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
     SparseSpec, TeacherInput,
@@ -369,7 +369,10 @@ pub fn matmul<B: Backend + ?Sized>(
     c: &B::Buffer,
 ) -> Result<()> {
     spec.validate()?;
-    f32_only(b, &[("a", a), ("b", bb), ("c", c)])?;
+    f32_only(b, &[("c", c)])?;
+    if !b.matmul_reads_half() {
+        f32_only(b, &[("a", a), ("b", bb)])?;
+    }
     let (m, k, n) = (spec.m, spec.k, spec.n);
     let la = if spec.trans_a {
         format!("A^T: A stored [{k}, {m}]")
@@ -385,6 +388,40 @@ pub fn matmul<B: Backend + ?Sized>(
     check_len(b, "b", bb, k * n, &lb)?;
     check_len(b, "c", c, m * n, &format!("C is [{m}, {n}]"))?;
     no_alias(b, &[("c", c)], &[("a", a), ("b", bb)])
+}
+
+/// A [`CopySpec`]: the block inside both buffers, `dst` not `src`.
+pub fn copy_rows<B: Backend + ?Sized>(
+    b: &B,
+    spec: &CopySpec,
+    src: &B::Buffer,
+    dst: &B::Buffer,
+) -> Result<()> {
+    spec.validate()?;
+    let (ls, ld) = (b.len(src), b.len(dst));
+    if spec.src_end() > ls {
+        return Err(Error::shape(
+            "src",
+            ls,
+            spec.src_end(),
+            format!(
+                "the copy reads {} rows of {} from element {} every {} elements",
+                spec.rows, spec.cols, spec.src_offset, spec.src_stride
+            ),
+        ));
+    }
+    if spec.dst_end() > ld {
+        return Err(Error::shape(
+            "dst",
+            ld,
+            spec.dst_end(),
+            format!(
+                "the copy writes {} rows of {} from element {} every {} elements",
+                spec.rows, spec.cols, spec.dst_offset, spec.dst_stride
+            ),
+        ));
+    }
+    no_alias(b, &[("dst", dst)], &[("src", src)])
 }
 
 pub fn bias_add<B: Backend + ?Sized>(

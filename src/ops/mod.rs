@@ -14,7 +14,8 @@
 //! | sparse top-k teachers | 10 | [`sparse`] | not yet | not yet |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
-//! | matmul, bias, ReLU, axpy | | [`dense`] | `dense.wgsl` | `dense.cu` |
+//! | matmul, bias, ReLU, axpy, strided copy between dtypes | | [`dense`] | `dense.wgsl`, `copy.wgsl` | `dense.cu` |
+//! | fused linear + loss, chunked over rows (a loop over the `Backend`) | 11 | [`fused_linear`] | | |
 //! | Adam, SGD | | [`optim`] | `optim.wgsl` | `optim.cu` |
 //! | im2col, col2im, pooling, transpose | | [`conv`] | `conv.wgsl` | `conv.cu` |
 //!
@@ -27,6 +28,7 @@ pub mod dense;
 pub mod divergence;
 pub mod dkd;
 pub mod feature;
+pub mod fused_linear;
 pub mod hinton;
 pub mod optim;
 pub mod relational;
@@ -38,6 +40,7 @@ pub use cross_entropy::CrossEntropySpec;
 pub use divergence::{check_reverse_kl_support, DivergenceSpec};
 pub use dkd::DkdSpec;
 pub use feature::{AttentionSpec, MseSpec};
+pub use fused_linear::{FusedGrads, FusedLinearKd, Linear, Teacher, Weighting};
 pub use hinton::HintonSpec;
 pub use sharded::{Shard, ShardedLoss, ShardedSpec};
 pub use softmax::SoftmaxSpec;

@@ -1210,6 +1210,44 @@ static void test_relational_kernels(int cases) {
     }
 }
 
+// copy_rows (dense.cu): a strided block between every pair of dtypes, odd offsets and strides, a
+// broadcast (src_stride 0); each element converted exactly and rounded once, others untouched.
+static void test_copy_rows(size_t rows, size_t cols, size_t so, size_t ss, size_t d_o, size_t ds) {
+    const size_t src_len = so + (rows - 1) * ss + cols + 1, dst_len = d_o + (rows - 1) * ds + cols + 2;
+    for (u32 sd = 0; sd < 3; ++sd)
+        for (u32 dd = 0; dd < 3; ++dd) {
+            auto sv = rand_logits(src_len, 3.0), dv = rand_logits(dst_len, 1.0);
+            vector<u16> sh(src_len), dh(dst_len);
+            for (size_t i = 0; i < src_len; ++i) {
+                if (sd) sh[i] = f32_to_half_bits(sv[i], sd), sv[i] = half_bits_to_f32(sh[i], sd);
+            }
+            for (size_t i = 0; i < dst_len; ++i) {
+                if (dd) dh[i] = f32_to_half_bits(dv[i], dd), dv[i] = half_bits_to_f32(dh[i], dd);
+            }
+            vector<float> want = dv;
+            for (size_t r = 0; r < rows; ++r)
+                for (size_t c = 0; c < cols; ++c) {
+                    const float v = sv[so + r * ss + c];
+                    want[d_o + r * ds + c] = dd ? half_bits_to_f32(f32_to_half_bits(v, dd), dd) : v;
+                }
+            const void* src = sd ? (const void*)sh.data() : (const void*)sv.data();
+            void* dst = dd ? (void*)dh.data() : (void*)dv.data();
+            emu_launch(elem_grid(rows * cols), T256, [&] {
+                copy_rows(src, dst, (u32)rows, (u32)cols, (u32)so, (u32)ss, (u32)d_o, (u32)ds, sd, dd);
+            });
+            size_t bad = 0;
+            for (size_t i = 0; i < dst_len; ++i) {
+                const float got = dd ? half_bits_to_f32(dh[i], dd) : dv[i];
+                bad += !(got == want[i]);
+            }
+            ++checks;
+            if (bad) {
+                printf("FAIL copy_rows %zux%zu src %u dst %u: %zu elements differ\n", rows, cols, sd, dd, bad);
+                ++failures;
+            }
+        }
+}
+
 static void test_tape_kernels(int cases) {
     const size_t dims[] = {1, 2, 3, 15, 16, 17, 31, 33, 47, 70};
     for (int ta = 0; ta < 2; ++ta)
@@ -1222,6 +1260,13 @@ static void test_tape_kernels(int cases) {
                     test_matmul(dims[irand(0, 9)], (size_t)irand(1, 80), dims[irand(0, 9)], ta, tb, acc);
             }
     for (int i = 0; i < cases; ++i) test_dense_elementwise((size_t)irand(1, 40), (size_t)irand(1, 600), irand(0, 1));
+    test_copy_rows(3, 5, 1, 7, 3, 9);
+    test_copy_rows(4, 3, 2, 0, 1, 3);  // a broadcast
+    test_copy_rows(1, 17, 4, 17, 5, 17);
+    for (int i = 0; i < cases / 4 + 1; ++i) {
+        const size_t r = (size_t)irand(1, 9), c = (size_t)irand(1, 40);
+        test_copy_rows(r, c, (size_t)irand(0, 5), c + (size_t)irand(0, 3), (size_t)irand(0, 5), c + (size_t)irand(0, 3));
+    }
     for (size_t len : {1ul, 255ul, 257ul, 3000ul})
         for (unsigned step : {1u, 10u, 1999u}) test_optim(len, step);
     test_conv(Conv{1, 1, 1, 1, 1, 1, 0});

@@ -13,9 +13,15 @@
 //! split C by column panels and never share an element. On one machine the same input gives the
 //! same bits; the AVX2 path (fused multiply-add) and the portable one (separate multiply and add)
 //! differ in the last bits.
+//!
+//! Half precision: `A` and `B` may be bf16 or f16 ([`Element`]); each element is converted
+//! exactly to f32 as it is packed, so the products and sums are the f32 ones of the converted
+//! values and no f32 copy of an operand is ever made (the fused linear losses read a bf16
+//! weight matrix this way).
 
 use std::cell::RefCell;
 
+use crate::dtype::{Dtype, Element};
 use crate::ops::dense::MatmulSpec;
 
 /// Rows of the micro-kernel's C tile.
@@ -76,7 +82,13 @@ const SPLIT_MIN_WORK: usize = 1 << 14;
 /// the columns of C are split in two on a panel boundary and the second half is offered to
 /// that thread; otherwise everything runs on the calling thread. Either way every element is
 /// computed by the same code in the same order.
-pub fn sgemm(kernel: Kernel, spec: &MatmulSpec, a: &[f32], b: &[f32], c: &mut [f32]) {
+pub fn sgemm<A: Element, B: Element>(
+    kernel: Kernel,
+    spec: &MatmulSpec,
+    a: &[A],
+    b: &[B],
+    c: &mut [f32],
+) {
     let MatmulSpec { m, k, n, .. } = *spec;
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     let out = Out(c.as_mut_ptr());
@@ -108,11 +120,11 @@ unsafe impl Sync for Out {}
 /// `out` must point to `m * n` floats, and nothing else may read or write columns `j0..j1`
 /// of them during the call.
 #[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_cols(
+unsafe fn sgemm_cols<A: Element, B: Element>(
     kernel: Kernel,
     spec: &MatmulSpec,
-    a: &[f32],
-    b: &[f32],
+    a: &[A],
+    b: &[B],
     out: Out,
     j0: usize,
     j1: usize,
@@ -168,10 +180,10 @@ unsafe fn sgemm_cols(
 /// Packs `op(B)[pc..pc+kc, jc..jc+nc]` into `NR`-wide panels: element `(p, j)` of panel `jp` at
 /// `jp*NR*kc + p*NR + j`, zeros past column `nc`.
 #[allow(clippy::too_many_arguments)]
-fn pack_b(
+fn pack_b<B: Element>(
     kernel: Kernel,
     spec: &MatmulSpec,
-    b: &[f32],
+    b: &[B],
     pc: usize,
     kc: usize,
     jc: usize,
@@ -190,10 +202,13 @@ fn pack_b(
         if width < NR {
             panel.fill(0.0);
         }
-        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma {
+        let b32 = as_f32(b);
+        let vector_load = B::DTYPE == Dtype::F32 || B::DTYPE == Dtype::Bf16;
+        if spec.trans_b && width == NR && kernel == Kernel::Avx2Fma && vector_load {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Avx2Fma` means the CPU has AVX2; rows j0..j0+NR of B hold k >= pc + kc
-            // floats each and the panel NR * kc (both checked by the slicing in the callee).
+            // elements each and the panel NR * kc (both checked by the slicing in the callee);
+            // B is f32 or bf16 (checked above).
             unsafe {
                 pack_b_transposed_avx2(&b[j0 * k..(j0 + NR) * k], k, pc, kc, panel)
             };
@@ -202,23 +217,37 @@ fn pack_b(
             for j in 0..width {
                 let src = &b[(j0 + j) * k + pc..(j0 + j) * k + pc + kc];
                 for (p, &v) in src.iter().enumerate() {
-                    panel[p * NR + j] = v;
+                    panel[p * NR + j] = v.to_f32();
                 }
             }
         } else {
             for p in 0..kc {
                 let src = &b[(pc + p) * n + j0..(pc + p) * n + j0 + width];
                 let dst = &mut panel[p * NR..(p + 1) * NR];
-                match <&[f32; NR]>::try_from(src) {
-                    Ok(full) => *<&mut [f32; NR]>::try_from(dst).expect("NR floats") = *full,
-                    Err(_) => dst[..width].copy_from_slice(src),
+                match (b32, <&[B; NR]>::try_from(src)) {
+                    (Some(_), Ok(full)) => {
+                        let full: &[f32; NR] = bytemuck_f32(full);
+                        *<&mut [f32; NR]>::try_from(dst).expect("NR floats") = *full
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    (None, Ok(full)) if B::DTYPE == Dtype::Bf16 && kernel == Kernel::Avx2Fma => {
+                        let out = <&mut [f32; NR]>::try_from(dst).expect("NR floats");
+                        // SAFETY: `Avx2Fma` means the CPU has AVX2; B is bf16 (checked).
+                        unsafe { widen_bf16_avx2(full, out) }
+                    }
+                    _ => {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v.to_f32();
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// One full panel of a transposed B: `rows` holds the panel's `NR` rows of B (`k` floats each);
+/// One full panel of a transposed B: `rows` holds the panel's `NR` rows of B (`k` f32 or bf16
+/// elements each, a bf16 converted exactly to f32 as it is loaded);
 /// writes `panel[p*NR + j] = rows[j*k + pc + p]` for `p < kc`, eight `p` at a time by 8x8
 /// register transposes (rows `j` and `j+8` handled as two 8x8 blocks), the tail one by one.
 ///
@@ -226,9 +255,29 @@ fn pack_b(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, panel: &mut [f32]) {
+unsafe fn pack_b_transposed_avx2<T: Element>(
+    rows: &[T],
+    k: usize,
+    pc: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
     use std::arch::x86_64::*;
     assert!(rows.len() >= NR * k && pc + kc <= k && panel.len() >= NR * kc);
+    assert!(T::DTYPE == Dtype::F32 || T::DTYPE == Dtype::Bf16);
+    // Eight elements from `p` as f32: a bf16 is the high half of its f32 (exact).
+    let load8 = |p: *const T| -> __m256 {
+        if T::DTYPE == Dtype::F32 {
+            // SAFETY: the caller's index keeps 8 elements inside `rows`.
+            unsafe { _mm256_loadu_ps(p.cast::<f32>()) }
+        } else {
+            // SAFETY: as above; 8 bf16 are 16 bytes.
+            unsafe {
+                let h = _mm_loadu_si128(p.cast::<__m128i>());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+    };
     let full = kc - kc % 8;
     for p in (0..full).step_by(8) {
         for half in 0..2 {
@@ -237,7 +286,7 @@ unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, p
             for (i, ri) in r.iter_mut().enumerate() {
                 let at = (half * 8 + i) * k + pc + p;
                 // SAFETY: at + 8 <= (half*8 + i) * k + pc + kc <= NR * k (asserted above).
-                *ri = unsafe { _mm256_loadu_ps(rows.as_ptr().add(at)) };
+                *ri = load8(unsafe { rows.as_ptr().add(at) });
             }
             // Standard 8x8 transpose: pairs, then quads, then 128-bit halves.
             let t0 = _mm256_unpacklo_ps(r[0], r[1]);
@@ -274,16 +323,16 @@ unsafe fn pack_b_transposed_avx2(rows: &[f32], k: usize, pc: usize, kc: usize, p
     }
     for j in 0..NR {
         for p in full..kc {
-            panel[p * NR + j] = rows[j * k + pc + p];
+            panel[p * NR + j] = rows[j * k + pc + p].to_f32();
         }
     }
 }
 
 /// Packs `op(A)[ic..ic+mc, pc..pc+kc]` into `MR`-tall panels: element `(i, p)` of panel `ip` at
 /// `ip*MR*kc + p*MR + i`, zeros past row `mc`.
-fn pack_a(
+fn pack_a<A: Element>(
     spec: &MatmulSpec,
-    a: &[f32],
+    a: &[A],
     ic: usize,
     mc: usize,
     pc: usize,
@@ -305,20 +354,56 @@ fn pack_a(
             for p in 0..kc {
                 let src = &a[(pc + p) * m + i0..(pc + p) * m + i0 + height];
                 let dst = &mut panel[p * MR..(p + 1) * MR];
-                match <&[f32; MR]>::try_from(src) {
-                    Ok(full) => *<&mut [f32; MR]>::try_from(dst).expect("MR floats") = *full,
-                    Err(_) => dst[..height].copy_from_slice(src),
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v.to_f32();
                 }
             }
         } else {
             for i in 0..height {
                 let src = &a[(i0 + i) * k + pc..(i0 + i) * k + pc + kc];
                 for (p, &v) in src.iter().enumerate() {
-                    panel[p * MR + i] = v;
+                    panel[p * MR + i] = v.to_f32();
                 }
             }
         }
     }
+}
+
+/// `NR` bf16 elements widened to f32 (exact: a bf16 is the high half of its f32), two vectors
+/// of 8.
+///
+/// # Safety
+/// The CPU must support AVX2, and `T` must be bf16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2<T: Element>(src: &[T; NR], dst: &mut [f32; NR]) {
+    use std::arch::x86_64::*;
+    assert_eq!(T::DTYPE, Dtype::Bf16);
+    for half in 0..2 {
+        // SAFETY: 8 bf16 (16 bytes) at src[half*8..] and 8 f32 at dst[half*8..], inside the arrays.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(half * 8).cast::<__m128i>());
+            let v = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(half * 8), v);
+        }
+    }
+}
+
+/// `x` as f32 when its element type is f32.
+fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
+    if T::DTYPE == Dtype::F32 {
+        // SAFETY: T is f32 (the only Element of dtype F32), so the cast is the identity.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// A full row of NR elements known to be f32 (the caller checked `T::DTYPE`).
+fn bytemuck_f32<T: Element>(x: &[T; NR]) -> &[f32; NR] {
+    assert_eq!(T::DTYPE, Dtype::F32);
+    // SAFETY: T is f32 (asserted), so the cast is the identity.
+    unsafe { &*(x as *const [T; NR]).cast::<[f32; NR]>() }
 }
 
 /// One `MR x NR` tile: `sum_p a[p*MR + r] * b[p*NR + j]` over `p < kc`.

@@ -22,6 +22,7 @@
 //! is an [`Error::Alias`].
 
 mod adam;
+mod buffers;
 mod feature;
 pub mod gemm;
 mod helper;
@@ -30,9 +31,8 @@ pub(crate) mod row_losses;
 pub mod rows;
 pub(crate) mod vmath;
 
-use std::cell::{Ref, RefMut};
-
 use self::adam::adam_split;
+use self::buffers::{copy_from, gemm_b, read, read_any, write, write_any};
 pub(crate) use self::host::HostOut;
 use self::rows::{In, Out, Simd};
 use super::cpu::{CpuBackend, CpuBuffer};
@@ -40,7 +40,7 @@ use super::{Backend, LossOut};
 use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
-use crate::ops::dense::MatmulSpec;
+use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
@@ -107,39 +107,6 @@ impl FastCpuBackend {
     pub fn kernel(&self) -> gemm::Kernel {
         self.kernel
     }
-}
-
-/// A buffer of any dtype, borrowed to read.
-fn read_any<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, HostVec>> {
-    buf.0
-        .try_borrow()
-        .map_err(|_| Error::Alias(format!("{what} is also an output of this call")))
-}
-
-/// A buffer of any dtype, borrowed to write.
-fn write_any<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, HostVec>> {
-    buf.0.try_borrow_mut().map_err(|_| {
-        Error::Alias(format!(
-            "{what} is also an input of this call: pass a separate output buffer"
-        ))
-    })
-}
-
-fn not_f32(what: &str, dtype: Dtype) -> Error {
-    Error::Unsupported(format!(
-        "{what} is {dtype}: this op takes f32 buffers (half precision is for the row losses)"
-    ))
-}
-
-/// An f32 buffer, borrowed to read.
-fn read<'a>(buf: &'a CpuBuffer, what: &str) -> Result<Ref<'a, [f32]>> {
-    Ref::filter_map(read_any(buf, what)?, |v| v.as_f32()).map_err(|v| not_f32(what, v.dtype()))
-}
-
-/// An f32 buffer, borrowed to write.
-fn write<'a>(buf: &'a CpuBuffer, what: &str) -> Result<RefMut<'a, Vec<f32>>> {
-    RefMut::filter_map(write_any(buf, what)?, |v| v.as_f32_mut())
-        .map_err(|v| not_f32(what, v.dtype()))
 }
 
 const REF: CpuBackend = CpuBackend;
@@ -210,9 +177,33 @@ impl Backend for FastCpuBackend {
         b: &CpuBuffer,
         c: &CpuBuffer,
     ) -> Result<()> {
-        let (a, b) = (read(a, "a")?, read(b, "b")?);
+        let (a, b) = (read_any(a, "a")?, read_any(b, "b")?);
         let mut c = write(c, "c")?;
-        gemm::sgemm(self.kernel, spec, &a, &b, &mut c);
+        match &*a {
+            HostVec::F32(a) => gemm_b(self.kernel, spec, a, &b, &mut c),
+            HostVec::Bf16(a) => gemm_b(self.kernel, spec, a, &b, &mut c),
+            HostVec::F16(a) => gemm_b(self.kernel, spec, a, &b, &mut c),
+        }
+        Ok(())
+    }
+
+    fn matmul_reads_half(&self) -> bool {
+        true
+    }
+
+    unsafe fn copy_rows_unchecked(
+        &self,
+        spec: &CopySpec,
+        src: &CpuBuffer,
+        dst: &CpuBuffer,
+    ) -> Result<()> {
+        let src = read_any(src, "src")?;
+        let mut dst = write_any(dst, "dst")?;
+        match &mut *dst {
+            HostVec::F32(d) => copy_from(spec, &src, d),
+            HostVec::Bf16(d) => copy_from(spec, &src, d),
+            HostVec::F16(d) => copy_from(spec, &src, d),
+        }
         Ok(())
     }
 

@@ -88,6 +88,7 @@ pub const KERNELS: &[&CudaKernel] = &[
     &ops::dense::cuda::RELU,
     &ops::dense::cuda::RELU_BACKWARD,
     &ops::dense::cuda::AXPY,
+    &ops::dense::cuda::COPY_ROWS,
     &ops::optim::cuda::ADAM,
     &ops::optim::cuda::SGD,
     &ops::conv::cuda::IM2COL,

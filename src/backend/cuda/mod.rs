@@ -48,7 +48,7 @@ use super::{Backend, LossOut};
 use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
-use crate::ops::dense::MatmulSpec;
+use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
@@ -298,6 +298,8 @@ impl Backend for CudaBackend {
             grad_teacher: Option<&CudaBuffer>) => feature::cuda::attention_transfer;
         matmul_unchecked(spec: &MatmulSpec, a: &CudaBuffer, b: &CudaBuffer, c: &CudaBuffer)
             => dense::cuda::matmul;
+        copy_rows_unchecked(spec: &CopySpec, src: &CudaBuffer, dst: &CudaBuffer)
+            => dense::cuda::copy_rows;
         bias_add_unchecked(x: &CudaBuffer, bias: &CudaBuffer, y: &CudaBuffer)
             => dense::cuda::bias_add;
         sum_rows_unchecked(x: &CudaBuffer, out: &CudaBuffer, accumulate: bool)

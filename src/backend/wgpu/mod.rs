@@ -37,6 +37,7 @@ macro_rules! kernels {
                 loss: &WgpuBuffer, grad_student: Option<&WgpuBuffer>, grad_teacher: Option<&WgpuBuffer>)
                 => feature::wgpu::attention_transfer;
             matmul_unchecked(spec: &MatmulSpec, a: &WgpuBuffer, b: &WgpuBuffer, c: &WgpuBuffer) => dense::wgpu::matmul;
+            copy_rows_unchecked(spec: &CopySpec, src: &WgpuBuffer, dst: &WgpuBuffer) => dense::wgpu::copy_rows;
             bias_add_unchecked(x: &WgpuBuffer, bias: &WgpuBuffer, y: &WgpuBuffer) => dense::wgpu::bias_add;
             sum_rows_unchecked(x: &WgpuBuffer, out: &WgpuBuffer, accumulate: bool) => dense::wgpu::sum_rows;
             relu_unchecked(x: &WgpuBuffer, y: &WgpuBuffer) => dense::wgpu::relu;
@@ -95,7 +96,7 @@ use super::{Backend, LossOut};
 use crate::dtype::{Dtype, HostSlice, HostVec};
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
-use crate::ops::dense::MatmulSpec;
+use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,

@@ -120,6 +120,7 @@ pub const KERNELS: &[&WgslKernel] = &[
     &ops::dense::wgpu::RELU,
     &ops::dense::wgpu::RELU_BACKWARD,
     &ops::dense::wgpu::AXPY,
+    &ops::dense::wgpu::COPY_ROWS,
     &ops::optim::wgpu::ADAM,
     &ops::optim::wgpu::SGD,
     &ops::conv::wgpu::IM2COL,

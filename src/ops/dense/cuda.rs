@@ -1,7 +1,7 @@
 //! Launch of `dense.cu`: the tiled matmul (a block of 256 per 16 x 16 tile of C) and the
 //! elementwise kernels (one thread per output element).
 
-use super::MatmulSpec;
+use super::{CopySpec, MatmulSpec};
 use crate::backend::cuda::{
     config, elementwise, index_u32, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaSource,
 };
@@ -17,6 +17,7 @@ pub(crate) const SUM_ROWS: CudaKernel = kernel("sum_rows", "ppuuu");
 pub(crate) const RELU: CudaKernel = kernel("relu", "ppl");
 pub(crate) const RELU_BACKWARD: CudaKernel = kernel("relu_backward", "pppl");
 pub(crate) const AXPY: CudaKernel = kernel("axpy", "pplf");
+pub(crate) const COPY_ROWS: CudaKernel = kernel("copy_rows", "ppuuuuuuuu");
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {
@@ -133,6 +134,33 @@ pub(crate) fn axpy(b: &CudaBackend, alpha: f32, x: &CudaBuffer, y: &CudaBuffer) 
             Arg::Ptr(y.ptr),
             Arg::U64(x.len as u64),
             Arg::F32(alpha),
+        ],
+    )
+}
+
+/// The strided block copy of [`CopySpec`]: one thread per copied element.
+pub(crate) fn copy_rows(
+    b: &CudaBackend,
+    spec: &CopySpec,
+    src: &CudaBuffer,
+    dst: &CudaBuffer,
+) -> Result<()> {
+    // CopySpec::validate: every index below 2^32.
+    let total = spec.rows as u64 * spec.cols as u64;
+    b.launch_one(
+        &COPY_ROWS,
+        config(total.div_ceil(256), 256),
+        &[
+            Arg::Ptr(src.ptr),
+            Arg::Ptr(dst.ptr),
+            Arg::U32(spec.rows as u32),
+            Arg::U32(spec.cols as u32),
+            Arg::U32(spec.src_offset as u32),
+            Arg::U32(spec.src_stride as u32),
+            Arg::U32(spec.dst_offset as u32),
+            Arg::U32(spec.dst_stride as u32),
+            Arg::U32(src.dtype.code()),
+            Arg::U32(dst.dtype.code()),
         ],
     )
 }

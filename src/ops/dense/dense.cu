@@ -106,3 +106,19 @@ extern "C" __global__ void axpy(const float* x, float* y, u64 len, float alpha) 
     if (i >= len) return;
     y[i] = y[i] + alpha * x[i];
 }
+
+// The strided block copy of CopySpec (src/ops/dense/mod.rs) between buffers of any dtypes:
+// dst[dst_offset + r dst_stride + c] = src[src_offset + r src_stride + c], r < rows, c < cols,
+// converted exactly to f32 and rounded once into a 16-bit destination (RowIn / RowOut). One thread
+// per copied element (16-bit stores are whole, so threads never share a stored unit).
+extern "C" __global__ void copy_rows(const void* src, void* dst, u32 rows, u32 cols, u32 src_offset,
+                                     u32 src_stride, u32 dst_offset, u32 dst_stride, u32 src_dtype,
+                                     u32 dst_dtype) {
+    const u64 i = block_linear() * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * (u64)cols) return;
+    const u64 r = i / cols;
+    const u64 c = i % cols;
+    const RowIn in = row_in(src, src_dtype);
+    const RowOut out(dst, dst_dtype);
+    out[dst_offset + r * dst_stride + c] = in[src_offset + r * src_stride + c];
+}

@@ -57,3 +57,76 @@ impl MatmulSpec {
         Ok(())
     }
 }
+
+/// A strided copy of a `rows x cols` block between buffers of any dtypes:
+/// `dst[dst_offset + r * dst_stride + c] = src[src_offset + r * src_stride + c]` for `r < rows`,
+/// `c < cols`, the value converted exactly to f32 and rounded once (to nearest, ties to even) when
+/// `dst` is bf16 or f16. Elements of `dst` outside the block are left as they are. A
+/// `src_stride` of 0 repeats one source row in every destination row (a bias broadcast).
+///
+/// The fused linear losses (`src/ops/fused_linear/`) move row windows of the caller's hidden
+/// states, teacher logits and gradients in and out of their f32 scratch with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopySpec {
+    pub rows: usize,
+    pub cols: usize,
+    pub src_offset: usize,
+    pub src_stride: usize,
+    pub dst_offset: usize,
+    pub dst_stride: usize,
+}
+
+impl CopySpec {
+    /// `len` contiguous elements from `src[src_offset..]` to `dst[dst_offset..]`.
+    pub fn contiguous(len: usize, src_offset: usize, dst_offset: usize) -> Self {
+        CopySpec {
+            rows: 1,
+            cols: len,
+            src_offset,
+            src_stride: len,
+            dst_offset,
+            dst_stride: len,
+        }
+    }
+
+    /// One past the last source element read.
+    pub fn src_end(&self) -> usize {
+        self.src_offset + (self.rows - 1) * self.src_stride + self.cols
+    }
+
+    /// One past the last destination element written.
+    pub fn dst_end(&self) -> usize {
+        self.dst_offset + (self.rows - 1) * self.dst_stride + self.cols
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rows == 0 || self.cols == 0 {
+            return Err(Error::Unsupported(format!(
+                "copy of [{}, {}]: rows and columns must both be at least 1",
+                self.rows, self.cols
+            )));
+        }
+        if self.rows > 1 && self.dst_stride < self.cols {
+            return Err(Error::Unsupported(format!(
+                "copy: destination rows of {} elements {} apart overlap; dst_stride must be at \
+                 least cols",
+                self.cols, self.dst_stride
+            )));
+        }
+        let end = |off: usize, stride: usize| {
+            (self.rows - 1)
+                .checked_mul(stride)
+                .and_then(|v| v.checked_add(off))
+                .and_then(|v| v.checked_add(self.cols))
+        };
+        match (
+            end(self.src_offset, self.src_stride),
+            end(self.dst_offset, self.dst_stride),
+        ) {
+            (Some(s), Some(d)) if s <= u32::MAX as usize && d <= u32::MAX as usize => Ok(()),
+            _ => Err(Error::Limit(
+                "copy: an index past 2^32 elements; split the copy".into(),
+            )),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The f64 CPU references of [`super`]'s ops, written to be read.
 
-use super::MatmulSpec;
+use super::{CopySpec, MatmulSpec};
 
 /// `C (+)= op(A) op(B)`: the operands are laid out row-major as `op(A)` `[m, k]` and `op(B)`
 /// `[k, n]` first, then each row of C accumulates `A[i, p] * B[p, :]` in f64 (an order that reads
@@ -77,4 +77,14 @@ pub fn relu_backward(y: &[f64], dy: &[f64]) -> Vec<f64> {
         .zip(dy)
         .map(|(&y, &d)| if y > 0.0 { d } else { 0.0 })
         .collect()
+}
+
+/// `dst[dst_offset + r dst_stride + c] = src[src_offset + r src_stride + c]` (see [`CopySpec`]);
+/// the rounding to a half `dst` happens when the caller stores the result.
+pub fn copy_rows(spec: &CopySpec, src: &[f64], dst: &mut [f64]) {
+    for r in 0..spec.rows {
+        let s = spec.src_offset + r * spec.src_stride;
+        let d = spec.dst_offset + r * spec.dst_stride;
+        dst[d..d + spec.cols].copy_from_slice(&src[s..s + spec.cols]);
+    }
 }

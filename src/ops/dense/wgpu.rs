@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::MatmulSpec;
+use super::{CopySpec, MatmulSpec};
 use crate::backend::wgpu::dispatch::{whole, WG};
 use crate::backend::wgpu::pipelines::{Bind, WgslKernel};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer};
@@ -28,6 +28,30 @@ pub(crate) const SUM_ROWS: WgslKernel = kernel("sum_rows");
 pub(crate) const RELU: WgslKernel = kernel("relu");
 pub(crate) const RELU_BACKWARD: WgslKernel = kernel("relu_backward");
 pub(crate) const AXPY: WgslKernel = kernel("axpy");
+pub(crate) const COPY_ROWS: WgslKernel = WgslKernel {
+    file: "copy.wgsl",
+    body: include_str!("copy.wgsl"),
+    entry: "copy_rows",
+    row_io: false,
+    bindings: &[Bind::Uniform, Bind::Read, Bind::ReadWrite],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct CopyParams {
+    rows: u32,
+    cols: u32,
+    src_offset: u32,
+    src_stride: u32,
+    dst_offset: u32,
+    dst_stride: u32,
+    src_dtype: u32,
+    dst_dtype: u32,
+    first_unit: u32,
+    units: u32,
+    pad0: u32,
+    pad1: u32,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Default)]
@@ -43,11 +67,64 @@ struct DenseParams {
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
-    vec![uniform_layout!(
-        DenseParams,
-        "dense.wgsl",
-        [m, k, n, trans_a, trans_b, accumulate, len, alpha]
-    )]
+    vec![
+        uniform_layout!(
+            DenseParams,
+            "dense.wgsl",
+            [m, k, n, trans_a, trans_b, accumulate, len, alpha]
+        ),
+        uniform_layout!(
+            CopyParams,
+            "copy.wgsl",
+            [
+                rows, cols, src_offset, src_stride, dst_offset, dst_stride, src_dtype, dst_dtype,
+                first_unit, units
+            ]
+        ),
+    ]
+}
+
+/// The strided block copy of [`CopySpec`] (`copy.wgsl`).
+pub(crate) fn copy_rows(
+    w: &WgpuBackend,
+    enc: &mut wgpu::CommandEncoder,
+    spec: &CopySpec,
+    src: &WgpuBuffer,
+    dst: &WgpuBuffer,
+) -> Result<()> {
+    w.check_binding(&[src, dst])?;
+    // CopySpec::validate: every index below 2^32.
+    let (start, end) = (spec.dst_offset, spec.dst_end());
+    let (first_unit, units) = if dst.dtype().size() == 4 {
+        (start, end - start)
+    } else {
+        (start / 2, end.div_ceil(2) - start / 2)
+    };
+    let params = CopyParams {
+        rows: spec.rows as u32,
+        cols: spec.cols as u32,
+        src_offset: spec.src_offset as u32,
+        src_stride: spec.src_stride as u32,
+        dst_offset: spec.dst_offset as u32,
+        dst_stride: if spec.rows == 1 {
+            spec.cols
+        } else {
+            spec.dst_stride
+        } as u32,
+        src_dtype: src.dtype().code(),
+        dst_dtype: dst.dtype().code(),
+        first_unit: first_unit as u32,
+        units: units as u32,
+        ..Default::default()
+    };
+    w.dispatch(
+        enc,
+        &COPY_ROWS,
+        WG,
+        bytemuck::bytes_of(&params),
+        &[whole(src), whole(dst)],
+        units.div_ceil(WG as usize) as u32,
+    )
 }
 
 /// `C (+)= op(A) op(B)`.

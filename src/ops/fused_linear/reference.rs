@@ -1,0 +1,135 @@
+//! The f64 reference of [`super::FusedLinearKd`]: the unfused composition, every step in f64 over
+//! the whole batch at once (the logits `[N, V]` materialised, the row losses' references with the
+//! batch's own reduction, then the two backward matmuls). Every fused result is checked
+//! against it.
+
+use super::FusedLinearKd;
+use crate::ops::dense::{self, MatmulSpec};
+use crate::ops::{cross_entropy, divergence, CrossEntropySpec, DivergenceSpec, RowShape};
+
+/// A layer in f64: `hidden` `[N, H]`, `weight` `[V, H]`, `bias` `[V]`.
+pub struct LayerF64<'a> {
+    pub hidden: &'a [f64],
+    pub weight: &'a [f64],
+    pub bias: Option<&'a [f64]>,
+}
+
+/// The teacher in f64.
+pub enum TeacherF64<'a> {
+    None,
+    Logits(&'a [f64]),
+    /// A layer of hidden size `hidden` and vocabulary `vocab >= V`.
+    Linear {
+        layer: LayerF64<'a>,
+        hidden: usize,
+        vocab: usize,
+    },
+}
+
+/// Loss and gradients (`grad_weight`, `grad_bias`: this call's own, not accumulated).
+#[derive(Clone, Debug, Default)]
+pub struct FusedResult {
+    pub loss: f64,
+    pub logits: Vec<f64>,
+    pub grad_hidden: Vec<f64>,
+    pub grad_weight: Vec<f64>,
+    pub grad_bias: Vec<f64>,
+}
+
+/// `x W^T + b` for `x` `[n, k]`, `W` `[cols, k]`: `[n, cols]`.
+fn linear(layer: &LayerF64<'_>, k: usize, cols: usize) -> Vec<f64> {
+    let n = layer.hidden.len() / k;
+    let mut out = vec![0.0; n * cols];
+    let spec = MatmulSpec {
+        trans_b: true,
+        ..MatmulSpec::new(n, k, cols)
+    };
+    dense::reference::matmul(&spec, layer.hidden, layer.weight, &mut out);
+    if let Some(b) = layer.bias {
+        out = dense::reference::bias_add(&out, b);
+    }
+    out
+}
+
+/// The unfused composition of `spec` in f64 (see the module documentation).
+pub fn fused_linear_kd(
+    spec: &FusedLinearKd,
+    student: &LayerF64<'_>,
+    teacher: &TeacherF64<'_>,
+    labels: Option<&[i32]>,
+) -> FusedResult {
+    let (h, v) = (spec.hidden, spec.vocab);
+    let n = student.hidden.len() / h;
+    let s = linear(student, h, v);
+    let t: Option<Vec<f64>> = match teacher {
+        TeacherF64::None => None,
+        TeacherF64::Logits(t) => Some(t.to_vec()),
+        TeacherF64::Linear {
+            layer,
+            hidden,
+            vocab,
+        } => {
+            let wide = linear(layer, *hidden, *vocab);
+            // The columns past V dropped.
+            Some(
+                wide.chunks_exact(*vocab)
+                    .flat_map(|row| row[..v].iter().copied())
+                    .collect(),
+            )
+        }
+    };
+    let shape = RowShape::new(n, v);
+    let (hard, soft) = spec.weighting.factors(spec.temperature);
+    let mut loss = 0.0;
+    let mut g = vec![0.0; n * v];
+    if hard != 0.0 {
+        let ce = CrossEntropySpec {
+            label_smoothing: spec.label_smoothing,
+            reduction: spec.reduction,
+            ignore_index: spec.ignore_index,
+            grad_scale: spec.grad_scale,
+            ..CrossEntropySpec::new(shape)
+        };
+        let r = cross_entropy::reference::cross_entropy(&ce, &s, labels.expect("labels"));
+        loss += hard * r.loss;
+        for (o, x) in g.iter_mut().zip(&r.grad_student) {
+            *o += hard * x;
+        }
+    }
+    if soft != 0.0 {
+        let d = DivergenceSpec {
+            divergence: spec.divergence,
+            reduction: spec.reduction,
+            ignore_index: spec.ignore_index,
+            grad_scale: spec.grad_scale,
+            ..DivergenceSpec::new(shape, spec.temperature)
+        };
+        let r = divergence::reference::divergence(&d, &s, t.as_deref().expect("teacher"), labels);
+        loss += soft * r.loss;
+        for (o, x) in g.iter_mut().zip(&r.grad_student) {
+            *o += soft * x;
+        }
+    }
+    let mut grad_hidden = vec![0.0; n * h];
+    dense::reference::matmul(
+        &MatmulSpec::new(n, v, h),
+        &g,
+        student.weight,
+        &mut grad_hidden,
+    );
+    let mut grad_weight = vec![0.0; v * h];
+    let spec_w = MatmulSpec {
+        trans_a: true,
+        ..MatmulSpec::new(v, n, h)
+    };
+    dense::reference::matmul(&spec_w, &g, student.hidden, &mut grad_weight);
+    let mut grad_bias = vec![0.0; v];
+    dense::reference::sum_rows(&g, v, &mut grad_bias, false);
+    FusedResult {
+        loss,
+        logits: s,
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+    }
+}
