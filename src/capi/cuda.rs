@@ -21,10 +21,8 @@ use super::{
 };
 #[cfg(doc)]
 use super::{
-    host::{
-        dst_cpu_cross_entropy, dst_cpu_divergence, dst_cpu_dkd, dst_cpu_hinton, dst_cpu_mse,
-        dst_cpu_sparse_kd,
-    },
+    host::{dst_cpu_cross_entropy, dst_cpu_divergence, dst_cpu_dkd, dst_cpu_hinton, dst_cpu_mse},
+    sparse::dst_cpu_sparse_kd,
     status::DST_ERR_LABEL,
 };
 #[cfg(not(feature = "cuda"))]
