@@ -18,6 +18,8 @@
 //! caller's `wgpu::CommandEncoder`).
 
 pub mod backend;
+#[cfg(feature = "burn")]
+pub mod burn;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod capi;
