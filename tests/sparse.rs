@@ -273,19 +273,24 @@ fn check_case<B: Backend>(b: &B, c: &Case) -> Result<(), String> {
     // exact gradient is 1e-15, a teacher and a student both one-hot, gets f32's 1e-8 there).
     let tol = 2e-4;
     let t = (c.spec.temperature as f64).max(1.0);
-    let (atol_loss, atol_grad) = (1e-6 * t * t, 1e-7 * c.spec.grad_scale as f64 * t);
-    if std::env::var("SPARSE_DEBUG").is_ok() {
+    let (mut atol_loss, mut atol_grad) = (1e-6 * t * t, 1e-7 * c.spec.grad_scale as f64 * t);
+    if on_device(b) {
+        // f32 log-probabilities (no f64 on the device): the terms' logs resolve to f32's ulp of
+        // the largest |log q| on the support (1000 for logits 1e4 at T = 20, where reverse KL's
+        // p (log(p / q) - RKL) cancels to ~1e-4 of its parts).
         let k = c.spec.k;
-        for r in 0..c.spec.shape.rows {
-            let v = to_f64(&vals[r * k..(r + 1) * k]);
-            eprintln!(
-                "row {r}: m {:?} got {} want {} vals {:?}",
-                distillation::ops::sparse::teacher_row(&c.spec, &v).map(|t| t.1),
-                got.rows[r],
-                w.row_loss[r],
-                v
-            );
-        }
+        let lmax = vals
+            .chunks(k)
+            .map(|r| {
+                let mx = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                r.iter()
+                    .filter(|v| v.is_finite())
+                    .map(|&v| ((mx - v) / c.spec.temperature) as f64)
+                    .fold(0.0, f64::max)
+            })
+            .fold(1.0, f64::max);
+        atol_loss = atol_loss.max(2e-7 * t * t * lmax);
+        atol_grad = atol_grad.max(2e-7 * c.spec.grad_scale as f64 * t * lmax);
     }
     assert_close_abs("loss", &[got.loss], &[w.loss], tol, atol_loss)?;
     assert_close_abs("row_loss", &got.rows, &w.row_loss, tol, atol_loss)?;

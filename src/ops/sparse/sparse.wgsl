@@ -333,13 +333,27 @@ fn sparse_kd(
     let mx = r1.x;
     var bad = r1.y > 0.0 || r1.z == 0.0 || lstate == 2u;
 
-    // The teacher on its support: lq_i = (v_i - mx) / T - lse_T + log(1 - m).
+    // The entry holding the max (the first of equal ones).
+    var first = -1e9;
+    for (var t = 0u; t < PER_LANE; t = t + 1u) {
+        let i = lid + t * WG;
+        if (i < k && e_v[t] == mx) {
+            first = max(first, -f32(i));
+        }
+    }
+    let imax = u32(-reduce4(lid, vec4<f32>(first, 0.0, 0.0, 0.0), 2u).x);
+
+    // The teacher on its support: lq_i = (v_i - mx) / T - lse_T + log(1 - m). The tail mass as
+    // m = -expm1(mx) - sum_{i != imax} e^(v_i), both parts in float-float (a top-k holding all
+    // but 1e-15 has m = 1e-8 - (1e-8 - 1e-15): each part needs its own digits).
     var acc = vec4<f32>(0.0);
+    var acc1 = 0.0;
     for (var t = 0u; t < PER_LANE; t = t + 1u) {
         let i = lid + t * WG;
         if (i < k && e_v[t] > NEG_BIG) {
             acc.z = acc.z + exp((e_v[t] - mx) * p.inv_t);
-            if (p.tail != 0u) {
+            acc1 = acc1 + exp(e_v[t] - mx);
+            if (p.tail != 0u && i != imax) {
                 let d = df_add(acc.xy, exp_df(min(e_v[t], 0.0)));
                 acc.x = d.x;
                 acc.y = d.y;
@@ -347,35 +361,21 @@ fn sparse_kd(
         }
     }
     let r2 = reduce4(lid, acc, 1u);
-    // The same mass in log form: log S1 = mx + log1p(R), R = sum_{i != argmax} e^(v_i - mx), whose
-    // error is ~1e-7 (|mx| + R) absolute: better than the float-float sum's where the top-k
-    // holds all but < 1e-7 (and m below f32's smallest normal has no other form).
-    var acc2 = vec4<f32>(0.0);
-    for (var t = 0u; t < PER_LANE; t = t + 1u) {
-        let i = lid + t * WG;
-        if (i < k && e_v[t] > NEG_BIG) {
-            if (e_v[t] < mx) {
-                acc2.x = acc2.x + exp(e_v[t] - mx);
-            } else {
-                acc2.y = acc2.y + 1.0;
-            }
-        }
-    }
-    let r2b = reduce4(lid, acc2, 0u);
-    let small_r = r2b.x + (r2b.y - 1.0);
+    let s1 = reduce4(lid, vec4<f32>(acc1, 0.0, 0.0, 0.0), 0u).x;
     let lse_t = log(r2.z);
-    let md = df_add(vec2<f32>(1.0, 0.0), -r2.xy);
+    let x = min(mx, 0.0);
+    var em = df_add(vec2<f32>(1.0, 0.0), -exp_df(x)); // -expm1(mx)
+    if (x > -0.0078125) {
+        em = df_add(vec2<f32>(-x, 0.0), vec2<f32>(-(x * x) * (0.5 + x * (1.0 / 6.0 + x / 24.0)), 0.0));
+    }
+    let md = df_add(em, -r2.xy);
     // The tail mass (0 without a tail; S1 > 1 is rounding).
-    var m = select(0.0, max(md.x + md.y, 0.0), p.tail != 0u);
+    let m = select(0.0, max(md.x + md.y, 0.0), p.tail != 0u);
     var l1m = 0.0;
     if (m >= 0.25) {
-        l1m = log(r2.x + r2.y);
+        l1m = mx + log(s1); // log sum e^v, however small
     } else if (m > 0.0) {
         l1m = log1p_f32(-m);
-    }
-    if (p.tail != 0u && abs(mx) + small_r < 1e-7) {
-        l1m = min(mx + log1p_f32(small_r), 0.0);
-        m = -expm1_f32(l1m);
     }
 
     // Pass 1: the student's statistics.
