@@ -7,8 +7,9 @@
 //   teacher: the indices sorted in workgroup memory (bitonic), so that an index out of 0..C or a
 //            duplicate makes the row NaN (never an out-of-bounds access), and membership of a
 //            class j in the support S is a binary search; max v, sum e^((v - max) / T) and, for a
-//            tail, S1 = sum e^v in float-float (exp_df): the tail mass m = 1 - S1 cancels where
-//            the top-k holds almost all the mass, and its log decides reverse KL and JSD.
+//            tail, m = -expm1(max v) - sum_{i != argmax} e^(v_i) in float-float (exp_df): the tail
+//            mass 1 - sum e^v cancels where the top-k holds almost all the mass, and its log
+//            decides reverse KL and JSD. (m below f32's normal range is 0 here.)
 //   pass 1:  one read of s: the online max and sum of e^((s - max) / T), at T = 1 and sum s for
 //            the hard-label term, and the off-support classes' own max and sum (their mass, the
 //            bucket's P, is never 1 - sum_S p, which cancels where the student agrees).
