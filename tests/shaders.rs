@@ -73,6 +73,7 @@ fn uniform_structs_match_the_shaders() {
         "divergence.wgsl",
         "cross_entropy.wgsl",
         "hinton.wgsl",
+        "sparse.wgsl",
         "mse.wgsl",
         "attention.wgsl",
         "dense.wgsl",

@@ -241,13 +241,57 @@ fn check_case<B: Backend>(b: &B, c: &Case) -> Result<(), String> {
         return Ok(());
     }
     let got = run(b, c, false).map_err(|e| e.to_string())?;
+    // On the device (f32, subnormals flushed) reverse KL against a tail mass below 1e-30 sees a
+    // tail of 0: that row is +inf (docs/LOSSES.md section 10), not compared.
+    if on_device(b)
+        && c.spec.divergence == Divergence::ReverseKl
+        && c.spec.tail != SparseTail::Renormalize
+        && c.spec.k < c.spec.shape.cols
+        && c.spec.values == SparseValues::LogProbs
+    {
+        let k = c.spec.k;
+        for r in 0..c.spec.shape.rows {
+            if c.labels
+                .as_ref()
+                .is_some_and(|l| l[r] == c.spec.ignore_index)
+            {
+                continue;
+            }
+            let v = to_f64(&vals[r * k..(r + 1) * k]);
+            let (_, m) = distillation::ops::sparse::teacher_row(&c.spec, &v).unwrap();
+            if m < 1e-30 {
+                if got.rows[r].is_nan() {
+                    return Err(format!("row {r}: tail mass {m}: got NaN, want +inf"));
+                }
+                return Ok(());
+            }
+        }
+    }
     let w = want(c);
     // Absolute floors at the f32 resolution of the terms: the loss is T^2 times sums of terms
     // of order 1, the gradient `grad_scale T` times differences of probabilities (a row whose
     // exact gradient is 1e-15, a teacher and a student both one-hot, gets f32's 1e-8 there).
     let tol = 2e-4;
     let t = (c.spec.temperature as f64).max(1.0);
-    let (atol_loss, atol_grad) = (1e-6 * t * t, 1e-7 * c.spec.grad_scale as f64 * t);
+    let (mut atol_loss, mut atol_grad) = (1e-6 * t * t, 1e-7 * c.spec.grad_scale as f64 * t);
+    if on_device(b) {
+        // f32 log-probabilities (no f64 on the device): the terms' logs resolve to f32's ulp of
+        // the largest |log q| on the support (1000 for logits 1e4 at T = 20, where reverse KL's
+        // p (log(p / q) - RKL) cancels to ~1e-4 of its parts).
+        let k = c.spec.k;
+        let lmax = vals
+            .chunks(k)
+            .map(|r| {
+                let mx = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                r.iter()
+                    .filter(|v| v.is_finite())
+                    .map(|&v| ((mx - v) / c.spec.temperature) as f64)
+                    .fold(0.0, f64::max)
+            })
+            .fold(1.0, f64::max);
+        atol_loss = atol_loss.max(2e-7 * t * t * lmax);
+        atol_grad = atol_grad.max(2e-7 * c.spec.grad_scale as f64 * t * lmax);
+    }
     assert_close_abs("loss", &[got.loss], &[w.loss], tol, atol_loss)?;
     assert_close_abs("row_loss", &got.rows, &w.row_loss, tol, atol_loss)?;
     assert_close_abs("grad", &got.grad, &w.grad_student, tol, atol_grad)?;
@@ -268,7 +312,14 @@ fn proptest_against_the_reference<B: Backend>(b: &B) {
         sizes,
         (0usize..1000, any::<u8>(), any::<u8>(), any::<bool>()),
         (
-            prop_oneof![Just(1.0f32), Just(4.0), Just(0.05), Just(20.0), 0.3f32..8.0],
+            prop_oneof![
+                Just(1.0f32),
+                Just(4.0),
+                Just(0.05),
+                Just(20.0),
+                Just(30.0),
+                0.3f32..8.0
+            ],
             prop_oneof![Just(1.0f32), Just(8.0), Just(300.0), Just(1e4)],
         ),
         (
@@ -388,9 +439,123 @@ fn bad_rows_are_nan<B: Backend>(b: &B) {
     assert!(got.rows[0].is_finite() && got.grad[..40].iter().all(|v| v.is_finite()));
 }
 
+/// Every tail and divergence from T = 0.01 to 30 (the wgpu kernel's maximum), at mild and
+/// extreme logits.
+fn temperatures_from_tiny_to_the_maximum<B: Backend>(b: &B) {
+    let mut seed = 900;
+    for temp in [0.01f32, 0.05, 0.3, 1.0, 5.0, 20.0, 30.0] {
+        for (c, scale) in [(37usize, 4.0f32), (300, 8.0), (11, 300.0)] {
+            for tp in 0..3u8 {
+                for dp in [0u8, 1, 2] {
+                    seed += 1;
+                    let case = make_case(
+                        2,
+                        c,
+                        2,
+                        dp,
+                        tp,
+                        false,
+                        temp,
+                        scale,
+                        0.2,
+                        0.1,
+                        true,
+                        (0, 0),
+                        seed,
+                    );
+                    check_case(b, &case)
+                        .unwrap_or_else(|m| panic!("T = {temp}: {m}\n{:?}", case.spec));
+                }
+            }
+        }
+    }
+}
+
+/// Teachers whose top-k holds all but 1e-3 .. 1e-6 of the mass, spread over several entries (the
+/// tail mass 1 - sum e^l cancels), against students that agree, are confident on the support
+/// (their own mass outside it ~1e-7 or less) or put it elsewhere.
+fn confident_rows_and_small_tails<B: Backend>(b: &B) {
+    let (n, c, k) = (3usize, 50usize, 3usize);
+    for tail_mass in [1e-3f64, 1e-5, 1e-6] {
+        let probs = [0.5, 0.3, 0.2 - tail_mass];
+        let mut idx = Vec::new();
+        let mut vals = Vec::new();
+        for r in 0..n {
+            for (i, &q) in probs.iter().enumerate() {
+                idx.push((7 * r + 13 * i) as i32 % c as i32);
+                vals.push(q.ln() as f32);
+            }
+        }
+        for student in 0..3 {
+            let mut s = vec![0.0f32; n * c];
+            for r in 0..n {
+                for i in 0..k {
+                    let j = idx[r * k + i] as usize;
+                    s[r * c + j] = match student {
+                        0 => probs[i].ln() as f32 + 3.0,
+                        1 => 20.0 + i as f32,
+                        _ => -5.0,
+                    };
+                }
+            }
+            for tail in [SparseTail::Bucket, SparseTail::Uniform] {
+                for div in [
+                    Divergence::ForwardKl,
+                    Divergence::ReverseKl,
+                    Divergence::Jsd { beta: 0.5 },
+                    Divergence::Jsd { beta: 1e-3 },
+                ] {
+                    for temp in [1.0f32, 2.0] {
+                        let case = Case {
+                            spec: SparseSpec {
+                                divergence: div,
+                                tail,
+                                ..SparseSpec::new(RowShape::new(n, c), k, temp)
+                            },
+                            s: s.clone(),
+                            idx: idx.clone(),
+                            vals: vals.clone(),
+                            labels: None,
+                            s_dtype: Dtype::F32,
+                            v_dtype: Dtype::F32,
+                        };
+                        check_case(b, &case).unwrap_or_else(|m| {
+                            panic!("tail {tail_mass}, student {student}: {m}\n{:?}", case.spec)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The same input gives the same bits twice.
+fn same_bits_twice<B: Backend>(b: &B) {
+    let case = make_case(5, 1031, 2, 2, 2, false, 2.0, 4.0, 0.3, 0.1, true, (0, 1), 9);
+    let (x, y) = (run(b, &case, false).unwrap(), run(b, &case, false).unwrap());
+    assert_eq!(x.loss.to_bits(), y.loss.to_bits());
+    assert!(x
+        .grad
+        .iter()
+        .zip(&y.grad)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(x
+        .rows
+        .iter()
+        .zip(&y.rows)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+/// Whether `b` is a device backend (it does not read the indices and values back: a bad entry
+/// makes its row NaN instead of an `Err`).
+fn on_device<B: Backend>(b: &B) -> bool {
+    b.name().starts_with("wgpu")
+}
+
 fn errors_of_bad_input<B: Backend>(b: &B) {
     let base = make_case(2, 10, 2, 0, 1, false, 2.0, 4.0, 0.5, 0.0, false, (0, 0), 3);
     let k = base.spec.k;
+    let c = base.spec.shape.cols;
     let expect = |case: &Case, what: &str| {
         let e = match run(b, case, false) {
             Err(e) => e,
@@ -400,61 +565,77 @@ fn errors_of_bad_input<B: Backend>(b: &B) {
         eprintln!("{what}: {msg}");
         e
     };
+    // A bad entry of the teacher (or label): an `Err` naming the row on the CPU backends; on the
+    // device the row's loss and gradient NaN, the other row untouched (never an access out of
+    // bounds).
+    let bad_row = |case: &Case, what: &str, row: usize| {
+        if on_device(b) {
+            let got = run(b, case, false).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(got.rows[row].is_nan(), "{what}: row {row} {:?}", got.rows);
+            assert!(
+                got.grad[row * c..(row + 1) * c].iter().all(|v| v.is_nan()),
+                "{what}"
+            );
+            let other = 1 - row;
+            assert!(got.rows[other].is_finite(), "{what}: {:?}", got.rows);
+            assert!(got.grad[other * c..(other + 1) * c]
+                .iter()
+                .all(|v| v.is_finite()));
+        } else {
+            let e = expect(case, what);
+            match e {
+                Error::Input { row: r, .. } => assert_eq!(r, row, "{what}"),
+                Error::Label { .. } => {}
+                e => panic!("{what}: {e}"),
+            }
+        }
+    };
     // Duplicate and out-of-range indices.
-    let mut c = base.clone();
-    c.idx[k + 1] = c.idx[k];
-    assert!(matches!(
-        expect(&c, "duplicate"),
-        Error::Input { row: 1, .. }
-    ));
-    let mut c = base.clone();
-    c.idx[0] = 10;
-    assert!(matches!(
-        expect(&c, "out of range"),
-        Error::Input { row: 0, .. }
-    ));
-    let mut c = base.clone();
-    c.idx[1] = -1;
-    assert!(matches!(
-        expect(&c, "negative"),
-        Error::Input { row: 0, .. }
-    ));
+    let mut c2 = base.clone();
+    c2.idx[k + 1] = c2.idx[k];
+    bad_row(&c2, "duplicate", 1);
+    let mut c2 = base.clone();
+    c2.idx[0] = 10;
+    bad_row(&c2, "out of range", 0);
+    let mut c2 = base.clone();
+    c2.idx[1] = -1;
+    bad_row(&c2, "negative", 0);
+    let mut c2 = base.clone();
+    c2.idx[k] = i32::MAX;
+    bad_row(&c2, "i32::MAX", 1);
     // Values.
-    let mut c = base.clone();
-    c.vals[1] = f32::NAN;
-    assert!(matches!(expect(&c, "NaN value"), Error::Input { .. }));
-    let mut c = base.clone();
-    c.vals[1] = f32::INFINITY;
-    assert!(matches!(expect(&c, "+inf log-prob"), Error::Input { .. }));
-    let mut c = base.clone();
-    c.vals[0] = -0.01;
-    c.vals[1] = -0.01;
-    assert!(matches!(expect(&c, "sum above 1"), Error::Input { .. }));
-    let mut c = base.clone();
-    c.vals[0] = 0.5;
-    assert!(matches!(
-        expect(&c, "log-prob above 0"),
-        Error::Input { .. }
-    ));
-    let mut c = base.clone();
-    c.vals[..k].fill(f32::NEG_INFINITY);
-    assert!(matches!(
-        expect(&c, "all -inf"),
-        Error::Input { row: 0, .. }
-    ));
+    let mut c2 = base.clone();
+    c2.vals[1] = f32::NAN;
+    bad_row(&c2, "NaN value", 0);
+    let mut c2 = base.clone();
+    c2.vals[1] = f32::INFINITY;
+    bad_row(&c2, "+inf log-prob", 0);
+    let mut c2 = base.clone();
+    c2.vals[..k].fill(f32::NEG_INFINITY);
+    bad_row(&c2, "all -inf", 0);
+    if !on_device(b) {
+        // (unchecked on the device: a sum above 1 is a tail mass of 0 there)
+        let mut c2 = base.clone();
+        c2.vals[0] = -0.01;
+        c2.vals[1] = -0.01;
+        assert!(matches!(expect(&c2, "sum above 1"), Error::Input { .. }));
+        let mut c2 = base.clone();
+        c2.vals[0] = 0.5;
+        assert!(matches!(
+            expect(&c2, "log-prob above 0"),
+            Error::Input { .. }
+        ));
+    }
     // A -inf entry among finite ones is a probability of 0: fine.
-    let mut c = base.clone();
-    c.vals[1] = f32::NEG_INFINITY;
-    check_case(b, &c).unwrap();
+    let mut c2 = base.clone();
+    c2.vals[1] = f32::NEG_INFINITY;
+    check_case(b, &c2).unwrap();
     // Logits must be finite.
-    let mut c = base.clone();
-    c.spec.values = SparseValues::Logits;
-    c.spec.tail = SparseTail::Renormalize;
-    c.vals[k + 1] = f32::NEG_INFINITY;
-    assert!(matches!(
-        expect(&c, "logit -inf"),
-        Error::Input { row: 1, .. }
-    ));
+    let mut c2 = base.clone();
+    c2.spec.values = SparseValues::Logits;
+    c2.spec.tail = SparseTail::Renormalize;
+    c2.vals[k + 1] = f32::NEG_INFINITY;
+    bad_row(&c2, "logit -inf", 1);
     // The spec: k > C, k = 0, k > 1024, logits with a tail, reverse KL renormalised.
     for kk in [0, 11] {
         let mut c = base.clone();
@@ -484,10 +665,16 @@ fn errors_of_bad_input<B: Backend>(b: &B) {
     c.spec.divergence = Divergence::ReverseKl;
     c.vals[0] = -1e-9;
     c.vals[1] = 0.0;
-    assert!(matches!(
-        expect(&c, "reverse KL, no tail"),
-        Error::Input { row: 0, .. }
-    ));
+    if on_device(b) {
+        // (+inf there, as the reference's value)
+        let got = run(b, &c, false).unwrap();
+        assert_eq!(got.rows[0], f32::INFINITY, "{:?}", got.rows);
+    } else {
+        assert!(matches!(
+            expect(&c, "reverse KL, no tail"),
+            Error::Input { row: 0, .. }
+        ));
+    }
     // alpha > 0 without labels; lengths.
     let mut c = base.clone();
     c.labels = None;
@@ -497,12 +684,12 @@ fn errors_of_bad_input<B: Backend>(b: &B) {
     assert!(matches!(expect(&c, "indices length"), Error::Shape { .. }));
     let mut c = base.clone();
     c.labels = Some(vec![0, 12]);
-    assert!(matches!(expect(&c, "label"), Error::Label { .. }));
+    bad_row(&c, "label", 1);
 }
 
-/// The CPU backends (the reference and the fast one) run every body; wgpu and CUDA have no
-/// sparse kernel yet and must say so (`no_sparse_kernel_yet`).
-macro_rules! cpu_backend_tests {
+/// Every body runs on the CPU backends (the reference and the fast one) and on wgpu (its
+/// kernel `sparse.wgsl`; skipped without an adapter unless `DISTILLATION_REQUIRE` lists wgpu).
+macro_rules! sparse_backend_tests {
     ($($body:ident),* $(,)?) => {
         mod cpu {
             $( #[test] fn $body() { super::$body(&distillation::CpuBackend) } )*
@@ -510,25 +697,66 @@ macro_rules! cpu_backend_tests {
         mod cpu_fast {
             $( #[test] fn $body() { super::$body(&distillation::FastCpuBackend::new()) } )*
         }
+        mod wgpu {
+            $( #[test] fn $body() { if let Some(b) = super::common::wgpu() { super::$body(b) } } )*
+        }
     };
 }
 
-cpu_backend_tests!(
+sparse_backend_tests!(
     proptest_against_the_reference,
     every_combination,
     in_place_and_half_gradients,
     bad_rows_are_nan,
-    errors_of_bad_input
+    errors_of_bad_input,
+    temperatures_from_tiny_to_the_maximum,
+    confident_rows_and_small_tails,
+    same_bits_twice,
 );
 
+/// The wgpu kernel takes T up to `GIVEN_TEACHER_MAX_TEMPERATURE` (30) and says so above.
 #[test]
-fn no_sparse_kernel_yet_on_wgpu() {
+fn wgpu_rejects_temperatures_above_its_maximum() {
     if let Some(b) = common::wgpu() {
-        let case = make_case(2, 10, 2, 0, 1, false, 2.0, 4.0, 0.0, 0.0, false, (0, 0), 3);
+        let max = distillation::backend::wgpu::GIVEN_TEACHER_MAX_TEMPERATURE;
+        let case = make_case(
+            2,
+            10,
+            2,
+            0,
+            1,
+            false,
+            max * 1.5,
+            4.0,
+            0.0,
+            0.0,
+            false,
+            (0, 0),
+            3,
+        );
         let e = run(b, &case, false)
             .err()
-            .expect("an error until the WGSL kernel exists");
+            .expect("an error above the maximum");
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        assert!(e.to_string().contains("temperature"), "{e}");
+    }
+}
+
+/// More rows than one storage binding holds: the rows run in chunks, the `[N, k]` indices and
+/// values bound as windows of the same rows.
+#[test]
+fn wgpu_rows_in_chunks() {
+    if common::wgpu().is_none() {
+        return;
+    }
+    let b = distillation::WgpuBackend::with_options(distillation::backend::wgpu::WgpuOptions {
+        max_binding_bytes: Some(64 * 40 * 4 * 2),
+        ..Default::default()
+    })
+    .unwrap();
+    for (tp, dt) in [(0u8, (0u8, 0u8)), (1, (1, 2)), (2, (2, 1))] {
+        let case = make_case(300, 40, 2, 2, tp, false, 2.0, 4.0, 0.3, 0.1, true, dt, 77);
+        check_case(&b, &case).unwrap_or_else(|m| panic!("{m}\n{:?}", case.spec));
     }
 }
 

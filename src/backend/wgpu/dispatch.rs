@@ -141,6 +141,15 @@ pub(crate) struct RowBuffers<'a> {
     pub grad_teacher: Option<&'a WgpuBuffer>,
 }
 
+/// A sparse teacher's extra shape (`ops/sparse`): the teacher buffer holds `k` values per row,
+/// and `indices` (`[N, k]` i32) is bound after the row-loss bindings (slot 8); one workgroup per
+/// row.
+#[derive(Clone, Copy)]
+pub(crate) struct SparseTeacher<'a> {
+    pub k: usize,
+    pub indices: &'a wgpu::Buffer,
+}
+
 /// A gradient the row kernel writes in f32 into scratch, to be packed into a bf16 / f16 buffer.
 struct Pending<'a> {
     scratch: wgpu::Buffer,
@@ -308,6 +317,60 @@ impl WgpuBackend {
         loss: &wgpu::Buffer,
         params: impl Fn(u32, u32) -> Vec<u8>,
     ) -> Result<()> {
+        self.encode_rows(
+            encoder,
+            kernel,
+            shape,
+            reduction,
+            ignore_index,
+            bufs,
+            None,
+            loss,
+            params,
+        )
+    }
+
+    /// [`Self::encode_row_loss`] for a sparse teacher: the teacher window is `k` values per row
+    /// and the indices are bound in slot 8.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_sparse_row_loss(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: &WgslKernel,
+        shape: RowShape,
+        reduction: Reduction,
+        ignore_index: i32,
+        bufs: RowBuffers<'_>,
+        sparse: SparseTeacher<'_>,
+        loss: &wgpu::Buffer,
+        params: impl Fn(u32, u32) -> Vec<u8>,
+    ) -> Result<()> {
+        self.encode_rows(
+            encoder,
+            kernel,
+            shape,
+            reduction,
+            ignore_index,
+            bufs,
+            Some(sparse),
+            loss,
+            params,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode_rows(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: &WgslKernel,
+        shape: RowShape,
+        reduction: Reduction,
+        ignore_index: i32,
+        bufs: RowBuffers<'_>,
+        sparse: Option<SparseTeacher<'_>>,
+        loss: &wgpu::Buffer,
+        params: impl Fn(u32, u32) -> Vec<u8>,
+    ) -> Result<()> {
         let (n, c) = (shape.rows, shape.cols);
         if n as u64 * 4 > self.max_binding {
             return Err(Error::Limit(format!(
@@ -379,27 +442,41 @@ impl WgpuBackend {
             &[labels_w, Some(counts_w), None, None],
             1,
         )?;
-        let tpr = threads_per_row(c);
+        let tpr = if sparse.is_some() {
+            WG
+        } else {
+            threads_per_row(c)
+        };
         let rows_per_group = (WG / tpr) as usize;
         for (r0, rows) in chunks {
             let (first, count) = ((r0 * c) as u64, (rows * c) as u64);
             let mat = |b| Window::elems(b, first, count);
             let vec_w = |b| Window::elems(b, r0 as u64, rows as u64);
+            // A sparse teacher's [N, k] windows (their starts aligned as the [N, C] ones: r0 is
+            // a multiple of the alignment in rows).
+            let (t_first, t_count) = match sparse {
+                Some(sp) => ((r0 * sp.k) as u64, (rows * sp.k) as u64),
+                None => (first, count),
+            };
             let bytes = params(rows as u32, grad_mode);
+            let mut windows = vec![
+                Some(Window::of(bufs.student, first, count)),
+                bufs.teacher.map(|t| Window::of(t, t_first, t_count)),
+                bufs.labels.map(vec_w),
+                Some(counts_w),
+                Some(vec_w(bufs.row_loss)),
+                gs.as_ref().map(mat),
+                gt.as_ref().map(mat),
+            ];
+            if let Some(sp) = sparse {
+                windows.push(Some(Window::elems(sp.indices, t_first, t_count)));
+            }
             self.dispatch(
                 encoder,
                 kernel,
                 tpr,
                 &bytes,
-                &[
-                    Some(Window::of(bufs.student, first, count)),
-                    bufs.teacher.map(|t| Window::of(t, first, count)),
-                    bufs.labels.map(vec_w),
-                    Some(counts_w),
-                    Some(vec_w(bufs.row_loss)),
-                    gs.as_ref().map(mat),
-                    gt.as_ref().map(mat),
-                ],
+                &windows,
                 rows.div_ceil(rows_per_group) as u32,
             )?;
         }

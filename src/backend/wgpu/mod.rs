@@ -29,6 +29,8 @@ macro_rules! kernels {
                 out: LossOut<'_, Self>) => hinton::wgpu::hinton;
             dkd_unchecked(spec: &DkdSpec, student: &WgpuBuffer, teacher: &WgpuBuffer, labels: &WgpuLabels,
                 out: LossOut<'_, Self>) => dkd::wgpu::dkd;
+            sparse_kd_unchecked(spec: &SparseSpec, student: &WgpuBuffer, indices: &WgpuLabels, values: &WgpuBuffer,
+                labels: Option<&WgpuLabels>, out: LossOut<'_, Self>) => sparse::wgpu::sparse_kd;
             mse_unchecked(spec: &MseSpec, a: &WgpuBuffer, b: &WgpuBuffer, loss: &WgpuBuffer, grad_a: Option<&WgpuBuffer>,
                 grad_b: Option<&WgpuBuffer>) => feature::wgpu::mse;
             smooth_l1_unchecked(spec: &MseSpec, a: &WgpuBuffer, b: &WgpuBuffer, loss: &WgpuBuffer, grad_a: Option<&WgpuBuffer>,
@@ -100,7 +102,7 @@ use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    SoftmaxSpec,
+    SoftmaxSpec, SparseSpec,
 };
 
 const BACKEND: &str = "wgpu";
@@ -140,6 +142,7 @@ pub fn uniform_layouts() -> Vec<UniformLayout> {
         ops::cross_entropy::wgpu::uniform_layouts(),
         ops::hinton::wgpu::uniform_layouts(),
         ops::dkd::wgpu::uniform_layouts(),
+        ops::sparse::wgpu::uniform_layouts(),
         ops::sharded::wgpu::uniform_layouts(),
         ops::feature::wgpu::uniform_layouts(),
         ops::dense::wgpu::uniform_layouts(),

@@ -36,6 +36,19 @@ pub(crate) const ROW_LOSS_BINDINGS: &[Bind] = &[
     Bind::ReadWrite, // grad_teacher
 ];
 
+/// The row-loss bindings and a sparse teacher's `[N, k]` indices (`sparse.wgsl`).
+pub(crate) const SPARSE_BINDINGS: &[Bind] = &[
+    Bind::Uniform,
+    Bind::ReadWrite,
+    Bind::Read,
+    Bind::Read,
+    Bind::Read,
+    Bind::ReadWrite,
+    Bind::ReadWrite,
+    Bind::ReadWrite,
+    Bind::Read, // indices
+];
+
 /// One compute entry point of one WGSL file.
 #[derive(Debug)]
 pub struct WgslKernel {
@@ -109,6 +122,7 @@ pub const KERNELS: &[&WgslKernel] = &[
     &ops::cross_entropy::wgpu::CROSS_ENTROPY,
     &ops::hinton::wgpu::HINTON,
     &ops::dkd::wgpu::DKD,
+    &ops::sparse::wgpu::SPARSE,
     &ops::sharded::wgpu::STATS_KERNEL,
     &ops::sharded::wgpu::JSD_KERNEL,
     &ops::sharded::wgpu::LOSS_KERNEL,

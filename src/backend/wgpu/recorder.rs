@@ -25,6 +25,7 @@ use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
+    SparseSpec,
 };
 
 /// Records kernels into a caller's command encoder (see the module documentation).

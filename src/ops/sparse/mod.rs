@@ -30,11 +30,15 @@
 //! | spec, validation, the teacher's row | here |
 //! | f64 reference | `reference.rs` |
 //! | fast CPU (f32 dense pass, f64 support) | `backend/cpu_fast/row_losses/sparse.rs` |
+//! | wgpu (one workgroup per row, float-float tail mass; `T <= 30`) | `sparse.wgsl`, `wgpu.rs` |
 //!
 //! Indices must be distinct classes in `0..C` (an `Err` on the host API and the CPU backends,
-//! checked by [`check_sparse_teacher`]).
+//! checked by [`check_sparse_teacher`]). The wgpu kernel does not read device indices back: a
+//! duplicate or an index outside `0..C` makes that row's loss and gradient NaN there (it sorts
+//! the row's indices in workgroup memory, and never reads or writes out of bounds).
 
 pub mod reference;
+pub mod wgpu;
 
 use super::{
     check_grad_scale, check_temperature, check_unit, count, Divergence, Reduction, RowShape,
