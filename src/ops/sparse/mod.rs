@@ -30,10 +30,16 @@
 //! | spec, validation, the teacher's row | here |
 //! | f64 reference | `reference.rs` |
 //! | fast CPU (f32 dense pass, f64 support) | `backend/cpu_fast/row_losses/sparse.rs` |
+//! | CUDA (a block per row, f64 per element) | `sparse.cu`, `cuda.rs` |
+//! | WGSL | not yet (`Unsupported`) |
 //!
 //! Indices must be distinct classes in `0..C` (an `Err` on the host API and the CPU backends,
-//! checked by [`check_sparse_teacher`]).
+//! checked by [`check_sparse_teacher`]; the CUDA kernel does not read them back: an index out of
+//! range is skipped and a repeated one takes one entry's gradient, undefined results but nothing
+//! read or written out of bounds).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 
 use super::{

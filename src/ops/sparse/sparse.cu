@@ -191,6 +191,12 @@ extern "C" __global__ void sparse_kd(const void* s_all, const int* indices, cons
     const bool bucket = has_tail && tail == 1u;
     const bool uniform = has_tail && tail == 2u;
     bool bad = ce && (y < 0 || (u32)y >= c);
+    // (k past the shared arrays is refused by the host's validation; here a NaN row, in bounds.)
+    if (k == 0u || k > SP_MAX_K) {
+        fill_row(g, gs, c, f_nan());
+        if (g.rank == 0) row_loss[row] = f_nan();
+        return;  // the whole block
+    }
 
     // 1. The support sorted by class (n2: k rounded up to a power of two).
     u32 n2 = 1u;
