@@ -427,7 +427,8 @@ def sparse_kd_loss(student: Tensor, indices: Tensor, values: Tensor, temperature
     ``"uniform"`` (that mass spread over the other classes, DistillKit's). ``divergence`` as
     :func:`soft_target_loss`. The loss is ``alpha * CE(student, labels) + (1 - alpha) * T^2 *
     D``; ``labels`` (required when ``alpha > 0``) mask rows equal to ``ignore_index``.
-    Repeated or out-of-range indices are an error. Differentiable in ``student``."""
+    Repeated or out-of-range indices are an error on CPU tensors; on CUDA tensors they are not
+    read back (undefined results, nothing out of bounds). Differentiable in ``student``."""
     s = _float_rows(student, "student")
     if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
         raise TypeError("indices must be an integer torch.Tensor of class indices")

@@ -1,7 +1,7 @@
 """Sparse top-k teachers (``distillation.sparse_kd_loss``, ``SparseKDLoss``) against a float64
 PyTorch composition (``log_softmax`` of the student, ``gather`` at the teacher's indices, the tail
 as ``docs/LOSSES.md`` section 10 states it), values and gradients, on CPU tensors (the fast CPU
-backend). The CUDA kernel is not written yet: on CUDA tensors the op raises."""
+backend), and on CUDA tensors (the CUDA kernel; skipped without a GPU)."""
 
 import math
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distillation as dl
+from conftest import cuda_or_skip
 from test_losses import close, grads, make
 
 
@@ -93,6 +94,33 @@ def test_against_the_float64_composition(div, tail, kind, k, alpha, T):
                                              0.1 if alpha else 0.0), s)
     close(got, want)
     close(gs, ws)
+
+
+@pytest.mark.parametrize("div,tail,kind,k,alpha", CASES)
+def test_cuda_against_the_float64_composition(div, tail, kind, k, alpha):
+    cuda_or_skip()
+    T = 2.5
+    s, t, y = make(9, 13, seed=k)
+    y[2] = -100
+    idx, vals = topk_teacher(t, k, kind)
+    kw = dict(divergence=div, beta=0.3, values_kind=kind, tail=tail, labels=y.cuda(),
+              alpha=alpha, label_smoothing=0.1 if alpha else 0.0)
+    got, (gs,) = grads(lambda s: dl.sparse_kd_loss(s, idx.cuda(), vals.cuda(), T, **kw),
+                       s.cuda())
+    want, (ws,) = grads(lambda s: sparse_ref(s, idx, vals, T, div, 0.3, kind, tail, y, alpha,
+                                             0.1 if alpha else 0.0), s)
+    assert gs.is_cuda
+    close(got, want)
+    close(gs, ws)
+    # bf16 on the device: the gradient in bf16, within its rounding.
+    sb, vb = s.cuda().bfloat16(), vals.cuda().bfloat16()
+    got, (gb,) = grads(lambda s: dl.sparse_kd_loss(s, idx.cuda(), vb, T, **kw), sb)
+    want, (wb,) = grads(lambda s: sparse_ref(s, idx, vb.float().cpu(), T, div, 0.3, kind, tail,
+                                             y, alpha, 0.1 if alpha else 0.0),
+                        sb.float().cpu())
+    assert gb.dtype == torch.bfloat16
+    close(got, want, atol=1e-4)
+    assert (gb.double().cpu() - wb).norm() <= 1e-2 * wb.norm()
 
 
 def test_module_reduction_none_and_bf16():

@@ -598,8 +598,8 @@ pub trait Backend {
         labels: &Self::Labels,
         out: LossOut<'_, Self>,
     ) -> Result<()>;
-    /// [`Backend::sparse_kd`] after validation. The backends without a sparse kernel yet (CUDA)
-    /// keep this default, an `Err` saying so.
+    /// [`Backend::sparse_kd`] after validation. Every backend of the crate has a sparse kernel;
+    /// a backend written outside it that has none keeps this default, an `Err` saying so.
     #[doc(hidden)]
     unsafe fn sparse_kd_unchecked(
         &self,
@@ -612,8 +612,8 @@ pub trait Backend {
     ) -> Result<()> {
         let _ = (spec, student, indices, values, labels, out);
         Err(crate::Error::Unsupported(format!(
-            "sparse top-k teachers (Backend::sparse_kd) run on the CPU backends (the reference \
-             and FastCpuBackend) and wgpu for now; {} has no sparse kernel yet",
+            "sparse top-k teachers (Backend::sparse_kd): {} has no sparse kernel; use one of \
+             the crate's backends (CPU, fast CPU, wgpu, CUDA)",
             self.name()
         )))
     }

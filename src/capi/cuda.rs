@@ -331,9 +331,11 @@ pub unsafe extern "C" fn dst_cuda_dkd(
     unsafe { args.run(Device(ctx)) }
 }
 
-/// [`dst_cpu_sparse_kd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules). The
-/// CUDA kernel is not written yet: this returns `DST_ERR_UNSUPPORTED` after the arguments'
-/// checks (the entry point is in the ABI so that the kernel can land without a version bump).
+/// [`dst_cpu_sparse_kd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules):
+/// `indices` `[n, k]` i32 and `values` `[n, k]` are device memory too. Neither is read back: an
+/// index outside `0..c` or repeated within a row is not an error here but gives that row an
+/// undefined result (the kernel skips an out-of-range index and reads or writes nothing out of
+/// bounds); labels out of range with `alpha > 0` give those rows a NaN loss.
 ///
 /// # Safety
 /// As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_sparse_kd`].

@@ -11,7 +11,7 @@
 //! | fused Hinton loss | 4 | [`hinton`] | `hinton.wgsl` | `hinton.cu` |
 //! | decoupled KD (DKD) | 8 | [`dkd`] | `dkd.wgsl` | `dkd.cu` |
 //! | vocab-sharded row losses (two phases) | 9 | [`sharded`] | `sharded.wgsl` | `sharded.cu` |
-//! | sparse top-k teachers | 10 | [`sparse`] | `sparse.wgsl` | not yet |
+//! | sparse top-k teachers | 10 | [`sparse`] | `sparse.wgsl` | `sparse.cu` |
 //! | feature MSE, smooth L1, attention transfer | 5, 6 | [`feature`] | `mse.wgsl`, `attention.wgsl` | `feature.cu` |
 //! | relational primitives (SP, RKD) | 7 | [`relational`] | `relational.wgsl` | `relational.cu` |
 //! | matmul, bias, ReLU, axpy, strided copy between dtypes | | [`dense`] | `dense.wgsl`, `copy.wgsl` | `dense.cu` |

@@ -10,6 +10,7 @@
 #include "../../src/ops/cross_entropy/cross_entropy.cu"
 #include "../../src/ops/hinton/hinton.cu"
 #include "../../src/ops/dkd/dkd.cu"
+#include "../../src/ops/sparse/sparse.cu"
 #include "../../src/ops/sharded/sharded.cu"
 #include "../../src/ops/feature/feature.cu"
 #include "../../src/ops/dense/dense.cu"
@@ -1467,6 +1468,8 @@ static void print_div_summary() {
     printf("div beta>=1-1e-5: worst %.3g (%s)\n", worst_b_hi.rel, worst_b_hi.what.c_str());
 }
 
+#include "sparse_checks.h"  // test_sparse, sparse_cases (src/ops/sparse/sparse.cu)
+
 int main(int argc, char** argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 40;
     if (getenv("EMU_SELFTEST")) {  // one deliberate mismatch: the exit status must be non-zero (CI checks)
@@ -1535,6 +1538,10 @@ int main(int argc, char** argv) {
     const float dkd_t = getenv("EMU_DKD_T") ? (float)atof(getenv("EMU_DKD_T")) : 0.f;
     if (getenv("EMU_SHARDED")) {  // only the vocab-sharded losses (1, 2, 3, 7 shards)
         sharded_cases(cases);
+        return finish();
+    }
+    if (getenv("EMU_SPARSE")) {  // only the sparse top-k teachers (sparse.cu, sparse_checks.h)
+        sparse_cases(cases);
         return finish();
     }
     if (getenv("EMU_DKD")) {  // only the DKD cases, with a summary at the T ends
@@ -1619,6 +1626,13 @@ int main(int argc, char** argv) {
         const std::mt19937_64 saved = rng;
         rng.seed(rng() ^ 0x5a4dedull);
         sharded_cases(cases);
+        rng = saved;
+    }
+    {
+        // The sparse cases likewise.
+        const std::mt19937_64 saved = rng;
+        rng.seed(rng() ^ 0x5ba75eull);
+        sparse_cases(cases);
         rng = saved;
     }
     return finish();

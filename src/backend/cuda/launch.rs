@@ -5,6 +5,8 @@
 //! - row kernels (`softmax_*`, `divergence_*`, `cross_entropy_*`, `hinton_*`, `dkd_*`): `*_warp`
 //!   (256 threads, a warp per row, 8 rows per block) when C <= 1024, else `*_block` (a block per
 //!   row, 128 to 1024 threads as C grows); grids go 2D past 2^31-1 blocks (`grid_for`);
+//! - `sparse_kd`: a block per row at every C (128 to 1024 threads as C grows,
+//!   `ops::sparse::cuda::threads_for`; [`CudaBackend::row_loss_blocks`]);
 //! - `count_valid`, `reduce_rows`, `mse_final`, `at_loss`, `offdiag_normalize*`: one block of 1024
 //!   threads;
 //! - `mse_partial` (MSE, and smooth L1 in mode 1): min(ceil(M/2048), 1024) blocks of 256, a
@@ -320,25 +322,49 @@ impl CudaBackend {
         args: impl FnOnce(u64, u64) -> Vec<Arg>,
     ) -> Result<()> {
         let RowLaunch {
-            warp,
-            block,
+            warp, block, shape, ..
+        } = launch;
+        let (is_block, cfg) = row_launch(shape.rows, shape.cols);
+        let kernel = if is_block { block } else { warp };
+        self.row_loss_with(kernel, cfg, launch, args)
+    }
+
+    /// [`CudaBackend::row_loss`] with a block of `threads` per row at every C (`launch.block`;
+    /// `launch.warp` is not used): the kernels that keep a row's data in shared memory.
+    pub(crate) fn row_loss_blocks(
+        &self,
+        launch: RowLaunch<'_>,
+        threads: u32,
+        args: impl FnOnce(u64, u64) -> Vec<Arg>,
+    ) -> Result<()> {
+        let cfg = config(launch.shape.rows as u64, threads);
+        self.row_loss_with(launch.block, cfg, launch, args)
+    }
+
+    fn row_loss_with(
+        &self,
+        kernel: &'static CudaKernel,
+        cfg: LaunchConfig,
+        launch: RowLaunch<'_>,
+        args: impl FnOnce(u64, u64) -> Vec<Arg>,
+    ) -> Result<()> {
+        let RowLaunch {
             shape,
             labels,
             ignore_index,
             reduction,
             row_loss,
             loss,
+            ..
         } = launch;
         let (rows, cols) = (shape.rows, shape.cols);
         Self::check_cols(cols)?;
-        let (is_block, cfg) = row_launch(rows, cols);
         let mut st = self.lock()?;
         let count = self.count_valid(&mut st, labels, rows, ignore_index)?;
         let row_loss = match row_loss {
             Some(r) => r.ptr,
             None => ensure(&self.stream, &mut st.scratch.f32s[0], rows)?,
         };
-        let kernel = if is_block { block } else { warp };
         self.launch(&mut st, kernel, cfg, &args(count, row_loss))?;
         self.reduce_rows(&mut st, row_loss, rows, count, reduction.code(), loss.ptr)
     }

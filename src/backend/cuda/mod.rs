@@ -52,7 +52,7 @@ use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
 use crate::ops::{
     self, AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec,
-    SoftmaxSpec,
+    SoftmaxSpec, SparseSpec,
 };
 
 const BACKEND: &str = "cuda";
@@ -289,6 +289,9 @@ impl Backend for CudaBackend {
             labels: &CudaLabels, out: LossOut<'_, Self>) => hinton::cuda::hinton;
         dkd_unchecked(spec: &DkdSpec, student: &CudaBuffer, teacher: &CudaBuffer,
             labels: &CudaLabels, out: LossOut<'_, Self>) => dkd::cuda::dkd;
+        sparse_kd_unchecked(spec: &SparseSpec, student: &CudaBuffer, indices: &CudaLabels,
+            values: &CudaBuffer, labels: Option<&CudaLabels>, out: LossOut<'_, Self>)
+            => sparse::cuda::sparse_kd;
         mse_unchecked(spec: &MseSpec, a: &CudaBuffer, b: &CudaBuffer, loss: &CudaBuffer,
             grad_a: Option<&CudaBuffer>, grad_b: Option<&CudaBuffer>) => feature::cuda::mse;
         smooth_l1_unchecked(spec: &MseSpec, a: &CudaBuffer, b: &CudaBuffer, loss: &CudaBuffer,

@@ -31,12 +31,16 @@
 //! | f64 reference | `reference.rs` |
 //! | fast CPU (f32 dense pass, f64 support) | `backend/cpu_fast/row_losses/sparse.rs` |
 //! | wgpu (one workgroup per row, float-float tail mass; `T <= 30`) | `sparse.wgsl`, `wgpu.rs` |
+//! | CUDA (a block per row, f64 per element) | `sparse.cu`, `cuda.rs` |
 //!
 //! Indices must be distinct classes in `0..C` (an `Err` on the host API and the CPU backends,
-//! checked by [`check_sparse_teacher`]). The wgpu kernel does not read device indices back: a
-//! duplicate or an index outside `0..C` makes that row's loss and gradient NaN there (it sorts
-//! the row's indices in workgroup memory, and never reads or writes out of bounds).
+//! checked by [`check_sparse_teacher`]). The GPU kernels do not read device indices back and never
+//! read or write out of bounds: on wgpu a duplicate or an index outside `0..C` makes that row's
+//! loss and gradient NaN (it sorts the row's indices in workgroup memory); on CUDA an index out of
+//! range is skipped and a repeated one takes one entry's gradient (undefined results).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 pub mod wgpu;
 
