@@ -15,9 +15,10 @@
  are added (4: [`DST_ERR_IO`] and [`DST_ERR_CONFIG`]; 5: the DKD entry points `dst_*_dkd`; 6: a
  dtype argument after each student, teacher and gradient pointer of the row losses, with
  [`DST_F32`], [`DST_BF16`], [`DST_F16`]; 7: the vocab-sharded losses `dst_*_sharded_*` and
- `DstShardedSpec`, the sparse top-k teacher entry points `dst_*_sparse_kd`).
+ `DstShardedSpec`, the sparse top-k teacher entry points `dst_*_sparse_kd`; 8: the fused linear
+ layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`).
  */
-#define DST_ABI_VERSION 7
+#define DST_ABI_VERSION 8
 
 /*
  The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
@@ -131,6 +132,18 @@
 #define DST_SHARDED_STATS 11
 
 /*
+ `DstFusedLinearSpec::weighting`: Hinton's `alpha CE + (1 - alpha) T^2 D` (the crate's
+ default; `alpha` is read, `weight_hard` and `weight_soft` are not).
+ */
+#define DST_WEIGHTING_HINTON 0
+
+/*
+ `DstFusedLinearSpec::weighting`: Liger-Kernel's and TRL's `weight_hard CE + weight_soft D`,
+ no `T^2` (`weight_hard` and `weight_soft` are read, `alpha` is not).
+ */
+#define DST_WEIGHTING_LIGER 1
+
+/*
  An opaque CUDA context: a `CudaBackend` bound to one device, with its own stream. Create it with
  [`dst_cuda_create`], free it with [`dst_cuda_destroy`]. It may be used from several threads, but
  calls on one context are serialized on its stream.
@@ -159,6 +172,43 @@ typedef struct DstShardedSpec {
   int32_t reduction;
   float grad_scale;
 } DstShardedSpec;
+
+/*
+ The scalars of a fused linear + distillation loss (`docs/LOSSES.md` section 11).
+
+ - `n`: rows; `hidden`: the student's hidden size `H_s`; `vocab`: its vocabulary `V`.
+ - `teacher_hidden`, `teacher_vocab`: `H_t` and `V_t >= V` of a teacher given as a layer
+   (`teacher_vocab` 0 means `V`; a larger one is a padded teacher vocabulary, whose columns past
+   `V` are dropped); ignored for a teacher given as logits or no teacher.
+ - `temperature`; `divergence`: 0 forward KL, 1 reverse KL, 2 JSD with `beta` in (0, 1).
+ - `weighting`: [`DST_WEIGHTING_HINTON`] with `alpha` in [0, 1], or [`DST_WEIGHTING_LIGER`] with
+   `weight_hard`, `weight_soft` >= 0 (not both 0).
+ - `label_smoothing` in [0, 1) (of the cross-entropy term); `ignore_index`; `reduction`: 0
+   batchmean (by the valid rows) or 1 sum (2, none, is refused: the loss is a scalar).
+ - `grad_scale`: multiplies every gradient (the upstream gradient; 1 for `d loss`).
+ - `memory_budget`: bytes of f32 scratch per chunk of rows (0: the default, 48 MiB);
+   `chunk_rows`: rows per chunk (0: from the budget).
+ */
+typedef struct DstFusedLinearSpec {
+  size_t n;
+  size_t hidden;
+  size_t vocab;
+  size_t teacher_hidden;
+  size_t teacher_vocab;
+  float temperature;
+  int32_t divergence;
+  float beta;
+  int32_t weighting;
+  float alpha;
+  float weight_hard;
+  float weight_soft;
+  float label_smoothing;
+  int32_t ignore_index;
+  int32_t reduction;
+  float grad_scale;
+  size_t memory_budget;
+  size_t chunk_rows;
+} DstFusedLinearSpec;
 
 #ifdef __cplusplus
 extern "C" {
@@ -876,6 +926,129 @@ int32_t dst_fast_sparse_kd(int32_t threads,
                            float *row_loss,
                            void *grad_student,
                            int32_t grad_student_dtype);
+
+/*
+ The fused linear layer + distillation loss on host memory (the reference CPU backend;
+ [`dst_fast_fused_linear_kd`] is the fast one): the student's logits `s = hidden weight^T (+
+ bias)` and the teacher's, a chunk of rows at a time (never `[n, vocab]` at once), and `L =
+ w_hard CE(s, labels) + w_soft c_T D(q^T || p^T)` with the weighting of `spec`
+ (`docs/LOSSES.md` section 11).
+
+ Arrays (row-major, each followed by its dtype code [`DST_F32`], [`DST_BF16`] or [`DST_F16`];
+ the code of a NULL array is checked too: pass `DST_F32`):
+ - `hidden` `[n, hidden]`, `weight` `[vocab, hidden]`, `bias` `[vocab]` (optional): the
+   student's last hidden states and output layer.
+ - The teacher, by which pointers are non-NULL: `teacher_logits` `[n, vocab]`; or
+   `teacher_hidden` `[n, teacher_hidden]`, `teacher_weight` `[teacher_vocab, teacher_hidden]`
+   and `teacher_bias` `[teacher_vocab]` (optional); or none (the loss must then have no
+   divergence term). Both forms at once is [`DST_ERR_INVALID_ARGUMENT`].
+ - `labels` `[n]` int32: required with a cross-entropy term, otherwise optional (masks rows
+   equal to `ignore_index`). Labels out of range are [`DST_ERR_LABEL`].
+
+ Outputs: `loss` (1 float, required); `grad_hidden` `[n, hidden]` (optional, overwritten);
+ `grad_weight` `[vocab, hidden]` and `grad_bias` `[vocab]` (optional) are ACCUMULATED: the
+ call adds its gradient to the values already in the caller's buffers (gradient accumulation
+ over micro-batches is one call each; zero them for a fresh gradient). Each gradient is
+ multiplied by `spec->grad_scale` and rounded once to its buffer's dtype. No output may
+ overlap an input or another output ([`DST_ERR_ALIAS`]). The teacher gets no gradient.
+
+ # Safety
+ `spec` is NULL or a valid [`DstFusedLinearSpec`]; every non-null pointer is valid for the
+ number of elements named above in its dtype.
+ */
+int32_t dst_cpu_fused_linear_kd(const struct DstFusedLinearSpec *spec,
+                                const void *hidden,
+                                int32_t hidden_dtype,
+                                const void *weight,
+                                int32_t weight_dtype,
+                                const void *bias,
+                                int32_t bias_dtype,
+                                const void *teacher_hidden,
+                                int32_t teacher_hidden_dtype,
+                                const void *teacher_weight,
+                                int32_t teacher_weight_dtype,
+                                const void *teacher_bias,
+                                int32_t teacher_bias_dtype,
+                                const void *teacher_logits,
+                                int32_t teacher_logits_dtype,
+                                const int32_t *labels,
+                                float *loss,
+                                void *grad_hidden,
+                                int32_t grad_hidden_dtype,
+                                void *grad_weight,
+                                int32_t grad_weight_dtype,
+                                void *grad_bias,
+                                int32_t grad_bias_dtype);
+
+/*
+ [`dst_cpu_fused_linear_kd`] on the fast CPU backend (f32 kernels and gemm) on at most
+ `threads` threads (0: one per core). The inputs are copied into the backend's buffers (the
+ arrays named, never the `[n, vocab]` logits); the result is the same bits for any `threads`.
+
+ # Safety
+ As [`dst_cpu_fused_linear_kd`].
+ */
+int32_t dst_fast_fused_linear_kd(int32_t threads,
+                                 const struct DstFusedLinearSpec *spec,
+                                 const void *hidden,
+                                 int32_t hidden_dtype,
+                                 const void *weight,
+                                 int32_t weight_dtype,
+                                 const void *bias,
+                                 int32_t bias_dtype,
+                                 const void *teacher_hidden,
+                                 int32_t teacher_hidden_dtype,
+                                 const void *teacher_weight,
+                                 int32_t teacher_weight_dtype,
+                                 const void *teacher_bias,
+                                 int32_t teacher_bias_dtype,
+                                 const void *teacher_logits,
+                                 int32_t teacher_logits_dtype,
+                                 const int32_t *labels,
+                                 float *loss,
+                                 void *grad_hidden,
+                                 int32_t grad_hidden_dtype,
+                                 void *grad_weight,
+                                 int32_t grad_weight_dtype,
+                                 void *grad_bias,
+                                 int32_t grad_bias_dtype);
+
+/*
+ [`dst_cpu_fused_linear_kd`] on device pointers of the context's device (every array and
+ `loss` is device memory): the kernels run on the context's stream, and the call
+ SYNCHRONIZES it, unlike the other `dst_cuda_*`: it reads the labels to the host (to count
+ the valid rows, and checks them: [`DST_ERR_LABEL`]) and the loss back before writing it to
+ `loss`. Without the crate feature `cuda`: the arguments' checks, then
+ [`DST_ERR_UNAVAILABLE`](super::status::DST_ERR_UNAVAILABLE).
+
+ # Safety
+ `ctx` is NULL or a live handle; every non-null pointer is device memory of its device, valid
+ for the sizes of [`dst_cpu_fused_linear_kd`]; `spec` is NULL or host memory.
+ */
+int32_t dst_cuda_fused_linear_kd(const struct dst_cuda *ctx,
+                                 const struct DstFusedLinearSpec *spec,
+                                 const void *hidden,
+                                 int32_t hidden_dtype,
+                                 const void *weight,
+                                 int32_t weight_dtype,
+                                 const void *bias,
+                                 int32_t bias_dtype,
+                                 const void *teacher_hidden,
+                                 int32_t teacher_hidden_dtype,
+                                 const void *teacher_weight,
+                                 int32_t teacher_weight_dtype,
+                                 const void *teacher_bias,
+                                 int32_t teacher_bias_dtype,
+                                 const void *teacher_logits,
+                                 int32_t teacher_logits_dtype,
+                                 const int32_t *labels,
+                                 float *loss,
+                                 void *grad_hidden,
+                                 int32_t grad_hidden_dtype,
+                                 void *grad_weight,
+                                 int32_t grad_weight_dtype,
+                                 void *grad_bias,
+                                 int32_t grad_bias_dtype);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -340,6 +340,8 @@ fn c_program_matches_the_rust_api() {
     same(&got, "mse.grad_a", &b.download(&ga).unwrap());
     same(&got, "mse.grad_b", &b.download(&gb).unwrap());
 
+    fused_linear_matches(&got, &b, &labels, &t);
+
     // Version.
     let version = format!(
         "version {} {}",
@@ -401,6 +403,16 @@ fn c_program_matches_the_rust_api() {
         "cuda_sync_null",
         "dtype_code",
         "dtype_inplace",
+        "fused_null_spec",
+        "fused_weighting",
+        "fused_teacher_vocab",
+        "fused_reduction_none",
+        "fused_both_teachers",
+        "fused_no_labels",
+        "fused_label",
+        "fused_alias",
+        "fused_dtype",
+        "cuda_fused_null_ctx",
     ] {
         let prefix = format!("error {case} ");
         let line = stdout
@@ -410,6 +422,126 @@ fn c_program_matches_the_rust_api() {
         assert!(line.len() > prefix.len() + 3, "{line}");
     }
     println!("{stdout}");
+}
+
+/// The fused linear layer + loss of the C program (`dst_cpu_fused_linear_kd`) against
+/// `FusedLinearKd` on the same backend and inputs (equal), and against the f64 reference (1e-4).
+fn fused_linear_matches(
+    got: &HashMap<String, Vec<f32>>,
+    b: &CpuBackend,
+    labels: &[i32],
+    t: &[f32],
+) {
+    use distillation::ops::fused_linear::reference::{fused_linear_kd, LayerF64, TeacherF64};
+    use distillation::{FusedGrads, FusedLinearKd, Linear, Teacher};
+    const FH: usize = 3;
+    const FTH: usize = 2;
+    const FTV: usize = C + 2;
+    let quarter = |len: usize, seed: usize| -> Vec<f32> {
+        fill(len, seed).iter().map(|x| x * 0.25).collect()
+    };
+    let (h, w, bias) = (quarter(N * FH, 1), quarter(C * FH, 2), quarter(C, 3));
+    let (th, tw, tb) = (quarter(N * FTH, 4), quarter(FTV * FTH, 5), quarter(FTV, 6));
+    let (gw0, gb0) = (quarter(C * FH, 7), quarter(C, 8));
+    let spec = FusedLinearKd {
+        divergence: Divergence::Jsd { beta: 0.4 },
+        chunk_rows: 2,
+        ..FusedLinearKd::new(FH, C, 2.0, 0.0).liger(0.3, 0.7)
+    };
+    let up = |x: &[f32]| b.upload(x).unwrap();
+    let (hb, wb, bb, thb, twb, tbb) = (up(&h), up(&w), up(&bias), up(&th), up(&tw), up(&tb));
+    let (gh, gw, gb) = (b.filled(N * FH, 0.0).unwrap(), up(&gw0), up(&gb0));
+    let student = Linear {
+        hidden: &hb,
+        weight: &wb,
+        bias: Some(&bb),
+    };
+    let teacher = Teacher::Linear {
+        layer: Linear {
+            hidden: &thb,
+            weight: &twb,
+            bias: Some(&tbb),
+        },
+        hidden: FTH,
+        vocab: FTV,
+    };
+    let grads = FusedGrads {
+        hidden: Some(&gh),
+        weight: Some(&gw),
+        bias: Some(&gb),
+    };
+    let loss = spec
+        .run(b, &student, &teacher, Some(labels), &grads)
+        .unwrap();
+    let (gh, gw, gb) = (
+        b.download(&gh).unwrap(),
+        b.download(&gw).unwrap(),
+        b.download(&gb).unwrap(),
+    );
+    same(got, "fused.loss", &[loss]);
+    same(got, "fused.grad_hidden", &gh);
+    same(got, "fused.grad_weight", &gw);
+    same(got, "fused.grad_bias", &gb);
+
+    // The f64 reference: this call's own gradient plus the initial grad_weight / grad_bias.
+    let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (h64, w64, b64, th64, tw64, tb64) = (f(&h), f(&w), f(&bias), f(&th), f(&tw), f(&tb));
+    let r = fused_linear_kd(
+        &spec,
+        &LayerF64 {
+            hidden: &h64,
+            weight: &w64,
+            bias: Some(&b64),
+        },
+        &TeacherF64::Linear {
+            layer: LayerF64 {
+                hidden: &th64,
+                weight: &tw64,
+                bias: Some(&tb64),
+            },
+            hidden: FTH,
+            vocab: FTV,
+        },
+        Some(labels),
+    );
+    let close = |name: &str, got: &[f32], want: &[f64]| {
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (*a as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
+                "{name}[{i}]: {a}, the f64 reference {e}"
+            );
+        }
+    };
+    close("fused.loss", &[loss], &[r.loss]);
+    close("fused.grad_hidden", &gh, &r.grad_hidden);
+    let acc = |g: &[f64], g0: &[f32]| -> Vec<f64> {
+        g.iter().zip(g0).map(|(a, &b)| a + b as f64).collect()
+    };
+    close("fused.grad_weight", &gw, &acc(&r.grad_weight, &gw0));
+    close("fused.grad_bias", &gb, &acc(&r.grad_bias, &gb0));
+
+    // Hinton with the teacher as logits, label smoothing 0.1.
+    let spec = FusedLinearKd {
+        label_smoothing: 0.1,
+        ..FusedLinearKd::new(FH, C, 2.0, 0.3)
+    };
+    let tl = up(t);
+    let gh = b.filled(N * FH, 0.0).unwrap();
+    let student = Linear {
+        hidden: &hb,
+        weight: &wb,
+        bias: None,
+    };
+    let grads = FusedGrads {
+        hidden: Some(&gh),
+        weight: None,
+        bias: None,
+    };
+    let loss = spec
+        .run(b, &student, &Teacher::Logits(&tl), Some(labels), &grads)
+        .unwrap();
+    same(got, "fused_logits.loss", &[loss]);
+    same(got, "fused_logits.grad_hidden", &b.download(&gh).unwrap());
 }
 
 /// The `dst_*` functions `extern "C"` in `src/capi/`.

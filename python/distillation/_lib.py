@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)
@@ -21,6 +21,19 @@ _i32 = ctypes.c_int32
 _lib = None
 _lock = threading.Lock()
 _contexts: dict = {}
+
+
+class FusedLinearSpec(ctypes.Structure):
+    """``DstFusedLinearSpec`` of the header (``dst_*_fused_linear_kd``): the scalars of the fused
+    linear layer + distillation loss, field for field."""
+
+    _fields_ = [
+        ("n", _SZ), ("hidden", _SZ), ("vocab", _SZ), ("teacher_hidden", _SZ),
+        ("teacher_vocab", _SZ), ("temperature", _f32), ("divergence", _i32), ("beta", _f32),
+        ("weighting", _i32), ("alpha", _f32), ("weight_hard", _f32), ("weight_soft", _f32),
+        ("label_smoothing", _f32), ("ignore_index", _i32), ("reduction", _i32),
+        ("grad_scale", _f32), ("memory_budget", _SZ), ("chunk_rows", _SZ),
+    ]
 
 
 class DistillationError(ValueError):
@@ -100,6 +113,12 @@ def _declare(lib) -> None:
     sig("dst_cuda_dkd", _P, _P, _i32, _P, _i32, _P, _SZ, _SZ, _f32, _f32, _f32, _f32, _f32,
         _i32, _i32, _f32, _P, _P, _P, _i32)
     sig("dst_cuda_sparse_kd", _P, *sparse)
+    # The fused linear layer + loss: the spec, then (pointer, dtype) for hidden, weight, bias,
+    # teacher hidden, teacher weight, teacher bias, teacher logits; labels, loss; (pointer,
+    # dtype) for grad_hidden, grad_weight, grad_bias.
+    fused = (ctypes.POINTER(FusedLinearSpec),) + (_P, _i32) * 7 + (_P, _P) + (_P, _i32) * 3
+    sig("dst_fast_fused_linear_kd", _i32, *fused)
+    sig("dst_cuda_fused_linear_kd", _P, *fused)
 
 def lib():
     """The loaded library (loaded and checked once)."""

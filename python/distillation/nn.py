@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from . import ops
+from . import fused_linear, ops
 
 
 class KDLoss(nn.Module):
@@ -116,3 +116,40 @@ class MSELoss(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return ops.mse(a, b)
+
+
+class FusedLinearKDLoss(nn.Module):
+    """The fused linear layer + distillation loss with Liger's call order (its
+    ``LigerFusedLinearJSDLoss``): ``forward(student_input, student_weight, teacher_input,
+    teacher_weight, true_labels, student_bias=None, teacher_bias=None)``; see
+    :func:`distillation.fused_linear_kd_loss`. ``FusedLinearKDLoss(weighting="liger",
+    divergence="jsd", beta=b, temperature=T, weight_hard=wh, weight_soft=ws)`` is Liger's
+    ``LigerFusedLinearJSDLoss(weight_hard_loss=wh, weight_soft_loss=ws, beta=b, temperature=T)``
+    (``docs/PYTHON.md`` says where they differ)."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5,
+                 divergence: str = "forward_kl", beta: float = 0.5, weighting: str = "hinton",
+                 weight_hard: float = 0.5, weight_soft: float = 0.5,
+                 label_smoothing: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", memory_budget: Optional[int] = None,
+                 chunk_rows: Optional[int] = None):
+        super().__init__()
+        self.temperature, self.alpha, self.divergence, self.beta = (
+            temperature, alpha, divergence, beta)
+        self.weighting, self.weight_hard, self.weight_soft = weighting, weight_hard, weight_soft
+        self.label_smoothing, self.ignore_index, self.reduction = (
+            label_smoothing, ignore_index, reduction)
+        self.memory_budget, self.chunk_rows = memory_budget, chunk_rows
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
+                teacher_weight: Tensor, true_labels: Optional[Tensor],
+                student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None) -> Tensor:
+        return fused_linear.fused_linear_kd_loss(
+            student_input, student_weight, teacher_input, teacher_weight, true_labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
+            alpha=self.alpha, divergence=self.divergence, beta=self.beta,
+            weighting=self.weighting, weight_hard=self.weight_hard,
+            weight_soft=self.weight_soft, label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            memory_budget=self.memory_budget, chunk_rows=self.chunk_rows)

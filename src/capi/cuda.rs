@@ -204,7 +204,7 @@ pub unsafe extern "C" fn dst_cuda_stream(
 
 /// The caller's device memory on the context `ctx` (`dst_cuda_*`), wrapped in place as the CUDA
 /// backend's buffers.
-pub(super) struct Device(*const dst_cuda);
+pub(super) struct Device(pub(super) *const dst_cuda);
 
 #[cfg(feature = "cuda")]
 impl Buffers for Device {

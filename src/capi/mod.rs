@@ -19,7 +19,8 @@
 //! the last error message, panics caught), `args.rs` (checks every entry point shares),
 //! `losses.rs` (each loss declared once: arguments, checks, spec, call, on a `Memory`),
 //! `buffers.rs` (the losses through the `Backend` trait for memory reached through buffers),
-//! `host.rs` (`dst_cpu_*`, `dst_fast_*`), `cuda.rs` (the context and `dst_cuda_*`).
+//! `host.rs` (`dst_cpu_*`, `dst_fast_*`), `cuda.rs` (the context and `dst_cuda_*`),
+//! `fused_linear.rs` (`dst_*_fused_linear_kd` and `DstFusedLinearSpec`).
 
 #![allow(clippy::too_many_arguments)]
 
@@ -37,10 +38,13 @@ mod sharded;
 mod cuda;
 // The sparse teacher's host entry points (after CUDA's).
 mod sparse;
+// The fused linear layer + loss (host and CUDA entry points, after the sparse ones).
+mod fused_linear;
 
 use std::ffi::c_char;
 
 pub use cuda::*;
+pub use fused_linear::*;
 pub use host::*;
 pub use sharded::*;
 pub use sparse::*;

@@ -580,6 +580,99 @@ int main(void) {
         expect_err("sharded_null", dst_cpu_sharded_stats(NULL, s, t, labels, st[0]), DST_ERR_NULL_POINTER);
     }
 
+    /* The fused linear layer + loss (ABI 8): hidden size 3, the student's vocabulary C, a teacher
+     * layer of hidden size 2 and a padded vocabulary C + 2; Liger's weighting with JSD, chunks of
+     * 2 rows; grad_weight and grad_bias added onto their initial values (accumulated). Inputs
+     * x / 4 of fill's, exact in f32. Then Hinton's weighting with the teacher as logits, and bad
+     * arguments. */
+    {
+        enum { FH = 3, FTH = 2, FTV = C + 2 };
+        float fh[N * FH], fw[C * FH], fb[C], fth[N * FTH], ftw[FTV * FTH], ftb[FTV];
+        float fgh[N * FH], fgw[C * FH], fgb[C], floss = NAN;
+        float xgh[N * FH], xgw[C * FH], xgb[C], xloss = NAN;
+        float *arrays[] = {fh, fw, fb, fth, ftw, ftb, fgw, fgb};
+        const size_t lens[] = {N * FH, C * FH, C, N * FTH, FTV * FTH, FTV, C * FH, C};
+        for (int k = 0; k < 8; k++) {
+            fill(arrays[k], lens[k], 1 + k);
+            for (size_t i = 0; i < lens[k]; i++) arrays[k][i] *= 0.25f;
+        }
+        memcpy(xgw, fgw, sizeof fgw);
+        memcpy(xgb, fgb, sizeof fgb);
+        DstFusedLinearSpec fs = {N, FH, C, FTH, FTV, 2.0f, 2, 0.4f, DST_WEIGHTING_LIGER, 0.0f, 0.3f, 0.7f,
+                                 0.0f, -100, 0, 1.0f, 0, 2};
+        expect_ok("fused_linear", dst_cpu_fused_linear_kd(&fs, fh, DST_F32, fw, DST_F32, fb, DST_F32, fth, DST_F32,
+                                                          ftw, DST_F32, ftb, DST_F32, NULL, DST_F32, labels, &floss,
+                                                          fgh, DST_F32, fgw, DST_F32, fgb, DST_F32));
+        print_array("fused.loss", &floss, 1);
+        print_array("fused.grad_hidden", fgh, N * FH);
+        print_array("fused.grad_weight", fgw, C * FH);
+        print_array("fused.grad_bias", fgb, C);
+        /* The fast backend: the same within 1e-4. */
+        expect_ok("fast_fused_linear", dst_fast_fused_linear_kd(0, &fs, fh, DST_F32, fw, DST_F32, fb, DST_F32, fth,
+                                                                DST_F32, ftw, DST_F32, ftb, DST_F32, NULL, DST_F32,
+                                                                labels, &xloss, xgh, DST_F32, xgw, DST_F32, xgb,
+                                                                DST_F32));
+        expect_close("fast_fused.loss", &xloss, &floss, 1);
+        expect_close("fast_fused.grad_hidden", xgh, fgh, N * FH);
+        expect_close("fast_fused.grad_weight", xgw, fgw, C * FH);
+        expect_close("fast_fused.grad_bias", xgb, fgb, C);
+        /* Hinton, forward KL, the teacher as logits [N, C], label smoothing; no weight gradient. */
+        DstFusedLinearSpec hs = {N, FH, C, 0, 0, 2.0f, 0, 0.5f, DST_WEIGHTING_HINTON, 0.3f, 0.0f, 0.0f,
+                                 0.1f, -100, 0, 1.0f, 0, 0};
+        expect_ok("fused_logits", dst_cpu_fused_linear_kd(&hs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, NULL, DST_F32,
+                                                          NULL, DST_F32, NULL, DST_F32, t, DST_F32, labels, &floss,
+                                                          fgh, DST_F32, NULL, DST_F32, NULL, DST_F32));
+        print_array("fused_logits.loss", &floss, 1);
+        print_array("fused_logits.grad_hidden", fgh, N * FH);
+
+        DstFusedLinearSpec bad = fs;
+        expect_err("fused_null_spec", dst_cpu_fused_linear_kd(NULL, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,
+                                                              DST_F32, ftw, DST_F32, NULL, DST_F32, NULL, DST_F32,
+                                                              labels, &floss, fgh, DST_F32, NULL, DST_F32, NULL,
+                                                              DST_F32), DST_ERR_NULL_POINTER);
+        bad.weighting = 5;
+        expect_err("fused_weighting", dst_cpu_fused_linear_kd(&bad, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,
+                                                              DST_F32, ftw, DST_F32, NULL, DST_F32, NULL, DST_F32,
+                                                              labels, &floss, fgh, DST_F32, NULL, DST_F32, NULL,
+                                                              DST_F32), DST_ERR_INVALID_ARGUMENT);
+        bad = fs;
+        bad.teacher_vocab = C - 1;
+        expect_err("fused_teacher_vocab", dst_fast_fused_linear_kd(0, &bad, fh, DST_F32, fw, DST_F32, NULL, DST_F32,
+                                                                   fth, DST_F32, ftw, DST_F32, NULL, DST_F32, NULL,
+                                                                   DST_F32, labels, &floss, fgh, DST_F32, NULL,
+                                                                   DST_F32, NULL, DST_F32), DST_ERR_UNSUPPORTED);
+        bad = fs;
+        bad.reduction = 2;
+        expect_err("fused_reduction_none", dst_cpu_fused_linear_kd(&bad, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,
+                                                                   DST_F32, ftw, DST_F32, NULL, DST_F32, NULL,
+                                                                   DST_F32, labels, &floss, fgh, DST_F32, NULL,
+                                                                   DST_F32, NULL, DST_F32), DST_ERR_UNSUPPORTED);
+        expect_err("fused_both_teachers", dst_cpu_fused_linear_kd(&fs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,
+                                                                  DST_F32, ftw, DST_F32, NULL, DST_F32, t, DST_F32,
+                                                                  labels, &floss, fgh, DST_F32, NULL, DST_F32, NULL,
+                                                                  DST_F32), DST_ERR_INVALID_ARGUMENT);
+        expect_err("fused_no_labels", dst_cpu_fused_linear_kd(&fs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,
+                                                              DST_F32, ftw, DST_F32, NULL, DST_F32, NULL, DST_F32,
+                                                              NULL, &floss, fgh, DST_F32, NULL, DST_F32, NULL,
+                                                              DST_F32), DST_ERR_NULL_POINTER);
+        int32_t bad_labels[N] = {1, 0, C, 0};
+        expect_err("fused_label", dst_fast_fused_linear_kd(0, &fs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,
+                                                           DST_F32, ftw, DST_F32, NULL, DST_F32, NULL, DST_F32,
+                                                           bad_labels, &floss, fgh, DST_F32, NULL, DST_F32, NULL,
+                                                           DST_F32), DST_ERR_LABEL);
+        expect_err("fused_alias", dst_cpu_fused_linear_kd(&fs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth, DST_F32,
+                                                          ftw, DST_F32, NULL, DST_F32, NULL, DST_F32, labels, &floss,
+                                                          fgh, DST_F32, fw, DST_F32, NULL, DST_F32), DST_ERR_ALIAS);
+        expect_err("fused_dtype", dst_cpu_fused_linear_kd(&fs, fh, 9, fw, DST_F32, NULL, DST_F32, fth, DST_F32,
+                                                          ftw, DST_F32, NULL, DST_F32, NULL, DST_F32, labels, &floss,
+                                                          fgh, DST_F32, NULL, DST_F32, NULL, DST_F32),
+                   DST_ERR_INVALID_ARGUMENT);
+        expect_err("cuda_fused_null_ctx", dst_cuda_fused_linear_kd(NULL, &fs, fh, DST_F32, fw, DST_F32, NULL, DST_F32,
+                                                                   fth, DST_F32, ftw, DST_F32, NULL, DST_F32, NULL,
+                                                                   DST_F32, labels, &floss, fgh, DST_F32, NULL,
+                                                                   DST_F32, NULL, DST_F32), DST_ERR_NULL_POINTER);
+    }
+
     if (failures != 0) {
         fprintf(stderr, "%d failure(s)\n", failures);
         return 1;
