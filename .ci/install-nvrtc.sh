@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs NVIDIA's NVRTC (CUDA 13, libnvrtc.so.13) from PyPI into a cache directory of the repo,
 # not into the system Python, so that the CUDA kernels can be compiled to PTX on a machine without
-# a GPU or a CUDA toolkit (tests/nvrtc.rs, `distillation::backend::cuda::compile_all_kernels`).
+# a GPU or a CUDA toolkit (tests/suite/nvrtc.rs, `distillation::backend::cuda::compile_all_kernels`).
 #
 #   lib=$(bash .ci/install-nvrtc.sh | tail -n 1)
 #   LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" DISTILLATION_REQUIRE=nvrtc \
-#       cargo test --test nvrtc
+#       cargo test --test suite nvrtc::
 #
 # cudarc (feature dynamic-loading, cuda-13000) dlopen()s the names libnvrtc.so, libnvrtc.so.13, ...,
 # libnvrtc.so.1; the wheel ships libnvrtc.so.13 (and libnvrtc-builtins.so.13.0 beside it), so

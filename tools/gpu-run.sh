@@ -44,11 +44,11 @@ step nvidia-smi 30 nvidia-smi -q
 # 1. The suites with the GPU backends required: CUDA executes every kernel (no emulator), wgpu runs
 #    on the NVIDIA Vulkan driver.
 export DISTILLATION_REQUIRE=wgpu,cuda
-for t in kernels half dkd big contract tape record cpu_fast errors fixtures properties; do
-  [ -x "$bin/test-$t" ] && step "test-$t" 240 "$bin/test-$t"
-done
-for t in sparse fused_linear; do # once those issues have landed
-  [ -x "$bin/test-$t" ] && step "test-$t" 240 "$bin/test-$t"
+# The integration tests are one binary (tests/suite); each file is a module, run here as its own
+# step (a libtest filter "<module>::") with its own time limit.
+for t in kernels half dkd big contract tape record cpu_fast errors fixtures properties sparse \
+  fused_linear sharded nvrtc; do
+  [ -x "$bin/test-suite" ] && step "test-$t" 240 "$bin/test-suite" "$t::"
 done
 
 # 2. The Python tests on CUDA tensors, where PyTorch is on the machine.

@@ -1,5 +1,5 @@
 /* Exercises the C ABI of include/distillation.h on the CPU backend (and the CUDA entry points'
- * argument checks), printing every result for tests/capi.rs to compare with the Rust API.
+ * argument checks), printing every result for tests/suite/capi.rs to compare with the Rust API.
  *
  * Output: one line per array, `name v0 v1 ...` (%.9g round-trips f32), `version <abi> <string>`,
  * `codes <code>=<name> ...`, `error <case> <code> <name> <message>` per expected error, and
@@ -146,7 +146,7 @@ int main(void) {
         failures++;
     }
 
-    /* Every status code, distinct (status_name's switch) and named: tests/capi.rs compares them
+    /* Every status code, distinct (status_name's switch) and named: tests/suite/capi.rs compares them
      * with the Rust constants. DST_ERR_IO and DST_ERR_CONFIG (ABI 4) come from file and
      * configuration errors, which no loss entry point produces. */
     printf("codes");
@@ -415,7 +415,7 @@ int main(void) {
     expect_err("alias_loss_in_grad", dst_cpu_mse(s, t, LEN, 1.0f, g + 2, g, NULL), DST_ERR_ALIAS);
     {
         /* Reverse KL where the teacher gives probability 0: infinite, so an input error; with a
-         * floor teacher_eps = 1e-8 on the teacher inside the log, finite (tests/capi.rs compares
+         * floor teacher_eps = 1e-8 on the teacher inside the log, finite (tests/suite/capi.rs compares
          * it with the Rust API). */
         float p[LEN];
         for (int i = 0; i < LEN; ++i) p[i] = (i % C == 0) ? 0.0f : 0.25f;

@@ -1152,7 +1152,7 @@ static void test_relational(size_t n, size_t dim, int dup) {
     }
     check(nm + " row_normalize", y, wy, 1e-5);
     check(nm + " row_normalize_backward", dx, wdx, 1e-4, &nwdx);
-    // pairwise distances and the backward pass (from the kernel's own D, as tests/relational.rs).
+    // pairwise distances and the backward pass (from the kernel's own D, as tests/suite/relational.rs).
     vector<float> d(n * n, FNAN), df(n * dim, FNAN);
     unsigned long long tiles = (unsigned long long)((n + 15) / 16) * ((n + 15) / 16);
     emu_launch(grid_for(tiles), T256, [&] { pairwise_distance(f.data(), d.data(), n, dim); });

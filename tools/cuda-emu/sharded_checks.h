@@ -6,7 +6,7 @@
 // src/ops/sharded/mod.rs's rescale_stats, in double, rounded to f32 like the host API), runs the
 // JSD round for JSD, then sharded_loss_and_grad per shard, and compares the reassembled loss,
 // row losses and gradients with the unsharded f64 references at 1e-4, with a floor for the f32
-// rounding of the stats' magnitudes (tests/sharded.rs's `floors`).
+// rounding of the stats' magnitudes (tests/suite/sharded.rs's `floors`).
 
 static const unsigned SH_MAXIMA = 2, SH_SUMS = 9, SH_STATS = 11;
 
@@ -125,7 +125,7 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
     RowRef want = kind <= 2 ? ref_div(kind, 0, T, beta, red, 1.0, ignore, sd, td, nullptr, n, c)
                   : kind == 3 ? ref_ce(eps, red, 1.0, ignore, sd, labels, n, c)
                               : ref_hinton(T, alpha, eps, red, 1.0, ignore, sd, td, labels, n, c);
-    // floors: the f32 rounding of the stats' magnitudes (tests/sharded.rs)
+    // floors: the f32 rounding of the stats' magnitudes (tests/suite/sharded.rs)
     double big = 0;
     for (double v : want.rows) big = std::max(big, fabs(v));
     const double kk = red == 0 ? 1.0 / std::max<size_t>(valid, 1) : 1.0;

@@ -9,7 +9,7 @@
 //! allows (`vmath.rs`: the vectorised `exp` and `log` with their stated errors). The other ops
 //! (convolution lowering, pooling, the relational primitives) call the f64 reference in
 //! [`super::cpu`]. Tests run the whole suite on this backend against the reference
-//! (`tests/common`); `tests/cpu_fast.rs` checks its matmul on odd shapes and that the losses give
+//! (`tests/suite/common.rs`); `tests/suite/cpu_fast.rs` checks its matmul on odd shapes and that the losses give
 //! the same bits for any thread count and instruction set.
 //!
 //! Loss calls of more than about 2^17 elements run on scoped threads (one per core, or

@@ -1,6 +1,6 @@
 //! The table of CUDA kernels: every `.cu` file and every entry point the backend launches, each
 //! declared beside its source in the op's folder (`src/ops/<family>/cuda.rs`) and listed here
-//! once. `tests/nvrtc.rs` compiles every file and checks each signature against the PTX.
+//! once. `tests/suite/nvrtc.rs` compiles every file and checks each signature against the PTX.
 
 use crate::ops;
 

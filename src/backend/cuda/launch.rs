@@ -238,7 +238,7 @@ impl CudaBackend {
             };
         }
         // SAFETY: the arguments match the kernel's parameter list (checked above against the table
-        // that tests/nvrtc.rs checks against the PTX); every pointer is a live device buffer whose
+        // that tests/suite/nvrtc.rs checks against the PTX); every pointer is a live device buffer whose
         // length the Backend trait checked; the kernels guard every index.
         unsafe { b.launch(cfg) }
             .map(|_| ())

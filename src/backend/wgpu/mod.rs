@@ -108,7 +108,7 @@ use crate::ops::{
 const BACKEND: &str = "wgpu";
 
 /// A `#[repr(C)]` uniform struct of this backend and the shader file whose `Params` it fills:
-/// `tests/shaders.rs` checks its size and field offsets against naga's layout of the WGSL struct.
+/// `tests/suite/shaders.rs` checks its size and field offsets against naga's layout of the WGSL struct.
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct UniformLayout {

@@ -7,7 +7,7 @@
 //! in chunks of rows; the student learns from the sparse teacher of `docs/LOSSES.md` section 10
 //! with the configured tail, densified per row as that section's renormalize tail (`-inf` off
 //! the top-k) or uniform tail (`m / (C - k)` there), which give the dense divergence exactly the
-//! sparse loss (`tests/sparse.rs`); the bucket tail has no dense form and is refused here.
+//! sparse loss (`tests/suite/sparse.rs`); the bucket tail has no dense form and is refused here.
 
 use super::step::mean_soft_probs;
 use super::{Distill, Setup, SoftTargets};

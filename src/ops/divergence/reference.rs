@@ -10,7 +10,7 @@
 //!   `dJSD/dp_j = (1-beta)(log p_j - log M_j)` and through `dp_j/ds_k = p_j (delta_jk - p_k)/T`:
 //!   `d(T^2 JSD_r)/ds_k = T (1-beta) p_k (log p_k - log M_k - KL(p||M))`,
 //!   `d(T^2 JSD_r)/dt_k = T beta q_k (log q_k - log M_k - KL(q||M))`
-//!   (checked by finite differences in `tests/reference.rs`).
+//!   (checked by finite differences in `tests/suite/reference.rs`).
 //!
 //! The row losses are `T^2 D_r`; the reduction and the upstream gradient `g` scale them
 //! ([`crate::ops::Reduction`]).

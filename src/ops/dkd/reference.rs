@@ -12,7 +12,7 @@
 //! `d(T^2 TCKD)/ds_g = T (p_g - q_g)`, `d(T^2 TCKD)/ds_j = -T (p_g - q_g) p^_j`.
 //! NCKD is forward KL over the non-target classes (section 2):
 //! `d(T^2 NCKD)/ds_j = T (p^_j - q^_j)` for `j != g`, 0 at `g`. CE as in section 3. The teacher
-//! is detached (no teacher gradient). Checked by finite differences in `tests/reference.rs`.
+//! is detached (no teacher gradient). Checked by finite differences in `tests/suite/reference.rs`.
 //!
 //! The binary log-probabilities come from `D = log sum_{j != g} e^(z_j / T) - z_g / T` (the
 //! log-odds of the rest) as `log p_g = -softplus(D)`, `log(1 - p_g) = -softplus(-D)`: the

@@ -9,7 +9,7 @@
 //! `dD/ds_j = (1/T) [ (p_j / P_e(j)) G_e(j) - p_j sum_e G_e ]` (`p_j / P_e = 1` for a class of
 //! its own; `p_j / P_tail` in the bucket), because `dP_e/ds_j = P_e (1[j in e] - p_j) / T`.
 //! `L_r = alpha CE_r + (1 - alpha) T^2 D_r`; `dL_r/ds_j = alpha (p^1_j - target_j) +
-//! (1 - alpha) T^2 dD/ds_j`. Checked by finite differences in `tests/sparse.rs`.
+//! (1 - alpha) T^2 dD/ds_j`. Checked by finite differences in `tests/suite/sparse.rs`.
 
 use super::{event_terms, logaddexp, teacher_row, SparseSpec, SparseTail};
 use crate::ops::cross_entropy::reference::smoothed_ce_row;

@@ -11,7 +11,7 @@
 //! of two f32 values near `log C` would lose the digits that matter (`log p - log q` for a
 //! teacher given as probabilities or log-probabilities at high T), it is formed in f64
 //! (`vmath::ln_f64`). The gradient at the label, `p_y - 1`, is `-(Z - e_y) / Z` from the f64
-//! sums. Tests: the backend suite (`tests/kernels.rs`, `tests/contract.rs`) at 1e-4 of the f64
+//! sums. Tests: the backend suite (`tests/suite/kernels.rs`, `tests/suite/contract.rs`) at 1e-4 of the f64
 //! reference over T in [1e-3, 1e4], logits to |1e4|, masked rows.
 
 use super::rows::{In, Out, RowOp};

@@ -4,7 +4,7 @@
 //! matmuls and Adam steps across two threads), and an output that aliases an input being an
 //! `Err`.
 
-mod common;
+use crate::common;
 
 use common::check_matmul;
 use distillation::backend::cpu_fast::gemm::Kernel;
@@ -423,7 +423,7 @@ fn long_rows_match_the_reference() {
         b.upload_labels(&labels).unwrap(),
     );
     for temperature in [1.0f32, 4.0, 1000.0] {
-        // The suite's per-element floor for gradients (tests/kernels.rs, `grad_unit`): f32
+        // The suite's per-element floor for gradients (tests/suite/kernels.rs, `grad_unit`): f32
         // resolves `q (log q - log p - KL)` to about 1e-7 of the largest |logit| / T (times
         // max(T, 1) / N_valid), here where the teacher's top class nearly cancels.
         let atol =

@@ -1,7 +1,7 @@
 //! Big rows and the chunked path: C = 262144 on every backend, one call of 2^25 elements, and on
 //! wgpu a storage binding limit forced below the batch so every row op runs in several chunks.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::backend::wgpu::{WgpuBuffer, WgpuOptions};

@@ -1,6 +1,6 @@
 //! The tape's dense ops against the f64 CPU reference on random shapes, on every backend.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, check_matmul, to_f64, Lcg};
 use distillation::ops::dense::{self, MatmulSpec};

@@ -1,7 +1,7 @@
 //! The CPU reference's gradients against central finite differences in f64, on random small inputs.
 //! This is what makes the reference an arbiter: every GPU backward pass is compared with it.
 
-mod common;
+use crate::common;
 
 use common::Lcg;
 use distillation::ops::{cross_entropy, divergence, dkd, feature, hinton, softmax};

@@ -1,7 +1,7 @@
 //! The autograd tape: parameter gradients against finite differences on the CPU backend, and one
 //! training step giving the same parameters on every backend as on the CPU.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, to_f64, Lcg};
 use distillation::nn::{Mlp, Optimizer};
@@ -167,7 +167,7 @@ fn parameter_gradients_match_finite_differences() {
     // Without DKD, whose larger gradients make a ReLU kink of this MLP (a first-layer unit near 0,
     // within the step of parameter 0's element 16) exceed the tolerance below: DKD's root chains
     // like the others (one fused kernel, its weighted gradient), and its own gradient is checked
-    // by finite differences in tests/reference.rs and, through the tape, in
+    // by finite differences in tests/suite/reference.rs and, through the tape, in
     // `dkd_root_gradient_and_detached_teacher`.
     let losses = &losses[..4];
     tape.backward(losses).unwrap();
@@ -203,7 +203,7 @@ fn parameter_gradients_match_finite_differences() {
         mlp.params_mut()[pi].value = Tensor::from_host(&b, &base, &shape).unwrap();
         // The CPU backend stores f32 between ops: a loss of ~5 is known to ~3e-7, so differences
         // over 2h = 6e-3 carry ~1e-4 of noise on gradients of ~0.05. Each kernel's backward is
-        // checked in f64 in tests/reference.rs; this checks how the tape chains them, where a
+        // checked in f64 in tests/suite/reference.rs; this checks how the tape chains them, where a
         // wrong transpose or a lost accumulation is an O(1) error.
         assert_close(&format!("param {pi}"), grad, &numeric, 1e-2).unwrap();
     }

@@ -1,6 +1,6 @@
 //! Mathematical properties and determinism, on every backend.
 
-mod common;
+use crate::common;
 
 use common::{to_f64, Lcg};
 use distillation::ops::{self, feature};

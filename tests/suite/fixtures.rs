@@ -2,7 +2,7 @@
 //! `shared/fixtures/`), on every backend. The relation-based cases (similarity-preserving, RKD,
 //! spec section 7) run as compositions on the autograd tape, the others as single kernels.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs};
 use distillation::tape::{Tape, Tensor};
@@ -15,7 +15,7 @@ use serde_json::Value;
 const TOL: f64 = 1e-4;
 
 fn cases() -> Vec<Value> {
-    let text = include_str!("fixtures/torch_losses.json");
+    let text = include_str!("../fixtures/torch_losses.json");
     let v: Value = serde_json::from_str(text).expect("fixture JSON");
     v["cases"].as_array().expect("cases").clone()
 }

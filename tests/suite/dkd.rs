@@ -1,9 +1,9 @@
-//! DKD's contract on every backend, beyond the random cases of `tests/kernels.rs`: high
+//! DKD's contract on every backend, beyond the random cases of `tests/suite/kernels.rs`: high
 //! temperature (second-order divergences) without absolute floors, confident rows (p_g -> 1, the
 //! non-target mass from its own statistics), a teacher close to the student, C = 2, masked and
 //! bad rows, in place, and the errors of bad input.
 
-mod common;
+use crate::common;
 
 use common::{rel_err, to_f64, Lcg};
 use distillation::ops::dkd::reference::dkd as reference;

@@ -6,7 +6,7 @@
 //! value. Mixed dtypes (a bf16 student with an f32 teacher, f32 gradients from half inputs) are
 //! checked at the f32 contract (1e-4).
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, Lcg};
 use distillation::half::{bf16, f16};

@@ -4,9 +4,9 @@
 //! cross-entropy-only forms, a teacher as logits or as a (padded) layer, biases, masked rows
 //! (all of them too), N = 1, H = 1, V not a multiple of anything, chunks of 1, 7 and N rows and
 //! from a memory budget; f32 within 1e-4, bf16 / f16 inputs within the half-precision budget;
-//! `grad_W` and `grad_b` accumulate. Bad input: `tests/fused_linear_errors.rs`.
+//! `grad_W` and `grad_b` accumulate. Bad input: `tests/suite/fused_linear_errors.rs`.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, Lcg};
 use distillation::half::{bf16, f16};

@@ -1,7 +1,7 @@
 //! The contract holes of issue 11, one test each, on every backend: inputs that validation accepts
 //! give the right number (or an `Err` that says what to do), and outputs never silently alias.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64};
 use distillation::loss::SoftTargetLoss;

@@ -2,10 +2,10 @@
 //! N 1..70, C 1..5000 (1, primes, sizes that are not a multiple of the workgroup; DKD refuses 1),
 //! T 1e-3..1e4, some logits up to |1e4|, masked rows (all rows masked too), the row losses' student
 //! and teacher in f32, bf16 or f16 (the reference computing from the same rounded values; the
-//! gradients here are f32, held to the f32 contract; tests/half.rs checks half-precision gradients
+//! gradients here are f32, held to the f32 contract; tests/suite/half.rs checks half-precision gradients
 //! against their budget). Outputs are poisoned with NaN before each launch, so a missed write shows.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::half::{bf16, f16};
@@ -166,7 +166,7 @@ fn run_row_loss<B: Backend>(
     let len = s.len();
     let sb = upload_as(b, s, dtype_s);
     // An in-place gradient takes the student's dtype: with a bf16 / f16 student it is checked
-    // against the half-precision budget in tests/half.rs, here the gradient goes to f32.
+    // against the half-precision budget in tests/suite/half.rs, here the gradient goes to f32.
     let in_place = in_place && dtype_s == Dtype::F32;
     let loss = poisoned(b, 1);
     let rows = poisoned(b, n);
@@ -356,11 +356,11 @@ fn divergence_matches_reference<B: Backend>(b: &B) {
                 b.divergence(&spec, s, &tb, lb.as_ref(), out)
             }) {
                 // Reverse KL where the teacher gives 0 is +inf: the CPU backends say so with an
-                // Err (tests/contract.rs), device backends with a +inf loss.
+                // Err (tests/suite/contract.rs), device backends with a +inf loss.
                 Err(e) if want.loss == f64::INFINITY && e.contains("reverse KL teacher") => {
                     return Ok(())
                 }
-                // wgpu's stated limit for given teachers (tests/contract.rs checks the message).
+                // wgpu's stated limit for given teachers (tests/suite/contract.rs checks the message).
                 Err(e)
                     if teacher != TeacherInput::Logits
                         && r.temperature

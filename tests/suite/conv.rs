@@ -1,7 +1,7 @@
 //! Convolution and pooling ops against the f64 CPU reference on random shapes, on every backend;
 //! col2im checked as the exact adjoint of im2col, pooling backward by finite differences.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, to_f64, Lcg};
 use distillation::ops::conv::{self, ConvSpec, PoolSpec};

@@ -1,7 +1,7 @@
 //! The relation-based primitives against the f64 CPU reference on random inputs, on every backend,
 //! and their references' gradients against finite differences.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::ops::relational as rel;

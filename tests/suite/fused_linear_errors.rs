@@ -1,7 +1,7 @@
 //! `FusedLinearKd` refuses bad input on every backend with an error that names the problem:
 //! shapes, missing or unused inputs, labels, the spec's values, aliased outputs.
 
-mod common;
+use crate::common;
 
 use distillation::{
     Backend, Divergence, Error, FusedGrads, FusedLinearKd, Linear, Reduction, Teacher,

@@ -5,7 +5,7 @@
 //! unsharded f64 reference of the same loss, on the reference backend, the fast CPU backend and
 //! wgpu (`sharded.wgsl`; required with `DISTILLATION_REQUIRE=wgpu`).
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::ops::sharded::{JSD_TERMS, MAXIMA, STATS};

@@ -1,7 +1,7 @@
 //! Bad input through the public API comes back as an `Err` that says what is wrong, on every
 //! backend; never a panic, never a silently wrong number.
 
-mod common;
+use crate::common;
 
 use distillation::loss::SoftTargetLoss;
 use distillation::{

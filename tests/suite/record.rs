@@ -1,7 +1,7 @@
 //! The record-into-encoder API on the caller's own wgpu buffers: nothing is submitted or read back
 //! until the caller does it, and the gradient can overwrite the student logits.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, to_f64, Lcg};
 use distillation::backend::wgpu::{WgpuBuffer, WgpuLabels};

@@ -5,7 +5,7 @@
 //! support; uniform: the uniform fill), the same bits for any thread count, and the errors of bad
 //! input. Outputs are poisoned with NaN.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::half::{bf16, f16};
