@@ -17,6 +17,9 @@ setup(
             binding=Binding.NoBinding,
             # The crate's default features: CUDA through NVRTC and the driver, both loaded at
             # run time, so the library loads on machines without CUDA too.
+            # Extra cargo features, comma-separated, from DISTILLATION_CARGO_FEATURES (.ci/run
+            # builds with the features its `cargo test` used, so the build reuses that one).
+            features=[f for f in os.environ.get("DISTILLATION_CARGO_FEATURES", "").split(",") if f],
             py_limited_api=False,
             debug=False,
         )

@@ -60,8 +60,20 @@ fn build_cdylib(dir: &Path) {
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
+    // The features this test was built with, so that the library is the one `cargo test` already
+    // built (a no-op) and the rlib the doctests link is not replaced by another feature set's.
     if !cfg!(feature = "cuda") {
         cmd.arg("--no-default-features");
+    }
+    let features: Vec<&str> = [
+        ("candle", cfg!(feature = "candle")),
+        ("burn", cfg!(feature = "burn")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
     }
     let status = cmd.status().expect("run cargo build --lib");
     assert!(status.success(), "cargo build --lib failed");
