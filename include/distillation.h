@@ -16,9 +16,11 @@
  dtype argument after each student, teacher and gradient pointer of the row losses, with
  [`DST_F32`], [`DST_BF16`], [`DST_F16`]; 7: the vocab-sharded losses `dst_*_sharded_*` and
  `DstShardedSpec`, the sparse top-k teacher entry points `dst_*_sparse_kd`; 8: the fused linear
- layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`).
+ layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`; 9:
+ `DstShardedSpec::teacher_input`, the sharded losses' teacher as probabilities or
+ log-probabilities).
  */
-#define DST_ABI_VERSION 8
+#define DST_ABI_VERSION 9
 
 /*
  The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
@@ -154,8 +156,11 @@ typedef struct dst_cuda dst_cuda;
  One shard of a vocab-sharded loss: the columns `offset..offset + width` of `[n, c]` logits
  (stored `[n, width]`), the loss (`DST_SHARDED_*`), `divergence` (0 forward KL, 1 reverse KL,
  2 JSD with `beta`; for `DST_SHARDED_DIVERGENCE`), `alpha` (Hinton), `temperature`,
- `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none) and `grad_scale`.
- Every shard of one loss passes the same values except `offset` and `width`.
+ `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none), `grad_scale` and
+ `teacher_input` (ABI 9: 0 logits, 1 probabilities, 2 log-probabilities; the temperature then
+ applies to the student only, reverse KL with a probability of exactly 0 is `DST_ERR_INPUT`,
+ and there is no teacher gradient). Every shard of one loss passes the same values except
+ `offset` and `width`.
  */
 typedef struct DstShardedSpec {
   size_t n;
@@ -171,6 +176,7 @@ typedef struct DstShardedSpec {
   int32_t ignore_index;
   int32_t reduction;
   float grad_scale;
+  int32_t teacher_input;
 } DstShardedSpec;
 
 /*

@@ -26,7 +26,7 @@ use crate::loss::LossAndGrad;
 use crate::ops::sharded::{
     self, check_call, reference, Phase, Shard, ShardedLoss, ShardedSpec, JSD_TERMS, STATS,
 };
-use crate::ops::{check_finite, Divergence, Reduction, IGNORE_INDEX};
+use crate::ops::{check_finite, Divergence, Reduction, TeacherInput, IGNORE_INDEX};
 
 /// Phase 2's outputs: `grad_student` `[rows, width]`, `grad_teacher` `[rows, width]` where asked
 /// for, `row_loss` `[rows]` (each row's part) where asked for.
@@ -85,6 +85,14 @@ pub(crate) fn check_out(spec: &ShardedSpec, teacher: bool, out: &ShardedOut<'_>)
                 "a teacher gradient was asked of a loss without a teacher (cross-entropy)".into(),
             ));
         }
+        if spec.given_teacher() {
+            return Err(crate::Error::Unsupported(
+                "the teacher's gradient needs the teacher as logits (TeacherInput::Logits); a \
+                 teacher given as probabilities or log-probabilities has none here: ask for no \
+                 teacher gradient"
+                    .into(),
+            ));
+        }
         sh.check("grad_teacher", g.len(), sh.width)?;
     }
     if let Some(r) = out.row_loss.as_deref() {
@@ -122,6 +130,9 @@ impl ShardedBackend for CpuBackend {
             None,
         )?;
         spec.shard.check("stats", stats.len(), STATS)?;
+        if let Some(t) = teacher {
+            spec.check_reverse_kl_support(t, labels)?;
+        }
         let t = teacher.map(wide);
         store(
             stats,
@@ -174,6 +185,9 @@ impl ShardedBackend for CpuBackend {
             jsd.map(<[f32]>::len),
         )?;
         check_out(spec, teacher.is_some(), &out)?;
+        if let Some(t) = teacher {
+            spec.check_reverse_kl_support(t, labels)?;
+        }
         let t = teacher.map(wide);
         let j = jsd.map(wide);
         let r = reference::loss_and_grad(
@@ -202,14 +216,20 @@ impl ShardedBackend for CpuBackend {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ShardedKdLoss {
     pub loss: ShardedLoss,
+    /// How the teacher is given: logits (the default), probabilities or log-probabilities
+    /// (the temperature then applies to the student only; section 2).
+    pub teacher: TeacherInput,
     pub temperature: f32,
     /// Label smoothing of the cross-entropy term, in [0, 1).
     pub label_smoothing: f32,
     pub ignore_index: i32,
     pub reduction: Reduction,
-    /// Also return the teacher's gradient (online distillation).
+    /// Also return the teacher's gradient (online distillation; teacher logits only).
     pub teacher_grad: bool,
-    /// Check the inputs first (logits finite) and return an error naming the first bad one.
+    /// Check the inputs first and return an error naming the first bad one: logits finite; a
+    /// given teacher's values (probabilities finite and `>= 0`, log-probabilities not NaN nor
+    /// above 0) in every phase and, in phase 2, each row's sum over every shard 1 within `1e-3`
+    /// (from the combined stats).
     pub check_inputs: bool,
 }
 
@@ -218,6 +238,7 @@ impl ShardedKdLoss {
     pub fn new(loss: ShardedLoss, temperature: f32) -> Self {
         ShardedKdLoss {
             loss,
+            teacher: TeacherInput::Logits,
             temperature,
             label_smoothing: 0.0,
             ignore_index: IGNORE_INDEX,
@@ -245,6 +266,7 @@ impl ShardedKdLoss {
     /// The spec for one shard.
     pub fn spec(&self, shard: Shard) -> ShardedSpec {
         ShardedSpec {
+            teacher: self.teacher,
             label_smoothing: self.label_smoothing,
             reduction: self.reduction,
             ignore_index: self.ignore_index,
@@ -252,12 +274,28 @@ impl ShardedKdLoss {
         }
     }
 
-    fn check_inputs(&self, student: &[f32], teacher: Option<&[f32]>) -> Result<()> {
-        if self.check_inputs {
-            check_finite("student", student)?;
-            if let Some(t) = teacher {
-                check_finite("teacher", t)?;
+    /// The opt-in value checks, and (always, as the unsharded host API) reverse KL's check that
+    /// a given teacher has no probability of exactly 0.
+    fn check_inputs(
+        &self,
+        spec: &ShardedSpec,
+        student: &[f32],
+        teacher: Option<&[f32]>,
+        labels: Option<&[i32]>,
+    ) -> Result<()> {
+        let Some(t) = teacher.filter(|_| self.loss.needs_teacher()) else {
+            return if self.check_inputs {
+                check_finite("student", student)
+            } else {
+                Ok(())
+            };
+        };
+        if t.len() == student.len() && labels.is_none_or(|l| l.len() == spec.shard.rows) {
+            if self.check_inputs {
+                check_finite("student", student)?;
+                spec.check_teacher_values(t, labels)?;
             }
+            spec.check_reverse_kl_support(t, labels)?;
         }
         Ok(())
     }
@@ -273,7 +311,7 @@ impl ShardedKdLoss {
         labels: Option<&[i32]>,
     ) -> Result<Vec<f32>> {
         let spec = self.spec(shard);
-        self.check_inputs(student, teacher)?;
+        self.check_inputs(&spec, student, teacher, labels)?;
         let mut out = vec![f32::NAN; shard.rows * STATS];
         backend.sharded_stats(&spec, student, teacher, labels, &mut out)?;
         Ok(out)
@@ -302,7 +340,7 @@ impl ShardedKdLoss {
         global: &[f32],
     ) -> Result<Vec<f32>> {
         let spec = self.spec(shard);
-        self.check_inputs(student, Some(teacher))?;
+        self.check_inputs(&spec, student, Some(teacher), labels)?;
         let mut out = vec![f32::NAN; shard.rows * JSD_TERMS];
         backend.sharded_jsd_terms(&spec, student, teacher, labels, global, &mut out)?;
         Ok(out)
@@ -322,7 +360,10 @@ impl ShardedKdLoss {
         jsd: Option<&[f32]>,
     ) -> Result<LossAndGrad<f32, f32>> {
         let spec = self.spec(shard);
-        self.check_inputs(student, teacher)?;
+        self.check_inputs(&spec, student, teacher, labels)?;
+        if self.check_inputs && global.len() == shard.rows * STATS {
+            spec.check_teacher_sums(global, labels)?;
+        }
         let mut grad_student = vec![f32::NAN; shard.len()];
         let mut grad_teacher =
             (self.teacher_grad && teacher.is_some() && self.loss.needs_teacher())

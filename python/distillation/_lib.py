@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)

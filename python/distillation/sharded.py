@@ -13,6 +13,11 @@ or step by step: ``stats`` (phase 1), ``all_reduce_stats`` (all-reduce MAX of th
 ``rescale_stats``, all-reduce SUM of the sums plane), ``jsd_terms`` + ``all_reduce(SUM)`` for
 JSD, then ``loss_and_grad`` (phase 2: this shard's part of the loss and its gradient columns).
 In one process, ``combine_stats`` combines a list of shards' stats.
+
+The teacher may be given as logits (the default), probabilities or log-probabilities
+(``teacher_input="logits" | "probs" | "logprobs"``, as ``SoftTargetLoss``): the temperature then
+applies to the student only, a row's probabilities sum to 1 over every shard, and the teacher
+gets no gradient.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ STATS = MAXIMA + SUMS
 LOSSES = {"divergence": 0, "cross_entropy": 1, "hinton": 2}
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1, "none": 2}
+TEACHER_INPUTS = {"logits": 0, "probs": 1, "logprobs": 2}
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)
@@ -44,6 +50,7 @@ class _Spec(ctypes.Structure):
         ("beta", ctypes.c_float), ("alpha", ctypes.c_float), ("temperature", ctypes.c_float),
         ("label_smoothing", ctypes.c_float), ("ignore_index", ctypes.c_int32),
         ("reduction", ctypes.c_int32), ("grad_scale", ctypes.c_float),
+        ("teacher_input", ctypes.c_int32),
     ]
 
 
@@ -109,14 +116,17 @@ def _choice(value: str, table: dict, name: str) -> int:
 class Config:
     """One sharded loss: ``loss`` ("hinton", "divergence" or "cross_entropy"), ``divergence``
     and ``beta`` (for "divergence"), ``alpha`` (Hinton), ``temperature``, ``label_smoothing``,
-    ``ignore_index``, ``reduction`` ("batchmean", "sum" or "none": the sum's gradient)."""
+    ``ignore_index``, ``reduction`` ("batchmean", "sum" or "none": the sum's gradient),
+    ``teacher_input`` ("logits", "probs" or "logprobs")."""
 
     def __init__(self, loss: str = "hinton", *, temperature: float = 1.0, alpha: float = 0.5,
                  divergence: str = "forward_kl", beta: float = 0.5, label_smoothing: float = 0.0,
-                 ignore_index: int = -100, reduction: str = "batchmean"):
+                 ignore_index: int = -100, reduction: str = "batchmean",
+                 teacher_input: str = "logits"):
         self.loss = _choice(loss, LOSSES, "loss")
         self.divergence = _choice(divergence, DIVERGENCES, "divergence")
         self.reduction = _choice(reduction, REDUCTIONS, "reduction")
+        self.teacher_input = _choice(teacher_input, TEACHER_INPUTS, "teacher_input")
         self.temperature = float(temperature)
         self.alpha, self.beta = float(alpha), float(beta)
         self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
@@ -128,7 +138,7 @@ class Config:
     def spec(self, n: int, classes: int, offset: int, width: int, grad_scale: float = 1.0):
         return _Spec(n, classes, offset, width, self.loss, self.divergence, self.beta, self.alpha,
                      self.temperature, self.label_smoothing, self.ignore_index, self.reduction,
-                     grad_scale)
+                     grad_scale, self.teacher_input)
 
 
 def stats(cfg: Config, student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
@@ -258,12 +268,16 @@ def sharded_kd_loss(student: Tensor, teacher: Optional[Tensor], labels: Optional
                     classes: int, offset: int, loss: str = "hinton", temperature: float = 1.0,
                     alpha: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
                     label_smoothing: float = 0.0, ignore_index: int = -100,
-                    reduction: str = "batchmean", group=None) -> Tensor:
+                    reduction: str = "batchmean", teacher_input: str = "logits",
+                    group=None) -> Tensor:
     """The whole loss on every rank (the shards' parts all-reduced), differentiable: the
     backward gives ``student`` (and ``teacher`` when it requires grad) this shard's columns of
     the unsharded gradient. With torch.distributed not initialised, one shard holding every
-    column (``offset`` 0, ``width`` ``classes``) is the unsharded loss."""
+    column (``offset`` 0, ``width`` ``classes``) is the unsharded loss. ``teacher_input``:
+    "logits", "probs" or "logprobs" (a given teacher gets no gradient)."""
     cfg = Config(loss, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                 label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
-    want_t = teacher is not None and teacher.requires_grad and cfg.loss != 1
+                 label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
+                 teacher_input=teacher_input)
+    want_t = (teacher is not None and teacher.requires_grad and cfg.loss != 1
+              and cfg.teacher_input == 0)
     return _ShardedLoss.apply(student, teacher, labels, cfg, classes, offset, group, want_t)

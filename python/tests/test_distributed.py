@@ -86,7 +86,20 @@ VOCAB_CASES = [
     dict(loss="cross_entropy", label_smoothing=0.2),
     dict(loss="divergence", divergence="reverse_kl", temperature=3.0),
     dict(loss="divergence", divergence="jsd", beta=0.3, temperature=1.5),
+    # the teacher given as probabilities / log-probabilities (T on the student only)
+    dict(loss="hinton", temperature=2.0, alpha=0.3, teacher_input="probs"),
+    dict(loss="divergence", divergence="jsd", beta=0.3, temperature=1.5, teacher_input="logprobs"),
+    dict(loss="divergence", divergence="reverse_kl", temperature=3.0, teacher_input="probs"),
 ]
+
+
+def given(t, form):
+    """The teacher as the case gives it: logits, or softmax / log_softmax of the logits (f32)."""
+    if form == "probs":
+        return torch.softmax(t, -1)
+    if form == "logprobs":
+        return torch.log_softmax(t, -1)
+    return t
 
 
 def vocab_worker(rank, world, port, out):
@@ -100,8 +113,10 @@ def vocab_worker(rank, world, port, out):
     offset = 0 if rank == 0 else SPLIT
     results = []
     for case in VOCAB_CASES:
+        form = case.get("teacher_input", "logits")
         s_shard = s[:, cols].clone().requires_grad_(True)
-        t_shard = t[:, cols].clone().requires_grad_(case["loss"] != "cross_entropy")
+        t_shard = given(t, form)[:, cols].clone()
+        t_shard.requires_grad_(case["loss"] != "cross_entropy" and form == "logits")
         teacher = t_shard if case["loss"] != "cross_entropy" else None
         labels = y if case["loss"] != "divergence" else None
         loss = sh.sharded_kd_loss(s_shard, teacher, labels, classes=VOCAB, offset=offset, **case)
@@ -115,20 +130,24 @@ def unsharded(case, s, t, y):
     """The same loss in float64 with PyTorch's own functions, and its gradients."""
     import torch.nn.functional as F
 
+    form = case.get("teacher_input", "logits")
     s = s.double().requires_grad_(True)
     t = t.double().requires_grad_(True)
     T = case.get("temperature", 1.0)
     valid = (y != -100).sum()
+    # the teacher's log q: log_softmax(t / T) of logits, the given values' logs otherwise
+    lq_of = {"logits": lambda: F.log_softmax(t / T, -1), "probs": lambda: torch.log(t),
+             "logprobs": lambda: t}[form]
     if case["loss"] == "cross_entropy":
         loss = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case["label_smoothing"])
     elif case["loss"] == "hinton":
         ce = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case["label_smoothing"])
         mask = (y != -100).double()[:, None]
-        kl = (F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+        kl = (F.kl_div(F.log_softmax(s / T, -1), lq_of(), log_target=True,
                        reduction="none") * mask).sum() / valid
         loss = case["alpha"] * ce + (1 - case["alpha"]) * T * T * kl
     else:
-        lp, lq = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        lp, lq = F.log_softmax(s / T, -1), lq_of()
         if case["divergence"] == "reverse_kl":
             d = (lp.exp() * (lp - lq)).sum(-1)
         else:
@@ -147,13 +166,14 @@ def test_vocab_parallel_two_processes_match_unsharded(tmp_path):
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     s, t, y = vocab_data()
     for case, a, b in zip(VOCAB_CASES, r0, r1):
-        want_loss, want_gs, want_gt = unsharded(case, s, t, y)
+        form = case.get("teacher_input", "logits")
+        want_loss, want_gs, want_gt = unsharded(case, s, given(t, form), y)
         # every rank has the whole loss
         for got in (a[0], b[0]):
             assert abs(float(got) - float(want_loss)) <= 1e-5 * abs(float(want_loss)) + 1e-6, case
         gs = torch.cat([a[1], b[1]], dim=1).double()
         assert torch.allclose(gs, want_gs, atol=2e-6, rtol=1e-4), (case, (gs - want_gs).abs().max())
-        if case["loss"] != "cross_entropy":
+        if case["loss"] != "cross_entropy" and form == "logits":
             gt = torch.cat([a[2], b[2]], dim=1).double()
             assert torch.allclose(gt, want_gt, atol=2e-6, rtol=1e-4), (case, (gt - want_gt).abs().max())
 
@@ -175,6 +195,55 @@ def test_sharded_in_one_process_matches_the_unsharded_ops():
     want.backward()
     assert abs(loss - float(want.detach())) <= 1e-5 * abs(float(want.detach()))
     assert torch.allclose(grad, ss.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sharded_given_teacher_in_one_process():
+    """Three shards in one process, the teacher as probabilities and log-probabilities, every
+    teacher loss against the same float64 loss with PyTorch's functions."""
+    import distillation.sharded as sh
+
+    s, t, y = vocab_data()
+    bounds = [(0, 1), (1, 6), (6, VOCAB)]
+    cases = [dict(loss="divergence", divergence=d, temperature=2.5, beta=0.4)
+             for d in ("forward_kl", "reverse_kl", "jsd")]
+    cases.append(dict(loss="hinton", temperature=2.5, alpha=0.3, label_smoothing=0.1))
+    for form in ("probs", "logprobs"):
+        tg = given(t, form)
+        for case in cases:
+            case = dict(case, teacher_input=form)
+            cfg = sh.Config(**case)
+            labels = y if case["loss"] == "hinton" else None
+            parts = [(s[:, a:b].contiguous(), tg[:, a:b].contiguous(), a) for a, b in bounds]
+            st = sh.combine_stats([sh.stats(cfg, ps, pt, labels, VOCAB, o) for ps, pt, o in parts],
+                                  cfg.temperature)
+            jsd = None
+            if cfg.is_jsd:
+                jsd = sum(sh.jsd_terms(cfg, ps, pt, labels, st, VOCAB, o) for ps, pt, o in parts)
+            outs = [sh.loss_and_grad(cfg, ps, pt, labels, st, VOCAB, o, jsd) for ps, pt, o in parts]
+            loss = sum(float(o[0]) for o in outs)
+            grad = torch.cat([o[2] for o in outs], dim=1).double()
+            want_loss, want_gs, _ = unsharded(case, s, tg, y if labels is not None else
+                                               torch.zeros(ROWS, dtype=torch.long))
+            assert abs(loss - float(want_loss)) <= 1e-5 * abs(float(want_loss)) + 1e-6, case
+            assert torch.allclose(grad, want_gs, atol=2e-6, rtol=1e-4), (case, (grad - want_gs).abs().max())
+
+
+def test_sharded_given_teacher_errors():
+    import distillation.sharded as sh
+    import pytest
+
+    s, t, y = vocab_data()
+    q = torch.softmax(t, -1)
+    q[0, 2] = 0.0  # an exact zero: reverse KL is +inf there
+    cfg = sh.Config("divergence", divergence="reverse_kl", temperature=2.0, teacher_input="probs")
+    with pytest.raises(dl.DistillationError, match="probability 0"):
+        sh.stats(cfg, s[:, :5].contiguous(), q[:, :5].contiguous(), None, VOCAB, 0)
+    fwd = sh.Config("divergence", temperature=2.0, teacher_input="probs")
+    st = sh.stats(fwd, s.contiguous(), q.contiguous(), None, VOCAB, 0)
+    with pytest.raises(dl.DistillationError, match="teacher as logits"):
+        sh.loss_and_grad(fwd, s.contiguous(), q.contiguous(), None, st, VOCAB, 0, teacher_grad=True)
+    with pytest.raises(ValueError, match="teacher_input"):
+        sh.Config("hinton", teacher_input="probabilities")
 
 
 def test_sharded_bad_input_is_a_python_error():

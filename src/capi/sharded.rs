@@ -6,7 +6,7 @@
 
 use std::ffi::c_void;
 
-use super::args::{check_no_alias, divergence, non_null, reduction, Span};
+use super::args::{check_no_alias, divergence, non_null, reduction, teacher_input, Span};
 use super::status::{ffi, Fail, FfiResult, DST_ERR_INVALID_ARGUMENT};
 use crate::ops::sharded::{
     combine_shard_stats_f32, rescale_stats_f32, Shard, ShardedLoss, ShardedSpec, JSD_TERMS, MAXIMA,
@@ -25,8 +25,11 @@ pub const DST_SHARDED_HINTON: i32 = 2;
 /// One shard of a vocab-sharded loss: the columns `offset..offset + width` of `[n, c]` logits
 /// (stored `[n, width]`), the loss (`DST_SHARDED_*`), `divergence` (0 forward KL, 1 reverse KL,
 /// 2 JSD with `beta`; for `DST_SHARDED_DIVERGENCE`), `alpha` (Hinton), `temperature`,
-/// `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none) and `grad_scale`.
-/// Every shard of one loss passes the same values except `offset` and `width`.
+/// `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none), `grad_scale` and
+/// `teacher_input` (ABI 9: 0 logits, 1 probabilities, 2 log-probabilities; the temperature then
+/// applies to the student only, reverse KL with a probability of exactly 0 is `DST_ERR_INPUT`,
+/// and there is no teacher gradient). Every shard of one loss passes the same values except
+/// `offset` and `width`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DstShardedSpec {
@@ -43,6 +46,7 @@ pub struct DstShardedSpec {
     pub ignore_index: i32,
     pub reduction: i32,
     pub grad_scale: f32,
+    pub teacher_input: i32,
 }
 
 impl DstShardedSpec {
@@ -64,6 +68,7 @@ impl DstShardedSpec {
             }
         };
         let spec = ShardedSpec {
+            teacher: teacher_input(self.teacher_input)?,
             label_smoothing: self.label_smoothing,
             reduction: reduction(self.reduction)?,
             ignore_index: self.ignore_index,

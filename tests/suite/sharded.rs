@@ -3,7 +3,9 @@
 //! this process (the in-process combine, or the distributed recipe: MAX of the maxima, rescale,
 //! SUM of the sums), then each shard's loss part and gradient columns, compared with the
 //! unsharded f64 reference of the same loss, on the reference backend, the fast CPU backend and
-//! wgpu (`sharded.wgsl`; required with `DISTILLATION_REQUIRE=wgpu`).
+//! wgpu (`sharded.wgsl`; required with `DISTILLATION_REQUIRE=wgpu`). The teacher as logits,
+//! probabilities or log-probabilities (exact zeros included); `sharded.cu` compiles with NVRTC
+//! (required with `DISTILLATION_REQUIRE=nvrtc`; `tools/cuda-emu` `EMU_SHARDED` runs it).
 
 use crate::common;
 
@@ -12,7 +14,8 @@ use distillation::ops::sharded::{JSD_TERMS, MAXIMA, STATS};
 use distillation::ops::{cross_entropy, divergence, hinton, RowLossResult};
 use distillation::{
     CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, Error, FastCpuBackend, HintonSpec,
-    Reduction, RowShape, Shard, ShardedBackend, ShardedKdLoss, ShardedLoss, IGNORE_INDEX,
+    Reduction, RowShape, Shard, ShardedBackend, ShardedKdLoss, ShardedLoss, TeacherInput,
+    IGNORE_INDEX,
 };
 use proptest::prelude::*;
 
@@ -137,17 +140,18 @@ fn unsharded(
     labels: Option<&[i32]>,
 ) -> RowLossResult {
     let shape = RowShape::new(n, c);
-    let (s, t) = (to_f64(s), t.map(to_f64));
+    let (s64, t64) = (to_f64(s), t.map(to_f64));
     match kd.loss {
         ShardedLoss::Divergence(d) => divergence::reference::divergence(
             &DivergenceSpec {
                 divergence: d,
+                teacher: kd.teacher,
                 reduction: kd.reduction,
                 ignore_index: kd.ignore_index,
                 ..DivergenceSpec::new(shape, kd.temperature)
             },
-            &s,
-            t.as_deref().unwrap(),
+            &s64,
+            t64.as_deref().unwrap(),
             labels,
         ),
         ShardedLoss::CrossEntropy => cross_entropy::reference::cross_entropy(
@@ -157,9 +161,44 @@ fn unsharded(
                 ignore_index: kd.ignore_index,
                 ..CrossEntropySpec::new(shape)
             },
-            &s,
+            &s64,
             labels.unwrap(),
         ),
+        ShardedLoss::Hinton { alpha } if kd.teacher != TeacherInput::Logits => {
+            // alpha CE + (1 - alpha) T^2 KL(q || p) with the given q: the unsharded pieces
+            let kl = unsharded(
+                &ShardedKdLoss {
+                    loss: ShardedLoss::Divergence(Divergence::ForwardKl),
+                    ..*kd
+                },
+                n,
+                c,
+                s,
+                t,
+                labels,
+            );
+            let ce = unsharded(
+                &ShardedKdLoss {
+                    loss: ShardedLoss::CrossEntropy,
+                    ..*kd
+                },
+                n,
+                c,
+                s,
+                None,
+                labels,
+            );
+            let (a, b) = (alpha as f64, 1.0 - alpha as f64);
+            let mix = |x: &[f64], y: &[f64]| -> Vec<f64> {
+                x.iter().zip(y).map(|(x, y)| a * x + b * y).collect()
+            };
+            RowLossResult {
+                loss: a * ce.loss + b * kl.loss,
+                row_loss: mix(&ce.row_loss, &kl.row_loss),
+                grad_student: mix(&ce.grad_student, &kl.grad_student),
+                ..Default::default()
+            }
+        }
         ShardedLoss::Hinton { alpha } => hinton::reference::hinton(
             &HintonSpec {
                 label_smoothing: kd.label_smoothing,
@@ -167,8 +206,8 @@ fn unsharded(
                 ignore_index: kd.ignore_index,
                 ..HintonSpec::new(shape, kd.temperature, alpha)
             },
-            &s,
-            t.as_deref().unwrap(),
+            &s64,
+            t64.as_deref().unwrap(),
             labels.unwrap(),
         ),
     }
@@ -593,6 +632,347 @@ proptest! {
         let reduction = [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize];
         let near = if seed % 4 == 0 { 1e-3 } else { 0.0 };
         check_case(n, c, &widths, temp, scale, masked, reduction, seed, near)
+            .map_err(TestCaseError::fail)?;
+    }
+}
+
+// ---- the teacher given as probabilities or log-probabilities ----
+
+/// A teacher given as `form` from logits `t` (`[n, c]`): `log_softmax(t)` per row in f64, rounded
+/// to f32 (probabilities `exp` of it, which underflow to 0 at extreme logits); `zeros` gives every
+/// element `j % 5 == 2` probability 0 exactly (`-inf` as a log-probability), the rest renormalised.
+fn given_teacher(t: &[f32], c: usize, form: TeacherInput, zeros: bool) -> Vec<f32> {
+    t.chunks_exact(c)
+        .flat_map(|row| {
+            let x: Vec<f64> = row
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| {
+                    if zeros && j % 5 == 2 {
+                        f64::NEG_INFINITY
+                    } else {
+                        v as f64
+                    }
+                })
+                .collect();
+            let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            x.into_iter()
+                .map(move |v| match form {
+                    TeacherInput::Probs => (v - lse).exp() as f32,
+                    _ => (v - lse) as f32,
+                })
+                .collect::<Vec<f32>>()
+        })
+        .collect()
+}
+
+/// Whether an unmasked row of a given teacher holds a probability of exactly 0.
+fn has_zero(t: &[f32], c: usize, labels: &[i32], form: TeacherInput) -> bool {
+    t.chunks_exact(c).zip(labels).any(|(row, &l)| {
+        l != IGNORE_INDEX
+            && row.iter().any(|&v| match form {
+                TeacherInput::Probs => v == 0.0,
+                _ => v == f32::NEG_INFINITY,
+            })
+    })
+}
+
+/// The floors of a given teacher: `floors` plus the student's normaliser met absolutely
+/// (`docs/LOSSES.md` section 9: `~1e-7 T^2 (1 + log C)` a row, `~1e-7 k T (1 + log C)` a
+/// gradient row), 10 times that.
+fn given_floors(
+    want: &RowLossResult,
+    temp: f32,
+    logits: f32,
+    reduction: Reduction,
+    c: usize,
+) -> (f64, f64) {
+    let (row, grad) = floors(want, temp, logits, reduction);
+    let (t, lc) = (temp as f64, 1.0 + (c as f64).ln());
+    let valid = want.row_loss.iter().filter(|v| **v != 0.0).count().max(1);
+    let k = if reduction == Reduction::BatchMean {
+        1.0 / valid as f64
+    } else {
+        1.0
+    };
+    (row + 1e-6 * t * t * lc, grad + 1e-6 * k * t * lc)
+}
+
+/// One given-teacher case: forward KL, reverse KL, JSD and Hinton on the reference, the fast CPU
+/// backend (1 and 3 threads) and wgpu (refused above T = 30), both combines. Reverse KL with a
+/// zero probability in an unmasked row must be an error naming it, on every backend.
+#[allow(clippy::too_many_arguments)]
+fn check_given_case(
+    n: usize,
+    c: usize,
+    widths: &[usize],
+    temp: f32,
+    scale: f32,
+    masked: bool,
+    reduction: Reduction,
+    seed: u64,
+    form: TeacherInput,
+    zeros: bool,
+) -> Result<(), String> {
+    let mut g = Lcg(seed);
+    let s = g.vec(n * c, scale);
+    let t = given_teacher(&g.vec(n * c, scale), c, form, zeros);
+    let labels: Vec<i32> = (0..n)
+        .map(|r| {
+            if masked && r % 3 == 1 {
+                IGNORE_INDEX
+            } else {
+                ((r * 7 + seed as usize) % c) as i32
+            }
+        })
+        .collect();
+    let zero = has_zero(&t, c, &labels, form);
+    let mut kds = losses(0.3, 0.4, 0.1, temp);
+    kds.retain(|kd| kd.loss.needs_teacher());
+    for kd in kds {
+        let kd = ShardedKdLoss {
+            reduction,
+            teacher: form,
+            teacher_grad: false,
+            ..kd
+        };
+        let what = format!("{:?} {form:?} T={temp} widths={widths:?}", kd.loss);
+        let t = Some(t.as_slice());
+        let cpu = CpuBackend::new();
+        let backends: Vec<(&str, &dyn ShardedDyn)> = {
+            let mut v: Vec<(&str, &dyn ShardedDyn)> = vec![
+                ("reference", &cpu as &dyn ShardedDyn),
+                ("fast", common::cpu_fast().unwrap()),
+            ];
+            if let Some(w) = common::wgpu() {
+                v.push(("wgpu", w));
+            }
+            v
+        };
+        if zero && kd.loss == ShardedLoss::Divergence(Divergence::ReverseKl) {
+            for (name, b) in backends {
+                let e = match b.run(&kd, n, c, widths, &s, t, Some(&labels)) {
+                    Ok(_) => return Err(format!("{name} {what}: a zero probability was accepted")),
+                    Err(e) => e,
+                };
+                if !e.to_string().contains("probability 0") {
+                    return Err(format!("{name} {what}: {e}"));
+                }
+            }
+            continue;
+        }
+        let want = unsharded(&kd, n, c, &s, t, Some(&labels));
+        let (atol_row, atol_grad) = given_floors(&want, temp, scale, reduction, c);
+        let r = run(
+            &CpuBackend::new(),
+            &kd,
+            n,
+            c,
+            widths,
+            &s,
+            t,
+            Some(&labels),
+            false,
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        compare(
+            &format!("reference {what}"),
+            &r,
+            &want,
+            1e-5,
+            atol_row,
+            atol_grad,
+        )?;
+        for threads in [1, 3] {
+            let fast = FastCpuBackend::new().with_threads(threads);
+            let r = run(&fast, &kd, n, c, widths, &s, t, Some(&labels), threads == 3)
+                .map_err(|e| format!("{what}: {e}"))?;
+            compare(
+                &format!("fast {what}"),
+                &r,
+                &want,
+                1e-4,
+                10.0 * atol_row,
+                10.0 * atol_grad,
+            )?;
+        }
+        if let Some(w) = common::wgpu() {
+            let r = run(w, &kd, n, c, widths, &s, t, Some(&labels), true);
+            if temp > 30.0 {
+                match r {
+                    Err(Error::Unsupported(m)) if m.contains("T = 30") => {}
+                    other => return Err(format!("wgpu {what}: not refused: {:?}", other.err())),
+                }
+            } else {
+                let r = r.map_err(|e| format!("wgpu {what}: {e}"))?;
+                let (row, grad) = (30.0 * atol_row, 30.0 * atol_grad);
+                compare(&format!("wgpu {what}"), &r, &want, 1e-4, row, grad)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn teacher_probabilities_and_log_probabilities_equal_the_unsharded_losses() {
+    let mut g = Lcg(23);
+    for form in [TeacherInput::Probs, TeacherInput::LogProbs] {
+        for (n, c) in [(5, 40), (3, 9), (1, 7), (4, 1000)] {
+            for k in [2, 3, 7] {
+                let widths = split(c, k, &mut g);
+                let temp = if k == 3 { 4.0 } else { 1.0 };
+                let zeros = k != 2;
+                check_given_case(
+                    n,
+                    c,
+                    &widths,
+                    temp,
+                    4.0,
+                    true,
+                    Reduction::BatchMean,
+                    31 + k as u64,
+                    form,
+                    zeros,
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn given_teachers_at_tiny_and_huge_temperatures_and_extreme_logits() {
+    let mut g = Lcg(29);
+    for form in [TeacherInput::Probs, TeacherInput::LogProbs] {
+        for (temp, scale) in [(0.05, 3.0), (100.0, 3.0), (1000.0, 0.5), (2.0, 300.0)] {
+            let widths = split(60, 3, &mut g);
+            check_given_case(
+                3,
+                60,
+                &widths,
+                temp,
+                scale,
+                true,
+                Reduction::Sum,
+                3,
+                form,
+                false,
+            )
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn given_teacher_errors_say_what_is_wrong() {
+    let b = CpuBackend::new();
+    let (n, c) = (2, 6);
+    let sh = Shard::new(n, c, 2, 3);
+    let s = vec![0.5f32; n * 3];
+    let labels = [1, 4];
+    // the teacher's gradient needs logits
+    let kd = ShardedKdLoss {
+        teacher: TeacherInput::Probs,
+        teacher_grad: true,
+        ..ShardedKdLoss::hinton(2.0, 0.5)
+    };
+    let q = vec![1.0f32 / 6.0; n * 3];
+    let st = kd.stats(&b, sh, &s, Some(&q), Some(&labels)).unwrap();
+    let e = kd
+        .loss_and_grad(&b, sh, &s, Some(&q), Some(&labels), &st, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("needs the teacher as logits"), "{e}");
+    // reverse KL with a zero probability: the row and the global class, on both CPU backends
+    // through the trait too
+    let rkl = ShardedKdLoss {
+        teacher: TeacherInput::LogProbs,
+        ..ShardedKdLoss::divergence(Divergence::ReverseKl, 1.0)
+    };
+    let mut lq = vec![-(6.0f32.ln()); n * 3];
+    lq[4] = f32::NEG_INFINITY; // row 1, local column 1 = class 3
+    let e = rkl.stats(&b, sh, &s, Some(&lq), None).unwrap_err();
+    assert!(
+        matches!(&e, Error::Input { row: 1, problem, .. } if problem.contains("class 3")),
+        "{e}"
+    );
+    let spec = rkl.spec(sh);
+    let mut out = vec![0.0f32; n * distillation::ops::sharded::STATS];
+    for be in [&b as &dyn ShardedBackend, &FastCpuBackend::new()] {
+        assert!(be
+            .sharded_stats(&spec, &s, Some(&lq), None, &mut out)
+            .is_err());
+    }
+    // masked, the row is not checked
+    assert!(rkl
+        .stats(&b, sh, &s, Some(&lq), Some(&[0, IGNORE_INDEX]))
+        .is_ok());
+    // forward KL and JSD are finite there
+    for d in [Divergence::ForwardKl, Divergence::Jsd { beta: 0.5 }] {
+        let kd = ShardedKdLoss {
+            loss: ShardedLoss::Divergence(d),
+            ..rkl
+        };
+        assert!(kd.stats(&b, sh, &s, Some(&lq), None).is_ok());
+    }
+    // check_inputs: values per shard
+    let checked = ShardedKdLoss {
+        teacher: TeacherInput::Probs,
+        check_inputs: true,
+        ..ShardedKdLoss::divergence(Divergence::ForwardKl, 1.0)
+    };
+    let mut bad = q.clone();
+    bad[2] = -0.1;
+    let e = checked.stats(&b, sh, &s, Some(&bad), None).unwrap_err();
+    assert!(
+        matches!(&e, Error::Input { row: 0, problem, .. } if problem.contains("class 4")),
+        "{e}"
+    );
+    let lp_checked = ShardedKdLoss {
+        teacher: TeacherInput::LogProbs,
+        ..checked
+    };
+    let mut bad = lq.clone();
+    bad[0] = 0.5;
+    let e = lp_checked.stats(&b, sh, &s, Some(&bad), None).unwrap_err();
+    assert!(e.to_string().contains("above 0"), "{e}");
+    // check_inputs: each row's sum over every shard, from the combined stats
+    let (left, right) = (Shard::new(n, c, 0, 3), sh);
+    let uniform = vec![1.0f32 / 6.0; n * 3];
+    let sl = checked.stats(&b, left, &s, Some(&uniform), None).unwrap();
+    let sr = checked.stats(&b, right, &s, Some(&uniform), None).unwrap();
+    let global = checked.combine_shard_stats(&[&sl, &sr]).unwrap();
+    assert!(checked
+        .loss_and_grad(&b, right, &s, Some(&uniform), None, &global, None)
+        .is_ok());
+    // the left half's stats only: sums of 1/2
+    let e = checked
+        .loss_and_grad(&b, right, &s, Some(&uniform), None, &sl, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("sum to 0.5"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sharded_equals_unsharded_with_given_teachers(
+        n in 1usize..6,
+        c in 1usize..90,
+        k in prop::sample::select(vec![2usize, 3, 7]),
+        temp in prop::sample::select(vec![0.05f32, 0.5, 1.0, 2.0, 8.0, 30.0]),
+        scale in prop::sample::select(vec![0.1f32, 3.0, 20.0, 300.0]),
+        masked in any::<bool>(),
+        red in 0u8..3,
+        logprobs in any::<bool>(),
+        zeros in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let mut g = Lcg(seed);
+        let widths = split(c, k, &mut g);
+        let reduction = [Reduction::BatchMean, Reduction::Sum, Reduction::None][red as usize];
+        let form = if logprobs { TeacherInput::LogProbs } else { TeacherInput::Probs };
+        check_given_case(n, c, &widths, temp, scale, masked, reduction, seed, form, zeros)
             .map_err(TestCaseError::fail)?;
     }
 }

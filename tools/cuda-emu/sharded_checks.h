@@ -6,7 +6,10 @@
 // src/ops/sharded/mod.rs's rescale_stats, in double, rounded to f32 like the host API), runs the
 // JSD round for JSD, then sharded_loss_and_grad per shard, and compares the reassembled loss,
 // row losses and gradients with the unsharded f64 references at 1e-4, with a floor for the f32
-// rounding of the stats' magnitudes (tests/suite/sharded.rs's `floors`).
+// rounding of the stats' magnitudes (tests/suite/sharded.rs's `floors`). The teacher as logits
+// (teach 0), probabilities (1) or log-probabilities (2; both from log_softmax of random logits,
+// some rows with exact zeros except for reverse KL, whose zeros the host rejects), the Hinton
+// reference for a given teacher alpha CE + (1 - alpha) T^2 KL(q||p) from ref_ce and ref_div.
 
 static const unsigned SH_MAXIMA = 2, SH_SUMS = 9, SH_STATS = 11;
 
@@ -31,9 +34,28 @@ static void sharded_rescale(double T, vector<double>& st, const vector<double>& 
 
 // kind: 0 forward KL, 1 reverse KL, 2 JSD (T^2 D, no labels), 3 cross-entropy, 4 Hinton.
 static void test_sharded(size_t n, size_t c, int shards, int kind, float T, float beta, float alpha, float eps,
-                         int red, double scale, bool masked) {
+                         int red, double scale, bool masked, int teach = 0) {
     const int ignore = -100;
     vector<float> s = rand_logits(n * c, scale), t = rand_logits(n * c, scale);
+    if (kind == 3) teach = 0;
+    if (teach != 0) {
+        // log_softmax of the logits per row in double; zeros at j % 5 == 2 on even rows (not for
+        // reverse KL)
+        for (size_t r = 0; r < n; ++r) {
+            const bool zeros = kind != 1 && r % 2 == 0 && c > 2;
+            double m = -INFINITY, z = 0;
+            for (size_t j = 0; j < c; ++j)
+                if (!(zeros && j % 5 == 2)) m = std::max(m, (double)t[r * c + j]);
+            for (size_t j = 0; j < c; ++j)
+                if (!(zeros && j % 5 == 2)) z += exp((double)t[r * c + j] - m);
+            const double lse = m + log(z);
+            for (size_t j = 0; j < c; ++j) {
+                const double lq = zeros && j % 5 == 2 ? -INFINITY : (double)t[r * c + j] - lse;
+                t[r * c + j] = teach == 1 ? (float)exp(lq) : (float)lq;
+            }
+        }
+    }
+    const u32 form = (u32)teach;
     vector<int> labels(n);
     for (size_t r = 0; r < n; ++r) labels[r] = masked && r % 3 == 1 ? ignore : irand(0, (int)c - 1);
     const bool has_t = kind != 3, has_l = kind >= 3;
@@ -75,7 +97,7 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
         vector<float> st(n * SH_STATS, FNAN);
         emu_launch(grid, T256, [&] {
             sharded_stats(p.s.data(), has_t ? p.t.data() : nullptr, has_l ? labels.data() : nullptr, st.data(),
-                          (u32)n, (u32)p.w, (u32)p.off, 1.f / T, has_t, has_l, ignore);
+                          (u32)n, (u32)p.w, (u32)p.off, 1.f / T, has_t, has_l, ignore, T, form);
         });
         stats.push_back(to_d(st));
         for (size_t i = 0; i < n * 2; ++i) gm[i] = std::max(gm[i], stats.back()[i]);
@@ -94,7 +116,7 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
             vector<float> part(n * 2, FNAN);
             emu_launch(grid, T256, [&] {
                 sharded_jsd_terms(p.s.data(), p.t.data(), nullptr, g32.data(), part.data(), (u32)n, (u32)p.w,
-                                  1.f / T, T, beta, 0u, ignore);
+                                  1.f / T, T, beta, 0u, ignore, form);
             });
             for (size_t i = 0; i < n * 2; ++i) jsd[i] += part[i];
         }
@@ -108,7 +130,8 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
             sharded_loss_and_grad(p.s.data(), has_t ? p.t.data() : nullptr, has_l ? labels.data() : nullptr,
                                   g32.data(), kind == 2 ? jsd.data() : nullptr, rl.data(), g.data(),
                                   has_t ? h.data() : nullptr, (u32)n, (u32)p.w, (u32)c, (u32)p.off, 1.f / T, T,
-                                  (float)w_ce, (float)w_div, div, beta, eps, (float)factor, has_t, has_l, ignore);
+                                  (float)w_ce, (float)w_div, div, beta, eps, (float)factor, has_t, has_l, ignore,
+                                  form);
         });
         double sum = 0;
         for (size_t r = 0; r < n; ++r) {
@@ -122,23 +145,32 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
         loss += sum * factor;
     }
     const vector<double> sd = to_d(s), td = to_d(t);
-    RowRef want = kind <= 2 ? ref_div(kind, 0, T, beta, red, 1.0, ignore, sd, td, nullptr, n, c)
+    RowRef want = kind <= 2 ? ref_div(kind, teach, T, beta, red, 1.0, ignore, sd, td, nullptr, n, c)
                   : kind == 3 ? ref_ce(eps, red, 1.0, ignore, sd, labels, n, c)
                               : ref_hinton(T, alpha, eps, red, 1.0, ignore, sd, td, labels, n, c);
+    if (kind == 4 && teach != 0) {
+        const RowRef ce = ref_ce(eps, red, 1.0, ignore, sd, labels, n, c);
+        const RowRef kl = ref_div(0, teach, T, 0, red, 1.0, ignore, sd, td, &labels, n, c);
+        want.loss = alpha * ce.loss + (1 - alpha) * kl.loss;
+        for (size_t r = 0; r < n; ++r) want.rows[r] = alpha * ce.rows[r] + (1 - alpha) * kl.rows[r];
+        for (size_t i = 0; i < n * c; ++i) want.gs[i] = alpha * ce.gs[i] + (1 - alpha) * kl.gs[i];
+    }
     // floors: the f32 rounding of the stats' magnitudes (tests/suite/sharded.rs)
     double big = 0;
     for (double v : want.rows) big = std::max(big, fabs(v));
     const double kk = red == 0 ? 1.0 / std::max<size_t>(valid, 1) : 1.0;
-    const double row_floor = 1e-6 * (1 + scale * (1 + T) + big);
-    const double grad_floor = 1e-6 * kk * (1 + scale * (1 + T) + big / T + big);
+    // a given teacher meets the student's normaliser absolutely: ~1e-7 T^2 (1 + log C) a row
+    const double lc = teach != 0 ? 1 + log((double)c) : 0;
+    const double row_floor = 1e-6 * (1 + scale * (1 + T) + big + (double)T * T * lc);
+    const double grad_floor = 1e-6 * kk * (1 + scale * (1 + T) + big / T + big + T * lc);
     vector<double> nrows(n, row_floor), ngrad(n * c, grad_floor);
     char what[200];
-    snprintf(what, sizeof what, "sharded kind=%d n=%zu c=%zu shards=%d T=%g scale=%g red=%d", kind, n, c, k, T, scale,
-             red);
+    snprintf(what, sizeof what, "sharded kind=%d teach=%d n=%zu c=%zu shards=%d T=%g scale=%g red=%d", kind, teach,
+             n, c, k, T, scale, red);
     check1(std::string(what) + " loss", (float)loss, want.loss, 1e-4, row_floor * n);
     check(std::string(what) + " rows", rows, want.rows, 1e-4, &nrows);
     check(std::string(what) + " grad_s", gs, want.gs, 1e-4, &ngrad);
-    if (kind != 3) check(std::string(what) + " grad_t", gt, want.gt, 1e-4, &ngrad);
+    if (kind != 3 && teach == 0) check(std::string(what) + " grad_t", gt, want.gt, 1e-4, &ngrad);
 }
 
 static void sharded_cases(int cases) {
@@ -150,5 +182,15 @@ static void sharded_cases(int cases) {
         const float T = (float)exp(uni(log(0.1), log(30.0)));
         test_sharded(n, c, shard_counts[irand(0, 3)], irand(0, 4), T, (float)uni(0.1, 0.9), (float)uni(0, 1),
                      irand(0, 1) ? 0.f : (float)uni(0, 0.3), irand(0, 2), scales[irand(0, 2)], irand(0, 1));
+    }
+    // the teacher as probabilities and log-probabilities (every teacher loss, 2, 3 and 7 shards)
+    const int kinds[4] = {0, 1, 2, 4};
+    for (int i = 0; i < cases; ++i) {
+        const size_t c = (size_t)(irand(0, 3) == 0 ? irand(2, 9) : irand(10, 700));
+        const size_t n = (size_t)irand(1, 5);
+        const float T = (float)exp(uni(log(0.1), log(30.0)));
+        test_sharded(n, c, shard_counts[irand(1, 3)], kinds[irand(0, 3)], T, (float)uni(0.1, 0.9),
+                     (float)uni(0, 1), irand(0, 1) ? 0.f : (float)uni(0, 0.3), irand(0, 2), scales[irand(0, 2)],
+                     irand(0, 1), 1 + irand(0, 1));
     }
 }

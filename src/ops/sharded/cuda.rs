@@ -12,10 +12,20 @@ pub(crate) const SOURCE: CudaSource = CudaSource {
     file: "sharded.cu",
     code: include_str!("sharded.cu"),
 };
-pub(crate) const STATS_KERNEL: CudaKernel = kernel("sharded_stats", "ppppuuufuui");
-pub(crate) const JSD_KERNEL: CudaKernel = kernel("sharded_jsd_terms", "pppppuufffui");
+pub(crate) const STATS_KERNEL: CudaKernel = kernel("sharded_stats", "ppppuuufuuifu");
+pub(crate) const JSD_KERNEL: CudaKernel = kernel("sharded_jsd_terms", "pppppuufffuiu");
 pub(crate) const LOSS_KERNEL: CudaKernel =
-    kernel("sharded_loss_and_grad", "ppppppppuuuuffffufffuui");
+    kernel("sharded_loss_and_grad", "ppppppppuuuuffffufffuuiu");
+
+/// The kernels' `teacher_form`: 0 logits (and any loss without a teacher), 1 probabilities,
+/// 2 log-probabilities.
+fn teacher_form(spec: &ShardedSpec) -> u32 {
+    if spec.given_teacher() {
+        spec.teacher.code()
+    } else {
+        0
+    }
+}
 
 const fn kernel(name: &'static str, signature: &'static str) -> CudaKernel {
     CudaKernel {
@@ -88,6 +98,8 @@ impl ShardedBackend for CudaBackend {
                 Arg::U32(teacher.is_some() as u32),
                 Arg::U32(labels.is_some() as u32),
                 Arg::I32(spec.ignore_index),
+                Arg::F32(spec.temperature),
+                Arg::U32(teacher_form(spec)),
             ],
         )?;
         stats.copy_from_slice(&self.download(&out)?);
@@ -137,6 +149,7 @@ impl ShardedBackend for CudaBackend {
                 Arg::F32(beta),
                 Arg::U32(labels.is_some() as u32),
                 Arg::I32(spec.ignore_index),
+                Arg::U32(teacher_form(spec)),
             ],
         )?;
         terms.copy_from_slice(&self.download(&out)?);
@@ -207,6 +220,7 @@ impl ShardedBackend for CudaBackend {
                 Arg::U32(teacher.is_some() as u32),
                 Arg::U32(labels.is_some() as u32),
                 Arg::I32(spec.ignore_index),
+                Arg::U32(teacher_form(spec)),
             ],
         )?;
         out.grad_student.copy_from_slice(&self.download(&gs)?);

@@ -28,7 +28,8 @@ pub mod reference;
 pub mod wgpu;
 
 use super::{
-    check_grad_scale, check_temperature, check_unit, count, Divergence, Reduction, IGNORE_INDEX,
+    check_grad_scale, check_temperature, check_unit, count, Divergence, Reduction, TeacherInput,
+    IGNORE_INDEX, TEACHER_SUM_TOLERANCE,
 };
 use crate::error::{Error, Result};
 
@@ -36,7 +37,8 @@ use crate::error::{Error, Result};
 /// (`SUMS` per row). A stats buffer for `n` rows holds `n * STATS` floats: `[n, MAXIMA]` maxima
 /// first, then `[n, SUMS]` sums, so that each plane is one contiguous range for an all-reduce.
 pub const STATS: usize = MAXIMA + SUMS;
-/// Per row: `m_s = max_j s_j`, `m_t = max_j t_j` (raw logits; `max s/T = m_s / T` for `T > 0`).
+/// Per row: `m_s = max_j s_j`, `m_t = max_j t_j` (raw logits; `max s/T = m_s / T` for `T > 0`);
+/// `m_t = 0` for a teacher given as probabilities or log-probabilities (see [`Sum`]).
 pub const MAXIMA: usize = 2;
 /// Per row, relative to the maxima `m_s`, `m_t` of the same stats buffer (see [`Sum`]).
 pub const SUMS: usize = 9;
@@ -44,6 +46,12 @@ pub const SUMS: usize = 9;
 pub const JSD_TERMS: usize = 2;
 
 /// The sums plane's columns, `j` over the shard's columns, `u_j = s_j - m_s`, `v_j = t_j - m_t`.
+///
+/// A teacher given as probabilities or log-probabilities ([`TeacherInput`]) is already
+/// normalised: its stats are the same with `m_t = 0` and `v_j = T log q_j` (so `e^{v_j/T} = q_j`,
+/// `Zt = sum q_j`), a term of `Af` with `q_j = 0` being 0 and one of `Ar` being `+inf`; `t_y` is
+/// the given value at the label. Phase 2 then takes `log q_j` from the input itself (no `log Zt`:
+/// the teacher is not renormalised, as in section 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
 pub enum Sum {
@@ -71,7 +79,7 @@ pub enum Sum {
 /// Which loss a sharded call computes: `w_ce CE + w_div T^2 D`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ShardedLoss {
-    /// `T^2 D(q || p)` (section 2), teacher as logits; labels optional (they only mask rows).
+    /// `T^2 D(q || p)` (section 2); labels optional (they only mask rows).
     Divergence(Divergence),
     /// Cross-entropy with label smoothing (section 3); no teacher.
     CrossEntropy,
@@ -199,6 +207,10 @@ impl Shard {
 pub struct ShardedSpec {
     pub shard: Shard,
     pub loss: ShardedLoss,
+    /// How the teacher is given: logits (`q = softmax(t / T)`), or probabilities or
+    /// log-probabilities, to which the temperature does not apply (section 2). Ignored by
+    /// cross-entropy.
+    pub teacher: TeacherInput,
     pub temperature: f32,
     /// Label smoothing of the cross-entropy term, in [0, 1).
     pub label_smoothing: f32,
@@ -213,6 +225,7 @@ impl ShardedSpec {
         ShardedSpec {
             shard,
             loss,
+            teacher: TeacherInput::Logits,
             temperature,
             label_smoothing: 0.0,
             reduction: Reduction::BatchMean,
@@ -273,11 +286,139 @@ impl ShardedSpec {
     pub fn check_teacher(&self, teacher: Option<usize>) -> Result<()> {
         match (teacher, self.loss.needs_teacher()) {
             (None, true) => Err(Error::Unsupported(
-                "this sharded loss reads the teacher's logits of the same shard: pass them".into(),
+                "this sharded loss reads the teacher's values (logits, probabilities or \
+                 log-probabilities) of the same shard: pass them"
+                    .into(),
             )),
             (Some(n), true) => self.shard.check("teacher", n, self.shard.width),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the teacher is given normalised (probabilities or log-probabilities).
+    pub fn given_teacher(&self) -> bool {
+        self.loss.needs_teacher() && self.teacher != TeacherInput::Logits
+    }
+
+    /// Reverse KL is `+inf` where a given teacher has a probability of exactly 0 (a `0`
+    /// probability, a `-inf` log-probability) and the student does not (section 2): an error
+    /// naming the row and the global class, over the rows that are not masked. Nothing to check
+    /// for logits or the other losses.
+    pub fn check_reverse_kl_support(&self, teacher: &[f32], labels: Option<&[i32]>) -> Result<()> {
+        if self.loss != ShardedLoss::Divergence(Divergence::ReverseKl) || !self.given_teacher() {
+            return Ok(());
+        }
+        let zero = |v: f32| match self.teacher {
+            TeacherInput::Probs => v == 0.0,
+            _ => v == f32::NEG_INFINITY,
+        };
+        let w = self.shard.width;
+        for (row, t) in teacher.chunks_exact(w).enumerate() {
+            if self.masked(labels, row) {
+                continue;
+            }
+            if let Some(j) = t.iter().position(|&v| zero(v)) {
+                return Err(Error::Input {
+                    what: "reverse KL teacher",
+                    row,
+                    problem: format!(
+                        "the teacher gives class {} probability 0, where reverse KL \
+                         sum p (log p - log q) is +inf (the sharded losses have no teacher_eps \
+                         floor): floor the teacher's probabilities yourself, or use forward KL \
+                         or JSD, which are finite there",
+                        self.shard.offset + j
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The opt-in check of a given teacher's values on this shard: probabilities finite and
+    /// `>= 0`; log-probabilities not NaN, not `+inf`, at most [`TEACHER_SUM_TOLERANCE`]. The rows'
+    /// sums span the shards: [`ShardedSpec::check_teacher_sums`] checks them from the combined
+    /// stats. Logits: finite.
+    pub fn check_teacher_values(&self, teacher: &[f32], labels: Option<&[i32]>) -> Result<()> {
+        let w = self.shard.width;
+        for (row, t) in teacher.chunks_exact(w).enumerate() {
+            if self.masked(labels, row) {
+                continue;
+            }
+            let bad = |j: usize, what: &'static str, why: &str| Error::Input {
+                what,
+                row,
+                problem: format!(
+                    "element {j} (class {}) = {} {why}",
+                    self.shard.offset + j,
+                    t[j]
+                ),
+            };
+            match self.teacher {
+                TeacherInput::Logits => {
+                    if let Some(j) = t.iter().position(|v| !v.is_finite()) {
+                        return Err(bad(j, "teacher", "is not finite: logits must be finite"));
+                    }
+                }
+                TeacherInput::Probs => {
+                    if let Some(j) = t.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+                        return Err(bad(
+                            j,
+                            "teacher probabilities",
+                            "is not a probability (finite and >= 0)",
+                        ));
+                    }
+                }
+                TeacherInput::LogProbs => {
+                    if let Some(j) = t.iter().position(|v| v.is_nan() || *v == f32::INFINITY) {
+                        return Err(bad(
+                            j,
+                            "teacher log-probabilities",
+                            "is not a log-probability (NaN or +inf)",
+                        ));
+                    }
+                    if let Some(j) = t.iter().position(|&v| v as f64 > TEACHER_SUM_TOLERANCE) {
+                        return Err(bad(
+                            j,
+                            "teacher log-probabilities",
+                            "is above 0, so it is not a log-probability",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The opt-in check of a given teacher's row sums from the combined stats (`Zt = sum q_j`
+    /// over every shard): 1 within [`TEACHER_SUM_TOLERANCE`] on the rows that are not masked.
+    pub fn check_teacher_sums(&self, global: &[f32], labels: Option<&[i32]>) -> Result<()> {
+        if !self.given_teacher() {
+            return Ok(());
+        }
+        let rows = self.shard.rows;
+        for row in 0..rows {
+            if self.masked(labels, row) {
+                continue;
+            }
+            let sum = global[rows * MAXIMA + row * SUMS + Sum::TeacherT as usize] as f64;
+            let off = (sum - 1.0).abs();
+            if off.is_nan() || off > TEACHER_SUM_TOLERANCE {
+                return Err(Error::Input {
+                    what: if self.teacher == TeacherInput::Probs {
+                        "teacher probabilities"
+                    } else {
+                        "teacher log-probabilities"
+                    },
+                    row,
+                    problem: format!(
+                        "the row's probabilities sum to {sum} over every shard, not 1 (within \
+                         {TEACHER_SUM_TOLERANCE}): normalise each row over the whole vocabulary \
+                         (softmax / log_softmax), or pass logits with TeacherInput::Logits"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Whether row `r` is masked.

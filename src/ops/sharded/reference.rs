@@ -9,16 +9,32 @@
 //! (`-target_j log p1_j`, `q_j (log q_j - log p_j)`, ...), so the parts sum to the row loss; the
 //! gradients are the unsharded ones (sections 2-4) at the shard's columns, where the only global
 //! quantities are the normalisers and the divergence itself.
+//!
+//! A teacher given as probabilities or log-probabilities (`spec.teacher`) has `m_t = 0` and
+//! `v_j = T log q_j` in the stats (`Zt = sum q_j`, `Af = sum q_j (T log q_j - u_j)`,
+//! `Ar = sum e^{u_j/T} (u_j - T log q_j)`); phase 2 reads `log q_j` from the input (not
+//! renormalised, as the unsharded divergence), so `log Zt` is taken as 0:
+//! `KL(q||p) = Af / T + Zt log Zs`, `KL(p||q) = Ar / (T Zs) - log Zs`.
 
 use super::{Shard, ShardedSpec, Sum, JSD_TERMS, MAXIMA, STATS, SUMS};
-use crate::ops::{Divergence, RowLossResult};
+use crate::ops::{Divergence, RowLossResult, TeacherInput};
+
+/// A given teacher's `log q` from its value (`ln q` of a probability, a log-probability as is).
+pub(crate) fn given_log_q(form: TeacherInput, t: f64) -> f64 {
+    match form {
+        TeacherInput::Probs => t.ln(),
+        _ => t,
+    }
+}
 
 /// One shard's phase 1: each row's stats relative to the shard's own maxima, `[rows * STATS]`
 /// (maxima plane, then sums plane). Masked rows get zeros. `teacher` is `None` for
 /// cross-entropy (its teacher stats are then 0).
 pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[i32]>) -> Vec<f64> {
     let Shard { rows, width, .. } = spec.shard;
-    let inv_t = 1.0 / spec.temperature as f64;
+    let temp = spec.temperature as f64;
+    let inv_t = 1.0 / temp;
+    let given = spec.given_teacher();
     let mut out = vec![0.0; rows * STATS];
     let (maxima, sums) = out.split_at_mut(rows * MAXIMA);
     for r in 0..rows {
@@ -28,9 +44,10 @@ pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[
         let sr = &s[r * width..(r + 1) * width];
         let ms = sr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let tr = t.map(|t| &t[r * width..(r + 1) * width]);
-        let mt = tr.map_or(0.0, |tr| {
-            tr.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-        });
+        let mt = match tr {
+            Some(tr) if !given => tr.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            _ => 0.0,
+        };
         maxima[r * MAXIMA] = ms;
         maxima[r * MAXIMA + 1] = mt;
         let z = &mut sums[r * SUMS..(r + 1) * SUMS];
@@ -40,13 +57,32 @@ pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[
             z[Sum::StudentT as usize] += eu;
             z[Sum::Student1 as usize] += u.exp();
             z[Sum::LogitSum as usize] += sr[j];
-            if let Some(tr) = tr {
-                let v = tr[j] - mt;
-                let ev = (v * inv_t).exp();
-                z[Sum::TeacherT as usize] += ev;
-                z[Sum::Forward as usize] += ev * (v - u);
-                z[Sum::Reverse as usize] += eu * (u - v);
-                z[Sum::Difference as usize] += eu - ev;
+            match tr {
+                Some(tr) if given => {
+                    // v_j = T log q_j, e^{v_j/T} = q_j; a zero q_j adds nothing to Af and makes
+                    // Ar infinite (reverse KL's +inf).
+                    let lq = given_log_q(spec.teacher, tr[j]);
+                    let q = lq.exp();
+                    z[Sum::TeacherT as usize] += q;
+                    if q > 0.0 {
+                        z[Sum::Forward as usize] += q * (temp * lq - u);
+                    }
+                    z[Sum::Reverse as usize] += if lq == f64::NEG_INFINITY {
+                        f64::INFINITY
+                    } else {
+                        eu * (u - temp * lq)
+                    };
+                    z[Sum::Difference as usize] += eu - q;
+                }
+                Some(tr) => {
+                    let v = tr[j] - mt;
+                    let ev = (v * inv_t).exp();
+                    z[Sum::TeacherT as usize] += ev;
+                    z[Sum::Forward as usize] += ev * (v - u);
+                    z[Sum::Reverse as usize] += eu * (u - v);
+                    z[Sum::Difference as usize] += eu - ev;
+                }
+                None => {}
             }
         }
         if let Some(y) = labels.and_then(|l| spec.shard.local(l[r])) {
@@ -59,11 +95,13 @@ pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[
 
 /// A row's global quantities from the combined stats.
 pub(crate) struct RowGlobals {
+    /// How the teacher is given (`logs` reads a given teacher's `log q` from its value).
+    pub form: TeacherInput,
     pub ms: f64,
     pub mt: f64,
     pub log_zs: f64,
     pub log_zs1: f64,
-    /// `log Zs - log Zt`
+    /// `log Zs - log Zt` (`log Zs` for a given teacher: its `log Zt` is 0)
     pub log_ratio: f64,
     /// `KL(q || p)`
     pub forward: f64,
@@ -72,14 +110,30 @@ pub(crate) struct RowGlobals {
 }
 
 impl RowGlobals {
-    pub(crate) fn of(stats: &[f64], r: usize, temperature: f64) -> Self {
+    pub(crate) fn of(stats: &[f64], r: usize, temperature: f64, form: TeacherInput) -> Self {
         let rows = stats.len() / STATS;
         let m = &stats[r * MAXIMA..(r + 1) * MAXIMA];
         let z = &stats[rows * MAXIMA + r * SUMS..rows * MAXIMA + (r + 1) * SUMS];
         let (zs, zt) = (z[Sum::StudentT as usize], z[Sum::TeacherT as usize]);
+        if form != TeacherInput::Logits {
+            // A given teacher is not renormalised: KL = sum q (log q - log p) with
+            // log p = u / T - log Zs.
+            let log_zs = zs.ln();
+            return RowGlobals {
+                form,
+                ms: m[0],
+                mt: 0.0,
+                log_zs,
+                log_zs1: z[Sum::Student1 as usize].ln(),
+                log_ratio: log_zs,
+                forward: z[Sum::Forward as usize] / temperature + zt * log_zs,
+                reverse: z[Sum::Reverse as usize] / (temperature * zs) - log_zs,
+            };
+        }
         // log Zs - log Zt without the cancellation of two logs near log C at high T.
         let log_ratio = (z[Sum::Difference as usize] / zt).ln_1p();
         RowGlobals {
+            form,
             ms: m[0],
             mt: m[1],
             log_zs: zs.ln(),
@@ -95,9 +149,13 @@ impl RowGlobals {
     /// `(log p_j, log q_j)` of one element, `log q_j` as `log p_j + (v_j - u_j)/T + log Zs -
     /// log Zt`: the difference that the divergences weigh keeps the digits of `log1p(D / Zt)`
     /// rather than those of two rounded logs near `log C`.
+    /// A given teacher's `log q_j` is its value's.
     pub(crate) fn logs(&self, s: f64, t: f64, temperature: f64) -> (f64, f64) {
         let (u, v) = (s - self.ms, t - self.mt);
         let lp = u / temperature - self.log_zs;
+        if self.form != TeacherInput::Logits {
+            return (lp, given_log_q(self.form, t));
+        }
         (lp, lp + (v - u) / temperature + self.log_ratio)
     }
 }
@@ -133,11 +191,14 @@ pub fn jsd_terms(
         if spec.masked(labels, r) {
             continue;
         }
-        let g = RowGlobals::of(global, r, temp);
+        let g = RowGlobals::of(global, r, temp, spec.teacher);
         for j in 0..width {
             let (lp, lq) = g.logs(s[r * width + j], t[r * width + j], temp);
             let lm = log_mix(beta, lq, lp);
-            out[r * JSD_TERMS] += lq.exp() * (lq - lm);
+            // a given probability of 0: no term (0 log 0 = 0)
+            if lq > f64::NEG_INFINITY {
+                out[r * JSD_TERMS] += lq.exp() * (lq - lm);
+            }
             out[r * JSD_TERMS + 1] += lp.exp() * (lp - lm);
         }
     }
@@ -178,7 +239,7 @@ pub fn loss_and_grad(
         if spec.masked(labels, r) {
             continue;
         }
-        let g = RowGlobals::of(global, r, temp);
+        let g = RowGlobals::of(global, r, temp, spec.teacher);
         let y = labels.and_then(|l| spec.shard.local(l[r]));
         let (kl_q, kl_p) = jsd.map_or((0.0, 0.0), |j| (j[r * JSD_TERMS], j[r * JSD_TERMS + 1]));
         let mut part = 0.0;
@@ -197,7 +258,7 @@ pub fn loss_and_grad(
                 let (p, q) = (lp.exp(), lq.exp());
                 let (d, ds, dt) = match div {
                     Divergence::ForwardKl => (
-                        q * (lq - lp),
+                        if q == 0.0 { 0.0 } else { q * (lq - lp) },
                         p - q,
                         if q == 0.0 {
                             0.0
@@ -217,8 +278,9 @@ pub fn loss_and_grad(
                     Divergence::Jsd { beta } => {
                         let beta = beta as f64;
                         let lm = log_mix(beta, lq, lp);
+                        let q_term = if q == 0.0 { 0.0 } else { q * (lq - lm) };
                         (
-                            beta * q * (lq - lm) + (1.0 - beta) * p * (lp - lm),
+                            beta * q_term + (1.0 - beta) * p * (lp - lm),
                             if p == 0.0 {
                                 0.0
                             } else {

@@ -10,6 +10,11 @@
 //
 // From the combined stats: log p = u/T - log Zs, log q - log p = (v - u)/T + log(Zs/Zt) with
 // log(Zs/Zt) = log1p(D/Zt), KL(q||p) = Af/(T Zt) + log(Zs/Zt), KL(p||q) = Ar/(T Zs) - log(Zs/Zt).
+// A teacher given as probabilities or log-probabilities (teacher_form 1, 2): m_t = 0 and
+// v_j = T log q_j in the stats (Zt = sum q, Af = sum q (T log q - u), 0 where q = 0,
+// Ar = sum e^{u/T} (u - T log q), +inf where q = 0); phase 2 reads log q from the input (log Zt = 0,
+// not renormalised), log q - log p formed in f64: KL(q||p) = Af/T + Zt log Zs,
+// KL(p||q) = Ar/(T Zs) - log Zs.
 
 #define SHARDED_MAXIMA 2u
 #define SHARDED_SUMS 9u
@@ -31,6 +36,14 @@ __device__ __forceinline__ int sharded_local(const int* labels, u32 has_labels, 
     return y - (int)offset;
 }
 
+// A given teacher's log q (f64; -inf where q = 0) and q from its value t.
+__device__ __forceinline__ double sharded_given_lq(u32 form, float t) {
+    return form == 1u ? (t > 0.f ? log((double)t) : (double)f_neg_inf()) : (double)t;
+}
+__device__ __forceinline__ float sharded_given_q(u32 form, float t) {
+    return form == 1u ? t : expf(t);
+}
+
 // e^a - e^b for a, b <= 0, around the larger: no cancellation, no overflow.
 __device__ __forceinline__ float sharded_exp_diff(float a, float b) {
     const float mag = expf(fmaxf(a, b)) * -expm1f(-fabsf(a - b));
@@ -39,7 +52,8 @@ __device__ __forceinline__ float sharded_exp_diff(float a, float b) {
 
 extern "C" __global__ void sharded_stats(const float* student, const float* teacher, const int* labels,
                                          float* stats, u32 rows, u32 width, u32 offset, float inv_t,
-                                         u32 has_teacher, u32 has_labels, int ignore_index) {
+                                         u32 has_teacher, u32 has_labels, int ignore_index,
+                                         float temperature, u32 teacher_form) {
     const u64 r = block_linear();
     if (r >= rows) return;
     const u64 base = r * (u64)width;
@@ -50,7 +64,7 @@ extern "C" __global__ void sharded_stats(const float* student, const float* teac
     }
     ms = block_allreduce(ms, ShardedMax());
     mt = block_allreduce(mt, ShardedMax());
-    if (!has_teacher) mt = 0.f;
+    if (!has_teacher || teacher_form != 0u) mt = 0.f;
     // zs, zs1, zt, af, ar, sum s, dz
     DArr<7> acc = SumDArr<7>().identity();
     for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
@@ -61,7 +75,16 @@ extern "C" __global__ void sharded_stats(const float* student, const float* teac
         acc.v[0] += eu;
         acc.v[1] += expf(u);
         acc.v[5] += s;
-        if (has_teacher) {
+        if (has_teacher && teacher_form != 0u) {
+            // v_j = T log q_j: e^{v_j/T} = q_j
+            const float tv = teacher[base + j];
+            const double lq = sharded_given_lq(teacher_form, tv);
+            const double q = teacher_form == 1u ? (double)tv : exp((double)tv);
+            acc.v[2] += q;
+            acc.v[3] += q > 0.0 ? q * ((double)temperature * lq - (double)u) : 0.0;
+            acc.v[4] += lq == (double)f_neg_inf() ? (double)f_inf() : (double)eu * ((double)u - (double)temperature * lq);
+            acc.v[6] += (double)eu - q;
+        } else if (has_teacher) {
             const float v = teacher[base + j] - mt;
             const float vs = v * inv_t;
             const float ev = expf(vs);
@@ -87,16 +110,35 @@ extern "C" __global__ void sharded_stats(const float* student, const float* teac
 }
 
 // A row's constants from the combined stats (in f64, used in f32).
+// (A given teacher: log_zs64, the f64 log Zs of its f64 log q - log p.)
 struct ShardedRow {
     float ms, mt, log_zs, log_zt, log_zs1, ratio, forward, reverse;
+    double log_zs64;
 };
 
-__device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, u64 r, float temperature) {
+__device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, u64 r, float temperature,
+                                                  u32 teacher_form) {
     const float* m = stats + r * SHARDED_MAXIMA;
     const float* z = stats + (u64)rows * SHARDED_MAXIMA + r * SHARDED_SUMS;
     const double zs = z[0], zt = z[2];
+    if (teacher_form != 0u) {
+        // a given teacher: log Zt = 0 (not renormalised)
+        ShardedRow g;
+        const double log_zs = log(zs);
+        g.ms = m[0];
+        g.mt = 0.f;
+        g.log_zs = (float)log_zs;
+        g.log_zs64 = log_zs;
+        g.log_zt = 0.f;
+        g.log_zs1 = (float)log((double)z[1]);
+        g.ratio = (float)log_zs;
+        g.forward = (float)((double)z[3] / (double)temperature + zt * log_zs);
+        g.reverse = (float)((double)z[4] / ((double)temperature * zs) - log_zs);
+        return g;
+    }
     const double ratio = log1p((double)z[8] / zt);
     ShardedRow g;
+    g.log_zs64 = log(zs);
     g.ms = m[0];
     g.mt = m[1];
     g.log_zs = (float)log(zs);
@@ -146,28 +188,46 @@ __device__ __forceinline__ void sharded_jsd(const ShardedJsd& j, float dl, float
         const float x = dl;
         *c = q * (j.c2 * x * x * (1.f + 2.f * x * (j.c3 + x * (j.c4 + x * (j.c5 + x * j.c6)))));
     } else {
-        *c = j.beta * q * *lq_m + j.one_m_beta * p * *lp_m;
+        // (a given probability of 0: its half is 0 log 0 = 0)
+        *c = (q > 0.f ? j.beta * q * *lq_m : 0.f) + j.one_m_beta * p * *lp_m;
     }
+}
+
+// One element's (log p, log q - log p, p, q); a given teacher's difference in f64.
+__device__ __forceinline__ void sharded_elem(const ShardedRow& g, float s, float t, float inv_t, float temperature,
+                                             u32 teacher_form, float* lp, float* dq, float* p, float* q) {
+    const float u = s - g.ms;
+    if (teacher_form != 0u) {
+        const double lp64 = ((double)s - (double)g.ms) / (double)temperature - g.log_zs64;
+        *lp = (float)lp64;
+        *dq = (float)(sharded_given_lq(teacher_form, t) - lp64);
+        *p = expf(*lp);
+        *q = sharded_given_q(teacher_form, t);
+        return;
+    }
+    const float v = t - g.mt;
+    *lp = u * inv_t - g.log_zs;
+    *dq = (v - u) * inv_t + g.ratio;
+    *p = expf(*lp);
+    *q = expf(v * inv_t - g.log_zt);
 }
 
 extern "C" __global__ void sharded_jsd_terms(const float* student, const float* teacher, const int* labels,
                                              const float* stats, float* terms, u32 rows, u32 width,
                                              float inv_t, float temperature, float beta, u32 has_labels,
-                                             int ignore_index) {
+                                             int ignore_index, u32 teacher_form) {
     const u64 r = block_linear();
     if (r >= rows) return;
     const u64 base = r * (u64)width;
-    const ShardedRow g = sharded_row(stats, rows, r, temperature);
+    const ShardedRow g = sharded_row(stats, rows, r, temperature, teacher_form);
     const ShardedJsd jc = sharded_jsd_consts(beta);
     DArr<2> acc = SumDArr<2>().identity();
     for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
-        const float u = student[base + j] - g.ms, v = teacher[base + j] - g.mt;
-        const float lp = u * inv_t - g.log_zs;
-        const float dq = (v - u) * inv_t + g.ratio;
-        const float p = expf(lp), q = expf(v * inv_t - g.log_zt);
+        float lp, dq, p, q;
+        sharded_elem(g, student[base + j], teacher[base + j], inv_t, temperature, teacher_form, &lp, &dq, &p, &q);
         float lq_m, lp_m, c;
         sharded_jsd(jc, -dq, p, q, &lq_m, &lp_m, &c);
-        acc.v[0] += q * lq_m;
+        acc.v[0] += q > 0.f ? q * lq_m : 0.f;
         acc.v[1] += p * lp_m;
     }
     acc = block_allreduce(acc, SumDArr<2>());
@@ -185,12 +245,13 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
                                                  float* grad_s, float* grad_t, u32 rows, u32 width,
                                                  u32 classes, u32 offset, float inv_t, float temperature,
                                                  float w_ce, float w_div, u32 div, float beta, float eps,
-                                                 float k, u32 has_teacher, u32 has_labels, int ignore_index) {
+                                                 float k, u32 has_teacher, u32 has_labels, int ignore_index,
+                                                 u32 teacher_form) {
     const u64 r = block_linear();
     if (r >= rows) return;
     const u64 base = r * (u64)width;
     const bool keep = !sharded_masked(labels, has_labels, r, ignore_index);
-    const ShardedRow g = sharded_row(stats, rows, r, temperature);
+    const ShardedRow g = sharded_row(stats, rows, r, temperature, teacher_form);
     const int y = sharded_local(labels, has_labels, r, offset, width);
     const bool with_t = has_teacher != 0u && w_div != 0.f;
     const float kl_q = div == 2u && with_t ? jsd[r * 2] : 0.f;
@@ -210,13 +271,11 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
             gs += k_ce * (expf(lp1) - tgt);
         }
         if (with_t) {
-            const float u = s - g.ms, v = teacher[base + j] - g.mt;
-            const float lp = u * inv_t - g.log_zs;
-            const float dq = (v - u) * inv_t + g.ratio;
-            const float p = expf(lp), q = expf(v * inv_t - g.log_zt);
+            float lp, dq, p, q;
+            sharded_elem(g, s, teacher[base + j], inv_t, temperature, teacher_form, &lp, &dq, &p, &q);
             float d, ds, dt;
             if (div == 0u) {
-                d = q * dq;
+                d = q > 0.f ? q * dq : 0.f;
                 ds = p - q;
                 dt = q * (dq - g.forward);
             } else if (div == 1u) {

@@ -5,6 +5,9 @@
 //   sharded_stats:         phase 1, the row's maxima and sums relative to them (masked rows 0)
 //   sharded_jsd_terms:     the JSD round, [sum q (log q - log M), sum p (log p - log M)]
 //   sharded_loss_and_grad: phase 2, the row's loss part and the shard's gradient columns
+// A teacher given as probabilities or log-probabilities (teacher_form 1, 2) has m_t = 0 and
+// v_j = T log q_j in the stats (Zt = sum q, Af = sum q (T log q - u), Ar = sum e^{u/T} (u - T log q),
+// +inf where q = 0), and phase 2 reads log q from the input with log Zt = 0 (not renormalised).
 
 const MAXIMA: u32 = 2u;
 const SUMS: u32 = 9u;
@@ -26,6 +29,10 @@ struct Params {
     eps: f32,    // label smoothing
     k: f32,      // grad_scale times the reduction's factor
     grad_teacher: u32,
+    teacher_form: u32, // 0 logits, 1 probabilities, 2 log-probabilities
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -91,6 +98,18 @@ fn is_masked(r: u32) -> bool {
     return p.has_labels != 0u && labels[r] == p.ignore_index;
 }
 
+fn pos_inf() -> f32 {
+    return bitcast<f32>(0x7f800000u);
+}
+
+// A given teacher's (log q, q) from its value t; log q = -inf where q = 0.
+fn given_lq(t: f32) -> vec2<f32> {
+    if (p.teacher_form == 1u) {
+        return vec2<f32>(select(log(t), -pos_inf(), t <= 0.0), t);
+    }
+    return vec2<f32>(t, exp(t));
+}
+
 // e^a - e^b for a, b <= 0: around the larger, without cancellation or overflow.
 fn exp_diff(a: f32, b: f32) -> f32 {
     let mag = exp(max(a, b)) * -expm1_f32(-abs(a - b));
@@ -109,6 +128,7 @@ fn sharded_stats(
     }
     let base = r * p.width;
     let with_t = p.has_teacher != 0u;
+    let given = p.teacher_form != 0u;
     var ms = NEG_BIG;
     var mt = NEG_BIG;
     for (var j = lid; j < p.width; j = j + WG) {
@@ -118,7 +138,8 @@ fn sharded_stats(
         }
     }
     ms = wg_max(lid, ms);
-    mt = select(0.0, wg_max(lid, mt), with_t);
+    // (a given teacher: m_t = 0)
+    mt = select(0.0, wg_max(lid, mt), with_t && !given);
     var zs = 0.0;
     var zs1 = 0.0;
     var zt = 0.0;
@@ -134,7 +155,14 @@ fn sharded_stats(
         zs = zs + eu;
         zs1 = zs1 + exp(u);
         ss = ss + s;
-        if (with_t) {
+        if (with_t && given) {
+            let lq = given_lq(teacher[base + j]);
+            let q = lq.y;
+            zt = zt + q;
+            af = af + select(0.0, q * (p.temperature * lq.x - u), q > 0.0);
+            ar = ar + select(eu * (u - p.temperature * lq.x), pos_inf(), lq.x < NEG_BIG);
+            dz = dz + (eu - q);
+        } else if (with_t) {
             let v = teacher[base + j] - mt;
             let vs = v * p.inv_t;
             let ev = exp(vs);
@@ -178,6 +206,19 @@ fn sharded_stats(
     }
 }
 
+// An element's (log p, log q - log p, p, q) from its student and teacher values.
+fn elem(g: Globals, s: f32, t: f32) -> vec4<f32> {
+    let u = s - g.ms;
+    let lp = u * p.inv_t - g.log_zs;
+    if (p.teacher_form != 0u) {
+        let lq = given_lq(t);
+        return vec4<f32>(lp, lq.x - lp, exp(lp), lq.y);
+    }
+    let v = t - g.mt;
+    let dq = (v - u) * p.inv_t + g.ratio;
+    return vec4<f32>(lp, dq, exp(lp), exp(v * p.inv_t - g.log_zt));
+}
+
 // A row's constants from the combined stats.
 struct Globals {
     ms: f32,
@@ -196,6 +237,20 @@ fn globals(r: u32) -> Globals {
     let zs = stats[z0];
     let zt = stats[z0 + 2u];
     let dz = stats[z0 + 8u];
+    if (p.teacher_form != 0u) {
+        // a given teacher: log Zt = 0, not renormalised
+        let log_zs = log(zs);
+        return Globals(
+            stats[m0],
+            0.0,
+            log_zs,
+            0.0,
+            log(stats[z0 + 1u]),
+            log_zs,
+            stats[z0 + 3u] / p.temperature + zt * log_zs,
+            stats[z0 + 4u] / (p.temperature * zs) - log_zs,
+        );
+    }
     var ratio = 0.0;
     if (abs(dz) < 0.5 * zt) {
         ratio = log1p_f32(dz / zt);
@@ -239,7 +294,8 @@ fn jsd_parts(dq: f32, pv: f32, q: f32) -> vec3<f32> {
     if (arg_p >= -0.5 && arg_p <= 3.0e38) {
         lp_m = -log1p_f32(arg_p);
     }
-    var c = b * q * lq_m + b1 * pv * lp_m;
+    // (a given probability of 0: its half is 0 log 0 = 0)
+    var c = select(0.0, b * q * lq_m, q > 0.0) + b1 * pv * lp_m;
     if (abs(dl) < 0.1) {
         let c2 = 0.5 * b * b1;
         let c3 = (1.0 + b) / 6.0;
@@ -266,14 +322,11 @@ fn sharded_jsd_terms(
     var kq = 0.0;
     var kp = 0.0;
     for (var j = lid; j < p.width; j = j + WG) {
-        let u = student[base + j] - g.ms;
-        let v = teacher[base + j] - g.mt;
-        let lp = u * p.inv_t - g.log_zs;
-        let dq = (v - u) * p.inv_t + g.ratio;
-        let pv = exp(lp);
-        let q = exp(v * p.inv_t - g.log_zt);
-        let d = jsd_parts(dq, pv, q);
-        kq = kq + q * d.x;
+        let e = elem(g, student[base + j], teacher[base + j]);
+        let pv = e.z;
+        let q = e.w;
+        let d = jsd_parts(e.y, pv, q);
+        kq = kq + select(0.0, q * d.x, q > 0.0);
         kp = kp + pv * d.y;
     }
     kq = wg_sum(lid, kq);
@@ -322,17 +375,15 @@ fn sharded_loss_and_grad(
             gs = gs + k_ce * (exp(lp1) - tgt);
         }
         if (with_t) {
-            let u = s - g.ms;
-            let v = teacher[base + j] - g.mt;
-            let lp = u * p.inv_t - g.log_zs;
-            let dq = (v - u) * p.inv_t + g.ratio;
-            let pv = exp(lp);
-            let q = exp(v * p.inv_t - g.log_zt);
+            let e = elem(g, s, teacher[base + j]);
+            let dq = e.y;
+            let pv = e.z;
+            let q = e.w;
             var d = 0.0;
             var ds = 0.0;
             var dt = 0.0;
             if (p.div == 0u) {
-                d = q * dq;
+                d = select(0.0, q * dq, q > 0.0);
                 ds = pv - q;
                 dt = q * (dq - g.forward);
             } else if (p.div == 1u) {

@@ -10,6 +10,7 @@ use crate::backend::wgpu::pipelines::{Bind, WgslKernel};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::ops::divergence::wgpu::GIVEN_TEACHER_MAX_TEMPERATURE;
 use crate::ops::Divergence;
 use crate::sharded::{check_out, ShardedBackend, ShardedOut};
 
@@ -59,6 +60,10 @@ struct ShardedParams {
     eps: f32,
     k: f32,
     grad_teacher: u32,
+    teacher_form: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
@@ -81,7 +86,8 @@ pub(crate) fn uniform_layouts() -> Vec<UniformLayout> {
             beta,
             eps,
             k,
-            grad_teacher
+            grad_teacher,
+            teacher_form
         ]
     )]
 }
@@ -115,6 +121,15 @@ fn params(
         eps: spec.label_smoothing,
         k: k as f32,
         grad_teacher: grad_teacher as u32,
+        // cross-entropy reads no teacher: logits (0) keeps its teacher stats 0
+        teacher_form: if spec.given_teacher() {
+            spec.teacher.code()
+        } else {
+            0
+        },
+        pad0: 0,
+        pad1: 0,
+        pad2: 0,
     }
 }
 
@@ -155,8 +170,18 @@ fn upload_labels(w: &WgpuBackend, labels: Option<&[i32]>) -> Result<Option<WgpuL
     labels.map(|l| w.upload_labels(l)).transpose()
 }
 
-/// Refuses a shard whose arrays exceed the device's storage binding size.
+/// Refuses a shard whose arrays exceed the device's storage binding size, and a given teacher
+/// above the unsharded divergence's [`GIVEN_TEACHER_MAX_TEMPERATURE`] (the same f32 limit).
 fn check_size(w: &WgpuBackend, spec: &ShardedSpec) -> Result<()> {
+    if spec.given_teacher() && spec.temperature > GIVEN_TEACHER_MAX_TEMPERATURE {
+        return Err(Error::Unsupported(format!(
+            "temperature {} with the teacher given as probabilities or log-probabilities: the \
+             wgpu kernels meet 1e-4 there only up to T = {GIVEN_TEACHER_MAX_TEMPERATURE} (as the \
+             unsharded divergence); pass the teacher's logits (TeacherInput::Logits), or use the \
+             CPU or CUDA backend",
+            spec.temperature
+        )));
+    }
     let bytes = (spec.shard.len().max(spec.shard.rows * STATS) * 4) as u64;
     if bytes > w.max_binding_bytes() {
         return Err(Error::Limit(format!(

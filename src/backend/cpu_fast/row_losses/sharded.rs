@@ -6,6 +6,11 @@
 //! (no cancellation, no overflow). Rows are independent: they are shared among scoped threads
 //! in contiguous ranges, so the bits do not depend on the thread count.
 //!
+//! A teacher given as probabilities or log-probabilities (stats with `m_t = 0`, `v_j = T log q_j`;
+//! `ops/sharded/mod.rs`) has its `log q_j` and the stats' terms formed in f64, and phase 2's
+//! `log q - log p` in f64 (at high T a small difference of two numbers near `-log C`), as the
+//! unsharded fast divergence does.
+//!
 //! These are scalar loops over a row (the compiler vectorises what it can), not the block driver
 //! of `rows.rs`: the sharded losses read each element once per phase and write per-row stats.
 
@@ -15,7 +20,7 @@ use crate::ops::sharded::reference::RowGlobals;
 use crate::ops::sharded::{
     check_call, Phase, Shard, ShardedSpec, Sum, JSD_TERMS, MAXIMA, STATS, SUMS,
 };
-use crate::ops::Divergence;
+use crate::ops::{Divergence, TeacherInput};
 use crate::sharded::{check_out, ShardedOut};
 
 /// Below this many elements a call runs on the calling thread.
@@ -69,6 +74,8 @@ pub fn stats(
 ) {
     let Shard { rows, width, .. } = spec.shard;
     let inv_t = 1.0 / spec.temperature;
+    let (given, probs) = (spec.given_teacher(), spec.teacher == TeacherInput::Probs);
+    let temp = spec.temperature as f64;
     let parts = par_rows(rows, rows * width, threads, |r0, r1| {
         let mut part = vec![0.0f32; (r1 - r0) * STATS];
         let (maxima, sums) = part.split_at_mut((r1 - r0) * MAXIMA);
@@ -79,9 +86,10 @@ pub fn stats(
             let sr = &s[r * width..(r + 1) * width];
             let ms = sr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let tr = t.map(|t| &t[r * width..(r + 1) * width]);
-            let mt = tr.map_or(0.0, |tr| {
-                tr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
-            });
+            let mt = match tr {
+                Some(tr) if !given => tr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+                _ => 0.0,
+            };
             let mut z = [0.0f64; SUMS];
             for j in 0..width {
                 let u = sr[j] - ms;
@@ -90,7 +98,22 @@ pub fn stats(
                 z[Sum::StudentT as usize] += eu as f64;
                 z[Sum::Student1 as usize] += vmath::exp(u) as f64;
                 z[Sum::LogitSum as usize] += sr[j] as f64;
-                if let Some(tr) = tr {
+                if let (Some(tr), true) = (tr, given) {
+                    // v_j = T log q_j: e^{v_j/T} = q_j; a zero q_j adds nothing to Af and makes
+                    // Ar infinite.
+                    let tv = tr[j] as f64;
+                    let (lq, q) = if probs { (tv.ln(), tv) } else { (tv, tv.exp()) };
+                    let (u64, eu64) = (u as f64, eu as f64);
+                    z[Sum::TeacherT as usize] += q;
+                    z[Sum::Forward as usize] +=
+                        vmath::select64(q > 0.0, q * (temp * lq - u64), 0.0);
+                    z[Sum::Reverse as usize] += vmath::select64(
+                        lq == f64::NEG_INFINITY,
+                        f64::INFINITY,
+                        eu64 * (u64 - temp * lq),
+                    );
+                    z[Sum::Difference as usize] += eu64 - q;
+                } else if let Some(tr) = tr {
                     let v = tr[j] - mt;
                     let vs = v * inv_t;
                     let ev = vmath::exp(vs);
@@ -122,7 +145,7 @@ pub fn stats(
 }
 
 /// A row's globals from f32 stats (widened to f64).
-fn globals(stats: &[f32], r: usize, temperature: f64) -> RowGlobals {
+fn globals(stats: &[f32], r: usize, temperature: f64, form: TeacherInput) -> RowGlobals {
     let rows = stats.len() / STATS;
     let mut row = [0.0f64; STATS];
     for (d, &v) in row[..MAXIMA]
@@ -135,12 +158,17 @@ fn globals(stats: &[f32], r: usize, temperature: f64) -> RowGlobals {
     for (d, &v) in row[MAXIMA..].iter_mut().zip(sums) {
         *d = v as f64;
     }
-    RowGlobals::of(&row, 0, temperature)
+    RowGlobals::of(&row, 0, temperature, form)
 }
 
 /// The per-element values of a row, f32, from its globals.
 #[derive(Clone, Copy)]
 struct Consts {
+    /// A teacher given as probabilities or log-probabilities (`Some(probs)`), or logits (`None`).
+    given: Option<bool>,
+    /// `1 / T` and `log Zs` in f64, for a given teacher's `log q - log p`.
+    inv_t64: f64,
+    log_zs64: f64,
     ms: f32,
     mt: f32,
     inv_t: f32,
@@ -166,6 +194,10 @@ impl Consts {
             _ => 0.5,
         };
         Consts {
+            given: (spec.teacher != TeacherInput::Logits)
+                .then_some(spec.teacher == TeacherInput::Probs),
+            inv_t64: 1.0 / spec.temperature as f64,
+            log_zs64: g.log_zs,
             ms: g.ms as f32,
             mt: g.mt as f32,
             inv_t: 1.0 / spec.temperature,
@@ -192,12 +224,25 @@ impl Consts {
     /// of `log p` where both are large and cancel).
     #[inline(always)]
     fn q(&self, t: f32) -> f32 {
-        vmath::exp((t - self.mt) * self.inv_t - self.log_zt)
+        match self.given {
+            Some(true) => t,
+            Some(false) => vmath::exp(t),
+            None => vmath::exp((t - self.mt) * self.inv_t - self.log_zt),
+        }
     }
 
-    /// `(log p, log q - log p)` of one element.
+    /// `(log p, log q - log p)` of one element; a given teacher's difference formed in f64.
     #[inline(always)]
     fn logs(&self, s: f32, t: f32) -> (f32, f32) {
+        if let Some(probs) = self.given {
+            let lq = if probs {
+                vmath::ln_f64(t as f64)
+            } else {
+                t as f64
+            };
+            let lp = (s as f64 - self.ms as f64) * self.inv_t64 - self.log_zs64;
+            return (lp as f32, (lq - lp) as f32);
+        }
         let (u, v) = (s - self.ms, t - self.mt);
         (
             u * self.inv_t - self.log_zs,
@@ -233,7 +278,8 @@ impl Consts {
             let f = &self.series;
             q * (f[0] * x * x * (1.0 + 2.0 * x * (f[1] + x * (f[2] + x * (f[3] + x * f[4])))))
         } else {
-            b * q * lq_m + b1 * p * lp_m
+            // a given probability of 0: its half is 0 (0 log 0), not 0 * -inf
+            select(q > 0.0, b * q * lq_m, 0.0) + b1 * p * lp_m
         };
         (lq_m, lp_m, c)
     }
@@ -257,13 +303,13 @@ pub fn jsd_terms(
             if spec.masked(labels, r) {
                 continue;
             }
-            let c = Consts::of(&globals(global, r, temp), spec);
+            let c = Consts::of(&globals(global, r, temp, spec.teacher), spec);
             let (mut kq, mut kp) = (0.0f64, 0.0f64);
             for j in 0..width {
                 let (lp, dq) = c.logs(s[r * width + j], t[r * width + j]);
                 let (p, q) = (vmath::exp(lp), c.q(t[r * width + j]));
                 let (lq_m, lp_m, _) = c.jsd(dq, p, q);
-                kq += (q * lq_m) as f64;
+                kq += select(q > 0.0, q * lq_m, 0.0) as f64;
                 kp += (p * lp_m) as f64;
             }
             part[(r - r0) * JSD_TERMS] = kq as f32;
@@ -319,7 +365,7 @@ pub fn loss_and_grad(
             if spec.masked(labels, r) {
                 continue;
             }
-            let c = Consts::of(&globals(global, r, temp), spec);
+            let c = Consts::of(&globals(global, r, temp, spec.teacher), spec);
             let y = labels.and_then(|l| spec.shard.local(l[r]));
             let (kl_q, kl_p) = jsd.map_or((0.0, 0.0), |j| (j[r * JSD_TERMS], j[r * JSD_TERMS + 1]));
             let mut part = 0.0f64;
@@ -337,7 +383,9 @@ pub fn loss_and_grad(
                     let (lp, dq) = c.logs(sv, t[r * width + j]);
                     let (p, q) = (vmath::exp(lp), c.q(t[r * width + j]));
                     let (d, ds, dt) = match div {
-                        Divergence::ForwardKl => (q * dq, p - q, q * (dq - c.forward)),
+                        Divergence::ForwardKl => {
+                            (select(q > 0.0, q * dq, 0.0), p - q, q * (dq - c.forward))
+                        }
                         Divergence::ReverseKl => (-p * dq, p * (-dq - c.reverse), q - p),
                         Divergence::Jsd { .. } => {
                             let (lq_m, lp_m, term) = c.jsd(dq, p, q);
@@ -388,6 +436,9 @@ impl crate::sharded::ShardedBackend for super::super::FastCpuBackend {
             None,
         )?;
         spec.shard.check("stats", out.len(), STATS)?;
+        if let Some(t) = teacher {
+            spec.check_reverse_kl_support(t, labels)?;
+        }
         stats(spec, student, teacher, labels, out, self.threads);
         Ok(())
     }
@@ -435,6 +486,9 @@ impl crate::sharded::ShardedBackend for super::super::FastCpuBackend {
             jsd.map(<[f32]>::len),
         )?;
         check_out(spec, teacher.is_some(), &out)?;
+        if let Some(t) = teacher {
+            spec.check_reverse_kl_support(t, labels)?;
+        }
         let (losses, scale) = loss_and_grad(
             spec,
             student,
