@@ -4,16 +4,22 @@
 //! cross-entropy-only forms, a teacher as logits or as a (padded) layer, biases, masked rows
 //! (all of them too), N = 1, H = 1, V not a multiple of anything, chunks of 1, 7 and N rows and
 //! from a memory budget; f32 within 1e-4, bf16 / f16 inputs within the half-precision budget;
-//! `grad_W` and `grad_b` accumulate. Bad input: `tests/suite/fused_linear_errors.rs`.
+//! `grad_W` and `grad_b` accumulate. A sparse top-k teacher (section 10's tails and value kinds):
+//! fixed edge cases and proptest-drawn ones (k = 1 to V, every tail and divergence, both
+//! weightings, f32 and bf16). Bad input: `tests/suite/fused_linear_errors.rs`.
 
 use crate::common;
 
 use common::{assert_close, Lcg};
 use distillation::half::{bf16, f16};
 use distillation::ops::fused_linear::reference::{fused_linear_kd, LayerF64, TeacherF64};
+use distillation::ops::sparse::check_sparse_teacher;
 use distillation::{
-    Backend, Divergence, Dtype, FusedGrads, FusedLinearKd, Linear, Reduction, Teacher, IGNORE_INDEX,
+    Backend, Divergence, Dtype, FusedGrads, FusedLinearKd, Linear, Reduction, RowShape, SparseSpec,
+    SparseTail, SparseValues, Teacher, IGNORE_INDEX,
 };
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// How the teacher is given in a case.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +30,14 @@ enum TeacherKind {
     Layer {
         ht: usize,
         pad: usize,
+    },
+    /// A sparse top-k teacher: `k` entries per row of the teacher logits' log-softmax (the top-k,
+    /// or `k` random classes), as log-probabilities or as the logits themselves.
+    Sparse {
+        k: usize,
+        values: SparseValues,
+        tail: SparseTail,
+        random_support: bool,
     },
 }
 
@@ -50,6 +64,66 @@ struct Inputs {
     labels: Vec<i32>,
     grad_w0: Vec<f32>,
     grad_b0: Vec<f32>,
+    /// A sparse teacher's `[N, k]` indices and values (values rounded to the dtype; empty for
+    /// the other teachers).
+    idx: Vec<i32>,
+    vals: Vec<f32>,
+}
+
+/// `x` rounded to `dtype` toward -inf: stored log-probabilities whose probabilities still sum
+/// to at most 1.
+fn round_down(x: f32, dtype: Dtype) -> f32 {
+    let r = dtype.round(x);
+    if r <= x {
+        return r;
+    }
+    // r > x: one step toward -inf (away from 0 for a negative r, toward 0 for a positive one).
+    match dtype {
+        Dtype::F32 => r,
+        Dtype::Bf16 => {
+            let b = bf16::from_f32(r).to_bits();
+            bf16::from_bits(if r > 0.0 { b - 1 } else { b + 1 }).to_f32()
+        }
+        Dtype::F16 => {
+            let b = f16::from_f32(r).to_bits();
+            f16::from_bits(if r > 0.0 { b - 1 } else { b + 1 }).to_f32()
+        }
+    }
+}
+
+/// The sparse teacher of `t` (`[N, V]` logits): per row the top-k classes of its log-softmax (or
+/// `k` random ones), as log-probabilities (rounded down to `dtype`) or as the logits.
+fn sparse_teacher(
+    t: &[f32],
+    v: usize,
+    k: usize,
+    values: SparseValues,
+    random_support: bool,
+    dtype: Dtype,
+    g: &mut Lcg,
+) -> (Vec<i32>, Vec<f32>) {
+    let (mut idx, mut vals) = (Vec::new(), Vec::new());
+    for row in t.chunks(v) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        let mut order: Vec<usize> = (0..v).collect();
+        if random_support {
+            for i in (1..v).rev() {
+                let j = ((g.next_f32() * 0.5 + 0.5) * (i + 1) as f32) as usize % (i + 1);
+                order.swap(i, j);
+            }
+        } else {
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        }
+        for &j in &order[..k] {
+            idx.push(j as i32);
+            vals.push(match values {
+                SparseValues::Logits => row[j],
+                SparseValues::LogProbs => round_down((row[j] as f64 - lse) as f32, dtype),
+            });
+        }
+    }
+    (idx, vals)
 }
 
 fn rounded(g: &mut Lcg, len: usize, scale: f32, dtype: Dtype) -> Vec<f32> {
@@ -75,7 +149,7 @@ fn inputs(case: &Case, seed: u64, dtype: Dtype) -> Inputs {
             }
         })
         .collect();
-    Inputs {
+    let mut x = Inputs {
         h: rounded(&mut g, n * h, 1.0, dtype),
         w: rounded(&mut g, v * h, 2.0 / (h as f32).sqrt(), dtype),
         bias: rounded(&mut g, v, 0.5, dtype),
@@ -86,6 +160,38 @@ fn inputs(case: &Case, seed: u64, dtype: Dtype) -> Inputs {
         labels,
         grad_w0: rounded(&mut g, v * h, 0.1, dtype),
         grad_b0: rounded(&mut g, v, 0.1, dtype),
+        idx: Vec::new(),
+        vals: Vec::new(),
+    };
+    if let TeacherKind::Sparse {
+        k,
+        values,
+        random_support,
+        ..
+    } = case.teacher
+    {
+        (x.idx, x.vals) = sparse_teacher(&x.t_logits, v, k, values, random_support, dtype, &mut g);
+    }
+    x
+}
+
+/// A sparse case's [`SparseSpec`] as the fused loss checks its teacher (whole batch).
+fn sparse_spec_of(case: &Case) -> Option<SparseSpec> {
+    match case.teacher {
+        TeacherKind::Sparse {
+            k, values, tail, ..
+        } => Some(SparseSpec {
+            divergence: case.spec.divergence,
+            values,
+            tail,
+            ignore_index: case.spec.ignore_index,
+            ..SparseSpec::new(
+                RowShape::new(case.n, case.spec.vocab),
+                k,
+                case.spec.temperature,
+            )
+        }),
+        _ => None,
     }
 }
 
@@ -98,6 +204,7 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 fn expected(case: &Case, x: &Inputs, times: f64) -> (f64, Vec<f64>, Vec<f64>, Vec<f64>) {
     let (h, w, bias) = (f64s(&x.h), f64s(&x.w), f64s(&x.bias));
     let (tl, th, tw, tb) = (f64s(&x.t_logits), f64s(&x.th), f64s(&x.tw), f64s(&x.tb));
+    let vals = f64s(&x.vals);
     let student = LayerF64 {
         hidden: &h,
         weight: &w,
@@ -114,6 +221,15 @@ fn expected(case: &Case, x: &Inputs, times: f64) -> (f64, Vec<f64>, Vec<f64>, Ve
             },
             hidden: ht,
             vocab: case.spec.vocab + pad,
+        },
+        TeacherKind::Sparse {
+            k, values, tail, ..
+        } => TeacherF64::Sparse {
+            indices: &x.idx,
+            values: &vals,
+            k,
+            values_kind: values,
+            tail,
         },
     };
     let labels = case.labels.then_some(&x.labels[..]);
@@ -171,6 +287,7 @@ fn run<B: Backend>(
         upload(b, &x.tw, dtype),
         upload(b, &x.tb, dtype),
     );
+    let vals = upload(b, &x.vals, dtype);
     let gh = b.filled_as(grad_dtype, n * h, f32::NAN)?;
     let gw = upload(b, &x.grad_w0, grad_dtype);
     let gb = upload(b, &x.grad_b0, grad_dtype);
@@ -190,6 +307,15 @@ fn run<B: Backend>(
             },
             hidden: ht,
             vocab: case.spec.vocab + pad,
+        },
+        TeacherKind::Sparse {
+            k, values, tail, ..
+        } => Teacher::Sparse {
+            indices: &x.idx,
+            values: &vals,
+            k,
+            values_kind: values,
+            tail,
         },
     };
     let grads = FusedGrads {
@@ -248,6 +374,18 @@ fn check_budget(what: &str, dtype: Dtype, got: &[f32], want: &[f64]) -> Result<(
 
 fn check_case<B: Backend>(b: &B, case: &Case, seed: u64, dtype: Dtype, grad_dtype: Dtype) {
     let x = inputs(case, seed, dtype);
+    if let Some(sp) = sparse_spec_of(case) {
+        let labels = case.labels.then_some(&x.labels[..]);
+        if let Err(e) = check_sparse_teacher(&sp, &x.idx, &x.vals, labels) {
+            // (reverse KL under a tail with no tail mass left after rounding) an error here too.
+            let r = run(b, case, &x, dtype, grad_dtype, 1);
+            assert!(
+                r.is_err(),
+                "{case:?}: the teacher check says {e}, the loss ran"
+            );
+            return;
+        }
+    }
     let got = run(b, case, &x, dtype, grad_dtype, 1).unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let (loss, gh, gw, gb) = expected(case, &x, 1.0);
     let ctx = format!(
@@ -502,17 +640,280 @@ fn copy_rows_between_dtypes<B: Backend>(b: &B) {
         .is_err());
 }
 
+/// A sparse teacher case (`Case` with `TeacherKind::Sparse`) from drawn parameters; the
+/// combinations validation refuses are mapped to accepted ones (a tail needs log-probabilities;
+/// reverse KL with the renormalize tail and `k < V` is `+inf`: the bucket tail instead, or forward
+/// KL for logits).
+#[allow(clippy::too_many_arguments)]
+fn sparse_case(
+    (n, h, v): (usize, usize, usize),
+    k_pick: usize,
+    chunk_pick: usize,
+    div_pick: u8,
+    tail_pick: u8,
+    logits: bool,
+    temperature: f32,
+    weighting_pick: u8,
+    mask_every: usize,
+    labels: bool,
+    random_support: bool,
+) -> Case {
+    let k = match k_pick % 4 {
+        0 => 1,
+        1 => v.min(1024),
+        _ => 1 + k_pick % v.min(1024),
+    };
+    let chunk_rows = [1, 7, n, 0][chunk_pick % 4];
+    let mut divergence = [
+        Divergence::ForwardKl,
+        Divergence::ReverseKl,
+        Divergence::Jsd { beta: 0.3 },
+    ][div_pick as usize % 3];
+    let mut tail = [
+        SparseTail::Renormalize,
+        SparseTail::Bucket,
+        SparseTail::Uniform,
+    ][tail_pick as usize % 3];
+    let values = if logits {
+        tail = SparseTail::Renormalize;
+        SparseValues::Logits
+    } else {
+        SparseValues::LogProbs
+    };
+    if divergence == Divergence::ReverseKl && tail == SparseTail::Renormalize && k < v {
+        if logits {
+            divergence = Divergence::ForwardKl;
+        } else {
+            tail = SparseTail::Bucket;
+        }
+    }
+    let mut spec = FusedLinearKd {
+        divergence,
+        chunk_rows,
+        // With chunk_rows 0: chunks from a budget of about 3 rows.
+        memory_budget: 4 * 3 * (2 * h + v + k),
+        label_smoothing: if weighting_pick % 2 == 0 { 0.1 } else { 0.0 },
+        reduction: if weighting_pick % 5 == 4 {
+            Reduction::Sum
+        } else {
+            Reduction::BatchMean
+        },
+        grad_scale: if weighting_pick % 3 == 2 { 0.5 } else { 1.0 },
+        ..FusedLinearKd::new(h, v, temperature, 0.3)
+    };
+    // Hinton alpha 0.3 or 0 (the divergence only), or Liger's weights (hard 0.4 or 0).
+    match weighting_pick / 8 % 4 {
+        0 => {}
+        1 => spec.weighting = distillation::Weighting::Hinton { alpha: 0.0 },
+        2 => spec = spec.liger(0.4, 0.7),
+        _ => spec = spec.liger(0.0, 1.3),
+    }
+    let labels = labels || spec.has_hard();
+    Case {
+        n,
+        spec,
+        teacher: TeacherKind::Sparse {
+            k,
+            values,
+            tail,
+            random_support,
+        },
+        bias: weighting_pick / 2 % 2 == 1,
+        mask_every: if labels { mask_every } else { 0 },
+        labels,
+    }
+}
+
+/// The highest temperature the case may use on `b` (the wgpu sparse kernel's limit).
+fn max_temperature<B: Backend>(b: &B) -> f32 {
+    if b.name().starts_with("wgpu") {
+        30.0
+    } else {
+        100.0
+    }
+}
+
+/// Fixed sparse cases: N = 1, H = 1, k = 1 and k = V, chunks of 1, 7 and N, every tail and value
+/// kind, all rows masked, bf16 inputs (gradients in bf16 and in f32).
+fn sparse_teacher_cases<B: Backend>(b: &B) {
+    let t_max = max_temperature(b);
+    let mut cases = Vec::new();
+    for (i, &(n, h, v)) in [(1, 1, 1), (1, 3, 17), (9, 1, 13), (23, 7, 61), (12, 5, 130)]
+        .iter()
+        .enumerate()
+    {
+        for chunk_pick in 0..3 {
+            for k_pick in [0, 1, 6] {
+                for (tail_pick, logits) in [(0, false), (1, false), (2, false), (0, true)] {
+                    let div_pick = ((i + chunk_pick + tail_pick as usize) % 3) as u8;
+                    let w_pick = (i * 8 + k_pick + chunk_pick) as u8;
+                    cases.push(sparse_case(
+                        (n, h, v),
+                        k_pick,
+                        chunk_pick,
+                        div_pick,
+                        tail_pick,
+                        logits,
+                        2.0,
+                        w_pick,
+                        3,
+                        true,
+                        k_pick == 6,
+                    ));
+                }
+            }
+        }
+    }
+    // All rows masked; the divergence only without labels; temperatures small and large.
+    cases.push(sparse_case(
+        (8, 3, 11),
+        2,
+        1,
+        0,
+        1,
+        false,
+        2.0,
+        0,
+        1,
+        true,
+        false,
+    ));
+    cases.push(sparse_case(
+        (10, 4, 29),
+        5,
+        3,
+        2,
+        2,
+        false,
+        1.5,
+        8,
+        0,
+        false,
+        false,
+    ));
+    for t in [0.25, 4.0, t_max] {
+        cases.push(sparse_case(
+            (7, 6, 40),
+            3,
+            1,
+            1,
+            1,
+            false,
+            t,
+            16,
+            3,
+            true,
+            false,
+        ));
+        cases.push(sparse_case(
+            (7, 6, 40),
+            1,
+            2,
+            2,
+            0,
+            true,
+            t,
+            1,
+            2,
+            true,
+            false,
+        ));
+    }
+    for (i, case) in cases.iter().enumerate() {
+        check_case(b, case, 900 + i as u64, Dtype::F32, Dtype::F32);
+    }
+    // bf16 inputs (states, weight, bias, values).
+    for (i, case) in cases.iter().enumerate().step_by(7) {
+        check_case(b, case, 1900 + i as u64, Dtype::Bf16, Dtype::Bf16);
+        check_case(b, case, 1900 + i as u64, Dtype::Bf16, Dtype::F32);
+    }
+}
+
+/// Drawn sparse cases against the f64 composition.
+fn sparse_teacher_proptest<B: Backend>(b: &B) {
+    let t_max = max_temperature(b);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let shapes = prop_oneof![
+        3 => (1usize..12, 1usize..9, 1usize..70),
+        1 => (1usize..5, 1usize..4, 70usize..300),
+    ];
+    let strategy = (
+        shapes,
+        (
+            0usize..1000,
+            0usize..4,
+            any::<u8>(),
+            any::<u8>(),
+            any::<bool>(),
+        ),
+        (
+            prop_oneof![Just(1.0f32), Just(0.1), Just(t_max), 0.3f32..8.0],
+            any::<u8>(),
+            prop_oneof![Just(0usize), Just(1), Just(3)],
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        (any::<bool>(), any::<u64>()),
+    );
+    runner
+        .run(
+            &strategy,
+            |(shape, (k, chunk, div, tail, logits), (t, w, mask, labels, rs), (bf, seed))| {
+                let case = sparse_case(shape, k, chunk, div, tail, logits, t, w, mask, labels, rs);
+                let (dtype, grad_dtype) = match (bf, seed % 2) {
+                    (false, _) => (Dtype::F32, Dtype::F32),
+                    (true, 0) => (Dtype::Bf16, Dtype::Bf16),
+                    (true, _) => (Dtype::Bf16, Dtype::F32),
+                };
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check_case(b, &case, seed, dtype, grad_dtype)
+                }));
+                r.map_err(|e| {
+                    let m = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    TestCaseError::fail(m)
+                })
+            },
+        )
+        .unwrap();
+}
+
 backend_tests!(
     matches_the_f64_composition,
     half_inputs,
     accumulates,
-    copy_rows_between_dtypes
+    copy_rows_between_dtypes,
+    sparse_teacher_cases,
+    sparse_teacher_proptest
 );
+
+/// The sparse fused form of the reference against finite differences of its loss (grad_h,
+/// grad_W): Liger's weighting, JSD, the bucket tail, masked rows.
+#[test]
+fn sparse_reference_gradients_match_finite_differences() {
+    let case = Case {
+        spec: FusedLinearKd {
+            divergence: Divergence::Jsd { beta: 0.4 },
+            label_smoothing: 0.1,
+            ..FusedLinearKd::new(3, 7, 2.0, 0.0)
+        }
+        .liger(0.6, 0.9),
+        ..sparse_case((5, 3, 7), 3, 0, 2, 1, false, 2.0, 0, 3, true, true)
+    };
+    finite_differences(&case);
+}
 
 /// The reference composition itself against finite differences of its loss (grad_h, grad_W).
 #[test]
 fn reference_gradients_match_finite_differences() {
-    let case = Case {
+    finite_differences(&Case {
         n: 5,
         spec: FusedLinearKd {
             divergence: Divergence::Jsd { beta: 0.4 },
@@ -523,7 +924,11 @@ fn reference_gradients_match_finite_differences() {
         bias: true,
         mask_every: 3,
         labels: true,
-    };
+    });
+}
+
+fn finite_differences(case: &Case) {
+    let case = case.clone();
     let x = inputs(&case, 3, Dtype::F32);
     let (_, gh, gw, _) = expected(&case, &x, 1.0);
     let loss_at = |hv: &[f32], wv: &[f32]| {
@@ -538,6 +943,8 @@ fn reference_gradients_match_finite_differences() {
             labels: x.labels.clone(),
             grad_w0: vec![0.0; x.grad_w0.len()],
             grad_b0: vec![0.0; x.grad_b0.len()],
+            idx: x.idx.clone(),
+            vals: x.vals.clone(),
         };
         expected(&case, &y, 1.0).0
     };

@@ -1,10 +1,12 @@
 //! `FusedLinearKd` refuses bad input on every backend with an error that names the problem:
-//! shapes, missing or unused inputs, labels, the spec's values, aliased outputs.
+//! shapes, missing or unused inputs, labels, the spec's values, aliased outputs; a sparse
+//! teacher's k, tail, indices (out of range, repeated: the batch's row named) and values.
 
 use crate::common;
 
 use distillation::{
-    Backend, Divergence, Error, FusedGrads, FusedLinearKd, Linear, Reduction, Teacher,
+    Backend, Divergence, Error, FusedGrads, FusedLinearKd, Linear, Reduction, SparseTail,
+    SparseValues, Teacher,
 };
 
 /// Bad input is an error that names the problem, never a panic.
@@ -135,4 +137,154 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
     );
 }
 
-backend_tests!(bad_input_is_an_error);
+/// A sparse teacher's bad input: an error before anything is written, naming the batch's row
+/// (not the chunk's), on every backend.
+fn bad_sparse_teacher_is_an_error<B: Backend>(b: &B) {
+    let (n, h, v, k) = (5, 3, 7, 2);
+    let spec = FusedLinearKd {
+        chunk_rows: 2,
+        ..FusedLinearKd::new(h, v, 2.0, 0.5)
+    };
+    let hid = b.upload(&vec![0.1; n * h]).unwrap();
+    let w = b.upload(&vec![0.1; v * h]).unwrap();
+    let gh = b.filled(n * h, 0.0).unwrap();
+    let gw = b.filled(v * h, 0.0).unwrap();
+    let labels = vec![0, 1, 2, 3, 4];
+    let student = Linear {
+        hidden: &hid,
+        weight: &w,
+        bias: None,
+    };
+    let grads = FusedGrads {
+        hidden: Some(&gh),
+        weight: Some(&gw),
+        bias: None,
+    };
+    let idx: Vec<i32> = vec![0, 1, 2, 3, 4, 5, 6, 0, 1, 2];
+    let lp = vec![
+        -1.0f32, -2.0, -0.5, -3.0, -1.0, -1.0, -0.2, -4.0, -1.5, -1.5,
+    ];
+    let vals = b.upload(&lp).unwrap();
+    let run = |spec: &FusedLinearKd,
+               idx: &[i32],
+               vals: &B::Buffer,
+               k: usize,
+               values_kind: SparseValues,
+               tail: SparseTail| {
+        let teacher = Teacher::Sparse {
+            indices: idx,
+            values: vals,
+            k,
+            values_kind,
+            tail,
+        };
+        spec.run(b, &student, &teacher, Some(&labels), &grads)
+    };
+    let lps = SparseValues::LogProbs;
+    let ok = run(&spec, &idx, &vals, k, lps, SparseTail::Bucket);
+    assert!(ok.is_ok(), "{ok:?}");
+    let err = |r: distillation::Result<f32>, what: &str| {
+        let e = r.expect_err(what);
+        assert!(!e.to_string().is_empty(), "{what}");
+        e
+    };
+    // Out of range and repeated indices, in row 3 (the second chunk's second row).
+    for (bad, what) in [(7, "index out of range"), (6, "repeated index")] {
+        let mut i = idx.clone();
+        i[7] = bad;
+        let before = b.download(&gw).unwrap();
+        match err(run(&spec, &i, &vals, k, lps, SparseTail::Bucket), what) {
+            Error::Input { row, .. } => assert_eq!(row, 3, "{what}"),
+            e => panic!("{what}: {e}"),
+        }
+        assert_eq!(b.download(&gw).unwrap(), before, "{what}: grad_W written");
+    }
+    let mut i = idx.clone();
+    i[9] = -1;
+    err(
+        run(&spec, &i, &vals, k, lps, SparseTail::Bucket),
+        "negative index",
+    );
+    // Log-probabilities above 0 or summing past 1 (row 4), NaN.
+    for (j, x) in [(8, 0.5f32), (9, -0.1), (2, f32::NAN)] {
+        let mut l = lp.clone();
+        l[j] = x;
+        let bad = b.upload(&l).unwrap();
+        match err(run(&spec, &idx, &bad, k, lps, SparseTail::Bucket), "values") {
+            Error::Input { row, .. } => assert_eq!(row, j / k, "value {x}"),
+            e => panic!("value {x}: {e}"),
+        }
+    }
+    // k: 0, above V, not matching the arrays.
+    err(run(&spec, &idx, &vals, 0, lps, SparseTail::Bucket), "k = 0");
+    err(run(&spec, &idx, &vals, 8, lps, SparseTail::Bucket), "k > V");
+    assert!(matches!(
+        err(run(&spec, &idx, &vals, 1, lps, SparseTail::Bucket), "k = 1"),
+        Error::Shape { .. }
+    ));
+    assert!(matches!(
+        err(
+            run(&spec, &idx[..8], &vals, k, lps, SparseTail::Bucket),
+            "short indices"
+        ),
+        Error::Shape { .. }
+    ));
+    let short = b.upload(&lp[..9]).unwrap();
+    assert!(matches!(
+        err(
+            run(&spec, &idx, &short, k, lps, SparseTail::Bucket),
+            "short values"
+        ),
+        Error::Shape { .. }
+    ));
+    // A tail with logits; reverse KL with the renormalize tail (k < V).
+    err(
+        run(
+            &spec,
+            &idx,
+            &vals,
+            k,
+            SparseValues::Logits,
+            SparseTail::Uniform,
+        ),
+        "tail with logits",
+    );
+    let rkl = FusedLinearKd {
+        divergence: Divergence::ReverseKl,
+        ..spec
+    };
+    err(
+        run(&rkl, &idx, &vals, k, lps, SparseTail::Renormalize),
+        "reverse KL, renormalize",
+    );
+    // A sparse teacher for a loss without a divergence term; none for one with it.
+    let ce = FusedLinearKd::cross_entropy_only(h, v);
+    err(
+        run(&ce, &idx, &vals, k, lps, SparseTail::Bucket),
+        "unused teacher",
+    );
+    // The values as an output: grad_h over the values ([N, 3] logits, k = 3).
+    let big = b.upload(&vec![-1.0; n * h]).unwrap();
+    let idx3: Vec<i32> = (0..n * 3).map(|i| (i % 7) as i32).collect();
+    let teacher = Teacher::Sparse {
+        indices: &idx3,
+        values: &big,
+        k: 3,
+        values_kind: SparseValues::Logits,
+        tail: SparseTail::Renormalize,
+    };
+    let alias = FusedGrads {
+        hidden: Some(&big),
+        weight: None,
+        bias: None,
+    };
+    assert!(matches!(
+        err(
+            spec.run(b, &student, &teacher, Some(&labels), &alias),
+            "values aliased"
+        ),
+        Error::Alias(_)
+    ));
+}
+
+backend_tests!(bad_input_is_an_error, bad_sparse_teacher_is_an_error);

@@ -4,11 +4,12 @@
 //!
 //! For each chunk of rows the loop below computes, on any [`Backend`]:
 //! 1. `s = h W^T (+ b)` and the teacher's logits (given `[N, V]`, or `h_t W_t^T (+ b_t)` with
-//!    `V_t >= V`, the columns past `V` dropped) into f32 scratch;
-//! 2. the existing fused row kernel (Hinton, divergence or cross-entropy) over the chunk, its
-//!    gradient written in place over `s`, scaled by `grad_scale / N_valid` with `N_valid` the count
-//!    of valid rows of the whole batch (the kernel runs with `Reduction::Sum`, so no chunk is
-//!    normalised by its own count); the chunk's loss is added into an f32 total on the device;
+//!    `V_t >= V`, the columns past `V` dropped) into f32 scratch; a sparse top-k teacher's `[N, k]`
+//!    indices and values (section 10) are only cut to the chunk's rows;
+//! 2. the existing fused row kernel (Hinton, divergence, cross-entropy or sparse) over the chunk,
+//!    its gradient written in place over `s`, scaled by `grad_scale / N_valid` with `N_valid` the
+//!    count of valid rows of the whole batch (the kernel runs with `Reduction::Sum`, so no chunk
+//!    is normalised by its own count); the chunk's loss is added into an f32 total on the device;
 //! 3. `grad_h = g W` for the chunk's rows, `grad_W += g^T h`, `grad_b += colsum(g)`.
 //!
 //! The loss is `w_hard CE + w_soft c_T D`, `D` the divergence at temperature `T` (forward KL,
@@ -19,6 +20,13 @@
 //! rows sized from [`FusedLinearKd::memory_budget`]; plus an f32 copy of a bf16 / f16 weight where
 //! the backend's matmul reads f32 only (wgpu, CUDA: [`Backend::matmul_reads_half`]) and an f32
 //! accumulator for a bf16 / f16 `grad_W` or `grad_b` (pass f32 gradient buffers to avoid both).
+//!
+//! | teacher | scratch per row | row kernel |
+//! | --- | --- | --- |
+//! | [`Teacher::None`] | — | cross-entropy |
+//! | [`Teacher::Logits`] `[N, V]` | `V` | Hinton (forward KL), or divergence (+ cross-entropy) |
+//! | [`Teacher::Linear`] `[N, H_t]`, `[V_t, H_t]` | `V` (+ `V_t` when padded, + `H_t`) | as logits |
+//! | [`Teacher::Sparse`] `[N, k]` indices and values | `k` | sparse (section 10), both terms |
 //!
 //! | piece | file |
 //! | --- | --- |
@@ -34,7 +42,8 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::{
-    CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, Reduction, RowShape, IGNORE_INDEX,
+    CrossEntropySpec, Divergence, DivergenceSpec, HintonSpec, Reduction, RowShape, SparseSpec,
+    SparseTail, SparseValues, IGNORE_INDEX,
 };
 
 /// The default scratch budget of one chunk of rows: 48 MiB. At the CPU benchmark's shape (N =
@@ -171,6 +180,46 @@ impl FusedLinearKd {
         chunk.min(rows).max(1)
     }
 
+    /// The sparse row kernel's spec for `rows` rows of a sparse teacher (`k`, its values and
+    /// tail): `s (alpha' CE + (1 - alpha') T^2 D)` with `s alpha' = w_hard` and `s (1 - alpha') =
+    /// w_soft_kernel` ([`Weighting::factors`]), so that the weighting applies as for a dense
+    /// teacher. Returns the spec (`Reduction::Sum`, `grad_scale` unset) and `s`.
+    pub(crate) fn sparse_spec(
+        &self,
+        rows: usize,
+        k: usize,
+        values: SparseValues,
+        tail: SparseTail,
+    ) -> (SparseSpec, f64) {
+        let (hard, soft) = self.weighting.factors(self.temperature);
+        let s = hard + soft;
+        let alpha = if s > 0.0 {
+            (hard / s).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let spec = SparseSpec {
+            divergence: self.divergence,
+            values,
+            tail,
+            alpha: alpha as f32,
+            label_smoothing: self.label_smoothing,
+            reduction: Reduction::Sum,
+            ignore_index: self.ignore_index,
+            ..SparseSpec::new(RowShape::new(rows, self.vocab), k, self.temperature)
+        };
+        (spec, s)
+    }
+
+    /// Whether a sparse teacher's two terms run as two kernels (cross-entropy's, then the sparse
+    /// one with `alpha' = 0`) rather than one: when the soft term's share `1 - alpha'` is below
+    /// 1/64 (Liger's weighting at a high temperature, `w_soft / T^2` beside `w_hard`), where the
+    /// one kernel's f32 `alpha'` would leave `1 - alpha'` with a relative error above 2e-6.
+    pub(crate) fn sparse_split(&self) -> bool {
+        let (hard, soft) = self.weighting.factors(self.temperature);
+        hard != 0.0 && soft != 0.0 && soft / (hard + soft) < 1.0 / 64.0
+    }
+
     /// Loss, `grad_h` (overwritten), `grad_W` and `grad_b` (added to) for `student`'s states and
     /// weight against `teacher`; `labels` `[N]` (required with a cross-entropy term; otherwise
     /// optional, masking rows). Returns the loss (one download at the end).
@@ -241,7 +290,7 @@ impl FusedLinearKd {
                 &sc.logits,
             )?;
             match teacher {
-                Teacher::None => {}
+                Teacher::None | Teacher::Sparse { .. } => {}
                 Teacher::Logits(t) => {
                     let dst = sc.teacher.as_ref().expect("teacher scratch");
                     b.copy_rows(&CopySpec::contiguous(c * v, r0 * v, 0), t, dst)?;
@@ -280,7 +329,63 @@ impl FusedLinearKd {
                 Some(l) => Some(b.upload_labels(&l[r0..r0 + c])?),
                 None => None,
             };
-            self.chunk_loss(b, sc, chunk_labels.as_ref(), f, &total)?;
+            match teacher {
+                Teacher::Sparse {
+                    indices,
+                    values,
+                    k,
+                    values_kind,
+                    tail,
+                } => {
+                    let k = *k;
+                    let vals = sc.sparse_values.as_ref().expect("sparse values scratch");
+                    b.copy_rows(&CopySpec::contiguous(c * k, r0 * k, 0), values, vals)?;
+                    let idx = b.upload_labels(&indices[r0 * k..(r0 + c) * k])?;
+                    let (mut spec, mut s) = self.sparse_spec(c, k, *values_kind, *tail);
+                    let split = self.sparse_split();
+                    if split {
+                        // Cross-entropy's gradient aside; the sparse kernel for the divergence
+                        // alone (alpha' = 0), weighted exactly.
+                        let (hard, soft) = self.weighting.factors(self.temperature);
+                        let gce = sc.grad_ce.as_ref().expect("cross-entropy gradient scratch");
+                        let labels = chunk_labels.as_ref().ok_or_else(|| {
+                            Error::Unsupported("a cross-entropy term needs labels".into())
+                        })?;
+                        let ce = CrossEntropySpec {
+                            label_smoothing: self.label_smoothing,
+                            reduction: Reduction::Sum,
+                            ignore_index: self.ignore_index,
+                            grad_scale: (self.grad_scale as f64 * hard * f) as f32,
+                            ..CrossEntropySpec::new(RowShape::new(c, v))
+                        };
+                        let out = LossOut::<B> {
+                            loss: &sc.part,
+                            row_loss: None,
+                            grad_student: GradOut::Into(gce),
+                            grad_teacher: None,
+                        };
+                        b.cross_entropy(&ce, &sc.logits, labels, out)?;
+                        b.axpy((hard * f) as f32, &sc.part, &total)?;
+                        spec.alpha = 0.0;
+                        s = soft;
+                    }
+                    spec.grad_scale = (self.grad_scale as f64 * s * f) as f32;
+                    let out = LossOut::<B> {
+                        loss: &sc.part,
+                        row_loss: None,
+                        grad_student: GradOut::InPlace,
+                        grad_teacher: None,
+                    };
+                    b.sparse_kd(&spec, &sc.logits, &idx, vals, chunk_labels.as_ref(), out)
+                        .map_err(|e| batch_row(e, r0))?;
+                    b.axpy((s * f) as f32, &sc.part, &total)?;
+                    if split {
+                        let gce = sc.grad_ce.as_ref().expect("cross-entropy gradient scratch");
+                        b.axpy(1.0, gce, &sc.logits)?;
+                    }
+                }
+                _ => self.chunk_loss(b, sc, chunk_labels.as_ref(), f, &total)?,
+            }
             // 3. The layer's gradients.
             if let Some(gh) = grads.hidden {
                 let spec = MatmulSpec::new(c, v, h);
@@ -423,6 +528,26 @@ pub enum Teacher<'a, B: Backend + ?Sized> {
         hidden: usize,
         vocab: usize,
     },
+    /// A sparse top-k teacher (`docs/LOSSES.md` sections 10 and 11): per row `k` distinct class
+    /// indices in `0..V` (`indices`, `[N, k]` row-major on the host, as the labels; each chunk's
+    /// rows are uploaded as it runs) and their `k` values (`values`, `[N, k]`, any dtype on the
+    /// device): log-probabilities at T = 1 as a top-k cache stores them, or logits
+    /// (`values_kind`). The soft term is section 10's `T^2 D(Q || P)` with the student's full
+    /// softmax `p` over `V`, the teacher `Q` from its top-k and `tail`:
+    /// [`SparseTail::Renormalize`] (the top-k is the whole distribution), `Bucket` (one extra
+    /// event of mass `1 - sum e^l`) or `Uniform` (that mass spread over the other `V - k`
+    /// classes); the tails need log-probabilities. The tail only changes `D`: the weighting
+    /// applies as for a dense teacher (`w_hard CE + w_soft c_T D`, CE at T = 1 with label
+    /// smoothing). The whole `[N, k]` teacher is checked before anything runs (one download of
+    /// the values on a device backend): indices distinct and in `0..V`, values valid for their
+    /// kind, with an error naming the row.
+    Sparse {
+        indices: &'a [i32],
+        values: &'a B::Buffer,
+        k: usize,
+        values_kind: SparseValues,
+        tail: SparseTail,
+    },
 }
 
 /// Where the gradients go (each optional): `hidden` `[N, H]` is overwritten; `weight` `[V, H]`
@@ -439,7 +564,22 @@ pub(crate) struct Dims {
     pub rows: usize,
     /// `(H_t, V_t)` of a teacher given as a layer.
     pub teacher_layer: Option<(usize, usize)>,
+    /// `k` of a sparse teacher.
+    pub sparse_k: Option<usize>,
     pub teacher: bool,
+}
+
+/// An error of a chunk's row kernel naming the row within the chunk, renamed to the batch's row
+/// (the chunk starts at row `r0`).
+fn batch_row(e: Error, r0: usize) -> Error {
+    match e {
+        Error::Input { what, row, problem } => Error::Input {
+            what,
+            row: row + r0,
+            problem,
+        },
+        e => e,
+    }
 }
 
 /// A borrowed buffer, or an owned f32 copy of it.
@@ -517,6 +657,8 @@ struct Scratch<B: Backend> {
     teacher_hidden: Option<B::Buffer>,
     /// `[rows, V]`: cross-entropy's gradient beside a reverse KL or JSD.
     grad_ce: Option<B::Buffer>,
+    /// `[rows, k]`: a sparse teacher's values for the chunk's rows.
+    sparse_values: Option<B::Buffer>,
     /// `[rows, H]`: the chunk's `grad_h` before it is stored in the caller's dtype.
     grad_h: B::Buffer,
     /// `[1]`: a kernel's loss.
@@ -525,18 +667,24 @@ struct Scratch<B: Backend> {
 
 impl<B: Backend> Scratch<B> {
     /// The columns of each scratch matrix, in the order of the fields.
-    fn widths(spec: &FusedLinearKd, dims: &Dims, grads: &FusedGrads<'_, B>) -> [usize; 7] {
+    fn widths(spec: &FusedLinearKd, dims: &Dims, grads: &FusedGrads<'_, B>) -> [usize; 8] {
         let (h, v) = (spec.hidden, spec.vocab);
         let (ht, vt) = dims.teacher_layer.unwrap_or((0, 0));
-        let two_kernels =
-            spec.has_hard() && spec.has_soft() && spec.divergence != Divergence::ForwardKl;
+        // A sparse teacher runs one kernel for both terms and has no dense teacher logits.
+        let sparse = dims.sparse_k.is_some();
+        let two_kernels = if sparse {
+            spec.sparse_split()
+        } else {
+            spec.has_hard() && spec.has_soft() && spec.divergence != Divergence::ForwardKl
+        };
         [
             h,
             v,
-            if dims.teacher { v } else { 0 },
+            if dims.teacher && !sparse { v } else { 0 },
             if vt > v { vt } else { 0 },
             ht,
             if two_kernels { v } else { 0 },
+            dims.sparse_k.unwrap_or(0),
             if grads.hidden.is_some() { h } else { 0 },
         ]
     }
@@ -552,7 +700,7 @@ impl<B: Backend> Scratch<B> {
         grads: &FusedGrads<'_, B>,
         rows: usize,
     ) -> Result<Self> {
-        let [h, v, t, tw, th, gce, gh] = Self::widths(spec, dims, grads);
+        let [h, v, t, tw, th, gce, sv, gh] = Self::widths(spec, dims, grads);
         let some = |cols: usize| -> Result<Option<B::Buffer>> {
             if cols == 0 {
                 Ok(None)
@@ -568,6 +716,7 @@ impl<B: Backend> Scratch<B> {
             teacher_wide: some(tw)?,
             teacher_hidden: some(th)?,
             grad_ce: some(gce)?,
+            sparse_values: some(sv)?,
             grad_h: b.filled(rows * gh.max(1), 0.0)?,
             part: b.filled(1, 0.0)?,
         })

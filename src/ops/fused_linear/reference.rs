@@ -1,11 +1,15 @@
 //! The f64 reference of [`super::FusedLinearKd`]: the unfused composition, every step in f64 over
 //! the whole batch at once (the logits `[N, V]` materialised, the row losses' references with the
 //! batch's own reduction, then the two backward matmuls). Every fused result is checked
-//! against it.
+//! against it. A sparse teacher's soft term is the sparse reference (`ops::sparse::reference`,
+//! section 10) with `alpha = 0`, beside the same cross-entropy reference as the dense teachers'.
 
 use super::FusedLinearKd;
 use crate::ops::dense::{self, MatmulSpec};
-use crate::ops::{cross_entropy, divergence, CrossEntropySpec, DivergenceSpec, RowShape};
+use crate::ops::{
+    cross_entropy, divergence, sparse, CrossEntropySpec, DivergenceSpec, RowShape, SparseSpec,
+    SparseTail, SparseValues,
+};
 
 /// A layer in f64: `hidden` `[N, H]`, `weight` `[V, H]`, `bias` `[V]`.
 pub struct LayerF64<'a> {
@@ -23,6 +27,15 @@ pub enum TeacherF64<'a> {
         layer: LayerF64<'a>,
         hidden: usize,
         vocab: usize,
+    },
+    /// A sparse top-k teacher: `[N, k]` indices (distinct classes, checked by the caller) and
+    /// values of `values_kind`, with `tail` (section 10).
+    Sparse {
+        indices: &'a [i32],
+        values: &'a [f64],
+        k: usize,
+        values_kind: SparseValues,
+        tail: SparseTail,
     },
 }
 
@@ -62,7 +75,7 @@ pub fn fused_linear_kd(
     let n = student.hidden.len() / h;
     let s = linear(student, h, v);
     let t: Option<Vec<f64>> = match teacher {
-        TeacherF64::None => None,
+        TeacherF64::None | TeacherF64::Sparse { .. } => None,
         TeacherF64::Logits(t) => Some(t.to_vec()),
         TeacherF64::Linear {
             layer,
@@ -104,7 +117,27 @@ pub fn fused_linear_kd(
             grad_scale: spec.grad_scale,
             ..DivergenceSpec::new(shape, spec.temperature)
         };
-        let r = divergence::reference::divergence(&d, &s, t.as_deref().expect("teacher"), labels);
+        let r = match teacher {
+            TeacherF64::Sparse {
+                indices,
+                values,
+                k,
+                values_kind,
+                tail,
+            } => {
+                let sp = SparseSpec {
+                    divergence: spec.divergence,
+                    values: *values_kind,
+                    tail: *tail,
+                    reduction: spec.reduction,
+                    ignore_index: spec.ignore_index,
+                    grad_scale: spec.grad_scale,
+                    ..SparseSpec::new(shape, *k, spec.temperature)
+                };
+                sparse::reference::sparse_kd(&sp, &s, indices, values, labels)
+            }
+            _ => divergence::reference::divergence(&d, &s, t.as_deref().expect("teacher"), labels),
+        };
         loss += soft * r.loss;
         for (o, x) in g.iter_mut().zip(&r.grad_student) {
             *o += soft * x;

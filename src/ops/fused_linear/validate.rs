@@ -5,6 +5,7 @@
 use super::{Dims, FusedGrads, FusedLinearKd, Linear, Teacher, Weighting};
 use crate::backend::{validate::no_alias, Backend};
 use crate::error::{Error, Result};
+use crate::ops::sparse::check_sparse_teacher;
 use crate::ops::{
     check_grad_scale, check_labels, check_temperature, check_unit, Divergence, Reduction,
 };
@@ -146,6 +147,7 @@ pub(super) fn call<B: Backend>(
     let mut dims = Dims {
         rows: n,
         teacher_layer: None,
+        sparse_k: None,
         teacher: !matches!(teacher, Teacher::None),
     };
     let mut inputs = vec![("hidden", student.hidden), ("weight", student.weight)];
@@ -211,11 +213,40 @@ pub(super) fn call<B: Backend>(
             inputs.push(("teacher weight", layer.weight));
             inputs.extend(layer.bias.map(|x| ("teacher bias", x)));
         }
+        Teacher::Sparse {
+            indices,
+            values,
+            k,
+            values_kind,
+            tail,
+        } => {
+            // The sparse row kernel's own checks of k, the tail against the values' kind and
+            // the divergence (section 10), on the whole batch; the arrays after the labels.
+            let (sparse, _) = s.sparse_spec(n, *k, *values_kind, *tail);
+            sparse.validate()?;
+            if indices.len() != n * k {
+                return Err(Error::shape(
+                    "sparse teacher indices",
+                    indices.len(),
+                    n * k,
+                    format!("the sparse teacher's indices are [{n}, {k}] row-major"),
+                ));
+            }
+            exact(
+                b,
+                "sparse teacher values",
+                values,
+                n * k,
+                format!("the sparse teacher's values are [{n}, {k}] row-major"),
+            )?;
+            dims.sparse_k = Some(*k);
+            inputs.push(("sparse teacher values", values));
+        }
     }
     if s.has_soft() && !dims.teacher {
         return Err(Error::Unsupported(
-            "the loss has a divergence term but no teacher was given: pass Teacher::Logits or \
-             Teacher::Linear, or use FusedLinearKd::cross_entropy_only"
+            "the loss has a divergence term but no teacher was given: pass Teacher::Logits, \
+             Teacher::Linear or Teacher::Sparse, or use FusedLinearKd::cross_entropy_only"
                 .into(),
         ));
     }
@@ -240,6 +271,19 @@ pub(super) fn call<B: Backend>(
             ))
         }
         None => {}
+    }
+    if let Teacher::Sparse {
+        indices,
+        values,
+        k,
+        values_kind,
+        tail,
+    } = teacher
+    {
+        // Every row's indices (distinct, in 0..V) and the values of the rows not masked, with
+        // the batch's row numbers, before anything is written (one download on a device).
+        let (sparse, _) = s.sparse_spec(n, *k, *values_kind, *tail);
+        check_sparse_teacher(&sparse, indices, &b.download(values)?, labels)?;
     }
     let mut outputs = Vec::new();
     if let Some(g) = grads.hidden {
