@@ -34,11 +34,11 @@ use ::burn::tensor::wgpu::WgpuSetup;
 use ::burn::tensor::{DType, Device, Int, IntDType, Shape, StreamId, Tensor};
 
 use super::Loss;
-use crate::backend::wgpu::WgpuOptions;
+use crate::backend::wgpu::{WgpuBuffer, WgpuOptions};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::{CrossEntropySpec, DivergenceSpec, RowShape, TeacherInput};
-use crate::{Backend, GradOut, LossOut, WgpuBackend, WgpuBuffer};
+use crate::{Backend, GradOut, LossOut, WgpuBackend};
 
 /// The server type of a wgpu runtime registered from an existing setup.
 type Server = WgpuServer<AutoCompiler>;
