@@ -313,7 +313,7 @@ pub(super) fn try_apply<const D: usize, const L: usize>(
     };
     let t_cube = match teacher {
         Some(t) => match cube_of(t) {
-            Some(c) => Some(c),
+            Some(cube) => Some(cube),
             None => return Ok(None),
         },
         None => None,
@@ -326,7 +326,7 @@ pub(super) fn try_apply<const D: usize, const L: usize>(
             .cast(IntDType::I32)
             .try_into_primitive::<Cube>()
         {
-            Ok(c) if c.dtype == DType::I32 && bindable(&c) => Some(c),
+            Ok(cube) if cube.dtype == DType::I32 && bindable(&cube) => Some(cube),
             _ => return Ok(None),
         },
         None => None,
