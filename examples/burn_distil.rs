@@ -1,8 +1,9 @@
 //! A burn trainer that distils with our loss: a burn MLP teacher (64-256-10) trained with burn's
 //! cross-entropy and Adam on the digits set, then a small student (64-16-10) trained with
 //! `distillation::burn::kd_loss` in its step, beside the same student trained alone with burn's
-//! cross-entropy. On burn's wgpu device (lavapipe where there is no GPU), or its Flex CPU device
-//! with `--cpu`.
+//! cross-entropy. On the burn wgpu device shared with our kernels
+//! (`distillation::burn::wgpu_device`: the loss runs on burn's buffers, no host copies; lavapipe
+//! where there is no GPU), or burn's Flex CPU device with `--cpu`.
 //!
 //! ```text
 //! cargo run --release --features burn --example burn_distil [-- --cpu]
@@ -13,7 +14,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::relu;
-use burn::tensor::{DType, Device, DeviceKind, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use distillation::data::Dataset;
 
 #[derive(Module, Debug)]
@@ -84,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = if cpu {
         Device::flex().autodiff()
     } else {
-        Device::wgpu(DeviceKind::DefaultDevice).autodiff()
+        distillation::burn::wgpu_device()?.autodiff()
     };
     let data = Dataset::digits()?;
     let (dim, classes) = (data.dim, data.classes);
@@ -129,7 +130,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let t_acc = accuracy(&teacher, x_test, y_test, dim, &dev);
     let (d_acc, s_acc) = (student(true), student(false));
-    let on = if cpu { "burn Flex CPU" } else { "burn wgpu" };
+    let on = if cpu {
+        "burn Flex CPU"
+    } else {
+        "burn wgpu, shared with our kernels"
+    };
     println!("on {on}:");
     println!(
         "teacher (64-256-10, burn CE)               {:.2}%",
@@ -142,6 +147,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "student alone (64-16-10, burn CE)          {:.2}%",
         100.0 * s_acc
+    );
+    // 0 on the shared wgpu device: the loss never read a tensor to the host.
+    println!(
+        "tensors our loss read to the host: {}",
+        distillation::burn::host_reads()
     );
     Ok(())
 }

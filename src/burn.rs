@@ -22,13 +22,24 @@
 //! back in the logits' dtype, as our kernels round it), labels any integer dtype (`ignore_index`,
 //! -100 by default, masks a row).
 //!
-//! Devices: every burn device, through host copies (two reads of `[N, C]` and one upload of the
-//! gradient). The zero-copy route on burn's wgpu device (our WGSL kernels bound to burn's
-//! buffers) is not written yet (`docs/ARCHITECTURE.md`, adapters); bf16 / f16 on a device work
-//! where burn's backend has those dtypes (WGSL has no bf16).
+//! Devices: on the burn wgpu device of [`wgpu_device`], without copies: our WGSL kernels run on
+//! burn's wgpu device and queue and bind burn's own buffers (logits f32 or f16, contiguous;
+//! labels cast to i32 on the device), write the loss and the gradient into buffers burn
+//! allocated, and the same surrogate gives burn's autodiff our gradient (`src/burn/wgpu.rs`,
+//! `docs/ARCHITECTURE.md` adapters). There, as on our own wgpu backend, the labels are not read
+//! back: a label that is neither a class nor `ignore_index` gives a NaN loss instead of an `Err`.
+//! Every other device (Flex, burn's default wgpu device, CUDA, ...), and tensors that cannot be
+//! bound in place (bf16, strided views, `check_inputs`), take the host-copy route: two reads of
+//! `[N, C]` and one upload of the gradient. bf16 / f16 work where burn's backend has those dtypes
+//! (WGSL has no bf16).
 
 use ::burn::tensor::{DType, Int, Tensor, TensorData};
 use half::{bf16, f16};
+
+mod wgpu;
+#[doc(hidden)]
+pub use self::wgpu::host_reads;
+pub use self::wgpu::wgpu_device;
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -58,6 +69,7 @@ enum Host {
 }
 
 fn read<const D: usize>(what: &str, t: Tensor<D>) -> Result<Host> {
+    self::wgpu::count_host_read();
     Ok(match t.dtype() {
         DType::F32 => Host::F32(t.try_into_vec_as::<f32>().map_err(|e| burn_err(what, e))?),
         DType::BF16 => Host::Bf16(t.try_into_vec_as::<bf16>().map_err(|e| burn_err(what, e))?),
@@ -154,17 +166,26 @@ fn apply<const D: usize, const L: usize>(
             });
         }
     }
+    if let Some(y) = &labels {
+        let n: usize = y.dims().iter().product();
+        if n != rows {
+            return Err(Error::Shape {
+                what: "labels",
+                got: n,
+                expected: rows,
+                hint: format!("one label per row of the {dims:?} logits"),
+            });
+        }
+    }
+    // On the shared wgpu device: our kernels on burn's buffers, no copies.
+    if let Some(out) =
+        self::wgpu::try_apply(loss, &student, teacher.as_ref(), labels.as_ref(), rows, c)?
+    {
+        return Ok(out);
+    }
     let labels_host: Vec<i32> = match labels {
         Some(y) => {
-            let n: usize = y.dims().iter().product();
-            if n != rows {
-                return Err(Error::Shape {
-                    what: "labels",
-                    got: n,
-                    expected: rows,
-                    hint: format!("one label per row of the {dims:?} logits"),
-                });
-            }
+            self::wgpu::count_host_read();
             // A label outside i32 stays out of range (an error in the loss's validation).
             let clamp = |v: i64| v.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
             y.try_into_vec_as::<i64>()

@@ -1,7 +1,9 @@
 //! The burn adapter (feature `burn`, `src/burn.rs`) against burn's own composition of the same
 //! losses (`log_softmax`, KL, cross-entropy written with burn ops), the loss and the gradients
-//! through burn's autodiff, on burn's Flex CPU device and on its wgpu device (lavapipe here;
-//! skipped when no adapter unless `DISTILLATION_REQUIRE` names wgpu).
+//! through burn's autodiff, on burn's Flex CPU device, on its default wgpu device (the host-copy
+//! route) and on the wgpu device shared with our kernels (`distillation::burn::wgpu_device`, the
+//! zero-copy route); lavapipe here, the wgpu devices skipped when there is no adapter unless
+//! `DISTILLATION_REQUIRE` names wgpu.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Device, DeviceKind, Int, Tensor, TensorData};
@@ -13,7 +15,11 @@ fn devices() -> Vec<(&'static str, Device)> {
     // burn's wgpu device panics on first use when there is no adapter: probe with our own
     // wgpu backend first (the same driver).
     match distillation::WgpuBackend::new() {
-        Ok(_) => v.push(("wgpu", Device::wgpu(DeviceKind::DefaultDevice).autodiff())),
+        Ok(_) => {
+            v.push(("wgpu", Device::wgpu(DeviceKind::DefaultDevice).autodiff()));
+            let shared = distillation::burn::wgpu_device().expect("the shared burn wgpu device");
+            v.push(("wgpu-shared", shared.autodiff()));
+        }
         Err(e) => {
             let required = std::env::var("DISTILLATION_REQUIRE").unwrap_or_default();
             assert!(
@@ -287,4 +293,225 @@ fn bad_input_is_an_error_not_a_panic() {
     let e = distillation::burn::cross_entropy(half, labels(&[0, 1], &dev), 0.0)
         .expect_err("f64 logits");
     assert!(e.to_string().contains("F64"), "{e}");
+}
+
+/// The shared device when there is an adapter (and `DISTILLATION_REQUIRE` does not name wgpu).
+fn shared_device() -> Option<Device> {
+    devices()
+        .into_iter()
+        .find(|(name, _)| *name == "wgpu-shared")
+        .map(|(_, d)| d)
+}
+
+#[test]
+fn shared_wgpu_device_reads_nothing_to_the_host() {
+    let Some(dev) = shared_device() else {
+        return;
+    };
+    let (n, c) = (9, 130);
+    let (s, t) = (logits(n, c, 11, 5.0), logits(n, c, 12, 5.0));
+    let y: Vec<i64> = (0..n as i64).map(|i| (i * 7) % c as i64).collect();
+    let a = tensor(&s, n, c, &dev).require_grad();
+    let before = distillation::burn::host_reads();
+    let loss = distillation::burn::kd_loss(
+        a.clone(),
+        tensor(&t, n, c, &dev),
+        labels(&y, &dev),
+        2.0,
+        0.3,
+    )
+    .expect("kd_loss");
+    let g = a.grad(&loss.backward()).expect("student grad");
+    assert_eq!(
+        distillation::burn::host_reads(),
+        before,
+        "the zero-copy route read a tensor to the host"
+    );
+    // The same call on burn's default wgpu device takes the copy route: same numbers.
+    let dflt = Device::wgpu(DeviceKind::DefaultDevice).autodiff();
+    let b = tensor(&s, n, c, &dflt).require_grad();
+    let copied = distillation::burn::kd_loss(
+        b.clone(),
+        tensor(&t, n, c, &dflt),
+        labels(&y, &dflt),
+        2.0,
+        0.3,
+    )
+    .expect("kd_loss, copy route");
+    let gb = b.grad(&copied.backward()).expect("copy route grad");
+    assert_eq!(
+        distillation::burn::host_reads(),
+        before + 3,
+        "the copy route reads the student, the teacher and the labels"
+    );
+    close("shared vs copy loss", &host(loss), &host(copied), 1e-6);
+    close("shared vs copy grad", &host(g), &host(gb), 1e-6);
+}
+
+#[test]
+fn shared_device_strided_input_takes_the_copy_route() {
+    let Some(dev) = shared_device() else {
+        return;
+    };
+    let (n, c) = (5, 12);
+    let s = logits(n, c, 13, 3.0);
+    // [c, n] transposed to a non-contiguous [n, c] view: not bindable in place.
+    let st: Vec<f32> = (0..c * n).map(|i| s[(i % n) * c + i / n]).collect();
+    let y: Vec<i64> = (0..n as i64).map(|i| i % c as i64).collect();
+    let a = tensor(&st, c, n, &dev).require_grad();
+    let view = a.clone().transpose();
+    let before = distillation::burn::host_reads();
+    let loss = distillation::burn::cross_entropy(view, labels(&y, &dev), 0.0).expect("ce");
+    assert!(
+        distillation::burn::host_reads() > before,
+        "a strided view is read on the host"
+    );
+    let g = host(a.grad(&loss.backward()).unwrap().transpose());
+    let want = distillation::CrossEntropyLoss::default()
+        .forward_backward(
+            &FastCpuBackend::new(),
+            &s,
+            &y.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            c,
+        )
+        .expect("host");
+    close("strided loss", &host(loss), &[want.loss], 1e-6);
+    close("strided grad", &g, &want.grad_student, 1e-6);
+}
+
+#[test]
+fn shared_device_bad_label_is_nan_not_a_panic() {
+    let Some(dev) = shared_device() else {
+        return;
+    };
+    let s = tensor(&logits(3, 4, 1, 1.0), 3, 4, &dev);
+    let t = tensor(&logits(3, 4, 2, 1.0), 3, 4, &dev);
+    // Labels are not read back on the device (as on our own wgpu backend): a label that is
+    // neither a class nor -100 makes the loss NaN.
+    let loss = distillation::burn::kd_loss(s, t, labels(&[0, 1, 9], &dev), 2.0, 0.5)
+        .expect("accepted on the device");
+    assert!(host(loss)[0].is_nan());
+}
+
+/// The windows the zero-copy route binds: our wgpu backend on tensors at offsets inside one
+/// buffer (as cubecl pages hold many tensors), NaN around them. The kernels read and write only
+/// their windows, and give the numbers of the host API.
+#[test]
+fn wgpu_backend_binds_windows_at_offsets() {
+    use distillation::{Backend, Dtype, KdLoss, LossOut, RowShape};
+    let Ok(b) = distillation::WgpuBackend::new() else {
+        return;
+    };
+    let align = (b.limits().min_storage_buffer_offset_alignment as usize / 4).max(1);
+    let (n, c) = (3, 70);
+    let len = n * c;
+    let (s, t) = (logits(n, c, 21, 4.0), logits(n, c, 22, 4.0));
+    let y = [4i32, -100, 69];
+    // Regions of `slot` floats: [poison | student | teacher | gradient | loss], each region's
+    // data at its start, NaN after it.
+    let slot = (len + 1).div_ceil(align) * align;
+    let mut all = vec![f32::NAN; 5 * slot];
+    all[slot..slot + len].copy_from_slice(&s);
+    all[2 * slot..2 * slot + len].copy_from_slice(&t);
+    let whole = b.upload(&all).expect("upload");
+    let at = |k: usize, len: usize| {
+        b.wrap_buffer(
+            whole.buffer().clone(),
+            (k * slot * 4) as u64,
+            len,
+            Dtype::F32,
+        )
+        .expect("an aligned window")
+    };
+    let (sw, tw, gw, lw) = (at(1, len), at(2, len), at(3, len), at(4, 1));
+    let labels = b.upload_labels(&y).expect("labels");
+    let kd = KdLoss::new(2.0, 0.3);
+    b.hinton(
+        &kd.spec(RowShape::new(n, c)),
+        &sw,
+        &tw,
+        &labels,
+        LossOut::with_grad(&lw, &gw),
+    )
+    .expect("hinton on windows");
+    // A misaligned window is refused, not bound.
+    if align > 1 {
+        assert!(b
+            .wrap_buffer(whole.buffer().clone(), 4, 1, Dtype::F32)
+            .is_err());
+    }
+    let got = b.download(&whole).expect("download");
+    let want = kd
+        .forward_backward(&FastCpuBackend::new(), &s, &t, &y, c)
+        .expect("host API");
+    close(
+        "window grad",
+        &got[3 * slot..3 * slot + len],
+        &want.grad_student,
+        1e-6,
+    );
+    close(
+        "window loss",
+        &got[4 * slot..4 * slot + 1],
+        &[want.loss],
+        1e-6,
+    );
+    assert_eq!(
+        &got[slot..slot + len],
+        &s[..],
+        "the student window is read only"
+    );
+    for (k, used) in [(0, 0), (1, len), (2, len), (3, len), (4, 1)] {
+        assert!(
+            got[k * slot + used..(k + 1) * slot]
+                .iter()
+                .all(|x| x.is_nan()),
+            "region {k}: a write outside its window"
+        );
+    }
+}
+
+/// f16 logits on the shared device (where the adapter has f16): bound as they are, the gradient
+/// written in f16 by our kernels, the numbers of the host API on the same f16 values.
+#[test]
+fn shared_device_f16_logits_without_copies() {
+    use distillation::half::f16;
+    let Some(dev) = shared_device() else {
+        return;
+    };
+    let has_f16 = distillation::WgpuBackend::new().is_ok_and(|b| {
+        b.device()
+            .features()
+            .contains(distillation::wgpu::Features::SHADER_F16)
+    });
+    if !has_f16 {
+        eprintln!("no f16 on this adapter: skipped");
+        return;
+    }
+    let (n, c) = (4, 33);
+    let h = |v: Vec<f32>| -> Vec<f16> { v.into_iter().map(f16::from_f32).collect() };
+    let (s, t) = (h(logits(n, c, 31, 4.0)), h(logits(n, c, 32, 4.0)));
+    let y = [0i64, 32, -100, 7];
+    let y32: Vec<i32> = y.iter().map(|&v| v as i32).collect();
+    let ht = |v: &[f16]| -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [n, c]), (&dev, DType::F16))
+    };
+    let a = ht(&s).require_grad();
+    let before = distillation::burn::host_reads();
+    let loss = distillation::burn::kd_loss(a.clone(), ht(&t), labels(&y, &dev), 3.0, 0.4)
+        .expect("f16 kd_loss");
+    let g = a.grad(&loss.backward()).unwrap();
+    assert_eq!(
+        distillation::burn::host_reads(),
+        before,
+        "f16 read to the host"
+    );
+    assert_eq!(g.dtype(), DType::F16, "the gradient in the logits' dtype");
+    let want = KdLoss::new(3.0, 0.4)
+        .forward_backward(&FastCpuBackend::new(), &s, &t, &y32, c)
+        .expect("host API f16");
+    let want_g: Vec<f32> = want.grad_student.iter().map(|x| x.to_f32()).collect();
+    close("f16 loss", &host(loss), &[want.loss], 1e-5);
+    // Both round an f32 gradient to f16 once; the f32 values differ in their last bits.
+    close("f16 grad", &host(g), &want_g, 2e-3);
 }

@@ -10,6 +10,7 @@ use std::num::NonZeroU64;
 
 use bytemuck::{Pod, Zeroable};
 
+use super::buffer::{Base, Place};
 use super::pipelines::{WgslKernel, COUNT_VALID, PACK_HALF, REDUCE_ROWS};
 use super::{WgpuBackend, WgpuBuffer, WgpuLabels};
 use crate::backend::{Backend, GradOut, LossOut};
@@ -39,17 +40,13 @@ pub(crate) struct Window<'a> {
     size: u64,
 }
 
+// Every constructor starts the window at the base's own offset (0 for the backend's buffers, a
+// caller's byte for a wrapped window of a shared buffer), so a window of a wrapped buffer never
+// reads before its element 0.
 impl<'a> Window<'a> {
-    pub(crate) fn whole(buffer: &'a wgpu::Buffer, size: u64) -> Self {
-        Window {
-            buffer,
-            offset: 0,
-            size,
-        }
-    }
-
-    /// `size` bytes from byte `offset`.
-    pub(crate) fn new(buffer: &'a wgpu::Buffer, offset: u64, size: u64) -> Self {
+    /// The first `size` bytes.
+    pub(crate) fn whole<B: Base + ?Sized>(b: &'a B, size: u64) -> Self {
+        let (buffer, offset) = b.base();
         Window {
             buffer,
             offset,
@@ -57,11 +54,22 @@ impl<'a> Window<'a> {
         }
     }
 
-    /// Elements `first..first + count` of an f32 or i32 buffer.
-    pub(crate) fn elems(buffer: &'a wgpu::Buffer, first: u64, count: u64) -> Self {
+    /// `size` bytes from byte `offset` (past the base's own offset).
+    pub(crate) fn new<B: Base + ?Sized>(b: &'a B, offset: u64, size: u64) -> Self {
+        let (buffer, base) = b.base();
         Window {
             buffer,
-            offset: first * 4,
+            offset: base + offset,
+            size,
+        }
+    }
+
+    /// Elements `first..first + count` of an f32 or i32 buffer.
+    pub(crate) fn elems<B: Base + ?Sized>(b: &'a B, first: u64, count: u64) -> Self {
+        let (buffer, base) = b.base();
+        Window {
+            buffer,
+            offset: base + first * 4,
             size: count * 4,
         }
     }
@@ -72,7 +80,7 @@ impl<'a> Window<'a> {
         let size = buf.dtype.size() as u64;
         Window {
             buffer: &buf.buffer,
-            offset: first * size,
+            offset: buf.offset + first * size,
             size: (count * size).div_ceil(4) * 4,
         }
     }
@@ -80,7 +88,7 @@ impl<'a> Window<'a> {
 
 /// A whole buffer as a binding window.
 pub(crate) fn whole(b: &WgpuBuffer) -> Option<Window<'_>> {
-    Some(Window::whole(&b.buffer, b.bytes()))
+    Some(Window::whole(b, b.bytes()))
 }
 
 #[repr(C)]
@@ -135,8 +143,8 @@ impl<'a> GradTarget<'a> {
 pub(crate) struct RowBuffers<'a> {
     pub student: &'a WgpuBuffer,
     pub teacher: Option<&'a WgpuBuffer>,
-    pub labels: Option<&'a wgpu::Buffer>,
-    pub row_loss: &'a wgpu::Buffer,
+    pub labels: Option<&'a WgpuLabels>,
+    pub row_loss: &'a Place,
     pub grad_student: GradTarget<'a>,
     pub grad_teacher: Option<&'a WgpuBuffer>,
 }
@@ -147,13 +155,13 @@ pub(crate) struct RowBuffers<'a> {
 #[derive(Clone, Copy)]
 pub(crate) struct SparseTeacher<'a> {
     pub k: usize,
-    pub indices: &'a wgpu::Buffer,
+    pub indices: &'a WgpuLabels,
 }
 
 /// A gradient the row kernel writes in f32 into scratch, to be packed into a bf16 / f16 buffer.
-struct Pending<'a> {
+struct Pending {
     scratch: wgpu::Buffer,
-    dst: &'a wgpu::Buffer,
+    dst: Place,
     dtype: Dtype,
 }
 
@@ -314,7 +322,7 @@ impl WgpuBackend {
         reduction: Reduction,
         ignore_index: i32,
         bufs: RowBuffers<'_>,
-        loss: &wgpu::Buffer,
+        loss: &WgpuBuffer,
         params: impl Fn(u32, u32) -> Vec<u8>,
     ) -> Result<()> {
         self.encode_rows(
@@ -342,7 +350,7 @@ impl WgpuBackend {
         ignore_index: i32,
         bufs: RowBuffers<'_>,
         sparse: SparseTeacher<'_>,
-        loss: &wgpu::Buffer,
+        loss: &WgpuBuffer,
         params: impl Fn(u32, u32) -> Vec<u8>,
     ) -> Result<()> {
         self.encode_rows(
@@ -368,7 +376,7 @@ impl WgpuBackend {
         ignore_index: i32,
         bufs: RowBuffers<'_>,
         sparse: Option<SparseTeacher<'_>>,
-        loss: &wgpu::Buffer,
+        loss: &WgpuBuffer,
         params: impl Fn(u32, u32) -> Vec<u8>,
     ) -> Result<()> {
         let (n, c) = (shape.rows, shape.cols);
@@ -386,25 +394,25 @@ impl WgpuBackend {
         // The student gradient: (buffer the kernel writes, grad_mode).
         let (gs, grad_mode) = match bufs.grad_student {
             GradTarget::None => (None, GRAD_NONE),
-            GradTarget::Into(g) if !half(g) => (Some(g.buffer.clone()), GRAD_INTO),
+            GradTarget::Into(g) if !half(g) => (Some(Place::of(g)), GRAD_INTO),
             GradTarget::InPlace if !half(bufs.student) => (None, GRAD_IN_PLACE),
             GradTarget::Into(g) => {
                 let scratch = self.scratch("grad_student_f32", len as u64 * 4)?;
                 pending.push(Pending {
                     scratch: scratch.clone(),
-                    dst: &g.buffer,
+                    dst: Place::of(g),
                     dtype: g.dtype,
                 });
-                (Some(scratch), GRAD_INTO)
+                (Some(Place::of(&scratch)), GRAD_INTO)
             }
             GradTarget::InPlace => {
                 let scratch = self.scratch("grad_student_f32", len as u64 * 4)?;
                 pending.push(Pending {
                     scratch: scratch.clone(),
-                    dst: &bufs.student.buffer,
+                    dst: Place::of(bufs.student),
                     dtype: bufs.student.dtype,
                 });
-                (Some(scratch), GRAD_INTO)
+                (Some(Place::of(&scratch)), GRAD_INTO)
             }
         };
         let gt = match bufs.grad_teacher {
@@ -412,12 +420,12 @@ impl WgpuBackend {
                 let scratch = self.scratch("grad_teacher_f32", len as u64 * 4)?;
                 pending.push(Pending {
                     scratch: scratch.clone(),
-                    dst: &g.buffer,
+                    dst: Place::of(g),
                     dtype: g.dtype,
                 });
-                Some(scratch)
+                Some(Place::of(&scratch))
             }
-            Some(g) => Some(g.buffer.clone()),
+            Some(g) => Some(Place::of(g)),
             None => None,
         };
         let any_half = half(bufs.student) || bufs.teacher.is_some_and(half);
@@ -450,8 +458,6 @@ impl WgpuBackend {
         let rows_per_group = (WG / tpr) as usize;
         for (r0, rows) in chunks {
             let (first, count) = ((r0 * c) as u64, (rows * c) as u64);
-            let mat = |b| Window::elems(b, first, count);
-            let vec_w = |b| Window::elems(b, r0 as u64, rows as u64);
             // A sparse teacher's [N, k] windows (their starts aligned as the [N, C] ones: r0 is
             // a multiple of the alignment in rows).
             let (t_first, t_count) = match sparse {
@@ -462,11 +468,12 @@ impl WgpuBackend {
             let mut windows = vec![
                 Some(Window::of(bufs.student, first, count)),
                 bufs.teacher.map(|t| Window::of(t, t_first, t_count)),
-                bufs.labels.map(vec_w),
+                bufs.labels
+                    .map(|l| Window::elems(l, r0 as u64, rows as u64)),
                 Some(counts_w),
-                Some(vec_w(bufs.row_loss)),
-                gs.as_ref().map(mat),
-                gt.as_ref().map(mat),
+                Some(Window::elems(bufs.row_loss, r0 as u64, rows as u64)),
+                gs.as_ref().map(|b| Window::elems(b, first, count)),
+                gt.as_ref().map(|b| Window::elems(b, first, count)),
             ];
             if let Some(sp) = sparse {
                 windows.push(Some(Window::elems(sp.indices, t_first, t_count)));
@@ -481,7 +488,7 @@ impl WgpuBackend {
             )?;
         }
         for p in &pending {
-            self.encode_pack(encoder, &p.scratch, p.dst, p.dtype, len)?;
+            self.encode_pack(encoder, &p.scratch, &p.dst, p.dtype, len)?;
         }
         let mode = if reduction == Reduction::BatchMean {
             0
@@ -509,7 +516,7 @@ impl WgpuBackend {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         src: &wgpu::Buffer,
-        dst: &wgpu::Buffer,
+        dst: &Place,
         dtype: Dtype,
         len: usize,
     ) -> Result<()> {
@@ -552,10 +559,10 @@ impl WgpuBackend {
         &self,
         out: &LossOut<'_, B>,
         rows: usize,
-    ) -> Result<wgpu::Buffer> {
+    ) -> Result<Place> {
         match out.row_loss {
-            Some(r) => Ok(r.buffer.clone()),
-            None => self.scratch("row_loss", rows as u64 * 4),
+            Some(r) => Ok(Place::of(r)),
+            None => Ok(Place::of(&self.scratch("row_loss", rows as u64 * 4)?)),
         }
     }
 
@@ -587,7 +594,7 @@ impl WgpuBackend {
                 None,
                 Some(Window::whole(&counts, 16)),
                 Some(Window::whole(values, n as u64 * 4)),
-                Some(Window::whole(&loss.buffer, 4)),
+                Some(Window::whole(loss, 4)),
             ],
             1,
         )

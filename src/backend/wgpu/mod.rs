@@ -86,6 +86,7 @@ pub mod pipelines;
 mod recorder;
 
 pub use crate::ops::divergence::wgpu::GIVEN_TEACHER_MAX_TEMPERATURE;
+pub(crate) use buffer::Place;
 pub use buffer::{WgpuBuffer, WgpuLabels};
 pub use recorder::Recorder;
 
@@ -231,6 +232,37 @@ impl WgpuBackend {
         device.on_uncaptured_error(Arc::new(|e| {
             eprintln!("distillation: uncaptured wgpu error: {e}");
         }));
+        Ok(Self::from_parts(info, limits, device, queue, &options))
+    }
+
+    /// The backend on a device and queue the caller already has (shared with another wgpu
+    /// user, e.g. burn's wgpu runtime: `distillation::burn::wgpu_device`). Our kernels are then
+    /// submitted on that queue, ordered after what the other user submitted before, and can bind
+    /// its buffers ([`WgpuBackend::wrap_buffer`]). The device's error handler is left as the
+    /// caller set it; our own calls still capture their validation errors as `Err`.
+    pub fn from_device(
+        info: wgpu::AdapterInfo,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: WgpuOptions,
+    ) -> Result<Self> {
+        if options.hardware_only && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(Error::Unavailable {
+                backend: BACKEND,
+                reason: format!("only a software adapter was given ({})", info.name),
+            });
+        }
+        let limits = device.limits();
+        Ok(Self::from_parts(info, limits, device, queue, &options))
+    }
+
+    fn from_parts(
+        info: wgpu::AdapterInfo,
+        limits: wgpu::Limits,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: &WgpuOptions,
+    ) -> Self {
         let max_binding = options
             .max_binding_bytes
             .map_or(limits.max_storage_buffer_binding_size, |m| {
@@ -252,7 +284,7 @@ impl WgpuBackend {
                 })
             })
             .collect();
-        Ok(WgpuBackend {
+        WgpuBackend {
             device,
             queue,
             info,
@@ -261,7 +293,38 @@ impl WgpuBackend {
             pipelines: Default::default(),
             dummies,
             scratch: Mutex::new(HashMap::new()),
-        })
+        }
+    }
+
+    /// Wraps `len` elements of `dtype` of a buffer of this backend's device from byte `offset`
+    /// (see [`WgpuBuffer::from_buffer_at`]), checking that `offset` is on the device's
+    /// `min_storage_buffer_offset_alignment` (every window the kernels bind starts there).
+    pub fn wrap_buffer(
+        &self,
+        buffer: wgpu::Buffer,
+        offset: u64,
+        len: usize,
+        dtype: Dtype,
+    ) -> Result<WgpuBuffer> {
+        self.check_offset(offset)?;
+        WgpuBuffer::from_buffer_at(buffer, offset, len, dtype)
+    }
+
+    /// [`WgpuBackend::wrap_buffer`] for `len` i32 labels.
+    pub fn wrap_labels(&self, buffer: wgpu::Buffer, offset: u64, len: usize) -> Result<WgpuLabels> {
+        self.check_offset(offset)?;
+        WgpuLabels::from_buffer_at(buffer, offset, len)
+    }
+
+    fn check_offset(&self, offset: u64) -> Result<()> {
+        let align = self.limits.min_storage_buffer_offset_alignment.max(4) as u64;
+        if !offset.is_multiple_of(align) {
+            return Err(Error::Unsupported(format!(
+                "a buffer window at byte {offset} is not on the device's storage offset \
+                 alignment of {align} bytes; copy the data into a buffer of its own"
+            )));
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &wgpu::Device {
@@ -323,7 +386,7 @@ impl WgpuBackend {
             self.queue.submit([encoder.finish()]);
             Ok(())
         })?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_back(&resolved, 16)?);
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_back(&resolved, 0, 16)?);
         Ok(
             ticks[1].wrapping_sub(ticks[0]) as f64
                 * self.queue.get_timestamp_period() as f64
@@ -339,7 +402,7 @@ impl WgpuBackend {
         dst: &WgpuBuffer,
     ) -> Result<()> {
         let bytes = src.bytes().min(dst.bytes());
-        encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, bytes);
+        encoder.copy_buffer_to_buffer(&src.buffer, src.offset, &dst.buffer, dst.offset, bytes);
         Ok(())
     }
 
@@ -376,7 +439,12 @@ impl WgpuBackend {
     /// A storage buffer of `len` elements of `dtype` that can be copied from and to.
     pub fn create_buffer_as(&self, len: usize, dtype: Dtype) -> Result<WgpuBuffer> {
         let buffer = self.raw_buffer("buffer", len, dtype.size() as u64)?;
-        Ok(WgpuBuffer { buffer, len, dtype })
+        Ok(WgpuBuffer {
+            buffer,
+            offset: 0,
+            len,
+            dtype,
+        })
     }
 
     fn raw_buffer(&self, label: &str, len: usize, size: u64) -> Result<wgpu::Buffer> {
@@ -504,7 +572,8 @@ impl WgpuBackend {
             })
     }
 
-    fn read_back(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    /// `bytes` bytes of `buffer` from byte `offset` (a multiple of 4), on the host.
+    fn read_back(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());
         }
@@ -515,7 +584,7 @@ impl WgpuBackend {
             mapped_at_creation: false,
         });
         self.submit(|enc| {
-            enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
             Ok(())
         })?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -549,7 +618,7 @@ impl WgpuBackend {
 
     /// Reads a label buffer back (used by [`Backend::check_labels`]).
     pub(crate) fn download_labels(&self, labels: &WgpuLabels) -> Result<Vec<i32>> {
-        let bytes = self.read_back(&labels.buffer, labels.len as u64 * 4)?;
+        let bytes = self.read_back(&labels.buffer, labels.offset, labels.len as u64 * 4)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 }
@@ -568,13 +637,14 @@ impl Backend for WgpuBackend {
             self.upload_bytes(dtype.name(), data.len(), dtype.size() as u64, data.bytes())?;
         Ok(WgpuBuffer {
             buffer,
+            offset: 0,
             len: data.len(),
             dtype,
         })
     }
 
     fn download_host(&self, buf: &WgpuBuffer) -> Result<HostVec> {
-        let bytes = self.read_back(&buf.buffer, buf.bytes())?;
+        let bytes = self.read_back(&buf.buffer, buf.offset, buf.bytes())?;
         let used = buf.len * buf.dtype.size();
         Ok(HostVec::from_bytes(
             buf.dtype,
@@ -590,6 +660,7 @@ impl Backend for WgpuBackend {
         let buffer = self.upload_bytes("labels", labels.len(), 4, bytemuck::cast_slice(labels))?;
         Ok(WgpuLabels {
             buffer,
+            offset: 0,
             len: labels.len(),
         })
     }
@@ -603,8 +674,9 @@ impl Backend for WgpuBackend {
     }
 
     fn overlaps(&self, a: &WgpuBuffer, b: &WgpuBuffer) -> bool {
-        // Every WgpuBuffer is a window from offset 0 of its wgpu::Buffer.
-        a.buffer == b.buffer
+        // Windows of one wgpu::Buffer (a framework's memory page holds many tensors) overlap
+        // when their byte ranges do.
+        a.overlaps(b)
     }
 
     fn labels_len(&self, labels: &WgpuLabels) -> usize {

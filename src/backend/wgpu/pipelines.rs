@@ -28,8 +28,8 @@ pub enum Bind {
 pub(crate) const ROW_LOSS_BINDINGS: &[Bind] = &[
     Bind::Uniform,   // params
     Bind::ReadWrite, // student (read_write for the in-place gradient)
-    Bind::Read,      // teacher
-    Bind::Read,      // labels
+    Bind::ReadWrite, // teacher (read only; read_write as the shader declares it, row_io.wgsl)
+    Bind::ReadWrite, // labels (the same)
     Bind::Read,      // valid count
     Bind::ReadWrite, // row_loss
     Bind::ReadWrite, // grad_student
@@ -40,8 +40,8 @@ pub(crate) const ROW_LOSS_BINDINGS: &[Bind] = &[
 pub(crate) const SPARSE_BINDINGS: &[Bind] = &[
     Bind::Uniform,
     Bind::ReadWrite,
-    Bind::Read,
-    Bind::Read,
+    Bind::ReadWrite,
+    Bind::ReadWrite,
     Bind::Read,
     Bind::ReadWrite,
     Bind::ReadWrite,

@@ -10,8 +10,11 @@
 // the kernels write are f32: a bf16 or f16 gradient is written into an f32 scratch buffer and
 // packed afterwards by pack.wgsl, so the in-place gradient here is always over an f32 student.
 @group(0) @binding(1) var<storage, read_write> student: array<u32>; // read_write: in-place gradient
-@group(0) @binding(2) var<storage, read> teacher: array<u32>;
-@group(0) @binding(3) var<storage, read> labels: array<i32>;
+// The teacher and the labels are read only, but declared read_write: a framework's memory page
+// can hold them beside the student and the gradients (burn's, `src/burn/wgpu.rs`), and wgpu
+// refuses one buffer bound both read-only and read-write in one dispatch.
+@group(0) @binding(2) var<storage, read_write> teacher: array<u32>;
+@group(0) @binding(3) var<storage, read_write> labels: array<i32>;
 @group(0) @binding(4) var<storage, read> valid_count: array<u32>;  // [0]: N_valid of the batch
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_student: array<f32>;

@@ -84,12 +84,12 @@ pub(crate) fn cross_entropy<B: RowBackend>(
         RowBuffers {
             student,
             teacher: None,
-            labels: Some(labels.buffer()),
+            labels: Some(labels),
             row_loss: &row_loss,
             grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: None,
         },
-        out.loss.buffer(),
+        out.loss,
         params,
     )
 }

@@ -122,12 +122,12 @@ pub(crate) fn divergence<B: RowBackend>(
         RowBuffers {
             student,
             teacher: Some(teacher),
-            labels: labels.map(|l| l.buffer()),
+            labels,
             row_loss: &row_loss,
             grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: out.grad_teacher,
         },
-        out.loss.buffer(),
+        out.loss,
         params,
     )
 }

@@ -100,12 +100,12 @@ pub(crate) fn dkd<B: RowBackend>(
         RowBuffers {
             student,
             teacher: Some(teacher),
-            labels: Some(labels.buffer()),
+            labels: Some(labels),
             row_loss: &row_loss,
             grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: None,
         },
-        out.loss.buffer(),
+        out.loss,
         params,
     )
 }

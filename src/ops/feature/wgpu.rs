@@ -146,15 +146,15 @@ fn pointwise(
             WG,
             bytemuck::bytes_of(&params),
             &[
-                Some(win(a.buffer())),
-                Some(win(b.buffer())),
+                Some(win(a)),
+                Some(win(b)),
                 Some(Window::new(
                     &partial,
                     e0 / MSE_ELEMS_PER_GROUP * 4,
                     groups * 4,
                 )),
-                grad_a.map(|g| win(g.buffer())),
-                grad_b.map(|g| win(g.buffer())),
+                grad_a.map(win),
+                grad_b.map(win),
             ],
             groups as u32,
         )?;

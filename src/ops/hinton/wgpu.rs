@@ -97,12 +97,12 @@ pub(crate) fn hinton<B: RowBackend>(
         RowBuffers {
             student,
             teacher: Some(teacher),
-            labels: Some(labels.buffer()),
+            labels: Some(labels),
             row_loss: &row_loss,
             grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: out.grad_teacher,
         },
-        out.loss.buffer(),
+        out.loss,
         params,
     )
 }

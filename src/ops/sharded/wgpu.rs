@@ -156,7 +156,7 @@ impl Bufs {
             window(&self.teacher),
             self.labels
                 .as_ref()
-                .map(|l| Window::elems(l.buffer(), 0, l.len() as u64)),
+                .map(|l| Window::elems(l, 0, l.len() as u64)),
             Some(Window::of(&self.stats, 0, self.stats.len() as u64)),
             window(&self.row_loss),
             window(&self.grad_s),

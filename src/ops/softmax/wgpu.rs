@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::SoftmaxSpec;
 use crate::backend::wgpu::dispatch::{threads_per_row, Window, WG};
 use crate::backend::wgpu::pipelines::{Bind, WgslKernel};
-use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer};
+use crate::backend::wgpu::{uniform_layout, Place, UniformLayout, WgpuBackend, WgpuBuffer};
 use crate::dtype::Dtype;
 use crate::error::Result;
 
@@ -89,7 +89,11 @@ fn encode(
         Dtype::F32 => None,
         _ => Some(w.scratch("softmax_out_f32", len as u64 * 4)?),
     };
-    let dst = scratch.as_ref().unwrap_or(out.buffer());
+    // Where the kernel writes: the f32 scratch (packed into `out` after), or `out` itself.
+    let dst = match &scratch {
+        Some(s) => Place::of(s),
+        None => Place::of(out),
+    };
     let any_half = x.dtype() != Dtype::F32 || dy.is_some_and(|d| d.dtype() != Dtype::F32);
     for (r0, rows) in w.row_chunks(spec.shape.rows, c, if any_half { 2 } else { 4 })? {
         let (first, count) = ((r0 * c) as u64, (rows * c) as u64);
@@ -110,13 +114,13 @@ fn encode(
             &[
                 Some(Window::of(x, first, count)),
                 dy.map(|d| Window::of(d, first, count)),
-                Some(Window::elems(dst, first, count)),
+                Some(Window::elems(&dst, first, count)),
             ],
             rows.div_ceil((WG / tpr) as usize) as u32,
         )?;
     }
     if let Some(scratch) = &scratch {
-        w.encode_pack(enc, scratch, out.buffer(), out.dtype(), len)?;
+        w.encode_pack(enc, scratch, &Place::of(out), out.dtype(), len)?;
     }
     Ok(())
 }

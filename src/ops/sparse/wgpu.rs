@@ -150,16 +150,13 @@ pub(crate) fn sparse_kd<B: RowBackend>(
         RowBuffers {
             student,
             teacher: Some(values),
-            labels: labels.map(|l| l.buffer()),
+            labels,
             row_loss: &row_loss,
             grad_student: GradTarget::of(&out.grad_student),
             grad_teacher: None,
         },
-        SparseTeacher {
-            k: spec.k,
-            indices: indices.buffer(),
-        },
-        out.loss.buffer(),
+        SparseTeacher { k: spec.k, indices },
+        out.loss,
         params,
     )
 }
