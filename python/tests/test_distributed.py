@@ -139,16 +139,18 @@ def unsharded(case, s, t, y):
     lq_of = {"logits": lambda: F.log_softmax(t / T, -1), "probs": lambda: torch.log(t),
              "logprobs": lambda: t}[form]
     if case["loss"] == "cross_entropy":
-        loss = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case["label_smoothing"])
+        loss = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case.get("label_smoothing", 0.0))
     elif case["loss"] == "hinton":
-        ce = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case["label_smoothing"])
+        ce = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case.get("label_smoothing", 0.0))
         mask = (y != -100).double()[:, None]
         kl = (F.kl_div(F.log_softmax(s / T, -1), lq_of(), log_target=True,
                        reduction="none") * mask).sum() / valid
         loss = case["alpha"] * ce + (1 - case["alpha"]) * T * T * kl
     else:
         lp, lq = F.log_softmax(s / T, -1), lq_of()
-        if case["divergence"] == "reverse_kl":
+        if case["divergence"] == "forward_kl":
+            d = (lq.exp() * (lq - lp)).sum(-1)
+        elif case["divergence"] == "reverse_kl":
             d = (lp.exp() * (lp - lq)).sum(-1)
         else:
             b = case["beta"]

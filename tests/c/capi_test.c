@@ -539,7 +539,7 @@ int main(void) {
             float ss[2][N * 3], ts[2][N * 3], gs[2][N * 3], part, total = 0.0f, got_g[LEN];
             for (int k = 0; k < 2; k++) {
                 DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
-                                     1.0f};
+                                     1.0f, 0};
                 for (size_t r = 0; r < N; r++) {
                     for (size_t j = 0; j < wid[k]; j++) {
                         ss[k][r * wid[k] + j] = s[r * C + off[k] + j];
@@ -559,7 +559,7 @@ int main(void) {
             expect_close("sharded_distributed_combine", dist_global, global, N * DST_SHARDED_STATS);
             for (int k = 0; k < 2; k++) {
                 DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
-                                     1.0f};
+                                     1.0f, 0};
                 expect_ok("sharded_loss", fast ? dst_fast_sharded_loss_and_grad(0, &sp, ss[k], ts[k], labels, global,
                                                                                 NULL, &part, NULL, gs[k], NULL)
                                                : dst_cpu_sharded_loss_and_grad(&sp, ss[k], ts[k], labels, global,
@@ -572,12 +572,44 @@ int main(void) {
             expect_close(fast ? "fast_sharded.loss" : "sharded.loss", &total, &want_loss, 1);
             expect_close(fast ? "fast_sharded.grad_student" : "sharded.grad_student", got_g, want_g, LEN);
         }
-        DstShardedSpec bad = {N, C, 4, 3, DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.0f, -100, 0, 1.0f};
+        DstShardedSpec bad = {N, C, 4, 3, DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.0f, -100, 0, 1.0f, 0};
         expect_err("sharded_offset", dst_cpu_sharded_stats(&bad, s, t, labels, st[0]), DST_ERR_UNSUPPORTED);
-        DstShardedSpec jsd = {N, C, 0, 2, DST_SHARDED_DIVERGENCE, 2, 0.5f, 0.0f, 1.0f, 0.0f, -100, 0, 1.0f};
+        DstShardedSpec jsd = {N, C, 0, 2, DST_SHARDED_DIVERGENCE, 2, 0.5f, 0.0f, 1.0f, 0.0f, -100, 0, 1.0f, 0};
         expect_err("sharded_jsd_terms", dst_fast_sharded_loss_and_grad(0, &jsd, s, t, NULL, global, NULL, &loss,
                                                                          NULL, g, NULL), DST_ERR_UNSUPPORTED);
         expect_err("sharded_null", dst_cpu_sharded_stats(NULL, s, t, labels, st[0]), DST_ERR_NULL_POINTER);
+
+        /* The teacher as probabilities (ABI 9): q = softmax(t / T) given as probabilities and as
+         * log-probabilities, one shard of all C columns, equals the teacher given as logits
+         * (forward KL); a bad code is an error. */
+        float q[LEN], lq[LEN], gl[LEN], gp[LEN], loss_l, loss_p;
+        for (size_t r = 0; r < N; r++) {
+            float m = -INFINITY, z = 0.0f;
+            for (size_t j = 0; j < C; j++) m = fmaxf(m, t[r * C + j] / 2.0f);
+            for (size_t j = 0; j < C; j++) z += expf(t[r * C + j] / 2.0f - m);
+            for (size_t j = 0; j < C; j++) {
+                lq[r * C + j] = t[r * C + j] / 2.0f - m - logf(z);
+                q[r * C + j] = expf(lq[r * C + j]);
+            }
+        }
+        DstShardedSpec from_logits = {N, C, 0, C, DST_SHARDED_DIVERGENCE, 0, 0.5f, 0.0f, 2.0f, 0.0f, -100, 0, 1.0f, 0};
+        expect_ok("sharded_logits_stats", dst_cpu_sharded_stats(&from_logits, s, t, labels, st[0]));
+        expect_ok("sharded_logits_loss", dst_cpu_sharded_loss_and_grad(&from_logits, s, t, labels, st[0], NULL,
+                                                                       &loss_l, NULL, gl, NULL));
+        for (int code = 1; code <= 2; code++) {
+            DstShardedSpec given = from_logits;
+            given.teacher_input = code;
+            const float *tq = code == 1 ? q : lq;
+            expect_ok("sharded_given_stats", dst_cpu_sharded_stats(&given, s, tq, labels, st[1]));
+            expect_ok("sharded_given_loss", dst_cpu_sharded_loss_and_grad(&given, s, tq, labels, st[1], NULL,
+                                                                          &loss_p, NULL, gp, NULL));
+            expect_close(code == 1 ? "sharded_probs.loss" : "sharded_logprobs.loss", &loss_p, &loss_l, 1);
+            expect_close(code == 1 ? "sharded_probs.grad" : "sharded_logprobs.grad", gp, gl, LEN);
+        }
+        DstShardedSpec bad_code = from_logits;
+        bad_code.teacher_input = 7;
+        expect_err("sharded_bad_teacher_input", dst_cpu_sharded_stats(&bad_code, s, t, labels, st[0]),
+                   DST_ERR_INVALID_ARGUMENT);
     }
 
     /* The fused linear layer + loss (ABI 8): hidden size 3, the student's vocabulary C, a teacher
