@@ -2,7 +2,6 @@
 //! shapes, missing or unused inputs, labels, the spec's values, aliased outputs; a sparse
 //! teacher's k, tail, indices (out of range, repeated: the batch's row named) and values.
 
-
 use distillation::{
     Backend, Divergence, Error, FusedGrads, FusedLinearKd, Linear, Reduction, SparseTail,
     SparseValues, Teacher,

@@ -2,7 +2,6 @@
 //! reads files the test writes, and bad input is an `Err` (a non-zero exit with the message in the
 //! CLI), never a panic.
 
-
 use distillation::data::{self, Dataset};
 use distillation::experiment::{self, Config, Method};
 use distillation::rng::Rng;
