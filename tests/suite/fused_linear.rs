@@ -697,7 +697,11 @@ fn sparse_case(
         chunk_rows,
         // With chunk_rows 0: chunks from a budget of about 3 rows.
         memory_budget: 4 * 3 * (2 * h + v + k),
-        label_smoothing: if weighting_pick % 2 == 0 { 0.1 } else { 0.0 },
+        label_smoothing: if weighting_pick.is_multiple_of(2) {
+            0.1
+        } else {
+            0.0
+        },
         reduction: if weighting_pick % 5 == 4 {
             Reduction::Sum
         } else {
