@@ -106,15 +106,7 @@ fn shared() -> Result<&'static Shared> {
 }
 
 fn create() -> Result<Shared> {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        force_fallback_adapter: false,
-        compatible_surface: None,
-        ..Default::default()
-    }))
-    .map_err(|e| unavailable(format!("no wgpu adapter ({e})")))?;
+    let (instance, adapter) = crate::backend::wgpu::default_adapter()?;
     let info = adapter.get_info();
     // What cubecl's WGSL runtime asks of a device it makes itself: its kernels use the element
     // types the adapter has (f16, i64), so every adapter feature but mappable primary buffers,

@@ -186,6 +186,27 @@ impl std::fmt::Debug for WgpuBackend {
     }
 }
 
+/// The instance (from the environment, no display) and its default adapter, high performance
+/// first: what [`WgpuBackend::with_options`] and the burn adapter's shared device start from.
+pub(crate) fn default_adapter() -> Result<(wgpu::Instance, wgpu::Adapter)> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        ..Default::default()
+    }))
+    .map_err(|e| Error::Unavailable {
+        backend: BACKEND,
+        reason: format!(
+            "no wgpu adapter ({e}); install a Vulkan driver, e.g. `apt-get install \
+             mesa-vulkan-drivers libvulkan1` for the software device lavapipe"
+        ),
+    })?;
+    Ok((instance, adapter))
+}
+
 impl WgpuBackend {
     /// The default adapter (high performance first); `Err` when there is none.
     pub fn new() -> Result<Self> {
@@ -193,21 +214,7 @@ impl WgpuBackend {
     }
 
     pub fn with_options(options: WgpuOptions) -> Result<Self> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            force_fallback_adapter: false,
-            compatible_surface: None,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::Unavailable {
-            backend: BACKEND,
-            reason: format!(
-                "no wgpu adapter ({e}); install a Vulkan driver, e.g. `apt-get install \
-                 mesa-vulkan-drivers libvulkan1` for the software device lavapipe"
-            ),
-        })?;
+        let (_instance, adapter) = default_adapter()?;
         let info = adapter.get_info();
         if options.hardware_only && info.device_type == wgpu::DeviceType::Cpu {
             return Err(Error::Unavailable {
