@@ -18,9 +18,11 @@
  `DstShardedSpec`, the sparse top-k teacher entry points `dst_*_sparse_kd`; 8: the fused linear
  layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`; 9:
  `DstShardedSpec::teacher_input`, the sharded losses' teacher as probabilities or
- log-probabilities).
+ log-probabilities; 10: sharded DKD, `DST_SHARDED_DKD` and `DstShardedSpec::ce_weight`,
+ `tckd_weight`, `nckd_weight`, and the fused linear loss with a sparse top-k teacher
+ `dst_*_fused_linear_sparse_kd`).
  */
-#define DST_ABI_VERSION 9
+#define DST_ABI_VERSION 10
 
 /*
  The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
@@ -129,6 +131,12 @@
 #define DST_SHARDED_HINTON 2
 
 /*
+ `DstShardedSpec::loss` (ABI 10): decoupled KD `ce_weight CE + T^2 (tckd_weight TCKD +
+ nckd_weight NCKD)` (section 8): the teacher as logits, labels required, no teacher gradient.
+ */
+#define DST_SHARDED_DKD 3
+
+/*
  Floats of stats per row (`DST_SHARDED_STATS`): 2 maxima, then 9 sums.
  */
 #define DST_SHARDED_STATS 11
@@ -159,8 +167,9 @@ typedef struct dst_cuda dst_cuda;
  `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none), `grad_scale` and
  `teacher_input` (ABI 9: 0 logits, 1 probabilities, 2 log-probabilities; the temperature then
  applies to the student only, reverse KL with a probability of exactly 0 is `DST_ERR_INPUT`,
- and there is no teacher gradient). Every shard of one loss passes the same values except
- `offset` and `width`.
+ and there is no teacher gradient), and (ABI 10) DKD's `ce_weight`, `tckd_weight`,
+ `nckd_weight` (for `DST_SHARDED_DKD`; ignored otherwise). Every shard of one loss passes the
+ same values except `offset` and `width`.
  */
 typedef struct DstShardedSpec {
   size_t n;
@@ -177,6 +186,9 @@ typedef struct DstShardedSpec {
   int32_t reduction;
   float grad_scale;
   int32_t teacher_input;
+  float ce_weight;
+  float tckd_weight;
+  float nckd_weight;
 } DstShardedSpec;
 
 /*
@@ -1055,6 +1067,109 @@ int32_t dst_cuda_fused_linear_kd(const struct dst_cuda *ctx,
                                  int32_t grad_weight_dtype,
                                  void *grad_bias,
                                  int32_t grad_bias_dtype);
+
+/*
+ [`dst_cpu_fused_linear_kd`] with a sparse top-k teacher (ABI 10; `docs/LOSSES.md` sections
+ 10 and 11): per row `k` distinct classes `teacher_indices` (`[n, k]` int32 in `0..vocab`) and
+ their `teacher_values` (`[n, k]`, `teacher_values_dtype`): log-probabilities at T = 1 as a
+ top-k cache stores them (`values_code` 0) or logits (1). `tail_code`: 0 renormalize over the
+ top-k, 1 a tail bucket (one extra event of mass `1 - sum e^values`), 2 that mass spread
+ uniformly over the other `vocab - k` classes (1 and 2 need log-probabilities). The soft term
+ is `D(Q || P)` with the student's full softmax over `vocab` (its logits computed a chunk of
+ rows at a time, never `[n, vocab]`); the weighting, the labels and the outputs as
+ [`dst_cpu_fused_linear_kd`] (`spec->teacher_hidden` and `teacher_vocab` are ignored). The
+ whole teacher is checked before anything runs: repeated or out-of-range indices and invalid
+ values are `DST_ERR_INPUT` naming the row.
+
+ # Safety
+ As [`dst_cpu_fused_linear_kd`]; `teacher_indices` and `teacher_values` valid for `n * k`
+ elements.
+ */
+int32_t dst_cpu_fused_linear_sparse_kd(const struct DstFusedLinearSpec *spec,
+                                       const void *hidden,
+                                       int32_t hidden_dtype,
+                                       const void *weight,
+                                       int32_t weight_dtype,
+                                       const void *bias,
+                                       int32_t bias_dtype,
+                                       size_t k,
+                                       const int32_t *teacher_indices,
+                                       const void *teacher_values,
+                                       int32_t teacher_values_dtype,
+                                       int32_t values_code,
+                                       int32_t tail_code,
+                                       const int32_t *labels,
+                                       float *loss,
+                                       void *grad_hidden,
+                                       int32_t grad_hidden_dtype,
+                                       void *grad_weight,
+                                       int32_t grad_weight_dtype,
+                                       void *grad_bias,
+                                       int32_t grad_bias_dtype);
+
+/*
+ [`dst_cpu_fused_linear_sparse_kd`] on the fast CPU backend on at most `threads` threads (0:
+ one per core); the same bits for any `threads`.
+
+ # Safety
+ As [`dst_cpu_fused_linear_sparse_kd`].
+ */
+int32_t dst_fast_fused_linear_sparse_kd(int32_t threads,
+                                        const struct DstFusedLinearSpec *spec,
+                                        const void *hidden,
+                                        int32_t hidden_dtype,
+                                        const void *weight,
+                                        int32_t weight_dtype,
+                                        const void *bias,
+                                        int32_t bias_dtype,
+                                        size_t k,
+                                        const int32_t *teacher_indices,
+                                        const void *teacher_values,
+                                        int32_t teacher_values_dtype,
+                                        int32_t values_code,
+                                        int32_t tail_code,
+                                        const int32_t *labels,
+                                        float *loss,
+                                        void *grad_hidden,
+                                        int32_t grad_hidden_dtype,
+                                        void *grad_weight,
+                                        int32_t grad_weight_dtype,
+                                        void *grad_bias,
+                                        int32_t grad_bias_dtype);
+
+/*
+ [`dst_cpu_fused_linear_sparse_kd`] on device pointers of the context's device, as
+ [`dst_cuda_fused_linear_kd`] (it synchronizes the stream: the labels and the teacher's
+ indices are read to the host and checked, the loss read back). Without the crate feature
+ `cuda`: the arguments' checks, then
+ [`DST_ERR_UNAVAILABLE`](super::status::DST_ERR_UNAVAILABLE).
+
+ # Safety
+ `ctx` is NULL or a live handle; every non-null pointer is device memory of its device, valid
+ for the sizes of [`dst_cpu_fused_linear_sparse_kd`]; `spec` is NULL or host memory.
+ */
+int32_t dst_cuda_fused_linear_sparse_kd(const struct dst_cuda *ctx,
+                                        const struct DstFusedLinearSpec *spec,
+                                        const void *hidden,
+                                        int32_t hidden_dtype,
+                                        const void *weight,
+                                        int32_t weight_dtype,
+                                        const void *bias,
+                                        int32_t bias_dtype,
+                                        size_t k,
+                                        const int32_t *teacher_indices,
+                                        const void *teacher_values,
+                                        int32_t teacher_values_dtype,
+                                        int32_t values_code,
+                                        int32_t tail_code,
+                                        const int32_t *labels,
+                                        float *loss,
+                                        void *grad_hidden,
+                                        int32_t grad_hidden_dtype,
+                                        void *grad_weight,
+                                        int32_t grad_weight_dtype,
+                                        void *grad_bias,
+                                        int32_t grad_bias_dtype);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -85,6 +85,11 @@ pub(crate) fn check_out(spec: &ShardedSpec, teacher: bool, out: &ShardedOut<'_>)
                 "a teacher gradient was asked of a loss without a teacher (cross-entropy)".into(),
             ));
         }
+        if spec.loss.is_dkd() {
+            return Err(crate::Error::Unsupported(
+                "DKD's teacher is detached: pass no grad_teacher".into(),
+            ));
+        }
         if spec.given_teacher() {
             return Err(crate::Error::Unsupported(
                 "the teacher's gradient needs the teacher as logits (TeacherInput::Logits); a \
@@ -256,6 +261,19 @@ impl ShardedKdLoss {
     /// `T^2 D(q || p)` for a divergence of section 2.
     pub fn divergence(divergence: Divergence, temperature: f32) -> Self {
         Self::new(ShardedLoss::Divergence(divergence), temperature)
+    }
+
+    /// Decoupled KD `CE + T^2 (tckd_weight TCKD + nckd_weight NCKD)` (section 8; the CE weight
+    /// is 1, set `loss` for another). The teacher as logits.
+    pub fn dkd(temperature: f32, tckd_weight: f32, nckd_weight: f32) -> Self {
+        Self::new(
+            ShardedLoss::Dkd {
+                ce_weight: 1.0,
+                tckd_weight,
+                nckd_weight,
+            },
+            temperature,
+        )
     }
 
     /// Cross-entropy (temperature 1 is its only use of `temperature`: none).

@@ -9,7 +9,7 @@ import glob
 import os
 import threading
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 _F = ctypes.POINTER(ctypes.c_float)
 _I = ctypes.POINTER(ctypes.c_int32)
@@ -119,6 +119,13 @@ def _declare(lib) -> None:
     fused = (ctypes.POINTER(FusedLinearSpec),) + (_P, _i32) * 7 + (_P, _P) + (_P, _i32) * 3
     sig("dst_fast_fused_linear_kd", _i32, *fused)
     sig("dst_cuda_fused_linear_kd", _P, *fused)
+    # With a sparse top-k teacher: the spec, (pointer, dtype) for hidden, weight, bias; k,
+    # indices, values, values dtype, values kind, tail; labels, loss; (pointer, dtype) for the
+    # three gradients.
+    fused_sparse = ((ctypes.POINTER(FusedLinearSpec),) + (_P, _i32) * 3
+                    + (_SZ, _P, _P, _i32, _i32, _i32) + (_P, _P) + (_P, _i32) * 3)
+    sig("dst_fast_fused_linear_sparse_kd", _i32, *fused_sparse)
+    sig("dst_cuda_fused_linear_sparse_kd", _P, *fused_sparse)
 
 def lib():
     """The loaded library (loaded and checked once)."""

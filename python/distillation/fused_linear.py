@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from . import _lib
-from .ops import (DIVERGENCES, _DTYPES, _choice, _dt, _f32_empty, _f32_zeros, _ignore, _labels,
-                  _launch, _ptr, _scaled, _wants)
+from .ops import (DIVERGENCES, SPARSE_TAILS, SPARSE_VALUES, _DTYPES, _I32_MAX, _I32_MIN, _choice,
+                  _dt, _f32_empty, _f32_zeros, _ignore, _labels, _launch, _ptr, _scaled, _wants)
 
 WEIGHTINGS = {"hinton": 0, "liger": 1}
 _REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1}
@@ -95,6 +95,47 @@ def _backward(ctx, upstream, *_ignored):
 fused_linear_kd_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("distillation::fused_linear_sparse_kd", mutates_args=())
+def fused_linear_sparse_kd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                              indices: Tensor, values: Tensor, labels: Optional[Tensor],
+                              values_kind: int, tail: int, temperature: float, divergence: int,
+                              beta: float, weighting: int, alpha: float, weight_hard: float,
+                              weight_soft: float, label_smoothing: float, ignore_index: int,
+                              reduction: int, memory_budget: int, chunk_rows: int,
+                              want_hidden: bool, want_weight: bool,
+                              want_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """As :func:`fused_linear_kd_op` with a sparse top-k teacher: ``[N, k]`` int32 ``indices``
+    and their ``values`` (``values_kind`` 0 log-probabilities, 1 logits; ``tail`` 0
+    renormalize, 1 bucket, 2 uniform)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    k = indices.shape[1]
+    spec = _lib.FusedLinearSpec(n, h, v, 0, 0, temperature, divergence, beta, weighting, alpha,
+                                weight_hard, weight_soft, label_smoothing, ignore_index,
+                                reduction, 1.0, memory_budget, chunk_rows)
+    loss = _f32_zeros(hidden)
+    gh = _grad_like(hidden, want_hidden, False, hidden)
+    gw = _grad_like(weight, want_weight, True, hidden)
+    gb = _grad_like(bias, want_bias, True, hidden)
+    _launch("fused_linear_sparse_kd", hidden.device, ctypes.byref(spec),
+            _ptr(hidden), _dt(hidden), _ptr(weight), _dt(weight), _ptr(bias), _dt(bias),
+            k, _ptr(indices), _ptr(values), _dt(values), values_kind, tail,
+            _ptr(labels), _ptr(loss), _ptr(gh), _dt(gh), _ptr(gw), _dt(gw), _ptr(gb), _dt(gb))
+    return loss, gh, gw, gb
+
+
+@fused_linear_sparse_kd_op.register_fake
+def _(hidden, weight, bias, indices, values, labels, values_kind, tail, temperature, divergence,
+      beta, weighting, alpha, weight_hard, weight_soft, label_smoothing, ignore_index, reduction,
+      memory_budget, chunk_rows, want_hidden, want_weight, want_bias):
+    return (_f32_empty(hidden), _grad_like(hidden, want_hidden, False, hidden),
+            _grad_like(weight, want_weight, False, hidden),
+            _grad_like(bias, want_bias, False, hidden))
+
+
+fused_linear_sparse_kd_op.register_autograd(_backward, setup_context=_setup)
+
+
 def _matrix(x, name: str, rows: Optional[int] = None) -> Tensor:
     """A floating ``[..., K]`` tensor as contiguous ``[N, K]`` (float64 to float32)."""
     if not isinstance(x, Tensor):
@@ -141,7 +182,9 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
                          weight_soft: float = 0.5, label_smoothing: float = 0.0,
                          ignore_index: int = -100, reduction: str = "batchmean",
                          memory_budget: Optional[int] = None,
-                         chunk_rows: Optional[int] = None) -> Tensor:
+                         chunk_rows: Optional[int] = None,
+                         teacher_topk: Optional[tuple] = None, topk_values: str = "logprobs",
+                         tail: str = "renormalize") -> Tensor:
     """The fused linear layer + distillation loss (``docs/LOSSES.md`` section 11): with
     ``s = student_hidden @ student_weight.T (+ student_bias)`` and ``t = (teacher_hidden @
     teacher_weight.T (+ teacher_bias))[:, :V]`` (a padded teacher vocabulary ``V_t > V`` is cut
@@ -158,7 +201,14 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
     optional (masking rows). ``[..., H]`` hidden states are taken as ``[N, H]`` rows.
     ``memory_budget`` (bytes of scratch per chunk of rows, default 48 MiB) or ``chunk_rows`` set
     the chunking. Returns the float32 loss; differentiable in ``student_hidden``,
-    ``student_weight`` and ``student_bias`` (the teacher is a constant)."""
+    ``student_weight`` and ``student_bias`` (the teacher is a constant).
+
+    A sparse top-k teacher instead (``docs/LOSSES.md`` section 10): ``teacher_topk=(indices,
+    values)``, each ``[..., k]`` (``k`` distinct classes per row and their values,
+    ``topk_values`` ``"logprobs"`` as a top-k cache stores them or ``"logits"``), with ``tail``
+    ``"renormalize"``, ``"bucket"`` or ``"uniform"`` as :func:`sparse_kd_loss`; pass
+    ``teacher_hidden`` and ``teacher_weight`` as ``None``. Repeated or out-of-range indices are an
+    error naming the row."""
     h = _matrix(student_hidden, "student_hidden")
     n = h.shape[0]
     if not isinstance(student_weight, Tensor) or student_weight.dim() != 2:
@@ -171,7 +221,30 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
                          f"student_hidden is {h.shape[1]}: the weight is [V, H]")
     b = None if student_bias is None else _vector(student_bias, "student_bias", v, h)
     th = tw = tb = tl = None
-    if teacher_logits is not None:
+    topk = None
+    if teacher_topk is not None:
+        if (teacher_logits is not None or teacher_hidden is not None or teacher_weight is not None
+                or teacher_bias is not None):
+            raise ValueError("pass the teacher in one form: teacher_topk, or teacher_logits, or "
+                             "teacher_hidden and teacher_weight")
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+            raise TypeError("teacher_topk must be a pair (indices, values) of [..., k] tensors")
+        indices, values = teacher_topk
+        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
+            raise TypeError("teacher_topk's indices must be an integer torch.Tensor")
+        if not isinstance(values, Tensor) or values.shape != indices.shape or indices.dim() < 1:
+            raise ValueError("teacher_topk's values must be a tensor of the indices' shape [..., k]")
+        k = indices.shape[-1]
+        if k < 1 or indices.numel() // k != n:
+            raise ValueError(f"teacher_topk has shape {tuple(indices.shape)}: it needs k >= 1 "
+                             f"classes for each of the {n} rows of the hidden states")
+        _same_device(indices, h, "teacher_topk's indices")
+        idx = indices.reshape(n, k).clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
+        vals = _matrix(values.detach().reshape(n, k), "teacher_topk's values", n)
+        _same_device(vals, h, "teacher_topk's values")
+        topk = (idx, vals, _choice(topk_values, SPARSE_VALUES, "topk_values"),
+                _choice(tail, SPARSE_TAILS, "tail"))
+    elif teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None:
             raise ValueError("pass the teacher as teacher_hidden and teacher_weight, or as "
                              "teacher_logits, not both")
@@ -204,6 +277,14 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
     for name, x in (("memory_budget", memory_budget), ("chunk_rows", chunk_rows)):
         if x is not None and int(x) < 1:
             raise ValueError(f"{name} = {x} must be at least 1 (None: the default)")
+    if topk is not None:
+        idx, vals, kind, tl_code = topk
+        loss, _, _, _ = fused_linear_sparse_kd_op(
+            h, w, b, idx, vals, y, kind, tl_code, float(temperature), div, float(beta), wt,
+            float(alpha), float(weight_hard), float(weight_soft), float(label_smoothing),
+            _ignore(ignore_index), _REDUCTIONS[reduction], int(memory_budget or 0),
+            int(chunk_rows or 0), _wants(h), _wants(w), b is not None and _wants(b))
+        return loss
     loss, _, _, _ = fused_linear_kd_op(
         h, w, b, th, tw, tb, tl, y, float(temperature), div, float(beta), wt, float(alpha),
         float(weight_hard), float(weight_soft), float(label_smoothing), _ignore(ignore_index),

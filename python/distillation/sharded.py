@@ -14,6 +14,9 @@ or step by step: ``stats`` (phase 1), ``all_reduce_stats`` (all-reduce MAX of th
 JSD, then ``loss_and_grad`` (phase 2: this shard's part of the loss and its gradient columns).
 In one process, ``combine_stats`` combines a list of shards' stats.
 
+``loss="dkd"`` is decoupled KD (section 8) with its stats over the rest of each row (the label's
+column left out); its teacher is logits and gets no gradient.
+
 The teacher may be given as logits (the default), probabilities or log-probabilities
 (``teacher_input="logits" | "probs" | "logprobs"``, as ``SoftTargetLoss``): the temperature then
 applies to the student only, a row's probabilities sum to 1 over every shard, and the teacher
@@ -32,7 +35,7 @@ from . import _lib
 
 MAXIMA, SUMS = 2, 9
 STATS = MAXIMA + SUMS
-LOSSES = {"divergence": 0, "cross_entropy": 1, "hinton": 2}
+LOSSES = {"divergence": 0, "cross_entropy": 1, "hinton": 2, "dkd": 3}
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1, "none": 2}
 TEACHER_INPUTS = {"logits": 0, "probs": 1, "logprobs": 2}
@@ -50,7 +53,8 @@ class _Spec(ctypes.Structure):
         ("beta", ctypes.c_float), ("alpha", ctypes.c_float), ("temperature", ctypes.c_float),
         ("label_smoothing", ctypes.c_float), ("ignore_index", ctypes.c_int32),
         ("reduction", ctypes.c_int32), ("grad_scale", ctypes.c_float),
-        ("teacher_input", ctypes.c_int32),
+        ("teacher_input", ctypes.c_int32), ("ce_weight", ctypes.c_float),
+        ("tckd_weight", ctypes.c_float), ("nckd_weight", ctypes.c_float),
     ]
 
 
@@ -114,15 +118,18 @@ def _choice(value: str, table: dict, name: str) -> int:
 
 
 class Config:
-    """One sharded loss: ``loss`` ("hinton", "divergence" or "cross_entropy"), ``divergence``
-    and ``beta`` (for "divergence"), ``alpha`` (Hinton), ``temperature``, ``label_smoothing``,
+    """One sharded loss: ``loss`` ("hinton", "divergence", "cross_entropy" or "dkd"),
+    ``divergence`` and ``beta`` (for "divergence"), ``alpha`` (Hinton), ``ce_weight``,
+    ``tckd_weight``, ``nckd_weight`` (DKD: ``ce_weight CE + T^2 (tckd_weight TCKD + nckd_weight
+    NCKD)``, the teacher as logits and detached), ``temperature``, ``label_smoothing``,
     ``ignore_index``, ``reduction`` ("batchmean", "sum" or "none": the sum's gradient),
     ``teacher_input`` ("logits", "probs" or "logprobs")."""
 
     def __init__(self, loss: str = "hinton", *, temperature: float = 1.0, alpha: float = 0.5,
                  divergence: str = "forward_kl", beta: float = 0.5, label_smoothing: float = 0.0,
                  ignore_index: int = -100, reduction: str = "batchmean",
-                 teacher_input: str = "logits"):
+                 teacher_input: str = "logits", ce_weight: float = 1.0, tckd_weight: float = 1.0,
+                 nckd_weight: float = 8.0):
         self.loss = _choice(loss, LOSSES, "loss")
         self.divergence = _choice(divergence, DIVERGENCES, "divergence")
         self.reduction = _choice(reduction, REDUCTIONS, "reduction")
@@ -130,6 +137,8 @@ class Config:
         self.temperature = float(temperature)
         self.alpha, self.beta = float(alpha), float(beta)
         self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
+        self.ce_weight, self.tckd_weight = float(ce_weight), float(tckd_weight)
+        self.nckd_weight = float(nckd_weight)
 
     @property
     def is_jsd(self) -> bool:
@@ -138,7 +147,8 @@ class Config:
     def spec(self, n: int, classes: int, offset: int, width: int, grad_scale: float = 1.0):
         return _Spec(n, classes, offset, width, self.loss, self.divergence, self.beta, self.alpha,
                      self.temperature, self.label_smoothing, self.ignore_index, self.reduction,
-                     grad_scale, self.teacher_input)
+                     grad_scale, self.teacher_input, self.ce_weight, self.tckd_weight,
+                     self.nckd_weight)
 
 
 def stats(cfg: Config, student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
@@ -269,15 +279,18 @@ def sharded_kd_loss(student: Tensor, teacher: Optional[Tensor], labels: Optional
                     alpha: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
                     label_smoothing: float = 0.0, ignore_index: int = -100,
                     reduction: str = "batchmean", teacher_input: str = "logits",
+                    ce_weight: float = 1.0, tckd_weight: float = 1.0, nckd_weight: float = 8.0,
                     group=None) -> Tensor:
     """The whole loss on every rank (the shards' parts all-reduced), differentiable: the
     backward gives ``student`` (and ``teacher`` when it requires grad) this shard's columns of
     the unsharded gradient. With torch.distributed not initialised, one shard holding every
     column (``offset`` 0, ``width`` ``classes``) is the unsharded loss. ``teacher_input``:
-    "logits", "probs" or "logprobs" (a given teacher gets no gradient)."""
+    "logits", "probs" or "logprobs" (a given teacher gets no gradient). ``loss="dkd"``: decoupled
+    KD with ``ce_weight``, ``tckd_weight``, ``nckd_weight`` (the teacher as logits, no gradient)."""
     cfg = Config(loss, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                  label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction,
-                 teacher_input=teacher_input)
-    want_t = (teacher is not None and teacher.requires_grad and cfg.loss != 1
+                 teacher_input=teacher_input, ce_weight=ce_weight, tckd_weight=tckd_weight,
+                 nckd_weight=nckd_weight)
+    want_t = (teacher is not None and teacher.requires_grad and cfg.loss not in (1, 3)
               and cfg.teacher_input == 0)
     return _ShardedLoss.apply(student, teacher, labels, cfg, classes, offset, group, want_t)

@@ -6,6 +6,8 @@ all-reduced with torch.distributed, against the unsharded loss and gradients).""
 import os
 import socket
 
+import pytest
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -90,6 +92,9 @@ VOCAB_CASES = [
     dict(loss="hinton", temperature=2.0, alpha=0.3, teacher_input="probs"),
     dict(loss="divergence", divergence="jsd", beta=0.3, temperature=1.5, teacher_input="logprobs"),
     dict(loss="divergence", divergence="reverse_kl", temperature=3.0, teacher_input="probs"),
+    # decoupled KD (its stats over the rest of each row; the teacher detached)
+    dict(loss="dkd", temperature=2.0, ce_weight=0.7, tckd_weight=1.0, nckd_weight=2.0,
+         label_smoothing=0.1),
 ]
 
 
@@ -116,7 +121,7 @@ def vocab_worker(rank, world, port, out):
         form = case.get("teacher_input", "logits")
         s_shard = s[:, cols].clone().requires_grad_(True)
         t_shard = given(t, form)[:, cols].clone()
-        t_shard.requires_grad_(case["loss"] != "cross_entropy" and form == "logits")
+        t_shard.requires_grad_(case["loss"] not in ("cross_entropy", "dkd") and form == "logits")
         teacher = t_shard if case["loss"] != "cross_entropy" else None
         labels = y if case["loss"] != "divergence" else None
         loss = sh.sharded_kd_loss(s_shard, teacher, labels, classes=VOCAB, offset=offset, **case)
@@ -138,7 +143,22 @@ def unsharded(case, s, t, y):
     # the teacher's log q: log_softmax(t / T) of logits, the given values' logs otherwise
     lq_of = {"logits": lambda: F.log_softmax(t / T, -1), "probs": lambda: torch.log(t),
              "logprobs": lambda: t}[form]
-    if case["loss"] == "cross_entropy":
+    if case["loss"] == "dkd":
+        # mdistiller's dkd_loss: TCKD on [p_g, 1 - p_g], NCKD on the non-target classes (the
+        # target masked out of both softmaxes), CE with label smoothing, masked rows dropped
+        ce = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case.get("label_smoothing", 0.0))
+        mask = (y != -100).double()
+        g = y.clamp(min=0)[:, None]
+        onehot = torch.zeros_like(s).scatter_(1, g, 1.0)
+        p, q = F.softmax(s / T, -1), F.softmax(t / T, -1)
+        pg, qg = p.gather(1, g)[:, 0], q.gather(1, g)[:, 0]
+        tckd = qg * torch.log(qg / pg) + (1 - qg) * torch.log((1 - qg) / (1 - pg))
+        lp_hat = F.log_softmax(s / T - 1e4 * onehot, -1)
+        lq_hat = F.log_softmax(t / T - 1e4 * onehot, -1)
+        nckd = (lq_hat.exp() * (lq_hat - lp_hat)).sum(-1)
+        kd = T * T * (case["tckd_weight"] * tckd + case["nckd_weight"] * nckd)
+        loss = case["ce_weight"] * ce + (kd * mask).sum() / valid
+    elif case["loss"] == "cross_entropy":
         loss = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case.get("label_smoothing", 0.0))
     elif case["loss"] == "hinton":
         ce = F.cross_entropy(s, y, ignore_index=-100, label_smoothing=case.get("label_smoothing", 0.0))
@@ -175,7 +195,7 @@ def test_vocab_parallel_two_processes_match_unsharded(tmp_path):
             assert abs(float(got) - float(want_loss)) <= 1e-5 * abs(float(want_loss)) + 1e-6, case
         gs = torch.cat([a[1], b[1]], dim=1).double()
         assert torch.allclose(gs, want_gs, atol=2e-6, rtol=1e-4), (case, (gs - want_gs).abs().max())
-        if case["loss"] != "cross_entropy" and form == "logits":
+        if case["loss"] not in ("cross_entropy", "dkd") and form == "logits":
             gt = torch.cat([a[2], b[2]], dim=1).double()
             assert torch.allclose(gt, want_gt, atol=2e-6, rtol=1e-4), (case, (gt - want_gt).abs().max())
 
@@ -260,3 +280,29 @@ def test_sharded_bad_input_is_a_python_error():
         sh.stats(cfg, s[:, :5].contiguous(), t[:, :5].contiguous(), y + 20, VOCAB, 0)
     with pytest.raises(ValueError, match="float32"):
         sh.stats(cfg, s[:, :5].double(), t[:, :5].contiguous(), y, VOCAB, 0)
+
+
+def test_sharded_dkd_in_one_process():
+    """Sharded DKD over 1, 3 and 4 shards (one of width 1 holding a label alone) in one process
+    against the unsharded float64 loss; the teacher gets no gradient, a given teacher is an
+    error."""
+    import distillation.sharded as sh
+
+    s, t, y = vocab_data()
+    case = dict(loss="dkd", temperature=3.0, ce_weight=1.0, tckd_weight=1.0, nckd_weight=8.0,
+                label_smoothing=0.1)
+    cfg = sh.Config(**case)
+    want_loss, want_gs, _ = unsharded(case, s, t, y)
+    for bounds in ([(0, VOCAB)], [(0, 1), (1, 6), (6, VOCAB)], [(0, 4), (4, 5), (5, 9), (9, VOCAB)]):
+        parts = [(s[:, a:b].contiguous(), t[:, a:b].contiguous(), a) for a, b in bounds]
+        st = sh.combine_stats([sh.stats(cfg, ps, pt, y, VOCAB, o) for ps, pt, o in parts],
+                              cfg.temperature)
+        outs = [sh.loss_and_grad(cfg, ps, pt, y, st, VOCAB, o) for ps, pt, o in parts]
+        loss = sum(float(o[0]) for o in outs)
+        grad = torch.cat([o[2] for o in outs], dim=1).double()
+        assert abs(loss - float(want_loss)) <= 1e-5 * abs(float(want_loss)) + 1e-6, bounds
+        assert torch.allclose(grad, want_gs, atol=2e-6, rtol=1e-4), (bounds, (grad - want_gs).abs().max())
+    with pytest.raises(Exception, match="detached"):
+        sh.loss_and_grad(cfg, s, t, y, st, VOCAB, 0, teacher_grad=True)
+    with pytest.raises(Exception, match="logits"):
+        sh.stats(sh.Config(**dict(case, teacher_input="probs")), s, torch.softmax(t, -1), y, VOCAB, 0)

@@ -253,3 +253,50 @@ def test_cuda_matches_cpu():
     cuda = ours(*[x.cuda() for x in (h, w, b, th, tw, tb, y)], **kw)
     check((cuda[0].cpu(), [g.cpu() for g in cuda[1]]), (cpu[0].double(),
                                                          [g.double() for g in cpu[1]]))
+
+
+SPARSE_CASES = [
+    # (divergence, tail, kind, k, alpha, chunk_rows)
+    ("forward_kl", "renormalize", "logprobs", 4, 0.3, None),
+    ("forward_kl", "renormalize", "logits", 11, 0.0, 2),  # k = V
+    ("reverse_kl", "bucket", "logprobs", 5, 0.2, 3),
+    ("jsd", "uniform", "logprobs", 3, 0.5, None),
+    ("jsd", "bucket", "logprobs", 1, 0.0, 1),
+]
+
+
+@pytest.mark.parametrize("div,tail,kind,k,alpha,chunk_rows", SPARSE_CASES)
+def test_sparse_topk_teacher_matches_the_torch_composition(div, tail, kind, k, alpha, chunk_rows):
+    """``teacher_topk=(indices, values)``: the loss of ``sparse_kd_loss``'s float64 composition on
+    the materialised logits ``h @ W.T + b`` (``test_sparse.sparse_ref``), and its gradients for
+    the hidden states, the weight and the bias."""
+    from test_sparse import sparse_ref, topk_teacher
+
+    h, w, b, th, tw, tb, y = make(seed=20 + k)
+    t = (th.double() @ tw.double().T + tb.double()).float()
+    idx, vals = topk_teacher(t, k, kind)
+    T, ls = 2.0, 0.1 if alpha else 0.0
+    leaves = [x.double().requires_grad_() for x in (h, w, b)]
+    s = leaves[0] @ leaves[1].T + leaves[2]
+    want = sparse_ref(s, idx, vals, T, div, 0.3, kind, tail, y, alpha, ls)
+    want_grads = torch.autograd.grad(want, leaves)
+    got = ours(h, w, b, None, None, None, y, teacher_topk=(idx, vals), topk_values=kind,
+               tail=tail, temperature=T, alpha=alpha, divergence=div, beta=0.3,
+               label_smoothing=ls, chunk_rows=chunk_rows)
+    check(got, (want.detach(), want_grads))
+
+
+def test_sparse_topk_teacher_errors():
+    h, w, b, th, tw, tb, y = make(seed=1)
+    idx = torch.tensor([[0, 1, 2]] * h.shape[0])
+    vals = torch.log_softmax(torch.randn(h.shape[0], 3), -1)
+    bad = idx.clone()
+    bad[2, 1] = bad[2, 0]
+    with pytest.raises(Exception, match="row 2"):
+        dl.fused_linear_kd_loss(h, w, None, None, y, teacher_topk=(bad, vals))
+    with pytest.raises(ValueError, match="one form"):
+        dl.fused_linear_kd_loss(h, w, th, tw, y, teacher_topk=(idx, vals))
+    with pytest.raises(ValueError, match="tail"):
+        dl.fused_linear_kd_loss(h, w, None, None, y, teacher_topk=(idx, vals), tail="none")
+    with pytest.raises(ValueError, match="indices' shape"):
+        dl.fused_linear_kd_loss(h, w, None, None, y, teacher_topk=(idx, vals[:, :2]))

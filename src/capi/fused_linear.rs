@@ -6,7 +6,9 @@
 //!
 //! The teacher is chosen by which of its pointers are non-NULL: `teacher_logits` (`[n, vocab]`),
 //! or `teacher_hidden` and `teacher_weight` (a layer, `teacher_bias` optional), or none of them
-//! (no teacher: the cross-entropy-only loss). Giving both forms is an error.
+//! (no teacher: the cross-entropy-only loss). Giving both forms is an error. The
+//! `dst_*_fused_linear_sparse_kd` entry points (ABI 10) take a sparse top-k teacher instead
+//! (`[n, k]` indices and values, `docs/LOSSES.md` sections 10 and 11).
 //!
 //! The host entry points copy the inputs into the backend's buffers (`O(n H + V H)` for the
 //! student, the same for a teacher layer; never the `[n, V]` logits, which are computed a chunk
@@ -14,7 +16,9 @@
 
 use std::ffi::c_void;
 
-use super::args::{check_no_alias, divergence, non_null, reduction, Dst, Span, Src};
+use super::args::{
+    check_no_alias, divergence, non_null, reduction, sparse_tail, sparse_values, Dst, Span, Src,
+};
 use super::buffers::{Buf, Buffers, Labels};
 use super::cuda::dst_cuda;
 #[cfg(feature = "cuda")]
@@ -29,7 +33,9 @@ use crate::backend::Backend;
 use crate::dtype::{Dtype, HostSlice};
 use crate::ops::dense::CopySpec;
 use crate::ops::fused_linear::DEFAULT_MEMORY_BUDGET;
-use crate::ops::{FusedGrads, FusedLinearKd, Linear, Reduction, Teacher, Weighting};
+use crate::ops::{
+    FusedGrads, FusedLinearKd, Linear, Reduction, SparseTail, SparseValues, Teacher, Weighting,
+};
 use crate::{CpuBackend, FastCpuBackend};
 
 /// `DstFusedLinearSpec::weighting`: Hinton's `alpha CE + (1 - alpha) T^2 D` (the crate's
@@ -154,6 +160,20 @@ struct FusedArgs {
     grad_weight_dtype: i32,
     grad_bias: *mut c_void,
     grad_bias_dtype: i32,
+    /// A sparse top-k teacher (the `dst_*_fused_linear_sparse_kd` entry points; the dense
+    /// teacher pointers are then NULL).
+    sparse: Option<SparseTeacherArgs>,
+}
+
+/// A sparse top-k teacher as the C caller passed it.
+#[derive(Clone, Copy)]
+struct SparseTeacherArgs {
+    k: usize,
+    indices: *const i32,
+    values: *const c_void,
+    values_dtype: i32,
+    values_code: i32,
+    tail_code: i32,
 }
 
 /// The teacher's form, from which pointers are non-NULL.
@@ -163,6 +183,8 @@ enum TeacherForm {
     Logits,
     /// `(H_t, V_t)`.
     Layer(usize, usize),
+    /// A sparse top-k teacher: `k`, the values' kind, the tail.
+    Sparse(usize, SparseValues, SparseTail),
 }
 
 /// A checked call: the spec, the arrays with their dtypes and element counts, the teacher's form.
@@ -170,8 +192,11 @@ struct Checked {
     spec: FusedLinearKd,
     n: usize,
     teacher: TeacherForm,
-    /// hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits.
-    inputs: [(Src, usize); 7],
+    /// hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+    /// teacher_values (sparse).
+    inputs: [(Src, usize); 8],
+    /// The sparse teacher's `[n, k]` indices (NULL otherwise).
+    indices: *const i32,
     labels: *const i32,
     loss: *mut f32,
     /// grad_hidden, grad_weight, grad_bias.
@@ -227,8 +252,32 @@ impl FusedArgs {
         non_null("weight", self.weight)?;
         non_null("loss", self.loss)?;
 
+        let t_values = match self.sparse {
+            Some(sp) => src("teacher_values", sp.values, sp.values_dtype)?,
+            None => Src::null(),
+        };
         let layer = !self.teacher_hidden.is_null() || !self.teacher_weight.is_null();
         let teacher = match (layer, self.teacher_logits.is_null()) {
+            _ if self.sparse.is_some() => {
+                let sp = self.sparse.expect("is_some");
+                non_null("teacher_indices", sp.indices)?;
+                non_null("teacher_values", sp.values)?;
+                if sp.k == 0 || sp.k > v {
+                    return Err(Fail::new(
+                        DST_ERR_SHAPE,
+                        format!(
+                            "k = {} teacher classes per row: a sparse teacher needs 1 <= k <= \
+                             vocab ({v}) distinct classes per row",
+                            sp.k
+                        ),
+                    ));
+                }
+                TeacherForm::Sparse(
+                    sp.k,
+                    sparse_values(sp.values_code)?,
+                    sparse_tail(sp.tail_code)?,
+                )
+            }
             (true, false) => return Err(Fail::new(
                 DST_ERR_INVALID_ARGUMENT,
                 "teacher_logits and a teacher layer (teacher_hidden / teacher_weight) are both \
@@ -276,7 +325,8 @@ impl FusedArgs {
             return Err(Fail::new(
                 DST_ERR_UNSUPPORTED,
                 "the loss has a divergence term (alpha < 1, or weight_soft > 0) but no teacher: \
-                 pass teacher_logits, or teacher_hidden and teacher_weight",
+                 pass teacher_logits, or teacher_hidden and teacher_weight (or a sparse teacher \
+                 to dst_*_fused_linear_sparse_kd)",
             ));
         }
         if !spec.has_soft() && teacher != TeacherForm::None {
@@ -293,6 +343,10 @@ impl FusedArgs {
         let (ht, vt) = match teacher {
             TeacherForm::Layer(ht, vt) => (ht, vt),
             _ => (0, 0),
+        };
+        let k = match teacher {
+            TeacherForm::Sparse(k, ..) => k,
+            _ => 0,
         };
         product("logits [n, vocab]", n, v)?;
         let inputs = [
@@ -316,6 +370,7 @@ impl FusedArgs {
                     0
                 },
             ),
+            (t_values, product("teacher_values [n, k]", n, k)?),
         ];
         product("teacher logits [n, teacher_vocab]", n, vt)?;
         let grads = [(g_hidden, n * h), (g_weight, v * h), (g_bias, v)];
@@ -328,13 +383,16 @@ impl FusedArgs {
             "teacher_weight",
             "teacher_bias",
             "teacher_logits",
+            "teacher_values",
         ];
+        let indices = self.sparse.map_or(std::ptr::null(), |sp| sp.indices);
         let mut in_spans: Vec<Span<'_>> = names
             .iter()
             .zip(&inputs)
             .map(|(name, (s, len))| (*name, s.ptr, len * s.dtype.size()))
             .collect();
         in_spans.push(("labels", self.labels as *const c_void, n * 4));
+        in_spans.push(("teacher_indices", indices as *const c_void, n * k * 4));
         let out_names = ["grad_hidden", "grad_weight", "grad_bias"];
         let mut out_spans: Vec<Span<'_>> = vec![("loss", self.loss as *const c_void, 4)];
         out_spans.extend(
@@ -349,6 +407,7 @@ impl FusedArgs {
             n,
             teacher,
             inputs,
+            indices,
             labels: self.labels,
             loss: self.loss,
             grads,
@@ -364,7 +423,7 @@ impl FusedArgs {
         m.check_handle()?;
         let c = self.check()?;
         let b = m.backend()?;
-        let [hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits] = c.inputs;
+        let [hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, t_values] = c.inputs;
         // SAFETY (the block): each pointer is non-null where it is wrapped and valid for the
         // length checked above, by this function's contract.
         unsafe {
@@ -383,6 +442,12 @@ impl FusedArgs {
                 bias: bb.as_ref(),
             };
             let (th, tw, tb, tl) = (opt(t_hidden)?, opt(t_weight)?, opt(t_bias)?, opt(t_logits)?);
+            let tv = opt(t_values)?;
+            // The sparse teacher's indices on the host (the op uploads each chunk's rows).
+            let idx = match c.teacher {
+                TeacherForm::Sparse(k, ..) => m.host_labels(c.indices, c.n * k)?,
+                _ => Vec::new(),
+            };
             let teacher = match c.teacher {
                 TeacherForm::None => Teacher::None,
                 TeacherForm::Logits => Teacher::Logits(tl.as_ref().expect("checked non-null")),
@@ -394,6 +459,13 @@ impl FusedArgs {
                     },
                     hidden: ht,
                     vocab: vt,
+                },
+                TeacherForm::Sparse(k, values_kind, tail) => Teacher::Sparse {
+                    indices: &idx,
+                    values: tv.as_ref().expect("checked non-null"),
+                    k,
+                    values_kind,
+                    tail,
                 },
             };
             let labels = match c.labels.is_null() {
@@ -581,7 +653,8 @@ pub unsafe extern "C" fn dst_cpu_fused_linear_kd(
     let args = FusedArgs { spec, hidden, hidden_dtype, weight, weight_dtype, bias, bias_dtype,
         teacher_hidden, teacher_hidden_dtype, teacher_weight, teacher_weight_dtype, teacher_bias,
         teacher_bias_dtype, teacher_logits, teacher_logits_dtype, labels, loss, grad_hidden,
-        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype };
+        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
+        sparse: None };
     // SAFETY: this function's contract is `run`'s.
     ffi(|| unsafe { args.run(&Host(CpuBackend::new())) })
 }
@@ -623,7 +696,8 @@ pub unsafe extern "C" fn dst_fast_fused_linear_kd(
     let args = FusedArgs { spec, hidden, hidden_dtype, weight, weight_dtype, bias, bias_dtype,
         teacher_hidden, teacher_hidden_dtype, teacher_weight, teacher_weight_dtype, teacher_bias,
         teacher_bias_dtype, teacher_logits, teacher_logits_dtype, labels, loss, grad_hidden,
-        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype };
+        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
+        sparse: None };
     // SAFETY: this function's contract is `run`'s.
     ffi(|| unsafe { args.run(&Host(fast(threads)?)) })
 }
@@ -669,7 +743,168 @@ pub unsafe extern "C" fn dst_cuda_fused_linear_kd(
     let args = FusedArgs { spec, hidden, hidden_dtype, weight, weight_dtype, bias, bias_dtype,
         teacher_hidden, teacher_hidden_dtype, teacher_weight, teacher_weight_dtype, teacher_bias,
         teacher_bias_dtype, teacher_logits, teacher_logits_dtype, labels, loss, grad_hidden,
-        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype };
+        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
+        sparse: None };
+    ffi(|| {
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: this function's contract is `run`'s and `Device`'s.
+            unsafe { args.run(&Device(ctx)) }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            non_null("ctx", ctx)?;
+            args.check()?;
+            Err(Fail::new(
+                super::status::DST_ERR_UNAVAILABLE,
+                "backend cuda unavailable: this library was built without the `cuda` feature",
+            ))
+        }
+    })
+}
+
+/// The null dense teacher of the sparse entry points: `(ptr, dtype)` for teacher hidden,
+/// weight, bias and logits.
+const NO_DENSE_TEACHER: (*const c_void, i32) = (std::ptr::null(), 0);
+
+/// [`dst_cpu_fused_linear_kd`] with a sparse top-k teacher (ABI 10; `docs/LOSSES.md` sections
+/// 10 and 11): per row `k` distinct classes `teacher_indices` (`[n, k]` int32 in `0..vocab`) and
+/// their `teacher_values` (`[n, k]`, `teacher_values_dtype`): log-probabilities at T = 1 as a
+/// top-k cache stores them (`values_code` 0) or logits (1). `tail_code`: 0 renormalize over the
+/// top-k, 1 a tail bucket (one extra event of mass `1 - sum e^values`), 2 that mass spread
+/// uniformly over the other `vocab - k` classes (1 and 2 need log-probabilities). The soft term
+/// is `D(Q || P)` with the student's full softmax over `vocab` (its logits computed a chunk of
+/// rows at a time, never `[n, vocab]`); the weighting, the labels and the outputs as
+/// [`dst_cpu_fused_linear_kd`] (`spec->teacher_hidden` and `teacher_vocab` are ignored). The
+/// whole teacher is checked before anything runs: repeated or out-of-range indices and invalid
+/// values are `DST_ERR_INPUT` naming the row.
+///
+/// # Safety
+/// As [`dst_cpu_fused_linear_kd`]; `teacher_indices` and `teacher_values` valid for `n * k`
+/// elements.
+#[no_mangle]
+pub unsafe extern "C" fn dst_cpu_fused_linear_sparse_kd(
+    spec: *const DstFusedLinearSpec,
+    hidden: *const c_void,
+    hidden_dtype: i32,
+    weight: *const c_void,
+    weight_dtype: i32,
+    bias: *const c_void,
+    bias_dtype: i32,
+    k: usize,
+    teacher_indices: *const i32,
+    teacher_values: *const c_void,
+    teacher_values_dtype: i32,
+    values_code: i32,
+    tail_code: i32,
+    labels: *const i32,
+    loss: *mut f32,
+    grad_hidden: *mut c_void,
+    grad_hidden_dtype: i32,
+    grad_weight: *mut c_void,
+    grad_weight_dtype: i32,
+    grad_bias: *mut c_void,
+    grad_bias_dtype: i32,
+) -> i32 {
+    let (none, none_dtype) = NO_DENSE_TEACHER;
+    #[rustfmt::skip]
+    let args = FusedArgs { spec, hidden, hidden_dtype, weight, weight_dtype, bias, bias_dtype,
+        teacher_hidden: none, teacher_hidden_dtype: none_dtype, teacher_weight: none,
+        teacher_weight_dtype: none_dtype, teacher_bias: none, teacher_bias_dtype: none_dtype,
+        teacher_logits: none, teacher_logits_dtype: none_dtype, labels, loss, grad_hidden,
+        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
+        sparse: Some(SparseTeacherArgs { k, indices: teacher_indices, values: teacher_values,
+            values_dtype: teacher_values_dtype, values_code, tail_code }) };
+    // SAFETY: this function's contract is `run`'s.
+    ffi(|| unsafe { args.run(&Host(CpuBackend::new())) })
+}
+
+/// [`dst_cpu_fused_linear_sparse_kd`] on the fast CPU backend on at most `threads` threads (0:
+/// one per core); the same bits for any `threads`.
+///
+/// # Safety
+/// As [`dst_cpu_fused_linear_sparse_kd`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_fast_fused_linear_sparse_kd(
+    threads: i32,
+    spec: *const DstFusedLinearSpec,
+    hidden: *const c_void,
+    hidden_dtype: i32,
+    weight: *const c_void,
+    weight_dtype: i32,
+    bias: *const c_void,
+    bias_dtype: i32,
+    k: usize,
+    teacher_indices: *const i32,
+    teacher_values: *const c_void,
+    teacher_values_dtype: i32,
+    values_code: i32,
+    tail_code: i32,
+    labels: *const i32,
+    loss: *mut f32,
+    grad_hidden: *mut c_void,
+    grad_hidden_dtype: i32,
+    grad_weight: *mut c_void,
+    grad_weight_dtype: i32,
+    grad_bias: *mut c_void,
+    grad_bias_dtype: i32,
+) -> i32 {
+    let (none, none_dtype) = NO_DENSE_TEACHER;
+    #[rustfmt::skip]
+    let args = FusedArgs { spec, hidden, hidden_dtype, weight, weight_dtype, bias, bias_dtype,
+        teacher_hidden: none, teacher_hidden_dtype: none_dtype, teacher_weight: none,
+        teacher_weight_dtype: none_dtype, teacher_bias: none, teacher_bias_dtype: none_dtype,
+        teacher_logits: none, teacher_logits_dtype: none_dtype, labels, loss, grad_hidden,
+        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
+        sparse: Some(SparseTeacherArgs { k, indices: teacher_indices, values: teacher_values,
+            values_dtype: teacher_values_dtype, values_code, tail_code }) };
+    // SAFETY: this function's contract is `run`'s.
+    ffi(|| unsafe { args.run(&Host(fast(threads)?)) })
+}
+
+/// [`dst_cpu_fused_linear_sparse_kd`] on device pointers of the context's device, as
+/// [`dst_cuda_fused_linear_kd`] (it synchronizes the stream: the labels and the teacher's
+/// indices are read to the host and checked, the loss read back). Without the crate feature
+/// `cuda`: the arguments' checks, then
+/// [`DST_ERR_UNAVAILABLE`](super::status::DST_ERR_UNAVAILABLE).
+///
+/// # Safety
+/// `ctx` is NULL or a live handle; every non-null pointer is device memory of its device, valid
+/// for the sizes of [`dst_cpu_fused_linear_sparse_kd`]; `spec` is NULL or host memory.
+#[no_mangle]
+pub unsafe extern "C" fn dst_cuda_fused_linear_sparse_kd(
+    ctx: *const dst_cuda,
+    spec: *const DstFusedLinearSpec,
+    hidden: *const c_void,
+    hidden_dtype: i32,
+    weight: *const c_void,
+    weight_dtype: i32,
+    bias: *const c_void,
+    bias_dtype: i32,
+    k: usize,
+    teacher_indices: *const i32,
+    teacher_values: *const c_void,
+    teacher_values_dtype: i32,
+    values_code: i32,
+    tail_code: i32,
+    labels: *const i32,
+    loss: *mut f32,
+    grad_hidden: *mut c_void,
+    grad_hidden_dtype: i32,
+    grad_weight: *mut c_void,
+    grad_weight_dtype: i32,
+    grad_bias: *mut c_void,
+    grad_bias_dtype: i32,
+) -> i32 {
+    let (none, none_dtype) = NO_DENSE_TEACHER;
+    #[rustfmt::skip]
+    let args = FusedArgs { spec, hidden, hidden_dtype, weight, weight_dtype, bias, bias_dtype,
+        teacher_hidden: none, teacher_hidden_dtype: none_dtype, teacher_weight: none,
+        teacher_weight_dtype: none_dtype, teacher_bias: none, teacher_bias_dtype: none_dtype,
+        teacher_logits: none, teacher_logits_dtype: none_dtype, labels, loss, grad_hidden,
+        grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
+        sparse: Some(SparseTeacherArgs { k, indices: teacher_indices, values: teacher_values,
+            values_dtype: teacher_values_dtype, values_code, tail_code }) };
     ffi(|| {
         #[cfg(feature = "cuda")]
         {

@@ -21,6 +21,9 @@ pub const DST_SHARDED_DIVERGENCE: i32 = 0;
 pub const DST_SHARDED_CROSS_ENTROPY: i32 = 1;
 /// `DstShardedSpec::loss`: the Hinton loss `alpha CE + (1 - alpha) T^2 KL`.
 pub const DST_SHARDED_HINTON: i32 = 2;
+/// `DstShardedSpec::loss` (ABI 10): decoupled KD `ce_weight CE + T^2 (tckd_weight TCKD +
+/// nckd_weight NCKD)` (section 8): the teacher as logits, labels required, no teacher gradient.
+pub const DST_SHARDED_DKD: i32 = 3;
 
 /// One shard of a vocab-sharded loss: the columns `offset..offset + width` of `[n, c]` logits
 /// (stored `[n, width]`), the loss (`DST_SHARDED_*`), `divergence` (0 forward KL, 1 reverse KL,
@@ -28,8 +31,9 @@ pub const DST_SHARDED_HINTON: i32 = 2;
 /// `label_smoothing`, `ignore_index`, `reduction` (0 batchmean, 1 sum, 2 none), `grad_scale` and
 /// `teacher_input` (ABI 9: 0 logits, 1 probabilities, 2 log-probabilities; the temperature then
 /// applies to the student only, reverse KL with a probability of exactly 0 is `DST_ERR_INPUT`,
-/// and there is no teacher gradient). Every shard of one loss passes the same values except
-/// `offset` and `width`.
+/// and there is no teacher gradient), and (ABI 10) DKD's `ce_weight`, `tckd_weight`,
+/// `nckd_weight` (for `DST_SHARDED_DKD`; ignored otherwise). Every shard of one loss passes the
+/// same values except `offset` and `width`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DstShardedSpec {
@@ -47,6 +51,9 @@ pub struct DstShardedSpec {
     pub reduction: i32,
     pub grad_scale: f32,
     pub teacher_input: i32,
+    pub ce_weight: f32,
+    pub tckd_weight: f32,
+    pub nckd_weight: f32,
 }
 
 impl DstShardedSpec {
@@ -57,12 +64,18 @@ impl DstShardedSpec {
             }
             DST_SHARDED_CROSS_ENTROPY => ShardedLoss::CrossEntropy,
             DST_SHARDED_HINTON => ShardedLoss::Hinton { alpha: self.alpha },
+            DST_SHARDED_DKD => ShardedLoss::Dkd {
+                ce_weight: self.ce_weight,
+                tckd_weight: self.tckd_weight,
+                nckd_weight: self.nckd_weight,
+            },
             code => {
                 return Err(Fail::new(
                     DST_ERR_INVALID_ARGUMENT,
                     format!(
                         "invalid sharded loss {code}: use 0 (DST_SHARDED_DIVERGENCE), 1 \
-                         (DST_SHARDED_CROSS_ENTROPY) or 2 (DST_SHARDED_HINTON)"
+                         (DST_SHARDED_CROSS_ENTROPY), 2 (DST_SHARDED_HINTON) or 3 \
+                         (DST_SHARDED_DKD)"
                     ),
                 ))
             }

@@ -14,8 +14,10 @@ use crate::error::Error;
 /// `DstShardedSpec`, the sparse top-k teacher entry points `dst_*_sparse_kd`; 8: the fused linear
 /// layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`; 9:
 /// `DstShardedSpec::teacher_input`, the sharded losses' teacher as probabilities or
-/// log-probabilities).
-pub const DST_ABI_VERSION: u32 = 9;
+/// log-probabilities; 10: sharded DKD, `DST_SHARDED_DKD` and `DstShardedSpec::ce_weight`,
+/// `tckd_weight`, `nckd_weight`, and the fused linear loss with a sparse top-k teacher
+/// `dst_*_fused_linear_sparse_kd`).
+pub const DST_ABI_VERSION: u32 = 10;
 
 /// The dtype code of f32 arrays (a row loss's `*_dtype` arguments).
 pub const DST_F32: i32 = 0;
@@ -283,7 +285,7 @@ mod tests {
     fn codes_are_distinct_and_keep_their_numbers() {
         // The numbers are the ABI: 0..=11 as in ABI 3, then the codes added in ABI 4.
         assert_eq!(CODES, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
-        assert_eq!(DST_ABI_VERSION, 9);
+        assert_eq!(DST_ABI_VERSION, 10);
         assert_eq!((DST_F32, DST_BF16, DST_F16), (0, 1, 2));
         // I/O and configuration errors have codes of their own, not another variant's.
         let others: Vec<i32> = examples()

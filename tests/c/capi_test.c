@@ -539,7 +539,7 @@ int main(void) {
             float ss[2][N * 3], ts[2][N * 3], gs[2][N * 3], part, total = 0.0f, got_g[LEN];
             for (int k = 0; k < 2; k++) {
                 DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
-                                     1.0f, 0};
+                                     1.0f, 0, 0.0f, 0.0f, 0.0f};
                 for (size_t r = 0; r < N; r++) {
                     for (size_t j = 0; j < wid[k]; j++) {
                         ss[k][r * wid[k] + j] = s[r * C + off[k] + j];
@@ -559,7 +559,7 @@ int main(void) {
             expect_close("sharded_distributed_combine", dist_global, global, N * DST_SHARDED_STATS);
             for (int k = 0; k < 2; k++) {
                 DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
-                                     1.0f, 0};
+                                     1.0f, 0, 0.0f, 0.0f, 0.0f};
                 expect_ok("sharded_loss", fast ? dst_fast_sharded_loss_and_grad(0, &sp, ss[k], ts[k], labels, global,
                                                                                 NULL, &part, NULL, gs[k], NULL)
                                                : dst_cpu_sharded_loss_and_grad(&sp, ss[k], ts[k], labels, global,
@@ -572,9 +572,9 @@ int main(void) {
             expect_close(fast ? "fast_sharded.loss" : "sharded.loss", &total, &want_loss, 1);
             expect_close(fast ? "fast_sharded.grad_student" : "sharded.grad_student", got_g, want_g, LEN);
         }
-        DstShardedSpec bad = {N, C, 4, 3, DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.0f, -100, 0, 1.0f, 0};
+        DstShardedSpec bad = {N, C, 4, 3, DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.0f, -100, 0, 1.0f, 0, 0.0f, 0.0f, 0.0f};
         expect_err("sharded_offset", dst_cpu_sharded_stats(&bad, s, t, labels, st[0]), DST_ERR_UNSUPPORTED);
-        DstShardedSpec jsd = {N, C, 0, 2, DST_SHARDED_DIVERGENCE, 2, 0.5f, 0.0f, 1.0f, 0.0f, -100, 0, 1.0f, 0};
+        DstShardedSpec jsd = {N, C, 0, 2, DST_SHARDED_DIVERGENCE, 2, 0.5f, 0.0f, 1.0f, 0.0f, -100, 0, 1.0f, 0, 0.0f, 0.0f, 0.0f};
         expect_err("sharded_jsd_terms", dst_fast_sharded_loss_and_grad(0, &jsd, s, t, NULL, global, NULL, &loss,
                                                                          NULL, g, NULL), DST_ERR_UNSUPPORTED);
         expect_err("sharded_null", dst_cpu_sharded_stats(NULL, s, t, labels, st[0]), DST_ERR_NULL_POINTER);
@@ -592,7 +592,7 @@ int main(void) {
                 q[r * C + j] = expf(lq[r * C + j]);
             }
         }
-        DstShardedSpec from_logits = {N, C, 0, C, DST_SHARDED_DIVERGENCE, 0, 0.5f, 0.0f, 2.0f, 0.0f, -100, 0, 1.0f, 0};
+        DstShardedSpec from_logits = {N, C, 0, C, DST_SHARDED_DIVERGENCE, 0, 0.5f, 0.0f, 2.0f, 0.0f, -100, 0, 1.0f, 0, 0.0f, 0.0f, 0.0f};
         expect_ok("sharded_logits_stats", dst_cpu_sharded_stats(&from_logits, s, t, labels, st[0]));
         expect_ok("sharded_logits_loss", dst_cpu_sharded_loss_and_grad(&from_logits, s, t, labels, st[0], NULL,
                                                                        &loss_l, NULL, gl, NULL));
@@ -610,6 +610,48 @@ int main(void) {
         bad_code.teacher_input = 7;
         expect_err("sharded_bad_teacher_input", dst_cpu_sharded_stats(&bad_code, s, t, labels, st[0]),
                    DST_ERR_INVALID_ARGUMENT);
+
+        /* Sharded DKD (ABI 10): shards of 2 and 3 columns on the fast backend against the
+         * unsharded dst_cpu_dkd; its teacher has no gradient and must be logits. */
+        {
+            const size_t off[2] = {0, 2}, wid[2] = {2, 3};
+            float ss[2][N * 3], ts[2][N * 3], gs[2][N * 3], dst[2][N * DST_SHARDED_STATS];
+            float dglobal[N * DST_SHARDED_STATS], part, total = 0.0f, got_g[LEN], want_dg[LEN], want_dl;
+            expect_ok("sharded_dkd_want", dst_cpu_dkd(s, DST_F32, t, DST_F32, labels, N, C, 2.0f, 0.7f, 1.0f, 2.0f,
+                                                      0.1f, -100, 0, 1.0f, &want_dl, NULL, want_dg, DST_F32));
+            DstShardedSpec dk[2];
+            for (int k = 0; k < 2; k++) {
+                DstShardedSpec sp = {N, C, off[k], wid[k], DST_SHARDED_DKD, 0, 0.5f, 0.0f, 2.0f, 0.1f, -100, 0,
+                                     1.0f, 0, 0.7f, 1.0f, 2.0f};
+                dk[k] = sp;
+                for (size_t r = 0; r < N; r++) {
+                    for (size_t j = 0; j < wid[k]; j++) {
+                        ss[k][r * wid[k] + j] = s[r * C + off[k] + j];
+                        ts[k][r * wid[k] + j] = t[r * C + off[k] + j];
+                    }
+                }
+                expect_ok("sharded_dkd_stats", dst_fast_sharded_stats(0, &dk[k], ss[k], ts[k], labels, dst[k]));
+            }
+            expect_ok("sharded_dkd_combine", dst_sharded_combine_stats(N, 2, 2.0f, &dst[0][0], dglobal));
+            for (int k = 0; k < 2; k++) {
+                expect_ok("sharded_dkd_loss", dst_fast_sharded_loss_and_grad(0, &dk[k], ss[k], ts[k], labels, dglobal,
+                                                                             NULL, &part, NULL, gs[k], NULL));
+                total += part;
+                for (size_t r = 0; r < N; r++) {
+                    for (size_t j = 0; j < wid[k]; j++) got_g[r * C + off[k] + j] = gs[k][r * wid[k] + j];
+                }
+            }
+            expect_close("sharded_dkd.loss", &total, &want_dl, 1);
+            expect_close("sharded_dkd.grad_student", got_g, want_dg, LEN);
+            expect_err("sharded_dkd_teacher_grad",
+                       dst_cpu_sharded_loss_and_grad(&dk[0], ss[0], ts[0], labels, dglobal, NULL, &part, NULL, gs[0],
+                                                     gs[1]),
+                       DST_ERR_UNSUPPORTED);
+            DstShardedSpec dk_probs = dk[0];
+            dk_probs.teacher_input = 1;
+            expect_err("sharded_dkd_given_teacher", dst_cpu_sharded_stats(&dk_probs, ss[0], ts[0], labels, dst[0]),
+                       DST_ERR_UNSUPPORTED);
+        }
     }
 
     /* The fused linear layer + loss (ABI 8): hidden size 3, the student's vocabulary C, a teacher
@@ -656,6 +698,42 @@ int main(void) {
                                                           fgh, DST_F32, NULL, DST_F32, NULL, DST_F32));
         print_array("fused_logits.loss", &floss, 1);
         print_array("fused_logits.grad_hidden", fgh, N * FH);
+        /* The teacher as a sparse top-k (ABI 10) with k = C, the classes in reverse order and the
+         * values the logits t (values_code 1, renormalize): the same loss and gradient as
+         * teacher_logits, on both host backends; a repeated index is DST_ERR_INPUT, a bad tail
+         * code DST_ERR_INVALID_ARGUMENT. */
+        {
+            int32_t idx[N * C];
+            float tv[N * C], sgh[N * FH], sloss = NAN;
+            for (size_t r = 0; r < N; r++) {
+                for (size_t j = 0; j < C; j++) {
+                    idx[r * C + j] = (int32_t)(C - 1 - j);
+                    tv[r * C + j] = t[r * C + (C - 1 - j)];
+                }
+            }
+            for (int fast = 0; fast < 2; fast++) {
+                expect_ok("fused_sparse",
+                          fast ? dst_fast_fused_linear_sparse_kd(0, &hs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, C,
+                                                                 idx, tv, DST_F32, 1, 0, labels, &sloss, sgh, DST_F32,
+                                                                 NULL, DST_F32, NULL, DST_F32)
+                               : dst_cpu_fused_linear_sparse_kd(&hs, fh, DST_F32, fw, DST_F32, NULL, DST_F32, C, idx,
+                                                                tv, DST_F32, 1, 0, labels, &sloss, sgh, DST_F32, NULL,
+                                                                DST_F32, NULL, DST_F32));
+                expect_close(fast ? "fast_fused_sparse.loss" : "fused_sparse.loss", &sloss, &floss, 1);
+                expect_close(fast ? "fast_fused_sparse.grad_hidden" : "fused_sparse.grad_hidden", sgh, fgh,
+                             N * FH);
+            }
+            expect_err("fused_sparse_tail", dst_cpu_fused_linear_sparse_kd(&hs, fh, DST_F32, fw, DST_F32, NULL,
+                                                                           DST_F32, C, idx, tv, DST_F32, 1, 7, labels,
+                                                                           &sloss, sgh, DST_F32, NULL, DST_F32, NULL,
+                                                                           DST_F32), DST_ERR_INVALID_ARGUMENT);
+            idx[1] = idx[0];
+            expect_err("fused_sparse_repeated", dst_fast_fused_linear_sparse_kd(0, &hs, fh, DST_F32, fw, DST_F32, NULL,
+                                                                                DST_F32, C, idx, tv, DST_F32, 1, 0,
+                                                                                labels, &sloss, sgh, DST_F32, NULL,
+                                                                                DST_F32, NULL, DST_F32),
+                       DST_ERR_INPUT);
+        }
 
         DstFusedLinearSpec bad = fs;
         expect_err("fused_null_spec", dst_cpu_fused_linear_kd(NULL, fh, DST_F32, fw, DST_F32, NULL, DST_F32, fth,

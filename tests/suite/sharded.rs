@@ -11,11 +11,11 @@ use crate::common;
 
 use common::{assert_close, assert_close_abs, to_f64, Lcg};
 use distillation::ops::sharded::{JSD_TERMS, MAXIMA, STATS};
-use distillation::ops::{cross_entropy, divergence, hinton, RowLossResult};
+use distillation::ops::{cross_entropy, divergence, dkd, hinton, RowLossResult};
 use distillation::{
-    CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, Error, FastCpuBackend, HintonSpec,
-    Reduction, RowShape, Shard, ShardedBackend, ShardedKdLoss, ShardedLoss, TeacherInput,
-    IGNORE_INDEX,
+    CpuBackend, CrossEntropySpec, Divergence, DivergenceSpec, DkdSpec, Error, FastCpuBackend,
+    HintonSpec, Reduction, RowShape, Shard, ShardedBackend, ShardedKdLoss, ShardedLoss,
+    TeacherInput, IGNORE_INDEX,
 };
 use proptest::prelude::*;
 
@@ -199,6 +199,22 @@ fn unsharded(
                 ..Default::default()
             }
         }
+        ShardedLoss::Dkd {
+            ce_weight,
+            tckd_weight,
+            nckd_weight,
+        } => dkd::reference::dkd(
+            &DkdSpec {
+                ce_weight,
+                label_smoothing: kd.label_smoothing,
+                reduction: kd.reduction,
+                ignore_index: kd.ignore_index,
+                ..DkdSpec::new(shape, kd.temperature, tckd_weight, nckd_weight)
+            },
+            &s64,
+            t64.as_deref().unwrap(),
+            labels.unwrap(),
+        ),
         ShardedLoss::Hinton { alpha } => hinton::reference::hinton(
             &HintonSpec {
                 label_smoothing: kd.label_smoothing,
@@ -291,6 +307,18 @@ fn losses(beta: f32, alpha: f32, eps: f32, t: f32) -> Vec<ShardedKdLoss> {
     for kd in &mut v {
         kd.teacher_grad = true;
     }
+    // DKD: the teacher detached, at least 2 classes (check_case skips it below that)
+    v.push(ShardedKdLoss {
+        label_smoothing: eps,
+        ..ShardedKdLoss::new(
+            ShardedLoss::Dkd {
+                ce_weight: 0.7,
+                tckd_weight: 1.0,
+                nckd_weight: 2.0,
+            },
+            t,
+        )
+    });
     v
 }
 
@@ -349,6 +377,9 @@ fn check_case(
         .collect();
     for kd in losses(0.3, 0.4, 0.1, temp) {
         let kd = ShardedKdLoss { reduction, ..kd };
+        if kd.loss.is_dkd() && c < 2 {
+            continue;
+        }
         let t = kd.loss.needs_teacher().then_some(t.as_slice());
         let want = unsharded(&kd, n, c, &s, t, Some(&labels));
         let what = format!("{:?} T={temp} widths={widths:?}", kd.loss);
@@ -729,7 +760,7 @@ fn check_given_case(
         .collect();
     let zero = has_zero(&t, c, &labels, form);
     let mut kds = losses(0.3, 0.4, 0.1, temp);
-    kds.retain(|kd| kd.loss.needs_teacher());
+    kds.retain(|kd| kd.loss.needs_teacher() && !kd.loss.is_dkd());
     for kd in kds {
         let kd = ShardedKdLoss {
             reduction,

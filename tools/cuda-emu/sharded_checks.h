@@ -10,6 +10,9 @@
 // (teach 0), probabilities (1) or log-probabilities (2; both from log_softmax of random logits,
 // some rows with exact zeros except for reverse KL, whose zeros the host rejects), the Hinton
 // reference for a given teacher alpha CE + (1 - alpha) T^2 KL(q||p) from ref_ce and ref_div.
+// DKD (kind 5: teacher_form 3, div 3, w_ce 0.7, TCKD weight 1 in beta, NCKD weight 2 in w_div)
+// against ref_dkd (dkd_checks.h); its stats are the rest of the row's, so a shard holding only the
+// label has -inf maxima and sums 0 (the rescale keeps them 0, as rescale_stats does).
 
 static const unsigned SH_MAXIMA = 2, SH_SUMS = 9, SH_STATS = 11;
 
@@ -18,6 +21,13 @@ static void sharded_rescale(double T, vector<double>& st, const vector<double>& 
     for (size_t r = 0; r < n; ++r) {
         double* m = &st[r * SH_MAXIMA];
         double* z = &st[n * SH_MAXIMA + r * SH_SUMS];
+        if (m[0] == -INFINITY && m[1] == -INFINITY) {
+            // DKD's shard holding only the label: its rest is empty
+            for (int i : {0, 1, 2, 3, 4, 8}) z[i] = 0.0;
+            m[0] = gm[r * 2];
+            m[1] = gm[r * 2 + 1];
+            continue;
+        }
         const double ds = m[0] - gm[r * 2], dt = m[1] - gm[r * 2 + 1];
         const double es = exp(ds / T), et = exp(dt / T);
         const double gap = -expm1(-fabs(ds - dt) / T) * exp(std::max(ds, dt) / T);
@@ -32,12 +42,12 @@ static void sharded_rescale(double T, vector<double>& st, const vector<double>& 
     }
 }
 
-// kind: 0 forward KL, 1 reverse KL, 2 JSD (T^2 D, no labels), 3 cross-entropy, 4 Hinton.
+// kind: 0 forward KL, 1 reverse KL, 2 JSD (T^2 D, no labels), 3 cross-entropy, 4 Hinton, 5 DKD.
 static void test_sharded(size_t n, size_t c, int shards, int kind, float T, float beta, float alpha, float eps,
                          int red, double scale, bool masked, int teach = 0) {
     const int ignore = -100;
     vector<float> s = rand_logits(n * c, scale), t = rand_logits(n * c, scale);
-    if (kind == 3) teach = 0;
+    if (kind == 3 || kind == 5) teach = 0;
     if (teach != 0) {
         // log_softmax of the logits per row in double; zeros at j % 5 == 2 on even rows (not for
         // reverse KL)
@@ -55,7 +65,7 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
             }
         }
     }
-    const u32 form = (u32)teach;
+    const u32 form = kind == 5 ? 3u : (u32)teach;
     vector<int> labels(n);
     for (size_t r = 0; r < n; ++r) labels[r] = masked && r % 3 == 1 ? ignore : irand(0, (int)c - 1);
     const bool has_t = kind != 3, has_l = kind >= 3;
@@ -69,9 +79,10 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
     }
     std::sort(cuts.begin(), cuts.end());
     cuts.push_back(c);
-    const double w_ce = kind == 3 ? 1.0 : kind == 4 ? alpha : 0.0;
-    const double w_div = kind == 3 ? 0.0 : kind == 4 ? 1.0 - alpha : 1.0;
-    const unsigned div = kind <= 2 ? (unsigned)kind : 0u;
+    const double w_ce = kind == 3 ? 1.0 : kind == 4 ? alpha : kind == 5 ? 0.7 : 0.0;
+    const double w_div = kind == 3 ? 0.0 : kind == 4 ? 1.0 - alpha : kind == 5 ? 2.0 : 1.0;
+    const unsigned div = kind <= 2 ? (unsigned)kind : kind == 5 ? 3u : 0u;
+    if (kind == 5) beta = 1.0f;  // DKD's TCKD weight
     size_t valid = 0;
     for (size_t r = 0; r < n; ++r) valid += !(has_l && labels[r] == ignore);
     const double factor = red_factor(red, valid);
@@ -145,8 +156,9 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
         loss += sum * factor;
     }
     const vector<double> sd = to_d(s), td = to_d(t);
-    RowRef want = kind <= 2 ? ref_div(kind, teach, T, beta, red, 1.0, ignore, sd, td, nullptr, n, c)
+    RowRef want = kind <= 2   ? ref_div(kind, teach, T, beta, red, 1.0, ignore, sd, td, nullptr, n, c)
                   : kind == 3 ? ref_ce(eps, red, 1.0, ignore, sd, labels, n, c)
+                  : kind == 5 ? ref_dkd(T, w_ce, beta, w_div, eps, red, 1.0, ignore, sd, td, labels, n, c)
                               : ref_hinton(T, alpha, eps, red, 1.0, ignore, sd, td, labels, n, c);
     if (kind == 4 && teach != 0) {
         const RowRef ce = ref_ce(eps, red, 1.0, ignore, sd, labels, n, c);
@@ -170,7 +182,7 @@ static void test_sharded(size_t n, size_t c, int shards, int kind, float T, floa
     check1(std::string(what) + " loss", (float)loss, want.loss, 1e-4, row_floor * n);
     check(std::string(what) + " rows", rows, want.rows, 1e-4, &nrows);
     check(std::string(what) + " grad_s", gs, want.gs, 1e-4, &ngrad);
-    if (kind != 3 && teach == 0) check(std::string(what) + " grad_t", gt, want.gt, 1e-4, &ngrad);
+    if (kind != 3 && kind != 5 && teach == 0) check(std::string(what) + " grad_t", gt, want.gt, 1e-4, &ngrad);
 }
 
 static void sharded_cases(int cases) {
@@ -182,6 +194,14 @@ static void sharded_cases(int cases) {
         const float T = (float)exp(uni(log(0.1), log(30.0)));
         test_sharded(n, c, shard_counts[irand(0, 3)], irand(0, 4), T, (float)uni(0.1, 0.9), (float)uni(0, 1),
                      irand(0, 1) ? 0.f : (float)uni(0, 0.3), irand(0, 2), scales[irand(0, 2)], irand(0, 1));
+    }
+    // DKD (at least 2 classes; the first shard of width 1 often holds the label alone)
+    for (int i = 0; i < cases; ++i) {
+        const size_t c = (size_t)(irand(0, 3) == 0 ? irand(2, 9) : irand(10, 700));
+        const size_t n = (size_t)irand(1, 5);
+        const float T = (float)exp(uni(log(0.1), log(30.0)));
+        test_sharded(n, c, shard_counts[irand(0, 3)], 5, T, 1.f, 0.f, irand(0, 1) ? 0.f : (float)uni(0, 0.3),
+                     irand(0, 2), scales[irand(0, 2)], irand(0, 1));
     }
     // the teacher as probabilities and log-probabilities (every teacher loss, 2, 3 and 7 shards)
     const int kinds[4] = {0, 1, 2, 4};

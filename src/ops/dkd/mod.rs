@@ -116,7 +116,7 @@ impl DkdSpec {
     }
 }
 
-fn check_weight(name: &'static str, w: f32) -> Result<()> {
+pub(crate) fn check_weight(name: &'static str, w: f32) -> Result<()> {
     if !(w.is_finite() && w >= 0.0) {
         return Err(Error::Param {
             name,

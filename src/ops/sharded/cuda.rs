@@ -19,8 +19,11 @@ pub(crate) const LOSS_KERNEL: CudaKernel =
 
 /// The kernels' `teacher_form`: 0 logits (and any loss without a teacher), 1 probabilities,
 /// 2 log-probabilities.
+/// 3 DKD (its teacher as logits; the stats of the rest of the row).
 fn teacher_form(spec: &ShardedSpec) -> u32 {
-    if spec.given_teacher() {
+    if spec.loss.is_dkd() {
+        3
+    } else if spec.given_teacher() {
         spec.teacher.code()
     } else {
         0
@@ -187,7 +190,8 @@ impl ShardedBackend for CudaBackend {
             .is_some()
             .then(|| self.filled(sh.len(), f32::NAN))
             .transpose()?;
-        let (w_ce, w_div, div) = spec.loss.weights();
+        let (w_ce, w_div, _) = spec.loss.weights();
+        let (div, beta) = spec.loss.kernel_codes();
         let scale = spec.scale(labels);
         let k = spec.grad_scale as f64 * scale;
         self.launch_one(
@@ -210,11 +214,8 @@ impl ShardedBackend for CudaBackend {
                 Arg::F32(spec.temperature),
                 Arg::F32(w_ce as f32),
                 Arg::F32(w_div as f32),
-                Arg::U32(div.code()),
-                Arg::F32(match div {
-                    Divergence::Jsd { beta } => beta,
-                    _ => 0.5,
-                }),
+                Arg::U32(div),
+                Arg::F32(beta),
                 Arg::F32(spec.label_smoothing),
                 Arg::F32(k as f32),
                 Arg::U32(teacher.is_some() as u32),

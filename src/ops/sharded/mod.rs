@@ -47,6 +47,11 @@ pub const JSD_TERMS: usize = 2;
 
 /// The sums plane's columns, `j` over the shard's columns, `u_j = s_j - m_s`, `v_j = t_j - m_t`.
 ///
+/// DKD ([`ShardedLoss::Dkd`]) takes every statistic but `S`, `s_y`, `t_y` over the rest of the
+/// row: `j` over the shard's columns other than the label's, `m_s`, `m_t` their maxima (`-inf`
+/// where the shard holds the label alone: its rest sums are 0), `Zs1` relative to the rest's
+/// `m_s`, and `Ar` 0. Phase 2 forms CE's `log sum_j e^{s_j}` as `logaddexp(m_s + log Zs1, s_y)`.
+///
 /// A teacher given as probabilities or log-probabilities ([`TeacherInput`]) is already
 /// normalised: its stats are the same with `m_t = 0` and `v_j = T log q_j` (so `e^{v_j/T} = q_j`,
 /// `Zt = sum q_j`), a term of `Af` with `q_j = 0` being 0 and one of `Ar` being `+inf`; `t_y` is
@@ -85,10 +90,19 @@ pub enum ShardedLoss {
     CrossEntropy,
     /// The Hinton loss `alpha CE + (1 - alpha) T^2 KL(q || p)` (section 4).
     Hinton { alpha: f32 },
+    /// Decoupled KD `w_ce CE + T^2 (w_tc TCKD + w_nc NCKD)` (section 8): the teacher as logits,
+    /// labels required, no teacher gradient. Its stats are the rest of the row's (the label's
+    /// column left out; see [`Sum`] and section 9).
+    Dkd {
+        ce_weight: f32,
+        tckd_weight: f32,
+        nckd_weight: f32,
+    },
 }
 
 impl ShardedLoss {
-    /// `(w_ce, w_div, divergence)`.
+    /// `(w_ce, w_div, divergence)`; DKD's `w_div` is its NCKD weight (its TCKD weight is
+    /// [`ShardedLoss::tckd_weight`]), its divergence forward KL (NCKD's, over the rest).
     pub(crate) fn weights(self) -> (f64, f64, Divergence) {
         match self {
             ShardedLoss::Divergence(d) => (0.0, 1.0, d),
@@ -96,6 +110,36 @@ impl ShardedLoss {
             ShardedLoss::Hinton { alpha } => {
                 (alpha as f64, 1.0 - alpha as f64, Divergence::ForwardKl)
             }
+            ShardedLoss::Dkd {
+                ce_weight,
+                nckd_weight,
+                ..
+            } => (ce_weight as f64, nckd_weight as f64, Divergence::ForwardKl),
+        }
+    }
+
+    /// Whether this is DKD (rest-of-row stats, the TCKD term at the label's column).
+    pub fn is_dkd(self) -> bool {
+        matches!(self, ShardedLoss::Dkd { .. })
+    }
+
+    /// DKD's TCKD weight (0 for the other losses).
+    pub(crate) fn tckd_weight(self) -> f64 {
+        match self {
+            ShardedLoss::Dkd { tckd_weight, .. } => tckd_weight as f64,
+            _ => 0.0,
+        }
+    }
+
+    /// The kernels' codes `(div, beta)`: `div` 0 forward KL, 1 reverse KL, 2 JSD, 3 DKD; `beta`
+    /// JSD's beta, DKD's TCKD weight (the one float the kernels take for either), else 0.5.
+    pub(crate) fn kernel_codes(self) -> (u32, f32) {
+        match self {
+            ShardedLoss::Dkd { tckd_weight, .. } => (3, tckd_weight),
+            _ => match self.weights().2 {
+                Divergence::Jsd { beta } => (2, beta),
+                d => (d.code(), 0.5),
+            },
         }
     }
 
@@ -261,6 +305,36 @@ impl ShardedSpec {
                 "JSD's beta must be in (0, 1); use Divergence::ForwardKl for beta = 0 and \
                  Divergence::ReverseKl for beta = 1",
             ),
+            ShardedLoss::Dkd {
+                ce_weight,
+                tckd_weight,
+                nckd_weight,
+            } => {
+                if self.shard.classes < 2 {
+                    return Err(Error::Param {
+                        name: "classes",
+                        value: self.shard.classes as f64,
+                        hint: "DKD splits the classes into the target and the non-target ones, \
+                               so it needs at least 2 classes",
+                    });
+                }
+                if self.teacher != TeacherInput::Logits {
+                    return Err(Error::Unsupported(
+                        "sharded DKD takes the teacher as logits (TeacherInput::Logits): its \
+                         binary and non-target distributions are softmaxes at T of the teacher's \
+                         logits"
+                            .into(),
+                    ));
+                }
+                for (name, w) in [
+                    ("ce_weight", ce_weight),
+                    ("tckd_weight", tckd_weight),
+                    ("nckd_weight", nckd_weight),
+                ] {
+                    crate::ops::dkd::check_weight(name, w)?;
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -461,6 +535,21 @@ pub fn rescale_stats(temperature: f32, stats: &mut [f64], global_maxima: &[f64])
         let m = &mut maxima[r * MAXIMA..(r + 1) * MAXIMA];
         let g = &global_maxima[r * MAXIMA..(r + 1) * MAXIMA];
         let z = &mut sums[r * SUMS..(r + 1) * SUMS];
+        if m[0] == f64::NEG_INFINITY && m[1] == f64::NEG_INFINITY {
+            // DKD's shard that holds only the label's column: its rest is empty (sums 0).
+            for c in [
+                Sum::StudentT,
+                Sum::Student1,
+                Sum::TeacherT,
+                Sum::Forward,
+                Sum::Reverse,
+                Sum::Difference,
+            ] {
+                z[c as usize] = 0.0;
+            }
+            m.copy_from_slice(g);
+            continue;
+        }
         let (ds, dt) = (m[0] - g[0], m[1] - g[1]);
         // A shard whose maximum is the global one keeps its sums bit for bit.
         let (es, et) = ((ds * inv_t).exp(), (dt * inv_t).exp());

@@ -10,6 +10,12 @@
 //! gradients are the unsharded ones (sections 2-4) at the shard's columns, where the only global
 //! quantities are the normalisers and the divergence itself.
 //!
+//! DKD (section 8) from its rest-of-row stats ([`RowGlobals::dkd`]): NCKD is forward KL over the
+//! rest (`log p^_j`, `log q^_j` as above from the rest's sums), TCKD comes from the log-odds
+//! `D = log Z_rest - x_y` of both, CE's normaliser is `logaddexp(M_s + log Zs1, s_y)`; the
+//! shard holding the label takes TCKD into its part and `T w_tc (p_y - q_y)` at the label's
+//! column, every other column `T (w_nc (p^_j - q^_j) - w_tc (p_y - q_y) p^_j)`.
+//!
 //! A teacher given as probabilities or log-probabilities (`spec.teacher`) has `m_t = 0` and
 //! `v_j = T log q_j` in the stats (`Zt = sum q_j`, `Af = sum q_j (T log q_j - u_j)`,
 //! `Ar = sum e^{u_j/T} (u_j - T log q_j)`); phase 2 reads `log q_j` from the input (not
@@ -35,23 +41,37 @@ pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[
     let temp = spec.temperature as f64;
     let inv_t = 1.0 / temp;
     let given = spec.given_teacher();
+    let dkd = spec.loss.is_dkd();
     let mut out = vec![0.0; rows * STATS];
     let (maxima, sums) = out.split_at_mut(rows * MAXIMA);
     for r in 0..rows {
         if spec.masked(labels, r) {
             continue;
         }
+        let y = labels.and_then(|l| spec.shard.local(l[r]));
+        // DKD's stats are the rest of the row's: the label's column left out (but of `S`).
+        let rest = |j: usize| !(dkd && y == Some(j));
         let sr = &s[r * width..(r + 1) * width];
-        let ms = sr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let max_of = |v: &[f64]| {
+            (0..width)
+                .filter(|&j| rest(j))
+                .map(|j| v[j])
+                .fold(f64::NEG_INFINITY, f64::max)
+        };
+        let ms = max_of(sr);
         let tr = t.map(|t| &t[r * width..(r + 1) * width]);
         let mt = match tr {
-            Some(tr) if !given => tr.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            Some(tr) if !given => max_of(tr),
             _ => 0.0,
         };
         maxima[r * MAXIMA] = ms;
         maxima[r * MAXIMA + 1] = mt;
         let z = &mut sums[r * SUMS..(r + 1) * SUMS];
         for j in 0..width {
+            if !rest(j) {
+                z[Sum::LogitSum as usize] += sr[j];
+                continue;
+            }
             let u = sr[j] - ms;
             let eu = (u * inv_t).exp();
             z[Sum::StudentT as usize] += eu;
@@ -79,13 +99,15 @@ pub fn stats(spec: &ShardedSpec, s: &[f64], t: Option<&[f64]>, labels: Option<&[
                     let ev = (v * inv_t).exp();
                     z[Sum::TeacherT as usize] += ev;
                     z[Sum::Forward as usize] += ev * (v - u);
-                    z[Sum::Reverse as usize] += eu * (u - v);
+                    if !dkd {
+                        z[Sum::Reverse as usize] += eu * (u - v);
+                    }
                     z[Sum::Difference as usize] += eu - ev;
                 }
                 None => {}
             }
         }
-        if let Some(y) = labels.and_then(|l| spec.shard.local(l[r])) {
+        if let Some(y) = y {
             z[Sum::StudentLabel as usize] = sr[y];
             z[Sum::TeacherLabel as usize] = tr.map_or(0.0, |tr| tr[y]);
         }
@@ -107,6 +129,10 @@ pub(crate) struct RowGlobals {
     pub forward: f64,
     /// `KL(p || q)`
     pub reverse: f64,
+    /// DKD's `TCKD` (0 for the other losses)
+    pub tckd: f64,
+    /// DKD's `p_g - q_g` (0 for the other losses)
+    pub gap: f64,
 }
 
 impl RowGlobals {
@@ -128,6 +154,8 @@ impl RowGlobals {
                 log_ratio: log_zs,
                 forward: z[Sum::Forward as usize] / temperature + zt * log_zs,
                 reverse: z[Sum::Reverse as usize] / (temperature * zs) - log_zs,
+                tckd: 0.0,
+                gap: 0.0,
             };
         }
         // log Zs - log Zt without the cancellation of two logs near log C at high T.
@@ -141,8 +169,92 @@ impl RowGlobals {
             log_ratio,
             forward: z[Sum::Forward as usize] / (temperature * zt) + log_ratio,
             reverse: z[Sum::Reverse as usize] / (temperature * zs) - log_ratio,
+            tckd: 0.0,
+            gap: 0.0,
         }
     }
+
+    /// DKD's row globals from its rest-of-row stats ([`super::Sum`]): `ms`, `mt`, `log_zs`,
+    /// `log_ratio`, `forward` (= NCKD) of the rest, so that [`RowGlobals::logs`] gives
+    /// `log p^_j`, `log q^_j`; `log_zs1` of the whole row at T = 1 relative to the rest's `ms`,
+    /// `log(Zs1 + e^{s_y - ms})`; and TCKD with `p_g - q_g` from the log-odds of the rest
+    /// `D = log Z_rest - x_g` ([`tckd`]).
+    pub(crate) fn dkd(stats: &[f64], r: usize, temperature: f64) -> Self {
+        let mut g = Self::of(stats, r, temperature, TeacherInput::Logits);
+        let rows = stats.len() / STATS;
+        let z = &stats[rows * MAXIMA + r * SUMS..rows * MAXIMA + (r + 1) * SUMS];
+        let (sy, ty) = (z[Sum::StudentLabel as usize], z[Sum::TeacherLabel as usize]);
+        let (xs, xt) = ((g.ms - sy) / temperature, (g.mt - ty) / temperature);
+        g.log_zs1 = log_add_exp(g.log_zs1, sy - g.ms);
+        let d_s = g.log_zs + xs;
+        let d_t = z[Sum::TeacherT as usize].ln() + xt;
+        let e = g.log_ratio + ((g.ms - sy) - (g.mt - ty)) / temperature;
+        (g.tckd, g.gap) = tckd(d_s, d_t, e);
+        g
+    }
+}
+
+/// `log(e^a + e^b)`.
+fn log_add_exp(a: f64, b: f64) -> f64 {
+    let m = a.max(b);
+    m + (-(a - b).abs()).exp().ln_1p()
+}
+
+/// `1 / (1 + e^-x)` without overflow.
+fn sigmoid(x: f64) -> f64 {
+    let e = (-x.abs()).exp();
+    if x >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
+}
+
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+/// `q phi(u)`, `phi(u) = e^u - 1 - u`, with `u = log p - log q` (`(p - q) - q u` where
+/// `|u| >= 1`, so that `q = 0` gives `p`): a KL term, non-negative, second order in `u`.
+pub(crate) fn kl_term(q: f64, p: f64, u: f64) -> f64 {
+    if q == 0.0 {
+        p
+    } else if u.abs() < 1.0 {
+        q * (u.exp_m1() - u)
+    } else {
+        (p - q) - q * u
+    }
+}
+
+/// DKD's `(TCKD, p_g - q_g)` from the log-odds of the rest `d_s`, `d_t` (`D = log Z_rest - x_g`,
+/// section 8) and `e = d_s - d_t` formed without their cancellation: `q_g = sigmoid(-d_t)`, the
+/// bins' `u = log p - log q` as `-log1p((1 - q_g) expm1(e))`, `-log1p(q_g expm1(-e))` where
+/// `|e| < 1/2` (softplus differences beyond), `p_g - q_g` from the bin with the smaller teacher
+/// probability.
+pub(crate) fn tckd(d_s: f64, d_t: f64, e: f64) -> (f64, f64) {
+    let (qg, qr, pg, pr) = (sigmoid(-d_t), sigmoid(d_t), sigmoid(-d_s), sigmoid(d_s));
+    let (ug, ur) = if e.abs() < 0.5 {
+        (-(qr * e.exp_m1()).ln_1p(), -(qg * (-e).exp_m1()).ln_1p())
+    } else {
+        (
+            softplus(d_t) - softplus(d_s),
+            softplus(-d_t) - softplus(-d_s),
+        )
+    };
+    // p - q from q expm1(u) where they are close (a teacher probability of 0 gives p)
+    let gap_pq = |q: f64, p: f64, u: f64| {
+        if q == 0.0 || u.abs() >= 0.5 {
+            p - q
+        } else {
+            q * u.exp_m1()
+        }
+    };
+    let gap = if qg <= qr {
+        gap_pq(qg, pg, ug)
+    } else {
+        -gap_pq(qr, pr, ur)
+    };
+    (kl_term(qg, pg, ug) + kl_term(qr, pr, ur), gap)
 }
 
 impl RowGlobals {
@@ -239,9 +351,15 @@ pub fn loss_and_grad(
         if spec.masked(labels, r) {
             continue;
         }
-        let g = RowGlobals::of(global, r, temp, spec.teacher);
+        let dkd = spec.loss.is_dkd();
+        let g = if dkd {
+            RowGlobals::dkd(global, r, temp)
+        } else {
+            RowGlobals::of(global, r, temp, spec.teacher)
+        };
         let y = labels.and_then(|l| spec.shard.local(l[r]));
         let (kl_q, kl_p) = jsd.map_or((0.0, 0.0), |j| (j[r * JSD_TERMS], j[r * JSD_TERMS + 1]));
+        let w_tc = spec.loss.tckd_weight();
         let mut part = 0.0;
         for j in 0..width {
             let i = r * width + j;
@@ -253,7 +371,18 @@ pub fn loss_and_grad(
                 part -= w_ce * target * lp1;
                 gs += w_ce * (lp1.exp() - target);
             }
-            if let (true, Some(t)) = (w_div != 0.0, t) {
+            if let (true, Some(t)) = (dkd, t) {
+                // TCKD at the label's column; NCKD's forward-KL terms over the rest.
+                if y == Some(j) {
+                    part += temp * temp * w_tc * g.tckd;
+                    gs += temp * w_tc * g.gap;
+                } else {
+                    let (lp, lq) = g.logs(s[i], t[i], temp);
+                    let (p, q) = (lp.exp(), lq.exp());
+                    part += temp * temp * w_div * kl_term(q, p, lp - lq);
+                    gs += temp * (w_div * (p - q) - w_tc * g.gap * p);
+                }
+            } else if let (true, Some(t)) = (w_div != 0.0, t) {
                 let (lp, lq) = g.logs(s[i], t[i], temp);
                 let (p, q) = (lp.exp(), lq.exp());
                 let (d, ds, dt) = match div {

@@ -15,6 +15,11 @@
 // Ar = sum e^{u/T} (u - T log q), +inf where q = 0); phase 2 reads log q from the input (log Zt = 0,
 // not renormalised), log q - log p formed in f64: KL(q||p) = Af/T + Zt log Zs,
 // KL(p||q) = Ar/(T Zs) - log Zs.
+// DKD (teacher_form 3, its teacher as logits; div 3 in phase 2, beta its TCKD weight and w_div its
+// NCKD weight): the stats are the rest of the row's (the label's column left out of the maxima and
+// of every sum but S; Ar 0); phase 2 takes TCKD from the log-odds of the rest D = log Z_rest - x_y
+// in f64 (sharded_dkd) at the label's column and NCKD's forward-KL terms over the rest; CE's
+// normaliser is logaddexp(log Zs1, s_y - m_s).
 
 #define SHARDED_MAXIMA 2u
 #define SHARDED_SUMS 9u
@@ -57,25 +62,33 @@ extern "C" __global__ void sharded_stats(const float* student, const float* teac
     const u64 r = block_linear();
     if (r >= rows) return;
     const u64 base = r * (u64)width;
+    const bool dkd = teacher_form == 3u;
+    // DKD: the label's column, left out of the rest's stats (-1: none in this shard)
+    const int skip = dkd ? sharded_local(labels, has_labels, r, offset, width) : -1;
     float ms = f_neg_inf(), mt = f_neg_inf();
     for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
+        if ((int)j == skip) continue;
         ms = fmaxf(ms, student[base + j]);
         if (has_teacher) mt = fmaxf(mt, teacher[base + j]);
     }
     ms = block_allreduce(ms, ShardedMax());
     mt = block_allreduce(mt, ShardedMax());
-    if (!has_teacher || teacher_form != 0u) mt = 0.f;
+    if (!has_teacher || (teacher_form != 0u && !dkd)) mt = 0.f;
     // zs, zs1, zt, af, ar, sum s, dz
     DArr<7> acc = SumDArr<7>().identity();
     for (u32 j = threadIdx.x; j < width; j += blockDim.x) {
         const float s = student[base + j];
+        if ((int)j == skip) {
+            acc.v[5] += s;
+            continue;
+        }
         const float u = s - ms;
         const float us = u * inv_t;
         const float eu = expf(us);
         acc.v[0] += eu;
         acc.v[1] += expf(u);
         acc.v[5] += s;
-        if (has_teacher && teacher_form != 0u) {
+        if (has_teacher && teacher_form != 0u && !dkd) {
             // v_j = T log q_j: e^{v_j/T} = q_j
             const float tv = teacher[base + j];
             const double lq = sharded_given_lq(teacher_form, tv);
@@ -90,7 +103,7 @@ extern "C" __global__ void sharded_stats(const float* student, const float* teac
             const float ev = expf(vs);
             acc.v[2] += ev;
             acc.v[3] += ev * (v - u);
-            acc.v[4] += eu * (u - v);
+            if (!dkd) acc.v[4] += eu * (u - v);
             acc.v[6] += sharded_exp_diff(us, vs);
         }
     }
@@ -121,7 +134,7 @@ __device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, 
     const float* m = stats + r * SHARDED_MAXIMA;
     const float* z = stats + (u64)rows * SHARDED_MAXIMA + r * SHARDED_SUMS;
     const double zs = z[0], zt = z[2];
-    if (teacher_form != 0u) {
+    if (teacher_form == 1u || teacher_form == 2u) {
         // a given teacher: log Zt = 0 (not renormalised)
         ShardedRow g;
         const double log_zs = log(zs);
@@ -148,6 +161,58 @@ __device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, 
     g.forward = (float)((double)z[3] / ((double)temperature * zt) + ratio);
     g.reverse = (float)((double)z[4] / ((double)temperature * zs) - ratio);
     return g;
+}
+
+__device__ __forceinline__ double sharded_sigmoid(double x) {
+    const double e = exp(-fabs(x));
+    return x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+}
+
+__device__ __forceinline__ double sharded_softplus64(double x) {
+    return fmax(x, 0.0) + log1p(exp(-fabs(x)));
+}
+
+// q phi(u), u = log p - log q ((p - q) - q u where |u| >= 1): a forward-KL term.
+__device__ __forceinline__ double sharded_kl_term(double q, double p, double u) {
+    if (q == 0.0) return p;
+    return fabs(u) < 1.0 ? q * (expm1(u) - u) : (p - q) - q * u;
+}
+
+// p - q, from q expm1(u) where they are close.
+__device__ __forceinline__ double sharded_gap_pq(double q, double p, double u) {
+    return q == 0.0 || fabs(u) >= 0.5 ? p - q : q * expm1(u);
+}
+
+// DKD's row constants (in f64) from its rest-of-row stats: TCKD, p_y - q_y and CE's log Zs1 of the
+// whole row relative to the rest's m_s, from the log-odds of the rest D = log Z_rest - x_y
+// (src/ops/sharded/reference.rs, tckd).
+struct ShardedDkd {
+    float tckd, gap, log_zs1;
+};
+
+__device__ __forceinline__ ShardedDkd sharded_dkd(const float* stats, u32 rows, u64 r, float temperature) {
+    const float* m = stats + r * SHARDED_MAXIMA;
+    const float* z = stats + (u64)rows * SHARDED_MAXIMA + r * SHARDED_SUMS;
+    const double ms = m[0], mt = m[1], sy = z[6], ty = z[7], t = temperature;
+    const double zs = z[0], zt = z[2], ratio = log1p((double)z[8] / zt);
+    const double a = log((double)z[1]), b = sy - ms;
+    const double d_s = log(zs) + (ms - sy) / t, d_t = log(zt) + (mt - ty) / t;
+    const double e = ratio + ((ms - sy) - (mt - ty)) / t;
+    const double qg = sharded_sigmoid(-d_t), qr = sharded_sigmoid(d_t);
+    const double pg = sharded_sigmoid(-d_s), pr = sharded_sigmoid(d_s);
+    double ug, ur;
+    if (fabs(e) < 0.5) {
+        ug = -log1p(qr * expm1(e));
+        ur = -log1p(qg * expm1(-e));
+    } else {
+        ug = sharded_softplus64(d_t) - sharded_softplus64(d_s);
+        ur = sharded_softplus64(-d_t) - sharded_softplus64(-d_s);
+    }
+    ShardedDkd d;
+    d.tckd = (float)(sharded_kl_term(qg, pg, ug) + sharded_kl_term(qr, pr, ur));
+    d.gap = (float)(qg <= qr ? sharded_gap_pq(qg, pg, ug) : -sharded_gap_pq(qr, pr, ur));
+    d.log_zs1 = (float)(fmax(a, b) + log1p(exp(-fabs(a - b))));
+    return d;
 }
 
 // JSD's per-element pieces from dl = log p - log q (as divergence.cu's jsd_logs and its series):
@@ -251,9 +316,15 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
     if (r >= rows) return;
     const u64 base = r * (u64)width;
     const bool keep = !sharded_masked(labels, has_labels, r, ignore_index);
-    const ShardedRow g = sharded_row(stats, rows, r, temperature, teacher_form);
+    ShardedRow g = sharded_row(stats, rows, r, temperature, teacher_form);
     const int y = sharded_local(labels, has_labels, r, offset, width);
-    const bool with_t = has_teacher != 0u && w_div != 0.f;
+    const bool dkd = div == 3u;
+    ShardedDkd dk = {0.f, 0.f, 0.f};
+    if (dkd && keep) {
+        dk = sharded_dkd(stats, rows, r, temperature);
+        g.log_zs1 = dk.log_zs1;
+    }
+    const bool with_t = has_teacher != 0u && w_div != 0.f && !dkd;
     const float kl_q = div == 2u && with_t ? jsd[r * 2] : 0.f;
     const float kl_p = div == 2u && with_t ? jsd[r * 2 + 1] : 0.f;
     const float uniform_part = eps / (float)classes;
@@ -270,7 +341,18 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
             part -= (double)(w_ce * tgt * lp1);
             gs += k_ce * (expf(lp1) - tgt);
         }
-        if (with_t) {
+        if (dkd) {
+            // TCKD at the label's column; NCKD's forward-KL terms over the rest.
+            if ((int)j == y) {
+                part += (double)temperature * temperature * beta * dk.tckd;
+                gs += k * temperature * beta * dk.gap;
+            } else {
+                float lp, dq, p, q;
+                sharded_elem(g, s, teacher[base + j], inv_t, temperature, 0u, &lp, &dq, &p, &q);
+                part += (double)w_div_t2 * sharded_kl_term(q, p, -dq);
+                gs += k_div * (p - q) - k * temperature * beta * dk.gap * p;
+            }
+        } else if (with_t) {
             float lp, dq, p, q;
             sharded_elem(g, s, teacher[base + j], inv_t, temperature, teacher_form, &lp, &dq, &p, &q);
             float d, ds, dt;

@@ -8,6 +8,10 @@
 // A teacher given as probabilities or log-probabilities (teacher_form 1, 2) has m_t = 0 and
 // v_j = T log q_j in the stats (Zt = sum q, Af = sum q (T log q - u), Ar = sum e^{u/T} (u - T log q),
 // +inf where q = 0), and phase 2 reads log q from the input with log Zt = 0 (not renormalised).
+// DKD (div 3; beta carries its TCKD weight, w_div its NCKD weight): the stats are the rest of the
+// row's (the label's column left out of the maxima and of every sum but S; Ar 0), phase 2 takes
+// TCKD from the log-odds of the rest D = log Z_rest - x_y (dkd_row, as dkd.wgsl) at the label's
+// column and NCKD's forward-KL terms over the rest; CE's normaliser is logaddexp(log Zs1, s_y - m_s).
 
 const MAXIMA: u32 = 2u;
 const SUMS: u32 = 9u;
@@ -24,8 +28,8 @@ struct Params {
     ignore_index: i32,
     w_ce: f32,   // weight of the cross-entropy term
     w_div: f32,  // weight of the T^2 divergence term
-    div: u32,    // 0 forward KL, 1 reverse KL, 2 JSD
-    beta: f32,
+    div: u32,    // 0 forward KL, 1 reverse KL, 2 JSD, 3 DKD
+    beta: f32,   // JSD's beta; DKD's TCKD weight
     eps: f32,    // label smoothing
     k: f32,      // grad_scale times the reduction's factor
     grad_teacher: u32,
@@ -129,9 +133,18 @@ fn sharded_stats(
     let base = r * p.width;
     let with_t = p.has_teacher != 0u;
     let given = p.teacher_form != 0u;
+    let dkd = p.div == 3u;
+    // DKD: the label's column, left out of the rest's stats (-1: none in this shard)
+    var skip = -1;
+    if (dkd) {
+        skip = local_label(r);
+    }
     var ms = NEG_BIG;
     var mt = NEG_BIG;
     for (var j = lid; j < p.width; j = j + WG) {
+        if (i32(j) == skip) {
+            continue;
+        }
         ms = max(ms, student[base + j]);
         if (with_t) {
             mt = max(mt, teacher[base + j]);
@@ -149,6 +162,10 @@ fn sharded_stats(
     var dz = 0.0;
     for (var j = lid; j < p.width; j = j + WG) {
         let s = student[base + j];
+        if (i32(j) == skip) {
+            ss = ss + s;
+            continue;
+        }
         let u = s - ms;
         let us = u * p.inv_t;
         let eu = exp(us);
@@ -168,7 +185,7 @@ fn sharded_stats(
             let ev = exp(vs);
             zt = zt + ev;
             af = af + ev * (v - u);
-            ar = ar + eu * (u - v);
+            ar = ar + select(eu * (u - v), 0.0, dkd);
             dz = dz + exp_diff(us, vs);
         }
     }
@@ -307,6 +324,51 @@ fn jsd_parts(dq: f32, pv: f32, q: f32) -> vec3<f32> {
     return vec3<f32>(lq_m, lp_m, c);
 }
 
+// 1 / (1 + e^-x) without overflow.
+fn sigmoid_f32(x: f32) -> f32 {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+}
+
+// x^s - x^t times T, (a - am) - (b - bm), in whichever of two orders has the smaller rounding
+// bound (as dkd.wgsl's logit_gap).
+fn logit_gap(a: f32, am: f32, b: f32, bm: f32) -> f32 {
+    let x = a - am;
+    let y = b - bm;
+    let u = a - b;
+    let v = am - bm;
+    return select(x - y, u - v, abs(u) + abs(v) < abs(x) + abs(y));
+}
+
+// DKD's row constants from its rest-of-row globals: (TCKD, p_y - q_y, CE's log Zs1 of the whole
+// row relative to the rest's m_s). The binary distributions from the log-odds of the rest
+// D = log Z_rest - x_y: q_y = sigmoid(-D_t), and e = D_s - D_t = log(Zs/Zt) - (x^s_y - x^t_y)
+// without their cancellation; u of both bins as in dkd.wgsl.
+fn dkd_row(r: u32, g: Globals) -> vec3<f32> {
+    let z0 = p.rows * MAXIMA + r * SUMS;
+    let sy = stats[z0 + 6u];
+    let ty = stats[z0 + 7u];
+    let a = log(stats[z0 + 1u]);
+    let b = sy - g.ms;
+    let log_zs1 = max(a, b) + log1p_f32(exp(-abs(a - b)));
+    let d_s = g.log_zs + (g.ms - sy) * p.inv_t;
+    let d_t = g.log_zt + (g.mt - ty) * p.inv_t;
+    let e = g.ratio - logit_gap(sy, g.ms, ty, g.mt) * p.inv_t;
+    let qg = sigmoid_f32(-d_t);
+    let qr = sigmoid_f32(d_t);
+    let pg = sigmoid_f32(-d_s);
+    let pr = sigmoid_f32(d_s);
+    var ug = softplus_f32(d_t) - softplus_f32(d_s);
+    var ur = softplus_f32(-d_t) - softplus_f32(-d_s);
+    if (abs(e) < 0.5) {
+        ug = -log1p_f32(qr * expm1_f32(e));
+        ur = -log1p_f32(qg * expm1_f32(-e));
+    }
+    let tckd = kl_term(qg, pg, ug) + kl_term(qr, pr, ur);
+    let gap = select(-gap_pq(qr, pr, ur), gap_pq(qg, pg, ug), qg <= qr);
+    return vec3<f32>(tckd, gap, log_zs1);
+}
+
 @compute @workgroup_size(256)
 fn sharded_jsd_terms(
     @builtin(local_invocation_index) lid: u32,
@@ -350,9 +412,15 @@ fn sharded_loss_and_grad(
     }
     let base = r * p.width;
     let keep = !is_masked(r);
-    let g = globals(r);
+    var g = globals(r);
     let y = local_label(r);
-    let with_t = p.has_teacher != 0u && p.w_div != 0.0;
+    let dkd = p.div == 3u;
+    var dk = vec3<f32>(0.0);
+    if (dkd && keep) {
+        dk = dkd_row(r, g);
+        g.log_zs1 = dk.z;
+    }
+    let with_t = p.has_teacher != 0u && p.w_div != 0.0 && !dkd;
     var kl_q = 0.0;
     var kl_p = 0.0;
     if (p.div == 2u && with_t) {
@@ -374,7 +442,19 @@ fn sharded_loss_and_grad(
             part = part - p.w_ce * tgt * lp1;
             gs = gs + k_ce * (exp(lp1) - tgt);
         }
-        if (with_t) {
+        if (dkd) {
+            // TCKD at the label's column; NCKD's forward-KL terms over the rest.
+            if (i32(j) == y) {
+                part = part + p.temperature * p.temperature * p.beta * dk.x;
+                gs = gs + p.k * p.temperature * p.beta * dk.y;
+            } else {
+                let e = elem(g, s, teacher[base + j]);
+                let pv = e.z;
+                let q = e.w;
+                part = part + w_div_t2 * kl_term(q, pv, -e.y);
+                gs = gs + k_div * (pv - q) - p.k * p.temperature * p.beta * dk.y * pv;
+            }
+        } else if (with_t) {
             let e = elem(g, s, teacher[base + j]);
             let dq = e.y;
             let pv = e.z;

@@ -11,7 +11,6 @@ use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffe
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::ops::divergence::wgpu::GIVEN_TEACHER_MAX_TEMPERATURE;
-use crate::ops::Divergence;
 use crate::sharded::{check_out, ShardedBackend, ShardedOut};
 
 const BINDINGS: &[Bind] = &[
@@ -99,7 +98,8 @@ fn params(
     k: f64,
     grad_teacher: bool,
 ) -> ShardedParams {
-    let (w_ce, w_div, div) = spec.loss.weights();
+    let (w_ce, w_div, _) = spec.loss.weights();
+    let (div, beta) = spec.loss.kernel_codes();
     let sh = spec.shard;
     ShardedParams {
         rows: sh.rows as u32,
@@ -113,11 +113,8 @@ fn params(
         ignore_index: spec.ignore_index,
         w_ce: w_ce as f32,
         w_div: w_div as f32,
-        div: div.code(),
-        beta: match div {
-            Divergence::Jsd { beta } => beta,
-            _ => 0.5,
-        },
+        div,
+        beta,
         eps: spec.label_smoothing,
         k: k as f32,
         grad_teacher: grad_teacher as u32,

@@ -75,6 +75,7 @@ pub fn stats(
     let Shard { rows, width, .. } = spec.shard;
     let inv_t = 1.0 / spec.temperature;
     let (given, probs) = (spec.given_teacher(), spec.teacher == TeacherInput::Probs);
+    let dkd = spec.loss.is_dkd();
     let temp = spec.temperature as f64;
     let parts = par_rows(rows, rows * width, threads, |r0, r1| {
         let mut part = vec![0.0f32; (r1 - r0) * STATS];
@@ -83,15 +84,28 @@ pub fn stats(
             if spec.masked(labels, r) {
                 continue;
             }
+            let y = labels.and_then(|l| spec.shard.local(l[r]));
+            // DKD's stats are the rest of the row's: the label's column left out (but of `S`).
+            let skip = if dkd { y } else { None };
             let sr = &s[r * width..(r + 1) * width];
-            let ms = sr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let max_of = |v: &[f32]| {
+                v.iter()
+                    .enumerate()
+                    .filter(|&(j, _)| Some(j) != skip)
+                    .fold(f32::NEG_INFINITY, |a, (_, &b)| a.max(b))
+            };
+            let ms = max_of(sr);
             let tr = t.map(|t| &t[r * width..(r + 1) * width]);
             let mt = match tr {
-                Some(tr) if !given => tr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+                Some(tr) if !given => max_of(tr),
                 _ => 0.0,
             };
             let mut z = [0.0f64; SUMS];
             for j in 0..width {
+                if Some(j) == skip {
+                    z[Sum::LogitSum as usize] += sr[j] as f64;
+                    continue;
+                }
                 let u = sr[j] - ms;
                 let us = u * inv_t;
                 let eu = vmath::exp(us);
@@ -119,11 +133,13 @@ pub fn stats(
                     let ev = vmath::exp(vs);
                     z[Sum::TeacherT as usize] += ev as f64;
                     z[Sum::Forward as usize] += (ev * (v - u)) as f64;
-                    z[Sum::Reverse as usize] += (eu * (u - v)) as f64;
+                    if !dkd {
+                        z[Sum::Reverse as usize] += (eu * (u - v)) as f64;
+                    }
                     z[Sum::Difference as usize] += exp_diff(us, vs) as f64;
                 }
             }
-            if let Some(y) = labels.and_then(|l| spec.shard.local(l[r])) {
+            if let Some(y) = y {
                 z[Sum::StudentLabel as usize] = sr[y] as f64;
                 z[Sum::TeacherLabel as usize] = tr.map_or(0.0, |tr| tr[y] as f64);
             }
@@ -144,8 +160,8 @@ pub fn stats(
     }
 }
 
-/// A row's globals from f32 stats (widened to f64).
-fn globals(stats: &[f32], r: usize, temperature: f64, form: TeacherInput) -> RowGlobals {
+/// A row's globals from f32 stats (widened to f64); DKD's from its rest-of-row stats.
+fn globals(stats: &[f32], r: usize, temperature: f64, spec: &ShardedSpec) -> RowGlobals {
     let rows = stats.len() / STATS;
     let mut row = [0.0f64; STATS];
     for (d, &v) in row[..MAXIMA]
@@ -158,7 +174,11 @@ fn globals(stats: &[f32], r: usize, temperature: f64, form: TeacherInput) -> Row
     for (d, &v) in row[MAXIMA..].iter_mut().zip(sums) {
         *d = v as f64;
     }
-    RowGlobals::of(&row, 0, temperature, form)
+    if spec.loss.is_dkd() {
+        RowGlobals::dkd(&row, 0, temperature)
+    } else {
+        RowGlobals::of(&row, 0, temperature, spec.teacher)
+    }
 }
 
 /// The per-element values of a row, f32, from its globals.
@@ -180,6 +200,9 @@ struct Consts {
     ratio: f32,
     forward: f32,
     reverse: f32,
+    /// DKD's `TCKD` and `p_g - q_g` (0 for the other losses).
+    tckd: f32,
+    gap: f32,
     beta: f32,
     log_beta: f32,
     log_1m_beta: f32,
@@ -207,6 +230,8 @@ impl Consts {
             ratio: g.log_ratio as f32,
             forward: g.forward as f32,
             reverse: g.reverse as f32,
+            tckd: g.tckd as f32,
+            gap: g.gap as f32,
             beta,
             log_beta: beta.ln(),
             log_1m_beta: (1.0 - beta).ln(),
@@ -285,6 +310,13 @@ impl Consts {
     }
 }
 
+/// `q phi(u)`, `phi(u) = e^u - 1 - u`, `u = log p - log q` (`(p - q) - q u` where `|u| >= 1`): a
+/// forward-KL term, non-negative and second order in `u`.
+#[inline(always)]
+fn kl_term(q: f32, p: f32, u: f32) -> f32 {
+    select(u.abs() < 1.0, q * (vmath::expm1(u) - u), (p - q) - q * u)
+}
+
 /// One shard's JSD round (see [`crate::ops::sharded::reference::jsd_terms`]): `out` `[rows * 2]`.
 pub fn jsd_terms(
     spec: &ShardedSpec,
@@ -303,7 +335,7 @@ pub fn jsd_terms(
             if spec.masked(labels, r) {
                 continue;
             }
-            let c = Consts::of(&globals(global, r, temp, spec.teacher), spec);
+            let c = Consts::of(&globals(global, r, temp, spec), spec);
             let (mut kq, mut kp) = (0.0f64, 0.0f64);
             for j in 0..width {
                 let (lp, dq) = c.logs(s[r * width + j], t[r * width + j]);
@@ -352,6 +384,9 @@ pub fn loss_and_grad(
     let (k_ce, k_div) = ((k * w_ce) as f32, (k * w_div * temp) as f32);
     let (w_ce32, w_div_t2) = (w_ce as f32, (w_div * temp * temp) as f32);
     let smooth = eps / classes as f32;
+    let dkd = spec.loss.is_dkd();
+    let w_tc = spec.loss.tckd_weight();
+    let (k_tc, t2_tc) = ((k * w_tc * temp) as f32, (w_tc * temp * temp) as f32);
     let beta = match div {
         Divergence::Jsd { beta } => beta,
         _ => 0.5,
@@ -365,7 +400,7 @@ pub fn loss_and_grad(
             if spec.masked(labels, r) {
                 continue;
             }
-            let c = Consts::of(&globals(global, r, temp, spec.teacher), spec);
+            let c = Consts::of(&globals(global, r, temp, spec), spec);
             let y = labels.and_then(|l| spec.shard.local(l[r]));
             let (kl_q, kl_p) = jsd.map_or((0.0, 0.0), |j| (j[r * JSD_TERMS], j[r * JSD_TERMS + 1]));
             let mut part = 0.0f64;
@@ -379,7 +414,18 @@ pub fn loss_and_grad(
                     part -= (w_ce32 * target * lp1) as f64;
                     g += k_ce * (vmath::exp(lp1) - target);
                 }
-                if let (true, Some(t)) = (w_div != 0.0, t) {
+                if let (true, Some(t)) = (dkd, t) {
+                    // TCKD at the label's column; NCKD's forward-KL terms over the rest.
+                    if y == Some(j) {
+                        part += (t2_tc * c.tckd) as f64;
+                        g += k_tc * c.gap;
+                    } else {
+                        let (lp, dq) = c.logs(sv, t[r * width + j]);
+                        let (p, q) = (vmath::exp(lp), c.q(t[r * width + j]));
+                        part += (w_div_t2 * kl_term(q, p, -dq)) as f64;
+                        g += k_div * (p - q) - k_tc * c.gap * p;
+                    }
+                } else if let (true, Some(t)) = (w_div != 0.0, t) {
                     let (lp, dq) = c.logs(sv, t[r * width + j]);
                     let (p, q) = (vmath::exp(lp), c.q(t[r * width + j]));
                     let (d, ds, dt) = match div {
