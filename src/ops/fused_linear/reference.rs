@@ -44,6 +44,8 @@ pub enum TeacherF64<'a> {
 pub struct FusedResult {
     pub loss: f64,
     pub logits: Vec<f64>,
+    /// The logits' gradient `dL/ds`, `[N, V]` (what the backward matmuls multiply).
+    pub grad_logits: Vec<f64>,
     pub grad_hidden: Vec<f64>,
     pub grad_weight: Vec<f64>,
     pub grad_bias: Vec<f64>,
@@ -161,6 +163,7 @@ pub fn fused_linear_kd(
     FusedResult {
         loss,
         logits: s,
+        grad_logits: g,
         grad_hidden,
         grad_weight,
         grad_bias,
