@@ -19,8 +19,9 @@
  layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`; 9:
  `DstShardedSpec::teacher_input`, the sharded losses' teacher as probabilities or
  log-probabilities; 10: sharded DKD, `DST_SHARDED_DKD` and `DstShardedSpec::ce_weight`,
- `tckd_weight`, `nckd_weight`, and the fused linear loss with a sparse top-k teacher
- `dst_*_fused_linear_sparse_kd`).
+ `tckd_weight`, `nckd_weight`, the fused linear loss with a sparse top-k teacher
+ `dst_*_fused_linear_sparse_kd`, and the sharded losses on device memory
+ `dst_cuda_sharded_*`).
  */
 #define DST_ABI_VERSION 10
 
@@ -639,6 +640,60 @@ int32_t dst_cpu_sharded_loss_and_grad(const struct DstShardedSpec *spec,
  As [`dst_cpu_sharded_loss_and_grad`].
  */
 int32_t dst_fast_sharded_loss_and_grad(int32_t threads,
+                                       const struct DstShardedSpec *spec,
+                                       const float *student,
+                                       const float *teacher,
+                                       const int32_t *labels,
+                                       const float *global_stats,
+                                       const float *jsd_terms,
+                                       float *loss,
+                                       float *row_loss,
+                                       float *grad_student,
+                                       float *grad_teacher);
+
+/*
+ [`dst_cpu_sharded_stats`] on device memory (every array on the context's device; `spec` on
+ the host): the kernel runs on the context's stream. The labels are read back to the host and
+ checked (the call waits for the stream there). A given teacher's values are not read back: a
+ probability of exactly 0 under reverse KL gives `+inf` (the device contract), not an error.
+
+ # Safety
+ `ctx` NULL or a live handle; every non-null array device memory valid for the sizes of
+ [`dst_cpu_sharded_stats`].
+ */
+int32_t dst_cuda_sharded_stats(const struct dst_cuda *ctx,
+                               const struct DstShardedSpec *spec,
+                               const float *student,
+                               const float *teacher,
+                               const int32_t *labels,
+                               float *stats_out);
+
+/*
+ [`dst_cpu_sharded_jsd_terms`] on device memory (as [`dst_cuda_sharded_stats`]).
+
+ # Safety
+ As [`dst_cuda_sharded_stats`]; `global_stats` and `terms_out` device memory.
+ */
+int32_t dst_cuda_sharded_jsd_terms(const struct dst_cuda *ctx,
+                                   const struct DstShardedSpec *spec,
+                                   const float *student,
+                                   const float *teacher,
+                                   const int32_t *labels,
+                                   const float *global_stats,
+                                   float *terms_out);
+
+/*
+ [`dst_cpu_sharded_loss_and_grad`] on device memory: every array on the context's device
+ except `loss`, which is HOST memory (one float, the shard's part of the reduced loss: the row
+ losses are read back and summed, so the call waits for the stream). `row_loss` (optional),
+ `grad_student` and `grad_teacher` (optional; the teacher as logits, not DKD) are device
+ memory. As [`dst_cuda_sharded_stats`] for the labels and a given teacher.
+
+ # Safety
+ As [`dst_cuda_sharded_stats`]; `global_stats`, `jsd_terms` device memory; `loss` a host
+ float.
+ */
+int32_t dst_cuda_sharded_loss_and_grad(const struct dst_cuda *ctx,
                                        const struct DstShardedSpec *spec,
                                        const float *student,
                                        const float *teacher,

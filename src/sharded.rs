@@ -80,28 +80,34 @@ pub(crate) fn check_out(spec: &ShardedSpec, teacher: bool, out: &ShardedOut<'_>)
     let sh = spec.shard;
     sh.check("grad_student", out.grad_student.len(), sh.width)?;
     if let Some(g) = out.grad_teacher.as_deref() {
-        if !teacher || !spec.loss.needs_teacher() {
-            return Err(crate::Error::Unsupported(
-                "a teacher gradient was asked of a loss without a teacher (cross-entropy)".into(),
-            ));
-        }
-        if spec.loss.is_dkd() {
-            return Err(crate::Error::Unsupported(
-                "DKD's teacher is detached: pass no grad_teacher".into(),
-            ));
-        }
-        if spec.given_teacher() {
-            return Err(crate::Error::Unsupported(
-                "the teacher's gradient needs the teacher as logits (TeacherInput::Logits); a \
-                 teacher given as probabilities or log-probabilities has none here: ask for no \
-                 teacher gradient"
-                    .into(),
-            ));
-        }
+        check_teacher_grad(spec, teacher)?;
         sh.check("grad_teacher", g.len(), sh.width)?;
     }
     if let Some(r) = out.row_loss.as_deref() {
         sh.check("row_loss", r.len(), 1)?;
+    }
+    Ok(())
+}
+
+/// Whether a teacher gradient may be asked of `spec` (`teacher`: one was given).
+pub(crate) fn check_teacher_grad(spec: &ShardedSpec, teacher: bool) -> Result<()> {
+    if !teacher || !spec.loss.needs_teacher() {
+        return Err(crate::Error::Unsupported(
+            "a teacher gradient was asked of a loss without a teacher (cross-entropy)".into(),
+        ));
+    }
+    if spec.loss.is_dkd() {
+        return Err(crate::Error::Unsupported(
+            "DKD's teacher is detached: pass no grad_teacher".into(),
+        ));
+    }
+    if spec.given_teacher() {
+        return Err(crate::Error::Unsupported(
+            "the teacher's gradient needs the teacher as logits (TeacherInput::Logits); a \
+             teacher given as probabilities or log-probabilities has none here: ask for no \
+             teacher gradient"
+                .into(),
+        ));
     }
     Ok(())
 }

@@ -1,8 +1,11 @@
 """Vocab-sharded losses for vocab-parallel output layers (``docs/LOSSES.md`` section 9).
 
 Each rank holds the columns ``offset:offset + width`` of the ``[N, C]`` student (and teacher)
-logits and the same global labels. The two phases run on the crate's fast CPU backend
-(``dst_fast_sharded_*``, CPU float32 tensors); the collectives are torch.distributed's::
+logits and the same global labels. The two phases run on the crate's fast CPU backend for CPU
+float32 tensors (``dst_fast_sharded_*``) and on its CUDA kernels for CUDA float32 tensors
+(``dst_cuda_sharded_*`` on PyTorch's current stream; the stats' rescale between the two
+all-reduces runs on a host copy of the ``[N, 11]`` stats); the collectives are
+torch.distributed's::
 
     import distillation.sharded as sh
     loss = sh.sharded_kd_loss(student_shard, teacher_shard, labels, classes=C, offset=off,
@@ -75,6 +78,9 @@ def _h():
         sig("dst_fast_sharded_stats", i32, sp, p, p, p, p)
         sig("dst_fast_sharded_jsd_terms", i32, sp, p, p, p, p, p)
         sig("dst_fast_sharded_loss_and_grad", i32, sp, p, p, p, p, p, p, p, p, p)
+        sig("dst_cuda_sharded_stats", p, sp, p, p, p, p)
+        sig("dst_cuda_sharded_jsd_terms", p, sp, p, p, p, p, p)
+        sig("dst_cuda_sharded_loss_and_grad", p, sp, p, p, p, p, p, p, p, p, p)
         sig("dst_sharded_rescale_stats", sz, f32, p, p)
         sig("dst_sharded_combine_stats", sz, sz, f32, p, p)
         _declared = True
@@ -85,30 +91,46 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _f32(x: Tensor, name: str) -> Tensor:
+def _f32(x: Tensor, name: str, device: Optional[torch.device] = None) -> Tensor:
+    """``x`` as a contiguous float32 tensor on ``device`` (default: the CPU or a CUDA device)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} is on {x.device}: the sharded losses take CPU tensors")
+    if device is None and x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {x.device}: the sharded losses take CPU or CUDA tensors")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the student's shard on {device}")
     if x.dtype != torch.float32:
         raise ValueError(f"{name} has dtype {x.dtype}: the sharded losses take float32")
     return x.detach().contiguous()
 
 
-def _shard(x: Tensor, name: str) -> Tensor:
-    x = _f32(x, name)
+def _shard(x: Tensor, name: str, device: Optional[torch.device] = None) -> Tensor:
+    x = _f32(x, name, device)
     if x.dim() != 2:
         raise ValueError(f"{name} must be [N, width] (the shard's columns), got {list(x.shape)}")
     return x
 
 
-def _labels(labels: Optional[Tensor], n: int) -> Optional[Tensor]:
+def _labels(labels: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
     if labels is None:
         return None
     if labels.dtype not in (torch.int32, torch.int64) or labels.shape != (n,):
         raise ValueError(f"labels must be [{n}] int32 or int64 global classes, got "
                          f"{labels.dtype} {list(labels.shape)}")
-    return labels.detach().to(device="cpu", dtype=torch.int32).contiguous()
+    return labels.detach().to(device=device, dtype=torch.int32).contiguous()
+
+
+def _call(kind: str, device: torch.device, *args) -> None:
+    """``dst_fast_sharded_<kind>`` (CPU, threads first) or ``dst_cuda_sharded_<kind>`` (CUDA, a
+    context on PyTorch's current stream first)."""
+    h = _h()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(index).cuda_stream
+        status = getattr(h, f"dst_cuda_sharded_{kind}")(_lib.cuda_context(index, stream), *args)
+    else:
+        status = getattr(h, f"dst_fast_sharded_{kind}")(torch.get_num_threads(), *args)
+    _lib.check(status)
 
 
 def _choice(value: str, table: dict, name: str) -> int:
@@ -157,25 +179,28 @@ def stats(cfg: Config, student: Tensor, teacher: Optional[Tensor], labels: Optio
     plane ``[N, 9]``), relative to its own maxima."""
     s = _shard(student, "student")
     n, width = s.shape
-    t = None if teacher is None else _shard(teacher, "teacher")
-    y = _labels(labels, n)
-    out = torch.empty(n * STATS, dtype=torch.float32)
+    t = None if teacher is None else _shard(teacher, "teacher", s.device)
+    y = _labels(labels, n, s.device)
+    out = torch.empty(n * STATS, dtype=torch.float32, device=s.device)
     spec = cfg.spec(n, classes, offset, width)
-    _lib.check(_h().dst_fast_sharded_stats(torch.get_num_threads(), ctypes.byref(spec), _ptr(s),
-                                           _ptr(t), _ptr(y), _ptr(out)))
+    _call("stats", s.device, ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(out))
     return out
 
 
 def rescale_stats(stats_: Tensor, global_maxima: Tensor, temperature: float) -> None:
     """In place: this shard's sums rescaled to ``global_maxima`` (``[N * 2]``, the all-reduce MAX of
-    every shard's maxima plane), which it also copies into the maxima plane."""
+    every shard's maxima plane), which it also copies into the maxima plane. CUDA stats are
+    rescaled on a host copy (``[N, 11]`` floats)."""
     if stats_.dtype != torch.float32 or not stats_.is_contiguous() or stats_.numel() % STATS:
         raise ValueError(f"stats must be a contiguous float32 [N * {STATS}] tensor")
     n = stats_.numel() // STATS
-    g = _f32(global_maxima, "global_maxima")
+    host = stats_ if stats_.device.type == "cpu" else stats_.cpu()
+    g = _f32(global_maxima, "global_maxima").cpu().contiguous()
     if g.numel() != n * MAXIMA:
         raise ValueError(f"global_maxima must have {n * MAXIMA} elements, got {g.numel()}")
-    _lib.check(_h().dst_sharded_rescale_stats(n, temperature, _ptr(stats_), _ptr(g)))
+    _lib.check(_h().dst_sharded_rescale_stats(n, temperature, _ptr(host), _ptr(g)))
+    if host is not stats_:
+        stats_.copy_(host)
 
 
 def all_reduce_stats(stats_: Tensor, temperature: float, group=None) -> Tensor:
@@ -193,8 +218,10 @@ def all_reduce_stats(stats_: Tensor, temperature: float, group=None) -> Tensor:
 
 
 def combine_stats(shards: Sequence[Tensor], temperature: float) -> Tensor:
-    """The in-process combine of every shard's stats (in shard order)."""
-    parts = [_f32(s, "stats").reshape(-1) for s in shards]
+    """The in-process combine of every shard's stats (in shard order), on the first's device
+    (combined on the host)."""
+    device = shards[0].device if shards else torch.device("cpu")
+    parts = [_f32(s, "stats").cpu().reshape(-1) for s in shards]
     if not parts or parts[0].numel() % STATS:
         raise ValueError(f"combine_stats needs at least one [N * {STATS}] stats tensor")
     n = parts[0].numel() // STATS
@@ -203,21 +230,22 @@ def combine_stats(shards: Sequence[Tensor], temperature: float) -> Tensor:
     allp = torch.cat(parts)
     out = torch.empty(n * STATS, dtype=torch.float32)
     _lib.check(_h().dst_sharded_combine_stats(n, len(parts), temperature, _ptr(allp), _ptr(out)))
-    return out
+    return out.to(device)
 
 
 def jsd_terms(cfg: Config, student: Tensor, teacher: Tensor, labels: Optional[Tensor],
               global_stats: Tensor, classes: int, offset: int) -> Tensor:
     """The JSD round: this shard's ``[N * 2]`` partial ``KL(q||M)``, ``KL(p||M)``, to be
     all-reduced SUM."""
-    s, t = _shard(student, "student"), _shard(teacher, "teacher")
+    s = _shard(student, "student")
+    t = _shard(teacher, "teacher", s.device)
     n, width = s.shape
-    y = _labels(labels, n)
-    g = _f32(global_stats, "global_stats")
-    out = torch.empty(n * 2, dtype=torch.float32)
+    y = _labels(labels, n, s.device)
+    g = _f32(global_stats, "global_stats", s.device)
+    out = torch.empty(n * 2, dtype=torch.float32, device=s.device)
     spec = cfg.spec(n, classes, offset, width)
-    _lib.check(_h().dst_fast_sharded_jsd_terms(torch.get_num_threads(), ctypes.byref(spec),
-                                               _ptr(s), _ptr(t), _ptr(y), _ptr(g), _ptr(out)))
+    _call("jsd_terms", s.device, ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(g),
+          _ptr(out))
     return out
 
 
@@ -229,19 +257,20 @@ def loss_and_grad(cfg: Config, student: Tensor, teacher: Optional[Tensor],
     its gradient columns."""
     s = _shard(student, "student")
     n, width = s.shape
-    t = None if teacher is None else _shard(teacher, "teacher")
-    y = _labels(labels, n)
-    g = _f32(global_stats, "global_stats")
-    j = None if jsd is None else _f32(jsd, "jsd_terms")
-    loss = torch.empty(1, dtype=torch.float32)
-    rows = torch.empty(n, dtype=torch.float32)
-    gs = torch.empty(n, width, dtype=torch.float32)
-    gt = torch.empty(n, width, dtype=torch.float32) if teacher_grad and t is not None else None
+    dev = s.device
+    t = None if teacher is None else _shard(teacher, "teacher", dev)
+    y = _labels(labels, n, dev)
+    g = _f32(global_stats, "global_stats", dev)
+    j = None if jsd is None else _f32(jsd, "jsd_terms", dev)
+    loss = torch.empty(1, dtype=torch.float32)  # host memory on both backends
+    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    gs = torch.empty(n, width, dtype=torch.float32, device=dev)
+    gt = (torch.empty(n, width, dtype=torch.float32, device=dev)
+          if teacher_grad and t is not None else None)
     spec = cfg.spec(n, classes, offset, width)
-    _lib.check(_h().dst_fast_sharded_loss_and_grad(
-        torch.get_num_threads(), ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(g), _ptr(j),
-        _ptr(loss), _ptr(rows), _ptr(gs), _ptr(gt)))
-    return loss[0], rows, gs, gt
+    _call("loss_and_grad", dev, ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(g), _ptr(j),
+          _ptr(loss), _ptr(rows), _ptr(gs), _ptr(gt))
+    return loss[0].to(dev), rows, gs, gt
 
 
 class _ShardedLoss(torch.autograd.Function):

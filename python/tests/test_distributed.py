@@ -306,3 +306,36 @@ def test_sharded_dkd_in_one_process():
         sh.loss_and_grad(cfg, s, t, y, st, VOCAB, 0, teacher_grad=True)
     with pytest.raises(Exception, match="logits"):
         sh.stats(sh.Config(**dict(case, teacher_input="probs")), s, torch.softmax(t, -1), y, VOCAB, 0)
+
+
+def test_sharded_on_cuda_tensors_matches_the_cpu():
+    """CUDA tensors run ``dst_cuda_sharded_*`` (the stats rescaled on a host copy): three shards
+    in one process, every loss, against the same shards on CPU tensors."""
+    from conftest import cuda_or_skip
+    import distillation.sharded as sh
+
+    cuda_or_skip()
+    s, t, y = vocab_data()
+    bounds = [(0, 1), (1, 6), (6, VOCAB)]
+    for case in VOCAB_CASES:
+        cfg = sh.Config(**case)
+        tg = given(t, case.get("teacher_input", "logits"))
+        labels = y if case["loss"] != "divergence" else None
+        teacher = tg if case["loss"] != "cross_entropy" else None
+        results = []
+        for dev in ("cpu", "cuda"):
+            parts = [(s[:, a:b].contiguous().to(dev),
+                      None if teacher is None else teacher[:, a:b].contiguous().to(dev), a)
+                     for a, b in bounds]
+            yy = None if labels is None else labels.to(dev)
+            st = sh.combine_stats([sh.stats(cfg, ps, pt, yy, VOCAB, o) for ps, pt, o in parts],
+                                  cfg.temperature)
+            jsd = None
+            if cfg.is_jsd:
+                jsd = sum(sh.jsd_terms(cfg, ps, pt, yy, st, VOCAB, o) for ps, pt, o in parts)
+            outs = [sh.loss_and_grad(cfg, ps, pt, yy, st, VOCAB, o, jsd) for ps, pt, o in parts]
+            results.append((sum(float(o[0]) for o in outs),
+                            torch.cat([o[2].cpu() for o in outs], dim=1)))
+        (lc, gc), (lg, gg) = results
+        assert abs(lc - lg) <= 1e-5 * abs(lc) + 1e-6, case
+        assert torch.allclose(gc, gg, atol=2e-6, rtol=1e-4), case

@@ -56,7 +56,7 @@ fn no_cuda() -> FfiResult {
 /// # Safety
 /// `ctx` is NULL or a live handle from [`dst_cuda_create`].
 #[cfg(feature = "cuda")]
-unsafe fn cuda_ref<'a>(ctx: *const dst_cuda) -> FfiResult<&'a CudaBackend> {
+pub(super) unsafe fn cuda_ref<'a>(ctx: *const dst_cuda) -> FfiResult<&'a CudaBackend> {
     non_null("ctx", ctx)?;
     // SAFETY: non-null, and by the contract a live handle made by `Box::into_raw` in
     // `dst_cuda_create`, not yet destroyed.

@@ -1,8 +1,9 @@
-//! The vocab-sharded losses on host memory (`docs/LOSSES.md` section 9), f32 arrays: phase 1
+//! The vocab-sharded losses (`docs/LOSSES.md` section 9), f32 arrays: phase 1
 //! (`dst_*_sharded_stats`), the combine (`dst_sharded_rescale_stats` between the caller's
 //! all-reduce MAX and SUM, or `dst_sharded_combine_stats` in one process), the JSD round
 //! (`dst_*_sharded_jsd_terms`) and phase 2 (`dst_*_sharded_loss_and_grad`); `dst_cpu_*` on the
-//! f64 reference, `dst_fast_*` on the fast CPU backend (at most `threads` threads, 0: one per core).
+//! f64 reference, `dst_fast_*` on the fast CPU backend (at most `threads` threads, 0: one per core),
+//! `dst_cuda_*` on the caller's device memory (ABI 10).
 
 use std::ffi::c_void;
 
@@ -513,3 +514,286 @@ pub unsafe extern "C" fn dst_fast_sharded_loss_and_grad(
 /// Floats of stats per row (`DST_SHARDED_STATS`): 2 maxima, then 9 sums.
 pub const DST_SHARDED_STATS: usize = 11;
 const _: () = assert!(DST_SHARDED_STATS == STATS);
+
+// ---- device memory (CUDA) ----
+
+/// A device call's checked spec and the lengths of its arrays; the labels read back to the host
+/// (they are checked, and phase 2 counts the valid rows).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct DeviceCall {
+    spec: ShardedSpec,
+    labels: Option<Vec<i32>>,
+    /// The teacher pointer the kernels get (NULL for cross-entropy).
+    teacher: *const f32,
+}
+
+/// The checks of a device call that need no device: the spec, the required pointers, the
+/// aliasing of `outs` with the inputs (`extra` inputs beside student, teacher, labels).
+///
+/// # Safety
+/// `spec` NULL or a valid host `DstShardedSpec`.
+unsafe fn device_check(
+    spec: *const DstShardedSpec,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    extra: &[Span<'_>],
+    outs: &[Span<'_>],
+) -> FfiResult<(ShardedSpec, *const f32)> {
+    non_null("spec", spec)?;
+    // SAFETY: non-null and the caller's contract.
+    let spec = unsafe { *spec }.spec()?;
+    non_null("student", student)?;
+    let teacher = if spec.loss.needs_teacher() {
+        non_null("teacher", teacher)?;
+        teacher
+    } else {
+        std::ptr::null()
+    };
+    if spec.loss.needs_labels() {
+        non_null("labels", labels)?;
+    }
+    let mut ins = input_spans(&spec, student, teacher, labels);
+    ins.extend_from_slice(extra);
+    check_no_alias(&ins, outs)?;
+    Ok((spec, teacher))
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceCall {
+    /// # Safety
+    /// As [`device_check`]; `labels` NULL or `[n]` device memory of `b`'s device.
+    unsafe fn new(
+        b: &crate::CudaBackend,
+        spec: ShardedSpec,
+        teacher: *const f32,
+        labels: *const i32,
+    ) -> FfiResult<Self> {
+        let labels = match labels.is_null() {
+            true => None,
+            false => Some(b.copy_to_host::<i32>(labels as u64, spec.shard.rows)?),
+        };
+        Ok(DeviceCall {
+            spec,
+            labels,
+            teacher,
+        })
+    }
+
+    fn ptrs(
+        &self,
+        student: *const f32,
+        labels: *const i32,
+    ) -> crate::ops::sharded::cuda::DevicePtrs {
+        crate::ops::sharded::cuda::DevicePtrs {
+            student: student as u64,
+            teacher: self.teacher as u64,
+            labels: labels as u64,
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_unavailable(ctx: *const super::cuda::dst_cuda) -> FfiResult {
+    non_null("ctx", ctx)?;
+    Err(Fail::new(
+        super::status::DST_ERR_UNAVAILABLE,
+        "backend cuda unavailable: this library was built without the `cuda` feature",
+    ))
+}
+
+/// [`dst_cpu_sharded_stats`] on device memory (every array on the context's device; `spec` on
+/// the host): the kernel runs on the context's stream. The labels are read back to the host and
+/// checked (the call waits for the stream there). A given teacher's values are not read back: a
+/// probability of exactly 0 under reverse KL gives `+inf` (the device contract), not an error.
+///
+/// # Safety
+/// `ctx` NULL or a live handle; every non-null array device memory valid for the sizes of
+/// [`dst_cpu_sharded_stats`].
+#[no_mangle]
+pub unsafe extern "C" fn dst_cuda_sharded_stats(
+    ctx: *const super::cuda::dst_cuda,
+    spec: *const DstShardedSpec,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    stats_out: *mut f32,
+) -> i32 {
+    ffi(|| {
+        non_null("stats", stats_out)?;
+        // SAFETY: the caller's contract.
+        let n = unsafe { spec.as_ref() }.map_or(0, |s| s.n);
+        let outs = [("stats", stats_out as *const c_void, n * STATS * 4)];
+        // SAFETY: the caller's contract.
+        let (spec, teacher) = unsafe { device_check(spec, student, teacher, labels, &[], &outs)? };
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: the caller's contract.
+            let b = unsafe { super::cuda::cuda_ref(ctx)? };
+            // SAFETY: the caller's contract.
+            let c = unsafe { DeviceCall::new(b, spec, teacher, labels)? };
+            crate::ops::sharded::check_call(
+                &c.spec,
+                crate::ops::sharded::Phase::Stats,
+                c.spec.shard.len(),
+                (!teacher.is_null()).then_some(c.spec.shard.len()),
+                c.labels.as_deref(),
+                None,
+                None,
+            )?;
+            Ok(b.sharded_stats_raw(&c.spec, c.ptrs(student, labels), stats_out as u64)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (spec, teacher);
+            cuda_unavailable(ctx)
+        }
+    })
+}
+
+/// [`dst_cpu_sharded_jsd_terms`] on device memory (as [`dst_cuda_sharded_stats`]).
+///
+/// # Safety
+/// As [`dst_cuda_sharded_stats`]; `global_stats` and `terms_out` device memory.
+#[no_mangle]
+pub unsafe extern "C" fn dst_cuda_sharded_jsd_terms(
+    ctx: *const super::cuda::dst_cuda,
+    spec: *const DstShardedSpec,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    global_stats: *const f32,
+    terms_out: *mut f32,
+) -> i32 {
+    ffi(|| {
+        non_null("global_stats", global_stats)?;
+        non_null("terms", terms_out)?;
+        // SAFETY: the caller's contract.
+        let n = unsafe { spec.as_ref() }.map_or(0, |s| s.n);
+        let extra = [("global_stats", global_stats as *const c_void, n * STATS * 4)];
+        let outs = [("terms", terms_out as *const c_void, n * JSD_TERMS * 4)];
+        // SAFETY: the caller's contract.
+        let (spec, teacher) =
+            unsafe { device_check(spec, student, teacher, labels, &extra, &outs)? };
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: the caller's contract.
+            let b = unsafe { super::cuda::cuda_ref(ctx)? };
+            // SAFETY: the caller's contract.
+            let c = unsafe { DeviceCall::new(b, spec, teacher, labels)? };
+            crate::ops::sharded::check_call(
+                &c.spec,
+                crate::ops::sharded::Phase::JsdTerms,
+                c.spec.shard.len(),
+                Some(c.spec.shard.len()),
+                c.labels.as_deref(),
+                Some(n * STATS),
+                None,
+            )?;
+            Ok(b.sharded_jsd_terms_raw(
+                &c.spec,
+                c.ptrs(student, labels),
+                global_stats as u64,
+                terms_out as u64,
+            )?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (spec, teacher);
+            cuda_unavailable(ctx)
+        }
+    })
+}
+
+/// [`dst_cpu_sharded_loss_and_grad`] on device memory: every array on the context's device
+/// except `loss`, which is HOST memory (one float, the shard's part of the reduced loss: the row
+/// losses are read back and summed, so the call waits for the stream). `row_loss` (optional),
+/// `grad_student` and `grad_teacher` (optional; the teacher as logits, not DKD) are device
+/// memory. As [`dst_cuda_sharded_stats`] for the labels and a given teacher.
+///
+/// # Safety
+/// As [`dst_cuda_sharded_stats`]; `global_stats`, `jsd_terms` device memory; `loss` a host
+/// float.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn dst_cuda_sharded_loss_and_grad(
+    ctx: *const super::cuda::dst_cuda,
+    spec: *const DstShardedSpec,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    global_stats: *const f32,
+    jsd_terms: *const f32,
+    loss: *mut f32,
+    row_loss: *mut f32,
+    grad_student: *mut f32,
+    grad_teacher: *mut f32,
+) -> i32 {
+    ffi(|| {
+        non_null("global_stats", global_stats)?;
+        non_null("loss", loss)?;
+        non_null("grad_student", grad_student)?;
+        // SAFETY: the caller's contract.
+        let (n, len) = unsafe { spec.as_ref() }.map_or((0, 0), |s| (s.n, s.n * s.width));
+        let extra = [
+            ("global_stats", global_stats as *const c_void, n * STATS * 4),
+            ("jsd_terms", jsd_terms as *const c_void, n * JSD_TERMS * 4),
+        ];
+        let outs = [
+            ("row_loss", row_loss as *const c_void, n * 4),
+            ("grad_student", grad_student as *const c_void, len * 4),
+            ("grad_teacher", grad_teacher as *const c_void, len * 4),
+        ];
+        // SAFETY: the caller's contract.
+        let (spec, teacher) =
+            unsafe { device_check(spec, student, teacher, labels, &extra, &outs)? };
+        if !grad_teacher.is_null() {
+            crate::sharded::check_teacher_grad(&spec, !teacher.is_null())?;
+        }
+        #[cfg(feature = "cuda")]
+        {
+            use crate::backend::Backend;
+            // SAFETY: the caller's contract.
+            let b = unsafe { super::cuda::cuda_ref(ctx)? };
+            // SAFETY: the caller's contract.
+            let c = unsafe { DeviceCall::new(b, spec, teacher, labels)? };
+            crate::ops::sharded::check_call(
+                &c.spec,
+                crate::ops::sharded::Phase::LossAndGrad,
+                c.spec.shard.len(),
+                (!teacher.is_null()).then_some(c.spec.shard.len()),
+                c.labels.as_deref(),
+                Some(n * STATS),
+                (!jsd_terms.is_null()).then_some(n * JSD_TERMS),
+            )?;
+            let scale = c.spec.scale(c.labels.as_deref());
+            let scratch;
+            let rows = if row_loss.is_null() {
+                scratch = b.filled(n, f32::NAN)?;
+                scratch.ptr
+            } else {
+                row_loss as u64
+            };
+            b.sharded_loss_and_grad_raw(
+                &c.spec,
+                c.ptrs(student, labels),
+                global_stats as u64,
+                jsd_terms as u64,
+                rows,
+                grad_student as u64,
+                grad_teacher as u64,
+                c.spec.grad_scale as f64 * scale,
+            )?;
+            let parts = b.copy_to_host::<f32>(rows, n)?;
+            let total = parts.iter().map(|&v| v as f64).sum::<f64>() * scale;
+            // SAFETY: `loss` is a host float by the contract.
+            unsafe { *loss = total as f32 };
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (spec, teacher);
+            cuda_unavailable(ctx)
+        }
+    })
+}

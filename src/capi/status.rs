@@ -15,8 +15,9 @@ use crate::error::Error;
 /// layer + loss `dst_*_fused_linear_kd`, `DstFusedLinearSpec` and `DST_WEIGHTING_*`; 9:
 /// `DstShardedSpec::teacher_input`, the sharded losses' teacher as probabilities or
 /// log-probabilities; 10: sharded DKD, `DST_SHARDED_DKD` and `DstShardedSpec::ce_weight`,
-/// `tckd_weight`, `nckd_weight`, and the fused linear loss with a sparse top-k teacher
-/// `dst_*_fused_linear_sparse_kd`).
+/// `tckd_weight`, `nckd_weight`, the fused linear loss with a sparse top-k teacher
+/// `dst_*_fused_linear_sparse_kd`, and the sharded losses on device memory
+/// `dst_cuda_sharded_*`).
 pub const DST_ABI_VERSION: u32 = 10;
 
 /// The dtype code of f32 arrays (a row loss's `*_dtype` arguments).

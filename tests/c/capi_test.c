@@ -647,6 +647,8 @@ int main(void) {
                        dst_cpu_sharded_loss_and_grad(&dk[0], ss[0], ts[0], labels, dglobal, NULL, &part, NULL, gs[0],
                                                      gs[1]),
                        DST_ERR_UNSUPPORTED);
+            expect_err("cuda_sharded_null_ctx", dst_cuda_sharded_stats(NULL, &dk[0], ss[0], ts[0], labels, dst[0]),
+                       DST_ERR_NULL_POINTER);
             DstShardedSpec dk_probs = dk[0];
             dk_probs.teacher_input = 1;
             expect_err("sharded_dkd_given_teacher", dst_cpu_sharded_stats(&dk_probs, ss[0], ts[0], labels, dst[0]),

@@ -5,7 +5,6 @@ use super::{check_call, Phase, ShardedSpec, JSD_TERMS, STATS};
 use crate::backend::cuda::{config, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaSource};
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::ops::Divergence;
 use crate::sharded::{check_out, ShardedBackend, ShardedOut};
 
 pub(crate) const SOURCE: CudaSource = CudaSource {
@@ -64,6 +63,126 @@ impl CudaBackend {
     }
 }
 
+/// A call's device pointers (0 for an absent array).
+#[derive(Clone, Copy)]
+pub(crate) struct DevicePtrs {
+    pub student: u64,
+    pub teacher: u64,
+    pub labels: u64,
+}
+
+impl CudaBackend {
+    /// Phase 1 on device memory: `stats` `[rows * STATS]` floats at `out` (checked spec).
+    pub(crate) fn sharded_stats_raw(
+        &self,
+        spec: &ShardedSpec,
+        p: DevicePtrs,
+        out: u64,
+    ) -> Result<()> {
+        let sh = spec.shard;
+        self.launch_one(
+            &STATS_KERNEL,
+            config(sh.rows as u64, THREADS),
+            &[
+                Arg::Ptr(p.student),
+                Arg::Ptr(p.teacher),
+                Arg::Ptr(p.labels),
+                Arg::Ptr(out),
+                Arg::U32(sh.rows as u32),
+                Arg::U32(sh.width as u32),
+                Arg::U32(sh.offset as u32),
+                Arg::F32(inv(spec.temperature)),
+                Arg::U32((p.teacher != 0) as u32),
+                Arg::U32((p.labels != 0) as u32),
+                Arg::I32(spec.ignore_index),
+                Arg::F32(spec.temperature),
+                Arg::U32(teacher_form(spec)),
+            ],
+        )
+    }
+
+    /// The JSD round on device memory: `[rows * 2]` floats at `out` from the combined stats at
+    /// `global`.
+    pub(crate) fn sharded_jsd_terms_raw(
+        &self,
+        spec: &ShardedSpec,
+        p: DevicePtrs,
+        global: u64,
+        out: u64,
+    ) -> Result<()> {
+        let sh = spec.shard;
+        let (_, beta) = spec.loss.kernel_codes();
+        self.launch_one(
+            &JSD_KERNEL,
+            config(sh.rows as u64, THREADS),
+            &[
+                Arg::Ptr(p.student),
+                Arg::Ptr(p.teacher),
+                Arg::Ptr(p.labels),
+                Arg::Ptr(global),
+                Arg::Ptr(out),
+                Arg::U32(sh.rows as u32),
+                Arg::U32(sh.width as u32),
+                Arg::F32(inv(spec.temperature)),
+                Arg::F32(spec.temperature),
+                Arg::F32(beta),
+                Arg::U32((p.labels != 0) as u32),
+                Arg::I32(spec.ignore_index),
+                Arg::U32(teacher_form(spec)),
+            ],
+        )
+    }
+
+    /// Phase 2 on device memory: each row's loss part into `rows` (`[rows]`), the gradients
+    /// into `grad_s` and (non-zero) `grad_t`; `k` is `grad_scale` times the reduction's factor.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sharded_loss_and_grad_raw(
+        &self,
+        spec: &ShardedSpec,
+        p: DevicePtrs,
+        global: u64,
+        jsd: u64,
+        rows: u64,
+        grad_s: u64,
+        grad_t: u64,
+        k: f64,
+    ) -> Result<()> {
+        let sh = spec.shard;
+        let (w_ce, w_div, _) = spec.loss.weights();
+        let (div, beta) = spec.loss.kernel_codes();
+        self.launch_one(
+            &LOSS_KERNEL,
+            config(sh.rows as u64, THREADS),
+            &[
+                Arg::Ptr(p.student),
+                Arg::Ptr(p.teacher),
+                Arg::Ptr(p.labels),
+                Arg::Ptr(global),
+                Arg::Ptr(jsd),
+                Arg::Ptr(rows),
+                Arg::Ptr(grad_s),
+                Arg::Ptr(grad_t),
+                Arg::U32(sh.rows as u32),
+                Arg::U32(sh.width as u32),
+                Arg::U32(sh.classes as u32),
+                Arg::U32(sh.offset as u32),
+                Arg::F32(inv(spec.temperature)),
+                Arg::F32(spec.temperature),
+                Arg::F32(w_ce as f32),
+                Arg::F32(w_div as f32),
+                Arg::U32(div),
+                Arg::F32(beta),
+                Arg::F32(spec.label_smoothing),
+                Arg::F32(k as f32),
+                Arg::U32((p.teacher != 0) as u32),
+                Arg::U32((p.labels != 0) as u32),
+                Arg::I32(spec.ignore_index),
+                Arg::U32(teacher_form(spec)),
+            ],
+        )
+    }
+}
+
 impl ShardedBackend for CudaBackend {
     fn sharded_stats(
         &self,
@@ -85,26 +204,12 @@ impl ShardedBackend for CudaBackend {
         spec.shard.check("stats", stats.len(), STATS)?;
         let (s, t, lp, _l) = self.sharded_inputs(student, teacher, labels)?;
         let out = self.filled(stats.len(), f32::NAN)?;
-        let sh = spec.shard;
-        self.launch_one(
-            &STATS_KERNEL,
-            config(sh.rows as u64, THREADS),
-            &[
-                Arg::Ptr(s.ptr),
-                Arg::Ptr(ptr(&t)),
-                Arg::Ptr(lp),
-                Arg::Ptr(out.ptr),
-                Arg::U32(sh.rows as u32),
-                Arg::U32(sh.width as u32),
-                Arg::U32(sh.offset as u32),
-                Arg::F32(inv(spec.temperature)),
-                Arg::U32(teacher.is_some() as u32),
-                Arg::U32(labels.is_some() as u32),
-                Arg::I32(spec.ignore_index),
-                Arg::F32(spec.temperature),
-                Arg::U32(teacher_form(spec)),
-            ],
-        )?;
+        let p = DevicePtrs {
+            student: s.ptr,
+            teacher: ptr(&t),
+            labels: lp,
+        };
+        self.sharded_stats_raw(spec, p, out.ptr)?;
         stats.copy_from_slice(&self.download(&out)?);
         Ok(())
     }
@@ -131,30 +236,12 @@ impl ShardedBackend for CudaBackend {
         let (s, t, lp, _l) = self.sharded_inputs(student, Some(teacher), labels)?;
         let g = self.upload(global)?;
         let out = self.filled(terms.len(), f32::NAN)?;
-        let sh = spec.shard;
-        let beta = match spec.loss.weights().2 {
-            Divergence::Jsd { beta } => beta,
-            _ => 0.5,
+        let p = DevicePtrs {
+            student: s.ptr,
+            teacher: ptr(&t),
+            labels: lp,
         };
-        self.launch_one(
-            &JSD_KERNEL,
-            config(sh.rows as u64, THREADS),
-            &[
-                Arg::Ptr(s.ptr),
-                Arg::Ptr(ptr(&t)),
-                Arg::Ptr(lp),
-                Arg::Ptr(g.ptr),
-                Arg::Ptr(out.ptr),
-                Arg::U32(sh.rows as u32),
-                Arg::U32(sh.width as u32),
-                Arg::F32(inv(spec.temperature)),
-                Arg::F32(spec.temperature),
-                Arg::F32(beta),
-                Arg::U32(labels.is_some() as u32),
-                Arg::I32(spec.ignore_index),
-                Arg::U32(teacher_form(spec)),
-            ],
-        )?;
+        self.sharded_jsd_terms_raw(spec, p, g.ptr, out.ptr)?;
         terms.copy_from_slice(&self.download(&out)?);
         Ok(())
     }
@@ -190,39 +277,21 @@ impl ShardedBackend for CudaBackend {
             .is_some()
             .then(|| self.filled(sh.len(), f32::NAN))
             .transpose()?;
-        let (w_ce, w_div, _) = spec.loss.weights();
-        let (div, beta) = spec.loss.kernel_codes();
         let scale = spec.scale(labels);
-        let k = spec.grad_scale as f64 * scale;
-        self.launch_one(
-            &LOSS_KERNEL,
-            config(sh.rows as u64, THREADS),
-            &[
-                Arg::Ptr(s.ptr),
-                Arg::Ptr(ptr(&t)),
-                Arg::Ptr(lp),
-                Arg::Ptr(g.ptr),
-                Arg::Ptr(ptr(&j)),
-                Arg::Ptr(rows.ptr),
-                Arg::Ptr(gs.ptr),
-                Arg::Ptr(ptr(&gt)),
-                Arg::U32(sh.rows as u32),
-                Arg::U32(sh.width as u32),
-                Arg::U32(sh.classes as u32),
-                Arg::U32(sh.offset as u32),
-                Arg::F32(inv(spec.temperature)),
-                Arg::F32(spec.temperature),
-                Arg::F32(w_ce as f32),
-                Arg::F32(w_div as f32),
-                Arg::U32(div),
-                Arg::F32(beta),
-                Arg::F32(spec.label_smoothing),
-                Arg::F32(k as f32),
-                Arg::U32(teacher.is_some() as u32),
-                Arg::U32(labels.is_some() as u32),
-                Arg::I32(spec.ignore_index),
-                Arg::U32(teacher_form(spec)),
-            ],
+        let p = DevicePtrs {
+            student: s.ptr,
+            teacher: ptr(&t),
+            labels: lp,
+        };
+        self.sharded_loss_and_grad_raw(
+            spec,
+            p,
+            g.ptr,
+            ptr(&j),
+            rows.ptr,
+            gs.ptr,
+            ptr(&gt),
+            spec.grad_scale as f64 * scale,
         )?;
         out.grad_student.copy_from_slice(&self.download(&gs)?);
         if let (Some(dst), Some(b)) = (out.grad_teacher, gt.as_ref()) {
