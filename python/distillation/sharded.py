@@ -20,6 +20,9 @@ In one process, ``combine_stats`` combines a list of shards' stats.
 ``loss="dkd"`` is decoupled KD (section 8) with its stats over the rest of each row (the label's
 column left out); its teacher is logits and gets no gradient.
 
+Logits may be float32, bfloat16 or float16 (or float64): the math is float32 (half inputs convert
+exactly) and ``sharded_kd_loss``'s gradients return in each input's dtype, rounded once.
+
 The teacher may be given as logits (the default), probabilities or log-probabilities
 (``teacher_input="logits" | "probs" | "logprobs"``, as ``SoftTargetLoss``): the temperature then
 applies to the student only, a row's probabilities sum to 1 over every shard, and the teacher
@@ -100,11 +103,21 @@ def _f32(x: Tensor, name: str, device: Optional[torch.device] = None) -> Tensor:
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but the student's shard on {device}")
     if x.dtype != torch.float32:
-        raise ValueError(f"{name} has dtype {x.dtype}: the sharded losses take float32")
+        raise ValueError(f"{name} has dtype {x.dtype}: the stats and JSD terms are float32")
     return x.detach().contiguous()
 
 
+_HALF = (torch.bfloat16, torch.float16, torch.float64)
+
+
 def _shard(x: Tensor, name: str, device: Optional[torch.device] = None) -> Tensor:
+    """A shard's logits (or a given teacher) as float32: bfloat16, float16 and float64 tensors
+    are converted (exactly for the halves; the math is float32 either way)."""
+    if isinstance(x, Tensor) and not x.is_floating_point():
+        raise ValueError(f"{name} has dtype {x.dtype}: logits must be floating point (float32, "
+                         "bfloat16, float16 or float64)")
+    if isinstance(x, Tensor) and x.dtype in _HALF:
+        x = x.detach().float()
     x = _f32(x, name, device)
     if x.dim() != 2:
         raise ValueError(f"{name} must be [N, width] (the shard's columns), got {list(x.shape)}")
@@ -293,13 +306,17 @@ class _ShardedLoss(torch.autograd.Function):
         if distributed:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         ctx.save_for_backward(gs, gt if gt is not None else gs.new_empty(0))
+        ctx.dtypes = (student.dtype, None if teacher is None else teacher.dtype)
         ctx.has_gt = gt is not None
         return total[0]
 
     @staticmethod
     def backward(ctx, upstream):
         gs, gt = ctx.saved_tensors
-        return (gs * upstream, gt * upstream if ctx.has_gt else None, None, None, None, None,
+        # each gradient in its input's dtype, rounded once from float32
+        ds, dt = ctx.dtypes
+        return ((gs * upstream).to(ds), (gt * upstream).to(dt) if ctx.has_gt else None, None,
+                None, None, None,
                 None, None)
 
 
