@@ -459,6 +459,47 @@ __device__ __forceinline__ double expm1_minus_x(double y) {
     return expm1(y) - y;
 }
 
+// ---- DKD's binary distributions (dkd.cu, sharded.cu) ----
+
+// Forward KL's term q phi(u) and p - q in f64, u = log p - log q (the binary distributions,
+// once per row).
+__device__ __forceinline__ void dkd_term_gap(double q, double p, double u, double& term, double& gap) {
+    if (q == 0.0) {
+        term = p;
+        gap = p;
+    } else if (fabs(u) < 0.5) {
+        const double em1 = expm1(u);
+        term = q * expm1_minus_x(u);
+        gap = q * em1;
+    } else {
+        term = (p - q) - q * u;
+        gap = p - q;
+    }
+}
+
+__device__ __forceinline__ double dkd_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+__device__ __forceinline__ double dkd_softplus(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
+
+// TCKD and p_g - q_g from the log-odds d_t, d_s and e = D_s - D_t taken without cancellation
+// (dkd.cu's header; docs/LOSSES.md section 8).
+__device__ __forceinline__ void dkd_binary(double d_t, double d_s, double e, double& tckd, double& gap) {
+    const double qg = dkd_sigmoid(-d_t), qr = dkd_sigmoid(d_t);
+    const double pg = dkd_sigmoid(-d_s), pr = dkd_sigmoid(d_s);
+    double ug, ur;
+    if (fabs(e) < 0.5) {
+        ug = -log1p(qr * expm1(e));
+        ur = -log1p(qg * expm1(-e));
+    } else {
+        ug = dkd_softplus(d_t) - dkd_softplus(d_s);
+        ur = dkd_softplus(-d_t) - dkd_softplus(-d_s);
+    }
+    double tg, gg, tr, gr;
+    dkd_term_gap(qg, pg, ug, tg, gg);
+    dkd_term_gap(qr, pr, ur, tr, gr);
+    tckd = tg + tr;
+    gap = qg <= qr ? gg : -gr;  // the bin with the smaller teacher probability has the digits
+}
+
 // log(1 + u) - u in f64 without cancellation (the series where |u| < 1e-2).
 __device__ __forceinline__ double log1p_minus_x(double u) {
     if (fabs(u) < 1e-2) return u * u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0)))));

@@ -223,6 +223,51 @@ fn gap_pq(q: f32, pv: f32, u: f32) -> f32 {
     return q * expm1_f32(u);
 }
 
+// 1 / (1 + e^-x) without overflow (exp of a non-positive argument only).
+fn sigmoid_f32(x: f32) -> f32 {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+}
+
+// log(1 + e^x) without overflow or cancellation.
+fn softplus_f32(x: f32) -> f32 {
+    return max(x, 0.0) + log1p_f32(exp(-abs(x)));
+}
+
+// x^s - x^t times T, (a - am) - (b - bm) for logits a, b and their maxima, in whichever of two
+// orders has the smaller rounding bound: as written, or (a - b) - (am - bm), which is exact where
+// the teacher is close to the student (then each difference is of two nearby floats). The f32
+// difference of x^s and x^t would carry their rounding, first order in the divergences there.
+fn logit_gap(a: f32, am: f32, b: f32, bm: f32) -> f32 {
+    let x = a - am;
+    let y = b - bm;
+    let u = a - b;
+    let v = am - bm;
+    return select(x - y, u - v, abs(u) + abs(v) < abs(x) + abs(y));
+}
+
+// DKD's binary distributions (docs/LOSSES.md section 8; dkd.wgsl, sharded.wgsl): from the
+// log-odds of the rest D = log Z_rest - x_g of the student (d_s) and the teacher (d_t) and
+// e = d_s - d_t formed without their cancellation, (TCKD, p_g - q_g): q_g = sigmoid(-d_t),
+// 1 - q_g = sigmoid(d_t), u = log p - log q of both bins as -log1p((1 - q_g) expm1(e)),
+// -log1p(q_g expm1(-e)) where |e| < 1/2 (softplus differences beyond), TCKD = sum q phi(u)
+// (kl_term), p_g - q_g from the bin with the smaller teacher probability (gap_pq).
+fn dkd_bins(d_s: f32, d_t: f32, e: f32) -> vec2<f32> {
+    let qg = sigmoid_f32(-d_t);
+    let qr = sigmoid_f32(d_t);
+    let pg = sigmoid_f32(-d_s);
+    let pr = sigmoid_f32(d_s);
+    var ug = softplus_f32(d_t) - softplus_f32(d_s);
+    var ur = softplus_f32(-d_t) - softplus_f32(-d_s);
+    if (abs(e) < 0.5) {
+        ug = -log1p_f32(qr * expm1_f32(e));
+        ur = -log1p_f32(qg * expm1_f32(-e));
+    }
+    let tckd = kl_term(qg, pg, ug) + kl_term(qr, pr, ur);
+    let gap = select(-gap_pq(qr, pr, ur), gap_pq(qg, pg, ug), qg <= qr);
+    return vec2<f32>(tckd, gap);
+}
+
 // ---- bf16 / f16 (docs/LOSSES.md, half precision) ----
 // Dtype codes: 0 f32, 1 bf16, 2 f16. A buffer of 16-bit elements is an array<u32> of pairs, the
 // element of even index in the low half. Conversions are exact bit manipulations (no

@@ -161,43 +161,7 @@ __device__ __forceinline__ float dkd_kl_term(float q, float p, float u) {
     return (p - q) - q * u;
 }
 
-// The same term and p - q in f64 (the binary distributions, once per row).
-__device__ __forceinline__ void dkd_term_gap(double q, double p, double u, double& term, double& gap) {
-    if (q == 0.0) {
-        term = p;
-        gap = p;
-    } else if (fabs(u) < 0.5) {
-        const double em1 = expm1(u);
-        term = q * expm1_minus_x(u);
-        gap = q * em1;
-    } else {
-        term = (p - q) - q * u;
-        gap = p - q;
-    }
-}
-
-__device__ __forceinline__ double dkd_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
-__device__ __forceinline__ double dkd_softplus(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
-
-// TCKD and p_g - q_g from the log-odds d_t, d_s and e = D_s - D_t taken without cancellation
-// (see the header).
-__device__ __forceinline__ void dkd_binary(double d_t, double d_s, double e, double& tckd, double& gap) {
-    const double qg = dkd_sigmoid(-d_t), qr = dkd_sigmoid(d_t);
-    const double pg = dkd_sigmoid(-d_s), pr = dkd_sigmoid(d_s);
-    double ug, ur;
-    if (fabs(e) < 0.5) {
-        ug = -log1p(qr * expm1(e));
-        ur = -log1p(qg * expm1(-e));
-    } else {
-        ug = dkd_softplus(d_t) - dkd_softplus(d_s);
-        ur = dkd_softplus(-d_t) - dkd_softplus(-d_s);
-    }
-    double tg, gg, tr, gr;
-    dkd_term_gap(qg, pg, ug, tg, gg);
-    dkd_term_gap(qr, pr, ur, tr, gr);
-    tckd = tg + tr;
-    gap = qg <= qr ? gg : -gr;  // the bin with the smaller teacher probability has the digits
-}
+// (dkd_term_gap, dkd_binary: common.cuh, shared with sharded.cu.)
 
 template <class G>
 __device__ __forceinline__ void dkd_dispatch(const G& g, u64 row, RowIn s_all, RowIn t_all,

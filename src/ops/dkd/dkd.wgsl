@@ -7,7 +7,7 @@
 // One segment of TPR lanes per row:
 //   pass 1: one read of s and t: the online statistics of the NON-TARGET classes only (common.wgsl's
 //           RowStats: their max of s, sum exp((s-ms)/T), sum exp(s-ms) at T = 1, sum s; max of t,
-//           sum exp((t-mt)/T), dz, with dz's exponent gaps x^s - x^t from logit_gap below), and
+//           sum exp((t-mt)/T), dz, with dz's exponent gaps x^s - x^t from common.wgsl's logit_gap), and
 //           s_g, t_g read by every lane (before any write: the gradient may go in place). CE's
 //           statistics over all classes follow from the rest's and s_g.
 //   row:    the binary distributions from the log-odds D = log Z_rest - x_g: q_g = sigmoid(-D_t),
@@ -46,19 +46,6 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-
-// x^s - x^t times T, (a - am) - (b - bm) for logits a, b and their maxima, in whichever of two
-// orders has the smaller rounding bound: as written, or (a - b) - (am - bm), which is exact where
-// the teacher is close to the student (then each difference is of two nearby floats). The f32
-// difference of x^s and x^t would carry their rounding, first order in the divergences there
-// (WGSL has no f64; the CUDA kernel takes these differences in f64).
-fn logit_gap(a: f32, am: f32, b: f32, bm: f32) -> f32 {
-    let x = a - am;
-    let y = b - bm;
-    let u = a - b;
-    let v = am - bm;
-    return select(x - y, u - v, abs(u) + abs(v) < abs(x) + abs(y));
-}
 
 // common.wgsl's stats_push and stats_combine with dz's exponent gaps from logit_gap.
 fn dkd_push(st: RowStats, s: f32, t: f32, inv_t: f32) -> RowStats {
@@ -139,17 +126,6 @@ fn dkd_reduce(lid: u32, inv_t: f32) -> RowStats {
     return r;
 }
 
-// 1 / (1 + e^-x) without overflow (exp of a non-positive argument only).
-fn sigmoid_f32(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
-
-// log(1 + e^x) without overflow or cancellation.
-fn softplus_f32(x: f32) -> f32 {
-    return max(x, 0.0) + log1p_f32(exp(-abs(x)));
-}
-
 @compute @workgroup_size(256)
 fn dkd(
     @builtin(local_invocation_index) lid: u32,
@@ -211,18 +187,9 @@ fn dkd(
     let d_t = lzt - (ty - rs.mt) * p.inv_t;
     let e = dlz - logit_gap(sy, rs.ms, ty, rs.mt) * p.inv_t;
     let d_s = lzs - (sy - rs.ms) * p.inv_t; // directly: d_t + e would cancel where both are large
-    let qg = sigmoid_f32(-d_t);
-    let qr = sigmoid_f32(d_t);
-    let pg = sigmoid_f32(-d_s);
-    let pr = sigmoid_f32(d_s);
-    var ug = softplus_f32(d_t) - softplus_f32(d_s);
-    var ur = softplus_f32(-d_t) - softplus_f32(-d_s);
-    if (abs(e) < 0.5) {
-        ug = -log1p_f32(qr * expm1_f32(e));
-        ur = -log1p_f32(qg * expm1_f32(-e));
-    }
-    let tckd = kl_term(qg, pg, ug) + kl_term(qr, pr, ur);
-    let gap = select(-gap_pq(qr, pr, ur), gap_pq(qg, pg, ug), qg <= qr); // p_g - q_g
+    let bins = dkd_bins(d_s, d_t, e);
+    let tckd = bins.x;
+    let gap = bins.y; // p_g - q_g
     let ktc = k * temp * p.tckd_weight * gap;
     let knc = k * temp * p.nckd_weight;
     let kce = k * p.ce_weight;

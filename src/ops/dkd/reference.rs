@@ -30,7 +30,7 @@ use crate::ops::softmax::reference::{all_finite, log_softmax_row};
 use crate::ops::{masked, reduction_factor, RowLossResult};
 
 /// `log(1 + e^x)` without overflow or cancellation.
-fn softplus(x: f64) -> f64 {
+pub(crate) fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 

@@ -23,6 +23,7 @@
 //! `KL(q||p) = Af / T + Zt log Zs`, `KL(p||q) = Ar / (T Zs) - log Zs`.
 
 use super::{Shard, ShardedSpec, Sum, JSD_TERMS, MAXIMA, STATS, SUMS};
+use crate::ops::dkd::reference::softplus;
 use crate::ops::{Divergence, RowLossResult, TeacherInput};
 
 /// A given teacher's `log q` from its value (`ln q` of a probability, a log-probability as is).
@@ -208,10 +209,6 @@ fn sigmoid(x: f64) -> f64 {
     } else {
         e / (1.0 + e)
     }
-}
-
-fn softplus(x: f64) -> f64 {
-    x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
 /// `q phi(u)`, `phi(u) = e^u - 1 - u`, with `u = log p - log q` (`(p - q) - q u` where

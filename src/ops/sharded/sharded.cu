@@ -163,29 +163,9 @@ __device__ __forceinline__ ShardedRow sharded_row(const float* stats, u32 rows, 
     return g;
 }
 
-__device__ __forceinline__ double sharded_sigmoid(double x) {
-    const double e = exp(-fabs(x));
-    return x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
-}
-
-__device__ __forceinline__ double sharded_softplus64(double x) {
-    return fmax(x, 0.0) + log1p(exp(-fabs(x)));
-}
-
-// q phi(u), u = log p - log q ((p - q) - q u where |u| >= 1): a forward-KL term.
-__device__ __forceinline__ double sharded_kl_term(double q, double p, double u) {
-    if (q == 0.0) return p;
-    return fabs(u) < 1.0 ? q * (expm1(u) - u) : (p - q) - q * u;
-}
-
-// p - q, from q expm1(u) where they are close.
-__device__ __forceinline__ double sharded_gap_pq(double q, double p, double u) {
-    return q == 0.0 || fabs(u) >= 0.5 ? p - q : q * expm1(u);
-}
-
 // DKD's row constants (in f64) from its rest-of-row stats: TCKD, p_y - q_y and CE's log Zs1 of the
 // whole row relative to the rest's m_s, from the log-odds of the rest D = log Z_rest - x_y
-// (src/ops/sharded/reference.rs, tckd).
+// (common.cuh's dkd_binary, as dkd.cu).
 struct ShardedDkd {
     float tckd, gap, log_zs1;
 };
@@ -198,19 +178,11 @@ __device__ __forceinline__ ShardedDkd sharded_dkd(const float* stats, u32 rows, 
     const double a = log((double)z[1]), b = sy - ms;
     const double d_s = log(zs) + (ms - sy) / t, d_t = log(zt) + (mt - ty) / t;
     const double e = ratio + ((ms - sy) - (mt - ty)) / t;
-    const double qg = sharded_sigmoid(-d_t), qr = sharded_sigmoid(d_t);
-    const double pg = sharded_sigmoid(-d_s), pr = sharded_sigmoid(d_s);
-    double ug, ur;
-    if (fabs(e) < 0.5) {
-        ug = -log1p(qr * expm1(e));
-        ur = -log1p(qg * expm1(-e));
-    } else {
-        ug = sharded_softplus64(d_t) - sharded_softplus64(d_s);
-        ur = sharded_softplus64(-d_t) - sharded_softplus64(-d_s);
-    }
+    double tckd, gap;
+    dkd_binary(d_t, d_s, e, tckd, gap);
     ShardedDkd d;
-    d.tckd = (float)(sharded_kl_term(qg, pg, ug) + sharded_kl_term(qr, pr, ur));
-    d.gap = (float)(qg <= qr ? sharded_gap_pq(qg, pg, ug) : -sharded_gap_pq(qr, pr, ur));
+    d.tckd = (float)tckd;
+    d.gap = (float)gap;
     d.log_zs1 = (float)(fmax(a, b) + log1p(exp(-fabs(a - b))));
     return d;
 }
@@ -349,7 +321,9 @@ extern "C" __global__ void sharded_loss_and_grad(const float* student, const flo
             } else {
                 float lp, dq, p, q;
                 sharded_elem(g, s, teacher[base + j], inv_t, temperature, 0u, &lp, &dq, &p, &q);
-                part += (double)w_div_t2 * sharded_kl_term(q, p, -dq);
+                double term, unused;
+                dkd_term_gap(q, p, -dq, term, unused);  // q phi(log p - log q), common.cuh
+                part += (double)w_div_t2 * term;
                 gs += k_div * (p - q) - k * temperature * beta * dk.gap * p;
             }
         } else if (with_t) {

@@ -286,10 +286,6 @@ fn globals(r: u32) -> Globals {
     );
 }
 
-fn softplus_f32(z: f32) -> f32 {
-    return max(z, 0.0) + log1p_f32(exp(-abs(z)));
-}
-
 // JSD's per-element (log q - log M, log p - log M, c) from dq = log q - log p (as divergence.cu's
 // jsd_logs): -log1p((1-beta) expm1(dl)), -log1p(beta expm1(-dl)) with dl = -dq (softplus forms
 // where the argument is below -1/2), and the divergence's term c = beta q lq_m + (1-beta) p lp_m,
@@ -324,22 +320,6 @@ fn jsd_parts(dq: f32, pv: f32, q: f32) -> vec3<f32> {
     return vec3<f32>(lq_m, lp_m, c);
 }
 
-// 1 / (1 + e^-x) without overflow.
-fn sigmoid_f32(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
-
-// x^s - x^t times T, (a - am) - (b - bm), in whichever of two orders has the smaller rounding
-// bound (as dkd.wgsl's logit_gap).
-fn logit_gap(a: f32, am: f32, b: f32, bm: f32) -> f32 {
-    let x = a - am;
-    let y = b - bm;
-    let u = a - b;
-    let v = am - bm;
-    return select(x - y, u - v, abs(u) + abs(v) < abs(x) + abs(y));
-}
-
 // DKD's row constants from its rest-of-row globals: (TCKD, p_y - q_y, CE's log Zs1 of the whole
 // row relative to the rest's m_s). The binary distributions from the log-odds of the rest
 // D = log Z_rest - x_y: q_y = sigmoid(-D_t), and e = D_s - D_t = log(Zs/Zt) - (x^s_y - x^t_y)
@@ -354,19 +334,8 @@ fn dkd_row(r: u32, g: Globals) -> vec3<f32> {
     let d_s = g.log_zs + (g.ms - sy) * p.inv_t;
     let d_t = g.log_zt + (g.mt - ty) * p.inv_t;
     let e = g.ratio - logit_gap(sy, g.ms, ty, g.mt) * p.inv_t;
-    let qg = sigmoid_f32(-d_t);
-    let qr = sigmoid_f32(d_t);
-    let pg = sigmoid_f32(-d_s);
-    let pr = sigmoid_f32(d_s);
-    var ug = softplus_f32(d_t) - softplus_f32(d_s);
-    var ur = softplus_f32(-d_t) - softplus_f32(-d_s);
-    if (abs(e) < 0.5) {
-        ug = -log1p_f32(qr * expm1_f32(e));
-        ur = -log1p_f32(qg * expm1_f32(-e));
-    }
-    let tckd = kl_term(qg, pg, ug) + kl_term(qr, pr, ur);
-    let gap = select(-gap_pq(qr, pr, ur), gap_pq(qg, pg, ug), qg <= qr);
-    return vec3<f32>(tckd, gap, log_zs1);
+    let bins = dkd_bins(d_s, d_t, e);
+    return vec3<f32>(bins.x, bins.y, log_zs1);
 }
 
 @compute @workgroup_size(256)
