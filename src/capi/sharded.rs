@@ -519,12 +519,13 @@ const _: () = assert!(DST_SHARDED_STATS == STATS);
 
 /// A device call's checked spec and the lengths of its arrays; the labels read back to the host
 /// (they are checked, and phase 2 counts the valid rows).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct DeviceCall {
+#[cfg(feature = "cuda")]
+struct DeviceCall<'a> {
+    backend: &'a crate::CudaBackend,
     spec: ShardedSpec,
     labels: Option<Vec<i32>>,
-    /// The teacher pointer the kernels get (NULL for cross-entropy).
-    teacher: *const f32,
+    /// The kernels' pointers (0 for an absent array; the teacher 0 for cross-entropy).
+    ptrs: crate::ops::sharded::cuda::DevicePtrs,
 }
 
 /// The checks of a device call that need no device: the spec, the required pointers, the
@@ -559,47 +560,101 @@ unsafe fn device_check(
     Ok((spec, teacher))
 }
 
-#[cfg(feature = "cuda")]
-impl DeviceCall {
+/// The arrays of a `dst_cuda_sharded_*` call: the three inputs, the other inputs (`extra`, for
+/// the aliasing check) and the outputs.
+struct DeviceArgs<'s> {
+    ctx: *const super::cuda::dst_cuda,
+    spec: *const DstShardedSpec,
+    student: *const f32,
+    teacher: *const f32,
+    labels: *const i32,
+    extra: &'s [Span<'s>],
+    outs: &'s [Span<'s>],
+}
+
+impl DeviceArgs<'_> {
+    /// Everything before a launch: [`device_check`], the context, the labels read back (the call
+    /// waits for the stream) and `phase`'s checks, with the combined stats (`stats`) and JSD
+    /// terms (`terms`) given or not. `grad_teacher`: whether the caller asks for the teacher's
+    /// gradient (refused for a given teacher and DKD).
+    ///
     /// # Safety
-    /// As [`device_check`]; `labels` NULL or `[n]` device memory of `b`'s device.
-    unsafe fn new(
-        b: &crate::CudaBackend,
-        spec: ShardedSpec,
-        teacher: *const f32,
-        labels: *const i32,
-    ) -> FfiResult<Self> {
-        let labels = match labels.is_null() {
+    /// `ctx` NULL or a live handle; `labels` NULL or `[n]` device memory of its device; `spec`
+    /// as [`device_check`].
+    #[cfg(feature = "cuda")]
+    unsafe fn open(
+        &self,
+        phase: crate::ops::sharded::Phase,
+        stats: bool,
+        terms: bool,
+        grad_teacher: bool,
+    ) -> FfiResult<DeviceCall<'_>> {
+        // SAFETY: the caller's contract.
+        let (spec, teacher) = unsafe {
+            device_check(
+                self.spec,
+                self.student,
+                self.teacher,
+                self.labels,
+                self.extra,
+                self.outs,
+            )?
+        };
+        if grad_teacher {
+            crate::sharded::check_teacher_grad(&spec, !teacher.is_null())?;
+        }
+        // SAFETY: the caller's contract.
+        let backend = unsafe { super::cuda::cuda_ref(self.ctx)? };
+        let (n, len) = (spec.shard.rows, spec.shard.len());
+        let labels = match self.labels.is_null() {
             true => None,
-            false => Some(b.copy_to_host::<i32>(labels as u64, spec.shard.rows)?),
+            false => Some(backend.copy_to_host::<i32>(self.labels as u64, n)?),
+        };
+        crate::ops::sharded::check_call(
+            &spec,
+            phase,
+            len,
+            (!teacher.is_null()).then_some(len),
+            labels.as_deref(),
+            stats.then_some(n * STATS),
+            terms.then_some(n * JSD_TERMS),
+        )?;
+        let ptrs = crate::ops::sharded::cuda::DevicePtrs {
+            student: self.student as u64,
+            teacher: teacher as u64,
+            labels: self.labels as u64,
         };
         Ok(DeviceCall {
+            backend,
             spec,
             labels,
-            teacher,
+            ptrs,
         })
     }
 
-    fn ptrs(
-        &self,
-        student: *const f32,
-        labels: *const i32,
-    ) -> crate::ops::sharded::cuda::DevicePtrs {
-        crate::ops::sharded::cuda::DevicePtrs {
-            student: student as u64,
-            teacher: self.teacher as u64,
-            labels: labels as u64,
-        }
+    /// Without the `cuda` feature: the host checks, then the error that says so.
+    ///
+    /// # Safety
+    /// As [`device_check`].
+    #[cfg(not(feature = "cuda"))]
+    unsafe fn unavailable(&self) -> FfiResult {
+        // SAFETY: the caller's contract.
+        unsafe {
+            device_check(
+                self.spec,
+                self.student,
+                self.teacher,
+                self.labels,
+                self.extra,
+                self.outs,
+            )?
+        };
+        non_null("ctx", self.ctx)?;
+        Err(Fail::new(
+            super::status::DST_ERR_UNAVAILABLE,
+            "backend cuda unavailable: this library was built without the `cuda` feature",
+        ))
     }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_unavailable(ctx: *const super::cuda::dst_cuda) -> FfiResult {
-    non_null("ctx", ctx)?;
-    Err(Fail::new(
-        super::status::DST_ERR_UNAVAILABLE,
-        "backend cuda unavailable: this library was built without the `cuda` feature",
-    ))
 }
 
 /// [`dst_cpu_sharded_stats`] on device memory (every array on the context's device; `spec` on
@@ -624,29 +679,27 @@ pub unsafe extern "C" fn dst_cuda_sharded_stats(
         // SAFETY: the caller's contract.
         let n = unsafe { spec.as_ref() }.map_or(0, |s| s.n);
         let outs = [("stats", stats_out as *const c_void, n * STATS * 4)];
-        // SAFETY: the caller's contract.
-        let (spec, teacher) = unsafe { device_check(spec, student, teacher, labels, &[], &outs)? };
+        let args = DeviceArgs {
+            ctx,
+            spec,
+            student,
+            teacher,
+            labels,
+            extra: &[],
+            outs: &outs,
+        };
         #[cfg(feature = "cuda")]
         {
+            use crate::ops::sharded::Phase;
             // SAFETY: the caller's contract.
-            let b = unsafe { super::cuda::cuda_ref(ctx)? };
-            // SAFETY: the caller's contract.
-            let c = unsafe { DeviceCall::new(b, spec, teacher, labels)? };
-            crate::ops::sharded::check_call(
-                &c.spec,
-                crate::ops::sharded::Phase::Stats,
-                c.spec.shard.len(),
-                (!teacher.is_null()).then_some(c.spec.shard.len()),
-                c.labels.as_deref(),
-                None,
-                None,
-            )?;
-            Ok(b.sharded_stats_raw(&c.spec, c.ptrs(student, labels), stats_out as u64)?)
+            let c = unsafe { args.open(Phase::Stats, false, false, false)? };
+            Ok(c.backend
+                .sharded_stats_raw(&c.spec, c.ptrs, stats_out as u64)?)
         }
         #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (spec, teacher);
-            cuda_unavailable(ctx)
+        // SAFETY: the caller's contract.
+        unsafe {
+            args.unavailable()
         }
     })
 }
@@ -672,35 +725,31 @@ pub unsafe extern "C" fn dst_cuda_sharded_jsd_terms(
         let n = unsafe { spec.as_ref() }.map_or(0, |s| s.n);
         let extra = [("global_stats", global_stats as *const c_void, n * STATS * 4)];
         let outs = [("terms", terms_out as *const c_void, n * JSD_TERMS * 4)];
-        // SAFETY: the caller's contract.
-        let (spec, teacher) =
-            unsafe { device_check(spec, student, teacher, labels, &extra, &outs)? };
+        let args = DeviceArgs {
+            ctx,
+            spec,
+            student,
+            teacher,
+            labels,
+            extra: &extra,
+            outs: &outs,
+        };
         #[cfg(feature = "cuda")]
         {
+            use crate::ops::sharded::Phase;
             // SAFETY: the caller's contract.
-            let b = unsafe { super::cuda::cuda_ref(ctx)? };
-            // SAFETY: the caller's contract.
-            let c = unsafe { DeviceCall::new(b, spec, teacher, labels)? };
-            crate::ops::sharded::check_call(
+            let c = unsafe { args.open(Phase::JsdTerms, true, false, false)? };
+            Ok(c.backend.sharded_jsd_terms_raw(
                 &c.spec,
-                crate::ops::sharded::Phase::JsdTerms,
-                c.spec.shard.len(),
-                Some(c.spec.shard.len()),
-                c.labels.as_deref(),
-                Some(n * STATS),
-                None,
-            )?;
-            Ok(b.sharded_jsd_terms_raw(
-                &c.spec,
-                c.ptrs(student, labels),
+                c.ptrs,
                 global_stats as u64,
                 terms_out as u64,
             )?)
         }
         #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (spec, teacher);
-            cuda_unavailable(ctx)
+        // SAFETY: the caller's contract.
+        unsafe {
+            args.unavailable()
         }
     })
 }
@@ -744,29 +793,23 @@ pub unsafe extern "C" fn dst_cuda_sharded_loss_and_grad(
             ("grad_student", grad_student as *const c_void, len * 4),
             ("grad_teacher", grad_teacher as *const c_void, len * 4),
         ];
-        // SAFETY: the caller's contract.
-        let (spec, teacher) =
-            unsafe { device_check(spec, student, teacher, labels, &extra, &outs)? };
-        if !grad_teacher.is_null() {
-            crate::sharded::check_teacher_grad(&spec, !teacher.is_null())?;
-        }
+        let args = DeviceArgs {
+            ctx,
+            spec,
+            student,
+            teacher,
+            labels,
+            extra: &extra,
+            outs: &outs,
+        };
         #[cfg(feature = "cuda")]
         {
             use crate::backend::Backend;
+            use crate::ops::sharded::Phase;
+            let (terms, wants_t) = (!jsd_terms.is_null(), !grad_teacher.is_null());
             // SAFETY: the caller's contract.
-            let b = unsafe { super::cuda::cuda_ref(ctx)? };
-            // SAFETY: the caller's contract.
-            let c = unsafe { DeviceCall::new(b, spec, teacher, labels)? };
-            crate::ops::sharded::check_call(
-                &c.spec,
-                crate::ops::sharded::Phase::LossAndGrad,
-                c.spec.shard.len(),
-                (!teacher.is_null()).then_some(c.spec.shard.len()),
-                c.labels.as_deref(),
-                Some(n * STATS),
-                (!jsd_terms.is_null()).then_some(n * JSD_TERMS),
-            )?;
-            let scale = c.spec.scale(c.labels.as_deref());
+            let c = unsafe { args.open(Phase::LossAndGrad, true, terms, wants_t)? };
+            let (b, scale) = (c.backend, c.spec.scale(c.labels.as_deref()));
             let scratch;
             let rows = if row_loss.is_null() {
                 scratch = b.filled(n, f32::NAN)?;
@@ -776,7 +819,7 @@ pub unsafe extern "C" fn dst_cuda_sharded_loss_and_grad(
             };
             b.sharded_loss_and_grad_raw(
                 &c.spec,
-                c.ptrs(student, labels),
+                c.ptrs,
                 global_stats as u64,
                 jsd_terms as u64,
                 rows,
@@ -791,9 +834,9 @@ pub unsafe extern "C" fn dst_cuda_sharded_loss_and_grad(
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (spec, teacher);
-            cuda_unavailable(ctx)
+        // SAFETY: the caller's contract.
+        unsafe {
+            args.unavailable()
         }
     })
 }
