@@ -24,7 +24,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::error::Result;
 use crate::loss::LossAndGrad;
 use crate::ops::sharded::{
-    self, check_call, reference, Phase, Shard, ShardedLoss, ShardedSpec, JSD_TERMS, STATS,
+    self, check_host_call, reference, Phase, Shard, ShardedLoss, ShardedSpec, JSD_TERMS, STATS,
 };
 use crate::ops::{check_finite, Divergence, Reduction, TeacherInput, IGNORE_INDEX};
 
@@ -131,19 +131,8 @@ impl ShardedBackend for CpuBackend {
         labels: Option<&[i32]>,
         stats: &mut [f32],
     ) -> Result<()> {
-        check_call(
-            spec,
-            Phase::Stats,
-            student.len(),
-            teacher.map(<[f32]>::len),
-            labels,
-            None,
-            None,
-        )?;
+        check_host_call(spec, Phase::Stats, student, teacher, labels, None, None)?;
         spec.shard.check("stats", stats.len(), STATS)?;
-        if let Some(t) = teacher {
-            spec.check_reverse_kl_support(t, labels)?;
-        }
         let t = teacher.map(wide);
         store(
             stats,
@@ -161,13 +150,13 @@ impl ShardedBackend for CpuBackend {
         global: &[f32],
         terms: &mut [f32],
     ) -> Result<()> {
-        check_call(
+        check_host_call(
             spec,
             Phase::JsdTerms,
-            student.len(),
-            Some(teacher.len()),
+            student,
+            Some(teacher),
             labels,
-            Some(global.len()),
+            Some(global),
             None,
         )?;
         spec.shard.check("JSD terms", terms.len(), JSD_TERMS)?;
@@ -186,19 +175,16 @@ impl ShardedBackend for CpuBackend {
         jsd: Option<&[f32]>,
         out: ShardedOut<'_>,
     ) -> Result<f32> {
-        check_call(
+        check_host_call(
             spec,
             Phase::LossAndGrad,
-            student.len(),
-            teacher.map(<[f32]>::len),
+            student,
+            teacher,
             labels,
-            Some(global.len()),
-            jsd.map(<[f32]>::len),
+            Some(global),
+            jsd,
         )?;
         check_out(spec, teacher.is_some(), &out)?;
-        if let Some(t) = teacher {
-            spec.check_reverse_kl_support(t, labels)?;
-        }
         let t = teacher.map(wide);
         let j = jsd.map(wide);
         let r = reference::loss_and_grad(
@@ -298,28 +284,29 @@ impl ShardedKdLoss {
         }
     }
 
-    /// The opt-in value checks, and (always, as the unsharded host API) reverse KL's check that
-    /// a given teacher has no probability of exactly 0.
+    /// The call's checks before anything is allocated ([`sharded::check_host_call`]: the spec,
+    /// every length, the labels, reverse KL's support), then the opt-in value checks.
+    #[allow(clippy::too_many_arguments)]
     fn check_inputs(
         &self,
         spec: &ShardedSpec,
+        phase: Phase,
         student: &[f32],
         teacher: Option<&[f32]>,
         labels: Option<&[i32]>,
+        global: Option<&[f32]>,
+        jsd: Option<&[f32]>,
     ) -> Result<()> {
-        let Some(t) = teacher.filter(|_| self.loss.needs_teacher()) else {
-            return if self.check_inputs {
-                check_finite("student", student)
-            } else {
-                Ok(())
-            };
-        };
-        if t.len() == student.len() && labels.is_none_or(|l| l.len() == spec.shard.rows) {
-            if self.check_inputs {
-                check_finite("student", student)?;
+        let teacher = teacher.filter(|_| self.loss.needs_teacher());
+        check_host_call(spec, phase, student, teacher, labels, global, jsd)?;
+        if self.check_inputs {
+            check_finite("student", student)?;
+            if let Some(t) = teacher {
                 spec.check_teacher_values(t, labels)?;
             }
-            spec.check_reverse_kl_support(t, labels)?;
+            if let Some(g) = global.filter(|_| phase == Phase::LossAndGrad) {
+                spec.check_teacher_sums(g, labels)?;
+            }
         }
         Ok(())
     }
@@ -335,7 +322,7 @@ impl ShardedKdLoss {
         labels: Option<&[i32]>,
     ) -> Result<Vec<f32>> {
         let spec = self.spec(shard);
-        self.check_inputs(&spec, student, teacher, labels)?;
+        self.check_inputs(&spec, Phase::Stats, student, teacher, labels, None, None)?;
         let mut out = vec![f32::NAN; shard.rows * STATS];
         backend.sharded_stats(&spec, student, teacher, labels, &mut out)?;
         Ok(out)
@@ -364,7 +351,16 @@ impl ShardedKdLoss {
         global: &[f32],
     ) -> Result<Vec<f32>> {
         let spec = self.spec(shard);
-        self.check_inputs(&spec, student, Some(teacher), labels)?;
+        let phase = Phase::JsdTerms;
+        self.check_inputs(
+            &spec,
+            phase,
+            student,
+            Some(teacher),
+            labels,
+            Some(global),
+            None,
+        )?;
         let mut out = vec![f32::NAN; shard.rows * JSD_TERMS];
         backend.sharded_jsd_terms(&spec, student, teacher, labels, global, &mut out)?;
         Ok(out)
@@ -384,10 +380,8 @@ impl ShardedKdLoss {
         jsd: Option<&[f32]>,
     ) -> Result<LossAndGrad<f32, f32>> {
         let spec = self.spec(shard);
-        self.check_inputs(&spec, student, teacher, labels)?;
-        if self.check_inputs && global.len() == shard.rows * STATS {
-            spec.check_teacher_sums(global, labels)?;
-        }
+        let phase = Phase::LossAndGrad;
+        self.check_inputs(&spec, phase, student, teacher, labels, Some(global), jsd)?;
         let mut grad_student = vec![f32::NAN; shard.len()];
         let mut grad_teacher =
             (self.teacher_grad && teacher.is_some() && self.loss.needs_teacher())

@@ -36,7 +36,7 @@ use crate::ops::fused_linear::DEFAULT_MEMORY_BUDGET;
 use crate::ops::{
     FusedGrads, FusedLinearKd, Linear, Reduction, SparseTail, SparseValues, Teacher, Weighting,
 };
-use crate::{CpuBackend, FastCpuBackend};
+use crate::CpuBackend;
 
 /// `DstFusedLinearSpec::weighting`: Hinton's `alpha CE + (1 - alpha) T^2 D` (the crate's
 /// default; `alpha` is read, `weight_hard` and `weight_soft` are not).
@@ -585,17 +585,6 @@ impl FusedMemory for Device {
     }
 }
 
-/// The fast CPU backend on at most `threads` threads (0: one per core).
-fn fast(threads: i32) -> FfiResult<FastCpuBackend> {
-    if threads < 0 {
-        return Err(Fail::new(
-            DST_ERR_INVALID_ARGUMENT,
-            format!("threads = {threads}: pass 0 for one thread per core, or a positive maximum"),
-        ));
-    }
-    Ok(FastCpuBackend::new().with_threads(threads as usize))
-}
-
 /// The fused linear layer + distillation loss on host memory (the reference CPU backend;
 /// [`dst_fast_fused_linear_kd`] is the fast one): the student's logits `s = hidden weight^T (+
 /// bias)` and the teacher's, a chunk of rows at a time (never `[n, vocab]` at once), and `L =
@@ -699,7 +688,7 @@ pub unsafe extern "C" fn dst_fast_fused_linear_kd(
         grad_hidden_dtype, grad_weight, grad_weight_dtype, grad_bias, grad_bias_dtype,
         sparse: None };
     // SAFETY: this function's contract is `run`'s.
-    ffi(|| unsafe { args.run(&Host(fast(threads)?)) })
+    ffi(|| unsafe { args.run(&Host(super::host::fast_backend(threads)?)) })
 }
 
 /// [`dst_cpu_fused_linear_kd`] on device pointers of the context's device (every array and
@@ -859,7 +848,7 @@ pub unsafe extern "C" fn dst_fast_fused_linear_sparse_kd(
         sparse: Some(SparseTeacherArgs { k, indices: teacher_indices, values: teacher_values,
             values_dtype: teacher_values_dtype, values_code, tail_code }) };
     // SAFETY: this function's contract is `run`'s.
-    ffi(|| unsafe { args.run(&Host(fast(threads)?)) })
+    ffi(|| unsafe { args.run(&Host(super::host::fast_backend(threads)?)) })
 }
 
 /// [`dst_cpu_fused_linear_sparse_kd`] on device pointers of the context's device, as

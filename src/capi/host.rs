@@ -102,17 +102,20 @@ pub(super) struct HostBorrow {
 impl HostBorrow {
     /// The backend; [`DST_ERR_INVALID_ARGUMENT`] for a negative thread count.
     fn backend(&self) -> FfiResult<FastCpuBackend> {
-        let threads = self.threads;
-        if threads < 0 {
-            return Err(Fail::new(
-                DST_ERR_INVALID_ARGUMENT,
-                format!(
-                    "threads = {threads}: pass 0 for one thread per core, or a positive maximum"
-                ),
-            ));
-        }
-        Ok(FastCpuBackend::new().with_threads(threads as usize))
+        fast_backend(self.threads)
     }
+}
+
+/// The fast CPU backend on at most `threads` threads (0: one per core); a negative count is
+/// [`DST_ERR_INVALID_ARGUMENT`] (every `dst_fast_*` entry point).
+pub(super) fn fast_backend(threads: i32) -> FfiResult<FastCpuBackend> {
+    if threads < 0 {
+        return Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!("threads = {threads}: pass 0 for one thread per core, or a positive maximum"),
+        ));
+    }
+    Ok(FastCpuBackend::new().with_threads(threads as usize))
 }
 
 /// A host slice of `len` elements.

@@ -14,7 +14,7 @@ use crate::ops::sharded::{
     STATS,
 };
 use crate::sharded::{ShardedBackend, ShardedOut};
-use crate::{CpuBackend, FastCpuBackend};
+use crate::CpuBackend;
 
 /// `DstShardedSpec::loss`: `T^2 D(q || p)` for the divergence `divergence` (labels optional).
 pub const DST_SHARDED_DIVERGENCE: i32 = 0;
@@ -239,7 +239,10 @@ pub unsafe extern "C" fn dst_fast_sharded_stats(
     labels: *const i32,
     stats_out: *mut f32,
 ) -> i32 {
-    let b = FastCpuBackend::new().with_threads(threads.max(0) as usize);
+    let b = match super::host::fast_backend(threads) {
+        Ok(b) => b,
+        Err(e) => return ffi(|| Err(e)),
+    };
     // SAFETY: this function's contract.
     unsafe { stats(&b, spec, student, teacher, labels, stats_out) }
 }
@@ -262,7 +265,21 @@ pub unsafe extern "C" fn dst_sharded_rescale_stats(
         non_null("stats", stats)?;
         non_null("global_maxima", global_maxima)?;
         crate::ops::check_temperature(temperature)?;
-        // SAFETY: the caller's contract.
+        let len = n.checked_mul(STATS * 4).ok_or_else(|| {
+            Fail::new(
+                DST_ERR_INVALID_ARGUMENT,
+                format!("n = {n} rows of stats overflow the address space"),
+            )
+        })?;
+        check_no_alias(
+            &[(
+                "global_maxima",
+                global_maxima as *const c_void,
+                n * MAXIMA * 4,
+            )],
+            &[("stats", stats as *const c_void, len)],
+        )?;
+        // SAFETY: the caller's contract; the two arrays do not overlap (checked).
         let (s, g) = unsafe {
             (
                 slice_mut(stats, n * STATS),
@@ -379,7 +396,10 @@ pub unsafe extern "C" fn dst_fast_sharded_jsd_terms(
     global_stats: *const f32,
     terms_out: *mut f32,
 ) -> i32 {
-    let b = FastCpuBackend::new().with_threads(threads.max(0) as usize);
+    let b = match super::host::fast_backend(threads) {
+        Ok(b) => b,
+        Err(e) => return ffi(|| Err(e)),
+    };
     // SAFETY: this function's contract.
     unsafe { jsd_terms(&b, spec, student, teacher, labels, global_stats, terms_out) }
 }
@@ -492,7 +512,10 @@ pub unsafe extern "C" fn dst_fast_sharded_loss_and_grad(
     grad_student: *mut f32,
     grad_teacher: *mut f32,
 ) -> i32 {
-    let b = FastCpuBackend::new().with_threads(threads.max(0) as usize);
+    let b = match super::host::fast_backend(threads) {
+        Ok(b) => b,
+        Err(e) => return ffi(|| Err(e)),
+    };
     // SAFETY: this function's contract.
     unsafe {
         loss_and_grad(
@@ -528,22 +551,17 @@ struct DeviceCall<'a> {
     ptrs: crate::ops::sharded::cuda::DevicePtrs,
 }
 
-/// The checks of a device call that need no device: the spec, the required pointers, the
-/// aliasing of `outs` with the inputs (`extra` inputs beside student, teacher, labels).
-///
-/// # Safety
-/// `spec` NULL or a valid host `DstShardedSpec`.
-unsafe fn device_check(
-    spec: *const DstShardedSpec,
+/// The checks of a device call that need no device: the required pointers, the aliasing of
+/// `outs` with the inputs (`extra` inputs beside student, teacher, labels); returns the teacher
+/// pointer the kernels get (NULL for cross-entropy).
+fn device_check(
+    spec: &ShardedSpec,
     student: *const f32,
     teacher: *const f32,
     labels: *const i32,
     extra: &[Span<'_>],
     outs: &[Span<'_>],
-) -> FfiResult<(ShardedSpec, *const f32)> {
-    non_null("spec", spec)?;
-    // SAFETY: non-null and the caller's contract.
-    let spec = unsafe { *spec }.spec()?;
+) -> FfiResult<*const f32> {
     non_null("student", student)?;
     let teacher = if spec.loss.needs_teacher() {
         non_null("teacher", teacher)?;
@@ -554,17 +572,27 @@ unsafe fn device_check(
     if spec.loss.needs_labels() {
         non_null("labels", labels)?;
     }
-    let mut ins = input_spans(&spec, student, teacher, labels);
+    let mut ins = input_spans(spec, student, teacher, labels);
     ins.extend_from_slice(extra);
     check_no_alias(&ins, outs)?;
-    Ok((spec, teacher))
+    Ok(teacher)
+}
+
+/// A device call's host spec, checked first: its validated sizes bound every array's.
+///
+/// # Safety
+/// `spec` NULL or a valid host `DstShardedSpec`.
+unsafe fn device_spec(spec: *const DstShardedSpec) -> FfiResult<ShardedSpec> {
+    non_null("spec", spec)?;
+    // SAFETY: non-null and the caller's contract.
+    unsafe { *spec }.spec()
 }
 
 /// The arrays of a `dst_cuda_sharded_*` call: the three inputs, the other inputs (`extra`, for
 /// the aliasing check) and the outputs.
 struct DeviceArgs<'s> {
     ctx: *const super::cuda::dst_cuda,
-    spec: *const DstShardedSpec,
+    spec: ShardedSpec,
     student: *const f32,
     teacher: *const f32,
     labels: *const i32,
@@ -579,8 +607,7 @@ impl DeviceArgs<'_> {
     /// gradient (refused for a given teacher and DKD).
     ///
     /// # Safety
-    /// `ctx` NULL or a live handle; `labels` NULL or `[n]` device memory of its device; `spec`
-    /// as [`device_check`].
+    /// `ctx` NULL or a live handle; `labels` NULL or `[n]` device memory of its device.
     #[cfg(feature = "cuda")]
     unsafe fn open(
         &self,
@@ -589,17 +616,15 @@ impl DeviceArgs<'_> {
         terms: bool,
         grad_teacher: bool,
     ) -> FfiResult<DeviceCall<'_>> {
-        // SAFETY: the caller's contract.
-        let (spec, teacher) = unsafe {
-            device_check(
-                self.spec,
-                self.student,
-                self.teacher,
-                self.labels,
-                self.extra,
-                self.outs,
-            )?
-        };
+        let spec = self.spec;
+        let teacher = device_check(
+            &spec,
+            self.student,
+            self.teacher,
+            self.labels,
+            self.extra,
+            self.outs,
+        )?;
         if grad_teacher {
             crate::sharded::check_teacher_grad(&spec, !teacher.is_null())?;
         }
@@ -633,22 +658,16 @@ impl DeviceArgs<'_> {
     }
 
     /// Without the `cuda` feature: the host checks, then the error that says so.
-    ///
-    /// # Safety
-    /// As [`device_check`].
     #[cfg(not(feature = "cuda"))]
-    unsafe fn unavailable(&self) -> FfiResult {
-        // SAFETY: the caller's contract.
-        unsafe {
-            device_check(
-                self.spec,
-                self.student,
-                self.teacher,
-                self.labels,
-                self.extra,
-                self.outs,
-            )?
-        };
+    fn unavailable(&self) -> FfiResult {
+        device_check(
+            &self.spec,
+            self.student,
+            self.teacher,
+            self.labels,
+            self.extra,
+            self.outs,
+        )?;
         non_null("ctx", self.ctx)?;
         Err(Fail::new(
             super::status::DST_ERR_UNAVAILABLE,
@@ -675,9 +694,10 @@ pub unsafe extern "C" fn dst_cuda_sharded_stats(
     stats_out: *mut f32,
 ) -> i32 {
     ffi(|| {
-        non_null("stats", stats_out)?;
         // SAFETY: the caller's contract.
-        let n = unsafe { spec.as_ref() }.map_or(0, |s| s.n);
+        let spec = unsafe { device_spec(spec)? };
+        non_null("stats", stats_out)?;
+        let n = spec.shard.rows;
         let outs = [("stats", stats_out as *const c_void, n * STATS * 4)];
         let args = DeviceArgs {
             ctx,
@@ -697,10 +717,7 @@ pub unsafe extern "C" fn dst_cuda_sharded_stats(
                 .sharded_stats_raw(&c.spec, c.ptrs, stats_out as u64)?)
         }
         #[cfg(not(feature = "cuda"))]
-        // SAFETY: the caller's contract.
-        unsafe {
-            args.unavailable()
-        }
+        args.unavailable()
     })
 }
 
@@ -719,10 +736,11 @@ pub unsafe extern "C" fn dst_cuda_sharded_jsd_terms(
     terms_out: *mut f32,
 ) -> i32 {
     ffi(|| {
+        // SAFETY: the caller's contract.
+        let spec = unsafe { device_spec(spec)? };
         non_null("global_stats", global_stats)?;
         non_null("terms", terms_out)?;
-        // SAFETY: the caller's contract.
-        let n = unsafe { spec.as_ref() }.map_or(0, |s| s.n);
+        let n = spec.shard.rows;
         let extra = [("global_stats", global_stats as *const c_void, n * STATS * 4)];
         let outs = [("terms", terms_out as *const c_void, n * JSD_TERMS * 4)];
         let args = DeviceArgs {
@@ -747,10 +765,7 @@ pub unsafe extern "C" fn dst_cuda_sharded_jsd_terms(
             )?)
         }
         #[cfg(not(feature = "cuda"))]
-        // SAFETY: the caller's contract.
-        unsafe {
-            args.unavailable()
-        }
+        args.unavailable()
     })
 }
 
@@ -779,11 +794,12 @@ pub unsafe extern "C" fn dst_cuda_sharded_loss_and_grad(
     grad_teacher: *mut f32,
 ) -> i32 {
     ffi(|| {
+        // SAFETY: the caller's contract.
+        let spec = unsafe { device_spec(spec)? };
         non_null("global_stats", global_stats)?;
         non_null("loss", loss)?;
         non_null("grad_student", grad_student)?;
-        // SAFETY: the caller's contract.
-        let (n, len) = unsafe { spec.as_ref() }.map_or((0, 0), |s| (s.n, s.n * s.width));
+        let (n, len) = (spec.shard.rows, spec.shard.len());
         let extra = [
             ("global_stats", global_stats as *const c_void, n * STATS * 4),
             ("jsd_terms", jsd_terms as *const c_void, n * JSD_TERMS * 4),
@@ -834,9 +850,6 @@ pub unsafe extern "C" fn dst_cuda_sharded_loss_and_grad(
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
-        // SAFETY: the caller's contract.
-        unsafe {
-            args.unavailable()
-        }
+        args.unavailable()
     })
 }

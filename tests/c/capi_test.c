@@ -552,6 +552,18 @@ int main(void) {
             expect_ok("sharded_combine", dst_sharded_combine_stats(N, 2, 2.0f, &st[0][0], global));
             /* The distributed recipe: MAX of the maxima planes, rescale each, SUM of the sums planes. */
             for (size_t i = 0; i < N * 2; i++) gm[i] = fmaxf(st[0][i], st[1][i]);
+            /* The maxima plane rescaled in place (global_maxima overlapping stats), a SUM instead of a
+               MAX (a global maximum below the shard's) and a negative thread count are errors. */
+            expect_err("sharded_rescale_alias", dst_sharded_rescale_stats(N, 2.0f, st[0], st[0]), DST_ERR_ALIAS);
+            {
+                float low[N * 2];
+                for (size_t i = 0; i < N * 2; i++) low[i] = st[0][i] - 1.0f;
+                expect_err("sharded_rescale_below", dst_sharded_rescale_stats(N, 2.0f, st[0], low), DST_ERR_INPUT);
+                DstShardedSpec sp = {N, C, off[0], wid[0], DST_SHARDED_HINTON, 0, 0.5f, 0.3f, 2.0f, 0.1f, -100, 0,
+                                     1.0f, 0, 0.0f, 0.0f, 0.0f};
+                expect_err("sharded_negative_threads", dst_fast_sharded_stats(-1, &sp, ss[0], ts[0], labels, dist_global),
+                           DST_ERR_INVALID_ARGUMENT);
+            }
             for (int k = 0; k < 2; k++) expect_ok("sharded_rescale", dst_sharded_rescale_stats(N, 2.0f, st[k], gm));
             for (size_t i = 0; i < N * DST_SHARDED_STATS; i++) {
                 dist_global[i] = i < N * 2 ? gm[i] : st[0][i] + st[1][i];

@@ -730,6 +730,121 @@ fn given_floors(
     (row + 1e-6 * t * t * lc, grad + 1e-6 * k * t * lc)
 }
 
+/// Inputs the review found reaching a panic, an abort or a backend-dependent number: each is now
+/// an error before anything is allocated or launched.
+#[test]
+fn sizes_and_values_past_the_contract_are_errors() {
+    let b = CpuBackend::new();
+    let kd = ShardedKdLoss::hinton(2.0, 0.5);
+    // a vocabulary past int32 (the labels' type; the kernels index columns in 32 bits)
+    let big = i32::MAX as usize + 1;
+    let e = kd
+        .stats(
+            &b,
+            Shard::new(1, big, big - 1, 1),
+            &[0.0],
+            Some(&[0.0]),
+            Some(&[0]),
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Limit(_)), "{e}");
+    // a huge shard with empty slices: refused before its outputs are allocated
+    let e = kd
+        .stats(&b, Shard::new(1 << 40, 4, 0, 4), &[], Some(&[]), Some(&[]))
+        .unwrap_err();
+    assert!(matches!(e, Error::Limit(_)), "{e}");
+    let e = kd
+        .loss_and_grad(
+            &b,
+            Shard::new(1 << 30, 4, 0, 4),
+            &[],
+            Some(&[]),
+            Some(&[]),
+            &[],
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Limit(_) | Error::Shape { .. }), "{e}");
+    // width 0 and short labels with the opt-in checks and a given teacher
+    let rkl = ShardedKdLoss {
+        teacher: TeacherInput::Probs,
+        check_inputs: true,
+        ..ShardedKdLoss::divergence(Divergence::ReverseKl, 1.0)
+    };
+    let e = rkl
+        .stats(&b, Shard::new(2, 4, 0, 0), &[], Some(&[]), None)
+        .unwrap_err();
+    assert!(matches!(e, Error::Empty(_)), "{e}");
+    let t = [0.25f32; 8];
+    let e = rkl
+        .loss_and_grad(
+            &b,
+            Shard::new(2, 4, 0, 4),
+            &t,
+            Some(&t),
+            Some(&[0]),
+            &[0.0; 2 * STATS],
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { what: "labels", .. }), "{e}");
+    // DKD weights whose w T^2 would overflow f32
+    let e = ShardedKdLoss::dkd(1e4, 1.0, 1e7)
+        .stats(
+            &b,
+            Shard::new(1, 4, 0, 4),
+            &[0.0; 4],
+            Some(&[0.0; 4]),
+            Some(&[0]),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Param {
+                name: "nckd_weight",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // global maxima below a shard's own (an all-reduce SUM of negative maxima, say)
+    let st = kd
+        .stats(
+            &b,
+            Shard::new(1, 4, 0, 4),
+            &[1.0, 2.0, 3.0, 4.0],
+            Some(&[0.0; 4]),
+            Some(&[0]),
+        )
+        .unwrap();
+    let mut local = st.clone();
+    let e = kd.rescale_stats(&mut local, &[3.0, 0.0]).unwrap_err();
+    assert!(e.to_string().contains("all-reduce MAX"), "{e}");
+    let e = kd.rescale_stats(&mut local, &[f32::NAN, 0.0]).unwrap_err();
+    assert!(matches!(e, Error::Input { .. }), "{e}");
+    // reverse KL against a given zero probability: an error on every host backend, called
+    // directly (not only through ShardedKdLoss)
+    let spec = ShardedKdLoss {
+        teacher: TeacherInput::Probs,
+        ..ShardedKdLoss::divergence(Divergence::ReverseKl, 1.0)
+    }
+    .spec(Shard::new(1, 4, 0, 4));
+    let t = [0.5f32, 0.5, 0.0, 0.0];
+    let mut out = vec![0.0; STATS];
+    let fast = FastCpuBackend::new();
+    let mut backends: Vec<(&str, &dyn ShardedBackend)> = vec![("reference", &b), ("fast", &fast)];
+    if let Some(w) = common::wgpu() {
+        backends.push(("wgpu", w));
+    }
+    for (name, be) in backends {
+        let e = be
+            .sharded_stats(&spec, &[0.0; 4], Some(&t), None, &mut out)
+            .unwrap_err();
+        assert!(e.to_string().contains("probability 0"), "{name}: {e}");
+    }
+}
+
 /// One given-teacher case: forward KL, reverse KL, JSD and Hinton on the reference, the fast CPU
 /// backend (1 and 3 threads) and wgpu (refused above T = 30), both combines. Reverse KL with a
 /// zero probability in an unmasked row must be an error naming it, on every backend.

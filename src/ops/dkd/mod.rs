@@ -116,13 +116,19 @@ impl DkdSpec {
     }
 }
 
+/// The largest DKD weight accepted.
+pub(crate) const MAX_WEIGHT: f32 = 1e6;
+
 pub(crate) fn check_weight(name: &'static str, w: f32) -> Result<()> {
-    if !(w.is_finite() && w >= 0.0) {
+    // The bound keeps `w T^2` (T <= 1e4) finite in f32 on every backend: an overflow to `inf`
+    // would turn a zero KL term into NaN on the f32 kernels but not in the f64 reference.
+    if !(w.is_finite() && (0.0..=MAX_WEIGHT).contains(&w)) {
         return Err(Error::Param {
             name,
             value: w as f64,
-            hint: "DKD's weights must be finite and >= 0 (the paper: ce 1, tckd alpha = 1, \
-                   nckd beta = 8, each KD weight times the warm-up factor; 0 drops a term)",
+            hint: "DKD's weights must be in [0, 1e6] (the paper: ce 1, tckd alpha = 1, \
+                   nckd beta = 8, each KD weight times the warm-up factor; 0 drops a term; \
+                   scale the whole loss with grad_scale instead)",
         });
     }
     Ok(())

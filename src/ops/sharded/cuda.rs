@@ -1,7 +1,7 @@
 //! Launch of `sharded.cu` (one block of 256 threads per row) for the vocab-sharded losses on host
 //! slices ([`ShardedBackend`] for [`CudaBackend`]: upload, one launch, download, synchronised).
 
-use super::{check_call, Phase, ShardedSpec, JSD_TERMS, STATS};
+use super::{check_host_call, Phase, ShardedSpec, JSD_TERMS, STATS};
 use crate::backend::cuda::{config, inv, Arg, CudaBackend, CudaBuffer, CudaKernel, CudaSource};
 use crate::backend::Backend;
 use crate::error::Result;
@@ -192,15 +192,7 @@ impl ShardedBackend for CudaBackend {
         labels: Option<&[i32]>,
         stats: &mut [f32],
     ) -> Result<()> {
-        check_call(
-            spec,
-            Phase::Stats,
-            student.len(),
-            teacher.map(<[f32]>::len),
-            labels,
-            None,
-            None,
-        )?;
+        check_host_call(spec, Phase::Stats, student, teacher, labels, None, None)?;
         spec.shard.check("stats", stats.len(), STATS)?;
         let (s, t, lp, _l) = self.sharded_inputs(student, teacher, labels)?;
         let out = self.filled(stats.len(), f32::NAN)?;
@@ -223,13 +215,13 @@ impl ShardedBackend for CudaBackend {
         global: &[f32],
         terms: &mut [f32],
     ) -> Result<()> {
-        check_call(
+        check_host_call(
             spec,
             Phase::JsdTerms,
-            student.len(),
-            Some(teacher.len()),
+            student,
+            Some(teacher),
             labels,
-            Some(global.len()),
+            Some(global),
             None,
         )?;
         spec.shard.check("JSD terms", terms.len(), JSD_TERMS)?;
@@ -256,14 +248,14 @@ impl ShardedBackend for CudaBackend {
         jsd: Option<&[f32]>,
         out: ShardedOut<'_>,
     ) -> Result<f32> {
-        check_call(
+        check_host_call(
             spec,
             Phase::LossAndGrad,
-            student.len(),
-            teacher.map(<[f32]>::len),
+            student,
+            teacher,
             labels,
-            Some(global.len()),
-            jsd.map(<[f32]>::len),
+            Some(global),
+            jsd,
         )?;
         check_out(spec, teacher.is_some(), &out)?;
         let (s, t, lp, _l) = self.sharded_inputs(student, teacher, labels)?;

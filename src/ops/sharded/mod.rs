@@ -218,6 +218,13 @@ impl Shard {
                 self.offset, self.offset, self.width, self.classes
             )));
         }
+        if self.classes > i32::MAX as usize {
+            return Err(Error::Limit(format!(
+                "{} classes: the labels are int32, so the vocabulary must have at most 2^31 - 1 \
+                 classes",
+                self.classes
+            )));
+        }
         if self.rows.checked_mul(self.width.max(STATS)).is_none()
             || self.rows * self.width.max(STATS) > u32::MAX as usize
         {
@@ -535,6 +542,22 @@ pub fn rescale_stats(temperature: f32, stats: &mut [f64], global_maxima: &[f64])
         let m = &mut maxima[r * MAXIMA..(r + 1) * MAXIMA];
         let g = &global_maxima[r * MAXIMA..(r + 1) * MAXIMA];
         let z = &mut sums[r * SUMS..(r + 1) * SUMS];
+        // The global maxima are the MAX over every shard's, so never below this shard's (a SUM
+        // instead of a MAX, or another row's maxima, would overflow e^{d/T} silently).
+        for k in 0..MAXIMA {
+            if g[k] < m[k] || (g[k].is_nan() && !m[k].is_nan()) {
+                return Err(Error::Input {
+                    what: "global maxima",
+                    row: r,
+                    problem: format!(
+                        "the global maximum {} is below (or NaN beside) this shard's {}: \
+                         global_maxima must be the all-reduce MAX of every shard's maxima plane \
+                         (stats[..rows * 2]), not a SUM",
+                        g[k], m[k]
+                    ),
+                });
+            }
+        }
         if m[0] == f64::NEG_INFINITY && m[1] == f64::NEG_INFINITY {
             // DKD's shard that holds only the label's column: its rest is empty (sums 0).
             for c in [
@@ -655,6 +678,33 @@ pub enum Phase {
     JsdTerms,
     /// Phase 2: the shard's loss part and gradients.
     LossAndGrad,
+}
+
+/// [`check_call`] on host slices, then reverse KL's check that a given teacher has no
+/// probability of exactly 0 ([`ShardedSpec::check_reverse_kl_support`]): every host backend runs
+/// both, so that each accepts and refuses the same inputs.
+pub fn check_host_call(
+    spec: &ShardedSpec,
+    phase: Phase,
+    student: &[f32],
+    teacher: Option<&[f32]>,
+    labels: Option<&[i32]>,
+    global: Option<&[f32]>,
+    jsd: Option<&[f32]>,
+) -> Result<()> {
+    check_call(
+        spec,
+        phase,
+        student.len(),
+        teacher.map(<[f32]>::len),
+        labels,
+        global.map(<[f32]>::len),
+        jsd.map(<[f32]>::len),
+    )?;
+    match teacher {
+        Some(t) if phase != Phase::JsdTerms => spec.check_reverse_kl_support(t, labels),
+        _ => Ok(()),
+    }
 }
 
 /// Checks a sharded call's spec and inputs: the spec, the student's and teacher's lengths

@@ -4,7 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_call, Phase, ShardedSpec, JSD_TERMS, STATS};
+use super::{check_host_call, Phase, ShardedSpec, JSD_TERMS, STATS};
 use crate::backend::wgpu::dispatch::Window;
 use crate::backend::wgpu::pipelines::{Bind, WgslKernel};
 use crate::backend::wgpu::{uniform_layout, UniformLayout, WgpuBackend, WgpuBuffer, WgpuLabels};
@@ -201,15 +201,7 @@ impl ShardedBackend for WgpuBackend {
         labels: Option<&[i32]>,
         stats: &mut [f32],
     ) -> Result<()> {
-        check_call(
-            spec,
-            Phase::Stats,
-            student.len(),
-            teacher.map(<[f32]>::len),
-            labels,
-            None,
-            None,
-        )?;
+        check_host_call(spec, Phase::Stats, student, teacher, labels, None, None)?;
         check_size(self, spec)?;
         spec.shard.check("stats", stats.len(), STATS)?;
         let bufs = Bufs {
@@ -236,13 +228,13 @@ impl ShardedBackend for WgpuBackend {
         global: &[f32],
         terms: &mut [f32],
     ) -> Result<()> {
-        check_call(
+        check_host_call(
             spec,
             Phase::JsdTerms,
-            student.len(),
-            Some(teacher.len()),
+            student,
+            Some(teacher),
             labels,
-            Some(global.len()),
+            Some(global),
             None,
         )?;
         check_size(self, spec)?;
@@ -272,14 +264,14 @@ impl ShardedBackend for WgpuBackend {
         jsd: Option<&[f32]>,
         out: ShardedOut<'_>,
     ) -> Result<f32> {
-        check_call(
+        check_host_call(
             spec,
             Phase::LossAndGrad,
-            student.len(),
-            teacher.map(<[f32]>::len),
+            student,
+            teacher,
             labels,
-            Some(global.len()),
-            jsd.map(<[f32]>::len),
+            Some(global),
+            jsd,
         )?;
         check_out(spec, teacher.is_some(), &out)?;
         check_size(self, spec)?;

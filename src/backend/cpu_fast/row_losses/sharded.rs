@@ -18,7 +18,7 @@ use super::super::vmath::{self, select};
 use crate::error::Result;
 use crate::ops::sharded::reference::RowGlobals;
 use crate::ops::sharded::{
-    check_call, Phase, Shard, ShardedSpec, Sum, JSD_TERMS, MAXIMA, STATS, SUMS,
+    check_host_call, Phase, Shard, ShardedSpec, Sum, JSD_TERMS, MAXIMA, STATS, SUMS,
 };
 use crate::ops::{Divergence, TeacherInput};
 use crate::sharded::{check_out, ShardedOut};
@@ -472,19 +472,8 @@ impl crate::sharded::ShardedBackend for super::super::FastCpuBackend {
         labels: Option<&[i32]>,
         out: &mut [f32],
     ) -> Result<()> {
-        check_call(
-            spec,
-            Phase::Stats,
-            student.len(),
-            teacher.map(<[f32]>::len),
-            labels,
-            None,
-            None,
-        )?;
+        check_host_call(spec, Phase::Stats, student, teacher, labels, None, None)?;
         spec.shard.check("stats", out.len(), STATS)?;
-        if let Some(t) = teacher {
-            spec.check_reverse_kl_support(t, labels)?;
-        }
         stats(spec, student, teacher, labels, out, self.threads);
         Ok(())
     }
@@ -498,13 +487,13 @@ impl crate::sharded::ShardedBackend for super::super::FastCpuBackend {
         global: &[f32],
         out: &mut [f32],
     ) -> Result<()> {
-        check_call(
+        check_host_call(
             spec,
             Phase::JsdTerms,
-            student.len(),
-            Some(teacher.len()),
+            student,
+            Some(teacher),
             labels,
-            Some(global.len()),
+            Some(global),
             None,
         )?;
         spec.shard.check("JSD terms", out.len(), JSD_TERMS)?;
@@ -522,19 +511,16 @@ impl crate::sharded::ShardedBackend for super::super::FastCpuBackend {
         jsd: Option<&[f32]>,
         out: ShardedOut<'_>,
     ) -> Result<f32> {
-        check_call(
+        check_host_call(
             spec,
             Phase::LossAndGrad,
-            student.len(),
-            teacher.map(<[f32]>::len),
+            student,
+            teacher,
             labels,
-            Some(global.len()),
-            jsd.map(<[f32]>::len),
+            Some(global),
+            jsd,
         )?;
         check_out(spec, teacher.is_some(), &out)?;
-        if let Some(t) = teacher {
-            spec.check_reverse_kl_support(t, labels)?;
-        }
         let (losses, scale) = loss_and_grad(
             spec,
             student,
