@@ -230,8 +230,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
         if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
             raise TypeError("teacher_topk must be a pair (indices, values) of [..., k] tensors")
         indices, values = teacher_topk
-        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
-            raise TypeError("teacher_topk's indices must be an integer torch.Tensor")
+        if (not isinstance(indices, Tensor) or indices.dtype.is_floating_point
+                or indices.dtype.is_complex or indices.dtype == torch.bool):
+            raise TypeError("teacher_topk's indices must be an integer torch.Tensor of class "
+                            f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
         if not isinstance(values, Tensor) or values.shape != indices.shape or indices.dim() < 1:
             raise ValueError("teacher_topk's values must be a tensor of the indices' shape [..., k]")
         k = indices.shape[-1]

@@ -43,7 +43,7 @@ MAXIMA, SUMS = 2, 9
 STATS = MAXIMA + SUMS
 LOSSES = {"divergence": 0, "cross_entropy": 1, "hinton": 2, "dkd": 3}
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1, "none": 2}
+REDUCTIONS = {"batchmean": 0, "sum": 1, "none": 2}
 TEACHER_INPUTS = {"logits": 0, "probs": 1, "logprobs": 2}
 
 _F = ctypes.POINTER(ctypes.c_float)
@@ -124,13 +124,33 @@ def _shard(x: Tensor, name: str, device: Optional[torch.device] = None) -> Tenso
     return x
 
 
+_I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
 def _labels(labels: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
     if labels is None:
         return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int32, torch.int64) or labels.shape != (n,):
         raise ValueError(f"labels must be [{n}] int32 or int64 global classes, got "
                          f"{labels.dtype} {list(labels.shape)}")
-    return labels.detach().to(device=device, dtype=torch.int32).contiguous()
+    # Clamped first: an int64 label outside int32 stays out of range (an error) instead of
+    # wrapping to a valid class.
+    y = labels.detach().clamp(_I32_MIN, _I32_MAX)
+    return y.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _same_rows(t: Optional[Tensor], s: Tensor, name: str) -> None:
+    """A teacher shard must have the student shard's shape (the C side reads ``[n, width]``)."""
+    if t is not None and t.shape != s.shape:
+        raise ValueError(f"{name} has shape {list(t.shape)} but the student's shard "
+                         f"{list(s.shape)}: the teacher's shard covers the same rows and columns")
+
+
+def _numel(x: Tensor, want: int, name: str, what: str) -> None:
+    if x.numel() != want:
+        raise ValueError(f"{name} has {x.numel()} elements, expected {want} ({what})")
 
 
 def _call(kind: str, device: torch.device, *args) -> None:
@@ -171,6 +191,8 @@ class Config:
         self.teacher_input = _choice(teacher_input, TEACHER_INPUTS, "teacher_input")
         self.temperature = float(temperature)
         self.alpha, self.beta = float(alpha), float(beta)
+        if not _I32_MIN <= int(ignore_index) <= _I32_MAX:
+            raise ValueError(f"ignore_index = {ignore_index} must fit in int32")
         self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
         self.ce_weight, self.tckd_weight = float(ce_weight), float(tckd_weight)
         self.nckd_weight = float(nckd_weight)
@@ -193,6 +215,7 @@ def stats(cfg: Config, student: Tensor, teacher: Optional[Tensor], labels: Optio
     s = _shard(student, "student")
     n, width = s.shape
     t = None if teacher is None else _shard(teacher, "teacher", s.device)
+    _same_rows(t, s, "teacher")
     y = _labels(labels, n, s.device)
     out = torch.empty(n * STATS, dtype=torch.float32, device=s.device)
     spec = cfg.spec(n, classes, offset, width)
@@ -252,9 +275,11 @@ def jsd_terms(cfg: Config, student: Tensor, teacher: Tensor, labels: Optional[Te
     all-reduced SUM."""
     s = _shard(student, "student")
     t = _shard(teacher, "teacher", s.device)
+    _same_rows(t, s, "teacher")
     n, width = s.shape
     y = _labels(labels, n, s.device)
     g = _f32(global_stats, "global_stats", s.device)
+    _numel(g, n * STATS, "global_stats", f"[N * {STATS}], the combined stats")
     out = torch.empty(n * 2, dtype=torch.float32, device=s.device)
     spec = cfg.spec(n, classes, offset, width)
     _call("jsd_terms", s.device, ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(g),
@@ -272,9 +297,13 @@ def loss_and_grad(cfg: Config, student: Tensor, teacher: Optional[Tensor],
     n, width = s.shape
     dev = s.device
     t = None if teacher is None else _shard(teacher, "teacher", dev)
+    _same_rows(t, s, "teacher")
     y = _labels(labels, n, dev)
     g = _f32(global_stats, "global_stats", dev)
+    _numel(g, n * STATS, "global_stats", f"[N * {STATS}], the combined stats")
     j = None if jsd is None else _f32(jsd, "jsd_terms", dev)
+    if j is not None:
+        _numel(j, n * 2, "jsd_terms", "[N * 2], the summed JSD terms")
     loss = torch.empty(1, dtype=torch.float32)  # host memory on both backends
     rows = torch.empty(n, dtype=torch.float32, device=dev)
     gs = torch.empty(n, width, dtype=torch.float32, device=dev)
@@ -292,6 +321,13 @@ class _ShardedLoss(torch.autograd.Function):
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
+        width = student.shape[-1] if student.dim() == 2 else None
+        if not distributed and (offset != 0 or width != classes):
+            raise ValueError(
+                f"torch.distributed is not initialised, so this shard (offset {offset}, width "
+                f"{width} of {classes} classes) would be the whole loss: pass every column "
+                "(offset 0, width = classes), initialise torch.distributed, or combine the shards "
+                "in one process with stats / combine_stats / loss_and_grad")
         st = stats(cfg, student, teacher, labels, classes, offset)
         if distributed:
             all_reduce_stats(st, cfg.temperature, group)

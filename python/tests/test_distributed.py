@@ -280,6 +280,34 @@ def test_sharded_bad_input_is_a_python_error():
         sh.stats(cfg, s[:, :5].contiguous(), t[:, :5].contiguous(), y + 20, VOCAB, 0)
     with pytest.raises(ValueError, match="floating point"):
         sh.stats(cfg, s[:, :5].long(), t[:, :5].contiguous(), y, VOCAB, 0)
+    # shapes the C side would read past: a teacher shard of other columns, short stats / terms
+    with pytest.raises(ValueError, match="teacher has shape"):
+        sh.stats(cfg, s[:, :5].contiguous(), t[:, :3].contiguous(), y, VOCAB, 0)
+    st = sh.stats(cfg, s.contiguous(), t.contiguous(), y, VOCAB, 0)
+    with pytest.raises(ValueError, match="global_stats has 5 elements"):
+        sh.loss_and_grad(cfg, s.contiguous(), t.contiguous(), y, st[:5], VOCAB, 0)
+    jcfg = sh.Config("divergence", divergence="jsd", temperature=2.0)
+    jst = sh.stats(jcfg, s.contiguous(), t.contiguous(), None, VOCAB, 0)
+    with pytest.raises(ValueError, match="jsd_terms has 1 elements"):
+        sh.loss_and_grad(jcfg, s.contiguous(), t.contiguous(), None, jst, VOCAB, 0, jst[:1])
+    # an int64 label past int32 stays out of range instead of wrapping to class 7
+    with pytest.raises(dl.DistillationError, match="label"):
+        sh.stats(cfg, s.contiguous(), t.contiguous(), y + 2 ** 32, VOCAB, 0)
+    with pytest.raises(ValueError, match="int32"):
+        sh.Config("hinton", ignore_index=2 ** 40)
+    with pytest.raises(ValueError, match="reduction"):
+        sh.Config("hinton", reduction="mean")
+    # without torch.distributed a partial shard is not the loss
+    if not (dist.is_available() and dist.is_initialized()):
+        with pytest.raises(ValueError, match="not initialised"):
+            sh.sharded_kd_loss(s[:, :5].contiguous(), t[:, :5].contiguous(), y, classes=VOCAB,
+                               offset=0, temperature=2.0)
+    # global maxima below the shard's (a SUM where a MAX belongs), or the maxima plane itself
+    n = s.shape[0]
+    with pytest.raises(dl.DistillationError, match="all-reduce MAX"):
+        sh.rescale_stats(st.clone(), st[: 2 * n] - 1.0, 2.0)
+    with pytest.raises(dl.DistillationError, match="overlap"):
+        sh.rescale_stats(st, st[: 2 * n], 2.0)
 
 
 def test_sharded_dkd_in_one_process():
