@@ -18,7 +18,7 @@ pub mod validate;
 pub mod wgpu;
 
 use crate::dtype::{Dtype, Element, HostSlice, HostVec};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::{CopySpec, MatmulSpec};
 use crate::ops::optim::{AdamSpec, SgdSpec};
@@ -106,16 +106,20 @@ pub trait Backend {
     fn upload_labels(&self, labels: &[i32]) -> Result<Self::Labels>;
     /// A new f32 buffer of `len` elements, each `value` (tests poison outputs with NaN this way).
     fn filled(&self, len: usize, value: f32) -> Result<Self::Buffer> {
-        self.upload(&vec![value; len])
+        self.upload(&host_filled(len, value)?)
     }
     /// A new buffer of `len` elements of `dtype`, each `value` rounded to it.
     fn filled_as(&self, dtype: Dtype, len: usize, value: f32) -> Result<Self::Buffer> {
         match dtype {
             Dtype::F32 => self.filled(len, value),
-            Dtype::Bf16 => {
-                self.upload_host(HostSlice::Bf16(&vec![half::bf16::from_f32(value); len]))
-            }
-            Dtype::F16 => self.upload_host(HostSlice::F16(&vec![half::f16::from_f32(value); len])),
+            Dtype::Bf16 => self.upload_host(HostSlice::Bf16(&host_filled(
+                len,
+                half::bf16::from_f32(value),
+            )?)),
+            Dtype::F16 => self.upload_host(HostSlice::F16(&host_filled(
+                len,
+                half::f16::from_f32(value),
+            )?)),
         }
     }
     /// Copies a device buffer back to the host as f32 (exact for every dtype; waits for the
@@ -794,6 +798,21 @@ pub trait Backend {
 
 /// Which backends the environment says must be present (`DISTILLATION_REQUIRE=wgpu,nvrtc,cuda`).
 /// Tests fail instead of skipping when a required backend is missing.
+/// `len` copies of `value` in host memory, or [`Error::Limit`] where the allocation fails (a
+/// scratch sized from a caller's chunk, say): an error, not the process's abort.
+pub(crate) fn host_filled<T: Copy>(len: usize, value: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        Error::Limit(format!(
+            "could not allocate {len} elements of {} bytes in host memory; use smaller \
+             chunks or a smaller batch",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    v.resize(len, value);
+    Ok(v)
+}
+
 pub fn required(backend: &str) -> bool {
     std::env::var("DISTILLATION_REQUIRE")
         .map(|v| v.split(',').any(|b| b.trim().eq_ignore_ascii_case(backend)))

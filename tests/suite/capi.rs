@@ -515,7 +515,8 @@ fn fused_linear_matches(
             vocab: FTV,
         },
         Some(labels),
-    );
+    )
+    .unwrap();
     let close = |name: &str, got: &[f32], want: &[f64]| {
         for (i, (a, e)) in got.iter().zip(want).enumerate() {
             assert!(

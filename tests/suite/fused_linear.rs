@@ -343,7 +343,7 @@ fn reference_result(
         },
     };
     let labels = case.labels.then_some(&x.labels[..]);
-    fused_linear_kd(&case.spec, &student, &teacher, labels)
+    fused_linear_kd(&case.spec, &student, &teacher, labels).expect("the reference's checks")
 }
 
 /// What a backend returned.
@@ -1010,8 +1010,57 @@ fn sparse_teacher_proptest<B: Backend>(b: &B) {
         .unwrap();
 }
 
+/// Liger's weighting at T = 1e4 with a dense teacher and forward KL: the soft term's share
+/// `w_soft / T^2` (1e-8) is below an f32 ulp of 1, so one Hinton kernel's `alpha'` would round
+/// to 1 and drop it. A class the student rules out (bias -100, `p` = 0 at T = 1) and the teacher
+/// favours (logit +100) has a bias gradient made of the soft term alone (about `1e-4 (p_T -
+/// q_T)`): it must match the f64 reference.
+fn liger_soft_term_at_a_high_temperature<B: Backend>(b: &B) {
+    for teacher in [TeacherKind::Logits, TeacherKind::Layer { ht: 3, pad: 2 }] {
+        let (n, h, v) = (6, 4, 9);
+        let case = Case {
+            n,
+            spec: FusedLinearKd {
+                chunk_rows: 4,
+                ..FusedLinearKd::new(h, v, 1e4, 0.0)
+            }
+            .liger(1.0, 1.0),
+            teacher,
+            bias: true,
+            mask_every: 0,
+            labels: true,
+        };
+        let mut x = inputs(&case, 77, Dtype::F32);
+        x.grad_b0.iter_mut().for_each(|g| *g = 0.0);
+        x.bias[0] = -100.0;
+        x.tb[0] = 100.0;
+        for r in 0..n {
+            x.t_logits[r * v] = 100.0;
+            if x.labels[r] == 0 {
+                x.labels[r] = 1;
+            }
+        }
+        let got = run(b, &case, &x, Dtype::F32, Dtype::F32, 1).unwrap();
+        let (_, _, _, gb) = expected(&case, &x, 1.0);
+        assert!(
+            gb[0].abs() > 1e-8,
+            "the case's soft-only gradient is {}",
+            gb[0]
+        );
+        let e = (got.grad_b[0] as f64 - gb[0]).abs() / gb[0].abs();
+        assert!(
+            e < 1e-3,
+            "{} {teacher:?}: grad_b[0] {} vs the f64 reference's {} (the soft term lost)",
+            b.name(),
+            got.grad_b[0],
+            gb[0]
+        );
+    }
+}
+
 backend_tests!(
     matches_the_f64_composition,
+    liger_soft_term_at_a_high_temperature,
     half_inputs,
     accumulates,
     copy_rows_between_dtypes,

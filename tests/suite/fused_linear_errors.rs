@@ -82,6 +82,23 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         spec.run(b, &student, &small_teacher, Some(&labels), &grads),
         "V_t < V",
     );
+    // A teacher vocabulary whose weight's size would overflow: a Limit error, not a panic.
+    let huge_teacher = Teacher::Linear {
+        layer: Linear {
+            hidden: &hid,
+            weight: &w,
+            bias: None,
+        },
+        hidden: h,
+        vocab: usize::MAX / 2,
+    };
+    assert!(matches!(
+        err(
+            spec.run(b, &student, &huge_teacher, Some(&labels), &grads),
+            "V_t x H_t overflows"
+        ),
+        Error::Limit(_)
+    ));
     let ce = FusedLinearKd::cross_entropy_only(h, v);
     err(
         ce.run(b, &student, &Teacher::Logits(&t), Some(&labels), &grads),
@@ -92,6 +109,12 @@ fn bad_input_is_an_error<B: Backend>(b: &B) {
         FusedLinearKd::new(h, v, 2.0, 1.5),
         FusedLinearKd::new(h, v, 2.0, 0.5).liger(0.0, 0.0),
         FusedLinearKd::new(h, v, 2.0, 0.5).liger(-1.0, 1.0),
+        // Weights past 1e6; an upstream gradient whose product with the weights overflows.
+        FusedLinearKd::new(h, v, 2.0, 0.5).liger(3e38, 3e38),
+        FusedLinearKd {
+            grad_scale: 1e31,
+            ..spec
+        },
         FusedLinearKd {
             reduction: Reduction::None,
             ..spec
@@ -286,3 +309,47 @@ fn bad_sparse_teacher_is_an_error<B: Backend>(b: &B) {
 }
 
 backend_tests!(bad_input_is_an_error, bad_sparse_teacher_is_an_error);
+
+/// The f64 reference refuses what the fused op refuses (an error, not a panic): a missing label
+/// or teacher, a hidden size of 0, a short weight.
+#[test]
+fn the_reference_checks_its_input() {
+    use distillation::ops::fused_linear::reference::{fused_linear_kd, LayerF64, TeacherF64};
+    let (h, v) = (2, 3);
+    let (x, w, t) = (vec![0.5; 2 * h], vec![0.1; v * h], vec![0.0; 2 * v]);
+    fn layer<'a>(x: &'a [f64], w: &'a [f64]) -> LayerF64<'a> {
+        LayerF64 {
+            hidden: x,
+            weight: w,
+            bias: None,
+        }
+    }
+    let spec = FusedLinearKd::new(h, v, 2.0, 0.5);
+    let labels = [0, 2];
+    assert!(fused_linear_kd(
+        &spec,
+        &layer(&x, &w),
+        &TeacherF64::Logits(&t),
+        Some(&labels)
+    )
+    .is_ok());
+    let bad = [
+        fused_linear_kd(&spec, &layer(&x, &w), &TeacherF64::Logits(&t), None),
+        fused_linear_kd(&spec, &layer(&x, &w), &TeacherF64::None, Some(&labels)),
+        fused_linear_kd(
+            &spec,
+            &layer(&x, &w[1..]),
+            &TeacherF64::Logits(&t),
+            Some(&labels),
+        ),
+        fused_linear_kd(
+            &FusedLinearKd::new(0, v, 2.0, 0.5),
+            &layer(&x, &w),
+            &TeacherF64::Logits(&t),
+            Some(&labels),
+        ),
+    ];
+    for (i, r) in bad.iter().enumerate() {
+        assert!(r.is_err(), "bad input {i} was accepted");
+    }
+}

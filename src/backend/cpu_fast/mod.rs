@@ -47,6 +47,9 @@ use crate::ops::{
     SparseSpec,
 };
 
+/// The most threads a [`FastCpuBackend`] runs a call on (a larger request is capped).
+pub(crate) const MAX_THREADS: usize = 256;
+
 /// The fast CPU backend (f32). See the module documentation for what runs in f32.
 #[derive(Debug, Clone, Copy)]
 pub struct FastCpuBackend {
@@ -82,10 +85,14 @@ impl FastCpuBackend {
         }
     }
 
-    /// At most `threads` threads per loss call (0: one per core, the default). Results are the
-    /// same bits for every thread count.
+    /// At most `threads` threads per loss call (0: one per core, the default; at most
+    /// 256). Results are the same bits for every thread count.
     pub fn with_threads(self, threads: usize) -> Self {
-        FastCpuBackend { threads, ..self }
+        FastCpuBackend {
+            // (a cap on what a caller may ask for: each thread holds a row's scratch)
+            threads: threads.min(MAX_THREADS),
+            ..self
+        }
     }
 
     /// The losses compiled for `simd` instead of the widest set this CPU has; `Err` when the CPU
@@ -141,7 +148,9 @@ impl Backend for FastCpuBackend {
     }
 
     fn filled(&self, len: usize, value: f32) -> Result<CpuBuffer> {
-        Ok(CpuBuffer::new(HostVec::F32(vec![value; len])))
+        Ok(CpuBuffer::new(HostVec::F32(super::host_filled(
+            len, value,
+        )?)))
     }
 
     fn help_until(&self, stop: &dyn Fn() -> bool) {

@@ -211,11 +211,13 @@ impl FusedLinearKd {
         (spec, s)
     }
 
-    /// Whether a sparse teacher's two terms run as two kernels (cross-entropy's, then the sparse
-    /// one with `alpha' = 0`) rather than one: when the soft term's share `1 - alpha'` is below
-    /// 1/64 (Liger's weighting at a high temperature, `w_soft / T^2` beside `w_hard`), where the
-    /// one kernel's f32 `alpha'` would leave `1 - alpha'` with a relative error above 2e-6.
-    pub(crate) fn sparse_split(&self) -> bool {
+    /// Whether the two terms run as two kernels (cross-entropy's, then the divergence, or the
+    /// sparse kernel with `alpha' = 0`) rather than one fused kernel (Hinton's for forward KL, the
+    /// sparse one): when the soft term's share `1 - alpha'` is below 1/64 (Liger's weighting at a
+    /// high temperature, `w_soft / T^2` beside `w_hard`), where the one kernel's f32 `alpha'`
+    /// would leave `1 - alpha'` with a relative error above 2e-6 (at T = 1e4, `alpha'` rounds to
+    /// 1 and the soft term vanishes).
+    pub(crate) fn split_terms(&self) -> bool {
         let (hard, soft) = self.weighting.factors(self.temperature);
         hard != 0.0 && soft != 0.0 && soft / (hard + soft) < 1.0 / 64.0
     }
@@ -342,7 +344,7 @@ impl FusedLinearKd {
                     b.copy_rows(&CopySpec::contiguous(c * k, r0 * k, 0), values, vals)?;
                     let idx = b.upload_labels(&indices[r0 * k..(r0 + c) * k])?;
                     let (mut spec, mut s) = self.sparse_spec(c, k, *values_kind, *tail);
-                    let split = self.sparse_split();
+                    let split = self.split_terms();
                     if split {
                         // Cross-entropy's gradient aside; the sparse kernel for the divergence
                         // alone (alpha' = 0), weighted exactly.
@@ -465,7 +467,7 @@ impl FusedLinearKd {
             )?;
             return b.axpy((soft * f) as f32, &sc.part, total);
         }
-        if self.divergence == Divergence::ForwardKl {
+        if self.divergence == Divergence::ForwardKl && !self.split_terms() {
             // One pass of the Hinton kernel: s (alpha' CE + (1 - alpha') T^2 KL) with
             // s alpha' = hard and s (1 - alpha') = soft.
             let s = hard + soft;
@@ -485,7 +487,8 @@ impl FusedLinearKd {
             )?;
             return b.axpy((s * f) as f32, &sc.part, total);
         }
-        // Reverse KL, JSD: cross-entropy's gradient aside, the divergence's in place, summed.
+        // Reverse KL, JSD, or a soft share too small for one kernel's f32 alpha': cross-entropy's
+        // gradient aside, the divergence's in place, summed.
         let gce = sc.grad_ce.as_ref().expect("cross-entropy gradient scratch");
         b.cross_entropy(
             &ce(hard),
@@ -673,9 +676,11 @@ impl<B: Backend> Scratch<B> {
         // A sparse teacher runs one kernel for both terms and has no dense teacher logits.
         let sparse = dims.sparse_k.is_some();
         let two_kernels = if sparse {
-            spec.sparse_split()
+            spec.split_terms()
         } else {
-            spec.has_hard() && spec.has_soft() && spec.divergence != Divergence::ForwardKl
+            spec.has_hard()
+                && spec.has_soft()
+                && (spec.divergence != Divergence::ForwardKl || spec.split_terms())
         };
         [
             h,

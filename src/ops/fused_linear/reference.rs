@@ -4,7 +4,10 @@
 //! against it. A sparse teacher's soft term is the sparse reference (`ops::sparse::reference`,
 //! section 10) with `alpha = 0`, beside the same cross-entropy reference as the dense teachers'.
 
-use super::FusedLinearKd;
+use super::{validate, FusedGrads, FusedLinearKd, Linear, Teacher};
+use crate::backend::cpu::{CpuBackend, CpuBuffer};
+use crate::backend::Backend;
+use crate::error::Result;
 use crate::ops::dense::{self, MatmulSpec};
 use crate::ops::{
     cross_entropy, divergence, sparse, CrossEntropySpec, DivergenceSpec, RowShape, SparseSpec,
@@ -66,13 +69,82 @@ fn linear(layer: &LayerF64<'_>, k: usize, cols: usize) -> Vec<f64> {
     out
 }
 
-/// The unfused composition of `spec` in f64 (see the module documentation).
+/// The checks of [`FusedLinearKd::run`] on the f64 inputs (their f32 copies on the reference CPU
+/// backend), so that the reference refuses what the fused op refuses instead of panicking.
+fn check(
+    spec: &FusedLinearKd,
+    student: &LayerF64<'_>,
+    teacher: &TeacherF64<'_>,
+    labels: Option<&[i32]>,
+) -> Result<()> {
+    let b = CpuBackend;
+    let up = |x: &[f64]| b.upload(&x.iter().map(|&v| v as f32).collect::<Vec<_>>());
+    let up_layer = |l: &LayerF64<'_>| -> Result<(CpuBuffer, CpuBuffer, Option<CpuBuffer>)> {
+        Ok((up(l.hidden)?, up(l.weight)?, l.bias.map(up).transpose()?))
+    };
+    let (sh, sw, sb) = up_layer(student)?;
+    let student = Linear {
+        hidden: &sh,
+        weight: &sw,
+        bias: sb.as_ref(),
+    };
+    let (th, tw, tb, tv);
+    let teacher = match teacher {
+        TeacherF64::None => Teacher::None,
+        TeacherF64::Logits(t) => {
+            tv = up(t)?;
+            Teacher::Logits(&tv)
+        }
+        TeacherF64::Linear {
+            layer,
+            hidden,
+            vocab,
+        } => {
+            (th, tw, tb) = up_layer(layer)?;
+            Teacher::Linear {
+                layer: Linear {
+                    hidden: &th,
+                    weight: &tw,
+                    bias: tb.as_ref(),
+                },
+                hidden: *hidden,
+                vocab: *vocab,
+            }
+        }
+        TeacherF64::Sparse {
+            indices,
+            values,
+            k,
+            values_kind,
+            tail,
+        } => {
+            tv = up(values)?;
+            Teacher::Sparse {
+                indices,
+                values: &tv,
+                k: *k,
+                values_kind: *values_kind,
+                tail: *tail,
+            }
+        }
+    };
+    let grads = FusedGrads {
+        hidden: None,
+        weight: None,
+        bias: None,
+    };
+    validate::call(spec, &b, &student, &teacher, labels, &grads).map(|_| ())
+}
+
+/// The unfused composition of `spec` in f64 (see the module documentation). Inputs are checked
+/// as [`FusedLinearKd::run`] checks them (an error, not a panic).
 pub fn fused_linear_kd(
     spec: &FusedLinearKd,
     student: &LayerF64<'_>,
     teacher: &TeacherF64<'_>,
     labels: Option<&[i32]>,
-) -> FusedResult {
+) -> Result<FusedResult> {
+    check(spec, student, teacher, labels)?;
     let (h, v) = (spec.hidden, spec.vocab);
     let n = student.hidden.len() / h;
     let s = linear(student, h, v);
@@ -105,7 +177,7 @@ pub fn fused_linear_kd(
             grad_scale: spec.grad_scale,
             ..CrossEntropySpec::new(shape)
         };
-        let r = cross_entropy::reference::cross_entropy(&ce, &s, labels.expect("labels"));
+        let r = cross_entropy::reference::cross_entropy(&ce, &s, labels.expect("labels (checked)"));
         loss += hard * r.loss;
         for (o, x) in g.iter_mut().zip(&r.grad_student) {
             *o += hard * x;
@@ -138,7 +210,12 @@ pub fn fused_linear_kd(
                 };
                 sparse::reference::sparse_kd(&sp, &s, indices, values, labels)
             }
-            _ => divergence::reference::divergence(&d, &s, t.as_deref().expect("teacher"), labels),
+            _ => divergence::reference::divergence(
+                &d,
+                &s,
+                t.as_deref().expect("teacher (checked)"),
+                labels,
+            ),
         };
         loss += soft * r.loss;
         for (o, x) in g.iter_mut().zip(&r.grad_student) {
@@ -160,12 +237,12 @@ pub fn fused_linear_kd(
     dense::reference::matmul(&spec_w, &g, student.hidden, &mut grad_weight);
     let mut grad_bias = vec![0.0; v];
     dense::reference::sum_rows(&g, v, &mut grad_bias, false);
-    FusedResult {
+    Ok(FusedResult {
         loss,
         logits: s,
         grad_logits: g,
         grad_hidden,
         grad_weight,
         grad_bias,
-    }
+    })
 }

@@ -5,6 +5,7 @@
 use super::{Dims, FusedGrads, FusedLinearKd, Linear, Teacher, Weighting};
 use crate::backend::{validate::no_alias, Backend};
 use crate::error::{Error, Result};
+use crate::ops::dkd::MAX_WEIGHT;
 use crate::ops::sparse::check_sparse_teacher;
 use crate::ops::{
     check_grad_scale, check_labels, check_temperature, check_unit, Divergence, Reduction,
@@ -54,11 +55,12 @@ pub(super) fn spec(s: &FusedLinearKd) -> Result<()> {
             weight_soft,
         } => {
             for (name, w) in [("weight_hard", weight_hard), ("weight_soft", weight_soft)] {
-                if !(w.is_finite() && w >= 0.0) {
+                if !(w.is_finite() && (0.0..=MAX_WEIGHT).contains(&w)) {
                     return Err(Error::Param {
                         name,
                         value: w as f64,
-                        hint: "the weights of the hard and soft terms must be finite and >= 0",
+                        hint: "the weights of the hard and soft terms must be in [0, 1e6] (scale \
+                               the loss's gradient with grad_scale instead)",
                     });
                 }
             }
@@ -71,6 +73,17 @@ pub(super) fn spec(s: &FusedLinearKd) -> Result<()> {
                 });
             }
         }
+    }
+    // The kernels' gradient factor `grad_scale (w_hard + w_soft_kernel)` in f32 (Hinton's factors
+    // sum to 1; Liger's weights are at most 1e6 each).
+    let (hard, soft) = s.weighting.factors(s.temperature);
+    if (s.grad_scale as f64 * (hard + soft)).abs() > f32::MAX as f64 / 1e8 {
+        return Err(Error::Param {
+            name: "grad_scale",
+            value: s.grad_scale as f64,
+            hint: "grad_scale times the terms' weights must stay below 3.4e30 (the gradient \
+                   would overflow f32)",
+        });
     }
     if s.reduction == Reduction::None {
         return Err(Error::Unsupported(
@@ -88,6 +101,17 @@ pub(super) fn spec(s: &FusedLinearKd) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// `a x b` elements of `what`, which the kernels index with 32 bits: an error past 2^32 (checked
+/// before anything runs, so that no chunk has written a gradient when a later copy would fail).
+fn within_limit(what: &str, a: usize, b: usize, fix: &str) -> Result<usize> {
+    match a.checked_mul(b) {
+        Some(x) if x <= u32::MAX as usize => Ok(x),
+        _ => Err(Error::Limit(format!(
+            "{what} of [{a}, {b}] would pass 2^32 elements; {fix}"
+        ))),
+    }
 }
 
 /// `rows` rows of `cols` from a buffer's length.
@@ -129,16 +153,14 @@ pub(super) fn call<B: Backend>(
     spec(s)?;
     let (h, v) = (s.hidden, s.vocab);
     let n = rows_of(b, "hidden", student.hidden, h)?;
-    if n.checked_mul(v).is_none_or(|x| x > u32::MAX as usize) {
-        return Err(Error::Limit(format!(
-            "{n} rows of {v} classes: the logits would pass 2^32 elements; split the batch"
-        )));
-    }
+    within_limit("the logits", n, v, "split the batch")?;
+    within_limit("hidden", n, h, "split the batch")?;
+    let vh = within_limit("weight", v, h, "split the output layer")?;
     exact(
         b,
         "weight",
         student.weight,
-        v * h,
+        vh,
         format!("the student's weight is [{v}, {h}]"),
     )?;
     if let Some(bias) = student.bias {
@@ -178,6 +200,9 @@ pub(super) fn call<B: Backend>(
                      tokenizer, which this loss does not map)"
                 )));
             }
+            within_limit("the teacher's logits", n, vt, "split the batch")?;
+            within_limit("teacher hidden", n, ht, "split the batch")?;
+            let vht = within_limit("teacher weight", vt, ht, "split the teacher's layer")?;
             let tn = rows_of(b, "teacher hidden", layer.hidden, ht)?;
             if tn != n {
                 return Err(Error::shape(
@@ -191,7 +216,7 @@ pub(super) fn call<B: Backend>(
                 b,
                 "teacher weight",
                 layer.weight,
-                vt * ht,
+                vht,
                 format!("the teacher's weight is [{vt}, {ht}]"),
             )?;
             if let Some(bias) = layer.bias {
@@ -202,11 +227,6 @@ pub(super) fn call<B: Backend>(
                     vt,
                     format!("the teacher's bias is [{vt}]"),
                 )?;
-            }
-            if n.checked_mul(vt).is_none_or(|x| x > u32::MAX as usize) {
-                return Err(Error::Limit(
-                    "the teacher's logits would pass 2^32 elements; split the batch".into(),
-                ));
             }
             dims.teacher_layer = Some((ht, vt));
             inputs.push(("teacher hidden", layer.hidden));
@@ -224,7 +244,8 @@ pub(super) fn call<B: Backend>(
             // the divergence (section 10), on the whole batch; the arrays after the labels.
             let (sparse, _) = s.sparse_spec(n, *k, *values_kind, *tail);
             sparse.validate()?;
-            if indices.len() != n * k {
+            let nk = within_limit("the sparse teacher", n, *k, "split the batch")?;
+            if indices.len() != nk {
                 return Err(Error::shape(
                     "sparse teacher indices",
                     indices.len(),
