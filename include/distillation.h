@@ -816,9 +816,9 @@ int32_t dst_cuda_dkd(const struct dst_cuda *ctx,
 /*
  [`dst_cpu_sparse_kd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules):
  `indices` `[n, k]` i32 and `values` `[n, k]` are device memory too. Neither is read back: an
- index outside `0..c` or repeated within a row is not an error here but gives that row an
- undefined result (the kernel skips an out-of-range index and reads or writes nothing out of
- bounds); labels out of range with `alpha > 0` give those rows a NaN loss.
+ index outside `0..c` or repeated within a row, a label out of range, or under reverse KL a
+ `-inf` log-probability, is not an error here but gives that row a NaN loss and gradient (the
+ kernel reads or writes nothing out of bounds).
 
  # Safety
  As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_sparse_kd`].

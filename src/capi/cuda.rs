@@ -333,9 +333,9 @@ pub unsafe extern "C" fn dst_cuda_dkd(
 
 /// [`dst_cpu_sparse_kd`] on device pointers (see [`dst_cuda_hinton`] for the stream rules):
 /// `indices` `[n, k]` i32 and `values` `[n, k]` are device memory too. Neither is read back: an
-/// index outside `0..c` or repeated within a row is not an error here but gives that row an
-/// undefined result (the kernel skips an out-of-range index and reads or writes nothing out of
-/// bounds); labels out of range with `alpha > 0` give those rows a NaN loss.
+/// index outside `0..c` or repeated within a row, a label out of range, or under reverse KL a
+/// `-inf` log-probability, is not an error here but gives that row a NaN loss and gradient (the
+/// kernel reads or writes nothing out of bounds).
 ///
 /// # Safety
 /// As [`dst_cuda_hinton`], with the sizes of [`dst_cpu_sparse_kd`].
@@ -487,6 +487,13 @@ pub unsafe extern "C" fn dst_cuda_check_labels(
     ffi(|| {
         non_null("ctx", ctx)?;
         non_null("labels", labels)?;
+        if n > u32::MAX as usize {
+            // (the labels are copied to the host: no allocation from a wrong n)
+            return Err(crate::Error::Limit(format!(
+                "n = {n} labels: past 2^32, as no loss takes; pass the labels' count"
+            ))
+            .into());
+        }
         #[cfg(feature = "cuda")]
         {
             // SAFETY: forwarded from this function's contract.

@@ -35,9 +35,9 @@
 //!
 //! Indices must be distinct classes in `0..C` (an `Err` on the host API and the CPU backends,
 //! checked by [`check_sparse_teacher`]). The GPU kernels do not read device indices back and never
-//! read or write out of bounds: on wgpu a duplicate or an index outside `0..C` makes that row's
-//! loss and gradient NaN (it sorts the row's indices in workgroup memory); on CUDA an index out of
-//! range is skipped and a repeated one takes one entry's gradient (undefined results).
+//! read or write out of bounds: a duplicate or an index outside `0..C` makes that row's loss and
+//! gradient NaN (each kernel sorts the row's indices in workgroup / shared memory), as do a label
+//! out of range and, under reverse KL, a `-inf` log-probability on the support.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -301,15 +301,22 @@ pub fn logaddexp(a: f64, b: f64) -> f64 {
 /// `N * k`; in every row (masked ones included) the indices distinct and in `0..C`; over the rows
 /// that are not masked, logits finite, log-probabilities not NaN nor `+inf`, at most
 /// [`TEACHER_SUM_TOLERANCE`], not all `-inf`, their probabilities summing to at most
-/// `1 + TEACHER_SUM_TOLERANCE`; for reverse KL under a tail, a tail mass above 0 (else the
-/// divergence is `+inf`). The error names the row and the entry.
+/// `1 + TEACHER_SUM_TOLERANCE`; for reverse KL, no `-inf` entry (a class the teacher rules out
+/// and the student does not: `+inf`) and under a tail a tail mass above 0 (else the divergence is
+/// `+inf`). The labels, when given, are one per row. The error names the row and the entry.
 pub fn check_sparse_teacher(
     spec: &SparseSpec,
     indices: &[i32],
     values: &[f32],
     labels: Option<&[i32]>,
 ) -> Result<()> {
+    spec.validate()?;
     let (n, c, k) = (spec.shape.rows, spec.shape.cols, spec.k);
+    if let Some(l) = labels {
+        if l.len() != n {
+            return Err(Error::shape("labels", l.len(), n, "one label per row"));
+        }
+    }
     for (what, len) in [("indices", indices.len()), ("values", values.len())] {
         if len != n * k {
             return Err(Error::shape(
@@ -395,6 +402,17 @@ pub fn check_sparse_teacher(
                             .into(),
                     ));
                 }
+                if spec.divergence == Divergence::ReverseKl {
+                    if let Some(i) = vals.iter().position(|&v| v == f32::NEG_INFINITY) {
+                        return Err(bad(
+                            i,
+                            "a probability of 0 on the support: reverse KL is +inf there (the \
+                             student has mass on every class); use forward KL or JSD, or store \
+                             the class's log-probability"
+                                .into(),
+                        ));
+                    }
+                }
                 let sum: f64 = vals.iter().map(|&v| (v as f64).exp()).sum();
                 if sum > 1.0 + TEACHER_SUM_TOLERANCE {
                     return Err(Error::Input {
@@ -403,7 +421,9 @@ pub fn check_sparse_teacher(
                         problem: format!(
                             "the top-{k} probabilities sum to {sum}, above 1 (tail mass {} < 0 \
                              beyond rounding, {TEACHER_SUM_TOLERANCE}): store log_softmax of the \
-                             full row, or pass logits (SparseValues::Logits)",
+                             full row, rounded toward -inf when it is stored in half precision \
+                             (round-to-nearest bf16 can push the sum past 1), or pass logits \
+                             (SparseValues::Logits)",
                             1.0 - sum
                         ),
                     });

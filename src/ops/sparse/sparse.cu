@@ -31,13 +31,14 @@
 //      of P_off or P_tail for the others), reduced;
 //   5. one read of the student writing every gradient, once, in the gradient's dtype.
 //
-// Rows: label == ignore_index -> loss 0 and gradient 0 (no labels: no row is masked); with
-// alpha > 0 a label outside 0..C -> NaN row; a NaN or infinity in s, a NaN in the values, a +inf
-// log-probability, all -inf log-probabilities or an infinite logit -> NaN row.
-// Indices: the host API and the CPU backends check them (distinct, in 0..C). Here an index outside
-// 0..C is skipped (its entry still counts in the teacher's normalisation, but no student class is
-// read or written for it) and repeated indices take one entry's gradient: the results of such rows
-// are undefined, but nothing is read or written out of bounds.
+// Rows: label == ignore_index -> loss 0 and gradient 0 (no labels: no row is masked); a label
+// outside 0..C -> NaN row; a NaN or infinity in s, a NaN in the values, a +inf log-probability,
+// all -inf log-probabilities, a -inf log-probability under reverse KL or an infinite logit -> NaN
+// row.
+// Indices: the host API and the CPU backends check them (distinct, in 0..C, an error). Here an
+// index outside 0..C or repeated in its row makes that row NaN, as on wgpu (found in the sorted
+// support: out of range sorts last as SP_NONE, a repeat next to its twin); nothing is read or
+// written out of bounds.
 
 #define SP_MAX_K 1024u
 #define SP_NONE 0xffffffffu
@@ -190,7 +191,8 @@ extern "C" __global__ void sparse_kd(const void* s_all, const int* indices, cons
     const bool has_tail = tail != 0u && k < c;
     const bool bucket = has_tail && tail == 1u;
     const bool uniform = has_tail && tail == 2u;
-    bool bad = ce && (y < 0 || (u32)y >= c);
+    // (A label out of range is bad with or without the cross-entropy term, as on wgpu.)
+    bool bad = labels != 0 && (y < 0 || (u32)y >= c);
     // (k past the shared arrays is refused by the host's validation; here a NaN row, in bounds.)
     if (k == 0u || k > SP_MAX_K) {
         fill_row(g, gs, c, f_nan());
@@ -237,6 +239,10 @@ extern "C" __global__ void sparse_kd(const void* s_all, const int* indices, cons
         vq[i] = (double)vf;
         sv[i] = cls != SP_NONE ? (double)s[cls] : 0.0;
         if (logits != 0u ? !is_finite_f(vf) : (vf != vf || vf == f_inf())) bad = true;
+        // An index out of range (sorted last as SP_NONE) or repeated (adjacent once sorted): a
+        // NaN row, as on wgpu. Reverse KL is +inf at a support class the teacher rules out.
+        if (cls == SP_NONE || (i + 1u < k && (u32)(keys[i + 1u] >> 32) == cls)) bad = true;
+        if (div == 1u && logits == 0u && vf == -f_inf()) bad = true;
         vmax = fmax(vmax, (double)vf);
     }
     vmax = g.reduce(vmax, SpMax());

@@ -297,6 +297,10 @@ fn sparse_kd(
             if (!is_finite_f32(v) && !(p.logits == 0u && neg_inf)) {
                 tbad = 1.0;
             }
+            // Reverse KL is +inf at a class of the support the teacher rules out.
+            if (neg_inf && p.divergence == 1u) {
+                tbad = 1.0;
+            }
             e_v[t] = select(v, NEG_BIG, neg_inf);
             if (!neg_inf) {
                 any_finite = 1.0;
