@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use half::bf16;
 
 use crate::error::{Error, Result};
+use crate::ops::sparse::MAX_TOP_K;
 
 const FORMAT: &str = "distillation-topk";
 
@@ -25,9 +26,23 @@ pub struct TopKWriter {
     written: usize,
 }
 
-/// The header of a cache of `rows x k` entries over `classes` classes.
+/// The bytes of the cache's data for `rows x k` entries (4 per index, 2 per value), or
+/// [`Error::Limit`] past `u64`.
+fn data_bytes(rows: usize, k: usize) -> Result<u64> {
+    (rows as u64)
+        .checked_mul(k as u64)
+        .and_then(|n| n.checked_mul(6))
+        .ok_or_else(|| {
+            Error::Limit(format!(
+                "a top-k cache of {rows} rows of k = {k}: its size passes 2^64 bytes"
+            ))
+        })
+}
+
+/// The header of a cache of `rows x k` entries over `classes` classes (sizes checked by
+/// [`data_bytes`]).
 fn header(rows: usize, k: usize, classes: usize) -> Vec<u8> {
-    let n = rows * k;
+    let n = rows as u64 * k as u64;
     let json = format!(
         "{{\"__metadata__\":{{\"format\":\"{FORMAT}\",\"classes\":\"{classes}\"}},\
          \"indices\":{{\"dtype\":\"I32\",\"shape\":[{rows},{k}],\"data_offsets\":[0,{}]}},\
@@ -48,19 +63,20 @@ fn header(rows: usize, k: usize, classes: usize) -> Vec<u8> {
 impl TopKWriter {
     /// Creates the file for `rows` rows of `k` entries over `classes` classes.
     pub fn create(path: &Path, rows: usize, k: usize, classes: usize) -> Result<TopKWriter> {
-        if rows == 0 || k == 0 || k > classes {
+        if rows == 0 || k == 0 || k > classes || k > MAX_TOP_K {
             return Err(Error::Unsupported(format!(
-                "a top-k cache needs rows >= 1 and 1 <= k <= classes (got {rows} rows, k = {k}, \
-                 {classes} classes)"
+                "a top-k cache needs rows >= 1 and 1 <= k <= min(classes, {MAX_TOP_K}) (got \
+                 {rows} rows, k = {k}, {classes} classes): a sparse loss reads at most \
+                 {MAX_TOP_K} entries per row"
             )));
         }
+        let bytes = data_bytes(rows, k)?;
         let io = |a, e: std::io::Error| Error::io(a, path, e);
         let mut file = File::create(path).map_err(|e| io("create", e))?;
         let h = header(rows, k, classes);
         file.write_all(&h).map_err(|e| io("write", e))?;
         let data = h.len() as u64;
-        file.set_len(data + 6 * (rows * k) as u64)
-            .map_err(|e| io("write", e))?;
+        file.set_len(data + bytes).map_err(|e| io("write", e))?;
         Ok(TopKWriter {
             file,
             path: path.to_path_buf(),
@@ -83,7 +99,7 @@ impl TopKWriter {
             ));
         }
         let n = indices.len() / k;
-        if self.written + n > self.rows {
+        if n > self.rows - self.written {
             return Err(Error::Unsupported(format!(
                 "{} rows written to a cache of {}",
                 self.written + n,
@@ -164,18 +180,15 @@ impl TopKReader {
             if t["dtype"] != dtype {
                 return Err(bad(format!("{name} is not {dtype}")));
             }
-            let dims: Vec<usize> = t["shape"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_u64())
-                        .map(|v| v as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
+            // (a dimension that is not an integer in usize is an error, not dropped)
+            let dims: Option<Vec<usize>> = t["shape"].as_array().and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_u64().and_then(|v| usize::try_from(v).ok()))
+                    .collect()
+            });
             let start = t["data_offsets"][0].as_u64();
-            match (dims.as_slice(), start) {
-                (&[n, k], Some(s)) => Ok((n, k, s)),
+            match (dims.as_deref(), start) {
+                (Some(&[n, k]), Some(s)) => Ok((n, k, s)),
                 _ => Err(bad(format!("{name}'s shape or offsets"))),
             }
         };
@@ -185,8 +198,26 @@ impl TopKReader {
             .as_str()
             .and_then(|s| s.parse::<usize>().ok())
             .ok_or_else(|| bad("no classes in __metadata__".into()))?;
-        if (vr, vk) != (rows, k) || i0 != 0 || v0 != 4 * (rows * k) as u64 {
+        if rows == 0 || k == 0 || k > classes || k > MAX_TOP_K {
+            return Err(bad(format!(
+                "{rows} rows of k = {k} over {classes} classes (a cache has rows >= 1 and 1 <= \
+                 k <= min(classes, {MAX_TOP_K}))"
+            )));
+        }
+        let bytes = data_bytes(rows, k).map_err(|e| bad(e.to_string()))?;
+        if (vr, vk) != (rows, k) || i0 != 0 || v0 != bytes / 6 * 4 {
             return Err(bad("indices and values do not match".into()));
+        }
+        // Every row's data in the file before anything is allocated for it.
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io("read", path, e))?
+            .len();
+        if file_len < 8 + len + bytes {
+            return Err(bad(format!(
+                "{file_len} bytes, short of the {} its header describes (a truncated file?)",
+                8 + len + bytes
+            )));
         }
         Ok(TopKReader {
             file,
@@ -212,13 +243,13 @@ impl TopKReader {
 
     /// Rows `start..start + count`: their indices and values.
     pub fn read_rows(&mut self, start: usize, count: usize) -> Result<(Vec<i32>, Vec<bf16>)> {
-        if start + count > self.rows {
+        if start > self.rows || count > self.rows - start {
             return Err(Error::io(
                 "read",
                 &self.path,
                 format!(
                     "rows {start}..{} of a cache of {}",
-                    start + count,
+                    start.saturating_add(count),
                     self.rows
                 ),
             ));
@@ -249,7 +280,23 @@ impl TopKReader {
 /// first (ties to the lower class), as a cache stores them: each rounded down to bf16 (toward
 /// `-inf`), so that the stored probabilities never sum above 1 (round to nearest would put a
 /// top-k holding most of the mass up to 0.4% above it, past the check's tolerance).
-pub fn top_k_logprobs(logits: &[f32], classes: usize, k: usize) -> (Vec<i32>, Vec<bf16>) {
+/// `logits` must be whole rows of `classes >= 1`, and `1 <= k <= classes`.
+pub fn top_k_logprobs(logits: &[f32], classes: usize, k: usize) -> Result<(Vec<i32>, Vec<bf16>)> {
+    if classes == 0 || logits.is_empty() || !logits.len().is_multiple_of(classes) {
+        return Err(Error::shape(
+            "logits",
+            logits.len(),
+            logits.len().div_ceil(classes.max(1)).max(1) * classes.max(1),
+            format!("[rows, classes] row-major with rows >= 1 and classes = {classes} >= 1"),
+        ));
+    }
+    if k == 0 || k > classes {
+        return Err(Error::Param {
+            name: "k",
+            value: k as f64,
+            hint: "a row's top k needs 1 <= k <= classes",
+        });
+    }
     let (mut idx, mut val) = (Vec::new(), Vec::new());
     for row in logits.chunks(classes) {
         let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -261,7 +308,7 @@ pub fn top_k_logprobs(logits: &[f32], classes: usize, k: usize) -> (Vec<i32>, Ve
             val.push(bf16_down(row[j] as f64 - lse));
         }
     }
-    (idx, val)
+    Ok((idx, val))
 }
 
 /// `v` rounded to a bf16 at most `v`.

@@ -89,7 +89,7 @@ fn top_k_round_trip(
     let rows = logits.len() / classes;
     let mut w = TopKWriter::create(&path, rows, k, classes)?;
     for chunk in logits.chunks(CHUNK * classes) {
-        let (idx, val) = top_k_logprobs(chunk, classes, k);
+        let (idx, val) = top_k_logprobs(chunk, classes, k)?;
         w.write_rows(&idx, &val)?;
     }
     w.finish()?;
