@@ -17,6 +17,21 @@ pub(super) fn non_null<T>(what: &str, p: *const T) -> FfiResult {
             format!("{what} is NULL: pass a valid pointer"),
         ));
     }
+    aligned(what, p.cast(), std::mem::align_of::<T>())
+}
+
+/// A pointer to elements of `align` bytes is a multiple of `align` (NULL passes): the kernels
+/// and the host copies read whole elements, which a misaligned address would make undefined.
+pub(super) fn aligned(what: &str, p: *const c_void, align: usize) -> FfiResult {
+    if align > 1 && !(p as usize).is_multiple_of(align) {
+        return Err(Fail::new(
+            DST_ERR_INVALID_ARGUMENT,
+            format!(
+                "{what} = {p:p} is not aligned to its elements' {align} bytes: pass an array \
+                 of whole, aligned elements"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -40,10 +55,9 @@ pub(super) struct Src {
 impl Src {
     /// An array of `dtype` at `ptr` given as a C pointer and its dtype code.
     pub fn new(what: &str, ptr: *const c_void, code: i32) -> FfiResult<Src> {
-        Ok(Src {
-            ptr,
-            dtype: dtype(what, code)?,
-        })
+        let dtype = dtype(what, code)?;
+        aligned(what, ptr, dtype.size())?;
+        Ok(Src { ptr, dtype })
     }
 
     /// An f32 array (the feature losses, the labels' neighbours).
@@ -70,10 +84,9 @@ pub(super) struct Dst {
 impl Dst {
     /// An output array given as a C pointer and its dtype code.
     pub fn new(what: &str, ptr: *mut c_void, code: i32) -> FfiResult<Dst> {
-        Ok(Dst {
-            ptr,
-            dtype: dtype(what, code)?,
-        })
+        let dtype = dtype(what, code)?;
+        aligned(what, ptr.cast_const(), dtype.size())?;
+        Ok(Dst { ptr, dtype })
     }
 
     /// An f32 output.
@@ -238,6 +251,8 @@ impl RawOut {
         more_inputs: &[Span<'_>],
     ) -> FfiResult {
         non_null("loss", self.loss)?;
+        aligned("row_loss", self.row_loss.cast_const().cast(), 4)?;
+        aligned("labels", labels.cast(), 4)?;
         let mat = |dtype: Dtype| n.saturating_mul(c).saturating_mul(dtype.size());
         let mut outputs = vec![
             ("loss", self.loss as *const c_void, 4),

@@ -15,8 +15,10 @@ use super::args::{
     divergence, non_null, reduction, sparse_tail, sparse_values, teacher_input, Dst, RawOut, Src,
 };
 use super::status::{ffi, FfiResult};
+use crate::error::Error;
 use crate::ops::{
     CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, RowShape, SparseSpec,
+    TeacherInput,
 };
 
 /// Where an entry point's pointers point and which backend computes on them: the only thing in
@@ -132,7 +134,6 @@ impl HintonArgs {
             };
             let student = Src::new("student", self.student, self.student_dtype)?;
             let teacher = Src::new("teacher", self.teacher, self.teacher_dtype)?;
-            out.check((self.n, self.c), student, teacher, self.labels)?;
             let spec = HintonSpec {
                 shape: RowShape::new(self.n, self.c),
                 temperature: self.temperature,
@@ -143,6 +144,8 @@ impl HintonArgs {
                 grad_scale: self.grad_scale,
             };
             spec.validate()?;
+            // (after the spec's checks: a size past the limits is that error, not an overlap)
+            out.check((self.n, self.c), student, teacher, self.labels)?;
             let loss = RowLoss::Hinton {
                 spec: &spec,
                 teacher,
@@ -198,7 +201,6 @@ impl DivergenceArgs {
             };
             let student = Src::new("student", self.student, self.student_dtype)?;
             let teacher = Src::new("teacher", self.teacher, self.teacher_dtype)?;
-            out.check((self.n, self.c), student, teacher, self.labels)?;
             let spec = DivergenceSpec {
                 shape: RowShape::new(self.n, self.c),
                 divergence: divergence(self.divergence_code, self.beta)?,
@@ -210,6 +212,17 @@ impl DivergenceArgs {
                 teacher_eps: self.teacher_eps,
             };
             spec.validate()?;
+            if !self.grad_teacher.is_null() && spec.teacher != TeacherInput::Logits {
+                // (the fast CPU path's kernels would write the logits' gradient formula)
+                return Err(Error::Unsupported(
+                    "grad_teacher needs the teacher as logits (teacher_input 0); probabilities \
+                     and log-probabilities are constants: pass grad_teacher = NULL"
+                        .into(),
+                )
+                .into());
+            }
+            // (after the spec's checks: a size past the limits is that error, not an overlap)
+            out.check((self.n, self.c), student, teacher, self.labels)?;
             let loss = RowLoss::Divergence {
                 spec: &spec,
                 teacher,
@@ -255,7 +268,6 @@ impl CrossEntropyArgs {
                 grad_teacher: Dst::null(),
             };
             let student = Src::new("student", self.student, self.student_dtype)?;
-            out.check((self.n, self.c), student, Src::null(), self.labels)?;
             let spec = CrossEntropySpec {
                 shape: RowShape::new(self.n, self.c),
                 label_smoothing: self.label_smoothing,
@@ -264,6 +276,8 @@ impl CrossEntropyArgs {
                 grad_scale: self.grad_scale,
             };
             spec.validate()?;
+            // (after the spec's checks: a size past the limits is that error, not an overlap)
+            out.check((self.n, self.c), student, Src::null(), self.labels)?;
             let loss = RowLoss::CrossEntropy {
                 spec: &spec,
                 labels: self.labels,
@@ -317,7 +331,6 @@ impl DkdArgs {
             };
             let student = Src::new("student", self.student, self.student_dtype)?;
             let teacher = Src::new("teacher", self.teacher, self.teacher_dtype)?;
-            out.check((self.n, self.c), student, teacher, self.labels)?;
             let spec = DkdSpec {
                 shape: RowShape::new(self.n, self.c),
                 temperature: self.temperature,
@@ -330,6 +343,8 @@ impl DkdArgs {
                 grad_scale: self.grad_scale,
             };
             spec.validate()?;
+            // (after the spec's checks: a size past the limits is that error, not an overlap)
+            out.check((self.n, self.c), student, teacher, self.labels)?;
             let loss = RowLoss::Dkd {
                 spec: &spec,
                 teacher,
@@ -390,20 +405,6 @@ impl SparseArgs {
             let student = Src::new("student", self.student, self.student_dtype)?;
             let values = Src::new("values", self.values, self.values_dtype)?;
             let entries = self.n.saturating_mul(self.k);
-            out.check_with(
-                (self.n, self.c),
-                student,
-                Src::null(),
-                self.labels,
-                &[
-                    ("indices", self.indices.cast(), entries.saturating_mul(4)),
-                    (
-                        "values",
-                        values.ptr,
-                        entries.saturating_mul(values.dtype.size()),
-                    ),
-                ],
-            )?;
             let spec = SparseSpec {
                 shape: RowShape::new(self.n, self.c),
                 k: self.k,
@@ -418,6 +419,21 @@ impl SparseArgs {
                 grad_scale: self.grad_scale,
             };
             spec.validate()?;
+            // (after the spec's checks: a size past the limits is that error, not an overlap)
+            out.check_with(
+                (self.n, self.c),
+                student,
+                Src::null(),
+                self.labels,
+                &[
+                    ("indices", self.indices.cast(), entries.saturating_mul(4)),
+                    (
+                        "values",
+                        values.ptr,
+                        entries.saturating_mul(values.dtype.size()),
+                    ),
+                ],
+            )?;
             if self.labels.is_null() && spec.alpha > 0.0 {
                 non_null("labels (required when alpha > 0)", self.labels)?;
             }

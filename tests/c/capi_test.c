@@ -397,6 +397,26 @@ int main(void) {
     expect_err("reduction", dst_cpu_cross_entropy(s, DST_F32, labels, N, C, 0.0f, -100, 7, 1.0f, &loss, NULL, g, DST_F32),
                DST_ERR_INVALID_ARGUMENT);
     {
+        /* A misaligned f32 student or i32 labels: refused, never read as whole elements. */
+        static float raw[LEN + 1];
+        static int32_t raw_labels[N + 1];
+        const float *odd = (const float *)((const char *)raw + 1);
+        const int32_t *odd_labels = (const int32_t *)((const char *)raw_labels + 2);
+        expect_err("misaligned_student", dst_fast_cross_entropy(0, odd, DST_F32, labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                                &loss, NULL, g, DST_F32), DST_ERR_INVALID_ARGUMENT);
+        expect_err("misaligned_labels", dst_fast_cross_entropy(0, s, DST_F32, odd_labels, N, C, 0.0f, -100, 0, 1.0f,
+                                                               &loss, NULL, g, DST_F32), DST_ERR_INVALID_ARGUMENT);
+        /* The teacher's gradient with the teacher as probabilities: refused on every host path. */
+        float probs[LEN], gt_buf[LEN];
+        for (int i = 0; i < LEN; ++i) probs[i] = 1.0f / C;
+        expect_err("fast_grad_teacher_probs",
+                   dst_fast_divergence(0, s, DST_F32, probs, DST_F32, NULL, N, C, 0, 0.0f, 0.0f, 1, 2.0f, -100, 0, 1.0f,
+                                       &loss, NULL, g, DST_F32, gt_buf, DST_F32), DST_ERR_UNSUPPORTED);
+        expect_err("cpu_grad_teacher_probs",
+                   dst_cpu_divergence(s, DST_F32, probs, DST_F32, NULL, N, C, 0, 0.0f, 0.0f, 1, 2.0f, -100, 0, 1.0f,
+                                      &loss, NULL, g, DST_F32, gt_buf, DST_F32), DST_ERR_UNSUPPORTED);
+    }
+    {
         int32_t bad[N] = {1, 5, 0, 0}; /* 5 is not a class of C = 5 */
         expect_err("label_hinton", dst_cpu_hinton(s, DST_F32, t, DST_F32, bad, N, C, 2.0f, 0.3f, 0.0f, -100, 0, 1.0f,
                                                   &loss, NULL, g, DST_F32, NULL, DST_F32), DST_ERR_LABEL);
