@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from . import _lib
-from .ops import (DIVERGENCES, SPARSE_TAILS, SPARSE_VALUES, _DTYPES, _I32_MAX, _I32_MIN, _choice,
-                  _dt, _f32_empty, _f32_zeros, _ignore, _labels, _launch, _ptr, _scaled, _wants)
+from .ops import (DIVERGENCES, SPARSE_TAILS, SPARSE_VALUES, _DTYPES, _choice, _dt, _f32_empty,
+                  _f32_zeros, _ignore, _INT_DTYPES, _int32, _labels, _launch, _ptr, _scaled, _wants)
 
 WEIGHTINGS = {"hinton": 0, "liger": 1}
 _REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1}
@@ -37,6 +37,38 @@ def _grad_like(x: Optional[Tensor], wanted: bool, zero: bool, hidden: Tensor) ->
     if x is None or not wanted:
         return hidden.new_empty(0)
     return torch.zeros_like(x) if zero else torch.empty_like(x)
+
+
+def _op_check(op: str, hidden: Tensor, arrays, labels: Optional[Tensor], ints) -> None:
+    """The checks of a fused op called directly (``torch.ops.distillation.*``; the wrapper
+    :func:`fused_linear_kd_loss` calls it checked): ``arrays`` ``(name, tensor or None, shape)``
+    each of a float dtype the C call reads, that shape, contiguous and on ``hidden``'s device;
+    labels int32 ``[N]``; ints within int32 (ctypes would truncate them)."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"distillation::{op}: {why} (fused_linear_kd_loss checks and converts "
+                          "its inputs)")
+
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        raise bad("hidden must be a [N, H] tensor")
+    if hidden.device.type not in ("cpu", "cuda"):
+        raise bad(f"hidden is on {hidden.device}: only CPU and CUDA tensors are supported")
+    for name, t, shape in (("hidden", hidden, tuple(hidden.shape)),) + tuple(arrays):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in _DTYPES:
+            raise bad(f"{name} must be a float32, bfloat16 or float16 tensor")
+        if tuple(t.shape) != tuple(shape):
+            raise bad(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_contiguous() or t.device != hidden.device:
+            raise bad(f"{name} must be contiguous and on {hidden.device}")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.dtype != torch.int32
+                               or tuple(labels.shape) != (hidden.shape[0],)
+                               or not labels.is_contiguous() or labels.device != hidden.device):
+        raise bad(f"labels must be a contiguous int32 [{hidden.shape[0]}] tensor on "
+                  f"{hidden.device}")
+    for name, x in ints:
+        if not -(2 ** 31) <= int(x) <= 2 ** 31 - 1:
+            raise bad(f"{name} = {x} does not fit in int32")
 
 
 @torch.library.custom_op("distillation::fused_linear_kd", mutates_args=())
@@ -52,10 +84,24 @@ def fused_linear_kd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     (``[N, H_t]``, ``[V_t, H_t]``, ``[V_t]``, ``V_t >= V``) or ``[N, V]`` logits or none;
     ``[N]`` int32 labels. Returns (loss, grad_hidden, grad_weight, grad_bias), each gradient
     empty when not wanted."""
-    n, h = hidden.shape
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("distillation::fused_linear_kd: weight must be a [V, H] tensor")
+    if teacher_weight is not None and (not isinstance(teacher_weight, Tensor)
+                                       or teacher_weight.dim() != 2):
+        raise ValueError("distillation::fused_linear_kd: teacher_weight must be a [V_t, H_t] "
+                         "tensor")
     v = weight.shape[0]
     ht, vt = (0, 0) if teacher_weight is None else (teacher_weight.shape[1],
                                                      teacher_weight.shape[0])
+    n = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 2 else 0
+    h = hidden.shape[1] if n else 0
+    _op_check("fused_linear_kd", hidden,
+              (("weight", weight, (v, h)), ("bias", bias, (v,)),
+               ("teacher_hidden", teacher_hidden, (n, ht)),
+               ("teacher_weight", teacher_weight, (vt, ht)),
+               ("teacher_bias", teacher_bias, (vt,)), ("teacher_logits", teacher_logits, (n, v))),
+              labels, (("divergence", divergence), ("weighting", weighting),
+                       ("ignore_index", ignore_index), ("reduction", reduction)))
     spec = _lib.FusedLinearSpec(n, h, v, ht, vt, temperature, divergence, beta, weighting, alpha,
                                 weight_hard, weight_soft, label_smoothing, ignore_index,
                                 reduction, 1.0, memory_budget, chunk_rows)
@@ -107,9 +153,23 @@ def fused_linear_sparse_kd_op(hidden: Tensor, weight: Tensor, bias: Optional[Ten
     """As :func:`fused_linear_kd_op` with a sparse top-k teacher: ``[N, k]`` int32 ``indices``
     and their ``values`` (``values_kind`` 0 log-probabilities, 1 logits; ``tail`` 0
     renormalize, 1 bucket, 2 uniform)."""
-    n, h = hidden.shape
+    op = "fused_linear_sparse_kd"
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"distillation::{op}: weight must be a [V, H] tensor")
     v = weight.shape[0]
+    n = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 2 else 0
+    h = hidden.shape[1] if n else 0
+    if (not isinstance(indices, Tensor) or indices.dtype != torch.int32 or indices.dim() != 2
+            or indices.shape[0] != n or not indices.is_contiguous()
+            or indices.device != getattr(hidden, "device", None)):
+        raise ValueError(f"distillation::{op}: indices must be a contiguous [{n}, k] int32 "
+                         "tensor on the hidden states' device")
     k = indices.shape[1]
+    _op_check(op, hidden, (("weight", weight, (v, h)), ("bias", bias, (v,)),
+                           ("values", values, (n, k))),
+              labels, (("values_kind", values_kind), ("tail", tail), ("divergence", divergence),
+                       ("weighting", weighting), ("ignore_index", ignore_index),
+                       ("reduction", reduction)))
     spec = _lib.FusedLinearSpec(n, h, v, 0, 0, temperature, divergence, beta, weighting, alpha,
                                 weight_hard, weight_soft, label_smoothing, ignore_index,
                                 reduction, 1.0, memory_budget, chunk_rows)
@@ -154,6 +214,13 @@ def _matrix(x, name: str, rows: Optional[int] = None) -> Tensor:
         raise ValueError(f"{name} has {x.shape[0]} rows (shape {tuple(x.shape)}) but the "
                          f"student's hidden states have {rows}: one row per token")
     return x
+
+
+def _detached(x, name: str) -> Tensor:
+    """A teacher's tensor without its graph (the teacher is a constant)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x.detach()
 
 
 def _vector(x, name: str, length: int, like: Tensor) -> Tensor:
@@ -230,8 +297,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
         if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
             raise TypeError("teacher_topk must be a pair (indices, values) of [..., k] tensors")
         indices, values = teacher_topk
-        if (not isinstance(indices, Tensor) or indices.dtype.is_floating_point
-                or indices.dtype.is_complex or indices.dtype == torch.bool):
+        if not isinstance(indices, Tensor) or indices.dtype not in _INT_DTYPES:
             raise TypeError("teacher_topk's indices must be an integer torch.Tensor of class "
                             f"indices, got {getattr(indices, 'dtype', type(indices).__name__)}")
         if not isinstance(values, Tensor) or values.shape != indices.shape or indices.dim() < 1:
@@ -241,7 +307,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
             raise ValueError(f"teacher_topk has shape {tuple(indices.shape)}: it needs k >= 1 "
                              f"classes for each of the {n} rows of the hidden states")
         _same_device(indices, h, "teacher_topk's indices")
-        idx = indices.reshape(n, k).clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
+        idx = _int32(indices.reshape(n, k))
         vals = _matrix(values.detach().reshape(n, k), "teacher_topk's values", n)
         _same_device(vals, h, "teacher_topk's values")
         topk = (idx, vals, _choice(topk_values, SPARSE_VALUES, "topk_values"),
@@ -250,14 +316,18 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
         if teacher_hidden is not None or teacher_weight is not None:
             raise ValueError("pass the teacher as teacher_hidden and teacher_weight, or as "
                              "teacher_logits, not both")
-        tl = _matrix(teacher_logits.detach(), "teacher_logits", n)
+        if teacher_bias is not None:
+            raise ValueError("teacher_bias is given with teacher_logits, where it would be "
+                             "ignored: add it to the logits, or pass the teacher as "
+                             "teacher_hidden, teacher_weight and teacher_bias")
+        tl = _matrix(_detached(teacher_logits, "teacher_logits"), "teacher_logits", n)
         _same_device(tl, h, "teacher_logits")
         if tl.shape[1] != v:
             raise ValueError(f"teacher_logits has {tl.shape[1]} classes but the student {v}")
     elif teacher_hidden is not None or teacher_weight is not None:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("a teacher layer needs both teacher_hidden and teacher_weight")
-        th = _matrix(teacher_hidden.detach(), "teacher_hidden", n)
+        th = _matrix(_detached(teacher_hidden, "teacher_hidden"), "teacher_hidden", n)
         if not isinstance(teacher_weight, Tensor) or teacher_weight.dim() != 2:
             raise ValueError("teacher_weight must be a [V_t, H_t] tensor")
         tw = _matrix(teacher_weight.detach(), "teacher_weight")
@@ -267,10 +337,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
             raise ValueError(f"teacher_weight is {tuple(tw.shape)} but the hidden size of "
                              f"teacher_hidden is {th.shape[1]}: the weight is [V_t, H_t]")
         if teacher_bias is not None:
-            tb = _vector(teacher_bias.detach(), "teacher_bias", tw.shape[0], h)
+            tb = _vector(_detached(teacher_bias, "teacher_bias"), "teacher_bias", tw.shape[0], h)
     elif teacher_bias is not None:
         raise ValueError("teacher_bias is given without teacher_hidden and teacher_weight")
-    y = None if labels is None else _labels(labels, h, n)
+    y = None if labels is None else _labels(labels, h, n, ignore=_ignore(ignore_index))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction = {reduction!r}: use 'batchmean' (or 'mean') or 'sum' (the "
                          "fused loss is a scalar: no 'none')")

@@ -31,6 +31,9 @@ TEACHER_INPUTS = {"logits": 0, "probs": 1, "logprobs": 2}
 SPARSE_VALUES = {"logprobs": 0, "logits": 1}
 SPARSE_TAILS = {"renormalize": 0, "bucket": 1, "uniform": 2}
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+# Label and index dtypes whose values convert to int64 exactly (uint16 / uint32 / uint64 are not
+# accepted: uint64 past 2^63 would wrap).
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _ptr(t: Optional[Tensor]):
@@ -52,6 +55,45 @@ def _f32_zeros(like: Tensor, *shape: int) -> Tensor:
 
 def _f32_empty(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
+
+
+def _op_rows(op: str, student: Tensor, *, teacher: Optional[Tensor] = None,
+             labels: Optional[Tensor] = None, ints: tuple = ()) -> tuple[int, int]:
+    """The checks of a custom op called directly (``torch.ops.distillation.*``, which the
+    wrappers call with checked arguments): every array the C call reads or writes has the size
+    the call gives it, a dtype it reads, is contiguous and on the student's device, and every int
+    fits the C ABI's int32 (ctypes would truncate it). Returns ``(N, C)``."""
+    def bad(what: str, why: str) -> ValueError:
+        return ValueError(f"distillation::{op}: {what} {why} (the wrapper functions "
+                          "kd_loss, soft_target_loss, ... check and convert their inputs)")
+
+    def floats(t, what: str, shape) -> None:
+        if not isinstance(t, Tensor) or t.dtype not in _DTYPES:
+            raise bad(what, "must be a float32, bfloat16 or float16 tensor, got "
+                      f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != tuple(shape):
+            raise bad(what, f"has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_contiguous() or t.device != student.device:
+            raise bad(what, f"must be contiguous and on the student's device {student.device}")
+
+    if not isinstance(student, Tensor) or student.dim() != 2:
+        raise bad("student", "must be a [N, C] tensor")
+    if student.device.type not in ("cpu", "cuda"):
+        raise bad("student", f"is on {student.device}: only CPU and CUDA tensors are supported")
+    n, c = student.shape
+    floats(student, "student", (n, c))
+    if teacher is not None:
+        floats(teacher, "teacher", (n, c))
+    if labels is not None:
+        if (not isinstance(labels, Tensor) or labels.dtype != torch.int32
+                or labels.numel() != n or not labels.is_contiguous()
+                or labels.device != student.device):
+            raise bad("labels", f"must be a contiguous int32 tensor of {n} elements on the "
+                      "student's device")
+    for name, x in ints:
+        if not _I32_MIN <= int(x) <= _I32_MAX:
+            raise bad(name, f"= {x} does not fit in int32")
+    return n, c
 
 
 def _launch(kind: str, device: torch.device, *args) -> None:
@@ -81,7 +123,8 @@ def hinton_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: flo
     """``[N, C]`` float32 / bfloat16 / float16 logits, ``[N]`` int32 labels; ``reduction`` 0 batchmean or 1 sum;
     ``rows``: return the ``[N]`` row losses (with the sum's gradient). Returns (loss,
     grad_student or empty, grad_teacher or empty)."""
-    n, c = student.shape
+    n, c = _op_rows("hinton", student, teacher=teacher, labels=labels,
+                    ints=(("ignore_index", ignore_index), ("reduction", reduction)))
     loss = _f32_zeros(student)
     row = _f32_zeros(student, n) if rows else None
     gs, gt = _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher)
@@ -109,7 +152,9 @@ def divergence_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], di
     """As :func:`hinton_op`, for ``T^2 * D(q || p)`` with D forward KL (0), reverse KL (1) or
     JSD(beta) (2) and the teacher given as logits (0), probabilities (1) or log-probabilities
     (2); ``labels`` optional (masks rows whose label is ``ignore_index``)."""
-    n, c = student.shape
+    n, c = _op_rows("divergence", student, teacher=teacher, labels=labels,
+                    ints=(("divergence", divergence), ("teacher_input", teacher_input),
+                          ("ignore_index", ignore_index), ("reduction", reduction)))
     loss = _f32_zeros(student)
     row = _f32_zeros(student, n) if rows else None
     gs, gt = _grad_buffer(student, want_student), _grad_buffer(teacher, want_teacher)
@@ -134,7 +179,10 @@ def _(student, teacher, labels, divergence, beta, teacher_eps, teacher_input, te
 def cross_entropy_op(student: Tensor, labels: Tensor, label_smoothing: float, ignore_index: int,
                      reduction: int, rows: bool, want_student: bool) -> tuple[Tensor, Tensor]:
     """Cross-entropy with hard labels: (loss, grad_student or empty)."""
-    n, c = student.shape
+    if labels is None:
+        raise ValueError("distillation::cross_entropy: labels are required")
+    n, c = _op_rows("cross_entropy", student, labels=labels,
+                    ints=(("ignore_index", ignore_index), ("reduction", reduction)))
     loss = _f32_zeros(student)
     row = _f32_zeros(student, n) if rows else None
     gs = _grad_buffer(student, want_student)
@@ -160,7 +208,8 @@ def dkd_op(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float,
     """DKD ``ce_weight * CE + T^2 * (tckd_weight * TCKD + nckd_weight * NCKD)`` on ``[N, C]``
     float32 logits (``C >= 2``) and ``[N]`` int32 labels: (loss, grad_student or empty). The
     teacher is detached (no teacher gradient)."""
-    n, c = student.shape
+    n, c = _op_rows("dkd", student, teacher=teacher, labels=labels,
+                    ints=(("ignore_index", ignore_index), ("reduction", reduction)))
     loss = _f32_zeros(student)
     row = _f32_zeros(student, n) if rows else None
     gs = _grad_buffer(student, want_student)
@@ -187,8 +236,21 @@ def sparse_kd_op(student: Tensor, indices: Tensor, values: Tensor, labels: Optio
     """``alpha * CE + (1 - alpha) * T^2 * D(Q || P)`` for ``[N, C]`` logits and a teacher of
     ``[N, k]`` int32 indices and values (``docs/LOSSES.md`` section 10): (loss, grad_student or
     empty). The teacher is a constant."""
-    n, c = student.shape
+    n, c = _op_rows("sparse_kd", student, labels=labels,
+                    ints=(("divergence", divergence), ("values_kind", values_kind),
+                          ("tail", tail), ("ignore_index", ignore_index),
+                          ("reduction", reduction)))
+    if (not isinstance(indices, Tensor) or indices.dtype != torch.int32 or indices.dim() != 2
+            or indices.shape[0] != n or not indices.is_contiguous()
+            or indices.device != student.device):
+        raise ValueError(f"distillation::sparse_kd: indices must be a contiguous [{n}, k] int32 "
+                         "tensor on the student's device")
     k = indices.shape[1]
+    if (not isinstance(values, Tensor) or values.dtype not in _DTYPES
+            or values.shape != indices.shape or not values.is_contiguous()
+            or values.device != student.device):
+        raise ValueError(f"distillation::sparse_kd: values must be a contiguous [{n}, {k}] "
+                         "float32, bfloat16 or float16 tensor on the student's device")
     loss = _f32_zeros(student)
     row = _f32_zeros(student, n) if rows else None
     gs = _grad_buffer(student, want_student)
@@ -212,6 +274,13 @@ def _(student, indices, values, labels, divergence, beta, values_kind, tail, tem
 def mse_op(a: Tensor, b: Tensor, want_a: bool, want_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``mean((a - b)^2)`` over flat float32 ``a``, ``b``: (loss, grad_a or empty, grad_b or
     empty)."""
+    for name, t in (("a", a), ("b", b)):
+        if (not isinstance(t, Tensor) or t.dtype != torch.float32 or not t.is_contiguous()
+                or t.device.type not in ("cpu", "cuda")):
+            raise ValueError(f"distillation::mse: {name} must be a contiguous float32 CPU or "
+                             "CUDA tensor")
+    if a.shape != b.shape or a.device != b.device:
+        raise ValueError("distillation::mse: a and b must have one shape on one device")
     loss = a.new_zeros(())
     ga, gb = _grad_buffer(a, want_a), _grad_buffer(b, want_b)
     _launch("mse", a.device, _ptr(a), _ptr(b), a.numel(), 1.0, _ptr(loss), _ptr(ga), _ptr(gb))
@@ -241,6 +310,12 @@ def _scaled(grad: Tensor, upstream: Tensor, rows: bool) -> Optional[Tensor]:
 
 
 def _backward(ctx, upstream, *_ignored):
+    if torch.is_grad_enabled():
+        # (create_graph=True: the saved gradients are constants here, so a second derivative
+        # would silently miss the loss's curvature)
+        raise RuntimeError("distillation's losses have no double backward (create_graph=True, "
+                           "a gradient penalty, Hessian-vector products): compute the first "
+                           "gradient without create_graph, or use a PyTorch composition")
     return tuple(_scaled(g, upstream, ctx.rows) for g in ctx.saved_tensors)
 
 
@@ -287,20 +362,37 @@ def _float_rows(x, name: str) -> Tensor:
     return x.contiguous().reshape(-1, x.shape[-1])
 
 
-def _labels(y, like: Tensor, rows: int, name: str = "labels") -> Tensor:
+def _int32(y: Tensor, ignore: Optional[int] = None) -> Tensor:
+    """An integer tensor as contiguous int32 of the same shape. A value outside int32 becomes one that
+    is out of any class range and is not ``ignore`` (the clamp's bound, or the other bound where
+    that is ``ignore``), so the checks after it refuse it instead of wrapping it to a valid class
+    or masking the row."""
+    y = y.to(torch.int64)
+    low, high = _I32_MIN, _I32_MAX
+    if ignore == low:
+        low = high
+    elif ignore == high:
+        high = low
+    y = torch.where(y < _I32_MIN, torch.full_like(y, low), y)
+    y = torch.where(y > _I32_MAX, torch.full_like(y, high), y)
+    return y.to(torch.int32).contiguous()
+
+
+def _labels(y, like: Tensor, rows: int, name: str = "labels",
+            ignore: Optional[int] = None) -> Tensor:
     if not isinstance(y, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class indices, got {y.dtype}: "
-                        "convert it with .long()")
+    if y.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of class indices (int8, int16, "
+                        f"int32, int64 or uint8), got {y.dtype}: convert it with .long()")
     if y.numel() != rows:
         raise ValueError(f"{name} has {y.numel()} elements (shape {tuple(y.shape)}) but the "
                          f"logits have {rows} rows: one label per row")
     if y.device != like.device:
         raise ValueError(f"{name} is on {y.device} but the logits are on {like.device}")
-    # Clamping first keeps an int64 label outside the int32 range out of range (an error),
-    # instead of wrapping it to a valid class.
-    return y.reshape(-1).clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
+    # An int64 label outside the int32 range stays out of range (an error), instead of wrapping
+    # to a valid class or landing on ignore_index.
+    return _int32(y.reshape(-1), ignore)
 
 
 def _same_shape(a: Tensor, b: Tensor, an: str, bn: str) -> None:
@@ -354,7 +446,7 @@ def kd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float
     ``student`` and, when it requires grad (online distillation), ``teacher``."""
     s, t = _float_rows(student, "student"), _float_rows(teacher, "teacher")
     _same_shape(student, teacher, "student", "teacher")
-    y = _labels(labels, s, s.shape[0])
+    y = _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
     loss, _, _ = hinton_op(s, t, y, float(temperature), float(alpha), float(label_smoothing),
                            _ignore(ignore_index), red, rows, _wants(s), _wants(t))
@@ -376,7 +468,7 @@ def soft_target_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0,
     ``ignore_index``."""
     s, t = _float_rows(student, "student"), _float_rows(teacher, "teacher")
     _same_shape(student, teacher, "student", "teacher")
-    y = None if labels is None else _labels(labels, s, s.shape[0])
+    y = None if labels is None else _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
     div = _choice(divergence, DIVERGENCES, "divergence")
     tin = _choice(teacher_input, TEACHER_INPUTS, "teacher_input")
@@ -403,7 +495,7 @@ def dkd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: floa
     ``student``; the teacher is detached (no gradient even if it requires one)."""
     s, t = _float_rows(student, "student"), _float_rows(teacher, "teacher")
     _same_shape(student, teacher, "student", "teacher")
-    y = _labels(labels, s, s.shape[0])
+    y = _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
     w = float(warmup)
     loss, _ = dkd_op(s, t.detach(), y, float(temperature), float(ce_weight), float(alpha) * w,
@@ -428,21 +520,27 @@ def sparse_kd_loss(student: Tensor, indices: Tensor, values: Tensor, temperature
     :func:`soft_target_loss`. The loss is ``alpha * CE(student, labels) + (1 - alpha) * T^2 *
     D``; ``labels`` (required when ``alpha > 0``) mask rows equal to ``ignore_index``.
     Repeated or out-of-range indices are an error on CPU tensors; on CUDA tensors they are not
-    read back (undefined results, nothing out of bounds). Differentiable in ``student``."""
+    read back: such a row's loss and gradient are NaN. Differentiable in ``student``."""
     s = _float_rows(student, "student")
-    if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
-        raise TypeError("indices must be an integer torch.Tensor of class indices")
+    if not isinstance(indices, Tensor) or indices.dtype not in _INT_DTYPES:
+        raise TypeError("indices must be an integer torch.Tensor of class indices, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.shape[:-1] != student.shape[:-1] or indices.dim() < 1:
         raise ValueError(f"indices has shape {tuple(indices.shape)} but the student "
                          f"{tuple(student.shape)}: one row of k indices per student row")
-    if not isinstance(values, Tensor) or values.shape != indices.shape:
+    if indices.shape[-1] < 1:
+        raise ValueError("indices has k = 0 entries per row: a sparse teacher needs 1 <= k <= "
+                         "min(C, 1024)")
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.shape != indices.shape:
         raise ValueError("values must be a tensor of the indices' shape [..., k]")
     if indices.device != s.device or values.device != s.device:
         raise ValueError("indices and values must be on the student's device")
     k = indices.shape[-1]
-    idx = indices.reshape(-1, k).clamp(_I32_MIN, _I32_MAX).to(torch.int32).contiguous()
-    v = _float_rows(values.detach(), "values") if k > 0 else values
-    y = None if labels is None else _labels(labels, s, s.shape[0])
+    idx = _int32(indices.reshape(-1, k))
+    v = _float_rows(values.detach(), "values")
+    y = None if labels is None else _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
     div = _choice(divergence, DIVERGENCES, "divergence")
     kind = _choice(values_kind, SPARSE_VALUES, "values_kind")
@@ -459,7 +557,7 @@ def cross_entropy(student: Tensor, labels: Tensor, *, label_smoothing: float = 0
     mean over rows whose label is not ``ignore_index``; with no such row the loss is 0, not
     PyTorch's NaN)."""
     s = _float_rows(student, "student")
-    y = _labels(labels, s, s.shape[0])
+    y = _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _CE_REDUCTIONS)
     loss, _ = cross_entropy_op(s, y, float(label_smoothing), _ignore(ignore_index), red, rows,
                                _wants(s))

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _lib
+from .ops import _int32
 
 MAXIMA, SUMS = 2, 9
 STATS = MAXIMA + SUMS
@@ -127,7 +128,8 @@ def _shard(x: Tensor, name: str, device: Optional[torch.device] = None) -> Tenso
 _I32_MIN, _I32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
-def _labels(labels: Optional[Tensor], n: int, device: torch.device) -> Optional[Tensor]:
+def _labels(labels: Optional[Tensor], n: int, device: torch.device,
+            ignore: int) -> Optional[Tensor]:
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
@@ -135,10 +137,9 @@ def _labels(labels: Optional[Tensor], n: int, device: torch.device) -> Optional[
     if labels.dtype not in (torch.int32, torch.int64) or labels.shape != (n,):
         raise ValueError(f"labels must be [{n}] int32 or int64 global classes, got "
                          f"{labels.dtype} {list(labels.shape)}")
-    # Clamped first: an int64 label outside int32 stays out of range (an error) instead of
-    # wrapping to a valid class.
-    y = labels.detach().clamp(_I32_MIN, _I32_MAX)
-    return y.to(device=device, dtype=torch.int32).contiguous()
+    # An int64 label outside int32 stays out of range (an error) instead of wrapping to a valid
+    # class or landing on ignore_index.
+    return _int32(labels.detach(), ignore).to(device=device)
 
 
 def _same_rows(t: Optional[Tensor], s: Tensor, name: str) -> None:
@@ -216,7 +217,7 @@ def stats(cfg: Config, student: Tensor, teacher: Optional[Tensor], labels: Optio
     n, width = s.shape
     t = None if teacher is None else _shard(teacher, "teacher", s.device)
     _same_rows(t, s, "teacher")
-    y = _labels(labels, n, s.device)
+    y = _labels(labels, n, s.device, cfg.ignore_index)
     out = torch.empty(n * STATS, dtype=torch.float32, device=s.device)
     spec = cfg.spec(n, classes, offset, width)
     _call("stats", s.device, ctypes.byref(spec), _ptr(s), _ptr(t), _ptr(y), _ptr(out))
@@ -277,7 +278,7 @@ def jsd_terms(cfg: Config, student: Tensor, teacher: Tensor, labels: Optional[Te
     t = _shard(teacher, "teacher", s.device)
     _same_rows(t, s, "teacher")
     n, width = s.shape
-    y = _labels(labels, n, s.device)
+    y = _labels(labels, n, s.device, cfg.ignore_index)
     g = _f32(global_stats, "global_stats", s.device)
     _numel(g, n * STATS, "global_stats", f"[N * {STATS}], the combined stats")
     out = torch.empty(n * 2, dtype=torch.float32, device=s.device)
@@ -298,7 +299,7 @@ def loss_and_grad(cfg: Config, student: Tensor, teacher: Optional[Tensor],
     dev = s.device
     t = None if teacher is None else _shard(teacher, "teacher", dev)
     _same_rows(t, s, "teacher")
-    y = _labels(labels, n, dev)
+    y = _labels(labels, n, dev, cfg.ignore_index)
     g = _f32(global_stats, "global_stats", dev)
     _numel(g, n * STATS, "global_stats", f"[N * {STATS}], the combined stats")
     j = None if jsd is None else _f32(jsd, "jsd_terms", dev)

@@ -243,6 +243,31 @@ def test_bad_inputs_raise_with_the_librarys_message():
         dl.fused_linear_kd_loss(h, w, th, tw, y, reduction="none")
     with pytest.raises(ValueError, match="weighting"):
         dl.fused_linear_kd_loss(h, w, th, tw, y, weighting="trl")
+    # Liger weights past 1e6, an upstream scale that would overflow.
+    with pytest.raises(err, match="weight_hard"):
+        dl.fused_linear_kd_loss(h, w, th, tw, y, weighting="liger", weight_hard=3e38)
+    # A teacher bias beside teacher logits would be ignored: refused, as in the C ABI.
+    tl = (th @ tw.T)[:, :w.shape[0]]
+    with pytest.raises(ValueError, match="teacher_bias"):
+        dl.fused_linear_kd_loss(h, w, None, None, y, teacher_logits=tl, teacher_bias=tb)
+    # A teacher that is not a tensor: a TypeError naming it (not an AttributeError).
+    with pytest.raises(TypeError, match="teacher_logits"):
+        dl.fused_linear_kd_loss(h, w, None, None, y, teacher_logits=tl.tolist())
+    with pytest.raises(TypeError, match="teacher_hidden"):
+        dl.fused_linear_kd_loss(h, w, th.tolist(), tw, y)
+    # An int64 label past int32 is out of range even where ignore_index is int32's maximum (the
+    # clamp must not land on it and mask the row).
+    ok = y.clone()
+    ok[ok < 0] = 0
+    for label, ignore in ((2 ** 40, 2 ** 31 - 1), (-(2 ** 40), -(2 ** 31))):
+        big = ok.clone()
+        big[0] = label
+        with pytest.raises(err, match="label"):
+            dl.fused_linear_kd_loss(h, w, th, tw, big, ignore_index=ignore)
+    # Narrow integer labels are class indices too.
+    a = dl.fused_linear_kd_loss(h, w, th, tw, ok)
+    for dt in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(dl.fused_linear_kd_loss(h, w, th, tw, ok.to(dt)), a), dt
 
 
 def test_cuda_matches_cpu():

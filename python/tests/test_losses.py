@@ -244,6 +244,51 @@ def test_bad_input_raises_with_the_message(call, kind, words):
     assert words.lower() in str(info.value).lower(), str(info.value)
 
 
+def test_custom_ops_called_directly_check_their_arrays():
+    """``torch.ops.distillation.*`` trust no size: a teacher, labels or values smaller than the
+    student's rows, int64 labels, float64, non-contiguous arrays or ints past int32 are a
+    ValueError before C reads anything."""
+    s, t, y = make(n=4, c=10, seed=13)
+    y32 = y.to(torch.int32)
+    ops = torch.ops.distillation
+    hinton = lambda st, te, la, red=0: ops.hinton(st, te, la, 2.0, 0.3, 0.0, -100, red, False,
+                                                   True, True)
+    for st, te, la, red in [
+        (s, t[:1], y32, 0),                  # a teacher of one row
+        (s, t, y32[:2], 0),                  # short labels
+        (s, t, y, 0),                        # int64 labels (read as int32 pairs)
+        (s.double(), t.double(), y32, 0),    # float64
+        (s.t().contiguous().t(), t, y32, 0),  # a column-major student
+        (s, t, y32, 2 ** 32),                # reduction past int32 (ctypes would truncate)
+    ]:
+        with pytest.raises(ValueError, match="distillation::hinton"):
+            hinton(st, te, la, red)
+    with pytest.raises(ValueError, match="distillation::sparse_kd"):
+        ops.sparse_kd(s, y32[:, None].clone()[:2], t[:2, :1].contiguous(), None, 0, 0.5, 0, 0,
+                      1.0, 0.0, 0.0, -100, 0, False, True)
+    with pytest.raises(ValueError, match="distillation::mse"):
+        ops.mse(s.reshape(-1).double(), t.reshape(-1).double(), True, True)
+
+
+def test_double_backward_is_an_error_not_a_silent_constant():
+    s, t, y = make(n=4, c=5, seed=14)
+    s.requires_grad_()
+    loss = dl.kd_loss(s, t, y, 2.0, 0.3)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+def test_narrow_and_wide_label_dtypes():
+    s, t, y = make(n=4, c=5, seed=15)
+    y = y.clamp(min=0)
+    want = dl.kd_loss(s, t, y, 2.0, 0.3)
+    for dt in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(dl.kd_loss(s, t, y.to(dt), 2.0, 0.3), want), dt
+    if hasattr(torch, "uint64"):
+        with pytest.raises(TypeError, match="int64"):
+            dl.kd_loss(s, t, y.to(torch.uint64), 2.0, 0.3)
+
+
 def test_nan_in_nan_out():
     s, t, y = make(seed=12)
     s[3, 4] = float("nan")

@@ -172,3 +172,13 @@ def test_errors():
         dl.sparse_kd_loss(s, idx, vals, tail="spread")
     with pytest.raises(ValueError, match="indices"):
         dl.sparse_kd_loss(s, idx[:2], vals[:2])
+    # k = 0: the library's message, not torch's reshape error; values not a tensor: TypeError.
+    with pytest.raises(ValueError, match="k = 0"):
+        dl.sparse_kd_loss(s, idx[:, :0], vals[:, :0])
+    with pytest.raises(TypeError, match="values"):
+        dl.sparse_kd_loss(s, idx, vals.tolist())
+    # Reverse KL with a probability of 0 on the support is +inf: an error on CPU tensors.
+    zero = vals.clone()
+    zero[2, 1] = float("-inf")
+    with pytest.raises(dl.DistillationError, match="reverse KL"):
+        dl.sparse_kd_loss(s, idx, zero, divergence="reverse_kl", tail="bucket")
