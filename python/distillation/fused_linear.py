@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from . import _lib
-from .ops import (DIVERGENCES, SPARSE_TAILS, SPARSE_VALUES, _DTYPES, _choice, _dt, _f32_empty,
-                  _f32_zeros, _ignore, _INT_DTYPES, _int32, _labels, _launch, _ptr, _scaled, _wants)
+from .ops import (DIVERGENCES, SPARSE_TAILS, SPARSE_VALUES, _DTYPES, _INT_DTYPES, _choice,
+                  _constants, _dt, _f32_empty, _f32_zeros, _ignore, _int32, _labels, _launch,
+                  _ptr, _scaled, _wants)
 
 WEIGHTINGS = {"hinton": 0, "liger": 1}
 _REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1}
@@ -351,12 +352,14 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor,
             raise ValueError(f"{name} = {x} must be at least 1 (None: the default)")
     if topk is not None:
         idx, vals, kind, tl_code = topk
+        _constants(temperature=temperature, alpha=alpha)
         loss, _, _, _ = fused_linear_sparse_kd_op(
             h, w, b, idx, vals, y, kind, tl_code, float(temperature), div, float(beta), wt,
             float(alpha), float(weight_hard), float(weight_soft), float(label_smoothing),
             _ignore(ignore_index), _REDUCTIONS[reduction], int(memory_budget or 0),
             int(chunk_rows or 0), _wants(h), _wants(w), b is not None and _wants(b))
         return loss
+    _constants(temperature=temperature, alpha=alpha)
     loss, _, _, _ = fused_linear_kd_op(
         h, w, b, th, tw, tb, tl, y, float(temperature), div, float(beta), wt, float(alpha),
         float(weight_hard), float(weight_soft), float(label_smoothing), _ignore(ignore_index),

@@ -363,10 +363,10 @@ def _float_rows(x, name: str) -> Tensor:
 
 
 def _int32(y: Tensor, ignore: Optional[int] = None) -> Tensor:
-    """An integer tensor as contiguous int32 of the same shape. A value outside int32 becomes one that
-    is out of any class range and is not ``ignore`` (the clamp's bound, or the other bound where
-    that is ``ignore``), so the checks after it refuse it instead of wrapping it to a valid class
-    or masking the row."""
+    """An integer tensor as contiguous int32 of the same shape. A value outside int32 becomes
+    one that is out of any class range and is not ``ignore`` (the clamp's bound, or the other
+    bound where that is ``ignore``), so the checks after it refuse it instead of wrapping it to a
+    valid class or masking the row."""
     y = y.to(torch.int64)
     low, high = _I32_MIN, _I32_MAX
     if ignore == low:
@@ -401,6 +401,16 @@ def _same_shape(a: Tensor, b: Tensor, an: str, bn: str) -> None:
                          "must match")
     if a.device != b.device:
         raise ValueError(f"{an} is on {a.device} but {bn} is on {b.device}")
+
+
+def _constants(**hyper) -> None:
+    """Hyperparameters are constants of the kernels: a tensor that requires grad (a learnable
+    temperature) is refused, since no gradient would flow to it."""
+    for name, x in hyper.items():
+        if isinstance(x, Tensor) and x.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad: the loss takes {name} as a "
+                            "constant (no gradient flows to it); pass a float or a detached "
+                            "tensor")
 
 
 def _ignore(ignore_index: int) -> int:
@@ -448,6 +458,7 @@ def kd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float
     _same_shape(student, teacher, "student", "teacher")
     y = _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
+    _constants(temperature=temperature, alpha=alpha)
     loss, _, _ = hinton_op(s, t, y, float(temperature), float(alpha), float(label_smoothing),
                            _ignore(ignore_index), red, rows, _wants(s), _wants(t))
     return _out(loss, student, rows)
@@ -472,6 +483,7 @@ def soft_target_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0,
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
     div = _choice(divergence, DIVERGENCES, "divergence")
     tin = _choice(teacher_input, TEACHER_INPUTS, "teacher_input")
+    _constants(temperature=temperature)
     loss, _, _ = divergence_op(s, t, y, div, float(beta), float(teacher_eps), tin,
                                float(temperature), _ignore(ignore_index), red, rows, _wants(s),
                                _wants(t) and tin == 0)
@@ -498,6 +510,7 @@ def dkd_loss(student: Tensor, teacher: Tensor, labels: Tensor, temperature: floa
     y = _labels(labels, s, s.shape[0], ignore=_ignore(ignore_index))
     red, rows = _reduction(reduction, _KL_REDUCTIONS)
     w = float(warmup)
+    _constants(temperature=temperature, alpha=alpha)
     loss, _ = dkd_op(s, t.detach(), y, float(temperature), float(ce_weight), float(alpha) * w,
                      float(beta) * w, float(label_smoothing), _ignore(ignore_index), red, rows,
                      _wants(s))
@@ -545,6 +558,7 @@ def sparse_kd_loss(student: Tensor, indices: Tensor, values: Tensor, temperature
     div = _choice(divergence, DIVERGENCES, "divergence")
     kind = _choice(values_kind, SPARSE_VALUES, "values_kind")
     tl = _choice(tail, SPARSE_TAILS, "tail")
+    _constants(temperature=temperature, alpha=alpha)
     loss, _ = sparse_kd_op(s, idx, v, y, div, float(beta), kind, tl, float(temperature),
                            float(alpha), float(label_smoothing), _ignore(ignore_index), red, rows,
                            _wants(s))

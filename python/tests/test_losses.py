@@ -278,6 +278,16 @@ def test_double_backward_is_an_error_not_a_silent_constant():
         torch.autograd.grad(loss, s, create_graph=True)
 
 
+def test_a_learnable_temperature_is_refused():
+    s, t, y = make(n=4, c=5, seed=16)
+    T = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(TypeError, match="temperature"):
+        dl.kd_loss(s, t, y, T, 0.3)
+    with pytest.raises(TypeError, match="temperature"):
+        dl.soft_target_loss(s, t, T)
+    assert torch.equal(dl.kd_loss(s, t, y, T.detach(), 0.3), dl.kd_loss(s, t, y, 2.0, 0.3))
+
+
 def test_narrow_and_wide_label_dtypes():
     s, t, y = make(n=4, c=5, seed=15)
     y = y.clamp(min=0)
