@@ -45,7 +45,8 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::loss::LossAndGrad;
 use crate::{
-    CrossEntropyLoss, Divergence, DkdLoss, FastCpuBackend, KdLoss, SoftTargetLoss, IGNORE_INDEX,
+    CrossEntropyLoss, Divergence, DkdLoss, FastCpuBackend, KdLoss, Reduction, SoftTargetLoss,
+    IGNORE_INDEX,
 };
 
 /// Which of the crate's losses a call runs.
@@ -55,6 +56,17 @@ enum Loss {
     Soft(SoftTargetLoss),
     CrossEntropy(CrossEntropyLoss),
     Dkd(DkdLoss),
+}
+
+impl Loss {
+    fn reduction(&self) -> Reduction {
+        match self {
+            Loss::Kd(l) => l.reduction,
+            Loss::Soft(l) => l.reduction,
+            Loss::CrossEntropy(l) => l.reduction,
+            Loss::Dkd(l) => l.reduction,
+        }
+    }
 }
 
 fn burn_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -92,12 +104,14 @@ fn run_typed<S: Element, T: Element>(
     c: usize,
 ) -> Result<(f32, Vec<f32>, Option<Vec<f32>>)> {
     let b = FastCpuBackend::new();
-    let out: LossAndGrad<S, T> = match loss {
-        Loss::Kd(l) => l.forward_backward(&b, s, t, labels, c)?,
-        Loss::Soft(l) => l.forward_backward(&b, s, t, None, c)?,
-        Loss::Dkd(l) => l.forward_backward(&b, s, t, labels, c)?,
+    // The gradients in f32, unrounded: the surrogate's cast back to a half student rounds the
+    // upstream times the gradient once (a half gradient here would be rounded twice).
+    let out: LossAndGrad<f32, f32> = match loss {
+        Loss::Kd(l) => l.forward_backward_f32(&b, s, t, labels, c)?,
+        Loss::Soft(l) => l.forward_backward_f32(&b, s, t, None, c)?,
+        Loss::Dkd(l) => l.forward_backward_f32(&b, s, t, labels, c)?,
         Loss::CrossEntropy(l) => {
-            let o = l.forward_backward(&b, s, labels, c)?;
+            let o = l.forward_backward_f32(&b, s, labels, c)?;
             LossAndGrad {
                 loss: o.loss,
                 row_loss: o.row_loss,
@@ -106,12 +120,7 @@ fn run_typed<S: Element, T: Element>(
             }
         }
     };
-    // The gradients in the logits' dtype (as our kernels round them), widened to f32 exactly.
-    let gs = out.grad_student.iter().map(|x| x.to_f32()).collect();
-    let gt = out
-        .grad_teacher
-        .map(|g| g.iter().map(|x| x.to_f32()).collect());
-    Ok((out.loss, gs, gt))
+    Ok((out.loss, out.grad_student, out.grad_teacher))
 }
 
 fn run_student<T: Element>(
@@ -128,12 +137,13 @@ fn run_student<T: Element>(
     }
 }
 
-/// `sum(x * g)` in f32, minus itself detached: 0 in value, `g` as the gradient of `x`.
+/// `sum((x - detach(x)) * g)` in f32: exactly 0 in value for finite `x` (no `inf - inf` where
+/// the logits are near f32's range), `g` as the gradient of `x`.
 fn surrogate<const D: usize>(x: Tensor<D>, g: Vec<f32>) -> Tensor<1> {
     let dev = x.device();
     let g = Tensor::<D>::from_data(TensorData::new(g, x.shape()), (&dev, DType::F32));
-    let s = (x.cast(DType::F32) * g).sum();
-    s.clone() - s.detach()
+    let x = x.cast(DType::F32);
+    ((x.clone() - x.detach()) * g).sum()
 }
 
 /// Checks the shapes, runs `loss` on the host and builds the differentiable result.
@@ -153,6 +163,33 @@ fn apply<const D: usize, const L: usize>(
         )));
     }
     let rows = len / c;
+    if loss.reduction() == Reduction::None {
+        return Err(Error::Unsupported(
+            "Reduction::None: the adapter returns the reduced loss (a scalar tensor); use \
+             Reduction::BatchMean or Reduction::Sum"
+                .into(),
+        ));
+    }
+    // (burn's own binary ops panic on tensors of two devices)
+    let dev = student.device();
+    if let Some(t) = &teacher {
+        if t.device() != dev {
+            return Err(Error::Unsupported(format!(
+                "the teacher is on {:?} and the student on {dev:?}: move it with \
+                 teacher.to_device(&student.device())",
+                t.device()
+            )));
+        }
+    }
+    if let Some(y) = &labels {
+        if y.device() != dev {
+            return Err(Error::Unsupported(format!(
+                "the labels are on {:?} and the student on {dev:?}: move them with \
+                 labels.to_device(&student.device())",
+                y.device()
+            )));
+        }
+    }
     if let Some(t) = &teacher {
         if t.dims() != dims {
             return Err(Error::Shape {
@@ -207,7 +244,6 @@ fn apply<const D: usize, const L: usize>(
             Host::F16(v) => run_student(loss, &s_host, &v, &labels_host, c)?,
         },
     };
-    let dev = student.device();
     let mut out = Tensor::<1>::from_data(TensorData::new(vec![value], [1]), (&dev, DType::F32));
     if student.is_tracked() {
         out = out + surrogate(student, gs);

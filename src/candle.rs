@@ -122,12 +122,14 @@ fn run_typed<S: Element + WithDType, T: Element + WithDType>(
 ) -> crate::Result<(f32, Option<Tensor>, Option<Tensor>)> {
     let b = FastCpuBackend::new();
     let c = op.shape.dims().last().copied().unwrap_or(0);
-    let out: LossAndGrad<S, T> = match op.loss {
-        Loss::Kd(l) => l.forward_backward(&b, s, t, labels, c)?,
-        Loss::Soft(l) => l.forward_backward(&b, s, t, None, c)?,
-        Loss::Dkd(l) => l.forward_backward(&b, s, t, labels, c)?,
+    // The gradients kept in f32, unrounded: `bwd` scales them by the upstream gradient and
+    // rounds once into the logits' dtype (half gradients here would be rounded twice).
+    let out: LossAndGrad<f32, f32> = match op.loss {
+        Loss::Kd(l) => l.forward_backward_f32(&b, s, t, labels, c)?,
+        Loss::Soft(l) => l.forward_backward_f32(&b, s, t, None, c)?,
+        Loss::Dkd(l) => l.forward_backward_f32(&b, s, t, labels, c)?,
         Loss::CrossEntropy(l) => {
-            let o = l.forward_backward(&b, s, labels, c)?;
+            let o = l.forward_backward_f32(&b, s, labels, c)?;
             LossAndGrad {
                 loss: o.loss,
                 row_loss: o.row_loss,
@@ -137,7 +139,7 @@ fn run_typed<S: Element + WithDType, T: Element + WithDType>(
         }
     };
     let dev = candle_core::Device::Cpu;
-    let tensor = |g: Vec<S>| Tensor::from_vec(g, op.shape.clone(), &dev);
+    let tensor = |g: Vec<f32>| Tensor::from_vec(g, op.shape.clone(), &dev);
     let gs = tensor(out.grad_student).map_err(|e| Error::Unsupported(e.to_string()))?;
     let gt = match out.grad_teacher {
         Some(g) => Some(
@@ -206,7 +208,7 @@ impl CustomOp3 for LossOp {
 
     fn bwd(
         &self,
-        _student: &Tensor,
+        student: &Tensor,
         teacher: &Tensor,
         _labels: &Tensor,
         _res: &Tensor,
@@ -216,18 +218,19 @@ impl CustomOp3 for LossOp {
             .saved
             .lock()
             .map_err(|_| err("a previous call panicked"))?;
-        // The upstream gradient (a scalar, f32 as the loss) scales the kept gradients, in f32,
-        // returned in each gradient's dtype.
-        let scale = |g: &Tensor| -> candle_core::Result<Tensor> {
+        // The upstream gradient (a scalar, f32 as the loss) scales the kept f32 gradients,
+        // rounded once into each input's dtype.
+        let scale = |g: &Tensor, dtype: DType| -> candle_core::Result<Tensor> {
             let up = grad_res.to_dtype(DType::F32)?;
-            g.to_dtype(DType::F32)?
-                .broadcast_mul(&up)?
-                .to_dtype(g.dtype())
+            g.broadcast_mul(&up)?.to_dtype(dtype)
         };
-        let gs = saved.student.as_ref().map(scale).transpose()?;
+        let gs = match &saved.student {
+            Some(g) => Some(scale(g, student.dtype())?),
+            None => None,
+        };
         // The teacher's gradient only where it is tracked (online distillation).
         let gt = match (&saved.teacher, teacher.track_op()) {
-            (Some(g), true) => Some(scale(g)?),
+            (Some(g), true) => Some(scale(g, teacher.dtype())?),
             _ => None,
         };
         Ok((gs, gt, None))
@@ -252,6 +255,19 @@ fn apply(
             "student has shape {:?}: pass [N, C] (or [..., C]) logits with at least one row and class",
             student.dims()
         )));
+    }
+    let reduction = match loss {
+        Loss::Kd(l) => l.reduction,
+        Loss::Soft(l) => l.reduction,
+        Loss::CrossEntropy(l) => l.reduction,
+        Loss::Dkd(l) => l.reduction,
+    };
+    if reduction == crate::Reduction::None {
+        return Err(err(
+            "Reduction::None: the adapter returns the reduced loss (a scalar tensor); use \
+             Reduction::BatchMean or Reduction::Sum"
+                .to_string(),
+        ));
     }
     if teacher.dims() != student.dims() {
         return Err(err(format!(

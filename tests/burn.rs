@@ -295,6 +295,38 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(e.to_string().contains("F64"), "{e}");
 }
 
+/// A teacher or labels on another device than the student: an error naming `to_device` (burn's
+/// own add would panic); `Reduction::None`: an error (the adapter returns a scalar).
+#[test]
+fn other_devices_and_reduction_none_are_errors() {
+    let devs = devices();
+    let (n, c) = (3, 4);
+    let s_host = logits(n, c, 1, 1.0);
+    for (name, other) in devs.iter().skip(1) {
+        let dev = Device::flex().autodiff();
+        let s = tensor(&s_host, n, c, &dev).require_grad();
+        let t = tensor(&logits(n, c, 2, 1.0), n, c, other).require_grad();
+        let e = distillation::burn::kd_loss(s.clone(), t, labels(&[0, 1, 2], &dev), 2.0, 0.5)
+            .expect_err("teacher on another device");
+        assert!(e.to_string().contains("to_device"), "{name}: {e}");
+        let t = tensor(&logits(n, c, 2, 1.0), n, c, &dev);
+        let e = distillation::burn::kd_loss(s, t, labels(&[0, 1, 2], other), 2.0, 0.5)
+            .expect_err("labels on another device");
+        assert!(e.to_string().contains("to_device"), "{name}: {e}");
+    }
+    for (name, dev) in &devs {
+        let s = tensor(&s_host, n, c, dev).require_grad();
+        let t = tensor(&logits(n, c, 2, 1.0), n, c, dev);
+        let none = KdLoss {
+            reduction: distillation::Reduction::None,
+            ..KdLoss::new(2.0, 0.5)
+        };
+        let e = distillation::burn::kd_loss_with(&none, s, t, labels(&[0, 1, 2], dev))
+            .expect_err("Reduction::None");
+        assert!(e.to_string().contains("Reduction::None"), "{name}: {e}");
+    }
+}
+
 /// The shared device when there is an adapter (and `DISTILLATION_REQUIRE` does not name wgpu).
 fn shared_device() -> Option<Device> {
     devices()

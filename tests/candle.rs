@@ -230,6 +230,49 @@ fn bf16_logits_give_bf16_gradients() {
     );
 }
 
+/// A half gradient is the upstream times the f32 gradient rounded once: with an upstream of 1/3,
+/// every element equals the f32 route's gradient times 1/3 rounded to bf16 (it was rounded to
+/// bf16 first, then scaled and rounded again).
+#[test]
+fn half_gradients_are_rounded_once() {
+    let dev = Device::Cpu;
+    let (n, c) = (4, 50);
+    let s32 = Tensor::from_vec(logits(n, c, 17), (n, c), &dev).unwrap();
+    let sb = s32.to_dtype(DType::BF16).unwrap();
+    let t = Tensor::from_vec(logits(n, c, 18), (n, c), &dev).unwrap();
+    let labels = Tensor::new(&[1u32, 2, 3, 4], &dev).unwrap();
+    let s = Var::from_tensor(&sb).unwrap();
+    let loss = (dc::kd_loss(s.as_tensor(), &t, &labels, 3.0, 0.4).unwrap() / 3.0).unwrap();
+    let g = loss.backward().unwrap();
+    let got = g.get(s.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+    // The f32 route on the same (bf16-valued) logits, scaled in f32, rounded once.
+    let s2 = Var::from_tensor(&sb.to_dtype(DType::F32).unwrap()).unwrap();
+    let loss2 = (dc::kd_loss(s2.as_tensor(), &t, &labels, 3.0, 0.4).unwrap() / 3.0).unwrap();
+    let want = loss2
+        .backward()
+        .unwrap()
+        .get(s2.as_tensor())
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        got.flatten_all().unwrap().to_vec1().unwrap(),
+        want.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert_eq!(a, b, "bf16 gradient vs the f32 one rounded once");
+    // Reduction::None is refused (the adapter returns a scalar).
+    let none = distillation::KdLoss {
+        reduction: distillation::Reduction::None,
+        ..distillation::KdLoss::new(3.0, 0.4)
+    };
+    let e = dc::kd_loss_with(&none, s.as_tensor(), &t, &labels)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Reduction::None"), "{e}");
+}
+
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     let dev = Device::Cpu;

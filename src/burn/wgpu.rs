@@ -264,10 +264,11 @@ fn output(
     })
 }
 
-/// `sum(x * g)` in f32 minus itself detached: 0 in value, `g` as the gradient of `x`.
+/// `sum((x - detach(x)) * g)` in f32: exactly 0 in value for finite `x` (no `inf - inf` near
+/// f32's range), `g` as the gradient of `x`.
 fn surrogate<const D: usize>(x: Tensor<D>, g: Tensor<D>) -> Tensor<1> {
-    let s = (x.cast(DType::F32) * g.cast(DType::F32)).sum();
-    s.clone() - s.detach()
+    let x = x.cast(DType::F32);
+    ((x.clone() - x.detach()) * g.cast(DType::F32)).sum()
 }
 
 /// Runs `loss` with our kernels on burn's buffers when the tensors are on the shared device and
@@ -351,7 +352,8 @@ pub(super) fn try_apply<const D: usize, const L: usize>(
         None => None,
     };
 
-    // The outputs, in burn's memory: the loss, and the gradients in the logits' dtypes.
+    // The outputs, in burn's memory: the loss, and the gradients in f32 (the surrogate's cast
+    // back to a half student rounds the upstream times the gradient once, not twice).
     let grad_teacher = match loss {
         Loss::Kd(l) => l.teacher_grad,
         Loss::Soft(l) => l.teacher_grad,
@@ -361,12 +363,12 @@ pub(super) fn try_apply<const D: usize, const L: usize>(
     let out_loss = output(b, &s.cube, Shape::new([1]), DType::F32, 1)?;
     let want_gs = student.is_tracked();
     let gs = if want_gs {
-        Some(output(b, &s.cube, s_shape.clone(), s.cube.dtype, len)?)
+        Some(output(b, &s.cube, s_shape.clone(), DType::F32, len)?)
     } else {
         None
     };
     let gt = match (&t, grad_teacher) {
-        (Some(t), true) => Some(output(b, &t.cube, s_shape, t.cube.dtype, len)?),
+        (Some(t), true) => Some(output(b, &t.cube, s_shape, DType::F32, len)?),
         _ => None,
     };
 
