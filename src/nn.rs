@@ -124,8 +124,12 @@ impl<B: Backend> Mlp<B> {
         Ok(Mlp { layers })
     }
 
+    /// `[in, hidden.., out]` (empty for an MLP of no layers).
     pub fn sizes(&self) -> Vec<usize> {
-        let mut s = vec![self.layers[0].inputs()];
+        let Some(first) = self.layers.first() else {
+            return Vec::new();
+        };
+        let mut s = vec![first.inputs()];
         s.extend(self.layers.iter().map(|l| l.outputs()));
         s
     }
@@ -230,8 +234,13 @@ impl<B: Backend> Conv2d<B> {
         self.weight.value.shape[1]
     }
 
+    /// `C_in`, from the weight's `K*K*C_in` rows (0 for a kernel size of 0).
     pub fn in_channels(&self) -> usize {
-        self.weight.value.shape[0] / (self.k * self.k)
+        self.weight
+            .value
+            .shape
+            .first()
+            .map_or(0, |&r| r.checked_div(self.k * self.k).unwrap_or(0))
     }
 }
 
@@ -271,7 +280,7 @@ impl<B: Backend> Cnn<B> {
         B: 'a,
     {
         let (c, h, w) = self.image;
-        let n = tape.value(x).rows_cols().0;
+        let n = tape.value(x)?.rows_cols().0;
         // Rows hold [C, H, W] images; the convolutions are channels-last.
         let mut a = tape.reshape(x, &[n, c, h * w])?;
         a = if c > 1 {
@@ -287,14 +296,14 @@ impl<B: Backend> Cnn<B> {
             let y = tape.relu(y)?;
             maps.push(tape.to_channels_first(y)?);
             hidden.push(y);
-            let s = tape.value(y).shape.clone();
+            let s = tape.value(y)?.shape.clone();
             a = if s[1] >= 2 && s[2] >= 2 {
                 tape.pool(y, 2, true)?
             } else {
                 y
             };
         }
-        let len = tape.value(a).len() / n;
+        let len = tape.value(a)?.len() / n;
         let flat = tape.reshape(a, &[n, len])?;
         let (logits, p) = self.head.forward(tape, flat)?;
         params.extend(p);
@@ -429,7 +438,7 @@ impl Optimizer {
     {
         let backend = tape.backend();
         for (p, v) in params {
-            let Some(g) = tape.grad(v) else { continue };
+            let Some(g) = tape.grad(v)? else { continue };
             let shape = p.value.shape.clone();
             if p.state1.is_none() {
                 p.state1 = Some(Tensor::zeros(backend, &shape)?);

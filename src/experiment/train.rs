@@ -7,7 +7,7 @@ use super::config::Config;
 use super::Progress;
 use crate::backend::Backend;
 use crate::data::{self, Dataset};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::{Net, Optimizer};
 use crate::ops::{CrossEntropySpec, RowShape, IGNORE_INDEX};
 use crate::rng::Rng;
@@ -50,7 +50,7 @@ pub(super) fn gather<B: Backend>(
         x.extend_from_slice(&data.x[i * data.dim..(i + 1) * data.dim]);
     }
     if let (Some((rng, noise)), Some(image)) = (augment, data.image) {
-        data::augment(&mut x, image, true, noise, rng);
+        data::augment(&mut x, image, true, noise, rng)?;
     }
     // Rows past `labelled` are unlabelled: masked for cross-entropy.
     let y: Vec<i32> = idx
@@ -122,7 +122,7 @@ pub(super) fn predict<B: Backend>(
         let tape = Tape::new(backend);
         let x = tape.constant(batch.x);
         let logits = model.forward(&tape, x)?.logits;
-        out.extend(tape.value(logits).to_host(backend)?);
+        out.extend(tape.value(logits)?.to_host(backend)?);
     }
     Ok(out)
 }
@@ -138,17 +138,46 @@ pub(super) fn logits_of<B: Backend>(
     let tape = Tape::new(backend);
     let xv = tape.constant(Tensor::from_host(backend, x, &[rows, dim])?);
     let logits = model.forward(&tape, xv)?.logits;
-    tape.value(logits).to_host(backend)
+    tape.value(logits)?.to_host(backend)
 }
 
-/// Accuracy of `model` on `idx`.
+/// `idx` names at least one example of `data`, each in range.
+fn check_idx(data: &Dataset, idx: &[usize]) -> Result<()> {
+    if idx.is_empty() {
+        return Err(Error::Empty(
+            "no examples to evaluate: pass at least one index".into(),
+        ));
+    }
+    if let Some(&i) = idx.iter().find(|&&i| i >= data.len()) {
+        return Err(Error::Config(format!(
+            "example {i} of a data set of {}: indices must be in 0..{}",
+            data.len(),
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Accuracy of `model` on `idx` (its outputs one per class of `data`).
 pub fn accuracy<B: Backend>(
     backend: &B,
     model: &Net<B>,
     data: &Dataset,
     idx: &[usize],
 ) -> Result<f64> {
+    check_idx(data, idx)?;
     let logits = predict(backend, model, data, idx)?;
+    if logits.len() != idx.len() * data.classes {
+        return Err(Error::shape(
+            "logits",
+            logits.len(),
+            idx.len() * data.classes,
+            format!(
+                "the model's outputs per example must be the data set's {} classes",
+                data.classes
+            ),
+        ));
+    }
     let correct = logits
         .chunks(data.classes)
         .zip(idx)
@@ -170,6 +199,7 @@ pub fn latency<B: Backend>(
     data: &Dataset,
     idx: &[usize],
 ) -> Result<f64> {
+    check_idx(data, idx)?;
     for _ in 0..3 {
         predict(backend, model, data, idx)?;
     }

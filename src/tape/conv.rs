@@ -11,6 +11,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// holding the `K x K x C` patch under output pixel `(oy, ox)`; backward: col2im, each input
     /// element gathering the patch entries it was copied to.
     pub fn im2col(&self, x: Var, spec: ConvSpec) -> Result<Var> {
+        self.owns(&[x])?;
+        spec.validate()?;
         let (r, c) = spec.cols_shape();
         self.unary(
             x,
@@ -31,7 +33,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         stride: usize,
         pad: usize,
     ) -> Result<Var> {
-        let xs = self.value(x).shape;
+        self.owns(&[x, w, b])?;
+        let xs = self.val(x).shape;
         let [n, h, wd, c] = xs[..] else {
             return Err(Error::Unsupported(format!(
                 "conv2d takes [N, H, W, C] input, got {xs:?}"
@@ -51,7 +54,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         let cols = self.im2col(x, spec)?;
         let y = self.matmul(cols, w)?;
         let y = self.bias_add(y, b)?;
-        let oc = self.value(y).shape[1];
+        let oc = self.val(y).shape[1];
         self.reshape(y, &[n, oh, ow, oc])
     }
 
@@ -59,7 +62,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// C]` (a last partial window dropped); backward: each window's `dy` to its first maximum
     /// (max) or `dy / k^2` to each of its elements (average).
     pub fn pool(&self, x: Var, k: usize, max: bool) -> Result<Var> {
-        let xs = self.value(x).shape;
+        self.owns(&[x])?;
+        let xs = self.val(x).shape;
         let [n, h, w, c] = xs[..] else {
             return Err(Error::Unsupported(format!(
                 "pooling takes [N, H, W, C] input, got {xs:?}"
@@ -79,7 +83,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// Channels-last `[N, H, W, C]` to `[N, C, H, W]` (for attention transfer), a transpose of
     /// each example's `[H*W, C]`; backward: the transpose back.
     pub fn to_channels_first(&self, x: Var) -> Result<Var> {
-        let xs = self.value(x).shape;
+        self.owns(&[x])?;
+        let xs = self.val(x).shape;
         let [n, h, w, c] = xs[..] else {
             return Err(Error::Unsupported(format!(
                 "to_channels_first takes [N, H, W, C], got {xs:?}"

@@ -8,18 +8,20 @@ use crate::ops::dense::MatmulSpec;
 impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// `y = x w` for `x [m, k]`, `w [k, n]`; backward: `dx = dy w^T`, `dw = x^T dy`.
     pub fn matmul(&self, x: Var, w: Var) -> Result<Var> {
+        self.owns(&[x, w])?;
         self.matmul_op(x, w, false)
     }
 
     /// `y = a b^T` for `a [m, k]`, `b [n, k]`: `[m, n]` (e.g. the Gram matrix `F F^T`); backward:
     /// `da = dy b`, `db = dy^T a`.
     pub fn matmul_nt(&self, a: Var, b: Var) -> Result<Var> {
+        self.owns(&[a, b])?;
         self.matmul_op(a, b, true)
     }
 
     /// `a @ op(b)`, `op(b) = b` `[k, n]` or, with `trans_b`, `b^T` for `b` `[n, k]`.
     fn matmul_op(&self, a: Var, b: Var, trans_b: bool) -> Result<Var> {
-        let (av, bv) = (self.value(a), self.value(b));
+        let (av, bv) = (self.val(a), self.val(b));
         let (m, k) = av.rows_cols();
         let (k2, n) = if trans_b {
             let (r, c) = bv.rows_cols();
@@ -85,7 +87,22 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// `y = x + b` for `x [m, n]`, `b [n]` added to every row; backward: `dx = dy` (passed on
     /// shared), `db = sum of dy's rows`.
     pub fn bias_add(&self, x: Var, b: Var) -> Result<Var> {
-        let (xv, bv) = (self.value(x), self.value(b));
+        self.owns(&[x, b])?;
+        let (xv, bv) = (self.val(x), self.val(b));
+        // (the backend's bias add only needs len(x) to be a multiple of len(b): a bias of the
+        // wrong length would be tiled over a flattened view)
+        let cols = xv.shape.last().copied().unwrap_or(1);
+        if bv.len() != cols {
+            return Err(Error::shape(
+                "bias",
+                bv.len(),
+                cols,
+                format!(
+                    "one bias per entry of x's last dimension (x is {:?})",
+                    xv.shape
+                ),
+            ));
+        }
         let out = Tensor::new(self.backend.filled(xv.len(), 0.0)?, &xv.shape);
         self.backend.bias_add(&xv.buf, &bv.buf, &out.buf)?;
         let needs = self.requires_grad(x) || self.requires_grad(b);
@@ -102,7 +119,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 
     /// `y = max(x, 0)`; `dx = dy` where `y > 0`, else 0.
     pub fn relu(&self, x: Var) -> Result<Var> {
-        let shape = self.value(x).shape;
+        self.owns(&[x])?;
+        let shape = self.val(x).shape;
         self.unary(
             x,
             &shape,
@@ -114,7 +132,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// The same values under another shape with as many elements (e.g. flatten); the buffer is
     /// shared, and so is the gradient passed back.
     pub fn reshape(&self, x: Var, shape: &[usize]) -> Result<Var> {
-        let xv = self.value(x);
+        self.owns(&[x])?;
+        let xv = self.val(x);
         let n: usize = shape.iter().product();
         if n != xv.len() {
             return Err(Error::shape(

@@ -14,15 +14,16 @@ use crate::ops::{
 impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// The weight a loss root was recorded with (`None` for a value that is not a loss): the
     /// factor its gradients carry, `L = sum_j w_j l_j` over the roots given to `backward`.
-    pub fn loss_weight(&self, loss: Var) -> Option<f32> {
-        self.nodes.borrow()[loss.0].weight
+    pub fn loss_weight(&self, loss: Var) -> Result<Option<f32>> {
+        self.owns(&[loss])?;
+        Ok(self.nodes.borrow()[loss.index].weight)
     }
 
     /// Adds a loss root's weighted value `w l` into the one-element `total`, on the device (the
     /// running objective of a training loop).
     pub fn add_weighted_loss(&self, loss: Var, total: &Tensor<B>) -> Result<()> {
-        let w = self.loss_weight(loss).ok_or_else(not_a_loss)?;
-        self.backend.axpy(w, &self.value(loss).buf, &total.buf)
+        let w = self.loss_weight(loss)?.ok_or_else(not_a_loss)?;
+        self.backend.axpy(w, &self.val(loss).buf, &total.buf)
     }
 
     /// Runs a fused loss kernel on inputs `a` and `b` and records its root of weight `weight`:
@@ -37,10 +38,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     ) -> Result<Var> {
         let grad = |v: Var, wanted: bool| -> Result<Option<(Var, Tensor<B>)>> {
             match wanted {
-                true => Ok(Some((
-                    v,
-                    Tensor::zeros(self.backend, &self.value(v).shape)?,
-                ))),
+                true => Ok(Some((v, Tensor::zeros(self.backend, &self.val(v).shape)?))),
                 false => Ok(None),
             }
         };
@@ -66,8 +64,23 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     }
 
     fn row_shape(&self, logits: Var) -> RowShape {
-        let (r, c) = self.value(logits).rows_cols();
+        let (r, c) = self.val(logits).rows_cols();
         RowShape::new(r, c)
+    }
+
+    /// `a` and `b` have one shape (the kernels compare only their lengths: a transposed teacher
+    /// would pass with its rows misaligned).
+    fn same_shape(&self, (an, a): (&'static str, Var), (bn, b): (&'static str, Var)) -> Result<()> {
+        let (sa, sb) = (self.val(a).shape, self.val(b).shape);
+        if sa != sb {
+            return Err(Error::shape(
+                bn,
+                sb.iter().product(),
+                sa.iter().product(),
+                format!("{bn} has shape {sb:?} and {an} {sa:?}: they must match"),
+            ));
+        }
+        Ok(())
     }
 
     fn loss_out<'b>(
@@ -94,11 +107,13 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         labels: &B::Labels,
         spec: HintonSpec,
     ) -> Result<Var> {
+        self.owns(&[student, teacher])?;
+        self.same_shape(("student", student), ("teacher", teacher))?;
         let spec = HintonSpec {
             shape: self.row_shape(student),
             ..spec
         };
-        let (s, t) = (self.value(student), self.value(teacher));
+        let (s, t) = (self.val(student), self.val(teacher));
         self.loss_op(
             spec.grad_scale,
             (student, self.requires_grad(student)),
@@ -121,11 +136,13 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         labels: &B::Labels,
         spec: DkdSpec,
     ) -> Result<Var> {
+        self.owns(&[student, teacher])?;
+        self.same_shape(("student", student), ("teacher", teacher))?;
         let spec = DkdSpec {
             shape: self.row_shape(student),
             ..spec
         };
-        let (s, t) = (self.value(student), self.value(teacher));
+        let (s, t) = (self.val(student), self.val(teacher));
         self.loss_op(
             spec.grad_scale,
             (student, self.requires_grad(student)),
@@ -147,12 +164,14 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         labels: Option<&B::Labels>,
         spec: DivergenceSpec,
     ) -> Result<Var> {
+        self.owns(&[student, teacher])?;
+        self.same_shape(("student", student), ("teacher", teacher))?;
         let spec = DivergenceSpec {
             shape: self.row_shape(student),
             ..spec
         };
         let want_t = self.requires_grad(teacher) && spec.teacher == TeacherInput::Logits;
-        let (s, t) = (self.value(student), self.value(teacher));
+        let (s, t) = (self.val(student), self.val(teacher));
         self.loss_op(
             spec.grad_scale,
             (student, self.requires_grad(student)),
@@ -172,11 +191,12 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         labels: &B::Labels,
         spec: CrossEntropySpec,
     ) -> Result<Var> {
+        self.owns(&[logits])?;
         let spec = CrossEntropySpec {
             shape: self.row_shape(logits),
             ..spec
         };
-        let s = self.value(logits);
+        let s = self.val(logits);
         self.loss_op(
             spec.grad_scale,
             (logits, self.requires_grad(logits)),
@@ -190,7 +210,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
 
     /// Feature MSE `mean((a - b)^2)` between two equal-shape values, of weight `weight`.
     pub fn mse(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
-        let (av, bv) = (self.value(a), self.value(b));
+        self.owns(&[a, b])?;
+        self.same_shape(("a", a), ("b", b))?;
+        let (av, bv) = (self.val(a), self.val(b));
         let spec = MseSpec {
             len: av.len(),
             grad_scale: weight,
@@ -207,7 +229,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// `(u_s - u_t)^2`, `u` the L2-normalised spatial map `mean_c A_c^2` of each example
     /// (`docs/LOSSES.md` section 6), of weight `weight`.
     pub fn attention_transfer(&self, s: Var, t: Var, weight: f32) -> Result<Var> {
-        let (sv, tv) = (self.value(s), self.value(t));
+        self.owns(&[s, t])?;
+        let (sv, tv) = (self.val(s), self.val(t));
         if sv.shape.len() != 4
             || tv.shape.len() != 4
             || sv.shape[0] != tv.shape[0]
@@ -241,7 +264,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// Smooth L1 (Huber, delta 1) between two equal-shape values, mean over elements, of weight
     /// `weight`.
     pub fn smooth_l1(&self, a: Var, b: Var, weight: f32) -> Result<Var> {
-        let (av, bv) = (self.value(a), self.value(b));
+        self.owns(&[a, b])?;
+        self.same_shape(("a", a), ("b", b))?;
+        let (av, bv) = (self.val(a), self.val(b));
         let spec = MseSpec {
             len: av.len(),
             grad_scale: weight,

@@ -97,9 +97,16 @@ impl<B: Backend> Tensor<B> {
     }
 }
 
-/// A value recorded on a tape.
+/// A value recorded on a tape: its node, and which tape (a `Var` of another tape is an error,
+/// not another node's value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Var(usize);
+pub struct Var {
+    index: usize,
+    tape: u64,
+}
+
+/// Each tape's id, distinct within the process.
+static NEXT_TAPE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Given `dy`, the gradient of a node's value, adds the gradients of its inputs.
 type Backward<'a, B> = Box<dyn Fn(&Tape<'a, B>, &Tensor<B>) -> Result<()> + 'a>;
@@ -115,6 +122,7 @@ struct Node<'a, B: Backend> {
 /// The tape of one forward pass.
 pub struct Tape<'a, B: Backend> {
     backend: &'a B,
+    id: u64,
     nodes: RefCell<Vec<Node<'a, B>>>,
     /// `grads[i]`: `dL/dy` of node `i` once `backward` has reached it (`None`: no gradient).
     grads: RefCell<Vec<Option<Tensor<B>>>>,
@@ -124,6 +132,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     pub fn new(backend: &'a B) -> Self {
         Tape {
             backend,
+            id: NEXT_TAPE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             nodes: RefCell::new(Vec::new()),
             grads: RefCell::new(Vec::new()),
         }
@@ -148,7 +157,26 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
             weight,
         });
         self.grads.borrow_mut().push(None);
-        Var(nodes.len() - 1)
+        Var {
+            index: nodes.len() - 1,
+            tape: self.id,
+        }
+    }
+
+    /// An error unless every one of `vars` was recorded on this tape (each public op checks its
+    /// inputs; the private accessors below then index the nodes directly).
+    pub(crate) fn owns(&self, vars: &[Var]) -> Result<()> {
+        let len = self.nodes.borrow().len();
+        for v in vars {
+            if v.tape != self.id || v.index >= len {
+                return Err(crate::Error::Unsupported(format!(
+                    "{v:?} was recorded on another tape: pass values of the tape the op runs \
+                     on (a new forward pass records a new tape; move a value across with \
+                     tape.constant(other.value(v)?))"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// A constant input (no gradient).
@@ -161,17 +189,30 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         self.push(value, true, None, None)
     }
 
-    pub fn value(&self, v: Var) -> Tensor<B> {
-        self.nodes.borrow()[v.0].value.clone()
+    /// `v`'s value (an error for a `Var` of another tape).
+    pub fn value(&self, v: Var) -> Result<Tensor<B>> {
+        self.owns(&[v])?;
+        Ok(self.val(v))
+    }
+
+    /// `v`'s value, `v` checked by the caller ([`Tape::owns`]).
+    fn val(&self, v: Var) -> Tensor<B> {
+        self.nodes.borrow()[v.index].value.clone()
     }
 
     fn requires_grad(&self, v: Var) -> bool {
-        self.nodes.borrow()[v.0].requires_grad
+        self.nodes.borrow()[v.index].requires_grad
     }
 
-    /// The gradient `dL/dv` after [`Tape::backward`] (`None` if `v` got none).
-    pub fn grad(&self, v: Var) -> Option<Tensor<B>> {
-        self.grads.borrow()[v.0].clone()
+    /// The gradient `dL/dv` after [`Tape::backward`] (`None` if `v` got none; an error for a
+    /// `Var` of another tape).
+    pub fn grad(&self, v: Var) -> Result<Option<Tensor<B>>> {
+        self.owns(&[v])?;
+        Ok(self.grad_of(v))
+    }
+
+    fn grad_of(&self, v: Var) -> Option<Tensor<B>> {
+        self.grads.borrow()[v.index].clone()
     }
 
     /// Records a one-input op `y = f(x)`, the form most ops take: allocates `y` of `shape` (zeroed)
@@ -184,7 +225,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         forward: impl FnOnce(&B, &B::Buffer, &B::Buffer) -> Result<()>,
         backward: impl Fn(&B, &B::Buffer, &B::Buffer, &B::Buffer, &B::Buffer) -> Result<()> + 'a,
     ) -> Result<Var> {
-        let xv = self.value(x);
+        let xv = self.val(x);
         let y = Tensor::zeros(self.backend, shape)?;
         forward(self.backend, &xv.buf, &y.buf)?;
         let yv = y.clone();
@@ -205,9 +246,9 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         if let Some(acc) = self.grad_to_add_into(v)? {
             return write(&acc, true);
         }
-        let g = Tensor::zeros(self.backend, &self.nodes.borrow()[v.0].value.shape)?;
+        let g = Tensor::zeros(self.backend, &self.nodes.borrow()[v.index].value.shape)?;
         write(&g.buf, false)?;
-        self.grads.borrow_mut()[v.0] = Some(g);
+        self.grads.borrow_mut()[v.index] = Some(g);
         Ok(())
     }
 
@@ -220,8 +261,8 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
         if let Some(acc) = self.grad_to_add_into(v)? {
             return self.backend.axpy(1.0, &g.buf, &acc);
         }
-        let shape = self.nodes.borrow()[v.0].value.shape.clone();
-        self.grads.borrow_mut()[v.0] = Some(Tensor {
+        let shape = self.nodes.borrow()[v.index].value.shape.clone();
+        self.grads.borrow_mut()[v.index] = Some(Tensor {
             buf: g.buf.clone(),
             shape,
         });
@@ -233,7 +274,7 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// tensor from [`Tape::grad`]) is first replaced by a copy the tape alone holds.
     fn grad_to_add_into(&self, v: Var) -> Result<Option<Rc<B::Buffer>>> {
         let mut grads = self.grads.borrow_mut();
-        let Some(g) = grads[v.0].as_mut() else {
+        let Some(g) = grads[v.index].as_mut() else {
             return Ok(None);
         };
         if Rc::strong_count(&g.buf) > 1 {
@@ -249,13 +290,14 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
     /// `l_j` of weight `w_j`. The gradients of an earlier `backward` on this tape are dropped
     /// first, so each call gives those of the roots it is given.
     pub fn backward(&self, losses: &[Var]) -> Result<()> {
+        self.owns(losses)?;
         let len = self.nodes.borrow().len();
         let mut roots = vec![false; len];
         for l in losses {
-            if self.loss_weight(*l).is_none() {
+            if self.loss_weight(*l)?.is_none() {
                 return Err(losses::not_a_loss());
             }
-            roots[l.0] = true;
+            roots[l.index] = true;
         }
         self.grads.borrow_mut().fill(None);
         for i in (0..len).rev() {
@@ -268,7 +310,10 @@ impl<'a, B: Backend + 'a> Tape<'a, B> {
                 // A root starts from its own gradients; one not asked for contributes nothing.
                 Some(_) if roots[i] => node.value.clone(),
                 Some(_) => continue,
-                None => match self.grad(Var(i)) {
+                None => match self.grad_of(Var {
+                    index: i,
+                    tape: self.id,
+                }) {
                     Some(g) => g,
                     None => continue,
                 },

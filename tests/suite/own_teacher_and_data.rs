@@ -486,7 +486,7 @@ fn logits<B: Backend>(b: &B, net: &Net<B>, x: &[f32], dim: usize) -> Vec<f32> {
     let tape = Tape::new(b);
     let v = tape.constant(Tensor::from_host(b, x, &[x.len() / dim, dim]).unwrap());
     let out = net.forward(&tape, v).unwrap().logits;
-    tape.value(out).to_host(b).unwrap()
+    tape.value(out).unwrap().to_host(b).unwrap()
 }
 
 fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {

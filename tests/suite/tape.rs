@@ -64,8 +64,8 @@ fn weighted_value<B: Backend>(tape: &Tape<'_, B>, losses: &[distillation::tape::
     losses
         .iter()
         .map(|l| {
-            let w = tape.loss_weight(*l).unwrap() as f64;
-            w * tape.value(*l).to_host(tape.backend()).unwrap()[0] as f64
+            let w = tape.loss_weight(*l).unwrap().unwrap() as f64;
+            w * tape.value(*l).unwrap().to_host(tape.backend()).unwrap()[0] as f64
         })
         .sum()
 }
@@ -79,12 +79,15 @@ fn loss_roots_carry_their_weight() {
     let mlp = Mlp::new(&b, &SIZES, &mut Rng::new(3)).unwrap();
     let tape = Tape::new(&b);
     let (losses, params) = total_loss(&tape, &mlp, &d.x, &d.teacher, &d.hint, &labels);
-    let weights: Vec<_> = losses.iter().map(|l| tape.loss_weight(*l)).collect();
+    let weights: Vec<_> = losses
+        .iter()
+        .map(|l| tape.loss_weight(*l).unwrap())
+        .collect();
     assert_eq!(
         weights,
         [Some(1.0), Some(0.5), Some(0.25), Some(0.7), Some(0.4)]
     );
-    assert_eq!(tape.loss_weight(params[0]), None);
+    assert_eq!(tape.loss_weight(params[0]).unwrap(), None);
     assert!(tape.backward(&[params[0]]).is_err());
     let total = Tensor::zeros(&b, &[1]).unwrap();
     for l in &losses {
@@ -115,12 +118,12 @@ fn dkd_root_gradient_and_detached_teacher() {
         let tv = tape.leaf(Tensor::from_host(&b, &t, &[n, c]).unwrap());
         let l = tape.dkd(sv, tv, &labels, spec).unwrap();
         tape.backward(&[l]).unwrap();
-        let gt = tape.grad(tv).map(|g| g.to_host(&b).unwrap());
+        let gt = tape.grad(tv).unwrap().map(|g| g.to_host(&b).unwrap());
         assert!(
             gt.as_ref().is_none_or(|g| g.iter().all(|&v| v == 0.0)),
             "{gt:?}"
         );
-        let grad = tape.grad(sv).unwrap().to_host(&b).unwrap();
+        let grad = tape.grad(sv).unwrap().unwrap().to_host(&b).unwrap();
         (weighted_value(&tape, &[l]), grad)
     };
     let (_, grad) = eval(&s);
@@ -173,7 +176,7 @@ fn parameter_gradients_match_finite_differences() {
     tape.backward(losses).unwrap();
     let grads: Vec<Vec<f32>> = params
         .iter()
-        .map(|p| tape.grad(*p).unwrap().to_host(&b).unwrap())
+        .map(|p| tape.grad(*p).unwrap().unwrap().to_host(&b).unwrap())
         .collect();
     drop(tape);
     let h: f32 = std::env::var("FD_H")
@@ -254,7 +257,7 @@ fn shared_first_gradient<B: Backend>(b: &B, runs: usize, with_mse: bool) -> [Vec
     for _ in 0..runs {
         tape.backward(&roots).unwrap();
     }
-    [x, y].map(|v| tape.grad(v).unwrap().to_host(b).unwrap())
+    [x, y].map(|v| tape.grad(v).unwrap().unwrap().to_host(b).unwrap())
 }
 
 /// Accumulation never writes into a buffer another node holds. Going backward, the
@@ -286,7 +289,7 @@ fn backward_twice_gives_the_same_gradients<B: Backend>(b: &B) {
         }
         params
             .iter()
-            .map(|p| tape.grad(*p).unwrap().to_host(b).unwrap())
+            .map(|p| tape.grad(*p).unwrap().unwrap().to_host(b).unwrap())
             .collect::<Vec<_>>()
     };
     assert_eq!(grads(2), grads(1));
@@ -322,7 +325,7 @@ fn cnn_loss<'a, B: Backend>(
             HintonSpec::new(RowShape::new(n, 4), 2.0, 0.5),
         )
         .unwrap();
-    let map_shape = tape.value(f.maps[0]).shape.clone();
+    let map_shape = tape.value(f.maps[0]).unwrap().shape.clone();
     let fixed: Vec<f32> = (0..map_shape.iter().product::<usize>())
         .map(|i| ((i * 7) % 5) as f32 * 0.3)
         .collect();
@@ -351,7 +354,7 @@ fn cnn_gradients_match_finite_differences() {
     tape.backward(&losses).unwrap();
     let grads: Vec<Vec<f32>> = params
         .iter()
-        .map(|p| tape.grad(*p).unwrap().to_host(&b).unwrap())
+        .map(|p| tape.grad(*p).unwrap().unwrap().to_host(&b).unwrap())
         .collect();
     drop(tape);
     let h = 3e-3f32;
@@ -412,4 +415,61 @@ fn one_cnn_step_matches_cpu<B: Backend>(b: &B) {
 mod cnn {
     use super::*;
     backend_tests!(one_cnn_step_matches_cpu);
+}
+
+/// Misuse of the tape is an error, not a panic or another value: a `Var` of another tape (or an
+/// index past this one's nodes), a bias of the wrong length, a teacher or MSE target of another
+/// shape with as many elements, a convolution spec im2col cannot run.
+#[test]
+fn misuse_is_an_error() {
+    use distillation::ops::conv::ConvSpec;
+    let b = CpuBackend;
+    let t1 = Tape::new(&b);
+    let t2 = Tape::new(&b);
+    let x = t1.leaf(Tensor::from_host(&b, &[1.0; 6], &[2, 3]).unwrap());
+    let w = t1.leaf(Tensor::from_host(&b, &[0.5; 12], &[3, 4]).unwrap());
+    // A Var of t1 on t2 (t2 has no nodes) and on a t2 with as many nodes.
+    assert!(t2.value(x).is_err());
+    assert!(t2.matmul(x, w).is_err());
+    let _ = t2.constant(Tensor::from_host(&b, &[0.0; 6], &[2, 3]).unwrap());
+    let _ = t2.constant(Tensor::from_host(&b, &[0.0; 12], &[3, 4]).unwrap());
+    assert!(
+        t2.matmul(x, w).is_err(),
+        "another tape's Var read a node of this one"
+    );
+    assert!(t2.grad(x).is_err() && t2.backward(&[x]).is_err());
+    let y = t1.matmul(x, w).unwrap();
+    // A bias of 2 or 8 for 4 columns: refused (it was tiled over a flattened view).
+    for len in [2, 8] {
+        let bias = t1.leaf(Tensor::from_host(&b, &vec![0.1; len], &[len]).unwrap());
+        assert!(t1.bias_add(y, bias).is_err(), "bias of {len}");
+    }
+    // A teacher [4, 2] beside a [2, 4] student; an MSE target of another shape.
+    let tt = t1.constant(Tensor::from_host(&b, &[0.0; 8], &[4, 2]).unwrap());
+    let labels = b.upload_labels(&[0, 1]).unwrap();
+    let spec = HintonSpec::new(RowShape::new(2, 4), 2.0, 0.5);
+    assert!(t1.hinton(y, tt, &labels, spec).is_err());
+    assert!(t1.mse(y, tt, 1.0).is_err());
+    // im2col with stride 0 or a kernel past the padded image: an error, not a division by zero.
+    let img = t1.constant(Tensor::from_host(&b, &[0.0; 16], &[1, 4, 4, 1]).unwrap());
+    let conv = ConvSpec {
+        n: 1,
+        h: 4,
+        w: 4,
+        c: 1,
+        k: 3,
+        stride: 0,
+        pad: 0,
+    };
+    assert!(t1.im2col(img, conv).is_err());
+    assert!(t1
+        .im2col(
+            img,
+            ConvSpec {
+                k: 9,
+                stride: 1,
+                ..conv
+            }
+        )
+        .is_err());
 }

@@ -71,7 +71,7 @@ impl Distill for Dkd {
             ));
         }
         let cfg = s.cfg;
-        let shape = s.shape();
+        let shape = s.shape()?;
         let (rows, classes) = (shape.rows, shape.cols);
         let labelled = s.labelled_rows();
         let t = s.tape.constant(Tensor::from_host(

@@ -58,14 +58,14 @@ impl Distill for Mutual {
         let from_peer = if self.coupled {
             pf.logits
         } else {
-            s.detach(pf.logits)
+            s.detach(pf.logits)?
         };
         let student_kd = s.divergence(student, from_peer, TeacherInput::Logits)?;
         s.add(Term::objective(student_kd));
         let from_student = if self.coupled {
             student
         } else {
-            s.detach(student)
+            s.detach(student)?
         };
         let peer_kd = s.divergence(pf.logits, from_student, TeacherInput::Logits)?;
         s.add(Term::auxiliary(peer_kd));

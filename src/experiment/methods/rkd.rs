@@ -29,6 +29,11 @@ impl Distill for RkdDistance {
 
     fn terms<'a, B: Backend + 'a>(&self, _: &(), s: &mut Step<'a, '_, B>) -> Result<()> {
         s.distil_from_teacher()?;
+        // A batch of one row has no pairs, so no distance term (an epoch's last batch can be
+        // that short: `n % batch == 1`).
+        if s.shape()?.rows < 2 {
+            return Ok(());
+        }
         let teacher = s.teacher_features()?;
         let student = s.student_last_hidden()?;
         let rkd = s.tape.rkd_distance(student, teacher, s.cfg.rkd_weight)?;

@@ -186,9 +186,9 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
     }
 
     /// The batch's shape, `[rows, classes]`.
-    pub fn shape(&self) -> RowShape {
-        let (rows, classes) = self.tape.value(self.student.logits).rows_cols();
-        RowShape::new(rows, classes)
+    pub fn shape(&self) -> Result<RowShape> {
+        let (rows, classes) = self.tape.value(self.student.logits)?.rows_cols();
+        Ok(RowShape::new(rows, classes))
     }
 
     /// The batch's labels on the device: the labelled rows' classes, then `IGNORE_INDEX` for the
@@ -214,7 +214,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
     pub fn cross_entropy(&self, logits: Var) -> Result<Var> {
         let spec = CrossEntropySpec {
             grad_scale: self.cfg.alpha,
-            ..CrossEntropySpec::new(self.shape())
+            ..CrossEntropySpec::new(self.shape()?)
         };
         self.tape.cross_entropy(logits, self.labels, spec)
     }
@@ -225,14 +225,14 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         let spec = DivergenceSpec {
             teacher: form,
             grad_scale: 1.0 - self.cfg.alpha,
-            ..DivergenceSpec::new(self.shape(), self.cfg.temperature)
+            ..DivergenceSpec::new(self.shape()?, self.cfg.temperature)
         };
         self.tape.divergence(student, teacher, None, spec)
     }
 
     /// `v`'s value as a constant: no gradient flows back through it.
-    pub fn detach(&self, v: Var) -> Var {
-        self.tape.constant(self.tape.value(v))
+    pub fn detach(&self, v: Var) -> Result<Var> {
+        Ok(self.tape.constant(self.tape.value(v)?))
     }
 
     /// The soft-target term of response-based KD, `(1 - alpha) T^2 KL(teacher || student)`
@@ -241,7 +241,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
         let (values, form) = self.targets.ok_or_else(|| {
             Error::Unsupported("this method has no soft targets to distil from".into())
         })?;
-        let shape = self.shape();
+        let shape = self.shape()?;
         let t = self.tape.constant(crate::tape::Tensor::from_host(
             self.tape.backend(),
             values,
@@ -259,7 +259,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
             Error::Unsupported("the method's needs name no teacher features".into())
         })?;
         let inner = Tape::new(self.tape.backend());
-        let xv = inner.constant(self.tape.value(self.x));
+        let xv = inner.constant(self.tape.value(self.x)?);
         let f = self.teachers[0].forward(&inner, xv)?;
         let missing =
             || Error::Config("the teacher has no hidden layer to match: give it one".into());
@@ -268,7 +268,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
             Features::FirstMap => *f.maps.first().ok_or_else(missing)?,
             Features::LastHidden => flatten(&inner, *f.hidden.last().ok_or_else(missing)?)?,
         };
-        Ok(self.tape.constant(inner.value(v)))
+        Ok(self.tape.constant(inner.value(v)?))
     }
 
     /// The student's last hidden activation, flattened to `[N, D]`.
@@ -300,7 +300,7 @@ impl<'a, 'r, B: Backend + 'a> Step<'a, 'r, B> {
 
 /// `[N, ...]` to `[N, D]`.
 fn flatten<'a, B: Backend + 'a>(tape: &Tape<'a, B>, v: Var) -> Result<Var> {
-    let t = tape.value(v);
+    let t = tape.value(v)?;
     let n = t.shape[0];
     tape.reshape(v, &[n, t.len() / n])
 }
