@@ -47,16 +47,16 @@ impl Dataset {
                 "empty data set: it needs at least one example with at least one feature",
             ));
         }
-        if x.len() != y.len() * dim {
+        if y.len().checked_mul(dim) != Some(x.len()) {
             return Err(Error::shape(
                 "features",
                 x.len(),
-                y.len() * dim,
+                y.len().saturating_mul(dim),
                 format!("{} examples of {dim} features", y.len()),
             ));
         }
         if let Some((c, h, w)) = image {
-            if c * h * w != dim {
+            if c.checked_mul(h).and_then(|ch| ch.checked_mul(w)) != Some(dim) {
                 return Err(data_error(format!(
                     "image shape {c}x{h}x{w} does not hold {dim} features"
                 )));
@@ -89,6 +89,11 @@ impl Dataset {
         scale: f32,
         image: Option<(usize, usize, usize)>,
     ) -> Result<Self> {
+        if !(scale.is_finite() && scale != 0.0) {
+            return Err(csv_error(format!(
+                "scale = {scale}: the features' scale must be finite and non-zero"
+            )));
+        }
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for (i, line) in text
             .lines()
@@ -108,6 +113,12 @@ impl Dataset {
                 let v: f32 = f
                     .parse()
                     .map_err(|_| csv_error(format!("line {}: {f:?} is not a number", i + 1)))?;
+                if !(v * scale).is_finite() {
+                    return Err(csv_error(format!(
+                        "line {}: feature {f:?} is not finite (after the scale {scale})",
+                        i + 1
+                    )));
+                }
                 x.push(v * scale);
             }
             y.push(fields[dim].parse().map_err(|_| {
@@ -209,13 +220,23 @@ impl Dataset {
                 ),
             ));
         }
-        let dim = rows * cols;
-        let pixels = img.get(16..16 + n * dim).ok_or_else(|| {
+        // (the header's sizes checked before use: a product past usize would wrap to a short
+        // slice that passes)
+        let need = rows
+            .checked_mul(cols)
+            .and_then(|d| n.checked_mul(d).map(|b| (d, b)))
+            .and_then(|(d, b)| b.checked_add(16).map(|e| (d, e)));
+        let Some((dim, end)) = need else {
+            return Err(bad(
+                images,
+                format!("a header of {n} images of {rows}x{cols}: its size overflows"),
+            ));
+        };
+        let pixels = img.get(16..end).ok_or_else(|| {
             bad(
                 images,
                 format!(
-                    "truncated: {n} images of {rows}x{cols} need {} bytes, the file has {}",
-                    16 + n * dim,
+                    "truncated: {n} images of {rows}x{cols} need {end} bytes, the file has {}",
                     img.len()
                 ),
             )
@@ -254,18 +275,24 @@ impl Dataset {
     }
 
     /// The rows at `idx`, in that order.
-    pub fn subset(&self, idx: &[usize]) -> Dataset {
+    pub fn subset(&self, idx: &[usize]) -> Result<Dataset> {
+        if let Some(&i) = idx.iter().find(|&&i| i >= self.len()) {
+            return Err(data_error(format!(
+                "example {i} of a data set of {}: indices must be in range",
+                self.len()
+            )));
+        }
         let mut x = Vec::with_capacity(idx.len() * self.dim);
         for &i in idx {
             x.extend_from_slice(&self.x[i * self.dim..(i + 1) * self.dim]);
         }
-        Dataset {
+        Ok(Dataset {
             x,
             y: idx.iter().map(|&i| self.y[i]).collect(),
             dim: self.dim,
             classes: self.classes,
             image: self.image,
-        }
+        })
     }
 }
 
@@ -491,6 +518,21 @@ pub fn label_split(
             hint: "the labelled fraction must be in (0, 1]",
         });
     }
+    // (the data set's public fields may have been changed since Dataset::new checked them)
+    for &i in idx {
+        let y = data.y.get(i).copied().ok_or_else(|| {
+            data_error(format!(
+                "example {i} of a data set of {}: indices must be in range",
+                data.len()
+            ))
+        })?;
+        if y < 0 || y as usize >= data.classes {
+            return Err(data_error(format!(
+                "example {i} has label {y}, not a class in 0..{}",
+                data.classes
+            )));
+        }
+    }
     let mut idx = idx.to_vec();
     rng.shuffle(&mut idx);
     let mut by_class = vec![Vec::new(); data.classes];
@@ -524,9 +566,26 @@ pub fn augment(
     shift: bool,
     noise: f32,
     rng: &mut Rng,
-) {
+) -> Result<()> {
     let (c, h, w) = image;
-    let dim = c * h * w;
+    let dim = c
+        .checked_mul(h)
+        .and_then(|ch| ch.checked_mul(w))
+        .filter(|&d| d > 0)
+        .ok_or_else(|| data_error(format!("image shape {c}x{h}x{w}: each size must be >= 1")))?;
+    if !x.len().is_multiple_of(dim) {
+        return Err(data_error(format!(
+            "{} values are not whole {c}x{h}x{w} images",
+            x.len()
+        )));
+    }
+    if !(noise.is_finite() && noise >= 0.0) {
+        return Err(Error::Param {
+            name: "noise",
+            value: noise as f64,
+            hint: "the noise is a standard deviation: finite and >= 0",
+        });
+    }
     for img in x.chunks_mut(dim) {
         if shift {
             let (dy, dx) = (rng.below(3) as isize - 1, rng.below(3) as isize - 1);
@@ -551,4 +610,5 @@ pub fn augment(
             }
         }
     }
+    Ok(())
 }

@@ -529,15 +529,22 @@ fn sweep<B: Backend + Sync>(
     o: &Opts,
     jobs: usize,
 ) -> Result<()> {
+    let cell = |t: f32, a: f32| Config {
+        temperature: t,
+        alpha: a,
+        ..cfg.clone()
+    };
+    // Every cell of the grid checked before the first run (a bad value at the end of the list
+    // would otherwise fail after the runs before it, their results lost).
+    for &t in temperatures {
+        for &a in alphas {
+            cell(t, a).validate(data)?;
+        }
+    }
     let mut rows = Vec::new();
     for &t in temperatures {
         for &a in alphas {
-            let c = Config {
-                temperature: t,
-                alpha: a,
-                ..cfg.clone()
-            };
-            c.validate(data)?;
+            let c = cell(t, a);
             eprintln!("sweep: T = {t}, alpha = {a}");
             let mut progress = progress_printer(o.quiet);
             let r = experiment::run_parallel(backend, data, &c, jobs, &mut progress)?.report;

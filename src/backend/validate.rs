@@ -578,7 +578,11 @@ pub fn pairwise<B: Backend + ?Sized>(
             "pairwise distances need n >= 2 rows of dim >= 1 features, got n={n}, dim={dim}"
         )));
     }
-    check_len(b, "f", f, n * dim, &format!("[{n}, {dim}]"))?;
+    let len = n
+        .checked_mul(dim)
+        .filter(|&l| l <= u32::MAX as usize)
+        .ok_or_else(|| Error::Limit(format!("[{n}, {dim}] features pass 2^32 elements")))?;
+    check_len(b, "f", f, len, &format!("[{n}, {dim}]"))?;
     f32_only(b, &[("f", f)])?;
     square(b, n, others)
 }
@@ -594,8 +598,12 @@ pub fn square<B: Backend + ?Sized>(
             "the off-diagonal mean needs n >= 2 rows, got {n}"
         )));
     }
+    let len = n
+        .checked_mul(n)
+        .filter(|&l| l <= u32::MAX as usize)
+        .ok_or_else(|| Error::Limit(format!("[{n}, {n}] passes 2^32 elements")))?;
     for (what, buf) in bufs {
-        check_len(b, what, buf, n * n, &format!("[{n}, {n}]"))?;
+        check_len(b, what, buf, len, &format!("[{n}, {n}]"))?;
     }
     f32_only(b, bufs)
 }

@@ -21,6 +21,12 @@ pub enum ModelKind {
     Cnn,
 }
 
+/// The most epochs of any phase a configuration may ask for.
+pub const MAX_EPOCHS: usize = 1_000_000;
+
+/// The most teachers of an ensemble (the random streams' tags are distinct up to 10).
+pub const MAX_TEACHERS: usize = 10;
+
 /// Everything a run depends on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
@@ -203,6 +209,51 @@ impl Config {
                 hint: "the learning rate must be > 0",
             });
         }
+        // Epoch counts are bounded (a run's history is allocated up front).
+        for (name, e) in [
+            ("epochs", self.epochs),
+            ("teacher_epochs", self.teacher_epochs),
+            ("finetune_epochs", self.finetune_epochs),
+        ] {
+            if e > MAX_EPOCHS {
+                return Err(Error::Config(format!("{name} = {e}: at most {MAX_EPOCHS}")));
+            }
+        }
+        // The loss terms' weights: a negative one would maximise its term, a NaN fail late.
+        for (name, w) in [
+            ("hint_weight", self.hint_weight),
+            ("at_weight", self.at_weight),
+            ("sp_weight", self.sp_weight),
+            ("rkd_weight", self.rkd_weight),
+        ] {
+            if !(w.is_finite() && (0.0..=1e6).contains(&w)) {
+                return Err(Error::Param {
+                    name,
+                    value: w as f64,
+                    hint: "a loss term's weight must be in [0, 1e6]",
+                });
+            }
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(Error::Param {
+                name: "noise",
+                value: self.noise as f64,
+                hint: "the augmentation's noise is a standard deviation: finite and >= 0",
+            });
+        }
+        if self.teachers > MAX_TEACHERS {
+            return Err(Error::Config(format!(
+                "{} teachers: at most {MAX_TEACHERS} (each teacher has its own random streams)",
+                self.teachers
+            )));
+        }
+        if self.top_k.is_some() && self.method != Method::Cached {
+            return Err(Error::Config(format!(
+                "top_k is the cached teacher's (--method cached), not {}'s: drop --top-k or use \
+                 --method cached",
+                self.method.name()
+            )));
+        }
         self.check_sizes(data)?;
         if self.folds < 2 || self.folds > data.len() {
             return Err(Error::Config(format!(
@@ -211,6 +262,14 @@ impl Config {
                 data.len(),
                 data.len()
             )));
+        }
+        if let Some(r) = self.run_folds {
+            if r == 0 || r > self.folds {
+                return Err(Error::Config(format!(
+                    "run_folds = {r}: run 1..={} of the {} folds",
+                    self.folds, self.folds
+                )));
+            }
         }
         if self.model == ModelKind::Cnn && data.image.is_none() {
             return Err(Error::Config(

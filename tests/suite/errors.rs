@@ -386,7 +386,67 @@ fn bad_configurations_are_config_errors() {
             &digits,
             "--dkd-beta -8: DKD's weights",
         ),
+        (
+            Config {
+                run_folds: Some(0),
+                ..Config::default()
+            },
+            &digits,
+            "run_folds = 0",
+        ),
+        (
+            Config {
+                method: Method::Ensemble,
+                teachers: 11,
+                ..Config::default()
+            },
+            &digits,
+            "at most 10",
+        ),
+        (
+            Config {
+                top_k: Some(5),
+                ..Config::default()
+            },
+            &digits,
+            "top_k is the cached teacher's",
+        ),
+        (
+            Config {
+                teacher_epochs: 10_000_000_000_000,
+                ..Config::default()
+            },
+            &digits,
+            "teacher_epochs = 10000000000000: at most",
+        ),
     ];
+    // Loss weights and the noise out of their domains: parameter errors naming them.
+    for (cfg, name) in [
+        (
+            Config {
+                hint_weight: -1.0,
+                ..Config::default()
+            },
+            "hint_weight",
+        ),
+        (
+            Config {
+                rkd_weight: f32::NAN,
+                ..Config::default()
+            },
+            "rkd_weight",
+        ),
+        (
+            Config {
+                noise: -0.5,
+                ..Config::default()
+            },
+            "noise",
+        ),
+    ] {
+        let e = cfg.validate(&digits).unwrap_err();
+        assert!(e.to_string().contains(name), "{name}: {e}");
+    }
     for (cfg, data, needle) in cases {
         let e = cfg.validate(data).unwrap_err();
         assert!(matches!(e, Error::Config(_)), "{needle}: {e:?}");

@@ -345,13 +345,39 @@ fn idx_files_load_and_bad_ones_are_errors() {
     )
     .unwrap();
     assert!(Dataset::from_idx(&ip, &lp).is_err());
+    // A header whose size wraps past usize (65536 images of 2^24 x 2^24) over a few bytes: an
+    // error naming the overflow, not a data set of empty pixels (or a panic in debug builds).
+    std::fs::write(
+        &ip,
+        [0u8, 0, 8, 3, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 2],
+    )
+    .unwrap();
+    let mut lab = vec![0u8, 0, 8, 1, 0, 1, 0, 0];
+    lab.extend(vec![1u8; 65536]);
+    std::fs::write(&lp, lab).unwrap();
+    let e = Dataset::from_idx(&ip, &lp).unwrap_err().to_string();
+    assert!(e.contains("overflows"), "{e}");
+    // CSV features that are not finite: an error naming the line.
+    let e = Dataset::from_csv("1,2,0\n3,nan,1\n", 2, 2, 1.0, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 2") && e.contains("not finite"), "{e}");
 }
 
 #[test]
 fn augmentation_shifts_by_at_most_one_pixel() {
     let mut x: Vec<f32> = (0..16).map(|v| v as f32).collect();
     let orig = x.clone();
-    data::augment(&mut x, (1, 4, 4), true, 0.0, &mut Rng::new(3));
+    data::augment(&mut x, (1, 4, 4), true, 0.0, &mut Rng::new(3)).unwrap();
+    assert!(data::augment(&mut x.clone(), (0, 4, 4), true, 0.0, &mut Rng::new(3)).is_err());
+    assert!(data::augment(
+        &mut x[..15].to_vec(),
+        (1, 4, 4),
+        true,
+        0.0,
+        &mut Rng::new(3)
+    )
+    .is_err());
     // Every surviving value moved by at most one row and one column.
     for (i, &v) in x.iter().enumerate() {
         if v != 0.0 {

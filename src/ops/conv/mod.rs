@@ -62,7 +62,18 @@ impl ConvSpec {
                 "convolution {self:?}: sizes, kernel and stride must be >= 1"
             )));
         }
-        if self.k > self.h + 2 * self.pad || self.k > self.w + 2 * self.pad {
+        // Every size product checked before the unchecked accessors (out_hw, cols_shape,
+        // input_len) are used.
+        let limit = || Error::Limit(format!("convolution {self:?}: a size past 2^32 elements"));
+        let padded = |x: usize| self.pad.checked_mul(2).and_then(|p| x.checked_add(p));
+        let (hp, wp) = match (padded(self.h), padded(self.w)) {
+            (Some(hp), Some(wp)) => (hp, wp),
+            _ => return Err(limit()),
+        };
+        if product(&[self.n, self.h, self.w, self.c]).is_none() {
+            return Err(limit());
+        }
+        if self.k > hp || self.k > wp {
             return Err(Error::Unsupported(format!(
                 "a {k}x{k} kernel does not fit a {}x{} image padded by {}",
                 self.h,
@@ -71,14 +82,22 @@ impl ConvSpec {
                 k = self.k
             )));
         }
-        let (r, c) = self.cols_shape();
-        if r.checked_mul(c).is_none_or(|v| v > u32::MAX as usize) {
+        let (oh, ow) = self.out_hw();
+        if product(&[self.n, oh, ow, self.k, self.k, self.c]).is_none() {
             return Err(Error::Limit(
                 "im2col buffer over 2^32 elements: use a smaller batch".into(),
             ));
         }
         Ok(())
     }
+}
+
+/// The product of `factors` when it is at most 2^32 - 1 (the kernels' index range).
+fn product(factors: &[usize]) -> Option<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .filter(|&p| p <= u32::MAX as usize)
 }
 
 /// `k x k` pooling with stride `k` over `[N, H, W, C]` (H and W multiples of k are not required:
@@ -112,6 +131,11 @@ impl PoolSpec {
         if self.n == 0 || self.c == 0 || self.k == 0 || self.h < self.k || self.w < self.k {
             return Err(Error::Unsupported(format!(
                 "pooling {self:?}: needs a k x k window inside the image, k >= 1"
+            )));
+        }
+        if product(&[self.n, self.h, self.w, self.c]).is_none() {
+            return Err(Error::Limit(format!(
+                "pooling {self:?}: the input passes 2^32 elements; use a smaller batch"
             )));
         }
         Ok(())

@@ -50,8 +50,8 @@ impl MatmulSpec {
                 self.m, self.k, self.k, self.n
             )));
         }
-        let biggest = (self.m * self.k).max(self.k * self.n).max(self.m * self.n);
-        if biggest > u32::MAX as usize {
+        let within = |a: usize, b: usize| a.checked_mul(b).is_some_and(|x| x <= u32::MAX as usize);
+        if !(within(self.m, self.k) && within(self.k, self.n) && within(self.m, self.n)) {
             return Err(Error::Limit("matmul operand over 2^32 elements".into()));
         }
         Ok(())

@@ -84,7 +84,9 @@ impl AttentionSpec {
                 self.n, self.student_channels, self.teacher_channels, self.hw
             )));
         }
-        if self.student_len().max(self.teacher_len()) > u32::MAX as usize {
+        let len = |ch: usize| self.n.checked_mul(ch).and_then(|x| x.checked_mul(self.hw));
+        let within = |ch: usize| len(ch).is_some_and(|l| l <= u32::MAX as usize);
+        if !within(self.student_channels) || !within(self.teacher_channels) {
             return Err(Error::Limit(
                 "attention transfer over more than 2^32 elements".into(),
             ));

@@ -87,9 +87,13 @@ impl AdamSpec {
 
     /// `(lr / (1 - b1^t), 1 / (1 - b2^t))`, computed in f64 on the host.
     pub(crate) fn corrections(&self) -> (f32, f32) {
-        let t = self.step as i32;
-        let c1 = 1.0 - (self.beta1 as f64).powi(t);
-        let c2 = 1.0 - (self.beta2 as f64).powi(t);
+        // (an i32 exponent would wrap past 2^31 steps: powf there, powi below as before)
+        let pow = |b: f64| match i32::try_from(self.step) {
+            Ok(t) => b.powi(t),
+            Err(_) => b.powf(self.step as f64),
+        };
+        let c1 = 1.0 - pow(self.beta1 as f64);
+        let c2 = 1.0 - pow(self.beta2 as f64);
         ((self.lr as f64 / c1) as f32, (1.0 / c2) as f32)
     }
 }
