@@ -180,6 +180,21 @@ pub fn save_net<B: Backend>(net: &Net<B>, backend: &B, path: &Path) -> Result<()
             ),
         ),
     };
+    // A diverged network (NaN or inf weights) would be written as a file that
+    // `Checkpoint::load` refuses: an error here instead.
+    for (name, _, d) in &tensors {
+        if let Some(i) = d.iter().position(|v| !v.is_finite()) {
+            return Err(Error::io(
+                "write",
+                path,
+                format!(
+                    "{name}[{i}] = {}: the network has non-finite weights (training diverged: \
+                     lower the learning rate)",
+                    d[i]
+                ),
+            ));
+        }
+    }
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, s, d)| (n, s, bytemuck::cast_slice(&d).to_vec()))

@@ -472,6 +472,23 @@ fn wgpu_backend_binds_windows_at_offsets() {
             .wrap_buffer(whole.buffer().clone(), 4, 1, Dtype::F32)
             .is_err());
     }
+    // Labels in a window of the gradient's region (or of the loss's): an alias error, not
+    // labels overwritten while the kernel reads them.
+    for k in [3, 4] {
+        let inside = b
+            .wrap_labels(whole.buffer().clone(), (k * slot * 4) as u64, 1)
+            .expect("an aligned label window");
+        let e = b
+            .hinton(
+                &kd.spec(RowShape::new(1, c)),
+                &at(1, c),
+                &at(2, c),
+                &inside,
+                LossOut::with_grad(&lw, &at(3, c)),
+            )
+            .expect_err("labels overlapping an output");
+        assert!(e.to_string().contains("overlap"), "{e}");
+    }
     let got = b.download(&whole).expect("download");
     let want = kd
         .forward_backward(&FastCpuBackend::new(), &s, &t, &y, c)

@@ -113,6 +113,12 @@ impl Backend for CpuBackend {
         Ok(CpuBuffer::new(data.to_vec()))
     }
 
+    fn filled(&self, len: usize, value: f32) -> Result<CpuBuffer> {
+        Ok(CpuBuffer::new(HostVec::F32(super::host_filled(
+            len, value,
+        )?)))
+    }
+
     fn download_host(&self, buf: &CpuBuffer) -> Result<HostVec> {
         Ok(buf.0.borrow().clone())
     }

@@ -153,6 +153,12 @@ pub trait Backend {
     fn overlaps(&self, a: &Self::Buffer, b: &Self::Buffer) -> bool;
     /// Number of labels in a label buffer.
     fn labels_len(&self, labels: &Self::Labels) -> usize;
+    /// Whether a label buffer shares memory with a buffer (device backends whose labels can be
+    /// windows of a caller's memory; host labels are their own vectors).
+    fn labels_overlap(&self, labels: &Self::Labels, buf: &Self::Buffer) -> bool {
+        let _ = (labels, buf);
+        false
+    }
     /// Checks labels on the device against `0..classes` / `ignore_index`. Backends whose labels live on
     /// the host check them directly; device backends read them back (only done when asked).
     fn check_labels(&self, labels: &Self::Labels, classes: usize, ignore_index: i32) -> Result<()>;
@@ -366,6 +372,13 @@ pub trait Backend {
 
     /// `y += alpha x`.
     fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &Self::Buffer) -> Result<()> {
+        if !alpha.is_finite() {
+            return Err(Error::Param {
+                name: "alpha",
+                value: alpha as f64,
+                hint: "axpy's factor must be finite (it would fill y with NaN or inf)",
+            });
+        }
         validate::same_len(self, &[("x", x), ("y", y)])?;
         validate::no_alias(self, &[("y", y)], &[("x", x)])?;
         // SAFETY: `validate` has checked this call's spec, lengths and aliasing.

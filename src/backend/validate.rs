@@ -98,6 +98,34 @@ fn loss_out_alias<B: Backend + ?Sized>(
     no_alias(b, &outputs, &inputs)
 }
 
+/// Labels (or a sparse teacher's indices) that share memory with an output would be overwritten
+/// while the kernel reads them (device windows of one caller buffer).
+fn labels_alias<B: Backend + ?Sized>(
+    b: &B,
+    what: &str,
+    labels: &B::Labels,
+    out: &LossOut<'_, B>,
+    student: &B::Buffer,
+) -> Result<()> {
+    let mut outputs = vec![("loss", out.loss)];
+    outputs.extend(out.row_loss.map(|r| ("row_loss", r)));
+    match out.grad_student {
+        GradOut::Into(g) => outputs.push(("grad_student", g)),
+        GradOut::InPlace => outputs.push(("grad_student (in place over the student)", student)),
+        GradOut::None => {}
+    }
+    outputs.extend(out.grad_teacher.map(|g| ("grad_teacher", g)));
+    for (name, o) in outputs {
+        if b.labels_overlap(labels, o) {
+            return Err(Error::Alias(format!(
+                "{what} overlap the output {name}: the kernel would overwrite them while it \
+                 reads them; pass them in memory of their own"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_labels_len<B: Backend + ?Sized>(b: &B, labels: &B::Labels, rows: usize) -> Result<()> {
     let got = b.labels_len(labels);
     if got != rows {
@@ -189,6 +217,9 @@ pub fn divergence<B: Backend + ?Sized>(
         ));
     }
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    if let Some(l) = labels {
+        labels_alias(b, "labels", l, out, student)?;
+    }
     loss_out_alias(b, out, student, Some(teacher))
 }
 
@@ -208,6 +239,7 @@ pub fn cross_entropy<B: Backend + ?Sized>(
         ));
     }
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    labels_alias(b, "labels", labels, out, student)?;
     loss_out_alias(b, out, student, None)
 }
 
@@ -224,6 +256,7 @@ pub fn hinton<B: Backend + ?Sized>(
     spec.shape.check_len("teacher", b.len(teacher))?;
     check_labels_len(b, labels, spec.shape.rows)?;
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    labels_alias(b, "labels", labels, out, student)?;
     loss_out_alias(b, out, student, Some(teacher))
 }
 
@@ -245,6 +278,7 @@ pub fn dkd<B: Backend + ?Sized>(
         ));
     }
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    labels_alias(b, "labels", labels, out, student)?;
     loss_out_alias(b, out, student, Some(teacher))
 }
 
@@ -285,6 +319,10 @@ pub fn sparse_kd<B: Backend + ?Sized>(
         ));
     }
     loss_out(b, out, spec.shape.rows, spec.shape.len())?;
+    labels_alias(b, "the sparse teacher's indices", indices, out, student)?;
+    if let Some(l) = labels {
+        labels_alias(b, "labels", l, out, student)?;
+    }
     loss_out_alias(b, out, student, Some(values))
 }
 
@@ -538,7 +576,15 @@ pub fn transpose<B: Backend + ?Sized>(
     y: &B::Buffer,
 ) -> Result<()> {
     f32_only(b, &[("x", x), ("y", y)])?;
-    let n = batch * rows * cols;
+    let n = batch
+        .checked_mul(rows)
+        .and_then(|br| br.checked_mul(cols))
+        .filter(|&n| n <= u32::MAX as usize)
+        .ok_or_else(|| {
+            Error::Limit(format!(
+                "transpose of [{batch}, {rows}, {cols}]: past 2^32 elements; split the batch"
+            ))
+        })?;
     if n == 0 {
         return Err(Error::Unsupported("transpose of an empty tensor".into()));
     }

@@ -142,9 +142,9 @@ impl RowShape {
         RowShape { rows, cols }
     }
 
-    /// `rows * cols`.
+    /// `rows * cols` (saturating: [`RowShape::validate`] refuses a shape past 2^32).
     pub fn len(&self) -> usize {
-        self.rows * self.cols
+        self.rows.saturating_mul(self.cols)
     }
 
     /// True when there is no element.
@@ -203,16 +203,21 @@ pub(crate) fn check_temperature(t: f32) -> Result<()> {
 }
 
 pub(crate) fn check_grad_scale(g: f32) -> Result<()> {
-    if !g.is_finite() {
+    // (bounded so that the kernels' factors `grad_scale * T` (T <= 1e4) and `grad_scale * T^2`
+    // stay finite in f32: an infinite factor times a zero gap is NaN where the gradient is 0)
+    if !(g.is_finite() && g.abs() <= MAX_GRAD_SCALE) {
         return Err(Error::Param {
             name: "grad_scale",
             value: g as f64,
-            hint:
-                "the upstream gradient must be finite (use 1.0 for the gradient of the loss itself)",
+            hint: "the upstream gradient must be finite and at most 1e29 in magnitude (use 1.0 \
+                   for the gradient of the loss itself)",
         });
     }
     Ok(())
 }
+
+/// The largest `|grad_scale|` a spec takes.
+pub(crate) const MAX_GRAD_SCALE: f32 = 1e29;
 
 pub(crate) fn check_unit(
     name: &'static str,

@@ -457,3 +457,36 @@ fn bad_configurations_are_config_errors() {
         );
     }
 }
+
+/// A transpose whose size product wraps, an upstream gradient whose kernel factors would
+/// overflow f32, a NaN axpy factor: errors on every host backend, not a panic or a NaN.
+#[test]
+fn overflowing_sizes_and_factors_are_errors() {
+    use distillation::{
+        Backend, DivergenceSpec, Error, FastCpuBackend, GradOut, LossOut, RowShape,
+    };
+    fn check<B: Backend>(b: &B) {
+        let x = b.upload(&[1.0; 8]).unwrap();
+        let y = b.filled(8, 0.0).unwrap();
+        let e = b.transpose(1, (1usize << 63) + 4, 2, &x, &y).unwrap_err();
+        assert!(matches!(e, Error::Limit(_)), "{e}");
+        assert!(b.axpy(f32::NAN, &x, &y).is_err());
+        let (s, t) = (b.upload(&[0.5; 8]).unwrap(), b.upload(&[0.5; 8]).unwrap());
+        let loss = b.filled(1, 0.0).unwrap();
+        let g = b.filled(8, 0.0).unwrap();
+        let spec = DivergenceSpec {
+            grad_scale: f32::MAX,
+            ..DivergenceSpec::new(RowShape::new(2, 4), 2.0)
+        };
+        let out = LossOut {
+            loss: &loss,
+            row_loss: None,
+            grad_student: GradOut::Into(&g),
+            grad_teacher: None,
+        };
+        let e = b.divergence(&spec, &s, &t, None, out).unwrap_err();
+        assert!(e.to_string().contains("grad_scale"), "{e}");
+    }
+    check(&distillation::CpuBackend::new());
+    check(&FastCpuBackend::new());
+}

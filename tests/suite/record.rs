@@ -56,3 +56,36 @@ fn hinton_recorded_into_the_callers_encoder_in_place() {
     )
     .unwrap();
 }
+
+/// Two windows of one wgpu::Buffer as a recorded kernel's input and output: wgpu would report the
+/// usage conflict only at the caller's `finish()` (a panic), so the recorder refuses it; the
+/// backend finishes its own encoder inside its error scope.
+#[test]
+fn a_recorded_kernel_refuses_windows_of_one_buffer() {
+    use distillation::ops::dense::CopySpec;
+    let Some(b) = common::wgpu() else { return };
+    let align = (b.limits().min_storage_buffer_offset_alignment as usize / 4).max(1);
+    let slot = 8usize.div_ceil(align) * align;
+    let whole = b.upload(&vec![1.0f32; 2 * slot]).unwrap();
+    let window = |k: usize| {
+        b.wrap_buffer(
+            whole.buffer().clone(),
+            (k * slot * 4) as u64,
+            8,
+            distillation::Dtype::F32,
+        )
+        .unwrap()
+    };
+    let (src, dst) = (window(0), window(1));
+    let spec = CopySpec::contiguous(8, 0, 0);
+    let mut encoder = b.device().create_command_encoder(&Default::default());
+    let e = b
+        .recorder(&mut encoder)
+        .copy_rows(&spec, &src, &dst)
+        .unwrap_err();
+    assert!(matches!(e, distillation::Error::Alias(_)), "{e}");
+    drop(encoder);
+    // The backend's own call: an error or a copy (wgpu validates inside its error scope), never
+    // a panic.
+    let _ = b.copy_rows(&spec, &src, &dst);
+}

@@ -267,6 +267,12 @@ impl Backend for CudaBackend {
         a0 < b1 && b0 < a1
     }
 
+    fn labels_overlap(&self, labels: &CudaLabels, buf: &CudaBuffer) -> bool {
+        let (l0, b0) = (labels.ptr, buf.ptr);
+        let (l1, b1) = (l0 + 4 * labels.len as u64, b0 + buf.bytes());
+        labels.len > 0 && l0 < b1 && b0 < l1
+    }
+
     fn labels_len(&self, labels: &CudaLabels) -> usize {
         labels.len
     }

@@ -690,6 +690,11 @@ impl Backend for WgpuBackend {
         labels.len
     }
 
+    fn labels_overlap(&self, labels: &WgpuLabels, buf: &WgpuBuffer) -> bool {
+        let end = labels.offset + 4 * labels.len as u64;
+        labels.buffer == buf.buffer && labels.offset < buf.offset + buf.bytes() && buf.offset < end
+    }
+
     fn check_labels(&self, labels: &WgpuLabels, classes: usize, ignore_index: i32) -> Result<()> {
         crate::ops::check_labels(&self.download_labels(labels)?, classes, ignore_index)
     }

@@ -12,7 +12,9 @@
 //! validation (specs, lengths, aliasing) and nothing is submitted or read back. Data movement that
 //! needs a submit is the backend's: `upload` writes through the queue (visible to the recorded
 //! commands when the caller submits), `download` is an error (submit the encoder, then download
-//! with [`WgpuBackend`]).
+//! with [`WgpuBackend`]). Two windows of one `wgpu::Buffer` cannot be buffers of one recorded
+//! kernel (`Error::Alias`): wgpu would report a read-only / read-write conflict only at the
+//! caller's `finish()`.
 
 use std::cell::RefCell;
 
@@ -97,7 +99,15 @@ impl Backend for Recorder<'_> {
     }
 
     fn overlaps(&self, a: &WgpuBuffer, b: &WgpuBuffer) -> bool {
-        self.backend.overlaps(a, b)
+        // Stricter than the backend's byte ranges: two windows of one wgpu::Buffer, one bound
+        // read-only and one read-write, are a usage conflict that wgpu reports only at the
+        // caller's `encoder.finish()` (a panic, or a silently invalid encoder), after this
+        // call's error scope. A recorded kernel refuses them here instead.
+        a.buffer == b.buffer
+    }
+
+    fn labels_overlap(&self, labels: &WgpuLabels, buf: &WgpuBuffer) -> bool {
+        self.backend.labels_overlap(labels, buf)
     }
 
     fn labels_len(&self, labels: &WgpuLabels) -> usize {

@@ -76,6 +76,13 @@ pub struct CopySpec {
     pub dst_stride: usize,
 }
 
+/// `offset + (rows - 1) stride + cols`, saturating (0 rows: `offset + cols`).
+fn end(offset: usize, rows: usize, stride: usize, cols: usize) -> usize {
+    offset
+        .saturating_add(rows.saturating_sub(1).saturating_mul(stride))
+        .saturating_add(cols)
+}
+
 impl CopySpec {
     /// `len` contiguous elements from `src[src_offset..]` to `dst[dst_offset..]`.
     pub fn contiguous(len: usize, src_offset: usize, dst_offset: usize) -> Self {
@@ -90,13 +97,14 @@ impl CopySpec {
     }
 
     /// One past the last source element read.
+    /// (Saturating: a spec past `usize` gives `usize::MAX`, beyond any buffer.)
     pub fn src_end(&self) -> usize {
-        self.src_offset + (self.rows - 1) * self.src_stride + self.cols
+        end(self.src_offset, self.rows, self.src_stride, self.cols)
     }
 
     /// One past the last destination element written.
     pub fn dst_end(&self) -> usize {
-        self.dst_offset + (self.rows - 1) * self.dst_stride + self.cols
+        end(self.dst_offset, self.rows, self.dst_stride, self.cols)
     }
 
     pub fn validate(&self) -> Result<()> {
