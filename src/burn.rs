@@ -33,7 +33,7 @@
 //! `[N, C]` and one upload of the gradient. bf16 / f16 work where burn's backend has those dtypes
 //! (WGSL has no bf16).
 
-use ::burn::tensor::{DType, Int, Tensor, TensorData};
+use ::burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use half::{bf16, f16};
 
 mod wgpu;
@@ -172,25 +172,16 @@ fn apply<const D: usize, const L: usize>(
     }
     // (burn's own binary ops panic on tensors of two devices)
     let dev = student.device();
+    let other_device = |what: &str, on: &Device| {
+        Error::Unsupported(format!(
+            "the {what} are on {on:?} and the student on {dev:?}: move them with \
+             .to_device(&student.device())"
+        ))
+    };
     if let Some(t) = &teacher {
         if t.device() != dev {
-            return Err(Error::Unsupported(format!(
-                "the teacher is on {:?} and the student on {dev:?}: move it with \
-                 teacher.to_device(&student.device())",
-                t.device()
-            )));
+            return Err(other_device("teacher logits", &t.device()));
         }
-    }
-    if let Some(y) = &labels {
-        if y.device() != dev {
-            return Err(Error::Unsupported(format!(
-                "the labels are on {:?} and the student on {dev:?}: move them with \
-                 labels.to_device(&student.device())",
-                y.device()
-            )));
-        }
-    }
-    if let Some(t) = &teacher {
         if t.dims() != dims {
             return Err(Error::Shape {
                 what: "teacher",
@@ -204,6 +195,9 @@ fn apply<const D: usize, const L: usize>(
         }
     }
     if let Some(y) = &labels {
+        if y.device() != dev {
+            return Err(other_device("labels", &y.device()));
+        }
         let n: usize = y.dims().iter().product();
         if n != rows {
             return Err(Error::Shape {

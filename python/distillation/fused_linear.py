@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _lib
 from .ops import (DIVERGENCES, SPARSE_TAILS, SPARSE_VALUES, _DTYPES, _INT_DTYPES, _choice,
                   _constants, _dt, _f32_empty, _f32_zeros, _ignore, _int32, _labels, _launch,
-                  _ptr, _scaled, _wants)
+                  _op_arrays, _op_lead, _ptr, _scaled, _wants)
 
 WEIGHTINGS = {"hinton": 0, "liger": 1}
 _REDUCTIONS = {"batchmean": 0, "mean": 0, "sum": 1}
@@ -38,38 +38,6 @@ def _grad_like(x: Optional[Tensor], wanted: bool, zero: bool, hidden: Tensor) ->
     if x is None or not wanted:
         return hidden.new_empty(0)
     return torch.zeros_like(x) if zero else torch.empty_like(x)
-
-
-def _op_check(op: str, hidden: Tensor, arrays, labels: Optional[Tensor], ints) -> None:
-    """The checks of a fused op called directly (``torch.ops.distillation.*``; the wrapper
-    :func:`fused_linear_kd_loss` calls it checked): ``arrays`` ``(name, tensor or None, shape)``
-    each of a float dtype the C call reads, that shape, contiguous and on ``hidden``'s device;
-    labels int32 ``[N]``; ints within int32 (ctypes would truncate them)."""
-    def bad(why: str) -> ValueError:
-        return ValueError(f"distillation::{op}: {why} (fused_linear_kd_loss checks and converts "
-                          "its inputs)")
-
-    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
-        raise bad("hidden must be a [N, H] tensor")
-    if hidden.device.type not in ("cpu", "cuda"):
-        raise bad(f"hidden is on {hidden.device}: only CPU and CUDA tensors are supported")
-    for name, t, shape in (("hidden", hidden, tuple(hidden.shape)),) + tuple(arrays):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or t.dtype not in _DTYPES:
-            raise bad(f"{name} must be a float32, bfloat16 or float16 tensor")
-        if tuple(t.shape) != tuple(shape):
-            raise bad(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if not t.is_contiguous() or t.device != hidden.device:
-            raise bad(f"{name} must be contiguous and on {hidden.device}")
-    if labels is not None and (not isinstance(labels, Tensor) or labels.dtype != torch.int32
-                               or tuple(labels.shape) != (hidden.shape[0],)
-                               or not labels.is_contiguous() or labels.device != hidden.device):
-        raise bad(f"labels must be a contiguous int32 [{hidden.shape[0]}] tensor on "
-                  f"{hidden.device}")
-    for name, x in ints:
-        if not -(2 ** 31) <= int(x) <= 2 ** 31 - 1:
-            raise bad(f"{name} = {x} does not fit in int32")
 
 
 @torch.library.custom_op("distillation::fused_linear_kd", mutates_args=())
@@ -85,24 +53,21 @@ def fused_linear_kd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     (``[N, H_t]``, ``[V_t, H_t]``, ``[V_t]``, ``V_t >= V``) or ``[N, V]`` logits or none;
     ``[N]`` int32 labels. Returns (loss, grad_hidden, grad_weight, grad_bias), each gradient
     empty when not wanted."""
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("distillation::fused_linear_kd: weight must be a [V, H] tensor")
-    if teacher_weight is not None and (not isinstance(teacher_weight, Tensor)
-                                       or teacher_weight.dim() != 2):
-        raise ValueError("distillation::fused_linear_kd: teacher_weight must be a [V_t, H_t] "
-                         "tensor")
+    op = "fused_linear_kd"
+    n, h = _op_lead(op, "hidden", hidden)
+    _op_arrays(op, hidden.device, floats=(("weight", weight, (-1, h)),
+                                          ("teacher_weight", teacher_weight, (-1, -1))))
     v = weight.shape[0]
     ht, vt = (0, 0) if teacher_weight is None else (teacher_weight.shape[1],
                                                      teacher_weight.shape[0])
-    n = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 2 else 0
-    h = hidden.shape[1] if n else 0
-    _op_check("fused_linear_kd", hidden,
-              (("weight", weight, (v, h)), ("bias", bias, (v,)),
-               ("teacher_hidden", teacher_hidden, (n, ht)),
-               ("teacher_weight", teacher_weight, (vt, ht)),
-               ("teacher_bias", teacher_bias, (vt,)), ("teacher_logits", teacher_logits, (n, v))),
-              labels, (("divergence", divergence), ("weighting", weighting),
-                       ("ignore_index", ignore_index), ("reduction", reduction)))
+    _op_arrays(op, hidden.device,
+               floats=(("hidden", hidden, (n, h)), ("bias", bias, (v,)),
+                       ("teacher_hidden", teacher_hidden, (n, ht)),
+                       ("teacher_bias", teacher_bias, (vt,)),
+                       ("teacher_logits", teacher_logits, (n, v))),
+               int32s=(("labels", labels, (n,)),),
+               ints=(("divergence", divergence), ("weighting", weighting),
+                     ("ignore_index", ignore_index), ("reduction", reduction)))
     spec = _lib.FusedLinearSpec(n, h, v, ht, vt, temperature, divergence, beta, weighting, alpha,
                                 weight_hard, weight_soft, label_smoothing, ignore_index,
                                 reduction, 1.0, memory_budget, chunk_rows)
@@ -155,22 +120,17 @@ def fused_linear_sparse_kd_op(hidden: Tensor, weight: Tensor, bias: Optional[Ten
     and their ``values`` (``values_kind`` 0 log-probabilities, 1 logits; ``tail`` 0
     renormalize, 1 bucket, 2 uniform)."""
     op = "fused_linear_sparse_kd"
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"distillation::{op}: weight must be a [V, H] tensor")
-    v = weight.shape[0]
-    n = hidden.shape[0] if isinstance(hidden, Tensor) and hidden.dim() == 2 else 0
-    h = hidden.shape[1] if n else 0
-    if (not isinstance(indices, Tensor) or indices.dtype != torch.int32 or indices.dim() != 2
-            or indices.shape[0] != n or not indices.is_contiguous()
-            or indices.device != getattr(hidden, "device", None)):
-        raise ValueError(f"distillation::{op}: indices must be a contiguous [{n}, k] int32 "
-                         "tensor on the hidden states' device")
-    k = indices.shape[1]
-    _op_check(op, hidden, (("weight", weight, (v, h)), ("bias", bias, (v,)),
-                           ("values", values, (n, k))),
-              labels, (("values_kind", values_kind), ("tail", tail), ("divergence", divergence),
-                       ("weighting", weighting), ("ignore_index", ignore_index),
-                       ("reduction", reduction)))
+    n, h = _op_lead(op, "hidden", hidden)
+    _op_arrays(op, hidden.device, floats=(("weight", weight, (-1, h)),),
+               int32s=(("indices", indices, (n, -1)),))
+    v, k = weight.shape[0], indices.shape[1]
+    _op_arrays(op, hidden.device,
+               floats=(("hidden", hidden, (n, h)), ("bias", bias, (v,)),
+                       ("values", values, (n, k))),
+               int32s=(("labels", labels, (n,)),),
+               ints=(("values_kind", values_kind), ("tail", tail), ("divergence", divergence),
+                     ("weighting", weighting), ("ignore_index", ignore_index),
+                     ("reduction", reduction)))
     spec = _lib.FusedLinearSpec(n, h, v, 0, 0, temperature, divergence, beta, weighting, alpha,
                                 weight_hard, weight_soft, label_smoothing, ignore_index,
                                 reduction, 1.0, memory_budget, chunk_rows)

@@ -57,42 +57,51 @@ def _f32_empty(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
 
 
-def _op_rows(op: str, student: Tensor, *, teacher: Optional[Tensor] = None,
-             labels: Optional[Tensor] = None, ints: tuple = ()) -> tuple[int, int]:
-    """The checks of a custom op called directly (``torch.ops.distillation.*``, which the
-    wrappers call with checked arguments): every array the C call reads or writes has the size
-    the call gives it, a dtype it reads, is contiguous and on the student's device, and every int
-    fits the C ABI's int32 (ctypes would truncate it). Returns ``(N, C)``."""
-    def bad(what: str, why: str) -> ValueError:
-        return ValueError(f"distillation::{op}: {what} {why} (the wrapper functions "
-                          "kd_loss, soft_target_loss, ... check and convert their inputs)")
+def _op_error(op: str, what: str, why: str) -> ValueError:
+    return ValueError(f"distillation::{op}: {what} {why} (the wrapper functions, kd_loss, "
+                      "fused_linear_kd_loss, ..., check and convert their inputs)")
 
-    def floats(t, what: str, shape) -> None:
-        if not isinstance(t, Tensor) or t.dtype not in _DTYPES:
-            raise bad(what, "must be a float32, bfloat16 or float16 tensor, got "
-                      f"{getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) != tuple(shape):
-            raise bad(what, f"has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if not t.is_contiguous() or t.device != student.device:
-            raise bad(what, f"must be contiguous and on the student's device {student.device}")
 
-    if not isinstance(student, Tensor) or student.dim() != 2:
-        raise bad("student", "must be a [N, C] tensor")
-    if student.device.type not in ("cpu", "cuda"):
-        raise bad("student", f"is on {student.device}: only CPU and CUDA tensors are supported")
-    n, c = student.shape
-    floats(student, "student", (n, c))
-    if teacher is not None:
-        floats(teacher, "teacher", (n, c))
-    if labels is not None:
-        if (not isinstance(labels, Tensor) or labels.dtype != torch.int32
-                or labels.numel() != n or not labels.is_contiguous()
-                or labels.device != student.device):
-            raise bad("labels", f"must be a contiguous int32 tensor of {n} elements on the "
-                      "student's device")
+def _op_lead(op: str, name: str, x) -> tuple[int, int]:
+    """The leading array of a custom op called directly (``torch.ops.distillation.*``): a 2-D
+    CPU or CUDA tensor, whose shape the call's sizes come from. Returns that shape."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise _op_error(op, name, "must be a 2-D tensor")
+    if x.device.type not in ("cpu", "cuda"):
+        raise _op_error(op, name, f"is on {x.device}: only CPU and CUDA tensors are supported")
+    return tuple(x.shape)
+
+
+def _op_arrays(op: str, device: torch.device, floats=(), int32s=(), ints=()) -> None:
+    """The checks of a custom op called directly (the wrappers call it with checked arguments):
+    every array ``(name, tensor or None, shape)`` the C call reads or writes has that shape
+    (``-1``: any size), a dtype it reads (``floats``: float32 / bfloat16 / float16; ``int32s``:
+    int32), is contiguous and on ``device``; every int of ``ints`` fits the C ABI's int32 (ctypes
+    would truncate it)."""
+    for kinds, arrays in ((tuple(_DTYPES), floats), ((torch.int32,), int32s)):
+        for what, t, shape in arrays:
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or t.dtype not in kinds:
+                raise _op_error(op, what, f"must be a tensor of {', '.join(map(str, kinds))}, "
+                                f"got {getattr(t, 'dtype', type(t).__name__)}")
+            if t.dim() != len(shape) or any(s not in (-1, d) for s, d in zip(shape, t.shape)):
+                raise _op_error(op, what, f"has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if not t.is_contiguous() or t.device != device:
+                raise _op_error(op, what, f"must be contiguous and on {device}")
     for name, x in ints:
         if not _I32_MIN <= int(x) <= _I32_MAX:
-            raise bad(name, f"= {x} does not fit in int32")
+            raise _op_error(op, name, f"= {x} does not fit in int32")
+
+
+def _op_rows(op: str, student: Tensor, *, teacher: Optional[Tensor] = None,
+             labels: Optional[Tensor] = None, ints: tuple = ()) -> tuple[int, int]:
+    """:func:`_op_arrays` for a row loss: ``[N, C]`` student and teacher, ``[N]`` labels.
+    Returns ``(N, C)``."""
+    n, c = _op_lead(op, "student", student)
+    _op_arrays(op, student.device, floats=(("student", student, (n, c)),
+                                           ("teacher", teacher, (n, c))),
+               int32s=(("labels", labels, (n,)),), ints=ints)
     return n, c
 
 
@@ -240,17 +249,9 @@ def sparse_kd_op(student: Tensor, indices: Tensor, values: Tensor, labels: Optio
                     ints=(("divergence", divergence), ("values_kind", values_kind),
                           ("tail", tail), ("ignore_index", ignore_index),
                           ("reduction", reduction)))
-    if (not isinstance(indices, Tensor) or indices.dtype != torch.int32 or indices.dim() != 2
-            or indices.shape[0] != n or not indices.is_contiguous()
-            or indices.device != student.device):
-        raise ValueError(f"distillation::sparse_kd: indices must be a contiguous [{n}, k] int32 "
-                         "tensor on the student's device")
+    _op_arrays("sparse_kd", student.device, int32s=(("indices", indices, (n, -1)),))
     k = indices.shape[1]
-    if (not isinstance(values, Tensor) or values.dtype not in _DTYPES
-            or values.shape != indices.shape or not values.is_contiguous()
-            or values.device != student.device):
-        raise ValueError(f"distillation::sparse_kd: values must be a contiguous [{n}, {k}] "
-                         "float32, bfloat16 or float16 tensor on the student's device")
+    _op_arrays("sparse_kd", student.device, floats=(("values", values, (n, k)),))
     loss = _f32_zeros(student)
     row = _f32_zeros(student, n) if rows else None
     gs = _grad_buffer(student, want_student)

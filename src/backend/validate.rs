@@ -6,6 +6,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::ops::conv::{ConvSpec, PoolSpec};
 use crate::ops::dense::{CopySpec, MatmulSpec};
+use crate::ops::index_len;
 use crate::ops::{
     AttentionSpec, CrossEntropySpec, DivergenceSpec, DkdSpec, HintonSpec, MseSpec, SoftmaxSpec,
     SparseSpec, TeacherInput,
@@ -576,15 +577,11 @@ pub fn transpose<B: Backend + ?Sized>(
     y: &B::Buffer,
 ) -> Result<()> {
     f32_only(b, &[("x", x), ("y", y)])?;
-    let n = batch
-        .checked_mul(rows)
-        .and_then(|br| br.checked_mul(cols))
-        .filter(|&n| n <= u32::MAX as usize)
-        .ok_or_else(|| {
-            Error::Limit(format!(
-                "transpose of [{batch}, {rows}, {cols}]: past 2^32 elements; split the batch"
-            ))
-        })?;
+    let n = index_len(&[batch, rows, cols]).ok_or_else(|| {
+        Error::Limit(format!(
+            "transpose of [{batch}, {rows}, {cols}]: past 2^32 elements; split the batch"
+        ))
+    })?;
     if n == 0 {
         return Err(Error::Unsupported("transpose of an empty tensor".into()));
     }
@@ -624,9 +621,7 @@ pub fn pairwise<B: Backend + ?Sized>(
             "pairwise distances need n >= 2 rows of dim >= 1 features, got n={n}, dim={dim}"
         )));
     }
-    let len = n
-        .checked_mul(dim)
-        .filter(|&l| l <= u32::MAX as usize)
+    let len = index_len(&[n, dim])
         .ok_or_else(|| Error::Limit(format!("[{n}, {dim}] features pass 2^32 elements")))?;
     check_len(b, "f", f, len, &format!("[{n}, {dim}]"))?;
     f32_only(b, &[("f", f)])?;
@@ -644,9 +639,7 @@ pub fn square<B: Backend + ?Sized>(
             "the off-diagonal mean needs n >= 2 rows, got {n}"
         )));
     }
-    let len = n
-        .checked_mul(n)
-        .filter(|&l| l <= u32::MAX as usize)
+    let len = index_len(&[n, n])
         .ok_or_else(|| Error::Limit(format!("[{n}, {n}] passes 2^32 elements")))?;
     for (what, buf) in bufs {
         check_len(b, what, buf, len, &format!("[{n}, {n}]"))?;

@@ -205,14 +205,12 @@ struct Checked {
 
 /// `a * b` or [`DST_ERR_LIMIT`].
 fn product(what: &str, a: usize, b: usize) -> FfiResult<usize> {
-    a.checked_mul(b)
-        .filter(|&x| x <= u32::MAX as usize)
-        .ok_or_else(|| {
-            Fail::new(
-                DST_ERR_LIMIT,
-                format!("{what} has {a} x {b} elements, past 2^32: split the batch or the layer"),
-            )
-        })
+    crate::ops::index_len(&[a, b]).ok_or_else(|| {
+        Fail::new(
+            DST_ERR_LIMIT,
+            format!("{what} has {a} x {b} elements, past 2^32: split the batch or the layer"),
+        )
+    })
 }
 
 impl FusedArgs {

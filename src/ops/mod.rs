@@ -137,6 +137,15 @@ pub struct RowShape {
     pub cols: usize,
 }
 
+/// The product of `factors` when it is at most `u32::MAX`, the kernels' index range (`None` past
+/// it or on overflow): the one size check before a kernel indexes a buffer.
+pub(crate) fn index_len(factors: &[usize]) -> Option<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .filter(|&p| p <= u32::MAX as usize)
+}
+
 impl RowShape {
     pub fn new(rows: usize, cols: usize) -> Self {
         RowShape { rows, cols }

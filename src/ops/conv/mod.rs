@@ -19,6 +19,7 @@ pub mod reference;
 pub mod wgpu;
 
 use crate::error::{Error, Result};
+use crate::ops::index_len;
 
 /// A 2-D convolution's geometry (square kernel, same stride and padding on both axes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +71,7 @@ impl ConvSpec {
             (Some(hp), Some(wp)) => (hp, wp),
             _ => return Err(limit()),
         };
-        if product(&[self.n, self.h, self.w, self.c]).is_none() {
+        if index_len(&[self.n, self.h, self.w, self.c]).is_none() {
             return Err(limit());
         }
         if self.k > hp || self.k > wp {
@@ -83,21 +84,13 @@ impl ConvSpec {
             )));
         }
         let (oh, ow) = self.out_hw();
-        if product(&[self.n, oh, ow, self.k, self.k, self.c]).is_none() {
+        if index_len(&[self.n, oh, ow, self.k, self.k, self.c]).is_none() {
             return Err(Error::Limit(
                 "im2col buffer over 2^32 elements: use a smaller batch".into(),
             ));
         }
         Ok(())
     }
-}
-
-/// The product of `factors` when it is at most 2^32 - 1 (the kernels' index range).
-fn product(factors: &[usize]) -> Option<usize> {
-    factors
-        .iter()
-        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
-        .filter(|&p| p <= u32::MAX as usize)
 }
 
 /// `k x k` pooling with stride `k` over `[N, H, W, C]` (H and W multiples of k are not required:
@@ -133,7 +126,7 @@ impl PoolSpec {
                 "pooling {self:?}: needs a k x k window inside the image, k >= 1"
             )));
         }
-        if product(&[self.n, self.h, self.w, self.c]).is_none() {
+        if index_len(&[self.n, self.h, self.w, self.c]).is_none() {
             return Err(Error::Limit(format!(
                 "pooling {self:?}: the input passes 2^32 elements; use a smaller batch"
             )));

@@ -18,6 +18,7 @@ pub mod reference;
 pub mod wgpu;
 
 use crate::error::{Error, Result};
+use crate::ops::index_len;
 
 /// Shape and layout of a matmul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +51,7 @@ impl MatmulSpec {
                 self.m, self.k, self.k, self.n
             )));
         }
-        let within = |a: usize, b: usize| a.checked_mul(b).is_some_and(|x| x <= u32::MAX as usize);
+        let within = |a: usize, b: usize| index_len(&[a, b]).is_some();
         if !(within(self.m, self.k) && within(self.k, self.n) && within(self.m, self.n)) {
             return Err(Error::Limit("matmul operand over 2^32 elements".into()));
         }

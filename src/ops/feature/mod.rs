@@ -15,7 +15,7 @@ pub mod cuda;
 pub mod reference;
 pub mod wgpu;
 
-use super::check_grad_scale;
+use super::{check_grad_scale, index_len};
 use crate::error::{Error, Result};
 
 /// Feature-map MSE over `len` elements (section 5).
@@ -84,8 +84,7 @@ impl AttentionSpec {
                 self.n, self.student_channels, self.teacher_channels, self.hw
             )));
         }
-        let len = |ch: usize| self.n.checked_mul(ch).and_then(|x| x.checked_mul(self.hw));
-        let within = |ch: usize| len(ch).is_some_and(|l| l <= u32::MAX as usize);
+        let within = |ch: usize| index_len(&[self.n, ch, self.hw]).is_some();
         if !within(self.student_channels) || !within(self.teacher_channels) {
             return Err(Error::Limit(
                 "attention transfer over more than 2^32 elements".into(),

@@ -6,6 +6,7 @@ use super::{Dims, FusedGrads, FusedLinearKd, Linear, Teacher, Weighting};
 use crate::backend::{validate::no_alias, Backend};
 use crate::error::{Error, Result};
 use crate::ops::dkd::MAX_WEIGHT;
+use crate::ops::index_len;
 use crate::ops::sparse::check_sparse_teacher;
 use crate::ops::{
     check_grad_scale, check_labels, check_temperature, check_unit, Divergence, Reduction,
@@ -106,12 +107,11 @@ pub(super) fn spec(s: &FusedLinearKd) -> Result<()> {
 /// `a x b` elements of `what`, which the kernels index with 32 bits: an error past 2^32 (checked
 /// before anything runs, so that no chunk has written a gradient when a later copy would fail).
 fn within_limit(what: &str, a: usize, b: usize, fix: &str) -> Result<usize> {
-    match a.checked_mul(b) {
-        Some(x) if x <= u32::MAX as usize => Ok(x),
-        _ => Err(Error::Limit(format!(
+    index_len(&[a, b]).ok_or_else(|| {
+        Error::Limit(format!(
             "{what} of [{a}, {b}] would pass 2^32 elements; {fix}"
-        ))),
-    }
+        ))
+    })
 }
 
 /// `rows` rows of `cols` from a buffer's length.
